@@ -1,0 +1,21 @@
+"""Integer kernels (TensorIR) that the lowering attaches with ``call_tir``.
+
+Every GEMM-like kernel here computes the same fused function, so the lowering, the NumPy
+reference executor (``qcompiler.reference``) and each kernel agree bit for bit:
+
+    acc[m, n] = sum_k int32(A[m, k]) * int32(W[k, n]) + bias[n]            (int32, no overflow:
+                                                                           bounds checked by
+                                                                           passes/overflow.py)
+    t[m, n]   = int64(acc[m, n]) * mult[n] + (1 << (shift[n] - 1))        (int64)
+    Out[m, n] = clip(t[m, n] >> shift[n], lo, hi)   cast to out_dtype      (arithmetic shift)
+
+``mult`` (int64, |mult| < 2^31, may be negative or 0) and ``shift`` (int64, 1 <= shift <= 62)
+are the dyadic requantization constants of HAWQ-V3 (DESIGN.md §2): M = mult * 2^-shift, with
+rounding half up.  ``lo``/``hi`` are Python ints baked into the kernel (ReLU is lo = 0).
+
+Modules:
+  cpu_vnni     u8 x s8 -> s32 AVX-512 VNNI dense and NHWC conv (signed activations through the
+               +128 offset, corrected in the bias), depthwise conv
+  cpu_default  a default parallel/vectorized schedule for every other PrimFunc on CPU
+  cuda_mma     s8 x s8 -> s32 mma.sync tensor-core dense / conv (implicit GEMM), W4A8, native s4
+"""
