@@ -1,0 +1,379 @@
+"""Canonicalize: rewrite ONNX ops (opsets 13..21) into the normal forms the quantizer handles.
+
+All rewrites are exact in float.  Surviving tensors keep their ONNX names (calibration ranges are
+keyed by them); a new tensor is only introduced inside a pure data-movement chain.
+
+  Gemm(A, B, C; alpha, beta, transB), MatMul(A, const B) [+ Add(const c)]   ->  Dense(A; W[K,N], b[N])
+  Relu -> Clip(0, inf); Clip(min, max inputs) -> Clip(attrs); LeakyRelu(a) -> PRelu(a)
+  Sub(x, c) -> Add(x, -c); Div(x, c) -> Mul(x, 1/c); Neg(x) -> Mul(x, -1)
+  Identity / Dropout / Cast(float->float) -> removed
+  Flatten / Squeeze / Unsqueeze / Reshape -> Reshape(shape = inferred output shape)
+  MaxPool / AveragePool: auto_pad and ceil_mode -> explicit (top, left, bottom, right) pads
+  GlobalAveragePool -> ReduceMean(axes 2..), GlobalMaxPool -> ReduceMax(axes 2..)
+  ReduceMean/ReduceSum/ReduceMax axes (attribute or input) -> attribute, normalized
+  Slice / Split / Pad / Concat / Transpose / Softmax: constant operands -> normalized attributes
+  Resize(nearest), Tile, Expand, DepthToSpace, SpaceToDepth -> Gather(flat index map, see index_map)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.errors import UnsupportedOpError
+from qcompiler.graph import Graph, Node
+
+from .index_map import index_map
+
+_ELEMENTWISE_FLOAT_UNARY = {"Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Softsign",
+                            "Elu", "Selu", "Celu", "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu",
+                            "Round", "Floor", "Ceil", "Sign", "HardSwish", "HardSigmoid"}
+_INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDepth"}
+
+# ops that pass canonicalization unchanged (their attribute forms are already canonical)
+_KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
+         "HardSigmoid", "HardSwish"} | _ELEMENTWISE_FLOAT_UNARY
+
+
+def _norm_axis(a: int, rank: int) -> int:
+    return a + rank if a < 0 else a
+
+
+class Canonicalizer:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.problems: list[tuple[str, str, str]] = []
+
+    def c(self, name: str) -> np.ndarray | None:
+        return self.g.consts.get(name) if name else None
+
+    def need_const(self, n: Node, k: int, what: str):
+        if k >= len(n.inputs) or not n.inputs[k]:
+            return None
+        v = self.c(n.inputs[k])
+        if v is None:
+            self.problems.append((n.op, n.name, f"{what} must be a constant"))
+        return v
+
+    def run(self) -> Graph:
+        g = self.g
+        out: list[Node] = []
+        for n in g.nodes:
+            if n.attrs.get("domain"):
+                self.problems.append((f"{n.attrs['domain']}.{n.op}", n.name, "custom domain"))
+                continue
+            if all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
+                self._fold_const(n)
+                continue
+            fn = getattr(self, "op_" + n.op, None)
+            if fn is not None:
+                res = fn(n)
+            elif n.op in _KEEP:
+                res = [n]
+            elif n.op in _INDEX_OPS:
+                res = self.op_index(n)
+            else:
+                self.problems.append((n.op, n.name, ""))
+                res = [n]
+            out.extend(r for r in (res or []) if r is not None)
+        if self.problems:
+            raise UnsupportedOpError(self.problems)
+        g.nodes = out
+        g.toposort()
+        g.prune()
+        return g
+
+    # ---- constant folding of whatever ORT left (rare) ------------------------------------
+    def _fold_const(self, n: Node) -> None:
+        from qcompiler.ort_util import session
+        import onnx
+        from onnx import helper
+
+        inits = [onnx.numpy_helper.from_array(self.g.consts[i], f"c{k}") for k, i in enumerate(n.inputs) if i]
+        names = [f"c{k}" if i else "" for k, i in enumerate(n.inputs)]
+        attrs = {k: v for k, v in n.attrs.items() if k != "domain"}
+        node = helper.make_node(n.op, names, [f"y{k}" for k in range(len(n.outputs))], **attrs)
+        outs = [helper.make_tensor_value_info(f"y{k}", 0, None) for k in range(len(n.outputs))]
+        m = helper.make_model(helper.make_graph([node], "f", [], outs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+        vals = session(m).run(None, {})
+        for o, v in zip(n.outputs, vals):
+            self.g.add_const(o, v)
+
+    # ---- GEMM forms ---------------------------------------------------------------------
+    def op_Gemm(self, n: Node):
+        a, b = n.inputs[0], n.inputs[1]
+        W = self.need_const(n, 1, "B")
+        if W is None:
+            return [n]
+        if n.attrs.get("transA", 0):
+            self.problems.append(("Gemm", n.name, "transA=1"))
+            return [n]
+        W = W.astype(np.float64)
+        if n.attrs.get("transB", 0):
+            W = W.T
+        W = W * n.attrs.get("alpha", 1.0)
+        bias = None
+        if len(n.inputs) > 2 and n.inputs[2]:
+            C = self.need_const(n, 2, "C")
+            if C is None:
+                return [n]
+            C = np.broadcast_to(C.astype(np.float64) * n.attrs.get("beta", 1.0), self.g.shape(n.outputs[0]))
+            if not np.all(C == C[:1]):
+                self.problems.append(("Gemm", n.name, "C varies along rows"))
+                return [n]
+            bias = C[0]
+        return [self._dense(n, a, W, bias)]
+
+    def op_MatMul(self, n: Node):
+        W = self.c(n.inputs[1])
+        if W is None or W.ndim != 2:
+            return [n]  # activation x activation: quantized as MatMul
+        return [self._dense(n, n.inputs[0], W.astype(np.float64), None)]
+
+    def _dense(self, n: Node, a: str, W: np.ndarray, bias):
+        return Node("Dense", n.name, [a], [n.outputs[0]],
+                    {"weight": W.astype(np.float32), "bias": None if bias is None else np.asarray(bias, np.float32)})
+
+    # ---- elementwise forms --------------------------------------------------------------
+    def op_Relu(self, n: Node):
+        return [Node("Clip", n.name, [n.inputs[0]], n.outputs, {"min": 0.0, "max": float("inf")})]
+
+    def op_Clip(self, n: Node):
+        lo = self.need_const(n, 1, "min")
+        hi = self.need_const(n, 2, "max")
+        lo = float(lo) if lo is not None else float(n.attrs.get("min", -np.inf))
+        hi = float(hi) if hi is not None else float(n.attrs.get("max", np.inf))
+        return [Node("Clip", n.name, [n.inputs[0]], n.outputs, {"min": lo, "max": hi})]
+
+    def op_LeakyRelu(self, n: Node):
+        slope = self.g.add_const(self.g.fresh(n.name + "_slope"), np.float32(n.attrs.get("alpha", 0.01)))
+        return [Node("PRelu", n.name, [n.inputs[0], slope], n.outputs)]
+
+    def op_Sub(self, n: Node):
+        b = self.c(n.inputs[1])
+        if b is None:
+            return [n]
+        nb = self.g.add_const(self.g.fresh(n.inputs[1] + "_neg"), (-b).astype(b.dtype))
+        return [Node("Add", n.name, [n.inputs[0], nb], n.outputs)]
+
+    def op_Div(self, n: Node):
+        b = self.c(n.inputs[1])
+        if b is None:
+            return [n]
+        rb = self.g.add_const(self.g.fresh(n.inputs[1] + "_recip"), (1.0 / b.astype(np.float64)).astype(b.dtype))
+        return [Node("Mul", n.name, [n.inputs[0], rb], n.outputs)]
+
+    def op_Neg(self, n: Node):
+        m1 = self.g.add_const(self.g.fresh(n.name + "_m1"), np.float32(-1))
+        return [Node("Mul", n.name, [n.inputs[0], m1], n.outputs)]
+
+    def _alias(self, n: Node):
+        """Remove an identity-like node: its output becomes its input."""
+        src, dst = n.inputs[0], n.outputs[0]
+        if dst in self.g.outputs:
+            return [Node("Reshape", n.name, [src], [dst], {"shape": self.g.shape(dst)})]
+        self.g.rename_tensor(dst, src)
+        return []
+
+    def op_Identity(self, n):
+        return self._alias(n)
+
+    def op_Dropout(self, n):
+        return self._alias(n)
+
+    def op_Cast(self, n: Node):
+        if self.g.dtypes.get(n.inputs[0]) == self.g.dtypes.get(n.outputs[0]) or (
+                self.g.dtypes.get(n.inputs[0], "").startswith("float") and self.g.dtypes.get(n.outputs[0], "").startswith("float")):
+            return self._alias(n)
+        self.problems.append(("Cast", n.name, f"{self.g.dtypes.get(n.inputs[0])} -> {self.g.dtypes.get(n.outputs[0])}"))
+        return [n]
+
+    # ---- shapes -------------------------------------------------------------------------
+    def _reshape(self, n: Node):
+        return [Node("Reshape", n.name, [n.inputs[0]], [n.outputs[0]], {"shape": tuple(self.g.shape(n.outputs[0]))})]
+
+    op_Flatten = op_Squeeze = op_Unsqueeze = op_Reshape = _reshape
+
+    def op_Transpose(self, n: Node):
+        rank = len(self.g.shape(n.inputs[0]))
+        perm = n.attrs.get("perm") or list(range(rank))[::-1]
+        return [Node("Transpose", n.name, n.inputs[:1], n.outputs, {"perm": tuple(int(p) for p in perm)})]
+
+    def op_Concat(self, n: Node):
+        rank = len(self.g.shape(n.outputs[0]))
+        return [Node("Concat", n.name, [i for i in n.inputs if i], n.outputs,
+                     {"axis": _norm_axis(int(n.attrs["axis"]), rank)})]
+
+    def op_Softmax(self, n: Node):
+        rank = len(self.g.shape(n.outputs[0]))
+        axis = _norm_axis(int(n.attrs.get("axis", -1)), rank)
+        if axis != rank - 1:
+            # opset < 13 semantics were converted by the upgrade; a non-last axis is fine too
+            pass
+        return [Node("Softmax", n.name, n.inputs[:1], n.outputs, {"axis": axis})]
+
+    def op_Slice(self, n: Node):
+        shape = self.g.shape(n.inputs[0])
+        starts = self.need_const(n, 1, "starts")
+        ends = self.need_const(n, 2, "ends")
+        if starts is None or ends is None:
+            return [n]
+        axes = self.need_const(n, 3, "axes")
+        steps = self.need_const(n, 4, "steps")
+        axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+        steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
+        rank = len(shape)
+        S, E, A, P = [], [], [], []
+        for st, en, ax, sp in zip(starts, ends, axes, steps):
+            ax = _norm_axis(ax, rank)
+            s = slice(int(max(min(st, 2**62), -2**62)), int(max(min(en, 2**62), -2**62)), sp)
+            st2, en2, sp2 = s.indices(shape[ax])
+            S.append(st2)
+            E.append(en2 if en2 >= 0 else None)
+            A.append(ax)
+            P.append(sp2)
+        return [Node("Slice", n.name, n.inputs[:1], n.outputs, {"starts": S, "ends": E, "axes": A, "steps": P})]
+
+    def op_Split(self, n: Node):
+        shape = self.g.shape(n.inputs[0])
+        axis = _norm_axis(int(n.attrs.get("axis", 0)), len(shape))
+        sizes = [self.g.shape(o)[axis] for o in n.outputs]
+        res, start = [], 0
+        for o, sz in zip(n.outputs, sizes):
+            res.append(Node("Slice", f"{n.name}/{o}", n.inputs[:1], [o],
+                            {"starts": [start], "ends": [start + sz], "axes": [axis], "steps": [1]}))
+            start += sz
+        return res
+
+    def op_Gather(self, n: Node):
+        idx = self.c(n.inputs[1])
+        rank = len(self.g.shape(n.inputs[0]))
+        axis = _norm_axis(int(n.attrs.get("axis", 0)), rank)
+        if idx is None:
+            return [n]  # activation indices (embedding lookup): handled by the quantizer
+        idx = np.where(idx < 0, idx + self.g.shape(n.inputs[0])[axis], idx).astype(np.int64)
+        return [Node("Gather", n.name, n.inputs[:1], n.outputs, {"indices": idx, "axis": axis})]
+
+    def op_Pad(self, n: Node):
+        mode = n.attrs.get("mode", "constant")
+        if mode != "constant":
+            return self.op_index(n)
+        pads = self.need_const(n, 1, "pads")
+        if pads is None:
+            return [n]
+        value = self.need_const(n, 2, "constant_value")
+        axes = self.need_const(n, 3, "axes")
+        rank = len(self.g.shape(n.inputs[0]))
+        pads = [int(p) for p in pads]
+        if axes is not None:
+            full = [0] * (2 * rank)
+            axes = [_norm_axis(int(a), rank) for a in axes]
+            for k, a in enumerate(axes):
+                full[a], full[a + rank] = pads[k], pads[k + len(axes)]
+            pads = full
+        if any(p < 0 for p in pads):
+            return self.op_index(n)
+        return [Node("Pad", n.name, n.inputs[:1], n.outputs,
+                     {"pads": pads, "value": 0.0 if value is None else float(value)})]
+
+    # ---- pooling and reductions ----------------------------------------------------------
+    def _pool_attrs(self, n: Node) -> dict:
+        in_shape, out_shape = self.g.shape(n.inputs[0]), self.g.shape(n.outputs[0])
+        if len(in_shape) != 4:
+            self.problems.append((n.op, n.name, f"{len(in_shape) - 2}-D pooling (2-D only)"))
+            return {}
+        k = list(n.attrs["kernel_shape"])
+        s = list(n.attrs.get("strides", [1, 1]))
+        d = list(n.attrs.get("dilations", [1, 1]))
+        auto = n.attrs.get("auto_pad", "NOTSET")
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            pads = [0, 0, 0, 0]
+            for ax in range(2):
+                total = max((out_shape[2 + ax] - 1) * s[ax] + d[ax] * (k[ax] - 1) + 1 - in_shape[2 + ax], 0)
+                lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+                pads[ax], pads[ax + 2] = lo, total - lo
+        else:
+            pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
+        # ceil_mode (or anything else) -> extend bottom/right so the floor formula gives ONNX's size
+        for ax in range(2):
+            while (in_shape[2 + ax] + pads[ax] + pads[ax + 2] - d[ax] * (k[ax] - 1) - 1) // s[ax] + 1 < out_shape[2 + ax]:
+                pads[ax + 2] += 1
+        return {"kernel": tuple(k), "strides": tuple(s), "dilations": tuple(d), "pads": tuple(pads)}
+
+    def op_MaxPool(self, n: Node):
+        if len(n.outputs) > 1 and n.outputs[1]:
+            self.problems.append(("MaxPool", n.name, "Indices output"))
+        return [Node("MaxPool", n.name, n.inputs[:1], n.outputs[:1], self._pool_attrs(n))]
+
+    def op_AveragePool(self, n: Node):
+        a = self._pool_attrs(n)
+        if a:
+            a["count"] = self._avg_divisors(n, a)
+        return [Node("AveragePool", n.name, n.inputs[:1], n.outputs, a)]
+
+    def _avg_divisors(self, n: Node, a: dict) -> np.ndarray:
+        """Per-output-position divisor of ONNX AveragePool: (taps inside the zero-padded window) /
+        AveragePool(ones), evaluated by the reference executor for the node's exact attributes."""
+        from qcompiler import reference
+
+        _, _, h, w = self.g.shape(n.inputs[0])
+        ones = np.ones((1, 1, h, w), np.float32)
+        from qcompiler.ort_util import session
+        import onnx
+        from onnx import helper
+
+        attrs = {k: v for k, v in n.attrs.items() if k != "domain"}
+        node = helper.make_node("AveragePool", ["x"], ["y"], **attrs)
+        m = helper.make_model(helper.make_graph([node], "p", [helper.make_tensor_value_info("x", 1, [1, 1, h, w])],
+                                                [helper.make_tensor_value_info("y", 1, None)]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+        avg = session(m).run(["y"], {"x": ones})[0][0, 0].astype(np.float64)
+        taps = reference.sumpool(np.ones((1, 1, h, w), np.int8), a)[0, 0].astype(np.float64)
+        return np.round(taps / avg).astype(np.int64)
+
+    def op_GlobalAveragePool(self, n: Node):
+        rank = len(self.g.shape(n.inputs[0]))
+        return [Node("ReduceMean", n.name, n.inputs[:1], n.outputs, {"axes": tuple(range(2, rank)), "keepdims": 1})]
+
+    def op_GlobalMaxPool(self, n: Node):
+        rank = len(self.g.shape(n.inputs[0]))
+        return [Node("ReduceMax", n.name, n.inputs[:1], n.outputs, {"axes": tuple(range(2, rank)), "keepdims": 1})]
+
+    def _reduce(self, n: Node):
+        rank = len(self.g.shape(n.inputs[0]))
+        axes = n.attrs.get("axes")
+        if axes is None and len(n.inputs) > 1 and n.inputs[1]:
+            axes = self.need_const(n, 1, "axes")
+        if axes is None or len(axes) == 0:
+            if n.attrs.get("noop_with_empty_axes", 0):
+                return self._alias(n)
+            axes = list(range(rank))
+        axes = tuple(sorted(_norm_axis(int(a), rank) for a in axes))
+        return [Node(n.op, n.name, n.inputs[:1], n.outputs, {"axes": axes, "keepdims": int(n.attrs.get("keepdims", 1))})]
+
+    op_ReduceMean = op_ReduceSum = op_ReduceMax = _reduce
+
+    def op_index(self, n: Node):
+        """Pure data movement with constant parameters -> Gather along a flat index map."""
+        if n.op in ("Resize", "Upsample") and n.attrs.get("mode", "nearest") != "nearest":
+            self.problems.append((n.op, n.name, f"mode={n.attrs.get('mode')} (nearest only)"))
+            return [n]
+        for i in n.inputs[1:]:
+            if i and i not in self.g.consts:
+                self.problems.append((n.op, n.name, "non-constant parameters"))
+                return [n]
+        try:
+            idx = index_map(n, self.g.shape(n.inputs[0]), self.g.consts)
+        except ValueError as e:
+            self.problems.append((n.op, n.name, str(e)))
+            return [n]
+        flat = self.g.fresh(n.inputs[0] + "/flat")
+        self.g.shapes[flat] = (int(np.prod(self.g.shape(n.inputs[0]))),)
+        self.g.dtypes[flat] = self.g.dtypes[n.inputs[0]]
+        return [Node("Reshape", n.name + "/flatten", n.inputs[:1], [flat], {"shape": self.g.shapes[flat]}),
+                Node("Gather", n.name, [flat], n.outputs, {"indices": idx, "axis": 0})]
+
+
+def canonicalize(g: Graph) -> Graph:
+    """Run the rewrites on a copy of ``g``; raises UnsupportedOpError listing every unsupported op."""
+    return Canonicalizer(g.copy()).run()

@@ -1,0 +1,116 @@
+"""Compile-time overflow bounds for every integer op (interval arithmetic over the integer graph).
+
+Each tensor gets an interval [lo, hi] (from its dtype, tightened by clamps).  Per op we prove:
+  conv/dense   int32 accumulator: max|x| * sum_k |W[k, n]| + |bias[n]| < 2^31 for every channel n,
+               also with max|x| + 128 (the VNNI kernels add 128 to signed activations)
+  matmul       K * max|a| * max|b| < 2^31
+  sums         (pool window or reduced count) * max|x| < 2^31
+  dyadic step  |acc| * |mult| + |add| + 2^(shift-1) < 2^63   (int64)
+  add          |a| * |mult_a| + |b| * |mult_b| + 2^(shift-1) < 2^63
+  mul          |a * b| * |mult| + 2^(shift-1) < 2^63
+A violated bound fails compilation with the node's name (no silent wrap-around).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.errors import QuantizationError
+from qcompiler.graph import Graph
+from qcompiler.qtypes import int_range
+
+I32 = 2**31 - 1
+I64 = 2**63 - 1
+
+
+def _mag(iv):
+    return max(abs(iv[0]), abs(iv[1]))
+
+
+def _dyadic_bound(acc: float, a: dict, mk="mult") -> float:
+    m = np.abs(np.asarray(a[mk], dtype=np.float64)).max()
+    s = np.asarray(a["shift"]).max()
+    add = np.abs(np.asarray(a["add"], dtype=np.float64)).max() if a.get("add") is not None else 0.0
+    return acc * m + add + 2.0 ** (s - 1)
+
+
+def check_overflow(ig: Graph) -> dict[str, tuple[int, int]]:
+    """Returns each tensor's interval; raises QuantizationError at the first unprovable bound."""
+    iv: dict[str, tuple[int, int]] = {}
+    for t in ig.inputs:
+        dt = ig.dtypes[t]
+        iv[t] = int_range(dt) if dt in ("int8", "uint8", "int16", "int32", "int64") else (0, 0)
+
+    def fail(n, what, value, limit):
+        raise QuantizationError(f"overflow at node '{n.name}' ({n.op}): {what} can reach {value:.3g} > {limit:.3g}; "
+                                "the model's ranges are too wide for 8-bit arithmetic here")
+
+    for n in ig.nodes:
+        a = n.attrs
+        ins = [iv.get(i, int_range(ig.dtypes[i]) if ig.dtypes[i] in ("int8", "uint8", "int16", "int32") else (0, 0))
+               for i in n.inputs]
+        op = n.op
+        out_iv = None
+        if op in ("conv", "dense"):
+            w = np.abs(a["weight"].astype(np.int64))
+            if op == "conv":
+                colsum = w.reshape(w.shape[0], -1).sum(axis=1)
+            else:
+                colsum = w.sum(axis=0)
+            xm = _mag(ins[0])
+            xm_vnni = xm + (128 if ins[0][0] < 0 else 0)
+            acc = float((xm_vnni * colsum + np.abs(a["bias"].astype(np.int64))).max())
+            if acc > I32:
+                fail(n, "the int32 accumulator", acc, I32)
+            b = _dyadic_bound(float((xm * colsum + np.abs(a["bias"].astype(np.int64))).max()), a)
+            if b > I64:
+                fail(n, "the int64 requantization product", b, I64)
+        elif op == "matmul":
+            k = ig.shapes[n.inputs[0]][-1]
+            acc = float(k) * _mag(ins[0]) * _mag(ins[1])
+            if acc > I32:
+                fail(n, "the int32 accumulator", acc, I32)
+            if _dyadic_bound(acc, a) > I64:
+                fail(n, "the int64 requantization product", _dyadic_bound(acc, a), I64)
+        elif op in ("sumpool", "reduce_sum"):
+            if op == "sumpool":
+                cnt = int(np.prod(a["kernel"]))
+            else:
+                shp = ig.shapes[n.inputs[0]]
+                cnt = int(np.prod([shp[x] for x in a["axes"]]))
+            m = float(cnt) * _mag(ins[0])
+            if m > I32:
+                fail(n, "the int32 sum", m, I32)
+            out_iv = (int(-m), int(m))
+        elif op in ("requant", "prelu"):
+            mk = "mult" if op == "requant" else "mult_pos"
+            b = _dyadic_bound(float(_mag(ins[0])), a, mk)
+            if op == "prelu":
+                b = max(b, _dyadic_bound(float(_mag(ins[0])), a, "mult_neg"))
+            if b > I64:
+                fail(n, "the int64 requantization product", b, I64)
+        elif op == "add":
+            b = (_mag(ins[0]) * float(np.abs(a["mult_a"]).max()) + _mag(ins[1]) * float(np.abs(a["mult_b"]).max())
+                 + 2.0 ** (np.max(a["shift"]) - 1))
+            if b > I64:
+                fail(n, "the int64 sum of requantized branches", b, I64)
+        elif op == "mul":
+            if _dyadic_bound(float(_mag(ins[0])) * _mag(ins[1]), a) > I64:
+                fail(n, "the int64 product", _dyadic_bound(float(_mag(ins[0])) * _mag(ins[1]), a), I64)
+        if "lo" in a and "hi" in a:
+            out_iv = (int(a["lo"]), int(a["hi"]))
+        elif op == "clip":
+            out_iv = (max(ins[0][0], a["lo"]), min(ins[0][1], a["hi"]))
+        elif op == "lut":
+            out_iv = (int(a["table"].min()), int(a["table"].max()))
+        elif op == "pad":
+            out_iv = (min(ins[0][0], a["value"]), max(ins[0][1], a["value"]))
+        elif op == "concat":
+            out_iv = (min(i[0] for i in ins), max(i[1] for i in ins))
+        elif out_iv is None and op in ("reshape", "transpose", "slice", "gather", "maxpool", "reduce_max", "cast"):
+            out_iv = ins[0]
+        if out_iv is None:
+            dt = ig.dtypes[n.outputs[0]]
+            out_iv = int_range(dt) if dt in ("int8", "uint8", "int16", "int32", "int64") else (0, 0)
+        iv[n.outputs[0]] = out_iv
+    return iv

@@ -1,0 +1,219 @@
+"""Quantize: float graph + calibration ranges -> integer-only graph (HAWQ-V3 dyadic arithmetic).
+
+Walks the canonical float graph in order; one rule per float op type emits integer ops
+(``qcompiler.reference`` defines their exact semantics) and decides the QParams of what it
+produces.  Requantizing rules (Conv, Dense, Add, pools, ...) take their output scale from the
+calibrated range of the ONNX tensor they produce; data-movement rules (Reshape, MaxPool, Slice,
+...) pass their input's QParams through unchanged, so no rounding is spent on them.
+
+Every emitted node records the scales of its integer inputs (``in_scales``) and of its output
+(``out_scale``) as the rule saw them; ``verify_scales`` checks each consumer against the QParams
+its producer declared, which is the check whose absence let I-ViT's softmax output be off 256x.
+
+Rule modules: quantize_gemm (Conv, Dense, MatMul), quantize_elementwise (Add, Mul, Affine, Clip,
+PRelu, HardSigmoid, HardSwish, unary lookup tables), quantize_pool (pools, reductions),
+quantize_softmax (integer softmax), quantize_shape (data movement, Concat).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.calibrate import TensorStats, clip_range
+from qcompiler.errors import QuantizationError, UnsupportedOpError
+from qcompiler.graph import Graph, Node
+from qcompiler.qtypes import QParams, activation_qparams, int_range
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "percentile"      # activation range: minmax | percentile | mse
+    percentile: float = 99.999
+    bits: int = 8                   # activation bits
+    weight_bits: int = 8
+    io: str = "float"               # float: quantize/dequantize inside the library; int: integer I/O
+    softmax: str = "iexp"           # iexp (I-BERT polynomial) | shift (I-ViT Shiftmax)
+    softmax_out_bits: int = 8       # bits of a softmax consumed inside the graph
+    output_bits: int = 16           # bits of a softmax/LUT that is a graph output
+
+    def __post_init__(self):
+        if self.method not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"unknown calibration method {self.method}")
+        if self.io not in ("float", "int"):
+            raise ValueError(f"io must be 'float' or 'int', not {self.io}")
+        if self.softmax not in ("iexp", "shift"):
+            raise ValueError(f"softmax must be 'iexp' or 'shift', not {self.softmax}")
+        if not 2 <= self.bits <= 8 or not 2 <= self.weight_bits <= 8:
+            raise ValueError("bits must be in 2..8")
+
+
+Rule = Callable[["Quantizer", Node], None]
+Check = Callable[[Graph, Node], "str | None"]
+RULES: dict[str, Rule] = {}
+CHECKS: dict[str, Check] = {}
+
+
+def rule(*ops: str, check: Check | None = None):
+    def deco(f: Rule) -> Rule:
+        for o in ops:
+            RULES[o] = f
+            if check is not None:
+                CHECKS[o] = check
+        return f
+    return deco
+
+
+def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
+    """Every (op, node, why) the quantizer cannot handle, found before any work is done."""
+    _load_rules()
+    bad = []
+    for n in fg.nodes:
+        if n.op not in RULES:
+            bad.append((n.op, n.name, ""))
+            continue
+        chk = CHECKS.get(n.op)
+        why = chk(fg, n) if chk else None
+        if why:
+            bad.append((n.op, n.name, why))
+    for t in fg.inputs:
+        dt = fg.dtypes.get(t, "")
+        if not (dt.startswith("float") or dt.startswith("int") or dt.startswith("uint")):
+            bad.append(("input", t, f"dtype {dt}"))
+    return bad
+
+
+class Quantizer:
+    def __init__(self, fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig):
+        self.fg, self.stats, self.nonneg, self.cfg = fg, stats, nonneg, cfg
+        self.ig = Graph(nodes=[], inputs=list(fg.inputs), outputs=[], shapes={}, dtypes={}, name=fg.name)
+        self.int_name: dict[str, str] = {}   # float tensor -> integer tensor
+        self.consumers = fg.consumers()
+
+    # ---- tensor bookkeeping ---------------------------------------------------------------
+    def qp(self, float_name: str) -> QParams:
+        return self.ig.qparams[self.int_name[float_name]]
+
+    def iname(self, float_name: str) -> str:
+        if float_name not in self.int_name:
+            raise QuantizationError(f"tensor '{float_name}' is used before it is quantized (is it a constant "
+                                    "operand where an activation is expected?)")
+        return self.int_name[float_name]
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.ig.shapes:
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    def out_qparams(self, float_name: str, bits: int | None = None, nonneg: bool | None = None) -> QParams:
+        """QParams from the calibrated range of ``float_name`` (unsigned only when provably >= 0)."""
+        st = self.stats.get(float_name)
+        if st is None:
+            raise QuantizationError(f"no calibration range for tensor '{float_name}'")
+        nn = (float_name in self.nonneg) if nonneg is None else nonneg
+        lo, hi = clip_range(st, nn, self.cfg.method, self.cfg.percentile, bits or self.cfg.bits)
+        return activation_qparams(lo, hi, nn, bits or self.cfg.bits)
+
+    def clamp(self, qp: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
+        """Integer clamp bounds of ``qp`` intersected with a fused activation's real bounds."""
+        lo, hi = qp.qmin, qp.qmax
+        if act is not None:
+            if math.isfinite(act[0]):
+                lo = max(lo, math.ceil(act[0] / qp.scale - 1e-9))
+            if math.isfinite(act[1]):
+                hi = min(hi, math.floor(act[1] / qp.scale + 1e-9))
+        if lo > hi:
+            lo = hi = max(min(0, qp.qmax), qp.qmin)
+        return lo, hi
+
+    def emit(self, op: str, inputs: list[str], out: str, attrs: dict, dtype: str, shape,
+             qp: QParams | None = None, float_name: str | None = None, node_name: str = "") -> str:
+        """Append an integer node; ``inputs`` are integer tensor names."""
+        attrs = dict(attrs)
+        attrs["in_scales"] = tuple(self.ig.qparams[i].scale if i in self.ig.qparams else None for i in inputs)
+        attrs["out_scale"] = qp.scale if qp is not None else None
+        self.ig.nodes.append(Node(op, node_name or out, list(inputs), [out], attrs))
+        self.ig.shapes[out] = tuple(int(d) for d in shape)
+        self.ig.dtypes[out] = dtype
+        if qp is not None:
+            if qp.dtype != dtype and not (dtype == "int32" and qp.dtype == "int32"):
+                raise QuantizationError(f"internal: node {node_name or out} declares {dtype} but QParams {qp.dtype}")
+            self.ig.qparams[out] = qp
+        if float_name is not None:
+            self.int_name[float_name] = out
+        return out
+
+    # ---- driver ----------------------------------------------------------------------------
+    def run(self) -> Graph:
+        fg, ig = self.fg, self.ig
+        for t in fg.inputs:
+            dt = fg.dtypes[t]
+            ig.shapes[t], ig.dtypes[t] = fg.shape(t), dt
+            if dt.startswith("float"):
+                if self.cfg.io == "int":
+                    qp = self.out_qparams(t)
+                    ig.dtypes[t] = qp.dtype
+                    ig.qparams[t] = qp
+                    self.int_name[t] = t
+                else:
+                    qp = self.out_qparams(t)
+                    lo, hi = int_range(qp.dtype)
+                    self.emit("quantize", [t], t + "/q", {"inv_scale": np.float32(1.0 / qp.scale), "lo": lo, "hi": hi,
+                                                          "dtype": qp.dtype}, qp.dtype, fg.shape(t), qp, t)
+            else:
+                self.int_name[t] = t  # integer inputs (token ids, indices) pass as they are
+        for n in fg.nodes:
+            RULES[n.op](self, n)
+        for o in fg.outputs:
+            src = self.iname(o)
+            qp = ig.qparams.get(src)
+            if self.cfg.io == "int" or qp is None:
+                if src != o:
+                    self.emit("reshape", [src], o, {"shape": ig.shapes[src]}, ig.dtypes[src], ig.shapes[src], qp)
+            else:
+                self.emit("dequantize", [src], o, {"scale": np.float32(qp.scale)}, "float32", ig.shapes[src])
+            ig.outputs.append(o)
+        return ig
+
+
+def verify_scales(ig: Graph, rtol: float = 1e-9) -> None:
+    """Every consumer was built for the scale its producer declares (raises on disagreement)."""
+    for n in ig.nodes:
+        for i, s in zip(n.inputs, n.attrs.get("in_scales", ())):
+            qp = ig.qparams.get(i)
+            if s is None or qp is None:
+                continue
+            if abs(qp.scale - s) > rtol * abs(s):
+                raise QuantizationError(f"scale mismatch at node '{n.name}' ({n.op}): input '{i}' is produced at "
+                                        f"scale {qp.scale:.6g} but consumed as {s:.6g}")
+        o = n.outputs[0]
+        if n.attrs.get("out_scale") is not None and o in ig.qparams and \
+                abs(ig.qparams[o].scale - n.attrs["out_scale"]) > rtol * n.attrs["out_scale"]:
+            raise QuantizationError(f"scale mismatch at node '{n.name}': output declared {ig.qparams[o].scale:.6g}, "
+                                    f"built for {n.attrs['out_scale']:.6g}")
+
+
+_LOADED = False
+
+
+def _load_rules() -> None:
+    global _LOADED
+    if not _LOADED:
+        from . import (quantize_elementwise, quantize_gemm, quantize_pool, quantize_shape,  # noqa: F401
+                       quantize_softmax)
+        _LOADED = True
+
+
+def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig) -> Graph:
+    _load_rules()
+    bad = unsupported(fg)
+    if bad:
+        raise UnsupportedOpError(bad)
+    ig = Quantizer(fg, stats, nonneg, cfg).run()
+    verify_scales(ig)
+    return ig

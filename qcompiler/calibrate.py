@@ -1,0 +1,152 @@
+"""Calibration: run the float model in onnxruntime and derive a real range per tensor.
+
+Every intermediate tensor of the frontend's (frozen, folded) ONNX model is exposed as an output,
+the calibration samples run through it batch by batch, and per tensor we keep min, max and a
+uniform random subsample of values (a reservoir).  The clipping range then comes from one of:
+  minmax      [min, max]
+  percentile  amax = the p-th percentile of |x| (signed) or of x (non-negative); p = 99.99 default
+  mse         amax minimising E[(x - Q(x; amax))^2] over 128 candidates in (0, max|x|] on the
+              subsample, Q being the symmetric 8-bit quantizer the compiler will apply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import progress
+from .errors import CalibrationError
+from .ort_util import expose, session
+
+METHODS = ("minmax", "percentile", "mse")
+RESERVOIR = 1 << 16
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    lo: float
+    hi: float
+    sample: np.ndarray  # float32 subsample of the values
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An .npz keyed by input names, or a folder of such .npz files (concatenated on axis 0)."""
+    p = Path(path)
+    if not p.exists():
+        raise CalibrationError(f"{p}: calibration data not found (give an .npz keyed by input names, or a folder of them)")
+    files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
+    if not files:
+        raise CalibrationError(f"{p}: the folder holds no .npz files")
+    parts: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                for k in z.files:
+                    parts.setdefault(k, []).append(z[k])
+        except Exception as e:
+            raise CalibrationError(f"{f}: not a readable .npz file ({type(e).__name__})") from None
+    try:
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+    except ValueError as e:
+        raise CalibrationError(f"{p}: calibration files disagree in shape ({e})") from None
+
+
+def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration data") -> dict[str, np.ndarray]:
+    """Validate names, ranks, dtypes and finiteness against the model's declared inputs."""
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise CalibrationError(f"{where} lacks input(s) {missing}; the model's inputs are {names}")
+    extra = [k for k in data if k not in names]
+    if extra:
+        raise CalibrationError(f"{where} has key(s) {extra} that are not model inputs {names}")
+    out = {}
+    n0 = None
+    for s in specs:
+        a = np.asarray(data[s.name])
+        if a.ndim != len(s.shape):
+            raise CalibrationError(f"{where}: input '{s.name}' has shape {a.shape}; the model expects rank "
+                                   f"{len(s.shape)} {tuple(s.shape)} (first axis = samples)")
+        for k, d in enumerate(s.shape):
+            if k > 0 and isinstance(d, int) and a.shape[k] != d:
+                raise CalibrationError(f"{where}: input '{s.name}' has shape {a.shape}; dim {k} must be {d}")
+        if s.dtype.startswith("float"):
+            if not np.issubdtype(a.dtype, np.floating):
+                raise CalibrationError(f"{where}: input '{s.name}' is {a.dtype}; the model expects {s.dtype}")
+            if not np.all(np.isfinite(a)):
+                raise CalibrationError(f"{where}: input '{s.name}' contains NaN or Inf values; remove those samples")
+        elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
+            raise CalibrationError(f"{where}: input '{s.name}' is {a.dtype}; the model expects {s.dtype}")
+        a = a.astype(s.dtype)
+        if n0 is None:
+            n0 = a.shape[0]
+        elif a.shape[0] != n0:
+            raise CalibrationError(f"{where}: inputs disagree in the number of samples ({n0} vs {a.shape[0]})")
+        out[s.name] = a
+    if not n0:
+        raise CalibrationError(f"{where} holds no samples")
+    return out
+
+
+def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[str],
+            batch: int, seed: int = 0) -> dict[str, TensorStats]:
+    """Run ``model`` (frozen to ``batch``) over ``data`` and gather stats of ``tensors``."""
+    rep = progress.get()
+    inputs = [t for t in tensors if t in data]
+    tensors = [t for t in tensors if t not in data]
+    sess = session(expose(model, tensors))
+    n = next(iter(data.values())).shape[0]
+    rng = np.random.default_rng(seed)
+    lo = {t: np.inf for t in tensors + inputs}
+    hi = {t: -np.inf for t in tensors + inputs}
+    samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
+    chunks = range(0, n, batch)
+    per_batch = max(RESERVOIR // max(len(chunks), 1), 256)
+    for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
+        idx = np.arange(start, start + batch) % n  # the last chunk repeats samples (ranges unaffected)
+        feeds = {k: v[idx] for k, v in data.items()}
+        outs = sess.run(tensors, feeds) + [feeds[t] for t in inputs]
+        for t, v in zip(tensors + inputs, outs):
+            v = np.asarray(v)
+            if not np.issubdtype(v.dtype, np.floating):
+                continue
+            if not np.all(np.isfinite(v)):
+                raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..)")
+            lo[t] = min(lo[t], float(v.min()))
+            hi[t] = max(hi[t], float(v.max()))
+            flat = v.reshape(-1)
+            if flat.size > per_batch:
+                flat = flat[rng.integers(0, flat.size, per_batch)]
+            samples[t].append(flat.astype(np.float32))
+    return {t: TensorStats(lo[t], hi[t], np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32))
+            for t in tensors + inputs if np.isfinite(lo[t])}
+
+
+def clip_range(st: TensorStats, nonneg: bool, method: str, percentile: float = 99.99, bits: int = 8) -> tuple[float, float]:
+    """The (lo, hi) real range the quantizer should represent."""
+    if method == "minmax" or st.sample.size == 0:
+        return st.lo, st.hi
+    x = st.sample.astype(np.float64)
+    if nonneg:
+        x = np.maximum(x, 0)
+    mag = x if nonneg else np.abs(x)
+    full = max(st.hi, 0.0) if nonneg else max(abs(st.lo), abs(st.hi))
+    if method == "percentile":
+        amax = float(np.percentile(mag, percentile))
+    elif method == "mse":
+        qmax = 2**bits - 1 if nonneg else 2 ** (bits - 1) - 1
+        best, amax = np.inf, full
+        for cand in np.linspace(full / 128, full, 128):
+            s = cand / qmax
+            q = np.clip(np.round(x / s), 0 if nonneg else -qmax - 1, qmax) * s
+            err = float(np.mean((q - x) ** 2))
+            if err < best:
+                best, amax = err, cand
+    else:
+        raise CalibrationError(f"unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
+    amax = min(max(amax, full * 1e-3), full) if full > 0 else 0.0
+    return (0.0 if nonneg else -amax), amax

@@ -1,0 +1,72 @@
+"""Targets the compiler accepts: ``cpu`` (LLVM for this host) and ``cuda`` with an sm_XX arch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import TargetError
+
+CUDA_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+
+# Properties MetaSchedule and the cost model need for CUDA targets (per arch; H100 SXM for sm_90).
+_CUDA_PROPS = {
+    "sm_75": dict(max_shared_memory_per_block=65536, registers_per_block=65536),
+    "sm_80": dict(max_shared_memory_per_block=166912, registers_per_block=65536),
+    "sm_86": dict(max_shared_memory_per_block=101376, registers_per_block=65536),
+    "sm_89": dict(max_shared_memory_per_block=101376, registers_per_block=65536),
+    "sm_90": dict(max_shared_memory_per_block=232448, registers_per_block=65536),
+}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    kind: str          # "cpu" | "cuda"
+    arch: str | None   # sm_XX for cuda; the LLVM CPU name for cpu
+
+    def tvm_target(self):
+        import tvm
+
+        if self.kind == "cpu":
+            return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": host_cores()})
+        props = _CUDA_PROPS[self.arch]
+        return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_threads_per_block": 1024,
+                                  "thread_warp_size": 32, **props})
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "arch": self.arch}
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def host_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_vnni" in flags
+    except OSError:
+        return False
+
+
+def parse_target(kind: str, arch: str | None = None) -> TargetSpec:
+    kind = (kind or "").lower()
+    if kind in ("cpu", "llvm"):
+        return TargetSpec("cpu", arch or host_cpu())
+    if kind == "cuda":
+        arch = arch or "sm_90"
+        if arch not in CUDA_ARCHS:
+            raise TargetError(f"unsupported CUDA arch '{arch}'; choose one of {', '.join(CUDA_ARCHS)}")
+        return TargetSpec("cuda", arch)
+    raise TargetError(f"unknown target '{kind}'; use --target cpu or --target cuda --arch sm_XX")
