@@ -138,8 +138,10 @@ def freeze(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.M
     # outputs/value_info may carry stale symbolic dims: drop them, shape inference redoes them
     for vi in list(m.graph.value_info):
         m.graph.value_info.remove(vi)
-    for vi in m.graph.output:
-        vi.type.tensor_type.ClearField("shape")
+    for vi in m.graph.output:  # keep the rank, forget the (possibly symbolic) sizes
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            d.Clear()
+            d.dim_param = f"{vi.name}_d{k}"
     return m
 
 

@@ -1,0 +1,175 @@
+"""The ``qc`` command line: compile, run, inspect, bench (tune, predict, costmodel: see their modules).
+
+Every user-facing problem is a ``QCError`` raised where it is found; here it becomes one line on
+stderr and exit code 2.  Outputs are written atomically, so an error or Ctrl-C leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import progress
+from .errors import InputError, QCError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qc", description="qcompiler: ONNX -> integer-only TVM libraries")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile an ONNX model to model.so + model.json")
+    c.add_argument("model", help="the .onnx file")
+    c.add_argument("-o", "--output", required=True, help="library path, e.g. model.so (model.json goes beside it)")
+    c.add_argument("--target", default="cpu", help="cpu (this host, LLVM) or cuda")
+    c.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90")
+    c.add_argument("--precision", default="int8", help="int8 (default)")
+    c.add_argument("--calib", default=None, help=".npz keyed by input names (first axis = samples), or a folder of them")
+    c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"])
+    c.add_argument("--batch", type=int, default=1, help="batch size the library is compiled for (default 1)")
+    c.add_argument("--io", default="float", choices=["float", "int"],
+                   help="float: quantize/dequantize inside the library (default); int: integer inputs/outputs")
+    c.add_argument("--softmax", default="iexp", choices=["iexp", "shift"], help="integer softmax: I-BERT i-exp or I-ViT Shiftmax")
+    c.add_argument("--no-kernels", action="store_true", help="generic schedules only (debugging)")
+    c.add_argument("--dump", default=None, metavar="DIR", help="write the integer graph, TIR, generated source and cubins")
+    c.add_argument("--json", action="store_true", help="print the metadata summary as JSON")
+
+    r = sub.add_parser("run", help="run a compiled library on inputs from an .npz")
+    r.add_argument("library")
+    r.add_argument("--inputs", required=True, help=".npz keyed by input names")
+    r.add_argument("-o", "--output", required=True, help=".npz to write, keyed by ONNX output names")
+
+    i = sub.add_parser("inspect", help="show a library's metadata and prove it integer-only from its TIR")
+    i.add_argument("library")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="time a library with the TVM runtime")
+    b.add_argument("library")
+    b.add_argument("--batch", type=int, default=None, help="must equal the compiled batch (recompile otherwise)")
+    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--inputs", default=None, help=".npz of inputs (default: random)")
+    b.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_compile(a) -> int:
+    from .driver import CompileOptions, compile_model
+    from .targets import parse_target
+
+    spec = parse_target(a.target, a.arch)
+    opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
+                          softmax=a.softmax, use_kernels=not a.no_kernels, dump_dir=a.dump)
+    meta = compile_model(a.model, a.output, a.calib, opts)
+    summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
+               "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
+               "timings_s": meta["timings_s"]}
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"wrote {a.output} ({meta['kernels']['count']} kernels, {len(meta['layers'])} GEMM/conv layers, "
+              f"{meta['timings_s']['total']:.1f} s)")
+    return 0
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    import numpy as np
+
+    from .artifact import atomic_paths, check_writable
+
+    out = check_writable(path)
+    if out.suffix != ".npz":
+        raise InputError(f"{out}: the output must be an .npz file")
+    with atomic_paths(out) as (tmp,):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _load_npz(path: str) -> dict:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such input file (give an .npz keyed by input names)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"{p}: not a readable .npz ({type(e).__name__})") from None
+
+
+def cmd_run(a) -> int:
+    from .runtime import Library
+
+    lib = Library(a.library)
+    outs = lib(**_load_npz(a.inputs))
+    _save_npz(a.output, outs)
+    progress.get().stage(f"wrote {a.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outs.items()))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .inspect_lib import inspect_library
+
+    rep = inspect_library(a.library)
+    if a.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"library      {a.library}")
+    print(f"target       {rep['target']['kind']} {rep['target']['arch']}")
+    print(f"precision    {rep['precision']}  (io: {rep['io']}, batch {rep['batch']})")
+    for side in ("inputs", "outputs"):
+        for e in rep[side]:
+            sc = f" scale={e['scale']:.6g} ({e.get('quant_dtype')})" if "scale" in e else ""
+            print(f"{side[:-1]:<12} {e['name']}: {e['dtype']}{e['shape']}{sc}")
+    print(f"integer-only {'yes' if rep['integer_only'] else 'NO'}  ({rep['kernels']} kernels scanned, "
+          f"{rep['float_kernels_between_boundaries']} with float ops between the entry quantize and exit dequantize)")
+    if rep["float_kernels"]:
+        print("float kernels: " + ", ".join(rep["float_kernels"][:10]))
+    print(f"unscheduled  {len(rep['unscheduled'])}" + (": " + ", ".join(rep["unscheduled"][:10]) if rep["unscheduled"] else ""))
+    print("layers:")
+    for layer in rep["layers"]:
+        print(f"  {layer['name']:<48} {layer['op']:<7} {layer['input_dtype']:>6} x int{layer['weight_bits'] or 8} -> "
+              f"{layer['output_dtype']:<6} {layer['out_shape']}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .runtime import Library
+
+    lib = Library(a.library)
+    if a.batch is not None and a.batch != lib.batch:
+        raise InputError(f"{a.library} is compiled for batch {lib.batch}; recompile with --batch {a.batch} "
+                         "to time that batch")
+    inputs = _load_npz(a.inputs) if a.inputs else None
+    r = lib.bench(inputs, repeats=a.repeats)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{a.library}: median {r['median_ms']:.3f} ms  (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, "
+              f"{r['repeats']} repeats, batch {r['batch']}, {r['device']})")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.quiet:
+        progress.set_reporter(progress.ConsoleReporter(bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
+    try:
+        return COMMANDS[args.cmd](args)
+    except QCError as e:
+        msg = str(e).replace("\n", " ")
+        print(f"qc {args.cmd}: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"qc {args.cmd}: interrupted (no partial output was written)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The compile driver: ONNX file + calibration data -> model.so + model.json.
+
+frontend (check, upgrade, freeze, fold) -> float passes (canonicalize, fold BN, fuse patterns and
+activations) -> support check (every unsupported op at once, before any work) -> calibration
+(onnxruntime) -> quantization (integer graph) -> scale and overflow checks -> Relax lowering and
+build -> atomic export.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, artifact, calibrate, frontend, progress
+from .errors import CalibrationError, ModelError, UnsupportedOpError
+from .graph import Graph
+from .targets import TargetSpec
+
+PRECISIONS = ("int8",)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: TargetSpec
+    precision: str = "int8"
+    batch: int = 1
+    method: str = "percentile"
+    io: str = "float"
+    softmax: str = "iexp"
+    use_kernels: bool = True
+    dump_dir: str | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ModelError(f"precision '{self.precision}' is not available yet; choose from {', '.join(PRECISIONS)}")
+        if self.batch < 1:
+            raise ModelError(f"batch must be >= 1, got {self.batch}")
+        if self.method not in calibrate.METHODS:
+            raise CalibrationError(f"unknown calibration method '{self.method}'; choose from {', '.join(calibrate.METHODS)}")
+
+
+@dataclass
+class Prepared:
+    """Everything up to (not including) the TVM build: reusable by tests, tuning and prediction."""
+    fr: frontend.FrontendResult
+    float_graph: Graph
+    int_graph: Graph
+    intervals: dict
+    calib_samples: int
+    timings: dict = field(default_factory=dict)
+
+
+def float_passes(g: Graph) -> Graph:
+    from passes.canonicalize import canonicalize
+    from passes.fold_batchnorm import fold_batchnorm
+    from passes.fuse_activation import fuse_activation
+    from passes.fuse_patterns import fuse_patterns
+
+    return fuse_activation(fuse_patterns(fold_batchnorm(canonicalize(g))))
+
+
+def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {s.name: tuple(calib[s.name].shape) for s in specs if s.name in calib}
+
+
+def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | os.PathLike,
+            opts: CompileOptions) -> Prepared:
+    from passes.overflow import check_overflow
+    from passes.quantize import QuantConfig, quantize, unsupported
+    from passes.sign import nonnegative
+
+    rep = progress.get()
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = frontend.read_model(model_path)
+    specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
+    if calib is None:
+        raise CalibrationError("calibration data is required: pass --calib data.npz (keys = input names, "
+                               "first axis = samples); a data-free mode is not available yet")
+    data = calib if isinstance(calib, dict) else calibrate.load_calibration(calib)
+    data = calibrate.check_inputs(data, specs)
+    batch = opts.batch
+    for s in specs:
+        if s.shape and isinstance(s.shape[0], int) and s.shape[0] != batch and s.shape[0] != 0:
+            if opts.batch != 1:
+                raise ModelError(f"input '{s.name}' has a fixed batch of {s.shape[0]}; --batch {opts.batch} is "
+                                 "impossible for this model")
+            batch = s.shape[0]
+    with rep.timed("reading and folding the model"):
+        fr = frontend.load(model_path, batch=batch, shapes=_given_shapes(specs, data))
+    t["frontend"] = time.perf_counter() - t0
+    fg = float_passes(fr.graph)
+    bad = unsupported(fg)
+    if bad:
+        raise UnsupportedOpError(bad)
+    t1 = time.perf_counter()
+    tensors = [o for n in fr.model.graph.node for o in n.output if o and fr.graph.dtypes.get(o, "").startswith("float")]
+    tensors += [s.name for s in specs if s.dtype.startswith("float")]
+    n = next(iter(data.values())).shape[0]
+    rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
+    stats = calibrate.collect(fr.model, data, tensors, batch)
+    t["calibrate"] = time.perf_counter() - t1
+    cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax)
+    ig = quantize(fg, stats, nonnegative(fg), cfg)
+    intervals = check_overflow(ig)
+    t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
+    return Prepared(fr, fg, ig, intervals, n, t)
+
+
+def layer_table(ig: Graph) -> list[dict]:
+    rows = []
+    for n in ig.nodes:
+        if n.op in ("conv", "dense", "matmul"):
+            w = n.attrs.get("weight")
+            rows.append({"name": n.name, "op": n.op, "input_dtype": ig.dtypes[n.inputs[0]],
+                         "weight_bits": 8 if w is not None else None, "output_dtype": n.attrs["dtype"],
+                         "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
+                         "weight_shape": list(w.shape) if w is not None else None})
+    return rows
+
+
+def _io_entries(ig: Graph, names, fg_dtypes: dict, opts: CompileOptions, side: str) -> list[dict]:
+    out = []
+    for name in names:
+        e = {"name": name, "shape": list(ig.shapes[name]), "dtype": ig.dtypes[name]}
+        if side == "input":
+            q = ig.qparams.get(name) or ig.qparams.get(name + "/q")
+        else:
+            src = next((n.inputs[0] for n in ig.nodes if n.outputs[0] == name), name)
+            q = ig.qparams.get(src) or ig.qparams.get(name)
+        if q is not None:
+            e["scale"] = q.scale
+            e["quant_dtype"] = q.dtype
+        e["onnx_dtype"] = fg_dtypes.get(name)
+        out.append(e)
+    return out
+
+
+def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
+                  calib: dict[str, np.ndarray] | str | os.PathLike | None, opts: CompileOptions) -> dict:
+    """Compile and export; returns the metadata written (plus timings)."""
+    from .lowering.build import build
+
+    rep = progress.get()
+    out = artifact.check_writable(out_path)
+    t0 = time.perf_counter()
+    prep = prepare(model_path, calib, opts)
+    ig = prep.int_graph
+    target = opts.target.tvm_target()
+    t1 = time.perf_counter()
+    res = build(ig, target, use_kernels=opts.use_kernels)
+    t_build = time.perf_counter() - t1
+    tir_text = res.tir.script()
+    import tvm
+
+    meta = {
+        "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION,
+        "qcompiler_version": __version__, "tvm_version": tvm.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
+                  "opset": prep.fr.opset},
+        "target": {**opts.target.describe(), "tvm": str(target)},
+        "precision": opts.precision, "io": opts.io, "batch": prep.fr.graph.shapes[ig.inputs[0]][0] if ig.inputs else 1,
+        "calibration": {"method": opts.method, "samples": prep.calib_samples},
+        "softmax": opts.softmax,
+        "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
+        "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
+        "layers": layer_table(ig),
+        "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
+                    "gemm": getattr(res, "gemm_name", None)},
+        "warnings": res.warnings,
+        "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
+        "tir": artifact.encode_text(tir_text),
+    }
+    for inp in meta["inputs"]:
+        rng = _int_input_range(ig, inp["name"])
+        if rng is not None:
+            inp["valid_range"] = rng
+    if opts.dump_dir:
+        dump(opts.dump_dir, ig, res, tir_text, opts)
+    meta_path = artifact.metadata_path(out)
+    with rep.timed(f"writing {out}"):
+        with artifact.atomic_paths(out, meta_path) as (tmp_so, tmp_json):
+            res.executable.export_library(str(tmp_so))
+            artifact.write_json(tmp_json, meta)
+    meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+    return meta
+
+
+def _int_input_range(ig: Graph, name: str):
+    """Valid value range of an integer input consumed as indices (embedding tables)."""
+    for n in ig.nodes:
+        if name in n.inputs and n.op == "embedding":
+            return [0, int(n.attrs["table"].shape[0]) - 1]
+    return None
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dump(d: str | os.PathLike, ig: Graph, res, tir_text: str, opts: CompileOptions) -> None:
+    """Write what was generated: integer graph, Relax module, scheduled TIR, LLVM/CUDA source, cubins."""
+    from .dump import write_dump
+
+    write_dump(Path(d), ig, res, tir_text, opts)

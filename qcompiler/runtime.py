@@ -1,0 +1,142 @@
+"""Load and run a compiled library with the TVM runtime alone (no compiler import).
+
+``Library(path)(x=array)`` validates inputs against model.json (names, dtypes, shapes, finite
+values, integer ranges), runs the Relax VM and returns {onnx output name: array}.  A batch larger
+than the compiled one is split into compiled-size chunks (the last chunk padded by repetition)
+and the results concatenated, so a batch-1 library serves any batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .artifact import read_metadata
+from .errors import InputError
+
+
+class Library:
+    def __init__(self, path: str | os.PathLike, device: str | None = None):
+        self.path = str(path)
+        self.meta = read_metadata(path)
+        import tvm
+
+        kind = device or self.meta["target"]["kind"]
+        self.dev = tvm.cpu(0) if kind in ("cpu", "llvm") else tvm.cuda(0)
+        if not self.dev.exist:
+            raise InputError(f"{self.path}: built for {kind}, but no {kind} device is present here")
+        try:
+            self.module = tvm.runtime.load_module(self.path)
+        except Exception as e:
+            raise InputError(f"{self.path}: the TVM runtime cannot load this library ({str(e).splitlines()[0]})") from None
+        self.vm = tvm.runtime.vm.VirtualMachine(self.module, self.dev)
+        self.inputs = self.meta["inputs"]
+        self.outputs = self.meta["outputs"]
+        self._tvm = tvm
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    @property
+    def batch(self) -> int:
+        return int(self.meta.get("batch", 1))
+
+    # ---- input checking -----------------------------------------------------------------------
+    def _feeds(self, args, kwargs) -> dict[str, np.ndarray]:
+        if args:
+            if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+                kwargs = dict(args[0])
+            elif len(args) > len(self.inputs):
+                raise InputError(f"{len(args)} positional inputs; the model takes {self.input_names}")
+            else:
+                kwargs = {**{i["name"]: a for i, a in zip(self.inputs, args)}, **kwargs}
+        missing = [n for n in self.input_names if n not in kwargs]
+        extra = [k for k in kwargs if k not in self.input_names]
+        if missing or extra:
+            raise InputError(f"inputs {sorted(kwargs)} do not match the model's {self.input_names}"
+                             + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
+        feeds = {}
+        for spec in self.inputs:
+            a = np.asarray(kwargs[spec["name"]])
+            want = spec["dtype"]
+            if want.startswith("float"):
+                if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+                    raise InputError(f"input '{spec['name']}' has dtype {a.dtype}; expected {want}")
+                a = a.astype(np.float32)
+                if not np.all(np.isfinite(a)):
+                    raise InputError(f"input '{spec['name']}' contains NaN or Inf")
+            else:
+                if not np.issubdtype(a.dtype, np.integer):
+                    raise InputError(f"input '{spec['name']}' has dtype {a.dtype}; expected {want}")
+                rng = spec.get("valid_range")
+                if rng is not None and a.size and (a.min() < rng[0] or a.max() > rng[1]):
+                    bad = a[(a < rng[0]) | (a > rng[1])].ravel()[:3].tolist()
+                    raise InputError(f"input '{spec['name']}' has values {bad} outside the valid range "
+                                     f"[{rng[0]}, {rng[1]}] (e.g. token ids beyond the embedding table)")
+                a = a.astype(want)
+            shape = tuple(spec["shape"])
+            if a.shape[1:] != shape[1:] or a.ndim != len(shape):
+                raise InputError(f"input '{spec['name']}' has shape {a.shape}; the library was compiled for "
+                                 f"{shape} (any batch size in the first axis works)")
+            feeds[spec["name"]] = a
+        sizes = {a.shape[0] for a in feeds.values()}
+        if len(sizes) > 1:
+            raise InputError(f"inputs disagree in batch size: {sorted(sizes)}")
+        return feeds
+
+    # ---- running --------------------------------------------------------------------------------
+    def _run_exact(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        tvm = self._tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        res = self.vm["main"](*args)
+        if len(self.outputs) == 1:
+            return [res.numpy()]
+        return [r.numpy() for r in res]
+
+    def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
+        feeds = self._feeds(args, kwargs)
+        n = next(iter(feeds.values())).shape[0]
+        b = self.batch
+        if n == b:
+            outs = self._run_exact(feeds)
+        else:
+            parts = []
+            for s in range(0, n, b):
+                idx = np.arange(s, s + b) % n
+                parts.append(self._run_exact({k: v[idx] for k, v in feeds.items()}))
+            outs = [np.concatenate([p[k] for p in parts])[:n] for k in range(len(self.outputs))]
+        return dict(zip(self.output_names, outs))
+
+    def example_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for spec in self.inputs:
+            shape = tuple(spec["shape"])
+            if spec["dtype"].startswith("float"):
+                out[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+            else:
+                lo, hi = spec.get("valid_range", [0, 1])
+                out[spec["name"]] = rng.integers(lo, hi + 1, shape).astype(spec["dtype"])
+        return out
+
+    def bench(self, inputs: dict[str, np.ndarray] | None = None, repeats: int = 30, min_repeat_ms: int = 50,
+              warmup: int = 3) -> dict:
+        """Median and spread of the library's latency at its compiled batch (TVM time_evaluator)."""
+        feeds = self._feeds((), inputs) if inputs else self.example_inputs()
+        feeds = {k: v[: self.batch] for k, v in feeds.items()}
+        tvm = self._tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        for _ in range(warmup):
+            self.vm["main"](*args)
+        f = self.vm.time_evaluator("main", self.dev, number=1, repeat=repeats, min_repeat_ms=min_repeat_ms)
+        r = f(*args)
+        ms = np.asarray(r.results) * 1e3
+        return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+                "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+                "repeats": int(len(ms)), "batch": self.batch, "device": str(self.dev)}

@@ -1,0 +1,110 @@
+"""Shared test helpers: tiny ONNX models and the three-way check every pass and kernel must pass.
+
+check_pipeline(model, data):
+  1. float passes: our float executor on the rewritten graph == onnxruntime on the file (allclose)
+  2. quantization: integer reference vs onnxruntime float (cosine / max error)
+  3. lowering + build: TVM output == integer reference, element for element
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler import float_reference, reference
+from qcompiler.driver import CompileOptions, float_passes, prepare
+from qcompiler.targets import parse_target
+
+
+def tensor(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    """inputs/outputs: [(name, shape, elem_type=FLOAT)]"""
+    def vi(spec):
+        name, shape, *t = spec
+        return helper.make_tensor_value_info(name, t[0] if t else TensorProto.FLOAT, shape)
+
+    g = helper.make_graph(nodes, "t", [vi(i) for i in inputs], [vi(o) for o in outputs], list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(m)
+    known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for k, o in enumerate(m.graph.output):
+        if not o.type.tensor_type.HasField("shape") and o.name in known:
+            m.graph.output[k].CopyFrom(known[o.name])
+    onnx.checker.check_model(m)
+    return m
+
+
+def save(model, d) -> str:
+    p = str(Path(d) / "m.onnx")
+    onnx.save(model, p)
+    return p
+
+
+def ort_run(path_or_model, feeds):
+    import onnxruntime as ort
+
+    src = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
+    s = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return float(na == nb)
+    return float(a @ b / na / nb)
+
+
+def run_tvm(executable, ig, feeds):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    res = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(feeds[k])) for k in ig.inputs])
+    if len(ig.outputs) == 1:
+        return {ig.outputs[0]: res.numpy()}
+    return {o: r.numpy() for o, r in zip(ig.outputs, res)}
+
+
+def check_pipeline(model, calib: dict, test: dict | None = None, min_cos=0.99, target="cpu", build=True,
+                   opts_kw=None, float_rtol=1e-4):
+    """Runs the three checks; returns (prepared, tvm outputs, reference outputs)."""
+    test = test or {k: v[:1] for k, v in calib.items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = save(model, d)
+        opts = CompileOptions(target=parse_target(target), **(opts_kw or {}))
+        prep = prepare(path, calib, opts)
+        ort_out = ort_run(path, test)
+    names = [o.name for o in model.graph.output]
+    # 1. float passes are exact
+    fg = float_passes(prep.fr.graph)
+    fo = float_reference.execute(fg, test)
+    for name, r in zip(names, ort_out):
+        np.testing.assert_allclose(fo[name], r, rtol=float_rtol, atol=float_rtol * (1 + np.abs(r).max()),
+                                   err_msg=f"float passes changed output {name}")
+    # 2. quantized reference is close to float
+    ref = reference.execute(prep.int_graph, test)
+    for name, r in zip(names, ort_out):
+        c = cosine(ref[name], r)
+        assert c >= min_cos, f"output {name}: cosine {c:.5f} < {min_cos}"
+    tv = None
+    if build:
+        from qcompiler.lowering.build import build as tvm_build
+
+        res = tvm_build(prep.int_graph, opts.target.tvm_target(), use_kernels=opts.use_kernels)
+        tv = run_tvm(res.executable, prep.int_graph, test)
+        for name in names:
+            assert tv[name].dtype == ref[name].dtype, (name, tv[name].dtype, ref[name].dtype)
+            bad = np.flatnonzero(tv[name] != ref[name])
+            assert bad.size == 0, (f"output {name}: TVM differs from the integer reference at {bad.size} of "
+                                   f"{ref[name].size} elements, e.g. {tv[name].ravel()[bad[:3]]} vs {ref[name].ravel()[bad[:3]]}")
+    return prep, tv, ref
