@@ -156,7 +156,9 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     t1 = time.perf_counter()
     res = build(ig, target, use_kernels=opts.use_kernels)
     t_build = time.perf_counter() - t1
-    tir_text = res.tir.script()
+    from .tir_scan import module_to_text
+
+    tir_text = module_to_text(res.tir)
     import tvm
 
     meta = {

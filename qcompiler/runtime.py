@@ -21,6 +21,7 @@ class Library:
         self.path = str(path)
         self.meta = read_metadata(path)
         import tvm
+        import tvm.runtime.vm  # noqa: F401  (not imported by tvm.runtime itself)
 
         kind = device or self.meta["target"]["kind"]
         self.dev = tvm.cpu(0) if kind in ("cpu", "llvm") else tvm.cuda(0)

@@ -1,0 +1,37 @@
+"""``qc inspect``: a library's metadata, and whether it is integer-only, answered from its TIR.
+
+The scheduled TIR stored in model.json at compile time is parsed back and scanned
+(``qcompiler.tir_scan``): every PrimFunc touching a float type other than the entry quantize
+(reads only float parameters, writes integer ones) and the exit dequantize (the converse) counts
+as a float op between the boundaries; every loop nest without a parallel/vectorized/thread-bound
+loop (and not trivially small) is listed as unscheduled.  No flag set by the pipeline is trusted.
+"""
+
+from __future__ import annotations
+
+from .artifact import decode_text, read_metadata
+from .errors import ArtifactError
+
+
+def inspect_library(path) -> dict:
+    meta = read_metadata(path)
+    if "tir" not in meta:
+        raise ArtifactError(f"{path}: the metadata holds no TIR to scan (compiled by another tool?)")
+    from .tir_scan import scan_text
+
+    scan = scan_text(decode_text(meta["tir"]))
+    return {
+        "library": str(path),
+        "target": meta["target"], "precision": meta["precision"], "io": meta["io"], "batch": meta.get("batch"),
+        "versions": {"qcompiler": meta.get("qcompiler_version"), "tvm": meta.get("tvm_version")},
+        "model": meta.get("model"), "calibration": meta.get("calibration"),
+        "inputs": meta["inputs"], "outputs": meta["outputs"], "layers": meta["layers"],
+        "integer_only": bool(scan.integer_only),
+        "kernels": scan.num_functions,
+        "float_kernels_between_boundaries": scan.float_ops_between_boundaries,
+        "float_kernels": [f.name for f in scan.functions if f.kind == "float"],
+        "entry_quantize": list(scan.entry_quantize), "exit_dequantize": list(scan.exit_dequantize),
+        "unscheduled": list(scan.unscheduled),
+        "generic_fallbacks": meta.get("kernels", {}).get("generic_fallbacks", []),
+        "scan_source": scan.source,
+    }

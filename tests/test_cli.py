@@ -1,0 +1,139 @@
+"""The qc command line: the happy path, and every kind of bad input -> one line, exit 2, no output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from qcompiler.cli import main
+from tests.helpers import make_model, tensor
+
+R = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W2"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["prob"], axis=-1)]
+    inits = [tensor("W", (R.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)),
+             tensor("B", np.zeros(8, np.float32)), tensor("W2", (R.standard_normal((8, 4))).astype(np.float32))]
+    m = make_model(nodes, [("x", ["N", 3, 16, 16])], [("prob", None)], inits)
+    import onnx
+
+    onnx.save(m, d / "m.onnx")
+    x = R.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    np.savez(d / "calib.npz", x=x)
+    np.savez(d / "in.npz", x=x[:3])
+    rc = main(["-q", "compile", str(d / "m.onnx"), "-o", str(d / "m.so"), "--calib", str(d / "calib.npz")])
+    assert rc == 0
+    return d
+
+
+def test_compile_run_inspect_bench(small, capsys):
+    d = small
+    assert (d / "m.so").exists() and (d / "m.json").exists()
+    assert main(["-q", "run", str(d / "m.so"), "--inputs", str(d / "in.npz"), "-o", str(d / "out.npz")]) == 0
+    y = np.load(d / "out.npz")["prob"]
+    assert y.shape == (3, 4) and np.allclose(y.sum(1), 1, atol=0.02)
+    capsys.readouterr()
+    assert main(["-q", "inspect", str(d / "m.so"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["integer_only"] is True and rep["kernels"] > 0
+    assert main(["-q", "bench", str(d / "m.so"), "--json", "--repeats", "5"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert {"median_ms", "p10_ms", "p90_ms", "repeats"} <= set(b) and b["median_ms"] > 0
+
+
+def test_runtime_only_subprocess(small):
+    """The library loads and runs with the TVM runtime alone (TVM_USE_RUNTIME_LIB=1)."""
+    code = ("import numpy as np, qcompiler, tvm; assert tvm.base._RUNTIME_ONLY; "
+            f"m = qcompiler.load({str(small / 'm.so')!r}); x = np.load({str(small / 'in.npz')!r})['x']; "
+            "y = m(x=x)['prob']; import sys; "
+            "assert 'qcompiler.driver' not in sys.modules and 'passes' not in sys.modules; print(y.shape)")
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "(3, 4)" in r.stdout
+
+
+def _bad(capsys, argv, *needles, out=None):
+    rc = main(["-q"] + argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    if out is not None:
+        assert not os.path.exists(out), f"partial output {out} left behind"
+        leftovers = [f for f in os.listdir(os.path.dirname(out)) if f.startswith("." + os.path.basename(out))]
+        assert not leftovers, leftovers
+
+
+def test_bad_model_files(small, tmp_path, capsys):
+    out = str(tmp_path / "o.so")
+    calib = str(small / "calib.npz")
+    _bad(capsys, ["compile", str(tmp_path / "nope.onnx"), "-o", out, "--calib", calib], "no such file", out=out)
+    _bad(capsys, ["compile", str(tmp_path), "-o", out, "--calib", calib], "not a file", out=out)
+    (tmp_path / "text.onnx").write_text("hello, not a protobuf")
+    _bad(capsys, ["compile", str(tmp_path / "text.onnx"), "-o", out, "--calib", calib], "text.onnx", out=out)
+    raw = (small / "m.onnx").read_bytes()
+    (tmp_path / "trunc.onnx").write_bytes(raw[: len(raw) // 2])
+    _bad(capsys, ["compile", str(tmp_path / "trunc.onnx"), "-o", out, "--calib", calib], "trunc.onnx", out=out)
+
+
+def test_bad_calibration(small, tmp_path, capsys):
+    m, out = str(small / "m.onnx"), str(tmp_path / "o.so")
+    _bad(capsys, ["compile", m, "-o", out], "calibration data is required", out=out)
+    np.savez(tmp_path / "wrongname.npz", y=np.zeros((2, 3, 16, 16), np.float32))
+    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "wrongname.npz")], "x", out=out)
+    np.savez(tmp_path / "shape.npz", x=np.zeros((2, 4, 16, 16), np.float32))
+    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "shape.npz")], "shape", out=out)
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 3, 16, 16), np.int32))
+    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "dtype.npz")], "int32", out=out)
+    nan = np.zeros((2, 3, 16, 16), np.float32)
+    nan[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=nan)
+    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "nan.npz")], "nan", out=out)
+
+
+def test_bad_target_and_output(small, tmp_path, capsys):
+    m, calib = str(small / "m.onnx"), str(small / "calib.npz")
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "tpu"], "unknown target", out=out)
+    _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "cuda", "--arch", "sm_61"], "sm_61", out=out)
+    _bad(capsys, ["compile", m, "-o", str(tmp_path / "missing_dir" / "o.so"), "--calib", calib], "does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores permissions
+            _bad(capsys, ["compile", m, "-o", str(ro / "o.so"), "--calib", calib], "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_bad_run_inputs(small, tmp_path, capsys):
+    lib = str(small / "m.so")
+    out = str(tmp_path / "y.npz")
+    np.savez(tmp_path / "wrong.npz", z=np.zeros((1, 3, 16, 16), np.float32))
+    _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "wrong.npz"), "-o", out], "x", out=out)
+    np.savez(tmp_path / "shape.npz", x=np.zeros((1, 3, 15, 16), np.float32))
+    _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "shape.npz"), "-o", out], "shape", out=out)
+    _bad(capsys, ["run", str(tmp_path / "none.so"), "--inputs", str(tmp_path / "shape.npz"), "-o", out], "no such library")
+    _bad(capsys, ["bench", lib, "--batch", "8"], "recompile")
+
+
+def test_console_script_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(tmp_path / "x.onnx"), "-o",
+                        str(tmp_path / "o.so")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
