@@ -16,7 +16,7 @@ Normalisation (both):
   s  = sum(e)  (int64; s >= e_max > 0)   k = floor(2^R / s)  (the one division per row, R = 60)
   y  = clip((e * k) >> (R - ob), 0, qmax)   output scale 2^-ob (ob = 8 inside the graph: uint8;
                                          a graph output gets int16 with ob = 15)
-Bounds (checked here at compile time): e < 2^26, e*k <= 2^(R+1) < 2^63.
+Bounds (checked here at compile time): e < 2^30, e*k <= 2^(R+1) < 2^63.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def softmax_constants(scale: float, variant: str) -> dict:
     else:
         c = {"q_1": math.floor(1.0 / s)}
         emax = c["q_1"] << SHIFT_N
-    if emax >= 2**26:
-        raise QuantizationError(f"integer softmax: exp bound {emax} >= 2^26 for input scale {scale:g}")
+    if emax >= 2**30:
+        raise QuantizationError(f"integer softmax: exp bound {emax} >= 2^30 for input scale {scale:g}")
     c.update({"u": u, "variant": variant, "R": R_SHIFT, "N": SHIFT_N})
     return c
 

@@ -47,16 +47,13 @@ def _dot_16x4_vnni_impl(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        a_u8x4 = A.vload([0], "uint8x4")
-        a_i32 = T.reinterpret(a_u8x4, dtype="int32")
-        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-        b_i8x64 = B.vload([0, 0], dtype="int8x64")
-        c_i32x16 = C.vload([0], dtype="int32x16")
+        # one expression: in TVM 0.27 a named temporary (``x = ...``) in TVMScript becomes a local
+        # buffer, which LowerTVMBuiltin turns into a TVMBackendAllocWorkspace call per use
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            c_i32x16,
-            a_u8x64,
-            b_i8x64,
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"),
             dtype="int32x16",
         )
 

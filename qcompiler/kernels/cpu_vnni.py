@@ -13,8 +13,10 @@ taken back through the bias, which the packing folds once at compile time:
     sum_k (A[m,k] + 128) * W[k,n] + bias_eff[n] = sum_k A[m,k] * W[k,n] + bias[n]
     with bias_eff[n] = bias[n] - 128 * sum_k W[k,n].
 
-The offset sum ``sum_k (A+128) * W`` is exact in int32 while ``K * 255 * 128 < 2^31``
-(K <= 65793, checked); the epilogue adds the bias in int64.  Padding of the reduction (K up to a
+The offset sum ``sum_k (A+128) * W`` is exact in int32 while ``K * 255 * 128 < 2^31``, i.e.
+K <= 65793 (checked, :data:`MAX_K`); the epilogue adds ``bias_eff`` in int32, and the sum is the
+true ``acc``, which the contract guarantees is an int32 (bounds in passes/overflow.py).  ``bias_eff``
+is stored modulo 2^32 (it always fits for K <= 65793 and |bias| < 2^30).  Padding of the reduction (K up to a
 multiple of 4) uses zero weights, so the activation value there does not matter.  Zero padding of a
 convolution's input means the real activation value 0, i.e. the byte 128 under the offset (0 for
 unsigned inputs): a padded tap then contributes ``128 * W`` exactly as a real 0 would, and
@@ -49,13 +51,21 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from ..errors import QuantizationError
 from ._x86_intrin import register as _register_intrin
 
 ACT_DTYPES = ("int8", "uint8")
 OUT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
-MAX_K = (2**31 - 1) // (255 * 128)  # offset accumulator sum_k (A+128)*W stays in int32
 _VREG = 32  # zmm registers
+MAX_K = (2**31 - 1) // (255 * 128)  # the offset accumulator sum_k (A+128)*W stays in int32
+
+
+def host_has_vnni() -> bool:
+    """Whether this machine's CPU runs these kernels (AVX-512 VNNI; Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -65,17 +75,17 @@ class VnniConfig:
 
     mr       rows of the register tile (1..16)
     nr       16-column blocks of the register tile (1..8); must divide ceil(N/16)
-    kc       reduction block in elements (a multiple of 4; 0 = the whole reduction).  For a conv it
-             blocks the channel loop of each tap.
+    kc       reduction block in elements (a multiple of 4; 0 = the whole reduction; ignored unless it
+             divides the reduction).  For a conv it blocks the channel loop of each tap.
     n_outer  loop order of the parallel tile loop: n-tiles outside m-tiles (keeps a weight panel
              cache-resident while the activations stream; good when the weights are the larger
              operand)
     """
 
-    mr: int = 6
+    mr: int = 3
     nr: int = 4
     kc: int = 0
-    n_outer: bool = False
+    n_outer: bool = True
 
     def __post_init__(self):
         if not 1 <= self.mr <= 16:
@@ -93,27 +103,30 @@ def _ceil(a: int, b: int) -> int:
 
 
 def default_config(M: int, N: int, K: int) -> VnniConfig:
-    """Pick the register tile by a small cost model (no measurement).
+    """Pick the register tile with a small cost model (no measurement at compile time).
 
-    Time of one reduction step of a tile ~ max(mr*nr / 2 vpdpbusd per cycle, (mr + nr) / 2 loads
-    per cycle) + 1; total = steps x tiles (M rounded up to mr), divided over 2 cores with the
-    imbalance of whole tiles counted.  Tiles wider than 4 blocks measured slow here (more weight
-    stream per row), so they pay a penalty.
+    Cycles of one 4-deep reduction step of an ``mr x nr`` tile: ``max(mr*nr, mr + nr) / 2`` (two
+    vpdpbusd or two operand loads per cycle) + 0.5.  Per tile add the epilogue (~2 cycles per 16
+    outputs) and a fixed 40; a tile of 1024 bytes or more (mr*nr >= 16) is not a stack buffer for
+    TVM (LowerTVMBuiltin's kMaxStackAlloca) but one TVMBackendAllocWorkspace call per tile, charged
+    300 cycles (fitted: 3x4 and 7x2 tiles beat 6x4 by 3-8% at K >= 512 and by 20-30% at K = 64).
+    Rows padded up to a multiple of mr and whole tiles split over 2 cores are counted.
     """
     nb = _ceil(N, 16)
+    steps = _ceil(K, 4)
+    # tiles measured good: at most 16 accumulators, mr <= 8, nr <= 4 (2x8 and 14x2 ran 20-50% slower);
+    # a wider nr only when ceil(N/16) has no divisor in 2..4 (e.g. N = 80, 112)
+    nrs = [d for d in (4, 3, 2, 1) if nb % d == 0]
+    if nrs == [1] and nb <= 8:
+        nrs = [nb, 1]
     best = None
-    for nr in range(1, 9):
-        if nb % nr:
-            continue
-        for mr in range(1, 17):
-            if mr * nr + nr + 1 > _VREG - 2:  # keep two registers spare (7x4 spills)
-                continue
-            step = max(mr * nr / 2, (mr + nr) / 2) + 1.0
-            if nr > 4:
-                step *= 1.5
+    for nr in nrs:
+        for mr in range(1, min(8, 16 // nr) + 1):
+            step = max(mr * nr, mr + nr) / 2 + 0.5
+            per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr >= 16 else 0)
             tiles = _ceil(M, mr) * (nb // nr)
-            cost = step * 2 * _ceil(tiles, 2)
-            key = (cost, -nr * mr)
+            cost = per_tile * _ceil(tiles, 2)
+            key = (round(cost), -nr)
             if best is None or key < best[0]:
                 best = (key, mr, nr)
     _, mr, nr = best
@@ -136,9 +149,8 @@ def _bias_eff(wk: np.ndarray, bias, a_signed: bool) -> np.ndarray:
     b = np.zeros(N, np.int64) if bias is None else np.asarray(bias).astype(np.int64).reshape(N)
     if a_signed:
         b = b - 128 * wk.astype(np.int64).sum(axis=0)
-    if b.min(initial=0) < -(2**31) or b.max(initial=0) > 2**31 - 1:
-        raise QuantizationError("VNNI packing: bias - 128*sum(w) leaves int32; use a smaller bias or reduction")
-    return b.astype(np.int32)
+    # modulo 2^32 (two's complement); a no-op for K <= MAX_K and |bias| < 2^30
+    return ((b + 2**31) % 2**32 - 2**31).astype(np.int32)
 
 
 def _check_weight(w: np.ndarray, ndim: int, what: str) -> None:
@@ -149,8 +161,6 @@ def _check_weight(w: np.ndarray, ndim: int, what: str) -> None:
 def pack_dense(w: np.ndarray, bias: np.ndarray | None, a_signed: bool) -> tuple[np.ndarray, np.ndarray]:
     """w int8 [K, N] (ONNX MatMul B) -> (Wp int8 [ceil(N/16), ceil(K/4), 16, 4], bias_eff int32 [N])."""
     _check_weight(w, 2, "pack_dense")
-    if w.shape[0] > MAX_K:
-        raise QuantizationError(f"pack_dense: K={w.shape[0]} > {MAX_K} overflows the int32 VNNI accumulator")
     return _pack_kn(w), _bias_eff(w, bias, a_signed)
 
 
@@ -167,8 +177,6 @@ def pack_conv(w: np.ndarray, bias: np.ndarray | None, a_signed: bool) -> tuple[n
     """w int8 [OC, C, KH, KW] (ONNX) -> (Wp [ceil(OC/16), KH*KW*Cp/4, 16, 4], bias_eff int32 [OC])."""
     _check_weight(w, 4, "pack_conv")
     wk = _conv_kn(w)
-    if wk.shape[0] > MAX_K:
-        raise QuantizationError(f"pack_conv: reduction {wk.shape[0]} > {MAX_K} overflows the int32 VNNI accumulator")
     return _pack_kn(wk), _bias_eff(wk, bias, a_signed)
 
 
@@ -181,6 +189,11 @@ def _check_io(a_dtype: str, out_dtype: str, lo: int, hi: int) -> None:
     omin, omax = OUT_DTYPES[out_dtype]
     if not omin <= lo <= hi <= omax:
         raise ValueError(f"clip range [{lo}, {hi}] is empty or outside {out_dtype}")
+
+
+def _check_k(K: int, what: str) -> None:
+    if K > MAX_K:
+        raise ValueError(f"{what}: reduction length {K} > {MAX_K} would overflow the int32 VNNI accumulator")
 
 
 def _requant(acc64, mult, shift, lo: int, hi: int, out_dtype: str):
@@ -205,8 +218,11 @@ def _out_shape(H, W, KH, KW, strides, pads, dilations):
     return OH, OW
 
 
-def _finish(sch: Schedule):
-    return sch.mod["main"].with_attr("qc.scheduled", True).with_attr("tirx.is_scheduled", True)
+def _finish(sch: Schedule) -> tirx.PrimFunc:
+    """The scheduled PrimFunc, marked scheduled, without the "main" symbol the Schedule gave it
+    (a module with two functions exporting "main" fails to build; bb.add_func names it)."""
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attr("qc.scheduled", True).with_attr("tirx.is_scheduled", True)
 
 
 def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
@@ -219,8 +235,11 @@ def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
 
 
 # ---- VNNI GEMM schedule (dense and implicit-GEMM conv) -------------------------------------------
-def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int) -> None:
-    """Schedule blocks "prep" (optional), "gemm" (loops m, n, *reduction) and "out" (m, n)."""
+def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int | None) -> None:
+    """Schedule blocks "prep" (unless ``prep_vec_dims`` is None), "gemm" (m, n, *reduction), "out" (m, n).
+
+    Order matters in TVM 0.27: parallel/vectorize/unroll before decompose_reduction, tensorize last.
+    """
     intrin = _register_intrin()
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
@@ -244,19 +263,23 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     sch.parallel(tile)
     sch.unroll(m1)
     sch.unroll(n1)
-    _, onn = sch.get_loops(out)[-2:]
-    _vectorize_inner(sch, onn, 16)
-    try:
-        prep = sch.get_sblock("prep")
-    except Exception:  # noqa: BLE001 - no prep stage (input read in place)
-        prep = None
-    if prep is not None:
-        pl = sch.get_loops(prep)
+    # epilogue: column blocks outside rows, so mult/shift/rounding vectors stay in registers
+    inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), or (col,) when mr == 1
+    ocol = inner[-1]
+    if len(inner) == 2 and int(sch.get(ocol).extent) % 16 == 0:
+        oc0, oc1 = sch.split(ocol, [None, 16])
+        sch.reorder(oc0, inner[0], oc1)
+        sch.vectorize(oc1)
+    else:
+        _vectorize_inner(sch, ocol, 16)
+    if prep_vec_dims is not None:
+        pl = sch.get_loops(sch.get_sblock("prep"))
         par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
         sch.parallel(par)
         vec = sch.fuse(*pl[len(pl) - prep_vec_dims:]) if prep_vec_dims > 1 else pl[-1]
         _vectorize_inner(sch, vec, 64)
-    sch.decompose_reduction(gemm, red_loops[0])
+    init = sch.decompose_reduction(gemm, red_loops[0])
+    sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(n2, intrin)
 
 
@@ -265,12 +288,14 @@ def _wp_placeholder(N: int, Kp: int):
 
 
 def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx):
-    """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (row, n)`` maps output to GEMM indices."""
+    """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (row, n)`` maps output to GEMM indices.
+
+    The bias is added in int32 (exact: see the module docstring).
+    """
 
     def f(*i):
         r, n = idx(*i)
-        acc = C[r, n].astype("int64") + bias[n].astype("int64")
-        return _requant(acc, mult[n], shift[n], lo, hi, out_dtype)
+        return _requant((C[r, n] + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype)
 
     return te.compute(shape, f, name="out")
 
@@ -279,8 +304,7 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
           config: VnniConfig | None = None) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out)."""
     _check_io(a_dtype, out_dtype, lo, hi)
-    if K > MAX_K:
-        raise QuantizationError(f"dense: K={K} > {MAX_K} overflows the int32 VNNI accumulator")
+    _check_k(K, "dense")
     cfg = config or default_config(M, N, K)
     nb = _ceil(N, 16)
     if nb % cfg.nr:
@@ -292,7 +316,8 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
     bias = te.placeholder((N,), "int32", name="bias")
     mult = te.placeholder((N,), "int64", name="mult")
     shift = te.placeholder((N,), "int64", name="shift")
-    if signed or Kp != K:
+    has_prep = signed or Kp != K
+    if has_prep:
         Ap = te.compute((M, Kp), lambda i, k: tirx.if_then_else(
             k < K, _as_u8(A[i, tirx.min(k, K - 1)], signed), tirx.const(0, "uint8")), name="prep")
     else:
@@ -303,7 +328,7 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
         Ap[row(i), k].astype("int32") * Wp[j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k), name="gemm")
     out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j))
     sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, out]))
-    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1)
+    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None)
     return _finish(sch)
 
 
@@ -314,12 +339,10 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r).
     """
     _check_io(a_dtype, out_dtype, lo, hi)
-    (sh, sw), (dh, dw), (pt, pl, _, _) = tuple(strides), tuple(dilations), tuple(pads)
-    OH, OW = _out_shape(H, W, KH, KW, strides, pads, dilations)
+    sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     Cp = _ceil(C, 4) * 4
     Kp = KH * KW * Cp
-    if Kp > MAX_K:
-        raise QuantizationError(f"conv2d_nhwc: reduction {Kp} > {MAX_K} overflows the int32 VNNI accumulator")
+    _check_k(Kp, "conv2d_nhwc")
     M = N * OH * OW
     cfg = config or default_config(M, OC, Kp)
     nb = _ceil(OC, 16)
@@ -332,8 +355,6 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     bias = te.placeholder((OC,), "int32", name="bias")
     mult = te.placeholder((OC,), "int64", name="mult")
     shift = te.placeholder((OC,), "int64", name="shift")
-    # the extent of input rows/cols the output grid touches (may be less than H + pads)
-    Hx, Wx = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
     in_place = not signed and Cp == C and pt == 0 and pl == 0 and Hx <= H and Wx <= W
     if in_place:
         Xp = X
@@ -363,7 +384,7 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
                     lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j))
     sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, out]))
     _prepare_conv_epilogue(sch, OH, OW)
-    _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=2)
+    _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=None if in_place else 2)
     return _finish(sch)
 
 
@@ -375,3 +396,160 @@ def _prepare_conv_epilogue(sch: Schedule, OH: int, OW: int) -> None:
     """
     out = sch.get_sblock("out")
     sch.transform_block_layout(out, lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j))
+
+
+# ---- direct convolutions (depthwise, grouped) ------------------------------------------------------
+def _largest_divisor(n: int, candidates) -> int:
+    return next((c for c in candidates if n % c == 0), 1)
+
+
+def _zero_pad(X, N, H, W, C, Hx, Wx, pt, pl, dtype, perm=None):
+    """Xp[n, h, w, c] = X[n, h - pt, w - pl, c] inside, 0 outside (the real value 0 of the input).
+
+    ``perm=(Cg, G)`` also regroups the channels: Xp[..., ci*G + g] = X[..., g*Cg + ci].
+    """
+
+    def f(n, h, w, c):
+        hh, ww = h - pt, w - pl
+        inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W)
+        src = c if perm is None else (c % perm[1]) * perm[0] + c // perm[1]
+        v = X[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), src]
+        return tirx.if_then_else(inside, v, tirx.const(0, dtype))
+
+    return te.compute((N, Hx, Wx, C), f, name="prep")
+
+
+def _conv_geometry(H, W, KH, KW, strides, pads, dilations):
+    """Strides, dilations, top/left pads, output size and the input extent (Hx, Wx) the output grid
+    touches in padded coordinates (may be less than H + pads)."""
+    (sh, sw), (dh, dw), (pt, pl, _, _) = tuple(strides), tuple(dilations), tuple(pads)
+    OH, OW = _out_shape(H, W, KH, KW, strides, pads, dilations)
+    Hx, Wx = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
+    return sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx
+
+
+def _schedule_direct(sch: Schedule, n_red: int, tw: int, vec: int, has_prep: bool,
+                     epilogue_at_columns: bool = False) -> None:
+    """Blocks "prep" (optional), "acc" (n, oh, ow, *mid, c, *reduction) and "out" (n, oh, ow, c).
+
+    Parallel over (n, oh); a ``tw x vec`` register tile of (output columns x channels) with the
+    reduction outside it; channels vectorized.  The epilogue runs per finished channel tile, or per
+    column tile (all channels) when the channel tile is not a box of output channels.
+    """
+    acc = sch.get_sblock("acc")
+    n, oh, ow, *rest = sch.get_loops(acc)
+    mid, c, red = rest[: len(rest) - n_red - 1], rest[len(rest) - n_red - 1], rest[len(rest) - n_red:]
+    ow0, ow1 = sch.split(ow, [None, tw])
+    c0, c1 = sch.split(c, [None, vec])
+    sch.reorder(ow0, *mid, c0, *red, ow1, c1)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, ow0 if epilogue_at_columns else c0)
+    par = sch.fuse(n, oh)
+    sch.parallel(par)
+    sch.unroll(ow1)
+    sch.vectorize(c1)
+    _vectorize_inner(sch, sch.get_loops(out)[-1], 16)
+    if has_prep:
+        pn, ph, pw, pc = sch.get_loops(sch.get_sblock("prep"))
+        sch.parallel(sch.fuse(pn, ph))
+        _vectorize_inner(sch, sch.fuse(pw, pc), 64)
+    sch.decompose_reduction(acc, red[0])
+
+
+def _direct_tiles(OW: int, lanes: int) -> tuple[int, int, int]:
+    """(vec, tw, OWp): channel vector width dividing ``lanes``, output-column tile, padded width."""
+    vec = _largest_divisor(lanes, (64, 32, 16, 8, 4, 2))
+    tw = max(1, min(8, 256 // vec, OW))
+    tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
+    return vec, tw, _ceil(OW, tw) * tw
+
+
+def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
+                          a_dtype: str, out_dtype: str, lo: int, hi: int) -> tirx.PrimFunc:
+    """Depthwise conv (group == C, one output channel per input channel), direct, int32 vectorized.
+
+    args (X[N,H,W,C], Wd int8[KH,KW,C], bias int32[C], mult int64[C], shift int64[C], Out[N,OH,OW,C]);
+    acc = sum_{kh,kw} X[n, oh*sh + kh*dh - pt, ow*sw + kw*dw - pl, c] * Wd[kh, kw, c] + bias[c].
+    """
+    _check_io(a_dtype, out_dtype, lo, hi)
+    sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
+    vec, tw, OWp = _direct_tiles(OW, C)
+    Wx = max(Wx, (OWp - 1) * sw + (KW - 1) * dw + 1)  # room for the padded output columns
+    X = te.placeholder((N, H, W, C), a_dtype, name="X")
+    Wd = te.placeholder((KH, KW, C), "int8", name="Wd")
+    bias = te.placeholder((C,), "int32", name="bias")
+    mult = te.placeholder((C,), "int64", name="mult")
+    shift = te.placeholder((C,), "int64", name="shift")
+    in_place = pt == 0 and pl == 0 and Hx <= H and Wx <= W
+    Xp = X if in_place else _zero_pad(X, N, H, W, C, Hx, Wx, pt, pl, a_dtype)
+    kh = te.reduce_axis((0, KH), name="kh")
+    kw = te.reduce_axis((0, KW), name="kw")
+    acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
+        Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32") * Wd[kh, kw, c].astype("int32"),
+        axis=[kh, kw]), name="acc")
+    out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant(
+        (acc[n, oh, ow, c] + bias[c]).astype("int64"), mult[c], shift[c], lo, hi, out_dtype), name="out")
+    sch = Schedule(te.create_prim_func([X, Wd, bias, mult, shift, out]))
+    _schedule_direct(sch, n_red=2, tw=tw, vec=vec, has_prep=not in_place)
+    return _finish(sch)
+
+
+def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
+                        groups: int, a_dtype: str, out_dtype: str, lo: int, hi: int) -> tirx.PrimFunc:
+    """Grouped conv (1 < groups, incl. depthwise with channel multiplier > 1), direct, int32 vectorized.
+
+    args (X[N,H,W,C], W int8[OC, C/groups, KH, KW] (ONNX, unpacked), bias int32[OC] (plain),
+    mult int64[OC], shift int64[OC], Out[N,OH,OW,OC]).  Output channel oc = g*OCg + j reads input
+    channels g*Cg .. g*Cg + Cg - 1.  The weights are transposed inside the kernel (cheap next to the
+    convolution) so that the weight vector is a contiguous load.  With OCg >= 8 output channels per
+    group the vector runs over those (the input value is a broadcast); with fewer it runs over the
+    groups (input channel g*Cg + ci per lane: contiguous for Cg == 1, a strided gather otherwise).
+    """
+    _check_io(a_dtype, out_dtype, lo, hi)
+    if groups < 1 or C % groups or OC % groups:
+        raise ValueError(f"grouped_conv2d_nhwc: groups={groups} must divide C={C} and OC={OC}")
+    Cg, OCg = C // groups, OC // groups
+    sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
+    by_group = OCg < 8  # vector over the groups (lanes g, input channel g*Cg + ci), else over OCg
+    vec, tw, OWp = _direct_tiles(OW, groups if by_group else OCg)
+    Wx = max(Wx, (OWp - 1) * sw + (KW - 1) * dw + 1)
+    X = te.placeholder((N, H, W, C), a_dtype, name="X")
+    Wt = te.placeholder((OC, Cg, KH, KW), "int8", name="W")
+    bias = te.placeholder((OC,), "int32", name="bias")
+    mult = te.placeholder((OC,), "int64", name="mult")
+    shift = te.placeholder((OC,), "int64", name="shift")
+    in_place = pt == 0 and pl == 0 and Hx <= H and Wx <= W
+    kh = te.reduce_axis((0, KH), name="kh")
+    kw = te.reduce_axis((0, KW), name="kw")
+    ci = te.reduce_axis((0, Cg), name="ci")
+    if by_group and Cg > 1:
+        # channels regrouped to (ci, g) while padding, so the lanes over g are contiguous
+        Xq = _zero_pad(X, N, H, W, C, Hx, Wx, pt, pl, a_dtype, perm=(Cg, groups))
+
+        def x_at(n, oh, ow, g):
+            return Xq[n, oh * sh + kh * dh, ow * sw + kw * dw, ci * groups + g].astype("int32")
+    else:
+        Xp = X if in_place else _zero_pad(X, N, H, W, C, Hx, Wx, pt, pl, a_dtype)
+
+        def x_at(n, oh, ow, g):
+            return Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, g * Cg + ci].astype("int32")
+
+    if by_group:  # acc[n, oh, ow, j, g] for oc = g*OCg + j
+        Wr = te.compute((KH, KW, Cg, OCg, groups), lambda a, b, i, j, g: Wt[g * OCg + j, i, a, b], name="wprep")
+        acc = te.compute((N, OH, OWp, OCg, groups), lambda n, oh, ow, j, g: te.sum(
+            x_at(n, oh, ow, g) * Wr[kh, kw, ci, j, g].astype("int32"), axis=[kh, kw, ci]), name="acc")
+        acc_at = lambda n, oh, ow, o: acc[n, oh, ow, o % OCg, o // OCg]  # noqa: E731
+    else:  # acc[n, oh, ow, g, j]
+        Wr = te.compute((KH, KW, Cg, groups, OCg), lambda a, b, i, g, j: Wt[g * OCg + j, i, a, b], name="wprep")
+        acc = te.compute((N, OH, OWp, groups, OCg), lambda n, oh, ow, g, j: te.sum(
+            x_at(n, oh, ow, g) * Wr[kh, kw, ci, g, j].astype("int32"), axis=[kh, kw, ci]), name="acc")
+        acc_at = lambda n, oh, ow, o: acc[n, oh, ow, o // OCg, o % OCg]  # noqa: E731
+    out = te.compute((N, OH, OW, OC), lambda n, oh, ow, o: _requant(
+        (acc_at(n, oh, ow, o) + bias[o]).astype("int64"), mult[o], shift[o], lo, hi, out_dtype), name="out")
+    sch = Schedule(te.create_prim_func([X, Wt, bias, mult, shift, out]))
+    wl = sch.get_loops(sch.get_sblock("wprep"))
+    sch.parallel(sch.fuse(wl[0], wl[1]))
+    _vectorize_inner(sch, wl[-1], 16)
+    _schedule_direct(sch, n_red=3, tw=tw, vec=vec, has_prep=not in_place or (by_group and Cg > 1),
+                     epilogue_at_columns=True)
+    return _finish(sch)

@@ -1,0 +1,373 @@
+"""CPU INT8 kernels (qcompiler.kernels.cpu_vnni) against a NumPy reference, element for element.
+
+Reference: accumulators in int64 (the products of a GEMM summed by a float64 matmul, exact here:
+every partial sum is an integer below 2^53), then the contract's requantization in int64:
+    out = clip((acc * mult + (1 << (shift - 1))) >> shift, lo, hi).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
+
+needs_vnni = pytest.mark.skipif(not cv.host_has_vnni(), reason="CPU without AVX-512 VNNI: kernels cannot run here")
+
+RANGES = {"int8": [(-128, 127)], "uint8": [(0, 255), (0, 127)], "int16": [(-32768, 32767), (0, 32767)],
+          "int32": [(-(2**31), 2**31 - 1)]}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+# ---- NumPy reference --------------------------------------------------------------------------
+def requant_ref(acc, mult, shift, lo, hi, dtype):
+    t = acc.astype(np.int64) * mult.astype(np.int64) + (np.int64(1) << (shift.astype(np.int64) - 1))
+    return np.clip(t >> shift.astype(np.int64), lo, hi).astype(dtype)
+
+
+def dense_acc_ref(a, w, bias):
+    return (a.astype(np.float64) @ w.astype(np.float64)).astype(np.int64) + bias.astype(np.int64)
+
+
+def conv_acc_ref(x, w, strides, pads, dilations, groups=1):
+    """int64 accumulators of an NHWC conv, weights [OC, C/g, KH, KW], zero padding."""
+    n, h, wd, c = x.shape
+    oc, cg, kh_, kw_ = w.shape
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (h + pt + pb - dh * (kh_ - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw_ - 1) - 1) // sw + 1
+    acc = np.zeros((n, oh, ow, oc))
+    ocg = oc // groups
+    for g in range(groups):
+        for kh in range(kh_):
+            for kw in range(kw_):
+                patch = xp[:, kh * dh: kh * dh + (oh - 1) * sh + 1: sh, kw * dw: kw * dw + (ow - 1) * sw + 1: sw,
+                           g * cg:(g + 1) * cg]
+                acc[..., g * ocg:(g + 1) * ocg] += patch @ w[g * ocg:(g + 1) * ocg, :, kh, kw].astype(np.float64).T
+    return acc.astype(np.int64)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def rand_act(rng, shape, dtype):
+    lo, hi = (-128, 128) if dtype == "int8" else (0, 256)
+    return rng.integers(lo, hi, shape).astype(dtype)
+
+
+def rand_requant(rng, n, big_acc=True):
+    """Per-channel (bias, mult, shift) with negative and zero multipliers and shifts 1..62."""
+    mult = rng.integers(1, 2**31, n).astype(np.int64)
+    mult[rng.random(n) < 0.3] *= -1
+    mult[rng.random(n) < 0.1] = 0
+    shift = rng.integers(18, 34, n).astype(np.int64) if big_acc else rng.integers(1, 63, n).astype(np.int64)
+    shift[rng.random(n) < 0.1] = rng.integers(1, 63)
+    bias = rng.integers(-(2**20), 2**20, n).astype(np.int32)
+    return bias, mult, shift
+
+
+def build(func, target):
+    """Standalone build: the kernels carry no global symbol (Relax names them), so give one."""
+    return tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
+
+
+def run(target, func, args, out_shape, out_dtype):
+    lib = build(func, target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype), dev)
+    lib(*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy(), lib
+
+
+def check_dense(target, rng, M, N, K, a_dtype, out_dtype, lo, hi, config=None):
+    a = rand_act(rng, (M, K), a_dtype)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, N)
+    wp, be = cv.pack_dense(w, bias, a_signed=a_dtype == "int8")
+    func = cv.dense(M, N, K, a_dtype, out_dtype, lo, hi, config)
+    got, lib = run(target, func, [a, wp, be, mult, shift], (M, N), out_dtype)
+    want = requant_ref(dense_acc_ref(a, w, bias), mult, shift, lo, hi, out_dtype)
+    np.testing.assert_array_equal(got, want, err_msg=f"dense {M}x{N}x{K} {a_dtype}->{out_dtype} {config}")
+    return lib
+
+
+def check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config=None):
+    x = rand_act(rng, (N, H, W, C), a_dtype)
+    w = rng.integers(-128, 128, (OC, C, KH, KW)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, OC)
+    wp, be = cv.pack_conv(w, bias, a_signed=a_dtype == "int8")
+    func = cv.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config)
+    want = requant_ref(conv_acc_ref(x, w, strides, pads, dil) + bias, mult, shift, lo, hi, out_dtype)
+    got, lib = run(target, func, [x, wp, be, mult, shift], want.shape, out_dtype)
+    np.testing.assert_array_equal(got, want, err_msg=f"conv {x.shape} {w.shape} s{strides} p{pads} d{dil}")
+    return lib
+
+
+def random_io(rng):
+    a_dtype = str(rng.choice(["int8", "uint8"]))
+    out_dtype = str(rng.choice(["int8", "uint8", "int16", "int32"]))
+    lo, hi = RANGES[out_dtype][rng.integers(len(RANGES[out_dtype]))]
+    return a_dtype, out_dtype, lo, hi
+
+
+# ---- packing and configuration --------------------------------------------------------------------
+def test_pack_dense_layout_and_offset_bias():
+    rng = np.random.default_rng(1)
+    K, N = 13, 37
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, N).astype(np.int32)
+    wp, be = cv.pack_dense(w, bias, a_signed=True)
+    assert wp.shape == (3, 4, 16, 4) and wp.dtype == np.int8 and be.dtype == np.int32
+    for nb, kb, i, j in np.ndindex(*wp.shape):
+        k, n = 4 * kb + j, 16 * nb + i
+        assert wp[nb, kb, i, j] == (w[k, n] if k < K and n < N else 0)
+    np.testing.assert_array_equal(be, bias - 128 * w.astype(np.int64).sum(0))
+    _, be_u = cv.pack_dense(w, bias, a_signed=False)
+    np.testing.assert_array_equal(be_u, bias)
+    _, be_none = cv.pack_dense(w, None, a_signed=False)
+    assert (be_none == 0).all()
+
+
+def test_pack_conv_reduction_order():
+    rng = np.random.default_rng(2)
+    OC, C, KH, KW = 20, 6, 3, 2
+    w = rng.integers(-128, 128, (OC, C, KH, KW)).astype(np.int8)
+    wp, _ = cv.pack_conv(w, None, a_signed=False)
+    Cp = 8
+    assert wp.shape == (2, KH * KW * Cp // 4, 16, 4)
+    for oc, c, kh, kw in np.ndindex(OC, C, KH, KW):
+        k = (kh * KW + kw) * Cp + c
+        assert wp[oc // 16, k // 4, oc % 16, k % 4] == w[oc, c, kh, kw]
+
+
+def test_config_validation_and_default():
+    with pytest.raises(ValueError):
+        cv.VnniConfig(mr=0)
+    with pytest.raises(ValueError):
+        cv.VnniConfig(mr=7, nr=4)  # 28 accumulators + 4 + 1 > 32 zmm
+    with pytest.raises(ValueError):
+        cv.VnniConfig(kc=6)
+    for M, N, K in [(1, 4096, 4096), (1024, 1024, 1024), (3136, 64, 576), (49, 2048, 512), (5, 80, 3), (7, 176, 9)]:
+        cfg = cv.default_config(M, N, K)
+        assert (-(-N // 16)) % cfg.nr == 0
+    with pytest.raises(ValueError):
+        cv.dense(8, 48, 8, "int8", "int8", -128, 127, cv.VnniConfig(mr=2, nr=2))  # 2 does not divide 3
+    with pytest.raises(ValueError):
+        cv.dense(8, 16, 8, "int8", "int8", 0, 300, None)  # clip range outside int8
+
+
+def test_function_attributes():
+    f = cv.dense(8, 16, 8, "int8", "int8", -128, 127)
+    assert bool(f.attrs["qc.scheduled"]) and bool(f.attrs["tirx.is_scheduled"])
+    assert "global_symbol" not in f.attrs
+
+
+# ---- dense ----------------------------------------------------------------------------------------
+@needs_vnni
+@pytest.mark.parametrize("seed", range(16))
+def test_dense_random_shapes(target, seed):
+    rng = np.random.default_rng(100 + seed)
+    M, N, K = (int(v) for v in (rng.integers(1, 70), rng.integers(1, 100), rng.integers(1, 300)))
+    check_dense(target, rng, M, N, K, *random_io(rng))
+
+
+@needs_vnni
+@pytest.mark.parametrize("a_dtype,out_dtype,lo,hi", [
+    ("int8", "int8", -128, 127), ("int8", "uint8", 0, 127), ("uint8", "uint8", 0, 255),
+    ("uint8", "int32", -(2**31), 2**31 - 1), ("int8", "int16", -32768, 32767)])
+def test_dense_dtypes_ragged(target, a_dtype, out_dtype, lo, hi):
+    check_dense(target, np.random.default_rng(7), 45, 83, 101, a_dtype, out_dtype, lo, hi)
+
+
+@needs_vnni
+@pytest.mark.parametrize("config", [cv.VnniConfig(1, 1), cv.VnniConfig(6, 4, kc=64, n_outer=False),
+                                    cv.VnniConfig(7, 2, n_outer=True), cv.VnniConfig(16, 1), cv.VnniConfig(3, 4, kc=32)])
+def test_dense_configs(target, config):
+    check_dense(target, np.random.default_rng(8), 50, 64, 256, "int8", "int8", -128, 127, config)
+
+
+@needs_vnni
+def test_dense_large_and_asm(target):
+    lib = check_dense(target, np.random.default_rng(9), 256, 512, 1024, "int8", "int8", -128, 127)
+    assert "vpdpbusd" in lib.inspect_source("asm")
+
+
+def test_asm_has_vpdpbusd_without_running():
+    lib = build(cv.dense(16, 32, 64, "uint8", "uint8", 0, 255), tvm.target.Target({"kind": "llvm", "mcpu": "znver5"}))
+    asm = lib.inspect_source("asm")
+    assert "vpdpbusd" in asm and "zmm" in asm
+
+
+@needs_vnni
+def test_dense_saturation_and_zero_mult(target):
+    """Accumulators near the int32 limits, tiny shifts (saturating clip), zero multipliers."""
+    M, N, K = 9, 33, 40
+    a = np.full((M, K), -128, np.int8)
+    a[::2] = 127
+    w = np.full((K, N), -128, np.int8)
+    w[:, 1::3] = 127
+    bias = np.zeros(N, np.int32)
+    mult = np.where(np.arange(N) % 4 == 0, 0, (2**31 - 1) * np.where(np.arange(N) % 2 == 0, 1, -1)).astype(np.int64)
+    shift = np.full(N, 1, np.int64)
+    shift[::5] = 62
+    wp, be = cv.pack_dense(w, bias, a_signed=True)
+    func = cv.dense(M, N, K, "int8", "int8", -128, 127)
+    got, _ = run(target, func, [a, wp, be, mult, shift], (M, N), "int8")
+    np.testing.assert_array_equal(got, requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8"))
+
+
+# ---- convolutions ---------------------------------------------------------------------------------
+CONV_CASES = [
+    # N, H, W, C, OC, KH, KW, strides, pads (t, l, b, r), dilations
+    (1, 9, 7, 5, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 9, 7, 8, 20, 3, 2, (2, 1), (0, 1, 2, 0), (1, 2)),
+    (1, 8, 8, 16, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),  # 1x1: in-place GEMM for uint8
+    (1, 11, 13, 3, 17, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1)),  # stem-like, C % 4 != 0
+    (2, 6, 5, 12, 48, 3, 3, (1, 2), (2, 0, 1, 1), (2, 1)),
+    (1, 10, 10, 32, 16, 2, 2, (2, 2), (0, 0, 0, 0), (1, 1)),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_conv2d(target, case, a_dtype):
+    rng = np.random.default_rng(zlib.crc32(repr((case, a_dtype)).encode()))
+    _, out_dtype, lo, hi = random_io(rng)
+    check_conv(target, rng, *case, a_dtype, out_dtype, lo, hi)
+
+
+@needs_vnni
+@pytest.mark.parametrize("seed", range(10))
+def test_conv2d_random_shapes(target, seed):
+    rng = np.random.default_rng(200 + seed)
+    while True:
+        N, H, W = int(rng.integers(1, 3)), int(rng.integers(1, 13)), int(rng.integers(1, 13))
+        C, OC = int(rng.integers(1, 21)), int(rng.integers(1, 41))
+        KH, KW = (int(v) for v in rng.integers(1, 4, 2))
+        strides, dil = tuple(int(v) for v in rng.integers(1, 3, 2)), tuple(int(v) for v in rng.integers(1, 3, 2))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+        if H + pads[0] + pads[2] > dil[0] * (KH - 1) and W + pads[1] + pads[3] > dil[1] * (KW - 1):
+            break
+    check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, *random_io(rng))
+
+
+@needs_vnni
+def test_conv2d_signed_padding_is_real_zero(target):
+    """All-negative int8 input: a padded tap must contribute as a real 0, not as the byte 128 (= -0)."""
+    rng = np.random.default_rng(11)
+    N, H, W, C, OC = 1, 5, 6, 8, 16
+    x = np.full((N, H, W, C), -128, np.int8)
+    w = rng.integers(-128, 128, (OC, C, 3, 3)).astype(np.int8)
+    bias = np.zeros(OC, np.int32)
+    mult, shift = np.full(OC, 2, np.int64), np.ones(OC, np.int64)  # identity: out = acc
+    wp, be = cv.pack_conv(w, bias, a_signed=True)
+    func = cv.conv2d_nhwc(N, H, W, C, OC, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int32", -(2**31), 2**31 - 1)
+    got, _ = run(target, func, [x, wp, be, mult, shift], (N, H, W, OC), "int32")
+    np.testing.assert_array_equal(got, conv_acc_ref(x, w, (1, 1), (1, 1, 1, 1), (1, 1)))
+
+
+@needs_vnni
+@pytest.mark.parametrize("config", [cv.VnniConfig(1, 2), cv.VnniConfig(5, 1, kc=8)])
+def test_conv2d_configs(target, config):
+    check_conv(target, np.random.default_rng(12), 1, 7, 9, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1),
+               "int8", "uint8", 0, 255, config)
+
+
+DW_CASES = [
+    (1, 9, 7, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 9, 11, 24, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1)),
+    (1, 10, 10, 72, 5, 5, (1, 1), (2, 2, 2, 2), (2, 2)),
+    (1, 8, 8, 64, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1)),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", DW_CASES)
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_depthwise(target, case, a_dtype):
+    N, H, W, C, KH, KW, strides, pads, dil = case
+    rng = np.random.default_rng(zlib.crc32(repr((case, a_dtype)).encode()))
+    _, out_dtype, lo, hi = random_io(rng)
+    x = rand_act(rng, (N, H, W, C), a_dtype)
+    w = rng.integers(-128, 128, (C, 1, KH, KW)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    want = requant_ref(conv_acc_ref(x, w, strides, pads, dil, groups=C) + bias, mult, shift, lo, hi, out_dtype)
+    func = cv.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi)
+    wd = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))  # [KH, KW, C]
+    got, _ = run(target, func, [x, wd, bias, mult, shift], want.shape, out_dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+GROUPED_CASES = [
+    # N, H, W, C, OC, KH, KW, strides, pads, dilations, groups
+    (1, 9, 7, 6, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2),  # Cg 3, OCg 6: vector over groups
+    (1, 9, 7, 6, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 6),  # depthwise, channel multiplier 2
+    (2, 8, 9, 64, 64, 3, 3, (2, 1), (1, 1, 0, 0), (1, 1), 4),  # OCg 16: vector over OCg
+    (1, 6, 6, 64, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 16),  # ResNeXt-like Cg 4, OCg 4
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", GROUPED_CASES)
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_grouped(target, case, a_dtype):
+    N, H, W, C, OC, KH, KW, strides, pads, dil, groups = case
+    rng = np.random.default_rng(zlib.crc32(repr((case, a_dtype)).encode()))
+    _, out_dtype, lo, hi = random_io(rng)
+    x = rand_act(rng, (N, H, W, C), a_dtype)
+    w = rng.integers(-128, 128, (OC, C // groups, KH, KW)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, OC)
+    want = requant_ref(conv_acc_ref(x, w, strides, pads, dil, groups) + bias, mult, shift, lo, hi, out_dtype)
+    func = cv.grouped_conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dil, groups, a_dtype, out_dtype, lo, hi)
+    got, _ = run(target, func, [x, w, bias, mult, shift], want.shape, out_dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+# ---- through Relax: call_tir with constant weights in tvm.compile ------------------------------------------
+@needs_vnni
+def test_relax_call_tir(target):
+    rng = np.random.default_rng(13)
+    N, H, W, C, OC = 1, 6, 6, 8, 20
+    M, K = N * 6 * 6, OC  # a dense after the conv, over the flattened pixels
+    wc = rng.integers(-128, 128, (OC, C, 3, 3)).astype(np.int8)
+    bc, mc, sc = rand_requant(rng, OC)
+    wd = rng.integers(-128, 128, (K, 24)).astype(np.int8)
+    bd, md, sd = rand_requant(rng, 24)
+    wcp, bce = cv.pack_conv(wc, bc, a_signed=True)
+    wdp, bde = cv.pack_dense(wd, bd, a_signed=False)
+    conv = cv.conv2d_nhwc(N, H, W, C, OC, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "uint8", 0, 255)
+    dense = cv.dense(M, 24, K, "uint8", "int8", -128, 127)
+
+    def const64(v):  # relax.const silently narrows int64 NumPy arrays to int32 without the dtype
+        return relax.const(v, "int64")
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape=(N, H, W, C), dtype="int8"))
+    with bb.function("main", [x]):
+        g_conv = bb.add_func(conv, "qc_conv")
+        g_dense = bb.add_func(dense, "qc_dense")
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(g_conv, [x, relax.const(wcp), relax.const(bce), const64(mc), const64(sc)],
+                                       relax.TensorType(shape=(N, H, W, OC), dtype="uint8")))
+            y2 = bb.emit(relax.op.reshape(y, (M, K)))
+            z = bb.emit(relax.call_tir(g_dense, [y2, relax.const(wdp), relax.const(bde), const64(md), const64(sd)],
+                                       relax.TensorType(shape=(M, 24), dtype="int8")))
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target)
+    assert any("vpdpbusd" in m.inspect_source("asm") for m in ex.mod.imports if m.kind == "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xv = rand_act(rng, (N, H, W, C), "int8")
+    got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+    y_ref = requant_ref(conv_acc_ref(xv, wc, (1, 1), (1, 1, 1, 1), (1, 1)) + bc, mc, sc, 0, 255, "uint8")
+    want = requant_ref(dense_acc_ref(y_ref.reshape(M, K), wd, bd), md, sd, -128, 127, "int8")
+    np.testing.assert_array_equal(got, want)
