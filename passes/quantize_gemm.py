@@ -98,7 +98,7 @@ def conv(qz: Quantizer, n):
         pads = [pads[0], pads[1], pads[2], pads[3]]  # ONNX (top, left, bottom, right)
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult, "shift": dy.shift,
              "lo": lo, "hi": hi, "dtype": qy.dtype, "strides": tuple(s), "pads": tuple(pads),
-             "dilations": tuple(d), "group": group}
+             "dilations": tuple(d), "group": group, "weight_bits": qz.cfg.weight_bits}
     if nd == 1:
         y4 = qz.emit("conv", [x4], qz.fresh(out + "/out4d"), attrs, qy.dtype, shape4, qy, node_name=n.name)
         qz.emit("reshape", [y4], out, {"shape": out_shape}, qy.dtype, out_shape, qy, out)
@@ -116,7 +116,7 @@ def dense(qz: Quantizer, n):
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult,
-             "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype}
+             "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "weight_bits": qz.cfg.weight_bits}
     qz.emit("dense", [qz.iname(x)], out, attrs, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
 
 

@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qc {args.cmd}: interrupted (no partial output was written)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qc inspect x.so | head`: the reader left, not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def layer_table(ig: Graph) -> list[dict]:
         if n.op in ("conv", "dense", "matmul"):
             w = n.attrs.get("weight")
             rows.append({"name": n.name, "op": n.op, "input_dtype": ig.dtypes[n.inputs[0]],
-                         "weight_bits": 8 if w is not None else None, "output_dtype": n.attrs["dtype"],
+                         "weight_bits": int(n.attrs.get("weight_bits", 8)) if w is not None else None, "output_dtype": n.attrs["dtype"],
                          "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
                          "weight_shape": list(w.shape) if w is not None else None})
     return rows
@@ -175,7 +175,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
         "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
         "layers": layer_table(ig),
         "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
-                    "gemm": getattr(res, "gemm_name", None)},
+                    "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
         "warnings": res.warnings,
         "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
         "tir": artifact.encode_text(tir_text),

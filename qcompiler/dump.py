@@ -47,29 +47,37 @@ def write_dump(d: Path, ig, res, tir_text: str, opts) -> list[str]:
     put("tir.py", tir_text)
     for k, m in enumerate(_modules(res.executable.mod)):
         kind = getattr(m, "kind", None) or getattr(m, "type_key", "module")
-        for fmt in ("ll", "asm", "cu", "ptx"):
+        fmts = ("cuda",) if kind == "cuda" else ("ll", "asm")
+        for fmt in fmts:
             try:
                 src = m.inspect_source(fmt)
             except Exception:
                 continue
             if src:
-                put(f"source.{k}.{kind}.{fmt}", src)
-                if fmt == "cu" and opts.target.kind == "cuda":
+                ext = "cu" if fmt == "cuda" else fmt
+                put(f"source.{k}.{kind}.{ext}", src)
+                if kind == "cuda":
                     written += _cubin(d, src, opts.target.arch, k)
     return written
 
 
 def _cubin(d: Path, cu: str, arch: str, k: int) -> list[str]:
-    import shutil
-    import subprocess
+    """Compile the CUDA source with nvcc for ``arch`` (no GPU needed) and disassemble it."""
+    from qcompiler.errors import TargetError
+    from qcompiler.kernels.cuda_mma import compile_cubin, sass_of_cubin
 
-    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-    src = d / f"kernels.{k}.cu"
     out = d / f"kernels.{k}.{arch}.cubin"
-    src.write_text(cu)
-    r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-o", str(out), str(src)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        (d / f"kernels.{k}.nvcc.log").write_text(r.stderr)
-        return [str(src)]
-    return [str(src), str(out)]
+    try:
+        cubin = compile_cubin(cu, arch)
+    except TargetError as e:
+        (d / f"kernels.{k}.nvcc.log").write_text(str(e))
+        return [str(d / f"kernels.{k}.nvcc.log")]
+    out.write_bytes(cubin)
+    written = [str(out)]
+    try:
+        sass = d / f"kernels.{k}.{arch}.sass"
+        sass.write_text(sass_of_cubin(cubin))
+        written.append(str(sass))
+    except TargetError:
+        pass
+    return written

@@ -28,6 +28,8 @@ class BuildResult:
     relax_mod: tvm.IRModule           # the lowered Relax module before legalization
     fallbacks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    gemm_name: str = "generic"        # which conv/dense lowering ran (generic | cpu_vnni | cuda_mma)
+    gemm_kernels: dict = field(default_factory=dict)   # kernel kind -> layers using it
 
 
 def _schedule_pass(target, warnings: list[str]):
@@ -70,7 +72,9 @@ def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedu
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + stages.legalize_passes(target))(m)
+            # our default schedules replace dlight's ApplyDefaultSchedule of the CUDA pipeline
+            legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+            m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(m)
             m = sched(m)
             captured["tir"] = tvm.IRModule({gv: f for gv, f in m.functions.items()
                                             if isinstance(f, tvm.tirx.PrimFunc)})
@@ -78,4 +82,5 @@ def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedu
         return m
     with rep.timed(f"building for {target.kind.name}"):
         ex = tvm.compile(mod, target, relax_pipeline=pipeline)
-    return BuildResult(ex, captured["tir"], mod, list(getattr(gemm, "fallbacks", [])), warnings)
+    return BuildResult(ex, captured["tir"], mod, list(getattr(gemm, "fallbacks", [])), warnings,
+                       gemm.name, dict(getattr(gemm, "kernels", {})))

@@ -1,0 +1,109 @@
+"""Conv / dense lowering onto the AVX-512 VNNI kernels (``qcompiler.kernels.cpu_vnni``).
+
+Each quantized layer becomes one ``call_tir`` of a scheduled kernel that computes, fused,
+
+    acc = sum_k A*W + bias  (int32);   y = clip((int64(acc) * mult + 2^(shift-1)) >> shift, lo, hi)
+
+which is the reference's ``conv`` / ``dense`` op exactly.  Weights are packed at compile time
+(``pack_conv`` / ``pack_dense``: [N/16, K/4, 16, 4] int8, with the +128 offset of signed
+activations folded into ``bias_eff``).  Routing by layer:
+
+  group == 1                       -> conv2d_nhwc (implicit GEMM on vpdpbusd)
+  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors)
+  other groups                     -> grouped_conv2d_nhwc
+  dense (M x K @ K x N)            -> dense
+
+A layer a kernel cannot take (activation dtype other than int8/uint8, K > MAX_K, a host without
+VNNI for the group == 1 / dense kernels) falls back to ``GenericGemm`` with a warning naming it.
+Kernels are marked ``op_pattern`` = opaque so FuseOps never merges them into other PrimFuncs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from qcompiler.graph import Node
+from qcompiler.kernels import cpu_vnni as V
+
+from .gemm import KernelGemm, conv_out_hw
+from .relax_lower import const
+
+_OPAQUE = 8
+
+
+class CpuGemm(KernelGemm):
+    name = "cpu_vnni"
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.kernels: dict[str, int] = {}
+        attrs = target.attrs
+        feats = str(attrs.get("mattr", "")) + str(attrs.get("mcpu", ""))
+        # the u8 x s8 kernels need avx512vnni in the generated code: the host's, or asked for by mcpu/mattr
+        self.vnni = V.host_has_vnni() or "vnni" in feats or any(
+            c in feats for c in ("cascadelake", "icelake", "sapphirerapids", "znver4", "znver5", "tigerlake"))
+
+    def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
+        func = func.with_attr("op_pattern", _OPAQUE)
+        gv = lw.bb.add_func(func, name)
+        self.kernels[name] = self.kernels.get(name, 0) + 1
+        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
+
+    @staticmethod
+    def _epi(a):
+        return (const(np.asarray(a["mult"], np.int64), "int64"), const(np.asarray(a["shift"], np.int64), "int64"))
+
+    def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
+        a = n.attrs
+        w = np.asarray(a["weight"])  # [OC, C/g, KH, KW] int8
+        N, H, W, C = (int(d) for d in nhwc_shape)
+        OC, _, KH, KW = w.shape
+        g = int(a["group"])
+        geo = (tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]))
+        OH, OW = conv_out_hw(H, W, a)
+        out_shape = (N, OH, OW, OC)
+        if x_dtype not in V.ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES:
+            self._fallback(n, f"activation dtype {x_dtype} -> {a['dtype']} has no VNNI kernel")
+            return super().conv(lw, n, x, x_dtype, nhwc_shape)
+        mult, shift = self._epi(a)
+        bias = np.asarray(a["bias"], np.int32)
+        lo, hi = int(a["lo"]), int(a["hi"])
+        try:
+            if g == 1:
+                if not self.vnni:
+                    raise ValueError("the target CPU has no AVX-512 VNNI")
+                wp, beff = V.pack_conv(w, bias, x_dtype == "int8")
+                f = V.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+                args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
+                return self._call(lw, f, "conv_vnni", args, out_shape, a["dtype"])
+            if g == C and OC == C:
+                wd = np.ascontiguousarray(np.transpose(w[:, 0], (1, 2, 0)))  # [KH, KW, C]
+                f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+                args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
+                return self._call(lw, f, "dwconv_cpu", args, out_shape, a["dtype"])
+            f = V.grouped_conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, g, x_dtype, a["dtype"], lo, hi)
+            args = [x, const(w, "int8"), const(bias, "int32"), mult, shift]
+            return self._call(lw, f, "gconv_cpu", args, out_shape, a["dtype"])
+        except ValueError as e:
+            self._fallback(n, str(e))
+            return super().conv(lw, n, x, x_dtype, nhwc_shape)
+
+    def dense(self, lw, n: Node, x, x_dtype: str, M: int, K: int) -> relax.Expr:
+        a = n.attrs
+        w = np.asarray(a["weight"])  # [K, N]
+        N = int(w.shape[1])
+        if x_dtype not in V.ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES or not self.vnni:
+            why = "the target CPU has no AVX-512 VNNI" if not self.vnni else \
+                f"activation dtype {x_dtype} -> {a['dtype']} has no VNNI kernel"
+            self._fallback(n, why)
+            return super().dense(lw, n, x, x_dtype, M, K)
+        try:
+            wp, beff = V.pack_dense(w, np.asarray(a["bias"], np.int32), x_dtype == "int8")
+            f = V.dense(M, N, K, x_dtype, a["dtype"], int(a["lo"]), int(a["hi"]))
+        except ValueError as e:
+            self._fallback(n, str(e))
+            return super().dense(lw, n, x, x_dtype, M, K)
+        mult, shift = self._epi(a)
+        args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
+        return self._call(lw, f, "dense_vnni", args, (M, N), a["dtype"])

@@ -1,0 +1,85 @@
+"""Conv / dense lowering onto the tensor-core kernels (``qcompiler.kernels.cuda_mma``).
+
+Each quantized layer becomes one ``call_tir`` of a scheduled ``mma.sync`` kernel computing, fused,
+
+    acc = sum_k A*W + bias  (int32);   y = clip((int64(acc) * mult + 2^(shift-1)) >> shift, lo, hi)
+
+(the reference's ``conv`` / ``dense`` exactly).  Weight layouts are made at compile time:
+
+  dense    W int8 [N, K]  (the graph stores [K, N]: transposed)
+  conv     W int8 [OC, KH*KW*C] with k = (kh*KW + kw)*C + c  (ONNX [OC, C, KH, KW] -> OHWI, flattened)
+  W4A8     a dense/conv layer quantized to 4-bit weights (``weight_bits`` == 4) on sm_90 uses
+           ``dense_w4a8`` with ``pack_int4(w, order="mma_k32")`` (no native INT4 mma there)
+
+Grouped / depthwise convolutions (no GEMM worth a tensor core), activation dtypes other than
+int8/uint8 and shapes a kernel rejects (``KernelUnsupported``) fall back to the generic Relax
+lowering, scheduled by dlight, with a warning naming the layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from qcompiler.graph import Node
+from qcompiler.kernels import cuda_mma as K
+from qcompiler.kernels.int4_pack import pack_int4
+
+from .gemm import KernelGemm, conv_out_hw
+from .relax_lower import const
+
+
+class CudaGemm(KernelGemm):
+    name = "cuda_mma"
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.arch = str(target.attrs.get("arch", "sm_80"))
+        self.kernels: dict[str, int] = {}
+
+    def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
+        gv = lw.bb.add_func(func, name)
+        self.kernels[name] = self.kernels.get(name, 0) + 1
+        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
+
+    @staticmethod
+    def _epi(a):
+        return [const(np.asarray(a["bias"], np.int32), "int32"), const(np.asarray(a["mult"], np.int64), "int64"),
+                const(np.asarray(a["shift"], np.int64), "int64")]
+
+    def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
+        a = n.attrs
+        w = np.asarray(a["weight"])  # [OC, C/g, KH, KW]
+        N, H, W, C = (int(d) for d in nhwc_shape)
+        OC, _, KH, KW = w.shape
+        if int(a["group"]) != 1:
+            self._fallback(n, f"grouped convolution (group={a['group']}) has no tensor-core kernel")
+            return super().conv(lw, n, x, x_dtype, nhwc_shape)
+        try:
+            f = K.conv2d_nhwc(N, H, W, C, OC, KH, KW, a["strides"], a["pads"], a["dilations"], a["dtype"],
+                              int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+        except K.KernelUnsupported as e:
+            self._fallback(n, str(e))
+            return super().conv(lw, n, x, x_dtype, nhwc_shape)
+        wk = np.ascontiguousarray(np.transpose(w, (0, 2, 3, 1)).reshape(OC, -1)).astype(np.int8)
+        OH, OW = conv_out_hw(H, W, a)
+        return self._call(lw, f, "conv_mma", [x, const(wk, "int8"), *self._epi(a)], (N, OH, OW, OC), a["dtype"])
+
+    def dense(self, lw, n: Node, x, x_dtype: str, M: int, Kd: int) -> relax.Expr:
+        a = n.attrs
+        w = np.asarray(a["weight"])  # [K, N]
+        N = int(w.shape[1])
+        four = int(a.get("weight_bits", 8) or 8) == 4
+        try:
+            if four:
+                f = K.dense_w4a8(M, N, Kd, a["dtype"], int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+                wk = const(pack_int4(np.ascontiguousarray(w.T), order="mma_k32"), "int32")
+                name = "dense_w4a8"
+            else:
+                f = K.dense(M, N, Kd, a["dtype"], int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+                wk = const(np.ascontiguousarray(w.T).astype(np.int8), "int8")
+                name = "dense_mma"
+        except K.KernelUnsupported as e:
+            self._fallback(n, str(e))
+            return super().dense(lw, n, x, x_dtype, M, Kd)
+        return self._call(lw, f, name, [x, wk, *self._epi(a)], (M, N), a["dtype"])

