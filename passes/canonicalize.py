@@ -6,7 +6,9 @@ keyed by them); a new tensor is only introduced inside a pure data-movement chai
   Gemm(A, B, C; alpha, beta, transB), MatMul(A, const B) [+ Add(const c)]   ->  Dense(A; W[K,N], b[N])
   Relu -> Clip(0, inf); Clip(min, max inputs) -> Clip(attrs); LeakyRelu(a) -> PRelu(a)
   Sub(x, c) -> Add(x, -c); Div(x, c) -> Mul(x, 1/c); Neg(x) -> Mul(x, -1)
-  Identity / Dropout / Cast(float->float) -> removed
+  Identity / Dropout / Cast(float->float) -> removed; Cast(int->float) kept (integer data such as masks)
+  Gather(const table, activation indices, axis 0) -> Embedding(ids; table)
+  Div(x, activation) kept (integer division by a positive activation, e.g. a mean over a mask)
   Flatten / Squeeze / Unsqueeze / Reshape -> Reshape(shape = inferred output shape)
   MaxPool / AveragePool: auto_pad and ceil_mode -> explicit (top, left, bottom, right) pads
   GlobalAveragePool -> ReduceMean(axes 2..), GlobalMaxPool -> ReduceMax(axes 2..)
@@ -31,7 +33,7 @@ _INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDe
 
 # ops that pass canonicalization unchanged (their attribute forms are already canonical)
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
-         "HardSigmoid", "HardSwish"} | _ELEMENTWISE_FLOAT_UNARY
+         "HardSigmoid", "HardSwish", "LayerNormalization"} | _ELEMENTWISE_FLOAT_UNARY
 
 
 def _norm_axis(a: int, rank: int) -> int:
@@ -151,6 +153,14 @@ class Canonicalizer:
 
     def op_Sub(self, n: Node):
         b = self.c(n.inputs[1])
+        a = self.c(n.inputs[0])
+        if b is None and a is not None:  # c - x -> Add(Mul(x, -1), c); the affine merge fuses the pair
+            neg = self.g.fresh(n.outputs[0] + "/neg")
+            self.g.shapes[neg] = self.g.shape(n.inputs[1])
+            self.g.dtypes[neg] = self.g.dtypes[n.outputs[0]]
+            m1 = self.g.add_const(self.g.fresh(n.name + "_m1"), np.asarray(-1, a.dtype))
+            return [Node("Mul", n.name + "/neg", [n.inputs[1], m1], [neg]),
+                    Node("Add", n.name, [neg, n.inputs[0]], n.outputs)]
         if b is None:
             return [n]
         nb = self.g.add_const(self.g.fresh(n.inputs[1] + "_neg"), (-b).astype(b.dtype))
@@ -182,9 +192,11 @@ class Canonicalizer:
         return self._alias(n)
 
     def op_Cast(self, n: Node):
-        if self.g.dtypes.get(n.inputs[0]) == self.g.dtypes.get(n.outputs[0]) or (
-                self.g.dtypes.get(n.inputs[0], "").startswith("float") and self.g.dtypes.get(n.outputs[0], "").startswith("float")):
+        src, dst = self.g.dtypes.get(n.inputs[0], ""), self.g.dtypes.get(n.outputs[0], "")
+        if src == dst or (src.startswith("float") and dst.startswith("float")):
             return self._alias(n)
+        if (src.startswith("int") or src.startswith("uint") or src == "bool") and dst.startswith("float"):
+            return [Node("Cast", n.name, n.inputs[:1], n.outputs, {"to": dst})]  # integer data (masks) -> quantizer
         self.problems.append(("Cast", n.name, f"{self.g.dtypes.get(n.inputs[0])} -> {self.g.dtypes.get(n.outputs[0])}"))
         return [n]
 
@@ -250,7 +262,10 @@ class Canonicalizer:
         rank = len(self.g.shape(n.inputs[0]))
         axis = _norm_axis(int(n.attrs.get("axis", 0)), rank)
         if idx is None:
-            return [n]  # activation indices (embedding lookup): handled by the quantizer
+            table = self.c(n.inputs[0])
+            if table is not None and axis == 0 and table.dtype.kind == "f":  # embedding lookup
+                return [Node("Embedding", n.name, n.inputs[1:2], n.outputs, {"table": table})]
+            return [n]
         idx = np.where(idx < 0, idx + self.g.shape(n.inputs[0])[axis], idx).astype(np.int64)
         return [Node("Gather", n.name, n.inputs[:1], n.outputs, {"indices": idx, "axis": axis})]
 

@@ -8,6 +8,11 @@ Each tensor gets an interval [lo, hi] (from its dtype, tightened by clamps).  Pe
   dyadic step  |acc| * |mult| + |add| + 2^(shift-1) < 2^63   (int64)
   add          |a| * |mult_a| + |b| * |mult_b| + 2^(shift-1) < 2^63
   mul          |a * b| * |mult| + 2^(shift-1) < 2^63
+  layernorm    y = C*q - sum q, V = sum y^2 + eps_int <= C^3*(span/2)^2 + eps_int < 2^62 (variance
+               <= (span/2)^2 for values in an interval of width span);  |y*k| <= 2^R;
+               |f*mult| + |bias| + 2^(shift-1) < 2^63   (passes/quantize_nonlinear.py)
+  gelu         |q * s| (s = 1 + erf poly, or the sigmoid numerator) * |mult| + 2^(shift-1) < 2^63;
+               ShiftGELU: (E0 << K) < 2^63
 A violated bound fails compilation with the node's name (no silent wrap-around).
 """
 
@@ -94,9 +99,18 @@ def check_overflow(ig: Graph) -> dict[str, tuple[int, int]]:
                  + 2.0 ** (np.max(a["shift"]) - 1))
             if b > I64:
                 fail(n, "the int64 sum of requantized branches", b, I64)
+        elif op == "maskadd":  # |x| + 2^20 * |A| + |B| <= 2^15 + 2^44 + 2^24 < 2^63 always
+            pass
+        elif op == "div":  # |x| * mult < 2^31 * 2^31; max(d,1) << min(shift, 31) < 2^31 * 2^31
+            if _mag(ins[0]) * abs(float(a["mult"])) > 2.0**62 or _mag(ins[1]) * 2.0 ** min(int(a["shift"]), 31) > 2.0**62:
+                fail(n, "the int64 division operands", max(_mag(ins[0]) * abs(float(a["mult"])), 0), 2.0**62)
         elif op == "mul":
             if _dyadic_bound(float(_mag(ins[0])) * _mag(ins[1]), a) > I64:
                 fail(n, "the int64 product", _dyadic_bound(float(_mag(ins[0])) * _mag(ins[1]), a), I64)
+        elif op == "layernorm":
+            _check_layernorm(n, a, ins[0], ig.shapes[n.inputs[0]][-1], fail)
+        elif op == "gelu":
+            _check_gelu(n, a, ins[0], fail)
         if "lo" in a and "hi" in a:
             out_iv = (int(a["lo"]), int(a["hi"]))
         elif op == "clip":
@@ -107,6 +121,8 @@ def check_overflow(ig: Graph) -> dict[str, tuple[int, int]]:
             out_iv = (min(ins[0][0], a["value"]), max(ins[0][1], a["value"]))
         elif op == "concat":
             out_iv = (min(i[0] for i in ins), max(i[1] for i in ins))
+        elif op == "embedding":
+            out_iv = (int(a["table"].min()), int(a["table"].max()))
         elif out_iv is None and op in ("reshape", "transpose", "slice", "gather", "maxpool", "reduce_max", "cast"):
             out_iv = ins[0]
         if out_iv is None:
@@ -114,3 +130,31 @@ def check_overflow(ig: Graph) -> dict[str, tuple[int, int]]:
             out_iv = int_range(dt) if dt in ("int8", "uint8", "int16", "int32", "int64") else (0, 0)
         iv[n.outputs[0]] = out_iv
     return iv
+
+
+def _check_layernorm(n, a, xin, C, fail) -> None:
+    p = int(a["pre_shift"])
+    span = (int(xin[1]) >> p) - (int(xin[0]) >> p)
+    vmax = C**3 * span * span // 4 + int(a["eps_int"])
+    if vmax >= 2**62:
+        fail(n, "the int64 row variance sum", float(vmax), 2.0**62)
+    if vmax > int(a.get("vmax", vmax)):
+        fail(n, "the row variance (beyond the Newton step count's proof)", float(vmax), float(a["vmax"]))
+    fmax = 2.0 ** a["F"] + 1
+    b = (fmax * float(np.abs(a["mult"]).max()) + float(np.abs(a["bias"]).max())
+         + 2.0 ** (int(np.max(a["shift"])) - 1))
+    if b > I64:
+        fail(n, "the int64 requantization of the normalised value", b, I64)
+
+
+def _check_gelu(n, a, xin, fail) -> None:
+    qm = float(_mag(xin))
+    if a["variant"] == "igelu":
+        smax = float(a["q_b"]) ** 2 + 2.0 * abs(a["q_c"])
+    else:
+        smax = 2.0 ** a["K"]
+        if float(a["q_1"]) * 2.0 ** (a["N"] + a["K"]) > I64:
+            fail(n, "the sigmoid numerator", float(a["q_1"]) * 2.0 ** (a["N"] + a["K"]), I64)
+    b = qm * smax * abs(float(a["mult"])) + 2.0 ** (int(a["shift"]) - 1)
+    if b > I64:
+        fail(n, "the int64 product x * (1 + erf) / sigmoid", b, I64)

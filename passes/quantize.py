@@ -38,6 +38,9 @@ class QuantConfig:
     io: str = "float"               # float: quantize/dequantize inside the library; int: integer I/O
     softmax: str = "iexp"           # iexp (I-BERT polynomial) | shift (I-ViT Shiftmax)
     softmax_out_bits: int = 8       # bits of a softmax consumed inside the graph
+    wide_bits: int = 16             # activations no 8-bit op consumes (residual stream, LN/GELU/softmax
+                                    # inputs): this many bits; 0 keeps every activation at ``bits``
+    gelu: str = "igelu"             # igelu (I-BERT polynomial erf) | shift (I-ViT ShiftGELU) | lut (8-bit table)
     output_bits: int = 16           # bits of a softmax/LUT that is a graph output
 
     def __post_init__(self):
@@ -47,9 +50,17 @@ class QuantConfig:
             raise ValueError(f"io must be 'float' or 'int', not {self.io}")
         if self.softmax not in ("iexp", "shift"):
             raise ValueError(f"softmax must be 'iexp' or 'shift', not {self.softmax}")
+        if self.gelu not in ("igelu", "shift", "lut"):
+            raise ValueError(f"gelu must be 'igelu', 'shift' or 'lut', not {self.gelu}")
         if not 2 <= self.bits <= 8 or not 2 <= self.weight_bits <= 8:
             raise ValueError("bits must be in 2..8")
 
+
+# ops whose integer forms take 16-bit inputs as cheaply as 8-bit ones (int64 arithmetic inside)
+WIDE_CONSUMERS = {"Affine", "Add", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div", "ReduceSum",
+                  "ReduceMean"}
+
+PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather"}
 
 Rule = Callable[["Quantizer", Node], None]
 Check = Callable[[Graph, Node], "str | None"]
@@ -115,9 +126,33 @@ class Quantizer:
         st = self.stats.get(float_name)
         if st is None:
             raise QuantizationError(f"no calibration range for tensor '{float_name}'")
+        wide = bits is None and self.cfg.wide_bits and self.wide_ok(float_name)
+        if wide:
+            bits = self.cfg.wide_bits  # nothing downstream needs 8 bits (passes/quantize_transformer.py)
         nn = (float_name in self.nonneg) if nonneg is None else nonneg
-        lo, hi = clip_range(st, nn, self.cfg.method, self.cfg.percentile, bits or self.cfg.bits)
+        if wide and nonneg is None:
+            nn = False  # int16, never uint16: every kernel epilogue and op takes int16
+        b = bits or self.cfg.bits
+        # 16 bits have the resolution to keep the whole range: clipping only cuts real outliers
+        lo, hi = clip_range(st, nn, "minmax" if b >= 16 else self.cfg.method, self.cfg.percentile, b)
         return activation_qparams(lo, hi, nn, bits or self.cfg.bits)
+
+    def wide_ok(self, float_name: str) -> bool:
+        """Whether ``float_name`` may be int16: every consumer is an elementwise / normalization /
+        reduction op that takes 16-bit inputs (the 8-bit GEMM kernels and tables need int8, so a
+        tensor that feeds any Conv/Dense/MatMul or lookup table stays 8-bit)."""
+        if self.cfg.bits >= 16:
+            return False
+        users = self.consumers.get(float_name, [])
+        if not users and float_name not in self.fg.outputs:
+            return False
+        for u in users:
+            if u.op in PASSTHROUGH:  # data movement keeps the dtype: look at its consumers
+                if u.inputs[0] != float_name or not self.wide_ok(u.outputs[0]):
+                    return False
+            elif u.op not in WIDE_CONSUMERS or (u.op == "Gelu" and self.cfg.gelu == "lut"):
+                return False
+        return True
 
     def clamp(self, qp: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
         """Integer clamp bounds of ``qp`` intersected with a fused activation's real bounds."""
@@ -204,8 +239,8 @@ _LOADED = False
 def _load_rules() -> None:
     global _LOADED
     if not _LOADED:
-        from . import (quantize_elementwise, quantize_gemm, quantize_pool, quantize_shape,  # noqa: F401
-                       quantize_softmax)
+        from . import (quantize_elementwise, quantize_gemm, quantize_nonlinear, quantize_pool,  # noqa: F401
+                       quantize_shape, quantize_softmax, quantize_transformer)
         _LOADED = True
 
 

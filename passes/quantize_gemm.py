@@ -133,7 +133,8 @@ def matmul(qz: Quantizer, n):
     qa, qb = qz.qp(a), qz.qp(b)
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
-    dy = dyadic(qa.scale * qb.scale / qy.scale, f"node '{n.name}'")
+    alpha = float(n.attrs.get("alpha", 1.0))  # folded attention scale (passes/fuse_attention.py)
+    dy = dyadic(alpha * qa.scale * qb.scale / qy.scale, f"node '{n.name}'")
     qz.emit("matmul", [qz.iname(a), qz.iname(b)], out,
             {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype},
             qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)

@@ -11,7 +11,7 @@ i-exp (I-BERT, Kim et al. 2021), exp(t) for t = d*S' <= 0, t = -z*ln2 + p, p in 
 Shiftmax (I-ViT, Li & Gu 2023), base-2 with shifts only:
   v  = d + (d >> 1) - (d >> 4)           v*S' ~ t*log2(e)
   z  = floor(-v / q_1), r = v + z*q_1    q_1 = floor(1/S'): t*log2(e) = -z + r*S', r*S' in (-1, 0]
-  e  = ((r >> 1) + q_1) << (N - min(z, N))    2^(r S') ~ 1 + r S'/2;  N = 15
+  e  = (((r >> 1) + q_1) << N) >> min(z, 62)  2^(r S') ~ 1 + r S'/2;  N = 15 (0 once z >= 31)
 Normalisation (both):
   s  = sum(e)  (int64; s >= e_max > 0)   k = floor(2^R / s)  (the one division per row, R = 60)
   y  = clip((e * k) >> (R - ob), 0, qmax)   output scale 2^-ob (ob = 8 inside the graph: uint8;

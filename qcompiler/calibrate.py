@@ -31,6 +31,16 @@ class TensorStats:
     lo: float
     hi: float
     sample: np.ndarray  # float32 subsample of the values
+    chan_lo: np.ndarray | None = None     # per channel of the last axis (rank >= 2): min
+    chan_hi: np.ndarray | None = None     #                                           max
+    sample_chan: np.ndarray | None = None  # last-axis channel of each sampled value
+
+    def scaled(self, f: np.ndarray) -> "TensorStats":
+        """The stats of x / f (f > 0 per channel of the last axis), exactly from the recorded ones."""
+        f = np.asarray(f, np.float64)
+        clo, chi = self.chan_lo / f, self.chan_hi / f
+        smp = self.sample / f[self.sample_chan] if self.sample_chan is not None else self.sample
+        return TensorStats(float(clo.min()), float(chi.max()), smp.astype(np.float32), clo, chi, self.sample_chan)
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -104,6 +114,9 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
     lo = {t: np.inf for t in tensors + inputs}
     hi = {t: -np.inf for t in tensors + inputs}
     samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
+    chans: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
+    clo: dict[str, np.ndarray] = {}
+    chi: dict[str, np.ndarray] = {}
     chunks = range(0, n, batch)
     per_batch = max(RESERVOIR // max(len(chunks), 1), 256)
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
@@ -118,12 +131,28 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
                 raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..)")
             lo[t] = min(lo[t], float(v.min()))
             hi[t] = max(hi[t], float(v.max()))
+            if v.ndim >= 2:
+                c = v.shape[-1]
+                vlo, vhi = v.reshape(-1, c).min(axis=0), v.reshape(-1, c).max(axis=0)
+                clo[t] = np.minimum(clo[t], vlo) if t in clo else vlo
+                chi[t] = np.maximum(chi[t], vhi) if t in chi else vhi
             flat = v.reshape(-1)
+            idx = np.arange(flat.size)
             if flat.size > per_batch:
-                flat = flat[rng.integers(0, flat.size, per_batch)]
+                idx = rng.integers(0, flat.size, per_batch)
+                flat = flat[idx]
             samples[t].append(flat.astype(np.float32))
-    return {t: TensorStats(lo[t], hi[t], np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32))
-            for t in tensors + inputs if np.isfinite(lo[t])}
+            if v.ndim >= 2:
+                chans[t].append((idx % v.shape[-1]).astype(np.int32))
+    out = {}
+    for t in tensors + inputs:
+        if not np.isfinite(lo[t]):
+            continue
+        smp = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
+        per = t in clo and len(chans[t]) == len(samples[t])
+        out[t] = TensorStats(lo[t], hi[t], smp, clo.get(t) if per else None, chi.get(t) if per else None,
+                             np.concatenate(chans[t]) if per else None)
+    return out
 
 
 def clip_range(st: TensorStats, nonneg: bool, method: str, percentile: float = 99.99, bits: int = 8) -> tuple[float, float]:

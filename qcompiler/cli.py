@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--io", default="float", choices=["float", "int"],
                    help="float: quantize/dequantize inside the library (default); int: integer inputs/outputs")
     c.add_argument("--softmax", default="iexp", choices=["iexp", "shift"], help="integer softmax: I-BERT i-exp or I-ViT Shiftmax")
+    c.add_argument("--gelu", default="igelu", choices=["igelu", "shift", "lut"],
+                   help="integer GELU: I-BERT i-GELU (default), I-ViT ShiftGELU, or an exact table (8-bit inputs)")
+    c.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
+                   help="per-channel smoothing of Dense inputs (SmoothQuant alpha, default 0.5; 0 = off)")
     c.add_argument("--no-kernels", action="store_true", help="generic schedules only (debugging)")
     c.add_argument("--dump", default=None, metavar="DIR", help="write the integer graph, TIR, generated source and cubins")
     c.add_argument("--json", action="store_true", help="print the metadata summary as JSON")
@@ -52,7 +56,51 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--inputs", default=None, help=".npz of inputs (default: random)")
     b.add_argument("--json", action="store_true")
+
+    _tune_parsers(sub)
     return p
+
+
+def _tune_parsers(sub) -> None:
+    t = sub.add_parser("tune", help="tune the conv/dense kernels of models for a target (records in autotune_logs/)",
+                       description="qc tune MODEL... [--trials N] | --status DIR | MODEL... --export-candidates DIR | "
+                                   "--import DIR")
+    t.add_argument("models", nargs="*", help=".onnx files (their distinct kernels are the tasks)")
+    t.add_argument("--target", default="cpu", help="cpu (this host) or cuda")
+    t.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90")
+    t.add_argument("--precision", default="int8", help="int8 (default)")
+    t.add_argument("--calib", default=None, help="as in qc compile (default: random data; scales do not change speed)")
+    t.add_argument("--batch", type=int, default=1, help="batch size the models are compiled for (default 1)")
+    t.add_argument("--trials", type=int, default=200, help="total measured configs over all tasks, old records included")
+    t.add_argument("--log", default=None, metavar="DIR", help="tuning log folder (default autotune_logs/<device-name>/)")
+    t.add_argument("--repeats", type=int, default=5, help="timings per candidate (the median is used)")
+    t.add_argument("--min-repeat-ms", type=int, default=20, help="minimum duration of one timing")
+    t.add_argument("--batch-size", type=int, default=4, help="candidates built in parallel per round")
+    t.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure through a TVM RPC tracker")
+    t.add_argument("--rpc-key", default=None, help="key of the RPC servers to use")
+    t.add_argument("--status", default=None, metavar="DIR", help="show tasks, trials, best vs default per kernel of a log")
+    t.add_argument("--export-candidates", default=None, metavar="DIR", help="build a batch of candidates into DIR")
+    t.add_argument("--candidates", type=int, default=32, help="batch size of --export-candidates")
+    t.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
+                   help="append the results of `qc measure DIR` to the log")
+    t.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("measure", help="time exported tuning candidates with the TVM runtime (writes DIR/results.jsonl)")
+    m.add_argument("dir", help="folder made by qc tune --export-candidates")
+    m.add_argument("--repeats", type=int, default=None, help="timings per candidate (default: the manifest's)")
+    m.add_argument("--json", action="store_true")
+
+
+def cmd_tune(a) -> int:
+    from .tune import cli as tune_cli
+
+    return tune_cli.run_tune(a)
+
+
+def cmd_measure(a) -> int:
+    from .tune import cli as tune_cli
+
+    return tune_cli.run_measure(a)
 
 
 def cmd_compile(a) -> int:
@@ -61,7 +109,7 @@ def cmd_compile(a) -> int:
 
     spec = parse_target(a.target, a.arch)
     opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
-                          softmax=a.softmax, use_kernels=not a.no_kernels, dump_dir=a.dump)
+                          softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels, dump_dir=a.dump)
     meta = compile_model(a.model, a.output, a.calib, opts)
     summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
                "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
@@ -153,7 +201,8 @@ def cmd_bench(a) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
+            "tune": cmd_tune, "measure": cmd_measure}
 
 
 def main(argv: list[str] | None = None) -> int:

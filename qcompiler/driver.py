@@ -33,8 +33,11 @@ class CompileOptions:
     method: str = "percentile"
     io: str = "float"
     softmax: str = "iexp"
+    gelu: str = "igelu"
+    smooth: float = 0.5               # SmoothQuant alpha for Dense inputs (passes/smooth.py); 0 = off
     use_kernels: bool = True
     dump_dir: str | None = None
+    tune_log: str | None = None    # tuning log dir (None: $QC_TUNE_LOG or autotune_logs/<device>/; "off": none)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -60,9 +63,11 @@ def float_passes(g: Graph) -> Graph:
     from passes.canonicalize import canonicalize
     from passes.fold_batchnorm import fold_batchnorm
     from passes.fuse_activation import fuse_activation
+    from passes.fuse_attention import fuse_attention
+    from passes.fuse_nonlinear import fuse_nonlinear
     from passes.fuse_patterns import fuse_patterns
 
-    return fuse_activation(fuse_patterns(fold_batchnorm(canonicalize(g))))
+    return fuse_activation(fuse_attention(fuse_patterns(fuse_nonlinear(fold_batchnorm(canonicalize(g))))))
 
 
 def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -105,8 +110,11 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     n = next(iter(data.values())).shape[0]
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
     stats = calibrate.collect(fr.model, data, tensors, batch)
+    from passes.smooth import smooth
+
+    fg, stats = smooth(fg, stats, opts.smooth)
     t["calibrate"] = time.perf_counter() - t1
-    cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax)
+    cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu)
     ig = quantize(fg, stats, nonnegative(fg), cfg)
     intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
@@ -154,7 +162,10 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     ig = prep.int_graph
     target = opts.target.tvm_target()
     t1 = time.perf_counter()
-    res = build(ig, target, use_kernels=opts.use_kernels)
+    from .tune.apply import activate
+
+    with activate(opts.target, opts.tune_log) as tuned:
+        res = build(ig, target, use_kernels=opts.use_kernels)
     t_build = time.perf_counter() - t1
     from .tir_scan import module_to_text
 
@@ -171,11 +182,13 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
         "precision": opts.precision, "io": opts.io, "batch": prep.fr.graph.shapes[ig.inputs[0]][0] if ig.inputs else 1,
         "calibration": {"method": opts.method, "samples": prep.calib_samples},
         "softmax": opts.softmax,
+        "gelu": opts.gelu,
         "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
         "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
         "layers": layer_table(ig),
         "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
                     "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
+        "tuning": tuned.summary(),
         "warnings": res.warnings,
         "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
         "tir": artifact.encode_text(tir_text),

@@ -7,6 +7,8 @@ Unary functions are evaluated through onnxruntime itself, as the quantizer's tab
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import reference
@@ -70,7 +72,15 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
             y = y + a["bias"]
         return _act(y, n)
     if op == "MatMul":
-        return _act(np.matmul(x[0], x[1]), n)
+        return _act(np.matmul(x[0], x[1]) * float(a.get("alpha", 1.0)), n)
+    if op == "Cast":
+        return np.asarray(x[0], np.float64)
+    if op == "MaskAdd":
+        return x[0] + (a["a"] * np.asarray(x[1], np.float64) + a["b"])
+    if op == "Embedding":
+        return a["table"].astype(np.float64)[np.asarray(x[0], np.int64)]
+    if op == "Div":
+        return _act(x[0] / x[1], n)
     if op == "Add":
         return _act(x[0] + x[1], n)
     if op == "Mul":
@@ -101,6 +111,14 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
         z = x[0] - x[0].max(axis=a["axis"], keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=a["axis"], keepdims=True)
+    if op == "LayerNorm":  # over the last axis (passes/fuse_nonlinear.py)
+        d = x[0] - x[0].mean(axis=-1, keepdims=True)
+        y = d / np.sqrt((d * d).mean(axis=-1, keepdims=True) + a["epsilon"])
+        return _act(y * a["gamma"] + a["beta"], n)
+    if op == "Gelu":
+        if a.get("approximate", "none") == "tanh":
+            return _act(0.5 * x[0] * (1 + np.tanh(np.sqrt(2 / np.pi) * (x[0] + 0.044715 * x[0] ** 3))), n)
+        return _act(0.5 * x[0] * (1 + _erf(x[0] / np.sqrt(2))), n)
     if op == "Pad":
         p = a["pads"]
         r = x[0].ndim
@@ -120,6 +138,9 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
     if op in UNARY:
         return _act(_eval_unary(n, x[0]), n)
     raise KeyError(f"float reference: no op {op}")
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def _maxpool_f(x, a):

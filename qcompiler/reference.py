@@ -136,6 +136,39 @@ def cast(x, a):
     return x.astype(a["dtype"])
 
 
+@op("int_cast")
+def int_cast(x, a):
+    """Integer data used as numbers (scale 1): clip to the calibrated range, narrow the type."""
+    return np.clip(x.astype(np.int64), a["lo"], a["hi"]).astype(a["dtype"])
+
+
+@op("maskadd")
+def maskadd(x, m, a):
+    """clip(x + clip(m, +-2^20) * A + B) (additive attention mask, passes/quantize_transformer.py)."""
+    mm = np.clip(m.astype(np.int64), -(2**20), 2**20)
+    t = x.astype(np.int64) + mm * np.int64(a["A"]) + np.int64(a["B"])
+    return np.clip(t, a["lo"], a["hi"]).astype(a["dtype"])
+
+
+@op("embedding")
+def embedding(ids, a):
+    """table[clip(ids, 0, V-1)] (the runtime rejects out-of-range ids before the library runs)."""
+    t = a["table"]
+    return t[np.clip(ids.astype(np.int64), 0, t.shape[0] - 1)]
+
+
+@op("div")
+def div(x, d, a):
+    """Integer division by a positive activation, rounding half up (passes/quantize_transformer.py)."""
+    sh = int(a["shift"])
+    t = x.astype(np.int64) * np.int64(a["mult"])
+    if sh > 31:
+        s1 = sh - 31
+        t = (t + (np.int64(1) << (s1 - 1))) >> s1
+    D = np.maximum(d.astype(np.int64), 1) << min(sh, 31)
+    return np.clip((t + (D >> 1)) // D, a["lo"], a["hi"]).astype(a["dtype"])
+
+
 # ---- pooling / reductions ------------------------------------------------------------------
 def _windows(x, kernel, strides, pads, dilations, fill):
     n, c, h, w = x.shape
@@ -191,7 +224,7 @@ def softmax(x, a):
         v = d + (d >> 1) - (d >> 4)
         z = (-v) // a["q_1"]
         r = v + z * a["q_1"]
-        e = ((r >> 1) + a["q_1"]) << (a["N"] - np.minimum(z, a["N"]))
+        e = (((r >> 1) + a["q_1"]) << a["N"]) >> np.minimum(z, 62)  # 2^-z decay, 0 once z >= 31
     s = e.sum(axis=ax, keepdims=True)
     k = (np.int64(1) << a["R"]) // s
     return np.clip((e * k) >> (a["R"] - a["ob"]), a["lo"], a["hi"]).astype(a["dtype"])
@@ -258,3 +291,6 @@ def execute(graph: Graph, feeds: dict[str, np.ndarray], keep: bool = False) -> d
                 if remaining[i] == 0 and i not in outs and i not in graph.consts:
                     env.pop(i, None)
     return env if keep else {o: env[o] for o in graph.outputs}
+
+
+from . import ref_nonlinear  # noqa: E402,F401  (registers the transformer nonlinearities)

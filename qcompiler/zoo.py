@@ -846,6 +846,15 @@ def paraphrase_recall(emb: np.ndarray, labels: np.ndarray) -> float:
     return float((labels[nn] == labels)[has_pair].mean())
 
 
+def nearest_neighbours(emb: np.ndarray) -> np.ndarray:
+    """Index of each sentence's nearest other sentence (cosine)."""
+    e = np.asarray(emb, dtype=np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argmax(sim, axis=1)
+
+
 def _pick(m: ZooModel, outputs) -> np.ndarray:
     if isinstance(outputs, Mapping):
         return np.asarray(outputs[m.score_output])
@@ -899,6 +908,8 @@ def reference_metric(name: str, outputs, labels: np.ndarray | None = None, *,
             ref_tok = _pick(m, reference).astype(np.float64)
             msk = np.asarray(feeds["attention_mask"]).astype(bool)
             res["token_cos_mean"] = float(cosine(tok[msk], ref_tok[msk]).mean())
+            # the same ranking as FP32: each sentence's nearest neighbour is the same sentence
+            res["nn_agreement"] = float((nearest_neighbours(s) == nearest_neighbours(r)).mean())
     return res
 
 

@@ -16,6 +16,8 @@ activations folded into ``bias_eff``).  Routing by layer:
 A layer a kernel cannot take (activation dtype other than int8/uint8, K > MAX_K, a host without
 VNNI for the group == 1 / dense kernels) falls back to ``GenericGemm`` with a warning naming it.
 Kernels are marked ``op_pattern`` = opaque so FuseOps never merges them into other PrimFuncs.
+The dense / group-1 conv kernels take the best tuned ``VnniConfig`` of the active tuning log
+(``qcompiler.tune.apply``), else ``default_config``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tvm import relax
 
 from qcompiler.graph import Node
 from qcompiler.kernels import cpu_vnni as V
+from qcompiler.tune import apply as tuned
+from qcompiler.tune import workload as tw
 
 from .gemm import KernelGemm, conv_out_hw
 from .relax_lower import const
@@ -74,7 +78,9 @@ class CpuGemm(KernelGemm):
                 if not self.vnni:
                     raise ValueError("the target CPU has no AVX-512 VNNI")
                 wp, beff = V.pack_conv(w, bias, x_dtype == "int8")
-                f = V.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+                wl = tw.cpu_conv(self.target, N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+                f = tuned.generate(wl, n.name, lambda cfg: V.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, x_dtype,
+                                                                         a["dtype"], lo, hi, cfg))
                 args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
                 return self._call(lw, f, "conv_vnni", args, out_shape, a["dtype"])
             if g == C and OC == C:
@@ -100,7 +106,9 @@ class CpuGemm(KernelGemm):
             return super().dense(lw, n, x, x_dtype, M, K)
         try:
             wp, beff = V.pack_dense(w, np.asarray(a["bias"], np.int32), x_dtype == "int8")
-            f = V.dense(M, N, K, x_dtype, a["dtype"], int(a["lo"]), int(a["hi"]))
+            lo, hi = int(a["lo"]), int(a["hi"])
+            wl = tw.cpu_dense(self.target, M, N, K, x_dtype, a["dtype"], lo, hi)
+            f = tuned.generate(wl, n.name, lambda cfg: V.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg))
         except ValueError as e:
             self._fallback(n, str(e))
             return super().dense(lw, n, x, x_dtype, M, K)

@@ -13,7 +13,8 @@ Each quantized layer becomes one ``call_tir`` of a scheduled ``mma.sync`` kernel
 
 Grouped / depthwise convolutions (no GEMM worth a tensor core), activation dtypes other than
 int8/uint8 and shapes a kernel rejects (``KernelUnsupported``) fall back to the generic Relax
-lowering, scheduled by dlight, with a warning naming the layer.
+lowering, scheduled by dlight, with a warning naming the layer.  Each kernel takes the best tuned
+``MmaConfig`` of the active tuning log (``qcompiler.tune.apply``), else ``default_config``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tvm import relax
 from qcompiler.graph import Node
 from qcompiler.kernels import cuda_mma as K
 from qcompiler.kernels.int4_pack import pack_int4
+from qcompiler.tune import apply as tuned
+from qcompiler.tune import workload as tw
 
 from .gemm import KernelGemm, conv_out_hw
 from .relax_lower import const
@@ -56,8 +59,10 @@ class CudaGemm(KernelGemm):
             self._fallback(n, f"grouped convolution (group={a['group']}) has no tensor-core kernel")
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
         try:
-            f = K.conv2d_nhwc(N, H, W, C, OC, KH, KW, a["strides"], a["pads"], a["dilations"], a["dtype"],
-                              int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+            geo, lo, hi = (a["strides"], a["pads"], a["dilations"]), int(a["lo"]), int(a["hi"])
+            wl = tw.cuda_conv(self.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+            f = tuned.generate(wl, n.name, lambda cfg: K.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, a["dtype"], lo, hi,
+                                                                     self.arch, config=cfg, a_dtype=x_dtype))
         except K.KernelUnsupported as e:
             self._fallback(n, str(e))
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
@@ -71,12 +76,16 @@ class CudaGemm(KernelGemm):
         N = int(w.shape[1])
         four = int(a.get("weight_bits", 8) or 8) == 4
         try:
+            lo, hi = int(a["lo"]), int(a["hi"])
+            wl = tw.cuda_dense(self.arch, M, N, Kd, x_dtype, a["dtype"], lo, hi, w4a8=four)
             if four:
-                f = K.dense_w4a8(M, N, Kd, a["dtype"], int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+                f = tuned.generate(wl, n.name, lambda cfg: K.dense_w4a8(M, N, Kd, a["dtype"], lo, hi, self.arch,
+                                                                        config=cfg, a_dtype=x_dtype))
                 wk = const(pack_int4(np.ascontiguousarray(w.T), order="mma_k32"), "int32")
                 name = "dense_w4a8"
             else:
-                f = K.dense(M, N, Kd, a["dtype"], int(a["lo"]), int(a["hi"]), self.arch, a_dtype=x_dtype)
+                f = tuned.generate(wl, n.name, lambda cfg: K.dense(M, N, Kd, a["dtype"], lo, hi, self.arch,
+                                                                   config=cfg, a_dtype=x_dtype))
                 wk = const(np.ascontiguousarray(w.T).astype(np.int8), "int8")
                 name = "dense_mma"
         except K.KernelUnsupported as e:

@@ -22,6 +22,7 @@ from tvm import relax, te, tirx
 from qcompiler.graph import Graph, Node
 
 from . import layout as L
+from .lower_nonlinear import NonlinearOps
 
 
 def const(arr, dtype: str) -> relax.Expr:
@@ -40,7 +41,7 @@ class Value:
         return len(self.shape)
 
 
-class Lowering:
+class Lowering(NonlinearOps):
     """Builds ``main`` over the integer graph.  ``gemm`` provides the conv/dense lowering."""
 
     def __init__(self, ig: Graph, target: tvm.target.Target, gemm):
@@ -213,6 +214,45 @@ class Lowering:
     def op_cast(self, n: Node, x: Value) -> Value:
         return Value(self.cast(x.expr, n.attrs["dtype"]), x.perm, x.shape, n.attrs["dtype"])
 
+    def op_int_cast(self, n: Node, x: Value) -> Value:
+        a = n.attrs
+        e = self.emit(relax.op.clip(self.cast(x.expr, "int64"), int(a["lo"]), int(a["hi"])))
+        return Value(self.cast(e, a["dtype"]), x.perm, x.shape, a["dtype"])
+
+    def op_maskadd(self, n: Node, x: Value, m: Value) -> Value:
+        a = n.attrs
+        x, m = self._same_perm(x, m)
+        mm = self.emit(relax.op.clip(self.cast(m.expr, "int64"), -(2**20), 2**20))
+        t = self.emit(relax.op.multiply(mm, const(a["A"], "int64")))
+        t = self.emit(relax.op.add(self.cast(x.expr, "int64"), t))
+        t = self.emit(relax.op.add(t, const(a["B"], "int64")))
+        t = self.emit(relax.op.clip(t, int(a["lo"]), int(a["hi"])))
+        return self._out_value(n, self.cast(t, a["dtype"]), x)
+
+    def op_embedding(self, n: Node, ids: Value) -> Value:
+        t = n.attrs["table"]
+        ids = self.logical(ids)
+        i = self.emit(relax.op.clip(self.cast(ids.expr, "int64"), 0, int(t.shape[0]) - 1))
+        i = self.cast(i, "int32")
+        e = self.emit(relax.op.take(const(t, str(t.dtype)), i, axis=0))
+        shape = self.ig.shapes[n.outputs[0]]
+        return Value(e, L.identity(len(shape)), shape, str(t.dtype))
+
+    def op_div(self, n: Node, x: Value, d: Value) -> Value:
+        a = n.attrs
+        x, d = self._same_perm(x, d)
+        sh = int(a["shift"])
+        t = self.emit(relax.op.multiply(self.cast(x.expr, "int64"), const(int(a["mult"]), "int64")))
+        if sh > 31:
+            t = self.emit(relax.op.right_shift(self.emit(relax.op.add(t, const(1 << (sh - 32), "int64"))),
+                                               const(sh - 31, "int64")))
+        D = self.emit(relax.op.maximum(self.cast(d.expr, "int64"), const(1, "int64")))
+        D = self.emit(relax.op.left_shift(D, const(min(sh, 31), "int64")))
+        num = self.emit(relax.op.add(t, self.emit(relax.op.right_shift(D, const(1, "int64")))))
+        q = self.emit(relax.op.floor_divide(num, D))
+        q = self.emit(relax.op.clip(q, int(a["lo"]), int(a["hi"])))
+        return self._out_value(n, self.cast(q, a["dtype"]), x if x.rank >= d.rank else d)
+
     # ---- pooling and reductions ----------------------------------------------------------------
     def _pool(self, n: Node, x: Value, kind: str) -> Value:
         a = n.attrs
@@ -267,8 +307,8 @@ class Lowering:
             z = self.emit(relax.op.floor_divide(self.emit(relax.op.negative(v)), i64(a["q_1"])))
             r = self.emit(relax.op.add(v, self.emit(relax.op.multiply(z, i64(a["q_1"])))))
             base = self.emit(relax.op.add(self.emit(relax.op.right_shift(r, i64(1))), i64(a["q_1"])))
-            sh = self.emit(relax.op.subtract(i64(a["N"]), self.emit(relax.op.minimum(z, i64(a["N"])))))
-            e = self.emit(relax.op.left_shift(base, sh))
+            e = self.emit(relax.op.right_shift(self.emit(relax.op.left_shift(base, i64(a["N"]))),
+                                               self.emit(relax.op.minimum(z, i64(62)))))
         s = self.emit(relax.op.sum(e, axis=[ax], keepdims=True))
         k = self.emit(relax.op.floor_divide(i64(1 << a["R"]), s))
         y = self.emit(relax.op.right_shift(self.emit(relax.op.multiply(e, k)), i64(a["R"] - a["ob"])))

@@ -1,0 +1,312 @@
+"""Tuning tasks: the workload of one conv/dense kernel, its config space, and its PrimFunc.
+
+A workload is everything the kernel generator is called with except the config: backend
+(``cpu_vnni`` / ``cuda_mma``), kind (``dense``, ``conv2d``, ``w4a8``), shape, conv geometry, the
+activation and output dtypes, the clip range, and the target (``cpu:<mcpu>`` / ``cuda:sm_XX``).
+Its ``key`` is a readable canonical string; the same key is computed by the tuner (from the
+integer graph, :func:`tasks_from_graph`) and by the lowering adapters at compile time
+(:func:`cpu_conv`, :func:`cpu_dense`, :func:`cuda_conv`, :func:`cuda_dense`), so records tuned for
+one model apply to every model with the same kernel.
+
+Config spaces are the fields of the kernels' own dataclasses (``VnniConfig``, ``MmaConfig``); a
+point is valid when the dataclass accepts it and the generator does not raise ``ValueError`` /
+``KernelUnsupported`` for the workload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+BACKENDS = ("cpu_vnni", "cuda_mma")
+
+
+@dataclass(frozen=True)
+class Workload:
+    backend: str                 # cpu_vnni | cuda_mma
+    kind: str                    # dense | conv2d | w4a8
+    shape: tuple                 # dense/w4a8: (M, N, K); conv2d: (N, H, W, C, OC, KH, KW)
+    a_dtype: str
+    out_dtype: str
+    lo: int
+    hi: int
+    target: str                  # cpu:<mcpu> | cuda:sm_XX
+    strides: tuple = ()
+    pads: tuple = ()
+    dilations: tuple = ()
+
+    @property
+    def key(self) -> str:
+        geo = ""
+        if self.kind == "conv2d":
+            geo = (f"/s{','.join(map(str, self.strides))}/p{','.join(map(str, self.pads))}"
+                   f"/d{','.join(map(str, self.dilations))}")
+        return (f"{self.backend}.{self.kind}/{'x'.join(map(str, self.shape))}{geo}/"
+                f"{self.a_dtype}->{self.out_dtype}[{self.lo},{self.hi}]/{self.target}")
+
+    def fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("shape", "strides", "pads", "dilations"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Workload:
+        d = dict(d)
+        for k in ("shape", "strides", "pads", "dilations"):
+            d[k] = tuple(int(v) for v in d.get(k, ()))
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates (to estimate a task's time before it is measured)."""
+        if self.kind == "conv2d":
+            N, H, W, C, OC, KH, KW = self.shape
+            oh, ow = _conv_out(H, W, KH, KW, self.strides, self.pads, self.dilations)
+            return N * oh * ow * OC * KH * KW * C
+        M, N, K = self.shape
+        return M * N * K
+
+    @property
+    def arch(self) -> str:
+        return self.target.split(":", 1)[1]
+
+    # ---- config space -------------------------------------------------------------------------
+    def config_class(self):
+        if self.backend == "cpu_vnni":
+            from qcompiler.kernels.cpu_vnni import VnniConfig
+
+            return VnniConfig
+        from qcompiler.kernels.cuda_mma import MmaConfig
+
+        return MmaConfig
+
+    def config_from_dict(self, d: dict):
+        cls = self.config_class()
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def default_config(self):
+        if self.backend == "cpu_vnni":
+            from qcompiler.kernels import cpu_vnni as V
+
+            return V.default_config(*self._gemm_mnk())
+        from qcompiler.kernels import cuda_mma as K
+
+        M, N, Kd = self._gemm_mnk()
+        return K.default_config(M, N, Kd, self.arch, self.kind)
+
+    def _gemm_mnk(self) -> tuple[int, int, int]:
+        """The GEMM the kernel runs (as its generator sizes default_config)."""
+        if self.kind == "conv2d":
+            N, H, W, C, OC, KH, KW = self.shape
+            oh, ow = _conv_out(H, W, KH, KW, self.strides, self.pads, self.dilations)
+            if self.backend == "cpu_vnni":
+                return N * oh * ow, OC, KH * KW * (-(-C // 4) * 4)
+            return N * oh * ow, OC, KH * KW * C
+        return tuple(self.shape)
+
+    def config_space(self) -> list:
+        """Every config the dataclass accepts for this workload (the generator may still reject some)."""
+        cls = self.config_class()
+        out, seen = [], set()
+        for kw in (_cpu_points(self) if self.backend == "cpu_vnni" else _cuda_points(self)):
+            try:
+                c = cls(**kw)
+            except ValueError:
+                continue
+            k = config_key(c)
+            if k not in seen:
+                seen.add(k)
+                out.append(c)
+        return out
+
+    def make_func(self, config=None):
+        """The scheduled PrimFunc (args as the adapters pass them); raises ValueError / KernelUnsupported."""
+        if self.backend == "cpu_vnni":
+            from qcompiler.kernels import cpu_vnni as V
+
+            if self.kind == "dense":
+                M, N, K = self.shape
+                return V.dense(M, N, K, self.a_dtype, self.out_dtype, self.lo, self.hi, config)
+            N, H, W, C, OC, KH, KW = self.shape
+            return V.conv2d_nhwc(N, H, W, C, OC, KH, KW, self.strides, self.pads, self.dilations, self.a_dtype,
+                                 self.out_dtype, self.lo, self.hi, config)
+        from qcompiler.kernels import cuda_mma as K
+
+        if self.kind == "conv2d":
+            N, H, W, C, OC, KH, KW = self.shape
+            return K.conv2d_nhwc(N, H, W, C, OC, KH, KW, self.strides, self.pads, self.dilations, self.out_dtype,
+                                 self.lo, self.hi, self.arch, config=config, a_dtype=self.a_dtype)
+        M, N, Kd = self.shape
+        f = K.dense_w4a8 if self.kind == "w4a8" else K.dense
+        return f(M, N, Kd, self.out_dtype, self.lo, self.hi, self.arch, config=config, a_dtype=self.a_dtype)
+
+
+def config_key(config) -> str:
+    """Canonical identity of a config (its dataclass fields as sorted JSON)."""
+    d = config if isinstance(config, dict) else dataclasses.asdict(config)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def config_dict(config) -> dict:
+    return dict(config) if isinstance(config, dict) else dataclasses.asdict(config)
+
+
+def normalize_config(w: Workload, config):
+    """Map a config to its canonical twin (configs that generate the same kernel measure once).
+
+    VNNI: ``kc`` that does not divide the innermost reduction, or is not below it, acts as 0."""
+    if w.backend != "cpu_vnni" or not config.kc:
+        return config
+    ext = _cpu_red_ext(w)
+    if config.kc < ext and ext % config.kc == 0:
+        return config
+    return dataclasses.replace(config, kc=0)
+
+
+def tir_hash(func) -> str:
+    return hashlib.sha256(str(func).encode()).hexdigest()[:16]
+
+
+def _conv_out(H, W, KH, KW, strides, pads, dilations):
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = strides, pads, dilations
+    return (H + pt + pb - dh * (KH - 1) - 1) // sh + 1, (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+
+
+def _cpu_red_ext(w: Workload) -> int:
+    if w.kind == "conv2d":
+        return -(-w.shape[3] // 4) * 4  # channels of one tap, padded to 4
+    return -(-w.shape[2] // 4) * 4
+
+
+def _cpu_points(w: Workload):
+    M, N, _ = w._gemm_mnk()
+    nb = -(-N // 16)
+    ext = _cpu_red_ext(w)
+    kcs = [0] + [k for k in range(16, ext, 4) if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
+    for nr in (d for d in range(1, 9) if nb % d == 0):
+        for mr in range(1, min(16, M) + 1):
+            for kc in kcs:
+                for n_outer in (True, False):
+                    yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer)
+
+
+def _cuda_points(w: Workload):
+    from qcompiler.kernels import cuda_mma as K
+
+    M, N, Kd = w._gemm_mnk()
+    sm = int(w.arch[3:].rstrip("af"))
+    smem = K._smem_limit(sm)
+    bits = K._KIND_BITS[w.kind]
+    k_mult = 64 if w.kind in ("w4a8", "int4") else 32
+    cap_m = max(16, 1 << max(0, (M - 1)).bit_length())      # no CTA tile beyond the next power of 2
+    cap_n = max(16, 1 << max(0, (N - 1)).bit_length())
+    cap_k = max(k_mult, 1 << max(0, (Kd - 1)).bit_length())
+    for bm in (16, 32, 64, 128, 256):
+        if bm > cap_m:
+            continue
+        for bn in (16, 32, 64, 128, 256):
+            if bn > cap_n:
+                continue
+            for bk in (32, 64, 128, 256, 512):
+                if bk % k_mult or bk > max(cap_k, k_mult):
+                    continue
+                for wm in (1, 2, 4):
+                    for wn in (1, 2, 4):
+                        for wk in (1, 2, 4):
+                            for st in (2, 3, 4, 5):
+                                kw = dict(bm=bm, bn=bn, bk=bk, warps_m=wm, warps_n=wn, warps_k=wk, stages=st)
+                                try:
+                                    c = K.MmaConfig(**kw)
+                                except ValueError:
+                                    continue
+                                if c.smem_bytes(*bits) <= smem:
+                                    yield kw
+
+
+# ---- workloads of the adapters (compile time) and of the integer graph (tuning) ----------------
+def _cpu_target(target) -> str:
+    return f"cpu:{target.attrs.get('mcpu', '') if hasattr(target, 'attrs') else target}"
+
+
+def cpu_conv(target, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi) -> Workload:
+    return Workload("cpu_vnni", "conv2d", tuple(int(v) for v in (N, H, W, C, OC, KH, KW)), a_dtype, out_dtype,
+                    int(lo), int(hi), _cpu_target(target), tuple(map(int, strides)), tuple(map(int, pads)),
+                    tuple(map(int, dilations)))
+
+
+def cpu_dense(target, M, N, K, a_dtype, out_dtype, lo, hi) -> Workload:
+    return Workload("cpu_vnni", "dense", (int(M), int(N), int(K)), a_dtype, out_dtype, int(lo), int(hi),
+                    _cpu_target(target))
+
+
+def cuda_conv(arch, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi) -> Workload:
+    return Workload("cuda_mma", "conv2d", tuple(int(v) for v in (N, H, W, C, OC, KH, KW)), a_dtype, out_dtype,
+                    int(lo), int(hi), f"cuda:{arch}", tuple(map(int, strides)), tuple(map(int, pads)),
+                    tuple(map(int, dilations)))
+
+
+def cuda_dense(arch, M, N, K, a_dtype, out_dtype, lo, hi, w4a8: bool = False) -> Workload:
+    return Workload("cuda_mma", "w4a8" if w4a8 else "dense", (int(M), int(N), int(K)), a_dtype, out_dtype,
+                    int(lo), int(hi), f"cuda:{arch}")
+
+
+@dataclass
+class Task:
+    workload: Workload
+    layers: list                  # (model, layer name) using it
+    uses: int = 0
+
+
+def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
+    """The distinct tunable kernels of an integer graph, routed as the lowering adapters route them."""
+    from qcompiler.kernels import cpu_vnni as V
+
+    target = spec.arch  # cpu: the LLVM mcpu, as the adapter reads it from the target
+    found: dict[str, Task] = {}
+    for n in ig.nodes:
+        if n.op not in ("conv", "dense"):
+            continue
+        a = n.attrs
+        x_dtype = ig.dtypes[n.inputs[0]]
+        w = np.asarray(a["weight"])
+        lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
+        wl = None
+        if n.op == "conv":
+            N, C, H, W = (int(d) for d in ig.shapes[n.inputs[0]])
+            OC, _, KH, KW = w.shape
+            if int(a["group"]) != 1:
+                continue  # depthwise / grouped kernels have no config space
+            geo = (a["strides"], a["pads"], a["dilations"])
+            if spec.kind == "cpu":
+                if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
+                    wl = cpu_conv(target, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
+            else:
+                wl = cuda_conv(spec.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
+        else:
+            shp = ig.shapes[n.inputs[0]]
+            M, K = int(np.prod(shp[:-1])), int(shp[-1])
+            if spec.kind == "cpu":
+                if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
+                    wl = cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi)
+            else:
+                four = int(a.get("weight_bits", 8) or 8) == 4
+                wl = cuda_dense(spec.arch, M, int(w.shape[1]), K, x_dtype, od, lo, hi, four)
+        if wl is None:
+            continue
+        t = found.setdefault(wl.key, Task(wl, []))
+        t.layers.append((model, n.name))
+        t.uses += 1
+    out = []
+    for t in found.values():
+        try:
+            t.workload.make_func(None)
+        except Exception:  # noqa: BLE001 - ValueError / KernelUnsupported: the layer goes generic
+            continue
+        out.append(t)
+    return out

@@ -1,0 +1,94 @@
+"""Transformer plumbing through the whole pipeline (float passes exact, quantized close to float,
+TVM == NumPy reference element for element): embedding lookup, attention with an additive mask
+and the 1/sqrt(d) scale folded into the Q.K^T requantization, masked mean pooling with an integer
+division, padded sequences of different lengths at batch > 1."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from tests.helpers import check_pipeline, make_model, tensor
+
+R = np.random.default_rng(7)
+B, S, D, H = 2, 8, 16, 2
+
+
+def _mask(n, lens):
+    m = np.zeros((n, S), np.int64)
+    for i, L in enumerate(lens):
+        m[i, :L] = 1
+    return m
+
+
+def _attention_model():
+    dh = D // H
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Add", ["emb", "pos"], ["x"]),
+        helper.make_node("MatMul", ["x", "Wq"], ["q0"]), helper.make_node("Add", ["bq", "q0"], ["q1"]),
+        helper.make_node("MatMul", ["x", "Wk"], ["k0"]),
+        helper.make_node("MatMul", ["x", "Wv"], ["v0"]),
+        helper.make_node("Reshape", ["q1", "shp4"], ["q2"]), helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k0", "shp4"], ["k2"]), helper.make_node("Transpose", ["k2"], ["kT"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v0", "shp4"], ["v2"]), helper.make_node("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q", "kT"], ["s0"]), helper.make_node("Div", ["s0", "sqrtd"], ["s1"]),
+        helper.make_node("Unsqueeze", ["mask", "ax1"], ["m1"]), helper.make_node("Unsqueeze", ["m1", "ax1"], ["m2"]),
+        helper.make_node("Cast", ["m2"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mf"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["madd"]),
+        helper.make_node("Add", ["s1", "madd"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o0"]), helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["o1", "shp3"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["res"]),
+        # masked mean pooling
+        helper.make_node("Unsqueeze", ["mask", "axm1"], ["pm1"]),
+        helper.make_node("Expand", ["pm1", "shp3"], ["pm2"]),
+        helper.make_node("Cast", ["pm2"], ["pmf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["res", "pmf"], ["rm"]),
+        helper.make_node("ReduceSum", ["rm", "ax1"], ["rs"], keepdims=0),
+        helper.make_node("ReduceSum", ["pmf", "ax1"], ["cnt0"], keepdims=0),
+        helper.make_node("Clip", ["cnt0", "eps"], ["cnt"]),
+        helper.make_node("Div", ["rs", "cnt"], ["pooled"]),
+    ]
+    f = np.float32
+    inits = [tensor("table", R.standard_normal((50, D)).astype(f)), tensor("pos", (0.1 * R.standard_normal((1, S, D))).astype(f)),
+             tensor("Wq", (R.standard_normal((D, D)) / 4).astype(f)), tensor("bq", (0.1 * R.standard_normal(D)).astype(f)),
+             tensor("Wk", (R.standard_normal((D, D)) / 4).astype(f)), tensor("Wv", (R.standard_normal((D, D)) / 4).astype(f)),
+             tensor("shp4", np.array([B, S, H, dh], np.int64)), tensor("shp3", np.array([B, S, D], np.int64)),
+             tensor("sqrtd", np.array(np.sqrt(dh), f)), tensor("ax1", np.array([1], np.int64)),
+             tensor("axm1", np.array([-1], np.int64)),
+             tensor("one", np.array(1.0, f)), tensor("big", np.array(np.finfo(np.float32).min, f)),
+             tensor("eps", np.array(1e-9, f))]
+    return make_model(nodes, [("ids", [B, S], TensorProto.INT64), ("mask", [B, S], TensorProto.INT64)],
+                      [("res", None), ("pooled", None)], inits)
+
+
+def test_attention_mask_embedding_and_masked_mean_pool():
+    m = _attention_model()
+    calib = {"ids": R.integers(0, 50, (16, S)).astype(np.int64),
+             "mask": np.concatenate([_mask(8, R.integers(3, S + 1, 8)), np.ones((8, S), np.int64)])}
+    test = {"ids": R.integers(0, 50, (B, S)).astype(np.int64), "mask": _mask(B, [3, S])}
+    prep, tv, ref = check_pipeline(m, calib, test, min_cos=0.99, opts_kw={"batch": B})
+    ops = {n.op for n in prep.int_graph.nodes}
+    assert {"embedding", "maskadd", "div", "int_cast", "matmul"} <= ops, ops
+    # the 1/sqrt(d) went into the scores' requantization: no separate requant of the scores
+    mm = [n for n in prep.int_graph.nodes if n.op == "matmul"]
+    assert len(mm) == 2
+    # padded positions got exactly zero attention: their value rows do not leak into row 0
+    assert np.array_equal(tv["pooled"], ref["pooled"])
+
+
+def test_padding_does_not_change_the_unpadded_tokens():
+    """Same sentence, once alone and once padded with garbage ids: identical integer results on the
+    real tokens (the mask removes the padding from every softmax row exactly)."""
+    m = _attention_model()
+    calib = {"ids": R.integers(0, 50, (16, S)).astype(np.int64),
+             "mask": np.concatenate([_mask(8, R.integers(3, S + 1, 8)), np.ones((8, S), np.int64)])}
+    ids = R.integers(0, 50, (1, S)).astype(np.int64)
+    ids2 = ids.copy()
+    ids2[0, 5:] = R.integers(0, 50, S - 5)
+    test = {"ids": np.concatenate([ids, ids2]), "mask": _mask(B, [5, 5])}
+    prep, tv, ref = check_pipeline(m, calib, test, min_cos=0.99, opts_kw={"batch": B})
+    assert np.array_equal(tv["pooled"][0], tv["pooled"][1])
+    assert np.array_equal(tv["res"][0, :5], tv["res"][1, :5])
