@@ -3,7 +3,8 @@
 Reshape, Transpose, Slice, Gather (constant indices), Pad (value -> round(value / S)) keep the
 input's QParams.  Concat needs one scale for all inputs: when they already agree the inputs are
 concatenated as they are; otherwise each input is requantized to the output's calibrated scale
-(y_i = rq(x_i; S_i / S_y)) first.
+(y_i = rq(x_i; S_i / S_y)) first.  Constant inputs (a ViT class token) are quantized at the
+output's scale at compile time: q = clip(round(c / S_y)).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def pad(qz, n):
 def concat(qz, n):
     out = n.outputs[0]
     ins = list(n.inputs)
+    consts = [i for i in ins if i in qz.fg.consts]
+    if consts:  # constant pieces (a class token): quantized at the output's calibrated scale
+        qy = qz.out_qparams(out)
+        for c in consts:
+            q = np.clip(np.round(qz.fg.consts[c].astype(np.float64) / qy.scale), qy.qmin, qy.qmax).astype(qy.dtype)
+            name = qz.fresh(c + "/q")
+            qz.ig.add_const(name, q)
+            qz.ig.qparams[name] = qy
+            qz.int_name[c] = name
     qps = [qz.qp(i) for i in ins]
     if all(q == qps[0] for q in qps):
         qy = qps[0]

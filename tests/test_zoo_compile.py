@@ -51,3 +51,36 @@ def test_zoo_cnn_bit_exact_and_agrees_with_fp32(name):
     f = zoo.scores(name, zoo.run_fp32(name, feeds))
     assert zoo.top1_agreement(f, q) >= 7 / 8, name
     assert float(np.mean(zoo.cosine(f, q))) > 0.99, name
+
+
+def test_minilm_integer_only_bit_exact_and_close_to_fp32():
+    """paraphrase-MiniLM-L3-v2 at batch 4 with padded sentences of different lengths: the library
+    is integer-only (TIR scan), equals the NumPy reference, and its mean-pooled sentence embeddings
+    match FP32 (cosine) with the same nearest-neighbour ranking."""
+    from qcompiler.tir_scan import scan_tir
+
+    name = "minilm"
+    if not zoo.available(name):
+        pytest.skip(f"zoo package for {name} not installed: {zoo.install_command(name)}")
+    calib = zoo.calibration_inputs(name, 32)
+    feeds, labels = zoo.eval_set(name, 16)
+    lens = feeds["attention_mask"].sum(1)
+    assert len(set(lens.tolist())) > 1 and lens.max() < feeds["attention_mask"].shape[1]  # really padded
+    batch = 4
+    opts = CompileOptions(target=parse_target("cpu"), batch=batch)
+    prep = prepare(zoo.model_path(name), calib, opts)
+    ig = prep.int_graph
+    res = build(ig, opts.target.tvm_target())
+    assert scan_tir(res.tir).integer_only
+    outs = {o: [] for o in ig.outputs}
+    for i in range(0, 16, batch):
+        x = {k: v[i:i + batch] for k, v in feeds.items()}
+        tv = run_tvm(res.executable, ig, x)
+        ref = reference.execute(ig, x)
+        for o in ig.outputs:
+            assert np.array_equal(tv[o], ref[o]), f"TVM != reference on output {o}"
+            outs[o].append(tv[o])
+    q = [np.concatenate(outs[o]) for o in ig.outputs]
+    r = zoo.reference_metric(name, q, labels, feeds=feeds, reference=zoo.run_fp32(name, feeds))
+    assert r["cos_mean"] >= 0.99 and r["cos_min"] >= 0.98, r
+    assert r["nn_agreement"] == 1.0, r

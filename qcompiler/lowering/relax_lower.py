@@ -95,6 +95,9 @@ class Lowering(NonlinearOps):
             with self.bb.dataflow():
                 for t, var in zip(ig.inputs, params):
                     self.env[t] = Value(var, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
+                for t, arr in ig.consts.items():  # integer constants (e.g. a quantized class token)
+                    arr = np.asarray(arr)
+                    self.env[t] = Value(const(arr, str(arr.dtype)), L.identity(arr.ndim), tuple(arr.shape), str(arr.dtype))
                 for n in ig.nodes:
                     fn = getattr(self, "op_" + n.op)
                     v = fn(n, *[self.env[i] for i in n.inputs])
