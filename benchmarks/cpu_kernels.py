@@ -3,7 +3,10 @@
     python benchmarks/cpu_kernels.py [--quick] [--repeats 7] [--min-repeat-ms 200]
 
 GEMMs (LLM-like and conv-like shapes, M from 1 to 1024; int8 activations, int8 outputs, the full
-bias + requantization epilogue), ResNet-50 convolutions (batch 1, through ``conv2d_nhwc``), and
+bias + requantization epilogue), attention batch matmuls of two activations (``batch_matmul``, each
+compiled as a one-op integer graph through the whole lowering, against the generic Relax int path of
+the same graph: int16 matmul -> int32 + requantization ops, legalized, fused and scheduled by
+cpu_default), ResNet-50 convolutions (batch 1, through ``conv2d_nhwc``), and
 depthwise / grouped convolutions.  Each kernel is timed with ``time_evaluator`` (``repeat`` runs of
 at least ``min_repeat_ms`` each); we report the median and the spread (min, max) of the repeats.
 NumPy FP32 ``matmul`` (its BLAS, all threads) is timed the same way on the same shapes in a separate
@@ -67,6 +70,10 @@ CONVS = [  # name, (N, H, W, C, OC, KH, KW, strides, pads, dilations), a_dtype
     ("resnet50 7x7x512->512 3x3", (1, 7, 7, 512, 512, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), "uint8"),
     ("resnet50 7x7x512->2048 1x1", (1, 7, 7, 512, 2048, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), "uint8"),
     ("resnet50 7x7x2048->512 1x1", (1, 7, 7, 2048, 512, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), "uint8"),
+]
+BATCH_MATMULS = [  # name, batch, M, N, K, A dtype, B stored transposed ([batch, N, K], a Transpose in the graph)
+    ("minilm seq128 Q.K^T 12x128x128x32", 12, 128, 128, 32, "int8", True),
+    ("minilm seq128 P.V 12x128x32x128", 12, 128, 32, 128, "uint8", False),
 ]
 DIRECT = [  # name, kind, (N, H, W, C, OC, KH, KW, strides, pads, dilations, groups)
     ("dw 112x112x32 3x3", "dw", (1, 112, 112, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32)),
@@ -284,6 +291,57 @@ def bench_direct(target, cases, repeats, mrm, rng):
     return rows
 
 
+def _matmul_graph(batch, M, N, K, a_dtype, b_trans):
+    """A one-op integer graph: out = requant(a @ b), b given [batch, N, K] plus a Transpose if b_trans."""
+    from qcompiler.graph import Graph, Node
+
+    shapes = {"a": (batch, M, K), "out": (batch, M, N)}
+    nodes = []
+    if b_trans:
+        shapes.update(bt=(batch, N, K), b=(batch, K, N))
+        nodes.append(Node("transpose", "kT", ["bt"], ["b"], {"perm": (0, 2, 1)}))
+    else:
+        shapes["b"] = (batch, K, N)
+    nodes.append(Node("matmul", "mm", ["a", "b"], ["out"],
+                      {"mult": np.int64(1 << 30), "shift": np.int64(40 if K > 64 else 38), "lo": -128, "hi": 127,
+                       "dtype": "int8"}))
+    ins = ["a", "bt" if b_trans else "b"]
+    dtypes = {"a": a_dtype, "b": "int8", "bt": "int8", "out": "int8"}
+    return Graph(nodes, ins, ["out"], shapes, dtypes)
+
+
+def bench_batch_matmuls(target, cases, repeats, mrm, rng):
+    """Each case through qcompiler.lowering.build with and without our kernels (same graph, same VM)."""
+    from tvm import relax
+
+    from qcompiler.lowering.build import build as qc_build
+
+    rows = []
+    for name, batch, M, N, K, a_dtype, b_trans in cases:
+        ig = _matmul_graph(batch, M, N, K, a_dtype, b_trans)
+        lo = -128 if a_dtype == "int8" else 0
+        a = rng.integers(lo, lo + 256, (batch, M, K)).astype(a_dtype)
+        b = rng.integers(-128, 128, ig.shapes[ig.inputs[1]]).astype(np.int8)
+        ops = 2.0 * batch * M * N * K
+        row = {"name": name, "batch": batch, "M": M, "N": N, "K": K, "a_dtype": a_dtype, "b_transposed": b_trans}
+        outs = {}
+        for key, use in (("kernel", True), ("generic", False)):
+            t = time.perf_counter()
+            res = qc_build(ig, target, use_kernels=use)
+            row[f"{key}_build_s"] = time.perf_counter() - t
+            row[f"{key}_gemm_kernels"] = res.gemm_kernels
+            vm = relax.VirtualMachine(res.executable, tvm.cpu())
+            args = tensors(a, b)
+            outs[key] = vm["main"](*args).numpy()
+            ev = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=mrm)
+            row[key] = stats(list(ev(*args).results), ops)
+        row["bit_equal"] = bool(np.array_equal(outs["kernel"], outs["generic"]))
+        row["int8"] = row["kernel"]
+        row["gen_s"], row["build_s"] = 0.0, row["kernel_build_s"]
+        rows.append(row)
+    return rows
+
+
 def machine(target, repeats, mrm) -> dict:
     cores = os.cpu_count() or 1
     iters = 1 << 16
@@ -327,6 +385,7 @@ def main() -> None:
            "numpy": np.__version__, "target": str(target), "repeats": reps, "min_repeat_ms": mrm,
            "machine": mach, "gemm": bench_gemms(target, gemms, reps, mrm, rng, baseline),
            "conv": bench_convs(target, convs, reps, mrm, rng, baseline),
+           "batch_matmul": bench_batch_matmuls(target, BATCH_MATMULS, reps, mrm, rng),
            "direct": bench_direct(target, direct, reps, mrm, rng)}
     # other work on this shared machine shows up as load: recorded so a noisy run can be recognized
     res["loadavg_1_5_15_start"], res["loadavg_1_5_15_end"] = load_start, os.getloadavg()
@@ -349,6 +408,12 @@ def main() -> None:
         ratio = f"{i['gops_median'] / npf['gops_best']:6.1f}" if npf else f"{'':6s}"
         print(f"{r['name']:40s} {i['gops_median']:8.1f} [{i['gops_worst']:7.1f}..{i['gops_best']:7.1f}] "
               f"{100 * i['gops_median'] / peak:5.0f}% {npg} {ratio} {r['gen_s']:5.3f}+{r['build_s']:5.3f}")
+    print(f"\n{'batch matmul (whole lowering, VM call)':40s} {'kernel GOPS med [min..max]':>27s} "
+          f"{'generic GOPS med':>17s} {'x generic':>9s} {'equal':>6s}")
+    for r in res["batch_matmul"]:
+        k, g = r["kernel"], r["generic"]
+        print(f"{r['name']:40s} {k['gops_median']:8.1f} [{k['gops_worst']:7.1f}..{k['gops_best']:7.1f}] "
+              f"{g['gops_median']:17.2f} {k['gops_median'] / g['gops_median']:9.1f} {str(r['bit_equal']):>6s}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -72,6 +72,9 @@ def test_minilm_integer_only_bit_exact_and_close_to_fp32():
     ig = prep.int_graph
     res = build(ig, opts.target.tvm_target())
     assert scan_tir(res.tir).integer_only
+    if res.gemm_name == "cpu_vnni":  # attention Q.K^T and P.V on the batched VNNI kernel, no fallback
+        assert not res.fallbacks, res.fallbacks
+        assert res.gemm_kernels.get("matmul_vnni") == sum(n.op == "matmul" for n in ig.nodes) > 0, res.gemm_kernels
     outs = {o: [] for o in ig.outputs}
     for i in range(0, 16, batch):
         x = {k: v[i:i + batch] for k, v in feeds.items()}

@@ -15,7 +15,11 @@ rounding half up.  ``lo``/``hi`` are Python ints baked into the kernel (ReLU is 
 
 Modules:
   cpu_vnni     u8 x s8 -> s32 AVX-512 VNNI dense and NHWC conv (signed activations through the
-               +128 offset, corrected in the bias), depthwise conv
+               +128 offset, corrected in the bias), depthwise conv, batch_matmul of two activations
   cpu_default  a default parallel/vectorized schedule for every other PrimFunc on CPU
-  cuda_mma     s8 x s8 -> s32 mma.sync tensor-core dense / conv (implicit GEMM), W4A8, native s4
+  cuda_mma     s8 x s8 -> s32 mma.sync tensor-core dense / conv (implicit GEMM), batch_matmul, W4A8,
+               native s4
+
+``batch_matmul`` (attention: both operands are activations) computes the same function per batch
+entry with bias = 0 and one (mult, shift) for the whole tensor (int64 [1] arguments).
 """

@@ -1,4 +1,4 @@
-"""INT8 dense and NHWC convolution kernels for x86 CPUs with AVX-512 VNNI (TensorIR, scheduled).
+"""INT8 dense, batched matmul and NHWC convolution kernels for x86 CPUs with AVX-512 VNNI (TensorIR, scheduled).
 
 Every kernel computes the fused function of the kernel contract (``qcompiler/kernels/__init__.py``):
 
@@ -35,6 +35,10 @@ Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameter
     implicit GEMM over an offset/zero-padded copy of the input (rows = output pixels ``n, oh, ow``),
     read in place when no copy is needed (uint8, no padding, C % 4 == 0).  Rows past the end of a
     ragged M are computed from the clamped last row and never stored, so nothing reads out of bounds.
+  * batch_matmul (two activations, attention Q.K^T / P.V): the dense schedule with the batch in
+    the parallel tile loop; B is packed to the VNNI layout inside the kernel, and for int8 A the
+    +128 offset is taken back through column sums of B computed in the kernel (a one-row vpdpbusd
+    GEMM) that initialize the accumulators (no bias; one mult / shift for the tensor).
   * depthwise: direct convolution, int32 accumulators vectorized over channels, a register tile of
     output columns x channels, parallel over (n, oh).
   * grouped: direct convolution vectorized over the output channels of a group (weights transposed
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from tvm import te, tirx
-from tvm.s_tir import Schedule
+from tvm.s_tir import SBlock, Schedule
 
 from ._x86_intrin import register as _register_intrin
 
@@ -102,7 +106,7 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_config(M: int, N: int, K: int) -> VnniConfig:
+def default_config(M: int, N: int, K: int, batch: int = 1) -> VnniConfig:
     """Pick the register tile with a small cost model (no measurement at compile time).
 
     Cycles of one 4-deep reduction step of an ``mr x nr`` tile: ``max(mr*nr, mr + nr) / 2`` (two
@@ -110,7 +114,8 @@ def default_config(M: int, N: int, K: int) -> VnniConfig:
     outputs) and a fixed 40; a tile of 1024 bytes or more (mr*nr >= 16) is not a stack buffer for
     TVM (LowerTVMBuiltin's kMaxStackAlloca) but one TVMBackendAllocWorkspace call per tile, charged
     300 cycles (fitted: 3x4 and 7x2 tiles beat 6x4 by 3-8% at K >= 512 and by 20-30% at K = 64).
-    Rows padded up to a multiple of mr and whole tiles split over 2 cores are counted.
+    Rows padded up to a multiple of mr and whole tiles split over 2 cores are counted (``batch``
+    independent GEMMs share the parallel tile loop).
     """
     nb = _ceil(N, 16)
     steps = _ceil(K, 4)
@@ -124,7 +129,7 @@ def default_config(M: int, N: int, K: int) -> VnniConfig:
         for mr in range(1, min(8, 16 // nr) + 1):
             step = max(mr * nr, mr + nr) / 2 + 0.5
             per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr >= 16 else 0)
-            tiles = _ceil(M, mr) * (nb // nr)
+            tiles = batch * _ceil(M, mr) * (nb // nr)
             cost = per_tile * _ceil(tiles, 2)
             key = (round(cost), -nr)
             if best is None or key < best[0]:
@@ -235,14 +240,18 @@ def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
 
 
 # ---- VNNI GEMM schedule (dense and implicit-GEMM conv) -------------------------------------------
-def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int | None) -> None:
-    """Schedule blocks "prep" (unless ``prep_vec_dims`` is None), "gemm" (m, n, *reduction), "out" (m, n).
+def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int | None,
+                   n_batch: int = 0) -> None:
+    """Schedule blocks "prep" (unless ``prep_vec_dims`` is None), "gemm" (*batch, m, n, *reduction),
+    "out" (*batch, m, n); ``n_batch`` leading batch loops join the parallel tile loop.
 
     Order matters in TVM 0.27: parallel/vectorize/unroll before decompose_reduction, tensorize last.
     """
     intrin = _register_intrin()
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
+    bl = list(loops[:n_batch])
+    loops = loops[n_batch:]
     m, n, red = loops[0], loops[1], list(loops[2:])
     assert len(red) == n_red
     m0, m1 = sch.split(m, [None, cfg.mr])
@@ -255,23 +264,22 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     else:
         k1, k2 = sch.split(last, [None, 4])
         red_loops = [*red, k1]
-    outer = [n0, m0] if cfg.n_outer else [m0, n0]
+    outer = [*bl, *([n0, m0] if cfg.n_outer else [m0, n0])]
     sch.reorder(*outer, *red_loops, m1, n1, n2, k2)
     out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, outer[1])
+    sch.reverse_compute_at(out, outer[-1])
     tile = sch.fuse(*outer)
     sch.parallel(tile)
     sch.unroll(m1)
     sch.unroll(n1)
     # epilogue: column blocks outside rows, so mult/shift/rounding vectors stay in registers
-    inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), or (col,) when mr == 1
-    ocol = inner[-1]
-    if len(inner) == 2 and int(sch.get(ocol).extent) % 16 == 0:
-        oc0, oc1 = sch.split(ocol, [None, 16])
+    inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), (col,) when mr == 1, () for 1 x 1
+    if len(inner) == 2 and int(sch.get(inner[-1]).extent) % 16 == 0:
+        oc0, oc1 = sch.split(inner[-1], [None, 16])
         sch.reorder(oc0, inner[0], oc1)
         sch.vectorize(oc1)
-    else:
-        _vectorize_inner(sch, ocol, 16)
+    elif inner:
+        _vectorize_inner(sch, inner[-1], 16)
     if prep_vec_dims is not None:
         pl = sch.get_loops(sch.get_sblock("prep"))
         par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
@@ -386,6 +394,131 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     _prepare_conv_epilogue(sch, OH, OW)
     _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=None if in_place else 2)
     return _finish(sch)
+
+
+def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str = "int8",
+                 out_dtype: str = "int8", lo: int = -128, hi: int = 127, config: VnniConfig | None = None,
+                 b_trans: bool = False) -> tirx.PrimFunc:
+    """Out[b] = requant(A[b] @ B[b]) for two activations (attention Q.K^T, P.V); scalar mult / shift.
+
+    args (A a_dtype [batch, M, K], B int8 [batch, K, N] (``b_trans``: [batch, N, K]), mult int64 [1],
+    shift int64 [1], Out out_dtype [batch, M, N]); no bias.  Both operands change every call, so
+    the kernel does what ``pack_dense`` does at compile time, as cheap TE stages:
+
+      "bpack"   Bp[b, N/16, K/4, 16, 4] = B in the VNNI layout (zero beyond N and K);
+      "colsum"  (int8 A only) cs[b, n] = sum_k 128 * B[b, k, n] (a one-row GEMM on vpdpbusd, from
+                the packed B); the "gemm" accumulators start at -cs, which takes the +128 offset
+                back: acc = -cs + sum_k (A+128) * B, in int32 modulo 2^32, exact because acc and the
+                offset sum are int32 (K <= MAX_K; the module docstring);
+      "prep"    A + 128 as uint8 (int8 A) and / or zero padding of K to a multiple of 4;
+      "gemm"    the register-tiled vpdpbusd GEMM of ``dense``, parallel over (batch x tiles);
+      "out"     the requantization epilogue per finished tile.
+    """
+    _check_io(a_dtype, out_dtype, lo, hi)
+    if b_dtype != "int8":
+        raise ValueError(f"batch_matmul: the VNNI kernel needs an int8 right operand, got {b_dtype}")
+    _check_k(K, "batch_matmul")
+    if min(batch, M, N, K) < 1:
+        raise ValueError(f"batch_matmul: empty problem {batch}x{M}x{N}x{K}")
+    cfg = config or default_config(M, N, K, batch)
+    nb = _ceil(N, 16)
+    if nb % cfg.nr:
+        raise ValueError(f"batch_matmul: nr={cfg.nr} does not divide ceil(N/16)={nb}")
+    signed = a_dtype == "int8"
+    Kp, Mp = _ceil(K, 4) * 4, _ceil(M, cfg.mr) * cfg.mr
+    A = te.placeholder((batch, M, K), a_dtype, name="A")
+    B = te.placeholder((batch, N, K) if b_trans else (batch, K, N), "int8", name="B")
+    mult = te.placeholder((1,), "int64", name="mult")
+    shift = te.placeholder((1,), "int64", name="shift")
+
+    def b_at(b, k, n):
+        return B[b, n, k] if b_trans else B[b, k, n]
+
+    def pack(b, nbi, kb, i, j):
+        n, k = nbi * 16 + i, kb * 4 + j
+        return tirx.if_then_else(tirx.all(n < N, k < K), b_at(b, tirx.min(k, K - 1), tirx.min(n, N - 1)),
+                                 tirx.const(0, "int8"))
+
+    Bp = te.compute((batch, nb, Kp // 4, 16, 4), pack, name="bpack")
+    if signed:  # 128 * column sums of B, as a one-row GEMM with A = 128 (zero in padded columns)
+        c128 = te.compute((Kp,), lambda k: tirx.const(128, "uint8"), name="c128")
+        kc = te.reduce_axis((0, Kp), name="kc")
+        cs = te.compute((batch, nb * 16), lambda b, j: te.sum(
+            c128[kc].astype("int32") * Bp[b, j // 16, kc // 4, j % 16, kc % 4].astype("int32"), axis=kc),
+            name="colsum")
+    has_prep = signed or Kp != K
+    if has_prep:
+        Ap = te.compute((batch, M, Kp), lambda b, i, k: tirx.if_then_else(
+            k < K, _as_u8(A[b, i, tirx.min(k, K - 1)], signed), tirx.const(0, "uint8")), name="prep")
+    else:
+        Ap = A
+    row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
+    k = te.reduce_axis((0, Kp), name="k")
+    C = te.compute((batch, Mp, nb * 16), lambda b, i, j: te.sum(
+        Ap[b, row(i), k].astype("int32") * Bp[b, j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k,
+        init=cs[b, j] if signed else None), name="gemm")
+    # (create_prim_func drops that init but keeps "colsum" in the function; _with_init sets -cs)
+    # mult through int32 (|mult| < 2^31, the contract): a 32 x 32 -> 64-bit multiply (vpmuldq)
+    out = te.compute((batch, M, N), lambda b, i, j: _requant(
+        C[b, i, j].astype("int64"), mult[0].astype("int32").astype("int64"), shift[0], lo, hi, out_dtype),
+        name="out")
+    func = te.create_prim_func([A, B, mult, shift, out])
+    if signed:
+        func = _with_init(func, "gemm", "colsum")
+    sch = Schedule(func)
+    _schedule_bpack(sch)
+    if signed:
+        _schedule_colsum(sch)
+    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1)
+    return _finish(sch)
+
+
+def _schedule_bpack(sch: Schedule) -> None:
+    """Pack B per (batch, 16-column block) in parallel, each 16 x 4 group (64 bytes) unrolled.
+
+    Unrolled byte moves measured faster than vectorizing the group (a byte gather / scatter that
+    TVM scalarizes): MiniLM Q.K^T 12x128x128x32 97 -> 71 us, P.V 12x128x32x128 45 -> 37 us.
+    """
+    b, nbi, kb, i, j = sch.get_loops(sch.get_sblock("bpack"))
+    sch.parallel(sch.fuse(b, nbi))
+    sch.unroll(i)
+    sch.unroll(j)
+
+
+def _schedule_colsum(sch: Schedule) -> None:
+    """Column sums as a one-row GEMM on vpdpbusd (``1 x 16`` steps), parallel over the batch."""
+    blk = sch.get_sblock("colsum")
+    b, j, kc = sch.get_loops(blk)
+    j0, j1 = sch.split(j, [None, 16])
+    k0, k1 = sch.split(kc, [None, 4])
+    sch.reorder(j0, k0, j1, k1)
+    sch.parallel(b)
+    init = sch.decompose_reduction(blk, k0)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(j1, _register_intrin())
+    _vectorize_inner(sch, sch.get_loops(sch.get_sblock("c128"))[0], 64)
+
+
+def _with_init(func: tirx.PrimFunc, block: str, src: str) -> tirx.PrimFunc:
+    """``func`` with the reduction block ``block`` [b, i, j] starting from ``-src[b, j]``, not 0.
+
+    (TE's ``te.sum(..., init=...)`` is dropped by ``te.create_prim_func`` in TVM 0.27.)  The read
+    of ``src`` is not added to the block's read regions: tensorize matches the update block's reads
+    against the intrinsic's, and decompose_reduction copies them from here.  That is safe because
+    no schedule step moves either block: "src" stays at the root, before ``block`` (TE's
+    topological order).
+    """
+    sch = Schedule(func)
+    rv = sch.get_sblock(block)
+    blk = sch.get(rv)
+    buf = next(r.source for r in sch.get(sch.get_sblock(src)).writes)
+    vb, _, vj = (iv.var for iv in blk.iter_vars[:3])
+    init = tirx.BufferStore(blk.init.buffer, tirx.const(0, "int32") - tirx.BufferLoad(buf, [vb, vj]),
+                            blk.init.indices)
+    new = SBlock(blk.iter_vars, blk.reads, blk.writes, blk.name_hint, blk.body, init, blk.alloc_buffers,
+                 blk.match_buffers, blk.annotations)
+    sch.state.replace(sch.get_sref(rv), new, {blk: new})
+    return sch.mod["main"]
 
 
 def _prepare_conv_epilogue(sch: Schedule, OH: int, OW: int) -> None:

@@ -10,6 +10,8 @@ Kernels (all ``mma.sync`` + ``ldmatrix``; see ``_cuda_intrin.py`` for the fragme
 
   dense        A int8|uint8 [M, K] x W int8 [N, K]; ``mma.m16n8k32.s8`` (sm_80+), four
                ``mma.m8n8k16`` per step on sm_75.
+  batch_matmul the dense GEMM per batch entry (``blockIdx.z``) of two activations, A [batch, M, K]
+               x W [batch, N, K], no bias, one (mult, shift) per tensor (attention Q.K^T, P.V).
   conv2d_nhwc  the same GEMM with A gathered on the fly from X [N, H, W, C] (implicit GEMM):
                row m = (n, oh, ow), column k = (kh * KW + kw) * C + c; zero padding and ragged
                tiles are zero-filled copies, no im2col buffer.
@@ -79,7 +81,7 @@ from . import _cuda_intrin as ci
 from .int4_pack import packed_cols
 
 __all__ = [
-    "MmaConfig", "KernelUnsupported", "default_config", "dense", "conv2d_nhwc", "dense_w4a8",
+    "MmaConfig", "KernelUnsupported", "default_config", "dense", "batch_matmul", "conv2d_nhwc", "dense_w4a8",
     "dense_int4", "supports", "sass_of", "cuda_source", "cuda_sources", "compile_cubin", "cuda_target",
     "build", "ensure_cuda_jit", "conv_output_hw",
     "KINDS", "ARCHS", "MAX_K_W4A8",
@@ -212,12 +214,13 @@ class MmaConfig:
 _KIND_BITS = {"dense": (8, 8), "conv2d": (8, 8), "w4a8": (8, 4), "int4": (4, 4)}
 
 
-def default_config(M: int, N: int, K: int, arch, kind: str = "dense") -> MmaConfig:
+def default_config(M: int, N: int, K: int, arch, kind: str = "dense", batch: int = 1) -> MmaConfig:
     """A reasonable untuned configuration for an M x N x K problem (no search).
 
     Small M (decode-like GEMV shapes): 16-row tiles, narrow N tiles so that many CTAs stream the
     weight, deep K stages split across warps (warps_k); large problems: 128x128 tiles with 64x64
     warp tiles.  Vector widths are left to the kernel (0 = the widest the alignment allows).
+    ``batch`` independent problems (``batch_matmul``) count towards filling the GPU.
     """
     sm = _arch_num(arch)
     if kind not in KINDS:
@@ -243,7 +246,7 @@ def default_config(M: int, N: int, K: int, arch, kind: str = "dense") -> MmaConf
     else:
         order = [big, wide, square, mid]
     # the first that gives enough CTAs to fill a GPU (~100 SMs), else the one with the most
-    ctas = [-(-M // c["bm"]) * -(-N // c["bn"]) for c in order]
+    ctas = [batch * -(-M // c["bm"]) * -(-N // c["bn"]) for c in order]
     pick = next((i for i, n in enumerate(ctas) if n >= 100), max(range(len(order)), key=lambda i: ctas[i]))
     cfg = dict(order[pick])
     # no deeper K tiles than the (rounded) reduction needs
@@ -310,6 +313,7 @@ class _Problem:
     w_shape: tuple
     w_dtype: str
     out_shape: tuple
+    batch: int = 0       # > 0: batched (A [batch, M, K], W [batch, N, K], no bias, scalar mult / shift)
 
 
 def _as_int(name: str, v) -> int:
@@ -388,6 +392,7 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
     mma = ci.make_mma_16x8(sm, p.a_type, "s4" if kind == "s4" else "s8")
     wait = ci.make_cp_async_wait(S - 2)
     w4a8 = kind == "w4a8"
+    batched = p.batch > 0
 
     def make_loader(op: _Operand, tile_rows: int, TK: int, stride: int, g_dtype: str, ring_offset: int,
                     reg0: int):
@@ -423,12 +428,13 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                     c = tvm.tirx.And(c, extra)
             return c
 
-        def src_of(G, grow, gb, inb):
+        def src_of(G, grow, gb, inb, rb):
             def clamp(x):
                 return x if inb is None else tvm.tirx.if_then_else(inb, x, 0)
 
             if conv is None:
-                return G[clamp(grow), clamp(tvm.tirx.floordiv(gb, EB) if EB > 1 else gb)]
+                row = clamp(grow) if not batched else rb + clamp(grow)  # rb: the batch entry's first row
+                return G[row, clamp(tvm.tirx.floordiv(gb, EB) if EB > 1 else gb)]
             ohw = conv.oh * conv.ow
             n = tvm.tirx.floordiv(grow, ohw)
             rem = tvm.tirx.floormod(grow, ohw)
@@ -449,13 +455,13 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         ST = {1: "st.shared.u32", 2: "st.shared.v2.u32", 4: "st.shared.v4.u32"}[NW]
 
         @T.macro
-        def chunk_fetch(G, Sm, base, regs, ro, cid, row0, kt, stage):
+        def chunk_fetch(G, Sm, base, regs, ro, cid, row0, kt, stage, rb):
             r = T.meta_var(cid // CPR)
             c = T.meta_var(cid % CPR)
             grow = T.meta_var(row0 + r)
             gb = T.meta_var(kt * TK + c * V)
             inb = T.meta_var(cond_of(grow, gb))
-            src = T.meta_var(src_of(G, grow, gb, inb))
+            src = T.meta_var(src_of(G, grow, gb, inb, rb))
             dst = T.meta_var(base + T.cast(stage * STAGE + r * stride + c * V, "uint32"))
             if mode == "cp":
                 if guarded:
@@ -497,13 +503,13 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                 T.ptx[ST](dst, regs[ro], regs[ro + 1], regs[ro + 2], regs[ro + 3])
 
         @T.macro
-        def fetch(G, Sm, base, regs, tid, row0, kt, stage):
+        def fetch(G, Sm, base, regs, tid, row0, kt, stage, rb):
             for it in T.unroll(ITERS):
                 if EXACT:
-                    chunk_fetch(G, Sm, base, regs, reg0 + it * NW, tid + it * NTH, row0, kt, stage)
+                    chunk_fetch(G, Sm, base, regs, reg0 + it * NW, tid + it * NTH, row0, kt, stage, rb)
                 else:
                     if tid + it * NTH < TOTAL:
-                        chunk_fetch(G, Sm, base, regs, reg0 + it * NW, tid + it * NTH, row0, kt, stage)
+                        chunk_fetch(G, Sm, base, regs, reg0 + it * NW, tid + it * NTH, row0, kt, stage, rb)
 
         @T.macro
         def put(base, regs, tid, stage):
@@ -593,16 +599,23 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         if w4a8:
             x = tvm.tirx.shift_right(x, tvm.tirx.const(4, "int32"))
         # |mult| < 2^31 (contract): going through int32 lets nvcc use one 32x32->64 multiply
+        if batched:  # no bias, one (mult, shift) for the tensor
+            col = 0
+        else:
+            x = x + bias[col]
         m32 = tvm.tirx.Cast("int64", tvm.tirx.Cast("int32", mult[col]))
-        t = tvm.tirx.Cast("int64", x + bias[col]) * m32 + tvm.tirx.shift_left(
+        t = tvm.tirx.Cast("int64", x) * m32 + tvm.tirx.shift_left(
             tvm.tirx.const(1, "int64"), shift[col] - tvm.tirx.const(1, "int64"))
         y = tvm.tirx.shift_right(t, shift[col])
         y = tvm.tirx.max(tvm.tirx.min(y, tvm.tirx.const(hi, "int64")), tvm.tirx.const(lo, "int64"))
         return tvm.tirx.Cast(out_dtype, y)
 
+    def out_row(row, ob):
+        return row if not batched else ob + row   # ob: the batch entry's first output row
+
     @T.macro
-    def store(Out, bias, mult, shift, acc, row, col, idx):
-        Out[row, col] = requant(T.reinterpret("int32", acc[idx]), col, bias, mult, shift)
+    def store(Out, bias, mult, shift, acc, row, col, idx, ob):
+        Out[out_row(row, ob), col] = requant(T.reinterpret("int32", acc[idx]), col, bias, mult, shift)
 
     # 8/16-bit outputs with an even N: the two adjacent columns of a lane go out as one store
     out_bits = tvm.DataType(out_dtype).bits
@@ -616,12 +629,12 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         return tvm.tirx.Cast(pair_dtype, tvm.tirx.bitwise_or(lo_, hi_))
 
     @T.macro
-    def store_pair(Outp, bias, mult, shift, acc, row, col, idx):
-        Outp[row, col // 2] = pack_pair(requant(T.reinterpret("int32", acc[idx]), col, bias, mult, shift),
+    def store_pair(Outp, bias, mult, shift, acc, row, col, idx, ob):
+        Outp[out_row(row, ob), col // 2] = pack_pair(requant(T.reinterpret("int32", acc[idx]), col, bias, mult, shift),
                                         requant(T.reinterpret("int32", acc[idx + 1]), col + 1, bias, mult, shift))
 
     @T.macro
-    def epilogue_pairs(Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane):
+    def epilogue_pairs(Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane, ob):
         for mi in T.unroll(MT):
             for nt in T.unroll(NT8):
                 for h in T.unroll(2):
@@ -630,15 +643,15 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                             store_pair(Outp, bias, mult, shift, acc,
                                        bx * BM + wm_ * WM + mi * 16 + h * 8 + lane // 4,
                                        by * BN + wn_ * WN + nt * 8 + (lane % 4) * 2,
-                                       (mi * NT8 + nt) * 4 + h * 2)
+                                       (mi * NT8 + nt) * 4 + h * 2, ob)
                     else:
                         store_pair(Outp, bias, mult, shift, acc,
                                    bx * BM + wm_ * WM + mi * 16 + h * 8 + lane // 4,
                                    by * BN + wn_ * WN + nt * 8 + (lane % 4) * 2,
-                                   (mi * NT8 + nt) * 4 + h * 2)
+                                   (mi * NT8 + nt) * 4 + h * 2, ob)
 
     @T.macro
-    def epilogue_single(Out, bias, mult, shift, acc, bx, by, wm_, wn_, lane):
+    def epilogue_single(Out, bias, mult, shift, acc, bx, by, wm_, wn_, lane, ob):
         for mi in T.unroll(MT):
             for nt in T.unroll(NT8):
                 for h in T.unroll(2):
@@ -648,32 +661,25 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                                 store(Out, bias, mult, shift, acc,
                                       bx * BM + wm_ * WM + mi * 16 + h * 8 + lane // 4,
                                       by * BN + wn_ * WN + nt * 8 + (lane % 4) * 2 + e,
-                                      (mi * NT8 + nt) * 4 + h * 2 + e)
+                                      (mi * NT8 + nt) * 4 + h * 2 + e, ob)
                         else:
                             store(Out, bias, mult, shift, acc,
                                   bx * BM + wm_ * WM + mi * 16 + h * 8 + lane // 4,
                                   by * BN + wn_ * WN + nt * 8 + (lane % 4) * 2 + e,
-                                  (mi * NT8 + nt) * 4 + h * 2 + e)
+                                  (mi * NT8 + nt) * 4 + h * 2 + e, ob)
 
     @T.macro
-    def epilogue(Out, Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane):
+    def epilogue(Out, Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane, ob):
         if paired:
-            epilogue_pairs(Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane)
+            epilogue_pairs(Outp, bias, mult, shift, acc, bx, by, wm_, wn_, lane, ob)
         else:
-            epilogue_single(Out, bias, mult, shift, acc, bx, by, wm_, wn_, lane)
+            epilogue_single(Out, bias, mult, shift, acc, bx, by, wm_, wn_, lane, ob)
 
     a_shape, a_dtype, w_shape, w_dtype, out_shape = p.a_shape, p.a_dtype, p.w_shape, p.w_dtype, p.out_shape
     NBRAW = (NT8 // 2) * 4 if w4a8 else 1
 
-    @T.prim_func(s_tir=True)
-    def kernel(A_in: T.handle, W_in: T.handle, bias: T.Buffer((N,), "int32"), mult: T.Buffer((N,), "int64"),
-               shift: T.Buffer((N,), "int64"), Out_in: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        A = T.match_buffer(A_in, a_shape, a_dtype)
-        W = T.match_buffer(W_in, w_shape, w_dtype)
-        Out = T.match_buffer(Out_in, out_shape, out_dtype)
-        Out2 = T.decl_buffer((M, N), out_dtype, data=Out.data)
-        OutP = T.decl_buffer((M, N // 2 if paired else 1), pair_dtype, data=Out.data)
+    @T.macro
+    def grid(A, W, bias, mult, shift, Out2, OutP, bz):
         for bx in T.thread_binding(GM, thread="blockIdx.x"):
             for by in T.thread_binding(GN, thread="blockIdx.y"):
                 for tid in T.thread_binding(NTH, thread="threadIdx.x"):
@@ -696,8 +702,8 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                         acc[i] = T.uint32(0)
                     for s in T.unroll(S - 1):
                         if s < KT:
-                            fetch_a(A, ring, a_base, regs, tid, bx * BM, s, s)
-                            fetch_b(W, ring, b_base, regs, tid, by * BN, s, s)
+                            fetch_a(A, ring, a_base, regs, tid, bx * BM, s, s, bz * M)
+                            fetch_b(W, ring, b_base, regs, tid, by * BN, s, s, bz * N)
                             if staged:
                                 put_ab(a_base, b_base, regs, tid, s)
                         if use_cp:
@@ -709,8 +715,8 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                         # ... everybody's have, and everybody is done with the stage refilled below
                         T.tvm_storage_sync("shared")
                         if kt + (S - 1) < KT:
-                            fetch_a(A, ring, a_base, regs, tid, bx * BM, kt + (S - 1), (kt + (S - 1)) % S)
-                            fetch_b(W, ring, b_base, regs, tid, by * BN, kt + (S - 1), (kt + (S - 1)) % S)
+                            fetch_a(A, ring, a_base, regs, tid, bx * BM, kt + (S - 1), (kt + (S - 1)) % S, bz * M)
+                            fetch_b(W, ring, b_base, regs, tid, by * BN, kt + (S - 1), (kt + (S - 1)) % S, bz * N)
                         if use_cp:
                             ci.cp_async_commit()
                         compute(a_base, b_base, af, bf, braw, acc, kt % S, (tid // 32) % WMW,
@@ -723,10 +729,41 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                                  (tid // 32) // (WMW * WNW), tid % 32)
                         if (tid // 32) // (WMW * WNW) == 0:
                             epilogue(Out2, OutP, bias, mult, shift, acc, bx, by, (tid // 32) % WMW,
-                                     (tid // 32) // WMW % WNW, tid % 32)
+                                     (tid // 32) // WMW % WNW, tid % 32, bz * M)
                     else:
                         epilogue(Out2, OutP, bias, mult, shift, acc, bx, by, (tid // 32) % WMW,
-                                 (tid // 32) // WMW % WNW, tid % 32)
+                                 (tid // 32) // WMW % WNW, tid % 32, bz * M)
+
+
+    if not batched:
+        @T.prim_func(s_tir=True)
+        def kernel(A_in: T.handle, W_in: T.handle, bias: T.Buffer((N,), "int32"), mult: T.Buffer((N,), "int64"),
+                   shift: T.Buffer((N,), "int64"), Out_in: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            A = T.match_buffer(A_in, a_shape, a_dtype)
+            W = T.match_buffer(W_in, w_shape, w_dtype)
+            Out = T.match_buffer(Out_in, out_shape, out_dtype)
+            Out2 = T.decl_buffer((M, N), out_dtype, data=Out.data)
+            OutP = T.decl_buffer((M, N // 2 if paired else 1), pair_dtype, data=Out.data)
+            grid(A, W, bias, mult, shift, Out2, OutP, 0)
+    else:
+        # [batch * rows, K] views: entry bz is rows bz*M.. of A / Out and bz*N.. of W
+        BATCH = p.batch
+        a_rows, w_rows = (BATCH * M, a_shape[-1]), (BATCH * N, w_shape[-1])
+
+        @T.prim_func(s_tir=True)
+        def kernel(A_in: T.handle, W_in: T.handle, mult: T.Buffer((1,), "int64"), shift: T.Buffer((1,), "int64"),
+                   Out_in: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            A = T.match_buffer(A_in, a_shape, a_dtype)
+            W = T.match_buffer(W_in, w_shape, w_dtype)
+            Out = T.match_buffer(Out_in, out_shape, out_dtype)
+            A2 = T.decl_buffer(a_rows, a_dtype, data=A.data)
+            W2 = T.decl_buffer(w_rows, w_dtype, data=W.data)
+            Out2 = T.decl_buffer((BATCH * M, N), out_dtype, data=Out.data)
+            OutP = T.decl_buffer((BATCH * M, N // 2 if paired else 1), pair_dtype, data=Out.data)
+            for bz in T.thread_binding(BATCH, thread="blockIdx.z"):
+                grid(A2, W2, mult, mult, shift, Out2, OutP, bz)
 
     attrs = {"qc.scheduled": True, "tirx.is_scheduled": True, "op_pattern": 8,
              "qc.kernel": f"cuda_mma.{kind}", "qc.config": str(cfg)}
@@ -768,6 +805,43 @@ def dense(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, config
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
     b = _Operand(N, K, 1, _widest_vec(K, cfg.vec_b))
     p = _Problem("s8", M, N, K, a_type, out_dtype, lo, hi, a, b, (M, K), a_dtype, (N, K), "int8", (M, N))
+    return _gemm(p, cfg, sm)
+
+
+def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str = "int8", b_dtype: str = "int8",
+                 out_dtype: str = "int8", lo: int = -128, hi: int = 127, arch="sm_80",
+                 config: MmaConfig | None = None) -> tvm.tirx.PrimFunc:
+    """Out[b] = requant(A[b] @ W[b]^T) for two activations (attention Q.K^T, P.V), on mma.sync.
+
+    Arguments of the PrimFunc: A a_dtype [batch, M, K] (int8 or uint8), W int8 [batch, N, K] (the
+    right operand stored transposed, "W" layout, so it loads through ``ldmatrix`` like A), mult
+    int64 [1], shift int64 [1], Out out_dtype [batch, M, N]; no bias:
+
+        Out[b, m, n] = clip((int64(sum_k A[b, m, k] * W[b, n, k]) * mult + 2^(shift-1)) >> shift, lo, hi)
+
+    The GEMM of ``dense`` per batch entry (``blockIdx.z``), its tiles never crossing an entry.
+    A right operand held as [K, N] must be transposed first: ``ldmatrix.trans`` moves 16-bit
+    elements, so it cannot transpose int8 tiles (the lowering emits a transpose when the stored
+    layout is not [N, K]).
+    """
+    batch, M, N, K = _check_dims(batch=batch, M=M, N=N, K=K)
+    lo, hi = _check_epilogue(out_dtype, lo, hi)
+    sm = _arch_num(arch)
+    if not supports(sm, "dense"):
+        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
+    a_type = _a_type(a_dtype, {"int8": "s8", "uint8": "u8"})
+    if b_dtype != "int8":
+        raise KernelUnsupported(f"batch_matmul: the right operand must be int8, got {b_dtype!r}")
+    if batch > 65535:
+        raise KernelUnsupported(f"batch_matmul: batch={batch} > 65535 (blockIdx.z)")
+    if batch * max(M, N) * max(K, N) >= 2**31:
+        raise KernelUnsupported("batch_matmul: operands do not fit int32 indexing")
+    cfg = config if config is not None else default_config(M, N, K, sm, "dense", batch=batch)
+    cfg = _finish_config(cfg, M, N, K, sm, "dense")
+    a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
+    b = _Operand(N, K, 1, _widest_vec(K, cfg.vec_b))
+    p = _Problem("s8", M, N, K, a_type, out_dtype, lo, hi, a, b, (batch, M, K), a_dtype, (batch, N, K), "int8",
+                 (batch, M, N), batch=batch)
     return _gemm(p, cfg, sm)
 
 

@@ -6,10 +6,13 @@ Generic path (any target, any shape; correct, scheduled later by the default sch
 Kernel paths: ``CpuGemm`` (AVX-512 VNNI, qcompiler.kernels.cpu_vnni) and ``CudaGemm``
 (mma.sync tensor cores, qcompiler.kernels.cuda_mma) emit one ``call_tir`` per layer with the
 epilogue fused; a shape a kernel cannot take falls back to the generic path with a warning that
-names the layer.
+names the layer.  That includes ``matmul`` of two activations (attention Q.K^T, P.V): operands
+reshaped to [batch, M, K] x [batch, K, N] (``BatchMatmul``), one batched kernel, reshaped back.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from tvm import relax
@@ -60,7 +63,73 @@ class GenericGemm:
         return lw.requant_expr(t, ref, a["mult"], a["shift"], None, a["lo"], a["hi"], a["dtype"])
 
     def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
-        return lw.emit(relax.op.matmul(lw.cast(a.expr, "int16"), lw.cast(b.expr, "int16"), out_dtype="int32"))
+        """The reference's ``matmul`` of two activations (ONNX MatMul broadcasting), requantized;
+        returns the output in logical layout."""
+        a, b = lw.logical(a), lw.logical(b)
+        acc = lw.emit(relax.op.matmul(lw.cast(a.expr, "int16"), lw.cast(b.expr, "int16"), out_dtype="int32"))
+        shape = lw.ig.shapes[n.outputs[0]]
+        ref = Value(acc, L.identity(len(shape)), shape, "int32")
+        at = n.attrs
+        return lw.requant_expr(lw.cast(acc, "int64"), ref, at["mult"], at["shift"], None, at["lo"], at["hi"],
+                               at["dtype"])
+
+
+@dataclass(frozen=True)
+class BatchMatmul:
+    """A matmul of two activations as ``batch`` independent [M, K] x [K, N] products.
+
+    ``fold``: the right operand is shared by every batch entry (its leading dims are all 1), so the
+    left operand's leading dims are folded into M (batch = 1).
+    """
+
+    batch: int
+    M: int
+    N: int
+    K: int
+    fold: bool
+
+    @staticmethod
+    def plan(a_shape, b_shape) -> "BatchMatmul | str":
+        """The plan for ONNX MatMul of a [..., M, K] and b [..., K, N], or why there is none."""
+        if len(a_shape) < 2 or len(b_shape) < 2:
+            return "a 1-D matmul operand"
+        (M, K), (K2, N) = a_shape[-2:], b_shape[-2:]
+        assert K == K2, (a_shape, b_shape)
+        la, lb = tuple(a_shape[:-2]), tuple(b_shape[:-2])
+        if all(d == 1 for d in lb) and len(lb) <= len(la):
+            return BatchMatmul(1, int(np.prod(la, dtype=np.int64)) * M, N, K, True)
+        r = max(len(la), len(lb))
+        la, lb = (1,) * (r - len(la)) + la, (1,) * (r - len(lb)) + lb
+        if la != lb:
+            return f"broadcast batch dims {tuple(a_shape)} x {tuple(b_shape)}"
+        return BatchMatmul(int(np.prod(la, dtype=np.int64)), M, N, K, False)
+
+    def operands(self, lw, a: Value, b: Value, b_trans: bool) -> tuple[relax.Expr, relax.Expr]:
+        """a as [batch, M, K] and b as [batch, K, N] (``b_trans``: [batch, N, K]), copying only
+        what the stored layouts require."""
+        a = lw.logical(a)
+        r = b.rank
+        want = L.identity(r)
+        if b_trans:
+            want = (*want[:-2], r - 1, r - 2)
+        b = lw.to_perm(b, want)
+        bshape = (self.batch, self.N, self.K) if b_trans else (self.batch, self.K, self.N)
+        return (lw.emit(relax.op.reshape(a.expr, (self.batch, self.M, self.K))),
+                lw.emit(relax.op.reshape(b.expr, bshape)))
+
+    @staticmethod
+    def b_stored_transposed(b: Value) -> bool:
+        """Whether b's stored layout is closer to [.., N, K] than to [.., K, N]: its last physical
+        axis is logical K (then the [.., N, K] copy moves contiguous runs, or nothing)."""
+        return b.rank >= 2 and b.perm[-1] == b.rank - 2
+
+
+def scalar_requant(at) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mult, shift) as int64 [1] arrays when the op's requantization is per tensor, else None."""
+    mult, shift = np.asarray(at["mult"], np.int64), np.asarray(at["shift"], np.int64)
+    if mult.size != 1 or shift.size != 1:
+        return None
+    return mult.reshape(1), shift.reshape(1)
 
 
 class KernelGemm(GenericGemm):

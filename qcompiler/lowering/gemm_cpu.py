@@ -12,9 +12,13 @@ activations folded into ``bias_eff``).  Routing by layer:
   group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors)
   other groups                     -> grouped_conv2d_nhwc
   dense (M x K @ K x N)            -> dense
+  matmul of two activations        -> batch_matmul (B packed in the kernel; [batch, N, K] read
+                                      as stored when B's last stored axis is K, e.g. a
+                                      transposed K in attention, else [batch, K, N])
 
-A layer a kernel cannot take (activation dtype other than int8/uint8, K > MAX_K, a host without
-VNNI for the group == 1 / dense kernels) falls back to ``GenericGemm`` with a warning naming it.
+A layer a kernel cannot take (activation dtype other than int8/uint8, a uint8 right matmul
+operand, broadcast matmul batch dims, K > MAX_K, a host without VNNI for the group == 1 / dense /
+matmul kernels) falls back to ``GenericGemm`` with a warning naming it.
 Kernels are marked ``op_pattern`` = opaque so FuseOps never merges them into other PrimFuncs.
 The dense / group-1 conv kernels take the best tuned ``VnniConfig`` of the active tuning log
 (``qcompiler.tune.apply``), else ``default_config``.
@@ -30,8 +34,8 @@ from qcompiler.kernels import cpu_vnni as V
 from qcompiler.tune import apply as tuned
 from qcompiler.tune import workload as tw
 
-from .gemm import KernelGemm, conv_out_hw
-from .relax_lower import const
+from .gemm import BatchMatmul, KernelGemm, conv_out_hw, scalar_requant
+from .relax_lower import Value, const
 
 _OPAQUE = 8
 
@@ -115,3 +119,31 @@ class CpuGemm(KernelGemm):
         mult, shift = self._epi(a)
         args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
         return self._call(lw, f, "dense_vnni", args, (M, N), a["dtype"])
+
+    def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
+        at = n.attrs
+        plan = BatchMatmul.plan(a.shape, b.shape)
+        rq = scalar_requant(at)
+        why = None
+        if not self.vnni:
+            why = "the target CPU has no AVX-512 VNNI"
+        elif isinstance(plan, str):
+            why = plan
+        elif a.dtype not in V.ACT_DTYPES or b.dtype != "int8" or at["dtype"] not in V.OUT_DTYPES:
+            why = f"operand dtypes {a.dtype} x {b.dtype} -> {at['dtype']} have no VNNI kernel"
+        elif rq is None:
+            why = "per-channel requantization of a matmul"
+        if why is None:
+            b_trans = BatchMatmul.b_stored_transposed(b)
+            try:
+                f = V.batch_matmul(plan.batch, plan.M, plan.N, plan.K, a.dtype, b.dtype, at["dtype"],
+                                   int(at["lo"]), int(at["hi"]), b_trans=b_trans)
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            self._fallback(n, why)
+            return super().matmul(lw, n, a, b)
+        a3, b3 = plan.operands(lw, a, b, b_trans)
+        args = [a3, b3, const(rq[0], "int64"), const(rq[1], "int64")]
+        y = self._call(lw, f, "matmul_vnni", args, (plan.batch, plan.M, plan.N), at["dtype"])
+        return lw.emit(relax.op.reshape(y, lw.ig.shapes[n.outputs[0]]))

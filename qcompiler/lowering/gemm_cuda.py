@@ -10,10 +10,16 @@ Each quantized layer becomes one ``call_tir`` of a scheduled ``mma.sync`` kernel
   conv     W int8 [OC, KH*KW*C] with k = (kh*KW + kw)*C + c  (ONNX [OC, C, KH, KW] -> OHWI, flattened)
   W4A8     a dense/conv layer quantized to 4-bit weights (``weight_bits`` == 4) on sm_90 uses
            ``dense_w4a8`` with ``pack_int4(w, order="mma_k32")`` (no native INT4 mma there)
+  matmul   two activations (attention): ``batch_matmul`` with B as [batch, N, K], made by the
+           layout tracking (``BatchMatmul.operands``): a transposed K in Q.K^T is stored with K
+           innermost already (at most a permute of the batch / head axes, no copy if none); a B
+           stored [.., K, N] (V in P.V) gets a Relax permute_dims first, because ``ldmatrix.trans``
+           moves 16-bit elements and cannot transpose int8 tiles
 
 Grouped / depthwise convolutions (no GEMM worth a tensor core), activation dtypes other than
-int8/uint8 and shapes a kernel rejects (``KernelUnsupported``) fall back to the generic Relax
-lowering, scheduled by dlight, with a warning naming the layer.  Each kernel takes the best tuned
+int8/uint8, a uint8 right matmul operand, broadcast matmul batch dims and shapes a kernel rejects
+(``KernelUnsupported``) fall back to the generic Relax lowering, scheduled by dlight, with a
+warning naming the layer.  Each kernel takes the best tuned
 ``MmaConfig`` of the active tuning log (``qcompiler.tune.apply``), else ``default_config``.
 """
 
@@ -28,8 +34,8 @@ from qcompiler.kernels.int4_pack import pack_int4
 from qcompiler.tune import apply as tuned
 from qcompiler.tune import workload as tw
 
-from .gemm import KernelGemm, conv_out_hw
-from .relax_lower import const
+from .gemm import BatchMatmul, KernelGemm, conv_out_hw, scalar_requant
+from .relax_lower import Value, const
 
 
 class CudaGemm(KernelGemm):
@@ -92,3 +98,26 @@ class CudaGemm(KernelGemm):
             self._fallback(n, str(e))
             return super().dense(lw, n, x, x_dtype, M, Kd)
         return self._call(lw, f, name, [x, wk, *self._epi(a)], (M, N), a["dtype"])
+
+    def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
+        at = n.attrs
+        plan = BatchMatmul.plan(a.shape, b.shape)
+        rq = scalar_requant(at)
+        why = None
+        if isinstance(plan, str):
+            why = plan
+        elif rq is None:
+            why = "per-channel requantization of a matmul"
+        else:
+            try:
+                f = K.batch_matmul(plan.batch, plan.M, plan.N, plan.K, a.dtype, b.dtype, at["dtype"],
+                                   int(at["lo"]), int(at["hi"]), self.arch)
+            except K.KernelUnsupported as e:
+                why = str(e)
+        if why is not None:
+            self._fallback(n, why)
+            return super().matmul(lw, n, a, b)
+        a3, b3 = plan.operands(lw, a, b, b_trans=True)
+        args = [a3, b3, const(rq[0], "int64"), const(rq[1], "int64")]
+        y = self._call(lw, f, "matmul_mma", args, (plan.batch, plan.M, plan.N), at["dtype"])
+        return lw.emit(relax.op.reshape(y, lw.ig.shapes[n.outputs[0]]))

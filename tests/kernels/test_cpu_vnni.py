@@ -332,6 +332,71 @@ def test_grouped(target, case, a_dtype):
     np.testing.assert_array_equal(got, want)
 
 
+# ---- batched matmul of two activations (attention Q.K^T, P.V) ----------------------------------------------
+def check_bmm(target, rng, batch, M, N, K, a_dtype, out_dtype, lo, hi, b_trans=False, config=None):
+    a = rand_act(rng, (batch, M, K), a_dtype)
+    b = rng.integers(-128, 128, (batch, K, N)).astype(np.int8)
+    b[0, :, 0] = -128                                  # extreme column sums
+    mult = np.array([int(rng.integers(-(2**31) + 1, 2**31))], np.int64)
+    shift = np.array([int(rng.integers(14, 30))], np.int64)
+    func = cv.batch_matmul(batch, M, N, K, a_dtype, "int8", out_dtype, lo, hi, config, b_trans=b_trans)
+    bin_ = np.ascontiguousarray(b.transpose(0, 2, 1)) if b_trans else b
+    got, lib = run(target, func, [a, bin_, mult, shift], (batch, M, N), out_dtype)
+    acc = np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
+    want = requant_ref(acc, mult, shift, lo, hi, out_dtype)
+    np.testing.assert_array_equal(got, want, err_msg=f"bmm {batch}x{M}x{N}x{K} {a_dtype} b_trans={b_trans}")
+    return lib
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(3, 17, 35, 29), (2, 33, 40, 64), (2, 5, 16, 7), (1, 1, 1, 1), (4, 128, 32, 128),
+                                   (12, 20, 20, 32)])
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("b_trans", [False, True])
+def test_batch_matmul(target, shape, a_dtype, b_trans):
+    rng = np.random.default_rng(zlib.crc32(repr((shape, a_dtype, b_trans)).encode()))
+    _, out_dtype, lo, hi = random_io(rng)
+    check_bmm(target, rng, *shape, a_dtype, out_dtype, lo, hi, b_trans)
+
+
+@needs_vnni
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_matmul_random_shapes(target, seed):
+    rng = np.random.default_rng(500 + seed)
+    batch, M, N, K = (int(rng.integers(1, hi)) for hi in (5, 40, 70, 90))
+    a_dtype = ["int8", "uint8"][seed % 2]
+    check_bmm(target, rng, batch, M, N, K, a_dtype, "int8", -128, 127, b_trans=bool(seed // 2),
+              config=cv.VnniConfig(int(rng.integers(1, 6)), 1))
+
+
+@needs_vnni
+def test_batch_matmul_saturating_offset_sums(target):
+    """int8 A = -128 everywhere and B = -128: the offset sum is 0 and the column sums are extreme."""
+    batch, M, N, K = 2, 5, 18, 300
+    a = np.full((batch, M, K), -128, np.int8)
+    b = np.full((batch, K, N), -128, np.int8)
+    b[1] = 127
+    mult, shift = np.array([1], np.int64), np.array([8], np.int64)
+    func = cv.batch_matmul(batch, M, N, K, "int8", "int8", "int32", -(2**31), 2**31 - 1)
+    got, _ = run(target, func, [a, b, mult, shift], (batch, M, N), "int32")
+    acc = np.matmul(a.astype(np.int64), b.astype(np.int64))
+    np.testing.assert_array_equal(got, requant_ref(acc, mult, shift, -(2**31), 2**31 - 1, "int32"))
+
+
+def test_batch_matmul_asm_has_vpdpbusd_without_running():
+    for b_trans, a_dtype in ((False, "uint8"), (True, "int8")):
+        f = cv.batch_matmul(12, 128, 128, 32, a_dtype, "int8", "int8", -128, 127, b_trans=b_trans)
+        asm = build(f, tvm.target.Target({"kind": "llvm", "mcpu": "znver5"})).inspect_source("asm")
+        assert "vpdpbusd" in asm and "zmm" in asm
+
+
+def test_batch_matmul_rejects():
+    with pytest.raises(ValueError, match="int8 right operand"):
+        cv.batch_matmul(1, 4, 4, 4, "int8", "uint8", "int8", -128, 127)
+    with pytest.raises(ValueError, match="overflow"):
+        cv.batch_matmul(1, 4, 4, cv.MAX_K + 1, "int8", "int8", "int8", -128, 127)
+
+
 # ---- through Relax: call_tir with constant weights in tvm.compile ------------------------------------------
 @needs_vnni
 def test_relax_call_tir(target):

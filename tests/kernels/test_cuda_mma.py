@@ -381,6 +381,59 @@ def test_simulator_catches_a_missing_wait(monkeypatch):
     assert (args[-1] != expected).any()
 
 
+# ---- batched matmul of two activations (attention) ----------------------------------------------------
+def bmm_case(batch, M, N, K, arch, cfg, a_dtype="int8", out_dtype="int8", seed=0):
+    """(func, args, expected): A [batch, M, K] x W [batch, N, K] (B^T), one (mult, shift)."""
+    rng = np.random.default_rng(seed)
+    A = (rng.integers(0, 256, (batch, M, K)).astype(np.uint8) if a_dtype == "uint8"
+         else rng.integers(-128, 128, (batch, M, K)).astype(np.int8))
+    W = rng.integers(-128, 128, (batch, N, K)).astype(np.int8)
+    W[0, 0, :] = -128
+    lo, hi = cm.OUT_DTYPES[out_dtype]
+    mult = np.array([int(rng.integers(1 << 29, 1 << 31))], np.int64)
+    shift = np.array([31 if out_dtype == "int32" else int(np.log2(np.sqrt(K) * 5500)) + 24], np.int64)
+    f = cm.batch_matmul(batch, M, N, K, a_dtype, "int8", out_dtype, lo, hi, arch, cfg)
+    acc = np.einsum("bmk,bnk->bmn", A.astype(np.int64), W.astype(np.int64))
+    want = np.clip((acc * mult[0] + (np.int64(1) << (shift[0] - 1))) >> shift[0], lo, hi).astype(out_dtype)
+    return f, (A, W, mult, shift, np.zeros((batch, M, N), out_dtype)), want
+
+
+BMM_SIM = [
+    # batch, M, N, K, arch, config, a_dtype, out_dtype
+    (3, 17, 35, 40, "sm_80", C(bm=32, bn=32, bk=32, warps_m=1, warps_n=1, stages=2), "int8", "int8"),
+    (2, 20, 24, 70, "sm_75", None, "uint8", "int8"),                                 # ragged K, byte copies
+    (2, 16, 16, 32, "sm_90", None, "int8", "int16"),
+    (4, 9, 8, 128, "sm_86", C(bm=16, bn=16, bk=64, warps_m=1, warps_n=1, warps_k=2, stages=3), "uint8", "uint8"),
+    (2, 33, 17, 32, "sm_89", C(bm=32, bn=16, bk=32, warps_m=2, warps_n=1, stages=3), "int8", "int32"),  # odd N
+]
+
+
+@pytest.mark.parametrize("batch,M,N,K,arch,cfg,a_dtype,out", BMM_SIM,
+                         ids=[f"bmm-{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}-{c[6]}" for c in BMM_SIM])
+def test_simulated_batch_matmul_bit_exact(batch, M, N, K, arch, cfg, a_dtype, out):
+    f, args, expected = bmm_case(batch, M, N, K, arch, cfg, a_dtype, out)
+    run_kernel(f, *args)
+    np.testing.assert_array_equal(args[-1], expected)
+
+
+def test_batch_matmul_contract():
+    f = cm.batch_matmul(12, 128, 128, 32, "int8", "int8", "int8", -128, 127, "sm_80")
+    assert int(f.attrs["op_pattern"]) == 8 and f.attrs["qc.scheduled"]
+    with pytest.raises(cm.KernelUnsupported, match="right operand"):
+        cm.batch_matmul(2, 16, 16, 32, "int8", "uint8", "int8", -128, 127, "sm_80")
+    with pytest.raises(cm.KernelUnsupported):
+        cm.batch_matmul(2, 16, 16, 32, "int8", "int8", "int8", -128, 127, "sm_70")
+
+
+@needs_sass
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_sass_batch_matmul_int8(arch):
+    text = sass(lambda a: cm.batch_matmul(12, 128, 128, 32, "int8", "int8", "int8", -128, 127, a), "bmm_qk", arch)
+    assert_imma(text, "IMMA.16832.S8.S8", arch)
+    text = sass(lambda a: cm.batch_matmul(12, 128, 32, 128, "uint8", "int8", "int8", -128, 127, a), "bmm_pv", arch)
+    assert_imma(text, "IMMA.16832.U8.S8", arch)
+
+
 # ---- Relax integration (compile only) ----------------------------------------------------------------
 def test_relax_call_tir_compiles_for_cuda():
     from tvm import relax
@@ -458,6 +511,21 @@ def test_gpu_conv_bit_exact(geom):
     arch = _gpu_arch()
     cm.ensure_cuda_jit()
     f, args, expected = conv_case(geom, arch, None)
+    lib = cm.build(f, arch)
+    dev = tvm.cuda(0)
+    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    lib["main"](*targs)
+    np.testing.assert_array_equal(targs[-1].numpy(), expected)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch,M,N,K,a_dtype", [(12, 128, 128, 32, "int8"), (12, 128, 32, 128, "uint8"),
+                                                 (5, 37, 50, 70, "int8")])
+def test_gpu_batch_matmul_bit_exact(batch, M, N, K, a_dtype):
+    arch = _gpu_arch()
+    cm.ensure_cuda_jit()
+    f, args, expected = bmm_case(batch, M, N, K, arch, None, a_dtype)
     lib = cm.build(f, arch)
     dev = tvm.cuda(0)
     targs = [tvm.runtime.tensor(a, dev) for a in args]

@@ -92,3 +92,63 @@ def test_padding_does_not_change_the_unpadded_tokens():
     prep, tv, ref = check_pipeline(m, calib, test, min_cos=0.99, opts_kw={"batch": B})
     assert np.array_equal(tv["pooled"][0], tv["pooled"][1])
     assert np.array_equal(tv["res"][0, :5], tv["res"][1, :5])
+
+
+def _prepared_attention():
+    import tempfile
+
+    from qcompiler.driver import CompileOptions, prepare
+    from qcompiler.targets import parse_target
+    from tests.helpers import save
+
+    rng = np.random.default_rng(11)
+    calib = {"ids": rng.integers(0, 50, (16, S)).astype(np.int64),
+             "mask": np.concatenate([_mask(8, rng.integers(3, S + 1, 8)), np.ones((8, S), np.int64)])}
+    with tempfile.TemporaryDirectory() as d:
+        path = save(_attention_model(), d)
+        prep = prepare(path, calib, CompileOptions(target=parse_target("cpu"), batch=B))
+    return prep, rng
+
+
+def test_attention_matmuls_run_on_the_vnni_kernel():
+    """Q.K^T (int8 x int8) and P.V (uint8 x int8) are batched VNNI kernels with the requantization
+    fused (no generic fallback), and the library equals the NumPy reference element for element."""
+    import pytest
+
+    from qcompiler import reference
+    from qcompiler.kernels.cpu_vnni import host_has_vnni
+    from qcompiler.lowering.build import build
+    from tests.helpers import run_tvm
+
+    if not host_has_vnni():
+        pytest.skip("CPU without AVX-512 VNNI")
+    import tvm
+
+    prep, rng = _prepared_attention()
+    res = build(prep.int_graph, tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}))
+    assert res.gemm_name == "cpu_vnni"
+    assert res.fallbacks == []
+    assert res.gemm_kernels.get("matmul_vnni") == 2, res.gemm_kernels
+    # the matmul kernels are opaque call_tir's: no Relax matmul is left in the lowered module
+    assert "R.matmul" not in res.relax_mod.script()
+    test = {"ids": rng.integers(0, 50, (B, S)).astype(np.int64), "mask": _mask(B, [3, S])}
+    tv, ref = run_tvm(res.executable, prep.int_graph, test), reference.execute(prep.int_graph, test)
+    for name in ("res", "pooled"):
+        np.testing.assert_array_equal(tv[name], ref[name])
+
+
+def test_attention_matmuls_compile_on_the_mma_kernel():
+    """The same graph for CUDA (compile only): both matmuls are batched tensor-core kernels."""
+    import re
+
+    from qcompiler.kernels import cuda_mma as cm
+    from qcompiler.lowering.build import build
+
+    prep, _ = _prepared_attention()
+    res = build(prep.int_graph, cm.cuda_target("sm_80"))
+    assert res.gemm_name == "cuda_mma" and res.fallbacks == []
+    assert res.gemm_kernels.get("matmul_mma") == 2, res.gemm_kernels
+    src = cm.cuda_source(res.executable)
+    kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (matmul_mma\w*)\(", src))
+    assert len(kernels) == 2, kernels
+    assert "mma.sync.aligned.m16n8k32" in src
