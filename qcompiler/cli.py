@@ -58,7 +58,35 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
 
     _tune_parsers(sub)
+    _costmodel_parsers(sub)
     return p
+
+
+def _costmodel_parsers(sub) -> None:
+    cm = sub.add_parser("costmodel", help="train / evaluate the learned latency model (costmodel/)")
+    cs = cm.add_subparsers(dest="cm_cmd", required=True)
+    tr = cs.add_parser("train", help="train on tuning logs: qc costmodel train autotune_logs/<device>/ -o costmodels/<device>.json")
+    tr.add_argument("logs", help="a log folder (records.jsonl + profiles.jsonl) or a records.jsonl")
+    tr.add_argument("-o", "--output", required=True, help="model file (JSON: XGBoost models + feature schema)")
+    tr.add_argument("--families", default="all", choices=["all", "structural", "text"], help="feature families")
+    tr.add_argument("--json", action="store_true")
+    ev = cs.add_parser("eval", help="group k-fold (by workload) metrics of the model's recipe on a log")
+    ev.add_argument("logs", help="a log folder or records.jsonl")
+    ev.add_argument("--folds", type=int, default=5)
+    ev.add_argument("--families", default="all", choices=["all", "structural", "text"])
+    ev.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict per-kernel and whole-model latency without running the model")
+    pr.add_argument("model", help="the .onnx file")
+    pr.add_argument("--target", default="cpu", help="cpu or cuda")
+    pr.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90")
+    pr.add_argument("--precision", default="int8", help="int8 (default)")
+    pr.add_argument("--calib", default=None, help="as in qc compile (default: random data of the input shapes)")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--cost-model", default=None, metavar="FILE",
+                    help="model file (default costmodels/<device>.json; none: roofline estimate)")
+    pr.add_argument("--json", action="store_true", help='print {"total_ms": ..., "layers": [...], ...}')
+    pr.add_argument("--plot", default=None, metavar="OUT.png", help="bar chart of the per-kernel predictions")
 
 
 def _tune_parsers(sub) -> None:
@@ -201,8 +229,20 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_costmodel(a) -> int:
+    from costmodel import cli as cm_cli
+
+    return cm_cli.run_costmodel(a)
+
+
+def cmd_predict(a) -> int:
+    from costmodel import cli as cm_cli
+
+    return cm_cli.run_predict(a)
+
+
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
-            "tune": cmd_tune, "measure": cmd_measure}
+            "tune": cmd_tune, "measure": cmd_measure, "costmodel": cmd_costmodel, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,13 @@ Which log: ``CompileOptions.tune_log`` if given (a folder or a records.jsonl; "o
 repository root, if it exists (for a CUDA target without a GPU to name, the first
 ``autotune_logs/sm_XX*`` folder of the target's arch).  Records of another target/device or TVM
 version are skipped with a warning.
+
+Without a record for a kernel, and with a cost model for the device (``costmodels/<device>.json``,
+or the file ``$QC_COSTMODEL`` names; ``QC_COSTMODEL=off`` disables it), :func:`generate` samples
+up to ``PICK_SAMPLES`` configs of the workload's space (the default config included), predicts
+their latency with the model's config-only booster (no TIR is built for them), and builds the one
+predicted fastest (the default unless another is predicted >3% faster; the next candidate when the
+generator rejects it).  No measurement; the metadata lists those layers under ``predicted_layers``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ class TunedConfigs:
         self.target = target
         self.best: dict[str, dict] = {}
         self.used: list[dict] = []
+        self.predicted: list[dict] = []
         self.skipped: dict = {}
+        self._cost_model = False  # not looked up yet
         if log:
             rr = R.read(log, target, tvm.__version__)
             self.best = R.best_by_workload(rr.records)
@@ -58,7 +67,22 @@ class TunedConfigs:
 
     def summary(self) -> dict:
         return {"log": str(R.log_file(self.log)) if self.log else None, "workloads_in_log": len(self.best),
-                "tuned_layers": self.used, "skipped_records": self.skipped}
+                "tuned_layers": self.used, "skipped_records": self.skipped,
+                "predicted_layers": self.predicted}
+
+    def cost_model(self):
+        """The device's cost model, or None (none, disabled, or unusable: warned once)."""
+        if self._cost_model is False:
+            self._cost_model = None
+            try:
+                from costmodel.predict import load_for
+
+                cm, _ = load_for(self.target)
+                if cm is not None and "cfg" in cm.boosters:
+                    self._cost_model = cm
+            except Exception as e:  # noqa: BLE001 - a bad model file must not break compilation
+                progress.get().warn(f"cost model not used for untuned kernels: {str(e).splitlines()[0]}")
+        return self._cost_model
 
 
 def find_log(spec, tune_log: str | None = None) -> str | None:
@@ -107,7 +131,8 @@ def generate(workload, layer: str, make):
         return make(None)
     cfg, rec = tc.lookup(workload)
     if cfg is None:
-        return make(None)
+        picked = _pick_by_model(tc, workload, layer, make)
+        return picked if picked is not None else make(None)
     try:
         func = make(cfg)
     except Exception as e:  # noqa: BLE001 - ValueError / KernelUnsupported
@@ -117,3 +142,54 @@ def generate(workload, layer: str, make):
     tc.used.append({"layer": layer, "workload_key": workload.key, "config": config_dict(rec["config"]),
                     "median_s": rec["median_s"], "is_default": bool(rec.get("is_default"))})
     return func
+
+
+PICK_SAMPLES = 48
+
+
+def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
+    """The candidate the cost model predicts fastest, built; None to fall back to the default."""
+    cm = tc.cost_model()
+    if cm is None:
+        return None
+    import dataclasses
+    import random
+    import zlib
+
+    import numpy as np
+
+    from costmodel.features import cfg_only
+
+    from .workload import normalize_config
+
+    try:
+        space = workload.config_space()
+        default = normalize_config(workload, workload.default_config())
+    except Exception:  # noqa: BLE001 - no config space: the generator decides
+        return None
+    rng = random.Random(zlib.crc32(workload.key.encode()))
+    pool = [default] + rng.sample(space, min(len(space), PICK_SAMPLES - 1))
+    cands, seen = [], set()
+    for c in pool:
+        c = normalize_config(workload, c)
+        k = config_key(c)
+        if k not in seen:
+            seen.add(k)
+            cands.append(c)
+    wf = workload.fields()
+    X = np.stack([cfg_only(wf, dataclasses.asdict(c), tc.target) for c in cands])
+    pred = cm.predict_cfg(X)
+    order = [int(i) for i in np.argsort(pred, kind="stable")]
+    if pred[0] <= pred[order[0]] * 1.03:  # the default unless another is clearly predicted faster
+        order.remove(0)
+        order.insert(0, 0)
+    for i in order[:4]:
+        try:
+            func = make(cands[i])
+        except Exception:  # noqa: BLE001 - ValueError / KernelUnsupported: next candidate
+            continue
+        tc.predicted.append({"layer": layer, "workload_key": workload.key, "config": config_dict(cands[i]),
+                             "predicted_s": float(pred[i]), "default_predicted_s": float(pred[0]),
+                             "is_default": bool(i == 0), "model": cm.path})
+        return func
+    return None

@@ -14,6 +14,11 @@ the largest
 
 (an "improvement" is a trial that lowered the task's best by more than 1%; the Laplace estimate
 decays as a task stops improving).  A task whose space is exhausted gets weight 0.
+
+Warm start: with ``$QC_TUNE_COSTMODEL`` naming a cost model file (``qc costmodel train``), the
+"random untried point" becomes the point the model predicts fastest among ``WARM_POOL`` random
+untried points (its config-only booster; no TIR built), so a new workload starts from the model's
+knowledge of the others instead of from chance.
 """
 
 from __future__ import annotations
@@ -126,6 +131,10 @@ class TaskState:
         rest = [c for c in self.space if free(normalize_config(self.w, c))]
         if not rest:
             return None
+        model = _warm_model(self.task)
+        if model is not None:
+            return _best_predicted(model, self.w, [normalize_config(self.w, c) for c in
+                                                   self.rng.sample(rest, min(WARM_POOL, len(rest)))])
         return normalize_config(self.w, self.rng.choice(rest))
 
     def _neighbours(self, base: dict) -> list:
@@ -135,6 +144,34 @@ class TaskState:
             if sum(d[f] != base.get(f) for f in d) == 1:
                 out.append(normalize_config(self.w, c))
         return out
+
+
+WARM_POOL = 64
+_WARM: dict = {}
+
+
+def _warm_model(task):
+    """The cost model of ``$QC_TUNE_COSTMODEL`` (loaded once; None when unset)."""
+    import os
+
+    path = os.environ.get("QC_TUNE_COSTMODEL")
+    if not path:
+        return None
+    if path not in _WARM:
+        from costmodel.predict import CostModel
+
+        _WARM[path] = CostModel.load(path)
+    return _WARM[path]
+
+
+def _best_predicted(model, w: Workload, cands: list):
+    import numpy as np
+
+    from costmodel.features import cfg_only
+
+    tgt = dict(model.target)
+    X = np.stack([cfg_only(w.fields(), dataclasses.asdict(c), tgt) for c in cands])
+    return cands[int(np.argmin(model.predict_cfg(X)))]
 
 
 # ---- models -> tasks -----------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Profile records: every kernel of a compiled library timed inside the running model.
+
+``python -m costmodel.profile [--models a,b] [--runs 30] [--out autotune_logs/<device>/profiles.jsonl]``
+compiles the zoo models (tuned configs of the device's log applied, as ``qc compile`` does),
+runs each library with the Relax VM instrument hook (``vm.set_instrument(f)``: ``f`` is called
+before and after every packed call) and writes, one JSON line each (schema ``qc-profile/1``):
+
+* ``{"type": "tir", "tir_sha256", "tir": gzip+base64 TVMScript}`` once per distinct kernel TIR;
+* ``{"type": "kernel", "model", "kernel", "call_index", "tir_sha256", "median_s", "latencies_s",
+  "in_model_median_s", "timing", "target"}`` per kernel call in execution order: ``median_s`` /
+  ``latencies_s`` time the kernel alone on the model's own arguments (``time_evaluator``, as the
+  tuner times its candidates; ``timing: "isolated"``), ``in_model_median_s`` is its median time
+  inside the running model (includes the instrument's ~1 us Python callback);
+* ``{"type": "model", "model", "target", "bench": {median_ms, p10_ms, p90_ms} (qc bench's
+  measurement of the same library), "kernel_sum_ms", "n_kernel_calls", "n_builtin_calls",
+  "builtin_sum_ms", "workload_keys"}`` per library (the GEMM workloads it runs, for splits by model).
+
+The file is rewritten (atomically) for the models profiled; lines of other models are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import PROFILE_SCHEMA
+
+
+def split_functions(module_text: str) -> dict[str, str]:
+    """name -> TVMScript of each PrimFunc of a printed module (as stored in model.json)."""
+    from qcompiler.tir_scan import _prim_func_chunks
+
+    return dict(_prim_func_chunks(module_text))
+
+
+def time_calls(lib, runs: int = 30, warmup: int = 3) -> list[tuple[str, list[float], list]]:
+    """(name, per-run seconds inside the running model, the call's arguments) of every packed call
+    of ``main`` in execution order.  The in-model times include the instrument's Python callback
+    (~1 us per call here); :func:`time_isolated` times a kernel alone with ``time_evaluator``."""
+    import numpy as np  # noqa: F401
+    import tvm
+
+    vm = lib.vm
+    feeds = lib.example_inputs()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n][: lib.batch]), lib.dev) for n in lib.input_names]
+    calls: list[list] = []
+    state = {"t": 0, "i": 0, "rec": False}
+
+    def instrument(func, name, before_run, ret, *a):
+        if before_run:
+            if state["rec"] and state["i"] >= len(calls):
+                calls.append([str(name), [], list(a)])
+            state["t"] = time.perf_counter_ns()
+        else:
+            dt = (time.perf_counter_ns() - state["t"]) * 1e-9
+            if state["rec"]:
+                calls[state["i"]][1].append(dt)
+                state["i"] += 1
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for r in range(warmup + runs):
+            state["rec"], state["i"] = r >= warmup, 0
+            vm["main"](*args)
+    finally:
+        try:
+            vm.set_instrument(None)
+        except Exception:  # noqa: BLE001 - this runtime wants a function: a pass-through one
+            vm.set_instrument(lambda *a: 0)
+    return [(n, ts, a) for n, ts, a in calls]
+
+
+def time_isolated(lib, name: str, args: list, repeats: int = 10, min_repeat_ms: int = 5) -> list[float] | None:
+    """Seconds per repeat of one kernel called alone on the model's own arguments."""
+    mods, found = [lib.module], None
+    while mods:
+        m = mods.pop()
+        if m.implements_function(name):
+            found = m
+            break
+        mods += list(m.imports)
+    if found is None:
+        return None
+    f = found.time_evaluator(name, lib.dev, number=1, repeat=repeats, min_repeat_ms=min_repeat_ms)
+    return [float(t) for t in f(*args).results]
+
+
+def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dict], dict[str, str]]:
+    from qcompiler.artifact import decode_text, read_metadata
+    from qcompiler.runtime import Library
+    from qcompiler.tune.workload import tir_hash  # noqa: F401  (same hash family as the tuning records)
+
+    import hashlib
+
+    meta = read_metadata(lib_path)
+    funcs = split_functions(decode_text(meta["tir"]))
+    lib = Library(lib_path)
+    bench = lib.bench(repeats=30)
+    calls = time_calls(lib, runs)
+    target = _target(meta)
+    out, tirs = [], {}
+    ksum = bsum = 0.0
+    nk = nb = 0
+    for i, (name, ts, args) in enumerate(calls):
+        med = statistics.median(ts)
+        if name in funcs:
+            sha = hashlib.sha256(funcs[name].encode()).hexdigest()[:16]
+            tirs[sha] = funcs[name]
+            iso = time_isolated(lib, name, args)
+            out.append({"schema": PROFILE_SCHEMA, "type": "kernel", "model": model, "kernel": name, "call_index": i,
+                        "tir_sha256": sha, "median_s": statistics.median(iso) if iso else med,
+                        "latencies_s": [round(t, 10) for t in iso] if iso else [round(t, 9) for t in ts],
+                        "in_model_median_s": med, "timing": "isolated" if iso else "in-model",
+                        "target": target})
+            ksum += out[-1]["median_s"]
+            nk += 1
+        else:
+            bsum += med
+            nb += 1
+    summary = {"schema": PROFILE_SCHEMA, "type": "model", "model": model, "target": target,
+               "bench": {k: bench[k] for k in ("median_ms", "p10_ms", "p90_ms")}, "kernel_sum_ms": ksum * 1e3,
+               "n_kernel_calls": nk, "n_builtin_calls": nb, "builtin_sum_ms": bsum * 1e3,
+               "tuned_layers": len(meta.get("tuning", {}).get("tuned_layers", []))}
+    return [summary] + out, tirs
+
+
+def _target(meta: dict) -> dict:
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.device import describe
+
+    t = meta["target"]
+    return describe(parse_target(t.get("kind", "cpu"), t.get("arch") if t.get("kind") == "cuda" else None))
+
+
+def workload_keys(model_path: str, calib) -> list[str]:
+    from qcompiler.driver import CompileOptions, prepare
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.workload import tasks_from_graph
+
+    spec = parse_target("cpu", None)
+    prep = prepare(model_path, calib, CompileOptions(target=spec))
+    return sorted(t.workload.key for t in tasks_from_graph(prep.int_graph, spec))
+
+
+def main(argv=None) -> int:
+    from qcompiler import artifact, progress, zoo
+    from qcompiler.driver import CompileOptions, compile_model
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.device import default_log_dir
+
+    from .data import encode_tir
+
+    ap = argparse.ArgumentParser(prog="python -m costmodel.profile")
+    ap.add_argument("--models", default=",".join(zoo.names()))
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--build-dir", default=None)
+    a = ap.parse_args(argv)
+    progress.set_reporter(progress.ConsoleReporter(bars=False))
+    spec = parse_target("cpu", None)
+    out = Path(a.out or os.path.join(default_log_dir(spec), "profiles.jsonl"))
+    names = [m for m in a.models.split(",") if m]
+    keep, tir_lines = [], {}
+    if out.is_file():
+        for ln in out.read_text().splitlines():
+            try:
+                r = json.loads(ln)
+            except ValueError:
+                continue
+            if r.get("type") == "tir":
+                tir_lines[r["tir_sha256"]] = r
+            elif r.get("model") not in names:
+                keep.append(r)
+    bd = Path(a.build_dir or tempfile.mkdtemp(prefix="qc_prof_"))
+    bd.mkdir(parents=True, exist_ok=True)
+    new = []
+    for name in names:
+        calib = zoo.calibration_inputs(name, 8)
+        lib = bd / f"{name}.so"
+        if not lib.is_file():
+            compile_model(str(zoo.model_path(name)), str(lib), calib, CompileOptions(target=spec))
+        recs, tirs = profile_library(str(lib), name, a.runs)
+        recs[0]["workload_keys"] = workload_keys(str(zoo.model_path(name)), calib)
+        recs[0]["library"] = str(lib)
+        for sha, text in tirs.items():
+            tir_lines.setdefault(sha, {"schema": PROFILE_SCHEMA, "type": "tir", "tir_sha256": sha,
+                                       "tir": encode_tir(text)})
+        new += recs
+        m = recs[0]
+        print(f"{name}: {m['n_kernel_calls']} kernel calls, kernel sum {m['kernel_sum_ms']:.3f} ms, builtins "
+              f"{m['builtin_sum_ms']:.3f} ms, bench {m['bench']['median_ms']:.3f} ms", file=sys.stderr, flush=True)
+    used = {r["tir_sha256"] for r in keep + new if r.get("type") == "kernel"}
+    lines = [json.dumps(r) for r in keep + new] + [json.dumps(t) for s, t in tir_lines.items() if s in used]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with artifact.atomic_paths(out) as (tmp,):
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} ({len(lines)} lines)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

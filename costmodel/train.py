@@ -1,0 +1,147 @@
+"""XGBoost models on log latency: regressor (point), quantile regressor (band), pairwise ranker
+(search), and a config-only regressor (compile-time picking without building TIR).  Saved as one
+JSON document with XGBoost's own JSON model format embedded (no pickle)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import FEATURE_SCHEMA, MODEL_SCHEMA
+from . import features as F
+
+ALL = ["target", "cfg", "tir", "ms", "text"]
+CFG = ["target", "cfg"]
+PARAMS = dict(n_estimators=200, max_depth=6, learning_rate=0.08, subsample=0.85, colsample_bytree=0.4,
+              min_child_weight=1.0, tree_method="hist", max_bin=128, n_jobs=2, random_state=0)
+BAND = [0.1, 0.9]
+
+
+def _xgb():
+    import xgboost as xgb
+
+    return xgb
+
+
+def fit_regressor(X, y, params=None):
+    xgb = _xgb()
+    return xgb.XGBRegressor(objective="reg:squarederror", **(params or PARAMS)).fit(X, y).get_booster()
+
+
+def fit_quantile(X, y, params=None):
+    xgb = _xgb()
+    p = dict(params or PARAMS)
+    return xgb.XGBRegressor(objective="reg:quantileerror", quantile_alpha=np.asarray(BAND), **p).fit(X, y).get_booster()
+
+
+def fit_ranker(X, y, qids, params=None):
+    """Pairwise ranker; relevance = how much faster than the query's slowest candidate (log)."""
+    xgb = _xgb()
+    qids = np.asarray(qids)
+    _, q = np.unique(qids, return_inverse=True)
+    order = np.argsort(q, kind="stable")
+    Xs, ys, qs = X[order], y[order], q[order]
+    rel = np.empty_like(ys)
+    for g in np.unique(qs):
+        m = qs == g
+        rel[m] = ys[m].max() - ys[m]
+    p = dict(params or PARAMS)
+    return xgb.XGBRanker(objective="rank:pairwise", **p).fit(Xs, rel, qid=qs).get_booster()
+
+
+MAX_HALF_WIDTH = 3.0  # log units: a quantile booster's band is capped at x/÷ 20 around the point
+
+
+def band_scale(X, y, groups, params=None, k: int = 3, coverage: float = BAND[1] - BAND[0]) -> float:
+    """Conformal margin of the quantile band (log units): the ``c`` such that ``coverage`` of the
+    out-of-fold samples (group k-fold on the training data) fall in the band widened by ``c`` on
+    each side.  Quantile boosters are over-confident on unseen workloads; this makes the band honest."""
+    import xgboost as xgb
+
+    from .evaluate import group_folds
+
+    need = []
+    folds = group_folds(list(groups), k)
+    if len(folds) < 2:
+        return 0.0
+    for test in folds:
+        tr = np.setdiff1d(np.arange(len(y)), test)
+        d = xgb.DMatrix(X[test])
+        mu = fit_regressor(X[tr], y[tr], params).predict(d)
+        q = fit_quantile(X[tr], y[tr], params).predict(d).reshape(len(test), -1)
+        lo, hi = widen(mu, q[:, 0], q[:, -1], 0.0)
+        yt = y[test]
+        need.extend(np.maximum(np.maximum(lo - yt, yt - hi), 0.0))
+    return float(np.quantile(need, coverage))
+
+
+def widen(mu, lo, hi, margin: float):
+    """The band in log units: the quantiles around the point (capped at MAX_HALF_WIDTH) widened by
+    :func:`band_scale`'s margin on each side."""
+    lo = np.clip(np.minimum(lo, mu), mu - MAX_HALF_WIDTH, mu)
+    hi = np.clip(np.maximum(hi, mu), mu, mu + MAX_HALF_WIDTH)
+    return lo - margin, hi + margin
+
+
+def booster_json(b) -> dict:
+    return json.loads(bytes(b.save_raw(raw_format="json")).decode())
+
+
+def booster_from_json(obj: dict):
+    xgb = _xgb()
+    b = xgb.Booster()
+    b.load_model(bytearray(json.dumps(obj).encode()))
+    return b
+
+
+def train(samples: list[dict], X: np.ndarray, y: np.ndarray, families=None, target: dict | None = None,
+          calibration: dict | None = None, params=None, calibrate_band: bool = True) -> dict:
+    """Fit every booster; returns the model document (see the package docstring)."""
+    from .data import target_of
+
+    families = list(families or ALL)
+    cols = F.columns(families)
+    Xc = X[:, cols]
+    tune = np.asarray([s["source"] == "tune" for s in samples])
+    qids = [s["query"] for s in samples]
+    boosters = {"reg": booster_json(fit_regressor(Xc, y, params)), "q": booster_json(fit_quantile(Xc, y, params))}
+    if tune.sum() >= 4:
+        boosters["rank"] = booster_json(fit_ranker(Xc[tune], y[tune], np.asarray(qids)[tune], params))
+        cc = F.columns(CFG)
+        boosters["cfg"] = booster_json(fit_regressor(X[tune][:, cc], y[tune], params))
+    import xgboost
+
+    return {"schema": MODEL_SCHEMA, "feature_schema": FEATURE_SCHEMA, "features": F.schema(), "families": families,
+            "target": target or target_of(samples),
+            "trained": {"samples": len(samples), "tuning_samples": int(tune.sum()),
+                        "profile_samples": int((~tune).sum()), "workloads": len({s["group"] for s in samples}),
+                        "xgboost": xgboost.__version__, "params": {k: v for k, v in (params or PARAMS).items()},
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+            "band": {"quantiles": BAND, "margin_log": band_scale(Xc, y, [s_["group"] for s_ in samples], params)
+                     if calibrate_band else 0.0}, "calibration": calibration or {"per_call_ms": 0.0},
+            "boosters": boosters}
+
+
+def save(doc: dict, path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, p)
+    return p
+
+
+def train_from_logs(src, out, families=None, with_ms: bool = True) -> dict:
+    from . import data as D
+
+    samples, mrecs = D.samples_from(src)
+    if len(samples) < 8:
+        raise D.DataError(f"{src}: {len(samples)} usable sample(s); need at least 8 measured kernels to train")
+    X, y = D.matrix(samples, with_ms=with_ms)
+    doc = train(samples, X, y, families, calibration=D.fit_overhead(mrecs))
+    save(doc, out)
+    return doc
