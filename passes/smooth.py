@@ -21,7 +21,7 @@ alpha is chosen per tensor from {off, 0.25, 0.5, 0.75} (the given alpha caps it)
 output error of the int8 GEMM, summed over output channels n:
     E(f) = sum_n [ D_x^2/12 * sum_c f_c^2 W[c,n]^2  +  D_w,n^2/12 * sum_c E[x_c^2] / f_c^2 ]
 with D_x = max_c max|x_c| / f_c / 127 (activation step) and D_w,n = max_c |f_c W[c,n]| / 127
-(per-output-channel weight step); E[x_c^2] from the calibration subsample.
+(per-output-channel weight step); E[x_c^2] over all calibration values (TensorStats.chan_ms).
 """
 
 from __future__ import annotations
@@ -61,9 +61,12 @@ def smooth(fg: Graph, stats: dict[str, TensorStats], alpha: float = 0.5) -> tupl
         ok = (amax > 0) & (wmax > 0)
         if not ok.any():
             continue
-        cnt = np.bincount(st.sample_chan, minlength=K)[:K]
-        ms = np.bincount(st.sample_chan, weights=st.sample.astype(np.float64) ** 2, minlength=K)[:K]
-        ex2 = np.where(cnt > 0, ms / np.maximum(cnt, 1), amax**2 / 3)
+        if st.chan_ms is not None:
+            ex2 = np.asarray(st.chan_ms, np.float64)
+        else:
+            cnt = np.bincount(st.sample_chan, minlength=K)[:K]
+            ms = np.bincount(st.sample_chan, weights=st.sample.astype(np.float64) ** 2, minlength=K)[:K]
+            ex2 = np.where(cnt > 0, ms / np.maximum(cnt, 1), amax**2 / 3)
 
         def err(f):
             dx = (amax / f).max() / 127

@@ -24,6 +24,7 @@ from .ort_util import expose, session
 
 METHODS = ("minmax", "percentile", "mse")
 RESERVOIR = 1 << 16
+TOPK = 4096  # exact tail of |x| kept per tensor: percentiles >= 1 - 4096/count come from it
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,28 @@ class TensorStats:
     chan_lo: np.ndarray | None = None     # per channel of the last axis (rank >= 2): min
     chan_hi: np.ndarray | None = None     #                                           max
     sample_chan: np.ndarray | None = None  # last-axis channel of each sampled value
+    chan_ms: np.ndarray | None = None     # per channel of the last axis: mean of x^2 (all values)
+    top_abs: np.ndarray | None = None     # the TOPK largest |x| over all values, descending (exact tail)
+    top_chan: np.ndarray | None = None    # their last-axis channels (rank >= 2)
+    count: int = 0                        # number of values seen
 
     def scaled(self, f: np.ndarray) -> "TensorStats":
         """The stats of x / f (f > 0 per channel of the last axis), exactly from the recorded ones."""
         f = np.asarray(f, np.float64)
         clo, chi = self.chan_lo / f, self.chan_hi / f
         smp = self.sample / f[self.sample_chan] if self.sample_chan is not None else self.sample
-        return TensorStats(float(clo.min()), float(chi.max()), smp.astype(np.float32), clo, chi, self.sample_chan)
+        ms = self.chan_ms / f**2 if self.chan_ms is not None else None
+        top, tch = self.top_abs, self.top_chan
+        if top is not None and tch is not None:
+            # the largest |x/f| are among the largest |x| of each channel only approximately: keep the
+            # exact extremes per channel (chan_lo/hi) in the list so the maximum stays exact
+            ext = np.maximum(np.abs(clo), np.abs(chi))
+            top = np.concatenate([top / f[tch], ext])
+            tch = np.concatenate([tch, np.arange(len(f))])
+            order = np.argsort(-top, kind="stable")[:TOPK]
+            top, tch = top[order], tch[order]
+        return TensorStats(float(clo.min()), float(chi.max()), smp.astype(np.float32), clo, chi, self.sample_chan, ms,
+                           top, tch, self.count)
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -117,6 +133,10 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
     chans: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
     clo: dict[str, np.ndarray] = {}
     chi: dict[str, np.ndarray] = {}
+    csq: dict[str, np.ndarray] = {}
+    crows: dict[str, int] = {}
+    tops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    count: dict[str, int] = {}
     chunks = range(0, n, batch)
     per_batch = max(RESERVOIR // max(len(chunks), 1), 256)
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
@@ -136,7 +156,22 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
                 vlo, vhi = v.reshape(-1, c).min(axis=0), v.reshape(-1, c).max(axis=0)
                 clo[t] = np.minimum(clo[t], vlo) if t in clo else vlo
                 chi[t] = np.maximum(chi[t], vhi) if t in chi else vhi
+                sq = np.square(v.reshape(-1, c), dtype=np.float64).sum(axis=0)
+                csq[t] = csq[t] + sq if t in csq else sq
+                crows[t] = crows.get(t, 0) + v.size // c
             flat = v.reshape(-1)
+            a = np.abs(flat.astype(np.float64))
+            k = min(TOPK, a.size)
+            sel = np.argpartition(-a, k - 1)[:k] if a.size > k else np.arange(a.size)
+            ch = (sel % v.shape[-1]) if v.ndim >= 2 else np.zeros(len(sel), np.int64)
+            if t in tops:
+                a_old, c_old = tops[t]
+                av, cv = np.concatenate([a_old, a[sel]]), np.concatenate([c_old, ch])
+            else:
+                av, cv = a[sel], ch
+            order = np.argsort(-av, kind="stable")[:TOPK]
+            tops[t] = (av[order], cv[order])
+            count[t] = count.get(t, 0) + flat.size
             idx = np.arange(flat.size)
             if flat.size > per_batch:
                 idx = rng.integers(0, flat.size, per_batch)
@@ -151,7 +186,10 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
         smp = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
         per = t in clo and len(chans[t]) == len(samples[t])
         out[t] = TensorStats(lo[t], hi[t], smp, clo.get(t) if per else None, chi.get(t) if per else None,
-                             np.concatenate(chans[t]) if per else None)
+                             np.concatenate(chans[t]) if per else None,
+                             csq[t] / max(crows[t], 1) if per else None,
+                             tops[t][0] if t in tops else None, tops[t][1] if (t in tops and per) else None,
+                             count.get(t, 0))
     return out
 
 
@@ -165,7 +203,11 @@ def clip_range(st: TensorStats, nonneg: bool, method: str, percentile: float = 9
     mag = x if nonneg else np.abs(x)
     full = max(st.hi, 0.0) if nonneg else max(abs(st.lo), abs(st.hi))
     if method == "percentile":
-        amax = float(np.percentile(mag, percentile))
+        k = int(np.floor((1 - percentile / 100) * st.count)) if st.count else -1
+        if st.top_abs is not None and 0 <= k < len(st.top_abs) and (nonneg is False or st.lo >= 0):
+            amax = float(st.top_abs[k])  # exact: the (k+1)-th largest |x| over all calibration values
+        else:
+            amax = float(np.percentile(mag, percentile))
     elif method == "mse":
         qmax = 2**bits - 1 if nonneg else 2 ** (bits - 1) - 1
         best, amax = np.inf, full
