@@ -152,3 +152,29 @@ def test_attention_matmuls_compile_on_the_mma_kernel():
     kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (matmul_mma\w*)\(", src))
     assert len(kernels) == 2, kernels
     assert "mma.sync.aligned.m16n8k32" in src
+
+
+def test_out_of_range_token_ids_are_refused(tmp_path):
+    """Token ids beyond the embedding table: a clear error from the runtime, not garbage or a crash."""
+    import onnx
+    import pytest
+
+    from qcompiler import load
+    from qcompiler.driver import CompileOptions, compile_model
+    from qcompiler.errors import QCError
+    from qcompiler.targets import parse_target
+
+    m = _attention_model()
+    onnx.save(m, tmp_path / "m.onnx")
+    calib = {"ids": R.integers(0, 50, (8, S)).astype(np.int64), "mask": _mask(8, R.integers(3, S + 1, 8))}
+    compile_model(tmp_path / "m.onnx", tmp_path / "m.so", calib, CompileOptions(target=parse_target("cpu"), batch=B))
+    lib = load(str(tmp_path / "m.so"))
+    ok = {"ids": R.integers(0, 50, (B, S)).astype(np.int64), "mask": _mask(B, [3, S])}
+    lib(**ok)
+    bad = dict(ok, ids=ok["ids"].copy())
+    bad["ids"][1, 2] = 50
+    with pytest.raises(QCError, match="outside the valid range"):
+        lib(**bad)
+    bad["ids"][1, 2] = -1
+    with pytest.raises(QCError, match="outside the valid range"):
+        lib(**bad)
