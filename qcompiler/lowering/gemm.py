@@ -138,10 +138,17 @@ class KernelGemm(GenericGemm):
     def __init__(self, target):
         self.target = target
         self.fallbacks: list[str] = []
+        self.kernels: dict[str, int] = {}  # kernel kind -> layers using it
 
     def _fallback(self, n: Node, why: str):
         self.fallbacks.append(f"{n.name}: {why}")
         progress.get().warn(f"layer '{n.name}' uses the generic schedule ({why})")
+
+    def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
+        """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it."""
+        gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)
+        self.kernels[name] = self.kernels.get(name, 0) + 1
+        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
 
 
 def gemm_for(target, use_kernels: bool = True) -> GenericGemm:

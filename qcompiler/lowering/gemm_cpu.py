@@ -37,26 +37,17 @@ from qcompiler.tune import workload as tw
 from .gemm import BatchMatmul, KernelGemm, conv_out_hw, scalar_requant
 from .relax_lower import Value, const
 
-_OPAQUE = 8
-
 
 class CpuGemm(KernelGemm):
     name = "cpu_vnni"
 
     def __init__(self, target):
         super().__init__(target)
-        self.kernels: dict[str, int] = {}
         attrs = target.attrs
         feats = str(attrs.get("mattr", "")) + str(attrs.get("mcpu", ""))
         # the u8 x s8 kernels need avx512vnni in the generated code: the host's, or asked for by mcpu/mattr
         self.vnni = V.host_has_vnni() or "vnni" in feats or any(
             c in feats for c in ("cascadelake", "icelake", "sapphirerapids", "znver4", "znver5", "tigerlake"))
-
-    def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
-        func = func.with_attr("op_pattern", _OPAQUE)
-        gv = lw.bb.add_func(func, name)
-        self.kernels[name] = self.kernels.get(name, 0) + 1
-        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
 
     @staticmethod
     def _epi(a):

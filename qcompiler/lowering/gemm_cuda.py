@@ -44,12 +44,6 @@ class CudaGemm(KernelGemm):
     def __init__(self, target):
         super().__init__(target)
         self.arch = str(target.attrs.get("arch", "sm_80"))
-        self.kernels: dict[str, int] = {}
-
-    def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
-        gv = lw.bb.add_func(func, name)
-        self.kernels[name] = self.kernels.get(name, 0) + 1
-        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
 
     @staticmethod
     def _epi(a):
