@@ -25,8 +25,10 @@ Design
   - ``cfg``: the GEMM's analytic description when the sample is a tuning record (kind, M/N/K or
     conv geometry, operand and output bit widths, MACs, bytes of A/W/out, arithmetic intensity,
     the config fields -- VNNI ``mr/nr/kc/n_outer`` or MMA ``bm/bn/bk/warps/stages`` -- tile counts,
-    padding waste, accumulator registers, per-core imbalance, roofline time).  Missing (NaN) for
-    kernels that have no config space;
+    padding waste, accumulator registers, per-core imbalance, roofline time), and (v2) the VNNI
+    kernel's analytic model: modelled cycles of the register tile, absolute and relative to the
+    model's best tile, operand loads per ``vpdpbusd``, registers used, A/W traffic by loop order,
+    panel/block bytes, last-wave idle share.  Missing (NaN) for kernels that have no config space;
   - ``tir``: read from the scheduled TIR of any kernel: loop kinds and extents (parallel extent,
     vector widths, unroll factors, nest depth), dynamic op counts (every op on a store's right-hand
     side weighted by the iterations of its enclosing loops, split by kind: mul, add, shift, cast,
@@ -40,13 +42,17 @@ Design
 
   "structural" = target + cfg + tir; the ablation compares structural / text / both.
 
-* Models (``train.py``): XGBoost on log(latency) -- a squared-error regressor (the point estimate),
+* Models (``train.py``): XGBoost on log(latency) over a baseline (v2: the GEMM roofline of the
+  TIR for tuning candidates, an NNLS-fitted linear time model of op and byte counts for any other
+  kernel; the boosters learn the log residual, so shapes beyond the training range keep the
+  baseline's scale) -- a squared-error regressor (the point estimate),
   a quantile regressor (``reg:quantileerror``, alphas 0.1/0.9: the uncertainty band, capped at
   x/÷20 and widened by a conformal margin fitted by group 3-fold on the training data so that 80%
   of unseen workloads fall inside) -- an ``XGBRanker`` (``rank:pairwise``, query = workload) for
   search, and a config-only regressor (target + cfg families) for the compile-time picker.  Saved as ONE JSON file:
   ``{"schema": MODEL_SCHEMA, "feature_schema": FEATURE_SCHEMA, "target": {...}, "features": [...],
-  "boosters": {"reg" | "q" | "rank" | "cfg": <XGBoost JSON model>}, "band": {"quantiles",
+  "boosters": {"reg" | "q" | "rank" | "cfg": <XGBoost JSON model>}, "baseline": {"terms",
+  "coef_s"}, "band": {"quantiles",
   "margin_log"}, "calibration": {"per_call_ms"}}`` -- XGBoost's own JSON format embedded, no pickle
   anywhere.  Another model schema, feature schema or target is refused (``CostModelError``).
 
@@ -64,12 +70,13 @@ Design
 * Inside the compiler (``qcompiler/tune/apply.py``): a conv/dense kernel without a tuned record
   gets the candidate the model predicts fastest among a sample of its config space (``cfg`` family
   only: no TIR is built for the candidates it rejects); ``$QC_COSTMODEL=off`` disables it.  The
-  tuner (``qcompiler/tune/tuner.py``) orders its random proposals by the model when
-  ``$QC_TUNE_COSTMODEL`` names a model file (warm start).
+  tuner (``qcompiler/tune/tuner.py``) walks each task's config space in the model's predicted
+  order after the default config (warm start; ``qc tune --cost-model FILE|off``, by default
+  ``$QC_TUNE_COSTMODEL`` or ``costmodels/<device>.json``).
 """
 
-FEATURE_SCHEMA = "qc-cost-features/1"
-MODEL_SCHEMA = "qc-costmodel/1"
+FEATURE_SCHEMA = "qc-cost-features/2"
+MODEL_SCHEMA = "qc-costmodel/2"
 PROFILE_SCHEMA = "qc-profile/1"
 
 __all__ = ["FEATURE_SCHEMA", "MODEL_SCHEMA", "PROFILE_SCHEMA"]

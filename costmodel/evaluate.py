@@ -79,14 +79,11 @@ def oof(samples, X, y, folds: list[np.ndarray], families: list[str], rank: bool 
     qids = np.asarray([s["query"] for s in samples])
     for test in folds:
         tr = np.setdiff1d(np.arange(n), test)
-        reg = T.fit_regressor(X[tr][:, cols], y[tr], params)
         d = xgb.DMatrix(X[test][:, cols])
-        pred[test] = np.exp(reg.predict(d))
-        qb = T.fit_quantile(X[tr][:, cols], y[tr], params)
-        qq = qb.predict(d).reshape(len(test), -1)
-        mu = np.log(pred[test])
-        sc = T.band_scale(X[tr][:, cols], y[tr], [samples[i]["group"] for i in tr], params) if band else 0.0
-        a, b = T.widen(mu, qq[:, 0], qq[:, -1], sc)
+        mu, qlo, qhi = T.predict_point(T.fit_point(X[tr], y[tr], cols, params), X[test], cols)
+        pred[test] = np.exp(mu)
+        sc = T.band_scale(X[tr], y[tr], [samples[i]["group"] for i in tr], cols, params) if band else 0.0
+        a, b = T.widen(mu, qlo, qhi, sc)
         lo[test], hi[test] = np.exp(a), np.exp(b)
         trt = tr[tune[tr]]
         if rank and len(trt) >= 4:

@@ -1,4 +1,4 @@
-"""Feature extraction (schema ``qc-cost-features/1``, see the package docstring).
+"""Feature extraction (schema ``qc-cost-features/2``, see the package docstring).
 
 Inputs are plain data: a target dict (as in a tuning record), an optional GEMM workload + config
 (dicts of a ``qc-tune/1`` record), the scheduled TIR as TVMScript text, and optionally the PrimFunc
@@ -7,6 +7,7 @@ Inputs are plain data: a target dict (as in a tuning record), an optional GEMM w
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -64,7 +65,11 @@ CFG_NAMES = ["c_is_conv", "c_is_w4a8", "c_M", "c_N", "c_K", "c_logM", "c_logN", 
              "c_mr", "c_nr", "c_kc", "c_n_outer", "c_acc", "c_workspace", "c_tiles", "c_log_tiles",
              "c_tiles_per_unit", "c_imbalance", "c_m_waste", "c_k_steps", "c_kc_blocks",
              "c_bm", "c_bn", "c_bk", "c_warps", "c_stages", "c_smem_kb",
-             "c_roof_log_s", "c_compute_log_s", "c_mem_log_s", "c_default_like"]
+             "c_roof_log_s", "c_compute_log_s", "c_mem_log_s", "c_default_like"] + [
+    # VNNI analytic model of the register-tiled GEMM (see :func:`vnni_analytic`)
+    "v_log_cycles", "v_log_cycles_rel", "v_step_cycles", "v_loads_per_dot", "v_vregs", "v_log_a_traffic",
+    "v_log_w_traffic", "v_log_traffic", "v_w_panel_kb", "v_a_block_kb", "v_kblock_kb", "v_log_tile_cycles",
+    "v_par_tasks", "v_tail_frac", "v_n_waste"]
 
 
 def gemm_mnk(workload: dict) -> tuple[int, int, int]:
@@ -89,6 +94,59 @@ def roofline_gemm(workload: dict, target: dict) -> tuple[float, float, float]:
     comp = 2.0 * M * N * K / (t["peak_gops"] * 1e9)
     mem = (M * K * a_bits / 8 + N * K * w_bits / 8 + M * N * ob / 8 + 12 * N) / (t["bw_gbs"] * 1e9)
     return max(comp, mem) + t["launch_s"], comp, mem
+
+
+def _vnni_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int) -> tuple[float, float, float]:
+    """(total, per tile, per 4-deep step) cycles of the VNNI kernel's register tile: the model
+    ``cpu_vnni.default_config`` picks tiles with (step = max(mr*nr, mr+nr)/2 + 0.5; per tile
+    steps*step + 2*mr*nr + 40, +300 for a workspace tile of >= 16 accumulators; whole tiles split
+    over the cores)."""
+    nb = -(-N // 16)
+    steps = -(-K // 4)
+    step = max(mr * nr, mr + nr) / 2 + 0.5
+    per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr >= 16 else 0)
+    tiles = -(-M // mr) * max(1, nb // nr)
+    return per_tile * math.ceil(tiles / max(1, units)), per_tile, step
+
+
+@functools.lru_cache(maxsize=4096)
+def _vnni_best(M: int, N: int, K: int, units: int) -> float:
+    nb = -(-N // 16)
+    return min(_vnni_cycles(M, N, K, a, b, units)[0] for b in range(1, 9) if nb % b == 0
+               for a in range(1, min(16, M) + 1) if a * b + b + 1 <= 32)
+
+
+def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
+    """Analytic features of a VNNI GEMM config (schema v2): modelled cycles (absolute and relative
+    to the best tile of the same model over the space: what the learned part corrects), operand
+    loads per vpdpbusd ((mr+nr)/(mr*nr)), vector registers used (mr*nr + nr + 1 of 32), operand
+    traffic by loop order (n-tiles outside: A re-read once per n-tile, W once; m-tiles outside: W
+    re-read once per m-tile), weight panel K x 16nr, activation block mr x K and k-block bytes,
+    parallel tasks per core and the idle share of the last wave, padded columns."""
+    M, N, K = gemm_mnk(workload)
+    t = target_info(target)
+    units = t["units"]
+    mr, nr, kc = int(config["mr"]), int(config["nr"]), int(config.get("kc") or 0)
+    nb = -(-N // 16)
+    total, per_tile, step = _vnni_cycles(M, N, K, mr, nr, units)
+    best = _vnni_best(M, N, K, units)
+    mt, ntl = -(-M // mr), max(1, nb // nr)
+    a_b, w_b = M * K, nb * 16 * K
+    if config.get("n_outer", True):
+        a_tr, w_tr = a_b * ntl, w_b
+    else:
+        a_tr, w_tr = a_b, w_b * mt
+    taps = 1
+    if workload["kind"] == "conv2d":
+        shp = [int(v) for v in workload["shape"]]
+        taps = shp[5] * shp[6]
+    kblock = (kc * taps if kc else K) * nr * 16
+    tiles = mt * ntl
+    waves = math.ceil(tiles / units)
+    return [math.log(total), math.log(total / best), step, (mr + nr) / (mr * nr), mr * nr + nr + 1,
+            math.log(a_tr), math.log(w_tr), math.log(a_tr + w_tr), K * nr * 16 / 1024, mr * K / 1024,
+            kblock / 1024, math.log(per_tile), tiles / units, (waves * units - tiles) / (waves * units),
+            (nb * 16 - N) / N]
 
 
 def cfg_features(workload: dict | None, config: dict | None, target: dict) -> list[float]:
@@ -141,7 +199,8 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
             math.log(macs), a_bits, w_bits, ob, KH, KW, stride, C, OC, ba, bw, bo, math.log(ba + bw + bo),
             2.0 * macs / (ba + bw + bo), mr, nr, kc, float(n_outer) if n_outer == n_outer else nan, acc, workspace,
             tiles, math.log(tiles) if tiles == tiles and tiles > 0 else nan, tpu, imb, m_waste, k_steps, kc_blocks,
-            bm, bn, bk, warps, stages, smem, math.log(roof), math.log(comp), math.log(mem), default_like]
+            bm, bn, bk, warps, stages, smem, math.log(roof), math.log(comp), math.log(mem), default_like] + \
+        (vnni_analytic(workload, c, target) if "mr" in c else [nan] * 15)
 
 
 # ---- tir: loop structure and dynamic op counts read from the TVMScript -------------------------------

@@ -100,24 +100,20 @@ class CostModel:
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seconds, band low, band high) for rows of the full feature vector."""
-        import xgboost as xgb
+        from .train import predict_point, widen
 
-        d = xgb.DMatrix(np.asarray(X, dtype=np.float64)[:, self.cols])
-        mu = self.boosters["reg"].predict(d)
-        q = self.boosters["q"].predict(d).reshape(len(mu), -1)
-        from .train import widen
-
-        lo, hi = widen(mu, q[:, 0], q[:, -1], self.band_margin)
+        pm = {"base": self.doc["baseline"]["coef_s"], "reg": self.boosters["reg"], "q": self.boosters["q"]}
+        mu, qlo, qhi = predict_point(pm, np.asarray(X, dtype=np.float64), self.cols)
+        lo, hi = widen(mu, qlo, qhi, self.band_margin)
         return np.exp(mu), np.exp(lo), np.exp(hi)
 
     def score(self, X: np.ndarray) -> np.ndarray:
         """Ranking score (higher = faster) of candidates of one workload."""
         import xgboost as xgb
 
-        d = xgb.DMatrix(np.asarray(X, dtype=np.float64)[:, self.cols])
         if "rank" in self.boosters:
-            return self.boosters["rank"].predict(d)
-        return -self.boosters["reg"].predict(d)
+            return self.boosters["rank"].predict(xgb.DMatrix(np.asarray(X, dtype=np.float64)[:, self.cols]))
+        return -np.log(self.predict(X)[0])
 
     def predict_cfg(self, Xcfg: np.ndarray) -> np.ndarray:
         """Seconds from the target + cfg features only (no TIR needed)."""

@@ -1,5 +1,8 @@
 """XGBoost models on log latency: regressor (point), quantile regressor (band), pairwise ranker
-(search), and a config-only regressor (compile-time picking without building TIR).  Saved as one
+(search), and a config-only regressor (compile-time picking without building TIR).  The point and
+band boosters learn the residual over a baseline: log t = log base(x) + f(x, log base), with base
+the GEMM roofline of the TIR for tuning candidates and, for every other kernel, a linear model
+c0 + c1 vnni/core + c2 alu/core + c3 bytes + c4 rw/core fitted by NNLS on relative error.  Saved as one
 JSON document with XGBoost's own JSON model format embedded (no pickle)."""
 
 from __future__ import annotations
@@ -56,12 +59,74 @@ def fit_ranker(X, y, qids, params=None):
 MAX_HALF_WIDTH = 3.0  # log units: a quantile booster's band is capped at x/÷ 20 around the point
 
 
-def band_scale(X, y, groups, params=None, k: int = 3, coverage: float = BAND[1] - BAND[0]) -> float:
+# ---- the point model: a calibrated roofline baseline + a booster on the residual -------------------
+BASE_TERMS = ["1", "vnni_per_core", "alu_ops_per_core", "param_scratch_bytes", "rw_bytes_per_core"]
+
+
+def base_terms(X: np.ndarray) -> np.ndarray:
+    """Columns of the baseline's linear model, from the full feature vector: a constant (launch),
+    VNNI instructions and other ALU ops per busy core, bytes of parameters + scratch (DRAM/cache
+    traffic lower bound), bytes read + written by stores per busy core."""
+    N = F.NAMES
+    c = lambda n: X[:, N.index(n)]  # noqa: E731
+    ex = lambda n: np.expm1(np.nan_to_num(c(n)))  # noqa: E731 - the TIR family holds log1p counts
+    busy = np.clip(np.nan_to_num(c("x_par_extent")), 1.0, np.maximum(1.0, np.nan_to_num(c("t_units"))))
+    alu = sum(ex(f"x_log_dyn_{k}") for k in ("mul", "add", "shift", "cast", "minmax", "select", "div", "cmp"))
+    return np.stack([np.ones(len(X)), ex("x_log_dyn_vnni") / busy, alu / busy,
+                     ex("x_log_param_bytes") + ex("x_log_scratch_bytes"),
+                     (ex("x_log_bytes_written") + ex("x_log_bytes_read")) / busy], 1)
+
+
+def fit_base(X: np.ndarray, y: np.ndarray) -> list[float]:
+    """Non-negative seconds per term (SciPy NNLS on relative error: rows weighted by 1/latency)."""
+    from scipy.optimize import nnls
+
+    A, t = base_terms(X), np.exp(y)
+    w = 1.0 / t
+    coef, _ = nnls(A * w[:, None], t * w)
+    return [float(v) for v in coef]
+
+
+def base_log(X: np.ndarray, coef) -> np.ndarray:
+    """log seconds of the baseline: the GEMM roofline read from the TIR (``x_roof_log_s``) for a
+    tuning candidate (it has a workload), the fitted linear model for any other kernel."""
+    lin = np.log(base_terms(X) @ np.asarray(coef, dtype=np.float64) + 1e-9)
+    gemm = ~np.isnan(X[:, F.NAMES.index("c_roof_log_s")])
+    return np.where(gemm, X[:, F.NAMES.index("x_roof_log_s")], lin)
+
+
+def _with_base(X, cols, b):
+    return np.concatenate([X[:, cols], b[:, None]], axis=1)
+
+
+def fit_point(X, y, cols, params=None, quantile: bool = True) -> dict:
+    """{"base": coef, "reg": booster, "q": booster | None} on the full feature matrix ``X``: the
+    boosters learn log(latency) - baseline from the ``cols`` features plus the baseline itself (a
+    tree cannot extrapolate; the baseline carries the scale to shapes larger than any seen)."""
+    coef = fit_base(X, y)
+    b = base_log(X, coef)
+    Xb = _with_base(X, cols, b)
+    return {"base": coef, "reg": fit_regressor(Xb, y - b, params),
+            "q": fit_quantile(Xb, y - b, params) if quantile else None}
+
+
+def predict_point(pm: dict, X, cols) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(mu, q_lo, q_hi) in log seconds (quantiles None without a quantile booster)."""
+    import xgboost as xgb
+
+    b = base_log(X, pm["base"])
+    d = xgb.DMatrix(_with_base(X, cols, b))
+    mu = pm["reg"].predict(d) + b
+    if pm.get("q") is None:
+        return mu, None, None
+    q = pm["q"].predict(d).reshape(len(mu), -1)
+    return mu, q[:, 0] + b, q[:, -1] + b
+
+
+def band_scale(X, y, groups, cols, params=None, k: int = 3, coverage: float = BAND[1] - BAND[0]) -> float:
     """Conformal margin of the quantile band (log units): the ``c`` such that ``coverage`` of the
     out-of-fold samples (group k-fold on the training data) fall in the band widened by ``c`` on
     each side.  Quantile boosters are over-confident on unseen workloads; this makes the band honest."""
-    import xgboost as xgb
-
     from .evaluate import group_folds
 
     need = []
@@ -70,10 +135,8 @@ def band_scale(X, y, groups, params=None, k: int = 3, coverage: float = BAND[1] 
         return 0.0
     for test in folds:
         tr = np.setdiff1d(np.arange(len(y)), test)
-        d = xgb.DMatrix(X[test])
-        mu = fit_regressor(X[tr], y[tr], params).predict(d)
-        q = fit_quantile(X[tr], y[tr], params).predict(d).reshape(len(test), -1)
-        lo, hi = widen(mu, q[:, 0], q[:, -1], 0.0)
+        mu, qlo, qhi = predict_point(fit_point(X[tr], y[tr], cols, params), X[test], cols)
+        lo, hi = widen(mu, qlo, qhi, 0.0)
         yt = y[test]
         need.extend(np.maximum(np.maximum(lo - yt, yt - hi), 0.0))
     return float(np.quantile(need, coverage))
@@ -108,7 +171,8 @@ def train(samples: list[dict], X: np.ndarray, y: np.ndarray, families=None, targ
     Xc = X[:, cols]
     tune = np.asarray([s["source"] == "tune" for s in samples])
     qids = [s["query"] for s in samples]
-    boosters = {"reg": booster_json(fit_regressor(Xc, y, params)), "q": booster_json(fit_quantile(Xc, y, params))}
+    pm = fit_point(X, y, cols, params)
+    boosters = {"reg": booster_json(pm["reg"]), "q": booster_json(pm["q"])}
     if tune.sum() >= 4:
         boosters["rank"] = booster_json(fit_ranker(Xc[tune], y[tune], np.asarray(qids)[tune], params))
         cc = F.columns(CFG)
@@ -121,7 +185,8 @@ def train(samples: list[dict], X: np.ndarray, y: np.ndarray, families=None, targ
                         "profile_samples": int((~tune).sum()), "workloads": len({s["group"] for s in samples}),
                         "xgboost": xgboost.__version__, "params": {k: v for k, v in (params or PARAMS).items()},
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-            "band": {"quantiles": BAND, "margin_log": band_scale(Xc, y, [s_["group"] for s_ in samples], params)
+            "baseline": {"terms": BASE_TERMS, "coef_s": pm["base"]},
+            "band": {"quantiles": BAND, "margin_log": band_scale(X, y, [s_["group"] for s_ in samples], cols, params)
                      if calibrate_band else 0.0}, "calibration": calibration or {"per_call_ms": 0.0},
             "boosters": boosters}
 

@@ -104,6 +104,9 @@ def _tune_parsers(sub) -> None:
     t.add_argument("--repeats", type=int, default=5, help="timings per candidate (the median is used)")
     t.add_argument("--min-repeat-ms", type=int, default=20, help="minimum duration of one timing")
     t.add_argument("--batch-size", type=int, default=4, help="candidates built in parallel per round")
+    t.add_argument("--cost-model", default=None, metavar="FILE|off",
+                   help="warm start: propose configs in this model's predicted order (default "
+                        "$QC_TUNE_COSTMODEL or costmodels/<device>.json when present; off: cold start)")
     t.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure through a TVM RPC tracker")
     t.add_argument("--rpc-key", default=None, help="key of the RPC servers to use")
     t.add_argument("--status", default=None, metavar="DIR", help="show tasks, trials, best vs default per kernel of a log")

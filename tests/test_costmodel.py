@@ -211,25 +211,88 @@ def test_compile_time_pick_by_model(trained, monkeypatch):
 
 
 def test_tuner_warm_start(trained, monkeypatch):
-    """QC_TUNE_COSTMODEL: the tuner's random proposals become the model's best of a random pool."""
-    from qcompiler.targets import parse_target
-    from qcompiler.tune import tuner
-    from qcompiler.tune.workload import Task, Workload
-
-    _, _, _, _, path = trained
-    monkeypatch.setenv("QC_TUNE_COSTMODEL", str(path))
-    monkeypatch.setattr(tuner, "_WARM", {})
-    spec = parse_target("cpu", None)
-    w = Workload("cpu_vnni", "dense", (24, 32, 64), "uint8", "uint8", 0, 255, f"cpu:{spec.arch}")
-    st = tuner.TaskState(Task(w, [], 1))
-    props = st.propose(3, set())
-    assert len(props) == 3 and str(path) in tuner._WARM
-    cm = tuner._WARM[str(path)]
-    # the chosen point is the pool's predicted minimum
-    pool = st.space[:8]
-    best = tuner._best_predicted(cm, w, pool)
-    from costmodel.features import cfg_only
+    """A cost model orders the tuner's proposals: the default (the baseline) first, then the
+    space in the model's predicted order; ``off`` is a cold start; a model of another schema named
+    explicitly is an error, an auto-found one is skipped with the reason."""
     import dataclasses
 
-    preds = cm.predict_cfg(np.stack([cfg_only(w.fields(), dataclasses.asdict(c), cm.target) for c in pool]))
-    assert best == pool[int(np.argmin(preds))]
+    from costmodel.features import cfg_only
+    from qcompiler.targets import parse_target
+    from qcompiler.tune import tuner
+    from qcompiler.tune.device import describe
+    from qcompiler.tune.workload import Task, Workload, config_key
+
+    _, _, _, _, path = trained
+    spec = parse_target("cpu", None)
+    tgt = describe(spec)
+    monkeypatch.delenv("QC_TUNE_COSTMODEL", raising=False)
+    cm, why = tuner.resolve_cost_model(str(path), tgt)
+    assert cm is not None and str(path) in why
+    assert tuner.resolve_cost_model("off", tgt)[0] is None
+    monkeypatch.setenv("QC_TUNE_COSTMODEL", str(path))
+    assert tuner.resolve_cost_model(None, tgt)[0] is not None
+    w = Workload("cpu_vnni", "dense", (24, 32, 64), "uint8", "uint8", 0, 255, f"cpu:{spec.arch}")
+    st = tuner.TaskState(Task(w, [], 1), model=cm)
+    props = st.propose(3, set())
+    assert len(props) == 3 and config_key(props[0][0]) == config_key(st.default)
+    order = st.order
+    preds = cm.predict_cfg(np.stack([cfg_only(w.fields(), dataclasses.asdict(c), cm.target) for c in order]))
+    assert np.all(np.diff(preds) >= 0)
+    # the first non-default proposal is the model's favourite (or its runner-up when that is the default)
+    firsts = [config_key(c) for c in order[:2]]
+    assert config_key(props[1][0]) in firsts
+    bad = trained[4].parent / "bad.json"
+    bad.write_text(json.dumps({**json.loads(trained[4].read_text()), "feature_schema": "qc-cost-features/0"}))
+    with pytest.raises(CostModelError):
+        tuner.resolve_cost_model(str(bad), tgt)
+
+
+def test_vnni_analytic_features():
+    """The analytic family: relative modelled cycles are >= 0 with 0 at the model's best tile; the
+    loop order moves traffic between A (n-tiles outside) and W (m-tiles outside)."""
+    tgt = {"kind": "cpu", "arch": "rocketlake", "cores": 2}
+    wl = {"kind": "dense", "shape": [64, 256, 512], "a_dtype": "uint8", "out_dtype": "uint8", "backend": "cpu_vnni"}
+    names = F.CFG_NAMES
+    rel = names.index("v_log_cycles_rel")
+    rows = {}
+    for nr in (1, 2, 4, 8):
+        for mr in range(1, 17):
+            if mr * nr + nr + 1 > 32:
+                continue
+            rows[(mr, nr)] = F.cfg_features(wl, {"mr": mr, "nr": nr, "kc": 0, "n_outer": True}, tgt)
+    rels = [r[rel] for r in rows.values()]
+    assert min(rels) == pytest.approx(0.0, abs=1e-12) and all(r >= -1e-12 for r in rels)
+    a, w = names.index("v_log_a_traffic"), names.index("v_log_w_traffic")
+    n_out = F.cfg_features(wl, {"mr": 4, "nr": 2, "kc": 0, "n_outer": True}, tgt)
+    m_out = F.cfg_features(wl, {"mr": 4, "nr": 2, "kc": 0, "n_outer": False}, tgt)
+    assert n_out[a] > m_out[a] and n_out[w] < m_out[w]
+    assert math.exp(n_out[w]) == pytest.approx(512 * 256)  # the weights are read once with n-tiles outside
+    assert len(F.cfg_features(None, None, tgt)) == len(names)
+
+
+def test_metaschedule_cost_model_adapter(trained):
+    """The model as MetaSchedule's cost model: a registered PyCostModel, scores = -log predicted
+    latency, online residual correction once enough candidates are measured."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from costmodel.ms_adapter import ms_cost_model
+    from qcompiler.tune.workload import Workload
+
+    _, _, _, _, path = trained
+    tgt = _target()
+    cm = ms_cost_model(str(path), refit_after=3)
+    assert isinstance(cm, ms.cost_model.CostModel)
+    w = Workload("cpu_vnni", "dense", (16, 32, 64), "uint8", "uint8", 0, 255, f"cpu:{tgt['arch']}")
+    funcs = [w.make_func(w.config_from_dict({"mr": mr, "nr": 1, "kc": 0, "n_outer": True})) for mr in (1, 2, 4)]
+    cands = [ms.MeasureCandidate(tvm.s_tir.Schedule(f.with_attr("global_symbol", "main")), []) for f in funcs]
+    ctx = F._ms_context(tvm.target.Target({"kind": "llvm"}))
+    s0 = np.asarray(cm.predict(ctx, cands))
+    assert s0.shape == (3,) and np.all(np.isfinite(s0))
+    assert np.allclose(s0, -cm.warm.predict_log(funcs))
+    cm.update(ctx, cands, [ms.runner.RunnerResult([t], None) for t in (1e-3, 2e-3, 4e-3)])
+    assert cm.warm.online is not None and len(cm.warm.r) == 3
+    s1 = np.asarray(cm.predict(ctx, cands))
+    assert s1.shape == (3,) and not np.allclose(s0, s1)
+    cm.update(ctx, cands[:1], [ms.runner.RunnerResult(None, "build failed")])  # failures are skipped
+    assert len(cm.warm.r) == 3

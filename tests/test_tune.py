@@ -277,6 +277,7 @@ def test_rpc_tracker_two_servers(model, tmp_path):
     (["m.onnx", "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "k"], "unreachable"),
     (["m.onnx", "--rpc-tracker", "nonsense", "--rpc-key", "k"], "HOST:PORT"),
     (["--status", "nowhere"], "no tuning log"),
+    (["m.onnx", "--trials", "2", "--cost-model", "nothere.json"], "no such cost model file"),
 ])
 def test_bad_input(model, tmp_path, capsys, args, needle):
     args = [str(model / a) if a.endswith(".onnx") else a for a in args]

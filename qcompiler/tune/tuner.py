@@ -15,10 +15,12 @@ the largest
 (an "improvement" is a trial that lowered the task's best by more than 1%; the Laplace estimate
 decays as a task stops improving).  A task whose space is exhausted gets weight 0.
 
-Warm start: with ``$QC_TUNE_COSTMODEL`` naming a cost model file (``qc costmodel train``), the
-"random untried point" becomes the point the model predicts fastest among ``WARM_POOL`` random
-untried points (its config-only booster; no TIR built), so a new workload starts from the model's
-knowledge of the others instead of from chance.
+Warm start: with a cost model (``qc tune --cost-model FILE``; by default ``$QC_TUNE_COSTMODEL`` or
+``costmodels/<device>.json`` when it exists for this target; ``--cost-model off`` for a cold start),
+the "random untried point" becomes the next point in the model's predicted order of the task's
+whole config space (its config-only booster: no TIR is built to rank; at most ``MODEL_POOL``
+points, a random sample of larger spaces), so a new workload starts from the model's knowledge of
+the others instead of from chance.  The measured points still feed the neighbour moves.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class TaskState:
     space: list | None = None
     rng: random.Random | None = None
     exhausted: bool = False
+    model: object = None                            # a costmodel.predict.CostModel (warm start) or None
+    order: list | None = None                       # the space in the model's predicted order
 
     @property
     def w(self) -> Workload:
@@ -128,13 +132,13 @@ class TaskState:
                 nb = [c for c in self._neighbours(base) if free(c)]
                 if nb:
                     return self.rng.choice(nb)
+        if self.model is not None:
+            if self.order is None:
+                self.order = model_order(self.model, self.w, self.space, self.rng)
+            return next((c for c in self.order if free(c)), None)
         rest = [c for c in self.space if free(normalize_config(self.w, c))]
         if not rest:
             return None
-        model = _warm_model(self.task)
-        if model is not None:
-            return _best_predicted(model, self.w, [normalize_config(self.w, c) for c in
-                                                   self.rng.sample(rest, min(WARM_POOL, len(rest)))])
         return normalize_config(self.w, self.rng.choice(rest))
 
     def _neighbours(self, base: dict) -> list:
@@ -146,32 +150,48 @@ class TaskState:
         return out
 
 
-WARM_POOL = 64
-_WARM: dict = {}
+MODEL_POOL = 4096
 
 
-def _warm_model(task):
-    """The cost model of ``$QC_TUNE_COSTMODEL`` (loaded once; None when unset)."""
-    import os
-
-    path = os.environ.get("QC_TUNE_COSTMODEL")
-    if not path:
-        return None
-    if path not in _WARM:
-        from costmodel.predict import CostModel
-
-        _WARM[path] = CostModel.load(path)
-    return _WARM[path]
-
-
-def _best_predicted(model, w: Workload, cands: list):
+def model_order(model, w: Workload, space: list, rng: random.Random) -> list:
+    """The (normalised, distinct) points of ``space`` sorted by the model's predicted latency."""
     import numpy as np
 
     from costmodel.features import cfg_only
 
+    uniq = list({config_key(c): c for c in (normalize_config(w, c) for c in space)}.values())
+    if len(uniq) > MODEL_POOL:
+        uniq = rng.sample(uniq, MODEL_POOL)
+    if not uniq:
+        return []
     tgt = dict(model.target)
-    X = np.stack([cfg_only(w.fields(), dataclasses.asdict(c), tgt) for c in cands])
-    return cands[int(np.argmin(model.predict_cfg(X)))]
+    X = np.stack([cfg_only(w.fields(), dataclasses.asdict(c), tgt) for c in uniq])
+    pred = model.predict_cfg(X)
+    return [uniq[i] for i in np.argsort(pred, kind="stable")]
+
+
+def resolve_cost_model(arg: str | None, target: dict):
+    """(CostModel or None, what was chosen): ``arg`` a file, ``off``, or None/``auto`` (then
+    ``$QC_TUNE_COSTMODEL``, else ``costmodels/<device>.json`` when it exists).  A named file that
+    is unusable (another schema, another target) is an error; an auto-found one that does not fit
+    this target is skipped with the reason."""
+    import os
+
+    from costmodel.predict import CostModel, CostModelError, find_model
+
+    if arg is None or arg == "auto":
+        arg = os.environ.get("QC_TUNE_COSTMODEL") or "auto"
+    if arg.lower() in ("off", "none", "0"):
+        return None, "cold start (--cost-model off)"
+    if arg != "auto":
+        return CostModel.load(arg, target), f"warm start from {arg}"
+    p = find_model(target.get("device") or target.get("arch") or "")
+    if p is None:
+        return None, f"cold start (no costmodels/{target.get('device')}.json)"
+    try:
+        return CostModel.load(p, target), f"warm start from {p}"
+    except CostModelError as e:
+        return None, f"cold start ({e})"
 
 
 # ---- models -> tasks -----------------------------------------------------------------------------
@@ -264,7 +284,7 @@ def _fmt(sec) -> str:
 
 
 def tune(tasks: list[Task], spec, log_dir, trials: int, rpc=None, repeats: int = 5, batch: int = BATCH,
-         min_repeat_ms: int = 20) -> dict:
+         min_repeat_ms: int = 20, cost_model: str | None = None) -> dict:
     """Run until the tasks hold ``trials`` records in total (old ones count); returns a summary."""
     from .device import describe
 
@@ -274,6 +294,10 @@ def tune(tasks: list[Task], spec, log_dir, trials: int, rpc=None, repeats: int =
     target = describe(spec)
     states, rr = load_states(tasks, log_dir, target)
     report_skips(rr, R.log_file(log_dir))
+    model, why = resolve_cost_model(cost_model, target)
+    for s in states:
+        s.model = model
+    rep.stage(why)
     done0 = sum(s.trials for s in states)
     rep.stage(f"{len(states)} task(s), {done0} trial(s) in {R.log_file(log_dir)}, target {trials}")
     if done0 >= trials:
