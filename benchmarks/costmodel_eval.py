@@ -45,6 +45,7 @@ from costmodel import train as T  # noqa: E402
 from costmodel.predict import roofline_samples  # noqa: E402
 
 FAMS = {"structural": ["target", "cfg", "tir", "ms"], "text": ["text"], "both": T.ALL}
+DEPLOYED = T.STRUCTURAL  # the families `qc costmodel train` uses by default (the ablation's best)
 
 
 def log(msg):
@@ -228,14 +229,14 @@ def _oof_explicit(samples, X, y, tr, test):
 
     n = len(y)
     o = {k: np.full(n, np.nan) for k in ("pred_s", "lo_s", "hi_s", "score")}
-    d = xgb.DMatrix(X[test])
-    o["pred_s"][test] = np.exp(T.fit_regressor(X[tr], y[tr]).predict(d))
-    qq = T.fit_quantile(X[tr], y[tr]).predict(d).reshape(len(test), -1)
-    mu = np.log(o["pred_s"][test])
-    a, b = T.widen(mu, qq[:, 0], qq[:, -1], T.band_scale(X[tr], y[tr], [samples[i]["group"] for i in tr]))
+    cols = F.columns(DEPLOYED)
+    d = xgb.DMatrix(X[test][:, cols])
+    mu, qlo, qhi = T.predict_point(T.fit_point(X[tr], y[tr], cols), X[test], cols)
+    o["pred_s"][test] = np.exp(mu)
+    a, b = T.widen(mu, qlo, qhi, T.band_scale(X[tr], y[tr], [samples[i]["group"] for i in tr], cols))
     o["lo_s"][test], o["hi_s"][test] = np.exp(a), np.exp(b)
     tune = np.asarray([samples[i]["source"] == "tune" for i in tr])
-    rk = T.fit_ranker(X[tr][tune], y[tr][tune], np.asarray([samples[i]["query"] for i in tr])[tune])
+    rk = T.fit_ranker(X[tr][tune][:, cols], y[tr][tune], np.asarray([samples[i]["query"] for i in tr])[tune])
     o["score"][test] = rk.predict(d)
     return o
 
@@ -252,7 +253,7 @@ def whole_models(samples, X, y, mrecs) -> dict:
     spec = parse_target("cpu", None)
     target = describe(spec)
     cal_all = D.fit_overhead(mrecs)
-    full = CostModel(T.train(samples, X, y, T.ALL, calibration=cal_all))
+    full = CostModel(T.train(samples, X, y, DEPLOYED, calibration=cal_all))
     out = {}
     for m in mrecs:
         name = m["model"]
@@ -262,7 +263,7 @@ def whole_models(samples, X, y, mrecs) -> dict:
         groups = {samples[i]["group"] for i in range(len(samples)) if name in samples[i]["models"]}
         keep = [i for i in keep if samples[i]["group"] not in groups]
         cal = D.fit_overhead([r for r in mrecs if r["model"] != name])
-        held = CostModel(T.train([samples[i] for i in keep], X[keep], y[keep], T.ALL, calibration=cal))
+        held = CostModel(T.train([samples[i] for i in keep], X[keep], y[keep], DEPLOYED, calibration=cal))
         p_held = predict_kernels(kernels, target, held)
         p_roof = predict_kernels(kernels, target, None)
         meas = m["bench"]["median_ms"]
@@ -316,7 +317,7 @@ def search_sim(samples, y, score, folds) -> dict:
             "mean_trials_default_first": float(dft.mean()) if len(dft) else None,
             "ratio_random_over_model": float(r.mean() / m.mean()),
             "model_first_try_hits": float(np.mean(m == 1)),
-            "note": "simulated on the measured pools (6-18 configs per workload, not the full space): "
+            "note": "simulated on the measured pools (6-40 configs per workload, not the full space): "
                     "the order in which each strategy would have measured them"}
 
 
@@ -326,7 +327,8 @@ def main():
     ap.add_argument("--log", default=str(ROOT / "autotune_logs" / "intel-xeon-processor"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_cpu.json"))
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma list of: noise,ms,lomo,whole")
+    ap.add_argument("--skip", default="", help="comma list of: noise,table,ms,lomo,whole (noise / table: "
+                    "keep those parts of the previous results file; table still recomputes the deployed row)")
     ARGS = ap.parse_args()
     skip = set(ARGS.skip.split(","))
     t0 = time.time()
@@ -344,22 +346,30 @@ def main():
                        "profiled_kernels": int(sum(s["source"] == "profile" for s in samples)),
                        "workloads": len({s["group"] for s in samples if s["source"] == "tune"}),
                        "models": [m["model"] for m in mrecs]}}
+    prev = json.loads(Path(ARGS.out).read_text()) if Path(ARGS.out).is_file() else {}
     if "noise" not in skip:
         res["noise_floor"] = noise_floor(samples, mrecs)
         log(f"noise {res['noise_floor']}")
+    elif "noise_floor" in prev:
+        res["noise_floor"] = prev["noise_floor"]
     folds = E.group_folds([s["group"] for s in samples], ARGS.folds)
     table = {}
     for name, fam in FAMS.items():
+        if "table" in skip and name != "structural":
+            continue
         o = E.oof(samples, X, y, folds, fam)
         table[f"ours_{name}"] = E.report(samples, y, o)
-        if name == "both":
-            both = o
+        if name == "structural":
+            deployed = o
         log(f"{name}: {table[f'ours_{name}']['rank_by_ranker']} mape_tune={table[f'ours_{name}'].get('mape_tune'):.3f} "
             f"mape_profile={table[f'ours_{name}'].get('mape_profile')}")
-    if "ms" not in skip:
+    if "table" in skip and "group_kfold" in prev:  # the rest of the table from the previous run
+        table = {**prev["group_kfold"]["table"], **table}
+    elif "ms" not in skip:
         table.update(baselines(samples, y, folds))
-    res["group_kfold"] = {"folds": len(folds), "split": "by workload (tuning) / by kernel TIR (profiled)", "table": table}
-    res["search"] = search_sim(samples, y, both["score"], folds)
+    res["group_kfold"] = {"folds": len(folds), "split": "by workload (tuning) / by kernel TIR (profiled)",
+                          "deployed_families": "structural", "table": table}
+    res["search"] = search_sim(samples, y, deployed["score"], folds)
     log(f"search {res['search']}")
     if "lomo" not in skip:
         models = sorted({m for s in samples for m in s["models"]})

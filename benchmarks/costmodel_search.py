@@ -246,7 +246,7 @@ def evaluate(ms_seeds: int = 20, batch: int = 8) -> dict:
         raise SystemExit("no held-out pools in the log: run `benchmarks/costmodel_search.py collect` first")
     tr = np.flatnonzero(~is_held)
     tune_tr = tr[[samples[i]["source"] == "tune" for i in tr]]
-    cols, cc = F.columns(T.ALL), F.columns(T.CFG)
+    cols, cc = F.columns(T.STRUCTURAL), F.columns(T.CFG)
     qids = np.asarray([s["query"] for s in samples])
     log(f"training on {len(tr)} samples ({len(set(qids[tune_tr]))} workloads), {len(pools)} held-out pools")
     ranker = T.fit_ranker(X[tune_tr][:, cols], y[tune_tr], qids[tune_tr])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .predict import CostModelError
 
-_FAMILIES = {"all": None, "structural": ["target", "cfg", "tir", "ms"], "text": ["text"]}
+_FAMILIES = {"all": ["target", "cfg", "tir", "ms", "text"], "structural": ["target", "cfg", "tir", "ms"],
+             "text": ["text"]}
 
 
 def _data_error(e) -> CostModelError:
@@ -44,7 +45,7 @@ def run_costmodel(a) -> int:
     if len({s["group"] for s in samples}) < a.folds:
         raise CostModelError(f"{a.logs}: fewer workloads than folds ({a.folds}); nothing to hold out")
     X, y = D.matrix(samples)
-    fam = _FAMILIES[a.families] or ["target", "cfg", "tir", "ms", "text"]
+    fam = _FAMILIES[a.families]
     out = E.oof(samples, X, y, E.group_folds([s["group"] for s in samples], a.folds), fam)
     r = E.report(samples, y, out)
     if a.json:

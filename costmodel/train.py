@@ -18,6 +18,7 @@ from . import FEATURE_SCHEMA, MODEL_SCHEMA
 from . import features as F
 
 ALL = ["target", "cfg", "tir", "ms", "text"]
+STRUCTURAL = ["target", "cfg", "tir", "ms"]  # the default: text n-grams added nothing in the ablation
 CFG = ["target", "cfg"]
 PARAMS = dict(n_estimators=200, max_depth=6, learning_rate=0.08, subsample=0.85, colsample_bytree=0.4,
               min_child_weight=1.0, tree_method="hist", max_bin=128, n_jobs=2, random_state=0)
@@ -166,7 +167,7 @@ def train(samples: list[dict], X: np.ndarray, y: np.ndarray, families=None, targ
     """Fit every booster; returns the model document (see the package docstring)."""
     from .data import target_of
 
-    families = list(families or ALL)
+    families = list(families or STRUCTURAL)
     cols = F.columns(families)
     Xc = X[:, cols]
     tune = np.asarray([s["source"] == "tune" for s in samples])

@@ -68,12 +68,14 @@ def _costmodel_parsers(sub) -> None:
     tr = cs.add_parser("train", help="train on tuning logs: qc costmodel train autotune_logs/<device>/ -o costmodels/<device>.json")
     tr.add_argument("logs", help="a log folder (records.jsonl + profiles.jsonl) or a records.jsonl")
     tr.add_argument("-o", "--output", required=True, help="model file (JSON: XGBoost models + feature schema)")
-    tr.add_argument("--families", default="all", choices=["all", "structural", "text"], help="feature families")
+    tr.add_argument("--families", default="structural", choices=["all", "structural", "text"],
+                    help="feature families (default structural: the best of the ablation in "
+                         "benchmarks/results/costmodel_cpu.json; all adds the TIR-text n-grams)")
     tr.add_argument("--json", action="store_true")
     ev = cs.add_parser("eval", help="group k-fold (by workload) metrics of the model's recipe on a log")
     ev.add_argument("logs", help="a log folder or records.jsonl")
     ev.add_argument("--folds", type=int, default=5)
-    ev.add_argument("--families", default="all", choices=["all", "structural", "text"])
+    ev.add_argument("--families", default="structural", choices=["all", "structural", "text"])
     ev.add_argument("--json", action="store_true")
 
     pr = sub.add_parser("predict", help="predict per-kernel and whole-model latency without running the model")
