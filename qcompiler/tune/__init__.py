@@ -19,6 +19,9 @@ Design
   ``WARMUP`` trials (the default config first), then the task maximizing
   ``best latency x uses x (improvements + 1) / (trials + 2)``.  Progress: a bar over trials plus a
   line per batch (task, trials, best so far vs default, ETA) through ``qcompiler.progress``.
+  Within a task: the default config, then alternately a neighbour of a best point and the next
+  proposal -- in the cost model's predicted order of the task's space when a model is available
+  (``--cost-model``, default ``costmodels/<device>.json``: warm start), at random otherwise.
 * Records (``records.py``): ``autotune_logs/<device-name>/records.jsonl``, JSON lines appended one
   at a time with a single ``os.write`` + ``fsync``; corrupt or partial lines are skipped and
   counted, records of another target/device or TVM version are warned about and skipped.
@@ -33,5 +36,6 @@ Design
   of ``CompileOptions.tune_log`` / ``$QC_TUNE_LOG`` / ``autotune_logs/<device-name>/`` and records in
   the metadata (``tuning``) which layers run a tuned config.
 
-Not here: a MetaSchedule full search for the non-GEMM kernels (those keep the default schedules).
+Not here: a MetaSchedule full search for the non-GEMM kernels (those keep the default schedules;
+``costmodel.ms_adapter`` makes our model usable as MetaSchedule's cost model for such a search).
 """
