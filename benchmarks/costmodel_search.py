@@ -231,11 +231,10 @@ def ms_xgb(seed: int):
 
 
 def evaluate(ms_seeds: int = 20, batch: int = 8) -> dict:
-    import xgboost as xgb
-
     from costmodel import data as D
     from costmodel import features as F
     from costmodel import train as T
+    from costmodel.ms_adapter import ms_cost_model
 
     held = {w.key: name for name, w in workloads()}
     samples, _ = D.samples_from(LOG)
@@ -245,32 +244,20 @@ def evaluate(ms_seeds: int = 20, batch: int = 8) -> dict:
     if not pools:
         raise SystemExit("no held-out pools in the log: run `benchmarks/costmodel_search.py collect` first")
     tr = np.flatnonzero(~is_held)
-    tune_tr = tr[[samples[i]["source"] == "tune" for i in tr]]
-    cols, cc = F.columns(T.STRUCTURAL), F.columns(T.CFG)
     qids = np.asarray([s["query"] for s in samples])
-    log(f"training on {len(tr)} samples ({len(set(qids[tune_tr]))} workloads), {len(pools)} held-out pools")
-    ranker = T.fit_ranker(X[tune_tr][:, cols], y[tune_tr], qids[tune_tr])
-    cfgreg = T.fit_regressor(X[tune_tr][:, cc], y[tune_tr])
-    mu_all = np.full(len(y), np.nan)
-    pm = T.fit_point(X[tr], y[tr], cols, quantile=False)
-    mu_all[is_held] = T.predict_point(pm, X[is_held], cols)[0]
-    import tempfile
-
-    from costmodel.ms_adapter import ms_cost_model
-
-    model_file = Path(tempfile.mkdtemp(prefix="qc_search_")) / "heldout_model.json"
-    keep = [samples[i] for i in tr]
-    T.save(T.train(keep, X[tr], y[tr], calibrate_band=False), model_file)
+    log(f"training on {len(tr)} samples ({len({qids[i] for i in tr if samples[i]['source'] == 'tune'})} "
+        f"workloads), {len(pools)} held-out pools")
+    cm = train_without_held_out([samples[i] for i in tr], X[tr], y[tr])
+    cc = F.columns(T.CFG)
     rng = np.random.default_rng(0)
     rows = []
     for key in pools:
         ii = np.flatnonzero(is_held & (qids == key))
         lat = np.exp(y[ii])
         good = lat <= lat.min() / 0.95
-        d = xgb.DMatrix(X[ii][:, cols])
-        rank_order = np.argsort(-ranker.predict(d), kind="stable")
-        cfg_order = np.argsort(cfgreg.predict(xgb.DMatrix(X[ii][:, cc])), kind="stable")
-        pred = np.exp(mu_all[ii])
+        rank_order = np.argsort(-cm.score(X[ii]), kind="stable")
+        cfg_order = np.argsort(cm.predict_cfg(X[ii][:, cc]), kind="stable")
+        pred = cm.predict(X[ii])[0]
         dflt = [k for k, i in enumerate(ii) if samples[i].get("is_default")]
         rand = [_first_hit(good, rng.permutation(len(ii))) for _ in range(500)]
         dfirst = [_first_hit(good, dflt + [k for k in rng.permutation(len(ii)) if k not in dflt]) for _ in range(500)]
@@ -280,7 +267,7 @@ def evaluate(ms_seeds: int = 20, batch: int = 8) -> dict:
         ctx = _ms_context(w)
         funcs = [samples[i]["func"] for i in ii]
         ms_hits = [_first_hit(good, ms_loop_order(ms_xgb(s), ctx, funcs, lat, batch, s, True)) for s in range(ms_seeds)]
-        ours_ms = _first_hit(good, ms_loop_order(ms_cost_model(str(model_file)), ctx, funcs, lat, batch, 0, False))
+        ours_ms = _first_hit(good, ms_loop_order(ms_cost_model(cm), ctx, funcs, lat, batch, 0, False))
         best_k = {k: float(lat.min() / lat[rank_order[:k]].min()) for k in (1, 2, 4, 8)}
         row = {"workload": held[key], "key": key, "pool": int(len(ii)), "good_in_pool": int(good.sum()),
                "best_ms": float(lat.min() * 1e3), "default_over_best": float(lat[dflt[0]] / lat.min()) if dflt else None,
@@ -325,10 +312,13 @@ def tune_real(budget: int, model_path: str, work: Path) -> dict:
     for r in R.read(LOG, target).records:
         if r["median_s"] is not None:
             seen.setdefault((r["workload_key"], config_key(r["config"])), []).append(r["median_s"])
+    from costmodel.predict import CostModel
+
+    warm = CostModel.load(model_path, target)
     rows = []
     for name, w in workloads():
         seqs = {}
-        for arm, cm in (("cold", "off"), ("warm", model_path)):
+        for arm, cm in (("cold", "off"), ("warm", warm)):
             d = work / arm / w.key.replace("/", "_").replace(">", "").replace("[", "").replace("]", "")
             tune([Task(w, [], 1)], spec, d, budget, cost_model=cm)  # returns at once when d holds the budget
             recs = R.read(d, target).records[:budget]
@@ -358,16 +348,23 @@ def tune_real(budget: int, model_path: str, work: Path) -> dict:
             "note": f"never within 5% in {budget} trials counts as {cen}"}
 
 
-def heldout_model(path: Path) -> None:
-    """Train the deployed model's boosters on every record except the held-out workloads."""
-    from costmodel import data as D
+def train_without_held_out(samples, X, y, calibration=None):
+    """The deployed model's boosters trained on ``samples`` (every record but the held-out ones)."""
     from costmodel import train as T
+    from costmodel.predict import CostModel
+
+    return CostModel(T.train(samples, X, y, calibration=calibration, calibrate_band=False))
+
+
+def heldout_model(path: Path) -> None:
+    """:func:`train_without_held_out` on the log, saved for the tuner runs."""
+    from costmodel import data as D
 
     held = {w.key for _, w in workloads()}
     samples, mrecs = D.samples_from(LOG)
     keep = [s for s in samples if s["query"] not in held]
     X, y = D.matrix(keep)
-    T.save(T.train(keep, X, y, calibration=D.fit_overhead(mrecs), calibrate_band=False), path)
+    train_without_held_out(keep, X, y, D.fit_overhead(mrecs)).save(path)
 
 
 def main():

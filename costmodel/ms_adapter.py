@@ -74,13 +74,13 @@ def _func_of(candidate):
     return mod["main" if "main" in names else names[0]]
 
 
-def ms_cost_model(path: str, refit_after: int = 8):
-    """A ``ms.cost_model.PyCostModel`` backed by the model file at ``path`` (checked as
-    ``CostModel.load`` checks it)."""
-    from tvm.s_tir.meta_schedule.cost_model import PyCostModel
+def ms_cost_model(model, refit_after: int = 8):
+    """A ``ms.cost_model.PyCostModel`` backed by ``model``: a loaded :class:`CostModel` or the path
+    of a model file (checked as ``CostModel.load`` checks it).  Each call starts a fresh online part."""
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.cost_model import PyCostModel
 
-    warm = WarmCostModel(CostModel.load(path), refit_after)
+    warm = WarmCostModel(model if isinstance(model, CostModel) else CostModel.load(model), refit_after)
 
     @derived_object
     class QcCostModel(PyCostModel):

@@ -115,6 +115,12 @@ class CostModel:
             return self.boosters["rank"].predict(xgb.DMatrix(np.asarray(X, dtype=np.float64)[:, self.cols]))
         return -np.log(self.predict(X)[0])
 
+    def predict_configs(self, workload: dict, configs: list[dict], target: dict | None = None) -> np.ndarray:
+        """Seconds of ``configs`` (dicts of a config's fields) of one GEMM workload (its record
+        fields) on ``target`` (default: the model's), from the config-only booster: no TIR is built."""
+        X = np.stack([F.cfg_only(workload, c, target or self.target) for c in configs])
+        return self.predict_cfg(X)
+
     def predict_cfg(self, Xcfg: np.ndarray) -> np.ndarray:
         """Seconds from the target + cfg features only (no TIR needed)."""
         import xgboost as xgb

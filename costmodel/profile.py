@@ -95,7 +95,6 @@ def time_isolated(lib, name: str, args: list, repeats: int = 10, min_repeat_ms: 
 def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dict], dict[str, str]]:
     from qcompiler.artifact import decode_text, read_metadata
     from qcompiler.runtime import Library
-    from qcompiler.tune.workload import tir_hash  # noqa: F401  (same hash family as the tuning records)
 
     import hashlib
 

@@ -103,7 +103,7 @@ class Canonicalizer:
 
     # ---- GEMM forms ---------------------------------------------------------------------
     def op_Gemm(self, n: Node):
-        a, b = n.inputs[0], n.inputs[1]
+        a = n.inputs[0]
         W = self.need_const(n, 1, "B")
         if W is None:
             return [n]
@@ -334,7 +334,6 @@ class Canonicalizer:
         _, _, h, w = self.g.shape(n.inputs[0])
         ones = np.ones((1, 1, h, w), np.float32)
         from qcompiler.ort_util import session
-        import onnx
         from onnx import helper
 
         attrs = {k: v for k, v in n.attrs.items() if k != "domain"}

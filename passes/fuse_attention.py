@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.graph import Graph, Node
+from qcompiler.graph import Graph
 
 
 def _scalar(v) -> float | None:

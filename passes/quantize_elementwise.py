@@ -150,7 +150,6 @@ UNARY = ("Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Sof
 
 
 def _eval_unary(n, x: np.ndarray) -> np.ndarray:
-    import onnx
     from onnx import helper
 
     from qcompiler.ort_util import session

@@ -258,25 +258,27 @@ def scan_prim_func(func: tirx.PrimFunc, name: str) -> FuncScan:
 
     read = _match_params(params, loads)
     written = _match_params(params, stores)
-    read_names = tuple(param_names[i] for i in sorted(read - written))
-    written_names = tuple(param_names[i] for i in sorted(written))
-    float_params = tuple(n for n, d in zip(param_names, param_dtypes) if is_float_dtype(d))
-    trip = _trip_count(func.body)
+    return _func_scan(name, marks, _trip_count(func.body), floats, tuple(zip(param_names, param_dtypes)),
+                      [param_names[i] for i in sorted(read - written)], [param_names[i] for i in sorted(written)])
+
+
+def _func_scan(name, marks, trip, floats, param_dtypes, read, written, parsed: bool = True) -> FuncScan:
+    """The FuncScan of one function's findings (the derived fields computed here, for both scans)."""
     small = trip <= TRIVIAL_TRIP_COUNT
-    dtype_of = dict(zip(param_names, param_dtypes))
-    kind = _classify(sorted(floats), read_names, written_names, dtype_of)
+    float_list = sorted(floats)
     return FuncScan(
         name=name,
         scheduled=bool(marks) or small,
         schedule_marks=tuple(sorted(marks)),
         trip_count=trip,
         trivially_small=small,
-        float_dtypes=tuple(sorted(floats)),
-        param_dtypes=tuple(zip(param_names, param_dtypes)),
-        float_params=float_params,
-        read_params=read_names,
-        written_params=written_names,
-        kind=kind,
+        float_dtypes=tuple(float_list),
+        param_dtypes=tuple(param_dtypes),
+        float_params=tuple(p for p, d in param_dtypes if is_float_dtype(d)),
+        read_params=tuple(read),
+        written_params=tuple(written),
+        kind=_classify(float_list, read, written, dict(param_dtypes)),
+        parsed=parsed,
     )
 
 
@@ -478,24 +480,7 @@ def _scan_chunk_regex(name: str, chunk: str) -> FuncScan:
         if re.search(access, re.sub(store, "", body)):
             read.append(p)
     read = [p for p in read if p not in written]
-    trip = _regex_trip_count(body)
-    small = trip <= TRIVIAL_TRIP_COUNT
-    dtype_of = dict(param_dtypes)
-    float_list = sorted(floats)
-    return FuncScan(
-        name=name,
-        scheduled=bool(marks) or small,
-        schedule_marks=tuple(sorted(marks)),
-        trip_count=trip,
-        trivially_small=small,
-        float_dtypes=tuple(float_list),
-        param_dtypes=param_dtypes,
-        float_params=tuple(p for p, d in param_dtypes if is_float_dtype(d)),
-        read_params=tuple(read),
-        written_params=tuple(written),
-        kind=_classify(float_list, read, written, dtype_of),
-        parsed=False,
-    )
+    return _func_scan(name, marks, _regex_trip_count(body), floats, param_dtypes, read, written, parsed=False)
 
 
 def _regex_trip_count(body: str) -> int:

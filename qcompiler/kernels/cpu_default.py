@@ -627,41 +627,31 @@ def _inline(sch, blocks):
     """Inline injective blocks into their consumers (and, failing that, reverse-inline
     injective consumers into injective producers); return the blocks that remain."""
     blocks = list(blocks)
-    changed = True
-    while changed:
-        changed = False
+
+    def into_consumers(blk) -> bool:
+        consumers = sch.get_consumers(blk)
+        return bool(consumers) and (all(_is_injective(sch, c) for c in consumers)
+                                    or _cheap_for_reduction(sch.get(blk)))
+
+    def into_producers(blk) -> bool:
+        producers = sch.get_producers(blk)
+        return bool(producers) and all(_is_injective(sch, p) for p in producers)
+
+    def once(can, inline) -> bool:
         for i, blk in enumerate(blocks):
-            if not _is_injective(sch, blk):
-                continue
-            consumers = sch.get_consumers(blk)
-            if not consumers:
-                continue
-            if not all(_is_injective(sch, c) for c in consumers) and not _cheap_for_reduction(
-                sch.get(blk)
-            ):
+            if not _is_injective(sch, blk) or not can(blk):
                 continue
             try:
-                sch.compute_inline(blk)
+                inline(blk)
             except Exception:  # pylint: disable=broad-except
                 continue
             blocks.pop(i)
-            changed = True
-            break
-        if changed:
-            continue
-        for i, blk in enumerate(blocks):
-            if not _is_injective(sch, blk):
-                continue
-            producers = sch.get_producers(blk)
-            if not producers or not all(_is_injective(sch, p) for p in producers):
-                continue
-            try:
-                sch.reverse_compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                continue
-            blocks.pop(i)
-            changed = True
-            break
+            return True
+        return False
+
+    # forward inlining until none applies, then one reverse inlining, and again
+    while once(into_consumers, sch.compute_inline) or once(into_producers, sch.reverse_compute_inline):
+        pass
     return blocks
 
 

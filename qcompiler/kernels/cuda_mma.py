@@ -455,6 +455,15 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         ST = {1: "st.shared.u32", 2: "st.shared.v2.u32", 4: "st.shared.v4.u32"}[NW]
 
         @T.macro
+        def load_regs(regs, ro, addr):  # NW 32-bit words from global memory into regs[ro:ro + NW]
+            if NW == 1:
+                T.ptx[LD](regs[ro], addr)
+            elif NW == 2:
+                T.ptx[LD](regs[ro], regs[ro + 1], addr)
+            else:
+                T.ptx[LD](regs[ro], regs[ro + 1], regs[ro + 2], regs[ro + 3], addr)
+
+        @T.macro
         def chunk_fetch(G, Sm, base, regs, ro, cid, row0, kt, stage, rb):
             r = T.meta_var(cid // CPR)
             c = T.meta_var(cid % CPR)
@@ -478,19 +487,9 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                     regs[ro + i] = T.uint32(0)
                 if guarded:
                     if inb:
-                        if NW == 1:
-                            T.ptx[LD](regs[ro], T.address_of(src))
-                        elif NW == 2:
-                            T.ptx[LD](regs[ro], regs[ro + 1], T.address_of(src))
-                        else:
-                            T.ptx[LD](regs[ro], regs[ro + 1], regs[ro + 2], regs[ro + 3], T.address_of(src))
+                        load_regs(regs, ro, T.address_of(src))
                 else:
-                    if NW == 1:
-                        T.ptx[LD](regs[ro], T.address_of(src))
-                    elif NW == 2:
-                        T.ptx[LD](regs[ro], regs[ro + 1], T.address_of(src))
-                    else:
-                        T.ptx[LD](regs[ro], regs[ro + 1], regs[ro + 2], regs[ro + 3], T.address_of(src))
+                    load_regs(regs, ro, T.address_of(src))
 
         @T.macro
         def chunk_put(base, regs, ro, cid, stage):

@@ -158,8 +158,6 @@ def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
 
     import numpy as np
 
-    from costmodel.features import cfg_only
-
     from .workload import normalize_config
 
     try:
@@ -176,9 +174,7 @@ def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
         if k not in seen:
             seen.add(k)
             cands.append(c)
-    wf = workload.fields()
-    X = np.stack([cfg_only(wf, dataclasses.asdict(c), tc.target) for c in cands])
-    pred = cm.predict_cfg(X)
+    pred = cm.predict_configs(workload.fields(), [dataclasses.asdict(c) for c in cands], tc.target)
     order = [int(i) for i in np.argsort(pred, kind="stable")]
     if pred[0] <= pred[order[0]] * 1.03:  # the default unless another is clearly predicted faster
         order.remove(0)

@@ -100,26 +100,28 @@ def run_tune(a) -> int:
         if gpu_info() is None:
             raise QCError("no CUDA GPU here: tune on the GPU machine, through --rpc-tracker, or with "
                           "--export-candidates DIR / qc measure DIR / --import DIR")
-    if a.cost_model and a.cost_model.lower() not in ("auto", "off", "none", "0"):
+    cost_model = a.cost_model
+    if cost_model and cost_model.lower() not in ("auto", "off", "none", "0"):
         from .device import describe
         from .tuner import resolve_cost_model
 
-        # a named model file is checked before the (slow) model preparation
-        resolve_cost_model(a.cost_model, describe(spec, probe_gpu=False) if spec.kind == "cuda" else describe(spec))
+        # a named model file is checked (and loaded, once) before the slow model preparation
+        cost_model, _ = resolve_cost_model(cost_model, describe(spec, probe_gpu=False) if spec.kind == "cuda"
+                                           else describe(spec))
     tasks = _tasks(a, spec)
     log = _log_dir(a, spec)
     if a.export_candidates is not None:
         from .offline import export_candidates
 
         man = export_candidates(tasks, spec, log, a.export_candidates, a.candidates, a.repeats, a.min_repeat_ms,
-                                a.cost_model)
+                                cost_model)
         print(json.dumps({"dir": a.export_candidates, "candidates": len(man["candidates"])}) if a.json else
               f"exported {len(man['candidates'])} candidate(s) to {a.export_candidates}")
         return 0
     from .tuner import tune
 
     out = tune(tasks, spec, log, a.trials, rpc=rpc, repeats=a.repeats, batch=a.batch_size,
-               min_repeat_ms=a.min_repeat_ms, cost_model=a.cost_model)
+               min_repeat_ms=a.min_repeat_ms, cost_model=cost_model)
     if a.json:
         print(json.dumps(out, indent=1))
     else:

@@ -50,7 +50,7 @@ def _ready_dir(out: Path) -> None:
 
 
 def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 5, min_repeat_ms: int = 20,
-                      cost_model: str | None = None) -> dict:
+                      cost_model=None) -> dict:
     """Propose ``count`` configs (spread over tasks as ``qc tune`` would), build them here, write the manifest."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput, LocalBuilder
@@ -61,7 +61,7 @@ def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 
 
     from .device import describe
     from .measure import f_build, f_export
-    from .tuner import load_states, report_skips, resolve_cost_model
+    from .tuner import load_states
     from .workload import config_key, tir_hash
 
     if count < 1:
@@ -70,12 +70,7 @@ def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 
     out = Path(out_dir)
     _ready_dir(out)
     target = describe(spec, probe_gpu=False) if spec.kind == "cuda" else describe(spec)
-    states, rr = load_states(tasks, log_dir, target)
-    report_skips(rr, R.log_file(log_dir))
-    model, why = resolve_cost_model(cost_model, target)
-    for s in states:
-        s.model = model
-    rep.stage(why)
+    states, rr = load_states(tasks, log_dir, target, cost_model)
     pending = {id(s): set() for s in states}
     chosen = []
     # proposals: pending ones count as trials so that the batch spreads as a tuning run would

@@ -157,28 +157,26 @@ def model_order(model, w: Workload, space: list, rng: random.Random) -> list:
     """The (normalised, distinct) points of ``space`` sorted by the model's predicted latency."""
     import numpy as np
 
-    from costmodel.features import cfg_only
-
     uniq = list({config_key(c): c for c in (normalize_config(w, c) for c in space)}.values())
     if len(uniq) > MODEL_POOL:
         uniq = rng.sample(uniq, MODEL_POOL)
     if not uniq:
         return []
-    tgt = dict(model.target)
-    X = np.stack([cfg_only(w.fields(), dataclasses.asdict(c), tgt) for c in uniq])
-    pred = model.predict_cfg(X)
+    pred = model.predict_configs(w.fields(), [dataclasses.asdict(c) for c in uniq])
     return [uniq[i] for i in np.argsort(pred, kind="stable")]
 
 
-def resolve_cost_model(arg: str | None, target: dict):
-    """(CostModel or None, what was chosen): ``arg`` a file, ``off``, or None/``auto`` (then
-    ``$QC_TUNE_COSTMODEL``, else ``costmodels/<device>.json`` when it exists).  A named file that
-    is unusable (another schema, another target) is an error; an auto-found one that does not fit
-    this target is skipped with the reason."""
+def resolve_cost_model(arg, target: dict):
+    """(CostModel or None, what was chosen): ``arg`` a file, ``off``, None/``auto`` (then
+    ``$QC_TUNE_COSTMODEL``, else ``costmodels/<device>.json`` when it exists), or a CostModel
+    already loaded.  A named file that is unusable (another schema, another target) is an error;
+    an auto-found one that does not fit this target is skipped with the reason."""
     import os
 
     from costmodel.predict import CostModel, CostModelError, find_model
 
+    if isinstance(arg, CostModel):
+        return arg, f"warm start from {arg.path}"
     if arg is None or arg == "auto":
         arg = os.environ.get("QC_TUNE_COSTMODEL") or "auto"
     if arg.lower() in ("off", "none", "0"):
@@ -250,23 +248,25 @@ def check_target(spec) -> None:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-def load_states(tasks: list[Task], log_dir, target: dict) -> tuple[list[TaskState], R.ReadResult]:
+def load_states(tasks: list[Task], log_dir, target: dict, cost_model=None) -> tuple[list[TaskState], R.ReadResult]:
+    """Task states with the log's records folded in (skipped lines warned about) and the cost model
+    of :func:`resolve_cost_model` attached (what was chosen is reported)."""
     import tvm
 
+    rep = progress.get()
     rr = R.read(log_dir, target, tvm.__version__)
-    states = [TaskState(t) for t in tasks]
+    msg = rr.skipped_message()
+    if msg:
+        rep.warn(f"{R.log_file(log_dir)}: {msg}")
+    model, why = resolve_cost_model(cost_model, target)
+    rep.stage(why)
+    states = [TaskState(t, model=model) for t in tasks]
     by_key = {s.w.key: s for s in states}
     for rec in rr.records:
         s = by_key.get(rec["workload_key"])
         if s is not None:
             s.add(rec)
     return states, rr
-
-
-def report_skips(rr: R.ReadResult, where) -> None:
-    msg = rr.skipped_message()
-    if msg:
-        progress.get().warn(f"{where}: {msg}")
 
 
 def pick(states: list[TaskState]) -> TaskState | None:
@@ -284,7 +284,7 @@ def _fmt(sec) -> str:
 
 
 def tune(tasks: list[Task], spec, log_dir, trials: int, rpc=None, repeats: int = 5, batch: int = BATCH,
-         min_repeat_ms: int = 20, cost_model: str | None = None) -> dict:
+         min_repeat_ms: int = 20, cost_model=None) -> dict:
     """Run until the tasks hold ``trials`` records in total (old ones count); returns a summary."""
     from .device import describe
 
@@ -292,12 +292,7 @@ def tune(tasks: list[Task], spec, log_dir, trials: int, rpc=None, repeats: int =
         raise QCError("--trials must be >= 1")
     rep = progress.get()
     target = describe(spec)
-    states, rr = load_states(tasks, log_dir, target)
-    report_skips(rr, R.log_file(log_dir))
-    model, why = resolve_cost_model(cost_model, target)
-    for s in states:
-        s.model = model
-    rep.stage(why)
+    states, rr = load_states(tasks, log_dir, target, cost_model)
     done0 = sum(s.trials for s in states)
     rep.stage(f"{len(states)} task(s), {done0} trial(s) in {R.log_file(log_dir)}, target {trials}")
     if done0 >= trials:

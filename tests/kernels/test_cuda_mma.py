@@ -478,6 +478,15 @@ def _gpu_arch():
 
 gpu = pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA GPU")
 
+def _run_on_gpu(f, arch, args, expected):
+    """Build for the GPU's arch, run once on device 0, compare the output (last argument) exactly."""
+    lib = cm.build(f, arch)
+    dev = tvm.cuda(0)
+    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    lib["main"](*targs)
+    np.testing.assert_array_equal(targs[-1].numpy(), expected)
+
+
 GPU_DENSE = [
     ("dense", 1, 4096, 4096, None), ("dense", 37, 200, 300, None), ("dense", 256, 512, 1024, None),
     ("dense", 1000, 1000, 1000, C(bm=128, bn=128, bk=64, warps_m=2, warps_n=2, stages=3)),
@@ -495,11 +504,7 @@ def test_gpu_dense_bit_exact(kind, M, N, K, cfg):
         pytest.skip(f"{kind} not supported on {arch}")
     cm.ensure_cuda_jit()
     f, args, expected = dense_case(kind, M, N, K, arch, cfg, a_dtype="int4" if kind == "int4" else "int8")
-    lib = cm.build(f, arch)
-    dev = tvm.cuda(0)
-    targs = [tvm.runtime.tensor(a, dev) for a in args]
-    lib["main"](*targs)
-    np.testing.assert_array_equal(targs[-1].numpy(), expected)
+    _run_on_gpu(f, arch, args, expected)
 
 
 @pytest.mark.gpu
@@ -511,11 +516,7 @@ def test_gpu_conv_bit_exact(geom):
     arch = _gpu_arch()
     cm.ensure_cuda_jit()
     f, args, expected = conv_case(geom, arch, None)
-    lib = cm.build(f, arch)
-    dev = tvm.cuda(0)
-    targs = [tvm.runtime.tensor(a, dev) for a in args]
-    lib["main"](*targs)
-    np.testing.assert_array_equal(targs[-1].numpy(), expected)
+    _run_on_gpu(f, arch, args, expected)
 
 
 @pytest.mark.gpu
@@ -526,8 +527,4 @@ def test_gpu_batch_matmul_bit_exact(batch, M, N, K, a_dtype):
     arch = _gpu_arch()
     cm.ensure_cuda_jit()
     f, args, expected = bmm_case(batch, M, N, K, arch, None, a_dtype)
-    lib = cm.build(f, arch)
-    dev = tvm.cuda(0)
-    targs = [tvm.runtime.tensor(a, dev) for a in args]
-    lib["main"](*targs)
-    np.testing.assert_array_equal(targs[-1].numpy(), expected)
+    _run_on_gpu(f, arch, args, expected)

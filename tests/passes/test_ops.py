@@ -37,7 +37,6 @@ def conv_model(C=8, OC=16, H=13, W=11, k=3, stride=1, pad=1, group=1, dil=1, act
     inits = [tensor("W", w(OC, C // group, k, k)), tensor("lo", np.float32(0)), tensor("hi", np.float32(6))]
     if bias:
         inits.append(tensor("B", w(OC, scale=0.5)))
-    oh = None
     return make_model(nodes, [("x", [batch, C, H, W])], [(out, None)], inits), (1, C, H, W)
 
 
