@@ -8,21 +8,27 @@ Design
     tensor-core conv or dense kernel (a *workload*) with one config of its search space and its
     median latency measured alone;
   - profile records (``profiles.jsonl``, schema ``qc-profile/1``, written by
-    ``python -m costmodel.profile``): every kernel call of a compiled zoo library (elementwise /
+    ``python -m costmodel.profile``): every kernel call of a compiled library -- the zoo models
+    and the synthetic transformer encoders and CNNs of ``synth_models.py`` (random weights: latency
+    depends on shapes only) -- (elementwise /
     requant chains, reductions, softmax, layernorm, layout moves, the GEMMs) found through the
     Relax VM instrument hook, timed inside the running model (the callback's own cost, measured on
     the VM's near-empty builtin calls, removed) and alone on its own arguments with
     ``time_evaluator``, with its scheduled TIR (gzip+base64) and its model; plus one
     ``type: "model"`` line per library with the whole-model latency of ``qc bench``'s timer.
     Profiled kernels are learned with their in-model time (feature ``t_in_model`` = 1), tuning
-    records with their time alone (0); ``qc predict`` asks for in-model times.
+    records with their time alone (0); ``qc predict`` asks for in-model times.  A compiled conv /
+    dense kernel carries its tuning workload and config as PrimFunc attributes (``qc.workload``,
+    ``qc.config``: ``qcompiler.tune.apply.tag``), so a profiled or predicted in-model GEMM gets the
+    ``cfg`` features and the GEMM roofline baseline like a tuning record, and shares its split
+    group (the workload key) with that workload's tuning records.
 
 * Features (schema :data:`FEATURE_SCHEMA`, ``features.py``), four families, one fixed-width vector:
 
   - ``target``: kind, core or SM count, clock, peak int8 ops/s, memory bandwidth (a table of
     nominal figures per arch, the record's own core / SM count when it has one) so one model can
     serve several devices, and the timing context (``t_in_model``);
-  - ``cfg``: the GEMM's analytic description when the sample is a tuning record (kind, M/N/K or
+  - ``cfg``: the GEMM's analytic description when the sample has a workload (kind, M/N/K or
     conv geometry, operand and output bit widths, MACs, bytes of A/W/out, arithmetic intensity,
     the config fields -- VNNI ``mr/nr/kc/n_outer`` or MMA ``bm/bn/bk/warps/stages`` -- tile counts,
     padding waste, accumulator registers, per-core imbalance, roofline time), and (v2) the VNNI
@@ -43,9 +49,10 @@ Design
   "structural" = target + cfg + tir; the ablation compares structural / text / both.
 
 * Models (``train.py``): XGBoost on log(latency) over a baseline (v2: the GEMM roofline of the
-  TIR for tuning candidates, an NNLS-fitted linear time model of op and byte counts for any other
-  kernel; the boosters learn the log residual, so shapes beyond the training range keep the
-  baseline's scale) -- a squared-error regressor (the point estimate),
+  TIR for GEMM kernels with a workload (tuning candidates, tagged compiled kernels), an
+  NNLS-fitted linear time model of op and byte counts for any other kernel; the boosters learn the
+  log residual, so shapes beyond the training range keep the baseline's scale) -- a squared-error
+  regressor (the point estimate),
   a quantile regressor (``reg:quantileerror``, alphas 0.1/0.9: the uncertainty band, capped at
   x/÷20 and widened by a conformal margin fitted by group 3-fold on the training data so that 80%
   of unseen workloads fall inside) -- an ``XGBRanker`` (``rank:pairwise``, query = workload) for

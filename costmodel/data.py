@@ -2,8 +2,8 @@
 samples -> feature matrix.
 
 A *sample* is ``{"target", "text", "func", "workload", "config", "latency_s", "group", "query",
-"source", "models"}``: ``group`` is the unit of every split (a workload key for tuning records, the
-kernel's TIR hash for profiled kernels), ``query`` the ranking group (candidates of one workload),
+"source", "models"}``: ``group`` is the unit of every split (a workload key for tuning records and
+for profiled GEMM/conv kernels tagged with their workload, the kernel's TIR hash for the others), ``query`` the ranking group (candidates of one workload),
 ``source`` "tune" or "profile", ``models`` the zoo models that run it (for leave-one-model-out).
 """
 
@@ -13,6 +13,7 @@ import base64
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,43 @@ def _parse_func(text: str):
         return None
 
 
+WORKLOAD_ATTR, CONFIG_ATTR = "qc.workload", "qc.config"  # set by qcompiler.tune.apply.tag
+
+
+def kernel_tags(func, text: str = "") -> tuple[dict | None, dict | None]:
+    """(workload fields, config) a compiled GEMM/conv kernel was built from: its ``qc.workload`` /
+    ``qc.config`` string attributes (read from the PrimFunc, else from its TVMScript); (None, None)
+    for every other kernel."""
+    vals = {}
+    attrs = getattr(func, "attrs", None) if func is not None else None
+    for key in (WORKLOAD_ATTR, CONFIG_ATTR):
+        v = None
+        if attrs is not None and key in attrs:
+            v = str(attrs[key])
+        elif text:
+            m = re.search(re.escape(json.dumps(key)) + r': ("(?:[^"\\]|\\.)*")', text)
+            v = json.loads(m.group(1)) if m else None
+        try:
+            vals[key] = json.loads(v) if v else None
+        except ValueError:
+            vals[key] = None
+    w, c = vals[WORKLOAD_ATTR], vals[CONFIG_ATTR]
+    return (w, c) if isinstance(w, dict) and isinstance(c, dict) else (None, None)
+
+
+def _workload_key(fields: dict | None) -> str | None:
+    """The tuning workload key of a tagged kernel: it and that workload's tuning records are one
+    group of every split (an in-model GEMM is never tested on a model that saw its isolated timings)."""
+    if fields is None:
+        return None
+    try:
+        from qcompiler.tune.workload import Workload
+
+        return Workload.from_fields(fields).key
+    except Exception:  # noqa: BLE001 - fields of another version
+        return None
+
+
 def tuning_sample(rec: dict, func_cache: dict | None = None) -> dict | None:
     """Sample of a tuning record; its scheduled TIR is rebuilt from (workload, config)."""
     from qcompiler.tune.workload import Workload
@@ -146,8 +184,9 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
         if sha not in parsed:
             parsed[sha] = _parse_func(tirs[sha])
         lat = float(np.median([k["median_s"] for k in ks]))  # the same kernel called several times
-        out.append({"target": ks[0]["target"], "text": tirs[sha], "func": parsed[sha], "workload": None,
-                    "config": None, "latency_s": lat, "group": "tir:" + sha, "query": "tir:" + sha,
+        wl, cfg = kernel_tags(parsed[sha], tirs[sha])
+        out.append({"target": ks[0]["target"], "text": tirs[sha], "func": parsed[sha], "workload": wl,
+                    "config": cfg, "latency_s": lat, "group": _workload_key(wl) or "tir:" + sha, "query": "tir:" + sha,
                     "source": "profile", "models": [model], "kernel": ks[0]["kernel"], "calls": len(ks),
                     "in_model": True})
     return out, mrecs

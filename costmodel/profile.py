@@ -1,7 +1,8 @@
 """Profile records: every kernel of a compiled library timed inside the running model.
 
-``python -m costmodel.profile [--models a,b] [--runs 30] [--out autotune_logs/<device>/profiles.jsonl]``
-compiles the zoo models (tuned configs of the device's log applied, as ``qc compile`` does),
+``python -m costmodel.profile [--models all|zoo|synth|a,b] [--runs 30] [--out autotune_logs/<device>/profiles.jsonl]``
+compiles the zoo models and the synthetic encoders of ``costmodel.synth_models`` (tuned configs of
+the device's log applied, as ``qc compile`` does),
 runs each library with the Relax VM instrument hook (``vm.set_instrument(f)``: ``f`` is called
 before and after every packed call) and writes, one JSON line each (schema ``qc-profile/1``):
 
@@ -148,8 +149,37 @@ def workload_keys(model_path: str, calib) -> list[str]:
     return sorted(t.workload.key for t in tasks_from_graph(prep.int_graph, spec))
 
 
+def model_names(spec: str) -> list[str]:
+    """Model names of a comma list where ``zoo``, ``synth`` and ``all`` stand for those sets."""
+    from qcompiler import zoo
+
+    from . import synth_models
+
+    sets = {"zoo": zoo.names(), "synth": [e.name for e in synth_models.SUITE]}
+    sets["all"] = sets["zoo"] + sets["synth"]
+    out = []
+    for n in (x.strip() for x in spec.split(",")):
+        for m in sets.get(n, [n] if n else []):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def model_source(name: str, folder) -> tuple[str, dict]:
+    """(ONNX path, 8 calibration inputs) of a zoo model or of a synthetic encoder (written to
+    ``folder``)."""
+    from qcompiler import zoo
+
+    from . import synth_models
+
+    if name.startswith(synth_models.PREFIX):
+        e = synth_models.by_name(name)
+        return synth_models.write(e, folder), synth_models.calibration(e, 8)
+    return str(zoo.model_path(name)), zoo.calibration_inputs(name, 8)
+
+
 def main(argv=None) -> int:
-    from qcompiler import artifact, progress, zoo
+    from qcompiler import artifact, progress
     from qcompiler.driver import CompileOptions, compile_model
     from qcompiler.targets import parse_target
     from qcompiler.tune.device import default_log_dir
@@ -157,7 +187,7 @@ def main(argv=None) -> int:
     from .data import encode_tir
 
     ap = argparse.ArgumentParser(prog="python -m costmodel.profile")
-    ap.add_argument("--models", default=",".join(zoo.names()))
+    ap.add_argument("--models", default="all", help="comma list of zoo / synthetic model names, or zoo, synth, all")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--build-dir", default=None)
@@ -165,7 +195,7 @@ def main(argv=None) -> int:
     progress.set_reporter(progress.ConsoleReporter(bars=False))
     spec = parse_target("cpu", None)
     out = Path(a.out or os.path.join(default_log_dir(spec), "profiles.jsonl"))
-    names = [m for m in a.models.split(",") if m]
+    names = model_names(a.models)
     keep, tir_lines = [], {}
     if out.is_file():
         for ln in out.read_text().splitlines():
@@ -181,12 +211,12 @@ def main(argv=None) -> int:
     bd.mkdir(parents=True, exist_ok=True)
     new = []
     for name in names:
-        calib = zoo.calibration_inputs(name, 8)
+        path, calib = model_source(name, bd)
         lib = bd / f"{name}.so"
         if not lib.is_file():
-            compile_model(str(zoo.model_path(name)), str(lib), calib, CompileOptions(target=spec))
+            compile_model(path, str(lib), calib, CompileOptions(target=spec))
         recs, tirs = profile_library(str(lib), name, a.runs)
-        recs[0]["workload_keys"] = workload_keys(str(zoo.model_path(name)), calib)
+        recs[0]["workload_keys"] = workload_keys(path, calib)
         recs[0]["library"] = str(lib)
         for sha, text in tirs.items():
             tir_lines.setdefault(sha, {"schema": PROFILE_SCHEMA, "type": "tir", "tir_sha256": sha,

@@ -1,9 +1,10 @@
 """XGBoost models on log latency: regressor (point), quantile regressor (band), pairwise ranker
 (search), and a config-only regressor (compile-time picking without building TIR).  The point and
 band boosters learn the residual over a baseline: log t = log base(x) + f(x, log base), with base
-the GEMM roofline of the TIR for tuning candidates and, for every other kernel, a linear model
-c0 + c1 vnni/core + c2 alu/core + c3 bytes + c4 rw/core fitted by NNLS on relative error.  Saved as one
-JSON document with XGBoost's own JSON model format embedded (no pickle)."""
+the GEMM roofline of the TIR for GEMM kernels with a workload (tuning candidates, tagged compiled
+kernels) and, for every other kernel, a linear model c0 + c1 vnni/core + c2 alu/core + c3 bytes +
+c4 rw/core fitted by NNLS on relative error.  Saved as one JSON document with XGBoost's own JSON
+model format embedded (no pickle)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def fit_base(X: np.ndarray, y: np.ndarray) -> list[float]:
 
 def base_log(X: np.ndarray, coef) -> np.ndarray:
     """log seconds of the baseline: the GEMM roofline read from the TIR (``x_roof_log_s``) for a
-    tuning candidate (it has a workload), the fitted linear model for any other kernel."""
+    GEMM kernel with a workload (a tuning candidate or a tagged compiled kernel), the fitted linear
+    model for any other kernel."""
     lin = np.log(base_terms(X) @ np.asarray(coef, dtype=np.float64) + 1e-9)
     gemm = ~np.isnan(X[:, F.NAMES.index("c_roof_log_s")])
     return np.where(gemm, X[:, F.NAMES.index("x_roof_log_s")], lin)

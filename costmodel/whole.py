@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from . import features as F
+from .data import kernel_tags
 from .predict import CostModel, roofline_samples
 
 
@@ -114,8 +115,9 @@ def _bits(dtype: str) -> int:
 
 def predict_kernels(kernels: list[dict], target: dict, model: CostModel | None) -> dict:
     """{"source": "model"|"roofline", "total_ms", "band_ms", "layers": [...]} for lowered kernels."""
-    samples = [{"target": target, "text": k["text"], "func": k["func"], "workload": None, "config": None,
-                "in_model": True} for k in kernels]
+    samples = [{"target": target, "text": k["text"], "func": k["func"], "in_model": True} for k in kernels]
+    for s, k in zip(samples, kernels):
+        s["workload"], s["config"] = kernel_tags(k["func"], k["text"])
     if model is not None:
         X = F.featurize(samples)
         mu, lo, hi = model.predict(X)

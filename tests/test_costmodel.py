@@ -296,3 +296,28 @@ def test_metaschedule_cost_model_adapter(trained):
     assert s1.shape == (3,) and not np.allclose(s0, s1)
     cm.update(ctx, cands[:1], [ms.runner.RunnerResult(None, "build failed")])  # failures are skipped
     assert len(cm.warm.r) == 3
+
+
+def test_compiled_gemm_kernels_carry_workload_and_config(small_model):
+    """Conv / dense kernels of a lowered model say which tuning workload and config they run (PrimFunc
+    attributes, also readable from the TVMScript the library stores); the cost model then predicts
+    them with the config features, as tuning records, and splits them with that workload."""
+    from costmodel.whole import lower_kernels
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.workload import Workload, config_key
+
+    spec = parse_target("cpu", None)
+    calib = dict(np.load(small_model / "calib.npz"))
+    kernels = lower_kernels(str(small_model / "m.onnx"), spec, calib, tune_log="off")
+    tagged = [(k, *D.kernel_tags(k["func"], k["text"])) for k in kernels]
+    gemm = [(k, w, c) for k, w, c in tagged if w is not None]
+    assert {k["name"].split("_")[0] for k, _, _ in gemm} >= {"conv", "dense"}, [k["name"] for k in kernels]
+    for k, w, c in gemm:
+        assert D.kernel_tags(None, k["text"]) == (w, c)  # the text form round-trips
+        wl = Workload.from_fields(w)
+        assert config_key(wl.config_from_dict(c)) == config_key(c)  # a config of that workload's space
+        row = F.featurize([{"target": _target(), "text": k["text"], "func": k["func"], "workload": w,
+                            "config": c, "in_model": True}])[0]
+        assert not math.isnan(row[F.NAMES.index("c_roof_log_s")])
+    assert all(w is None for k, w, _ in tagged if not k["name"].startswith(("conv", "dense")))
+    assert D._workload_key(gemm[0][1]) == Workload.from_fields(gemm[0][1]).key

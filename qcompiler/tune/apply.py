@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 from pathlib import Path
 
 from qcompiler import progress
 
 from . import records as R
-from .workload import config_dict, config_key
+from .workload import config_dict, config_key, normalize_config
 
 _active: contextvars.ContextVar = contextvars.ContextVar("qc_tuned_configs", default=None)
 OFF = ("off", "none", "0", "")
@@ -121,27 +122,44 @@ def activate(spec, tune_log: str | None = None):
         _active.reset(token)
 
 
+WORKLOAD_ATTR, CONFIG_ATTR = "qc.workload", "qc.config"
+
+
+def tag(func, workload, config):
+    """The kernel with its workload (record fields) and config as JSON string attributes, so the
+    lowered module and the library's TIR say which tuning workload each kernel runs (the cost model
+    gives such kernels the config features and the GEMM roofline; see costmodel.data.kernel_tags)."""
+    try:
+        if config is None:
+            config = normalize_config(workload, workload.default_config())
+        return func.with_attr(WORKLOAD_ATTR, json.dumps(workload.fields(), sort_keys=True)).with_attr(
+            CONFIG_ATTR, config_key(config))
+    except Exception:  # noqa: BLE001 - an untaggable kernel is still the right kernel
+        return func
+
+
 def generate(workload, layer: str, make):
-    """``make(config_or_None)`` with the tuned config of ``workload`` if the active log has one.
+    """``make(config_or_None)`` with the tuned config of ``workload`` if the active log has one,
+    tagged with the workload and the config it was built with (:func:`tag`).
 
     A tuned config the generator now rejects falls back to the default config (with a warning);
     errors of the default config propagate as before."""
     tc = _active.get()
     if tc is None:
-        return make(None)
+        return tag(make(None), workload, None)
     cfg, rec = tc.lookup(workload)
     if cfg is None:
         picked = _pick_by_model(tc, workload, layer, make)
-        return picked if picked is not None else make(None)
+        return picked if picked is not None else tag(make(None), workload, None)
     try:
         func = make(cfg)
     except Exception as e:  # noqa: BLE001 - ValueError / KernelUnsupported
         progress.get().warn(f"layer '{layer}': tuned config {config_key(rec['config'])} rejected ({e}); "
                             "using the default config")
-        return make(None)
+        return tag(make(None), workload, None)
     tc.used.append({"layer": layer, "workload_key": workload.key, "config": config_dict(rec["config"]),
                     "median_s": rec["median_s"], "is_default": bool(rec.get("is_default"))})
-    return func
+    return tag(func, workload, cfg)
 
 
 PICK_SAMPLES = 48
@@ -157,8 +175,6 @@ def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
     import zlib
 
     import numpy as np
-
-    from .workload import normalize_config
 
     try:
         space = workload.config_space()
@@ -187,5 +203,5 @@ def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
         tc.predicted.append({"layer": layer, "workload_key": workload.key, "config": config_dict(cands[i]),
                              "predicted_s": float(pred[i]), "default_predicted_s": float(pred[0]),
                              "is_default": bool(i == 0), "model": cm.path})
-        return func
+        return tag(func, workload, cands[i])
     return None
