@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompiler.tune.records import disturbed
+
 from . import PROFILE_SCHEMA
 from . import features as F
 
@@ -159,10 +161,12 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
             for k in m.get("workload_keys", []):
                 models_of.setdefault(k, []).append(m["model"])
     out = []
-    # dedupe repeated measurements of one config: keep the median of medians
+    # dedupe repeated measurements of one config: the median of the medians of its undisturbed
+    # records; a config measured only while the machine was disturbed is left out
     by_cfg: dict[tuple, list] = {}
     for r in recs:
-        by_cfg.setdefault((r["workload_key"], json.dumps(r["config"], sort_keys=True)), []).append(r)
+        if not disturbed(r.get("latencies_s")):
+            by_cfg.setdefault((r["workload_key"], json.dumps(r["config"], sort_keys=True)), []).append(r)
     for (_, _), rs in by_cfg.items():
         r = dict(rs[0])
         r["median_s"] = float(np.median([x["median_s"] for x in rs]))

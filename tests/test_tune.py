@@ -316,3 +316,45 @@ def test_measure_bad_dir(tmp_path, capsys):
     assert main(["-q", "measure", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "manifest.json" in err[0]
+
+
+def test_disturbed_timings_rerun_and_left_out_of_training(tmp_path):
+    """A timing whose repeats say another process disturbed the machine (median > 1.1 x fastest) is
+    re-run by the measurer (the steadiest kept) and never used as a cost-model label while the
+    config has an undisturbed record."""
+    from types import SimpleNamespace
+
+    from costmodel import data as D
+    from qcompiler.tune import records as R
+    from qcompiler.tune.measure import Measurer
+    from qcompiler.tune.workload import Workload
+
+    assert not R.disturbed([1.0, 1.01, 1.0, 1.02, 1.0]) and not R.disturbed([1.0, 1.0, 1.0, 3.0, 2.0])
+    assert R.disturbed([1.0, 1.5, 1.4, 1.6, 1.0]) and not R.disturbed([1.0]) and not R.disturbed(None)
+
+    runs = iter([[1.0, 1.6, 1.5, 1.7, 1.0], [1.0, 1.15, 1.12, 1.0, 1.14], [1.0, 1.01, 1.0, 1.0, 1.02]])
+
+    class Runner:
+        calls = 0
+
+        def run(self, _inputs):
+            Runner.calls += 1
+            return [SimpleNamespace(result=lambda t=next(runs): SimpleNamespace(error_msg=None, run_secs=t))]
+
+    m = Measurer.__new__(Measurer)
+    m.runner = Runner()
+    first = SimpleNamespace(error_msg=None, run_secs=[2.0, 2.5, 2.4, 2.6, 2.0])
+    out = m._steady(None, first)
+    assert Runner.calls == 2 and out.run_secs == [1.0, 1.15, 1.12, 1.0, 1.14]  # steadier than the first re-run
+    steady = SimpleNamespace(error_msg=None, run_secs=[1.0, 1.0, 1.01, 1.0, 1.0])
+    assert m._steady(None, steady) is steady and Runner.calls == 2
+
+    w = Workload("cpu_vnni", "dense", (8, 32, 64), "uint8", "uint8", 0, 255, "cpu:rocketlake")
+    tgt = {"kind": "cpu", "arch": "rocketlake", "device": "x", "cores": 2}
+    cfg = {"mr": 2, "nr": 1, "kc": 0, "n_outer": True}
+    with R.RecordWriter(tmp_path) as wr:
+        wr.append(R.make_record(w, tgt, cfg, [3e-6, 5e-6, 5e-6, 5e-6, 3e-6], None, "local"))  # disturbed
+        wr.append(R.make_record(w, tgt, cfg, [3e-6] * 5, None, "local"))
+        wr.append(R.make_record(w, tgt, dict(cfg, mr=1), [4e-6, 6e-6, 6e-6, 6e-6, 4e-6], None, "local"))
+    samples, _ = D.samples_from(tmp_path)
+    assert [(s["config"]["mr"], s["latency_s"]) for s in samples] == [(2, 3e-6)]

@@ -17,6 +17,8 @@ Record (schema ``qc-tune/1``)::
 
 Writing: one ``os.write`` of the whole line on an ``O_APPEND`` descriptor, then ``fsync``, so a
 kill (SIGKILL included) leaves every earlier record intact and at most a partial last line.
+A timing whose repeats say the machine was disturbed (:func:`disturbed`) is re-run by the measurer
+(up to twice, keeping the steadiest); the cost model trains on a config's undisturbed records only.
 Reading: lines that are not a JSON object of this schema (a partial last line, garbage, another
 tool's lines) are skipped and counted; records of another target (kind, arch, and for CPUs the
 device) or another TVM version are skipped, counted and warned about; nothing is fatal.
@@ -35,6 +37,18 @@ SCHEMA = "qc-tune/1"
 FILENAME = "records.jsonl"
 REQUIRED = ("schema", "workload_key", "workload", "target", "config", "latencies_s", "median_s", "error",
             "timestamp", "tvm_version", "qcompiler_version")
+
+
+DISTURBED_RATIO = 1.10
+
+
+def disturbed(latencies) -> bool:
+    """A timing the machine disturbed (another process's burst on a shared host): the median of the
+    repeats more than ``DISTURBED_RATIO`` above their fastest, i.e. at least half of them >= 10%
+    slow.  A steady kernel's repeats sit within ~1% here (median/min 1.006, p95 1.06 over 3600
+    records); a burst only slows repeats down, so the fastest is the closest to the true time."""
+    lat = [v for v in (float(x) for x in (latencies if latencies is not None else [])) if v > 0]
+    return len(lat) >= 3 and statistics.median(lat) > DISTURBED_RATIO * min(lat)
 
 
 def log_file(log_dir: str | os.PathLike) -> Path:
