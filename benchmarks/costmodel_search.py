@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/costmodel_search.py synth --n 60 --pool 20  # random training workloads
     .venv/bin/python benchmarks/costmodel_search.py eval                  # replay the strategies
     .venv/bin/python benchmarks/costmodel_search.py tune --budget 12      # real qc tune runs, cold vs warm
+    .venv/bin/python benchmarks/costmodel_search.py pick                  # compile-time pick: sampled vs whole space
 
 ``collect`` measures, for each held-out workload below (GEMM/conv shapes of models that are not in
 the zoo: BERT-base, ViT-S/16, a 7B LLM decode step, ResNet-50, VGG, odd sizes), the default config and
@@ -33,6 +34,8 @@ these workloads), ``--budget`` measurements each, cold and warm back to back per
 is the trial at which the run's best came within 5% of the best latency seen for that workload
 anywhere (its pool and both runs), every config scored with the median of all its measurements
 (the same config measured in both runs gets one latency, so machine noise cannot favour a run).
+
+``pick`` asks the same of ``qc compile``'s pick without measurement (:func:`pick_experiment`).
 
 ``synth`` measures random GEMM/conv workloads (TenSet-style training data) into the same log;
 ``remeasure`` times again the configs whose records were all taken while the machine was disturbed.
@@ -400,9 +403,57 @@ def heldout_model(path: Path) -> None:
     train_without_held_out(keep, X, y, D.fit_overhead(mrecs)).save(path)
 
 
+def pick_experiment(model_path: str) -> dict:
+    """The compile-time pick (no measurement) on the held-out workloads, with the model trained
+    without them: the predicted fastest of 48 sampled configs (``qc compile``'s pick before this
+    experiment) vs of the whole config space (its pick since); both picks and the default are measured
+    and scored against the best config of the workload's measured pool (best / pick: 1.0 = as fast)."""
+    import zlib
+
+    from costmodel.predict import CostModel
+    from qcompiler.targets import parse_target
+    from qcompiler.tune import records as R
+    PICK_SAMPLES = 48  # what qc compile sampled before this experiment
+    from qcompiler.tune.device import describe
+    from qcompiler.tune.measure import Candidate, Measurer
+    from qcompiler.tune.workload import config_key, normalize_config
+
+    spec = parse_target("cpu", None)
+    target = describe(spec)
+    cm = CostModel.load(model_path, target)
+    pool_best: dict[str, float] = {}
+    for r in R.read(LOG, target).records:
+        if r.get("error") is None and not R.disturbed(r["latencies_s"]):
+            pool_best[r["workload_key"]] = min(pool_best.get(r["workload_key"], 1.0), r["median_s"])
+    meas = Measurer(spec, repeats=5, min_repeat_ms=20)
+    rows = []
+    for name, w in workloads():
+        space = list({config_key(c): c for c in (normalize_config(w, c) for c in w.config_space())}.values())
+        dflt = normalize_config(w, w.default_config())
+        rng = random.Random(zlib.crc32(w.key.encode()))
+        sampled = [dflt] + rng.sample(space, min(len(space), PICK_SAMPLES - 1))
+        picks = {"default": dflt}
+        for arm, cands in (("sampled", sampled), ("whole_space", [dflt] + space)):
+            pred = cm.predict_configs(w.fields(), [dataclasses.asdict(c) for c in cands], target)
+            i = int(np.argmin(pred))
+            picks[arm] = cands[0] if pred[0] <= pred[i] * 1.03 else cands[i]
+        lat = {}
+        cl = [Candidate(w, arm, w.make_func(c)) for arm, c in picks.items()]
+        for m in meas.measure(cl):
+            lat[m.candidate.config] = float(np.median(m.latencies)) if m.latencies else float("nan")
+        best = min([pool_best.get(w.key, np.inf)] + list(lat.values()))
+        rows.append({"workload": name, "space": len(space), **{f"{k}_s": v for k, v in lat.items()},
+                     **{f"{k}_score": best / v for k, v in lat.items()}})
+        log(f"{name}: " + ", ".join(f"{k} {best / v:.3f}" for k, v in lat.items()))
+    return {"rows": rows, **{f"mean_score_{k}": float(np.mean([r[f"{k}_score"] for r in rows]))
+                            for k in ("default", "sampled", "whole_space")},
+            "note": "score = best time seen for the workload (its measured pool and these picks) / the pick's "
+                    "time; model trained without these workloads; no measurement in the pick itself"}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["collect", "synth", "remeasure", "eval", "tune"])
+    ap.add_argument("mode", choices=["collect", "synth", "remeasure", "eval", "tune", "pick"])
     ap.add_argument("--budget", type=int, default=12, help="tune: measurements per workload and arm")
     ap.add_argument("--work", default=None, help="tune: folder of the runs' logs (reused when it holds them)")
     ap.add_argument("--n", type=int, default=60, help="synth: number of random workloads")
@@ -419,7 +470,7 @@ def main():
         remeasure()
         return
     t0 = time.time()
-    if a.mode == "tune":
+    if a.mode in ("tune", "pick"):
         import tempfile
 
         work = Path(a.work or tempfile.mkdtemp(prefix="qc_search_"))
@@ -427,15 +478,17 @@ def main():
         if not mp.is_file():
             heldout_model(mp)
         log(f"model without the held-out workloads: {mp}")
-        res = tune_real(a.budget, str(mp), work)
+        res = tune_real(a.budget, str(mp), work) if a.mode == "tune" else pick_experiment(str(mp))
         prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
-        prev["qc_tune_runs"] = {**res, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                "seconds": round(time.time() - t0, 1)}
+        prev["qc_tune_runs" if a.mode == "tune" else "compile_time_pick"] = {
+            **res, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - t0, 1)}
         tmp = Path(a.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(prev, indent=1) + "\n")
         os.replace(tmp, a.out)
-        print(json.dumps({k: res[k] for k in ("mean_trials_to_95", "never_reached", "ratio_cold_over_warm",
-                                               "mean_best_after")}, indent=1))
+        keys = (("mean_trials_to_95", "never_reached", "ratio_cold_over_warm", "mean_best_after") if a.mode == "tune"
+                else ("mean_score_default", "mean_score_sampled", "mean_score_whole_space"))
+        print(json.dumps({k: res[k] for k in keys}, indent=1))
         return
     res = evaluate()
     from qcompiler.tune.device import cpu_model_name

@@ -75,7 +75,7 @@ Design
   (VM dispatch and allocation, stored in the model file's ``calibration``).
 
 * Inside the compiler (``qcompiler/tune/apply.py``): a conv/dense kernel without a tuned record
-  gets the candidate the model predicts fastest among a sample of its config space (``cfg`` family
+  gets the candidate the model predicts fastest over its whole config space (``cfg`` family
   only: no TIR is built for the candidates it rejects); ``$QC_COSTMODEL=off`` disables it.  The
   tuner (``qcompiler/tune/tuner.py``) walks each task's config space in the model's predicted
   order after the default config (warm start; ``qc tune --cost-model FILE|off``, by default

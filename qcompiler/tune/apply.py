@@ -13,10 +13,10 @@ repository root, if it exists (for a CUDA target without a GPU to name, the firs
 version are skipped with a warning.
 
 Without a record for a kernel, and with a cost model for the device (``costmodels/<device>.json``,
-or the file ``$QC_COSTMODEL`` names; ``QC_COSTMODEL=off`` disables it), :func:`generate` samples
-up to ``PICK_SAMPLES`` configs of the workload's space (the default config included), predicts
-their latency with the model's config-only booster (no TIR is built for them), and builds the one
-predicted fastest (the default unless another is predicted >3% faster; the next candidate when the
+or the file ``$QC_COSTMODEL`` names; ``QC_COSTMODEL=off`` disables it), :func:`generate` predicts
+the latency of every config of the workload's space (a sample of ``PICK_MAX`` if larger; the
+default config included) with the model's config-only booster (no TIR is built for them), and builds
+the one predicted fastest (the default unless another is predicted >3% faster; the next candidate when the
 generator rejects it).  No measurement; the metadata lists those layers under ``predicted_layers``.
 """
 
@@ -162,7 +162,7 @@ def generate(workload, layer: str, make):
     return tag(func, workload, cfg)
 
 
-PICK_SAMPLES = 48
+PICK_MAX = 4096  # configs ranked per kernel (the whole space unless larger; ~1 ms per 100 here)
 
 
 def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
@@ -182,7 +182,7 @@ def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
     except Exception:  # noqa: BLE001 - no config space: the generator decides
         return None
     rng = random.Random(zlib.crc32(workload.key.encode()))
-    pool = [default] + rng.sample(space, min(len(space), PICK_SAMPLES - 1))
+    pool = [default] + (space if len(space) < PICK_MAX else rng.sample(space, PICK_MAX - 1))
     cands, seen = [], set()
     for c in pool:
         c = normalize_config(workload, c)
