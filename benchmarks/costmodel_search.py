@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/costmodel_search.py collect [--pool 40]   # measure the pools (~10 min)
     .venv/bin/python benchmarks/costmodel_search.py synth --n 60 --pool 20  # random training workloads
+    .venv/bin/python benchmarks/costmodel_search.py synth --small --n 30 --pool 20  # small ones
     .venv/bin/python benchmarks/costmodel_search.py eval                  # replay the strategies
     .venv/bin/python benchmarks/costmodel_search.py tune --budget 12      # real qc tune runs, cold vs warm
     .venv/bin/python benchmarks/costmodel_search.py pick                  # compile-time pick: sampled vs whole space
@@ -116,6 +117,34 @@ def synthetic(n: int, seed: int = 1):
         if w.macs > 3e8 or w.macs < 2e4 or w.key in held or any(w.key == x.key for _, x in out):
             continue
         out.append((f"synthetic {len(out)}", w))
+    return out
+
+
+def synthetic_small(n: int, seed: int = 3):
+    """Random small GEMM / conv workloads (2.5e2..2e5 MACs: the M=1 dense heads and 3-channel first
+    convs of small CNNs, which :func:`synthetic` leaves out), none equal to a held-out shape."""
+    from qcompiler.tune.workload import Workload
+
+    rng = random.Random(seed)
+    held = {w.key for _, w in workloads()}
+    out = []
+    while len(out) < n:
+        dt = rng.choice([U8, I8, I16, ("int8", "uint8", 0, 255)])
+        if rng.random() < 0.6:
+            M = rng.choice([1, 1, 1, 2, 4, 8])
+            N = rng.choice([2, 4, 10, 16, 32, 48, 64, 96, 128, 256])
+            K = rng.choice([16, 32, 64, 96, 128, 256, 320, 576, 1152])
+            w = Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
+        else:
+            k = rng.choice([1, 2, 3, 3])
+            H = rng.choice([4, 6, 8, 12, 16, 24])
+            C = rng.choice([3, 3, 4, 8, 16, 28, 32])
+            OC = rng.choice([8, 16, 28, 32, 48, 64])
+            p = rng.choice([0, k // 2])
+            w = Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (1, 1), (p, p, p, p), D1)
+        if w.macs > 2e5 or w.macs < 256 or w.key in held or any(w.key == x.key for _, x in out):
+            continue
+        out.append((f"small {len(out)}", w))
     return out
 
 
@@ -458,13 +487,14 @@ def main():
     ap.add_argument("--work", default=None, help="tune: folder of the runs' logs (reused when it holds them)")
     ap.add_argument("--n", type=int, default=60, help="synth: number of random workloads")
     ap.add_argument("--pool", type=int, default=40)
+    ap.add_argument("--small", action="store_true", help="synth: small workloads (M=1 heads, first convs)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     if a.mode == "collect":
         collect(a.pool)
         return
     if a.mode == "synth":
-        collect(a.pool, seed=7, which=synthetic(a.n))
+        collect(a.pool, seed=7, which=synthetic_small(a.n) if a.small else synthetic(a.n))
         return
     if a.mode == "remeasure":
         remeasure()
