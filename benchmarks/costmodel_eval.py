@@ -44,6 +44,7 @@ from costmodel import evaluate as E  # noqa: E402
 from costmodel import features as F  # noqa: E402
 from costmodel import train as T  # noqa: E402
 from costmodel.predict import roofline_samples  # noqa: E402
+from costmodel.synth_models import PREFIX  # noqa: E402 - synthetic model names (LOMO runs on the real ones)
 
 FAMS = {"structural": ["target", "cfg", "tir", "ms"], "text": ["text"], "both": T.ALL}
 DEPLOYED = T.STRUCTURAL  # the families `qc costmodel train` uses by default (the ablation's best)
@@ -251,7 +252,6 @@ def whole_models(samples, X, y, mrecs) -> dict:
 
     from costmodel.predict import CostModel
     from costmodel.profile import model_source
-    from costmodel.synth_models import PREFIX
     from costmodel.whole import lower_kernels, predict_kernels
 
     spec = parse_target("cpu", None)
@@ -380,8 +380,6 @@ def main():
     res["search"] = search_sim(samples, y, deployed["score"], folds)
     log(f"search {res['search']}")
     if "lomo" not in skip:
-        from costmodel.synth_models import PREFIX  # the real models; synthetic ones stay in training
-
         models = sorted({m for s in samples for m in s["models"] if not m.startswith(PREFIX)})
         res["leave_one_model_out"] = lomo(samples, X, y, models)
     if "whole" not in skip and mrecs:

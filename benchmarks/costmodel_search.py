@@ -90,34 +90,43 @@ HELD_OUT = [
 ]
 
 
+def _draw(n: int, seed: int, label: str, macs: tuple[float, float], make) -> list:
+    """``n`` distinct workloads ``make(rng)`` draws with ``macs[0] <= MACs <= macs[1]``, none equal to a
+    held-out shape."""
+    rng = random.Random(seed)
+    held = {w.key for _, w in workloads()}
+    out, keys = [], set()
+    while len(out) < n:
+        w = make(rng)
+        if not macs[0] <= w.macs <= macs[1] or w.key in held or w.key in keys:
+            continue
+        keys.add(w.key)
+        out.append((f"{label} {len(out)}", w))
+    return out
+
+
 def synthetic(n: int, seed: int = 1):
     """Random GEMM / conv workloads (TenSet-style training data; none equals a held-out shape):
     dense M in 1..512, N and K in 16..4096 (ragged sizes included), convs 1x1..5x5, stride 1-2,
     7..56 pixels, 8..512 channels; at most 3e8 MACs so one measurement stays under ~5 ms."""
     from qcompiler.tune.workload import Workload
 
-    rng = random.Random(seed)
-    held = {w.key for _, w in workloads()}
-    out = []
-    while len(out) < n:
+    def make(rng):
         dt = rng.choice([U8, I8, I16, ("uint8", "int16", -32768, 32767), ("int8", "uint8", 0, 255)])
         if rng.random() < 0.5:
             M = rng.choice([1, 2, 4, 8, 16, 24, 32, 50, 64, 96, 128, 197, 256, 384, 512])
             N = rng.choice([16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1000, 1024, 1536, 2048, 3072, 4096])
             K = rng.choice([16, 36, 64, 128, 256, 384, 512, 576, 768, 1024, 1152, 2048, 3072, 4096])
-            w = Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
-        else:
-            k = rng.choice([1, 1, 3, 3, 5])
-            s = rng.choice([1, 1, 2])
-            H = rng.choice([7, 10, 14, 20, 28, 40, 56])
-            C = rng.choice([8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
-            OC = rng.choice([16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
-            p = k // 2
-            w = Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (s, s), (p, p, p, p), D1)
-        if w.macs > 3e8 or w.macs < 2e4 or w.key in held or any(w.key == x.key for _, x in out):
-            continue
-        out.append((f"synthetic {len(out)}", w))
-    return out
+            return Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
+        k = rng.choice([1, 1, 3, 3, 5])
+        s = rng.choice([1, 1, 2])
+        H = rng.choice([7, 10, 14, 20, 28, 40, 56])
+        C = rng.choice([8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
+        OC = rng.choice([16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
+        p = k // 2
+        return Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (s, s), (p, p, p, p), D1)
+
+    return _draw(n, seed, "synthetic", (2e4, 3e8), make)
 
 
 def synthetic_small(n: int, seed: int = 3):
@@ -125,27 +134,21 @@ def synthetic_small(n: int, seed: int = 3):
     convs of small CNNs, which :func:`synthetic` leaves out), none equal to a held-out shape."""
     from qcompiler.tune.workload import Workload
 
-    rng = random.Random(seed)
-    held = {w.key for _, w in workloads()}
-    out = []
-    while len(out) < n:
+    def make(rng):
         dt = rng.choice([U8, I8, I16, ("int8", "uint8", 0, 255)])
         if rng.random() < 0.6:
             M = rng.choice([1, 1, 1, 2, 4, 8])
             N = rng.choice([2, 4, 10, 16, 32, 48, 64, 96, 128, 256])
             K = rng.choice([16, 32, 64, 96, 128, 256, 320, 576, 1152])
-            w = Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
-        else:
-            k = rng.choice([1, 2, 3, 3])
-            H = rng.choice([4, 6, 8, 12, 16, 24])
-            C = rng.choice([3, 3, 4, 8, 16, 28, 32])
-            OC = rng.choice([8, 16, 28, 32, 48, 64])
-            p = rng.choice([0, k // 2])
-            w = Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (1, 1), (p, p, p, p), D1)
-        if w.macs > 2e5 or w.macs < 256 or w.key in held or any(w.key == x.key for _, x in out):
-            continue
-        out.append((f"small {len(out)}", w))
-    return out
+            return Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
+        k = rng.choice([1, 2, 3, 3])
+        H = rng.choice([4, 6, 8, 12, 16, 24])
+        C = rng.choice([3, 3, 4, 8, 16, 28, 32])
+        OC = rng.choice([8, 16, 28, 32, 48, 64])
+        p = rng.choice([0, k // 2])
+        return Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (1, 1), (p, p, p, p), D1)
+
+    return _draw(n, seed, "small", (256, 2e5), make)
 
 
 def workloads():
@@ -169,7 +172,7 @@ def collect(pool: int, seed: int = 0, which=None) -> None:
     from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
     from qcompiler.tune.measure import Candidate, Measurer
-    from qcompiler.tune.workload import config_key, normalize_config, tir_hash
+    from qcompiler.tune.workload import config_key, distinct_configs, normalize_config, tir_hash
 
     spec = parse_target("cpu", None)
     target = describe(spec)
@@ -183,8 +186,7 @@ def collect(pool: int, seed: int = 0, which=None) -> None:
         wls = which if which is not None else workloads()
         for wi, (name, w) in enumerate(wls):
             rng = random.Random(seed * 1000 + wi)
-            space = [normalize_config(w, c) for c in w.config_space()]
-            uniq = list({config_key(c): c for c in space}.values())
+            uniq = distinct_configs(w, w.config_space())
             dflt = normalize_config(w, w.default_config())
             picks = [dflt] + [c for c in rng.sample(uniq, min(len(uniq), pool + 8)) if config_key(c) != config_key(dflt)]
             done = have.get(w.key, set())
@@ -229,13 +231,15 @@ def remeasure() -> None:
     meas, vers = Measurer(spec, repeats=5, min_repeat_ms=20), R.versions()
     with R.RecordWriter(LOG) as wr:
         for i in range(0, len(todo), 4):
-            cands = []
+            rec_of = {}
             for r in todo[i:i + 4]:
                 w = Workload.from_fields(r["workload"])
-                f = w.make_func(w.config_from_dict(r["config"]))
-                cands.append(Candidate(w, r, f, tir_hash(f)))
-            for m in meas.measure(cands):
-                r = m.candidate.config
+                cfg = w.config_from_dict(r["config"])
+                f = w.make_func(cfg)
+                c = Candidate(w, cfg, f, tir_hash(f))
+                rec_of[id(c)] = (c, r)
+            for m in meas.measure([c for c, _ in rec_of.values()]):
+                r = rec_of[id(m.candidate)][1]
                 wr.append(R.make_record(m.candidate.workload, target, r["config"], m.latencies, m.error,
                                         meas.measured_by, is_default=bool(r.get("is_default")),
                                         tir_sha256=m.candidate.tir_sha256, vers=vers))
@@ -437,15 +441,12 @@ def pick_experiment(model_path: str) -> dict:
     without them: the predicted fastest of 48 sampled configs (``qc compile``'s pick before this
     experiment) vs of the whole config space (its pick since); both picks and the default are measured
     and scored against the best config of the workload's measured pool (best / pick: 1.0 = as fast)."""
-    import zlib
-
     from costmodel.predict import CostModel
     from qcompiler.targets import parse_target
     from qcompiler.tune import records as R
-    PICK_SAMPLES = 48  # what qc compile sampled before this experiment
+    from qcompiler.tune.apply import candidate_pool, pick_order
     from qcompiler.tune.device import describe
     from qcompiler.tune.measure import Candidate, Measurer
-    from qcompiler.tune.workload import config_key, normalize_config
 
     spec = parse_target("cpu", None)
     target = describe(spec)
@@ -457,19 +458,16 @@ def pick_experiment(model_path: str) -> dict:
     meas = Measurer(spec, repeats=5, min_repeat_ms=20)
     rows = []
     for name, w in workloads():
-        space = list({config_key(c): c for c in (normalize_config(w, c) for c in w.config_space())}.values())
-        dflt = normalize_config(w, w.default_config())
-        rng = random.Random(zlib.crc32(w.key.encode()))
-        sampled = [dflt] + rng.sample(space, min(len(space), PICK_SAMPLES - 1))
-        picks = {"default": dflt}
-        for arm, cands in (("sampled", sampled), ("whole_space", [dflt] + space)):
+        space = candidate_pool(w)
+        picks = {"default": space[0]}
+        for arm, cands in (("sampled", candidate_pool(w, 48)), ("whole_space", space)):  # 48: qc compile's old pick
             pred = cm.predict_configs(w.fields(), [dataclasses.asdict(c) for c in cands], target)
-            i = int(np.argmin(pred))
-            picks[arm] = cands[0] if pred[0] <= pred[i] * 1.03 else cands[i]
+            picks[arm] = cands[pick_order(pred)[0]]
+        cl = {arm: Candidate(w, c, w.make_func(c)) for arm, c in picks.items()}
+        arm_of = {id(c): arm for arm, c in cl.items()}
         lat = {}
-        cl = [Candidate(w, arm, w.make_func(c)) for arm, c in picks.items()]
-        for m in meas.measure(cl):
-            lat[m.candidate.config] = float(np.median(m.latencies)) if m.latencies else float("nan")
+        for m in meas.measure(list(cl.values())):
+            lat[arm_of[id(m.candidate)]] = float(np.median(m.latencies)) if m.latencies else float("nan")
         best = min([pool_best.get(w.key, np.inf)] + list(lat.values()))
         rows.append({"workload": name, "space": len(space), **{f"{k}_s": v for k, v in lat.items()},
                      **{f"{k}_score": best / v for k, v in lat.items()}})

@@ -3,7 +3,8 @@ samples -> feature matrix.
 
 A *sample* is ``{"target", "text", "func", "workload", "config", "latency_s", "group", "query",
 "source", "models"}``: ``group`` is the unit of every split (a workload key for tuning records and
-for profiled GEMM/conv kernels tagged with their workload, the kernel's TIR hash for the others), ``query`` the ranking group (candidates of one workload),
+for profiled GEMM/conv kernels tagged with their workload, the kernel's TIR hash for the others),
+``query`` the ranking group (candidates of one workload),
 ``source`` "tune" or "profile", ``models`` the zoo models that run it (for leave-one-model-out).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompiler.tune.apply import CONFIG_ATTR, WORKLOAD_ATTR
 from qcompiler.tune.records import disturbed
 
 from . import PROFILE_SCHEMA
@@ -95,9 +97,6 @@ def _parse_func(text: str):
         return f if isinstance(f, tvm.tirx.PrimFunc) else None
     except Exception:  # noqa: BLE001 - a text the parser refuses still has text/tir features
         return None
-
-
-WORKLOAD_ATTR, CONFIG_ATTR = "qc.workload", "qc.config"  # set by qcompiler.tune.apply.tag
 
 
 def kernel_tags(func, text: str = "") -> tuple[dict | None, dict | None]:
@@ -190,7 +189,8 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
         lat = float(np.median([k["median_s"] for k in ks]))  # the same kernel called several times
         wl, cfg = kernel_tags(parsed[sha], tirs[sha])
         out.append({"target": ks[0]["target"], "text": tirs[sha], "func": parsed[sha], "workload": wl,
-                    "config": cfg, "latency_s": lat, "group": _workload_key(wl) or "tir:" + sha, "query": "tir:" + sha,
+                    "config": cfg, "latency_s": lat, "group": _workload_key(wl) or "tir:" + sha,
+                    "query": "tir:" + sha,
                     "source": "profile", "models": [model], "kernel": ks[0]["kernel"], "calls": len(ks),
                     "in_model": True})
     return out, mrecs

@@ -31,7 +31,7 @@ from pathlib import Path
 from qcompiler import progress
 
 from . import records as R
-from .workload import config_dict, config_key, normalize_config
+from .workload import config_dict, config_key, distinct_configs, normalize_config
 
 _active: contextvars.ContextVar = contextvars.ContextVar("qc_tuned_configs", default=None)
 OFF = ("off", "none", "0", "")
@@ -165,36 +165,43 @@ def generate(workload, layer: str, make):
 PICK_MAX = 4096  # configs ranked per kernel (the whole space unless larger; ~1 ms per 100 here)
 
 
+def candidate_pool(workload, limit: int = PICK_MAX) -> list:
+    """The default config, then the rest of the workload's config space (normalized, each kernel
+    once); a sample of ``limit - 1`` of the rest, seeded by the workload key, when it is larger."""
+    import random
+    import zlib
+
+    default = normalize_config(workload, workload.default_config())
+    rest = [c for c in distinct_configs(workload, workload.config_space()) if config_key(c) != config_key(default)]
+    if len(rest) >= limit:
+        rest = random.Random(zlib.crc32(workload.key.encode())).sample(rest, limit - 1)
+    return [default] + rest
+
+
+def pick_order(pred) -> list[int]:
+    """Candidates by predicted time, the default (index 0) first unless another is predicted >3% faster."""
+    import numpy as np
+
+    order = [int(i) for i in np.argsort(pred, kind="stable")]
+    if pred[0] <= pred[order[0]] * 1.03:
+        order.remove(0)
+        order.insert(0, 0)
+    return order
+
+
 def _pick_by_model(tc: TunedConfigs, workload, layer: str, make):
     """The candidate the cost model predicts fastest, built; None to fall back to the default."""
     cm = tc.cost_model()
     if cm is None:
         return None
     import dataclasses
-    import random
-    import zlib
-
-    import numpy as np
 
     try:
-        space = workload.config_space()
-        default = normalize_config(workload, workload.default_config())
+        cands = candidate_pool(workload)
     except Exception:  # noqa: BLE001 - no config space: the generator decides
         return None
-    rng = random.Random(zlib.crc32(workload.key.encode()))
-    pool = [default] + (space if len(space) < PICK_MAX else rng.sample(space, PICK_MAX - 1))
-    cands, seen = [], set()
-    for c in pool:
-        c = normalize_config(workload, c)
-        k = config_key(c)
-        if k not in seen:
-            seen.add(k)
-            cands.append(c)
     pred = cm.predict_configs(workload.fields(), [dataclasses.asdict(c) for c in cands], tc.target)
-    order = [int(i) for i in np.argsort(pred, kind="stable")]
-    if pred[0] <= pred[order[0]] * 1.03:  # the default unless another is clearly predicted faster
-        order.remove(0)
-        order.insert(0, 0)
+    order = pick_order(pred)
     for i in order[:4]:
         try:
             func = make(cands[i])

@@ -149,14 +149,12 @@ class Measurer:
                 (fut,) = self.runner.run([ri])
                 yield self._result(c, self._steady(ri, fut.result()), path)
 
+    RETRIES = 2
+
     def _steady(self, ri, res):
         """``res``, or when its repeats say the machine was disturbed (``records.disturbed``), the
-        steadiest of up to ``RETRIES`` re-runs (lowest median/min; the first steady one ends it)."""
-        from .records import disturbed
-
-        def ratio(r):
-            t = sorted(float(x) for x in r.run_secs)
-            return t[len(t) // 2] / t[0] if t and t[0] > 0 else float("inf")
+        steadiest of up to ``RETRIES`` re-runs (lowest ``records.spread``; the first steady one ends it)."""
+        from .records import disturbed, spread
 
         best = res
         for _ in range(self.RETRIES):
@@ -164,11 +162,9 @@ class Measurer:
                 break
             (fut,) = self.runner.run([ri])
             again = fut.result()
-            if not again.error_msg and ratio(again) < ratio(best):
+            if not again.error_msg and spread(again.run_secs) < spread(best.run_secs):
                 best = again
         return best
-
-    RETRIES = 2
 
     @staticmethod
     def _result(c, res, artifact_path) -> Measurement:

@@ -42,13 +42,22 @@ REQUIRED = ("schema", "workload_key", "workload", "target", "config", "latencies
 DISTURBED_RATIO = 1.10
 
 
+def _timings(latencies) -> list[float]:
+    return [v for v in (float(x) for x in (latencies if latencies is not None else [])) if v > 0]
+
+
+def spread(latencies) -> float:
+    """Median of the repeats over their fastest (1.0 = steady; inf without a positive timing)."""
+    lat = _timings(latencies)
+    return statistics.median(lat) / min(lat) if lat else float("inf")
+
+
 def disturbed(latencies) -> bool:
     """A timing the machine disturbed (another process's burst on a shared host): the median of the
-    repeats more than ``DISTURBED_RATIO`` above their fastest, i.e. at least half of them >= 10%
-    slow.  A steady kernel's repeats sit within ~1% here (median/min 1.006, p95 1.06 over 3600
-    records); a burst only slows repeats down, so the fastest is the closest to the true time."""
-    lat = [v for v in (float(x) for x in (latencies if latencies is not None else [])) if v > 0]
-    return len(lat) >= 3 and statistics.median(lat) > DISTURBED_RATIO * min(lat)
+    repeats more than ``DISTURBED_RATIO`` above their fastest (:func:`spread`), i.e. at least half of
+    them >= 10% slow.  A steady kernel's repeats sit within ~1% here (median/min 1.006, p95 1.06 over
+    3600 records); a burst only slows repeats down, so the fastest is the closest to the true time."""
+    return len(_timings(latencies)) >= 3 and spread(latencies) > DISTURBED_RATIO
 
 
 def log_file(log_dir: str | os.PathLike) -> Path:

@@ -37,7 +37,7 @@ from qcompiler import progress
 from qcompiler.errors import ModelError, QCError, TargetError
 
 from . import records as R
-from .workload import Task, Workload, config_key, normalize_config, tir_hash
+from .workload import Task, Workload, config_key, distinct_configs, normalize_config, tir_hash
 
 WARMUP = 2
 BATCH = 4
@@ -157,7 +157,7 @@ def model_order(model, w: Workload, space: list, rng: random.Random) -> list:
     """The (normalised, distinct) points of ``space`` sorted by the model's predicted latency."""
     import numpy as np
 
-    uniq = list({config_key(c): c for c in (normalize_config(w, c) for c in space)}.values())
+    uniq = distinct_configs(w, space)
     if len(uniq) > MODEL_POOL:
         uniq = rng.sample(uniq, MODEL_POOL)
     if not uniq:

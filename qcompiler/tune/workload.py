@@ -169,6 +169,11 @@ def normalize_config(w: Workload, config):
     return dataclasses.replace(config, kc=0)
 
 
+def distinct_configs(w: Workload, configs) -> list:
+    """``configs`` normalized (:func:`normalize_config`), each kernel once, in first-seen order."""
+    return list({config_key(c): c for c in (normalize_config(w, c) for c in configs)}.values())
+
+
 def tir_hash(func) -> str:
     return hashlib.sha256(str(func).encode()).hexdigest()[:16]
 
