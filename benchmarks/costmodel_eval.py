@@ -74,27 +74,29 @@ def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
     # test-retest: measure recorded configs again with the tuner's measurer
     rng = np.random.default_rng(0)
     pick = [tune[i] for i in rng.choice(len(tune), min(n_retest, len(tune)), replace=False)]
-    try:
-        from qcompiler.targets import parse_target
-        from qcompiler.tune.measure import Candidate, Measurer
-        from qcompiler.tune.workload import Workload
+    here = _on_recorded_device(samples)  # timings on another machine are not of the records' one
+    if here:
+        try:
+            from qcompiler.targets import parse_target
+            from qcompiler.tune.measure import Candidate, Measurer
+            from qcompiler.tune.workload import Workload
 
-        meas = Measurer(parse_target("cpu", None), repeats=5, min_repeat_ms=10)
-        cands = []
-        for s in pick:
-            w = Workload.from_fields(s["workload"])
-            c = w.config_from_dict(s["config"])
-            cands.append(Candidate(w, c, w.make_func(c)))
-        again = {id(m.candidate): m for m in meas.measure(cands)}
-        rel = []
-        for s, c in zip(pick, cands):
-            m = again.get(id(c))
-            if m is not None and m.latencies:
-                rel.append(abs(float(np.median(m.latencies)) - s["latency_s"]) / s["latency_s"])
-        out["retest"] = {"configs": len(rel), "mean_abs_rel_diff": float(np.mean(rel)),
-                         "median_abs_rel_diff": float(np.median(rel)), "p90_abs_rel_diff": float(np.percentile(rel, 90))}
-    except Exception as e:  # noqa: BLE001
-        out["retest"] = {"error": f"{type(e).__name__}: {e}"}
+            meas = Measurer(parse_target("cpu", None), repeats=5, min_repeat_ms=10)
+            cands = []
+            for s in pick:
+                w = Workload.from_fields(s["workload"])
+                c = w.config_from_dict(s["config"])
+                cands.append(Candidate(w, c, w.make_func(c)))
+            again = {id(m.candidate): m for m in meas.measure(cands)}
+            rel = []
+            for s, c in zip(pick, cands):
+                m = again.get(id(c))
+                if m is not None and m.latencies:
+                    rel.append(abs(float(np.median(m.latencies)) - s["latency_s"]) / s["latency_s"])
+            out["retest"] = {"configs": len(rel), "mean_abs_rel_diff": float(np.mean(rel)),
+                             "median_abs_rel_diff": float(np.median(rel)), "p90_abs_rel_diff": float(np.percentile(rel, 90))}
+        except Exception as e:  # noqa: BLE001
+            out["retest"] = {"error": f"{type(e).__name__}: {e}"}
     prof = [s for s in samples if s["source"] == "profile"]
     if prof:
         kern, _, _ = D.read_profiles(D.log_paths(ARGS.log)[1])
@@ -102,7 +104,7 @@ def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
         out["profiled_kernel_runs"] = {"kernel_calls": len(cv), "median_cv": float(np.median(cv))}
     # whole model: the library benchmarked again vs the profile's bench
     rel = []
-    for m in mrecs:
+    for m in mrecs if here else []:
         lib = m.get("library")
         if lib and Path(lib).is_file():
             from qcompiler.runtime import Library
@@ -112,7 +114,23 @@ def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
     if rel:
         out["whole_model_rebench"] = {"models": len(rel), "mean_abs_rel_diff": float(np.mean(rel)),
                                       "max_abs_rel_diff": float(np.max(rel))}
+    if not here:
+        out.update({k: v for k, v in (PREV.get("noise_floor") or {}).items() if k in ("retest", "whole_model_rebench")})
+        out["measured_elsewhere"] = (f"this host is {_host_device()}, the records are of "
+                                     f"{D.target_of(samples)['device']}: retest and rebench kept from the previous "
+                                     "run on that machine")
     return out
+
+
+def _host_device() -> str:
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.device import describe
+
+    return describe(parse_target("cpu", None))["device"]
+
+
+def _on_recorded_device(samples) -> bool:
+    return _host_device() == D.target_of(samples)["device"]
 
 
 # ---- 2. baselines ----------------------------------------------------------------------------------
@@ -248,14 +266,13 @@ def whole_models(samples, X, y, mrecs) -> dict:
     import tempfile
 
     from qcompiler.targets import parse_target
-    from qcompiler.tune.device import describe
 
     from costmodel.predict import CostModel
     from costmodel.profile import model_source
     from costmodel.whole import lower_kernels, predict_kernels
 
-    spec = parse_target("cpu", None)
-    target = describe(spec)
+    target = D.target_of(samples)  # the records' CPU (lowering for it needs no such CPU here)
+    spec = parse_target("cpu", target["arch"])
     cal_all = D.fit_overhead(mrecs)
     full = CostModel(T.train(samples, X, y, DEPLOYED, calibration=cal_all))
     out = {}
@@ -355,6 +372,7 @@ def main():
                        "workloads": len({s["group"] for s in samples if s["source"] == "tune"}),
                        "models": [m["model"] for m in mrecs]}}
     prev = json.loads(Path(ARGS.out).read_text()) if Path(ARGS.out).is_file() else {}
+    PREV.update(prev)
     if "noise" not in skip:
         res["noise_floor"] = noise_floor(samples, mrecs)
         log(f"noise {res['noise_floor']}")
@@ -400,6 +418,7 @@ def _cpu():
 
 
 ARGS = None
+PREV: dict = {}  # the previous results file (parts measured only on the records' machine are kept from it)
 
 if __name__ == "__main__":
     main()

@@ -211,9 +211,13 @@ def collect(pool: int, seed: int = 0, which=None) -> None:
             log(f"  done, {time.time() - t0:.0f} s so far")
 
 
-def remeasure() -> None:
-    """Measure again every config of the log whose records were all timed while the machine was
-    disturbed (``records.disturbed``); the new records are appended (the cost model then uses them)."""
+def remeasure(sessions: int = 1) -> None:
+    """Measure again every config of the log with fewer than ``sessions`` undisturbed records
+    (``records.disturbed``; 1: the configs timed only while the machine was disturbed; 2: a second,
+    independent timing of every config, which the cost model's labels take the faster of, since a
+    neighbour's burst that outlasts one record's repeats only slows it).  Configs are re-timed one
+    workload after the other (its candidates close in time, as the tuner measures them); the new
+    records are appended one by one, so an interrupted run resumes where it stopped."""
     from qcompiler.targets import parse_target
     from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
@@ -223,11 +227,17 @@ def remeasure() -> None:
     spec = parse_target("cpu", None)
     target = describe(spec)
     by_cfg: dict[tuple, list] = {}
-    for r in R.read(LOG, target).records:
+    rd = R.read(LOG, target)
+    if not rd.records and rd.foreign_target:
+        sys.exit(f"{LOG}: its {rd.foreign_target} records are of another device than this host "
+                 f"({target['device']}, {target['arch']}); re-time them on that machine")
+    for r in rd.records:
         if r.get("error") is None:
             by_cfg.setdefault((r["workload_key"], config_key(r["config"])), []).append(r)
-    todo = [rs[0] for rs in by_cfg.values() if all(R.disturbed(r["latencies_s"]) for r in rs)]
-    log(f"{len(todo)} of {len(by_cfg)} configs have only disturbed timings: measuring them again")
+    todo = [rs[0] for rs in by_cfg.values() if sum(not R.disturbed(r["latencies_s"]) for r in rs) < sessions]
+    todo.sort(key=lambda r: r["workload_key"])  # stable: a workload's configs in log order, together
+    log(f"{len(todo)} of {len(by_cfg)} configs have fewer than {sessions} undisturbed timing(s): measuring them again")
+    t0 = time.time()
     meas, vers = Measurer(spec, repeats=5, min_repeat_ms=20), R.versions()
     with R.RecordWriter(LOG) as wr:
         for i in range(0, len(todo), 4):
@@ -243,6 +253,9 @@ def remeasure() -> None:
                 wr.append(R.make_record(m.candidate.workload, target, r["config"], m.latencies, m.error,
                                         meas.measured_by, is_default=bool(r.get("is_default")),
                                         tir_sha256=m.candidate.tir_sha256, vers=vers))
+            if (i // 4) % 25 == 24:
+                done = i + 4
+                log(f"{done}/{len(todo)} re-timed, {(time.time() - t0) / done * (len(todo) - done) / 60:.0f} min left")
 
 
 # ---- eval ------------------------------------------------------------------------------------------
@@ -486,6 +499,8 @@ def main():
     ap.add_argument("--n", type=int, default=60, help="synth: number of random workloads")
     ap.add_argument("--pool", type=int, default=40)
     ap.add_argument("--small", action="store_true", help="synth: small workloads (M=1 heads, first convs)")
+    ap.add_argument("--sessions", type=int, default=1,
+                    help="remeasure: re-time every config with fewer undisturbed timings than this")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     if a.mode == "collect":
@@ -495,7 +510,7 @@ def main():
         collect(a.pool, seed=7, which=synthetic_small(a.n) if a.small else synthetic(a.n))
         return
     if a.mode == "remeasure":
-        remeasure()
+        remeasure(a.sessions)
         return
     t0 = time.time()
     if a.mode in ("tune", "pick"):
