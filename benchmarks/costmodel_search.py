@@ -541,8 +541,10 @@ def main():
            "criterion": "measurements until a config with latency <= pool best / 0.95 is found", **res,
            "seconds": round(time.time() - t0, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    if Path(a.out).is_file() and "qc_tune_runs" in (old := json.loads(Path(a.out).read_text())):
-        doc["qc_tune_runs"] = old["qc_tune_runs"]
+    old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
+    for k in ("qc_tune_runs", "compile_time_pick"):  # measured runs (tune / pick modes): kept
+        if k in old:
+            doc[k] = old[k]
     tmp = Path(a.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, a.out)

@@ -39,7 +39,8 @@ Design
     vector widths, unroll factors, nest depth), dynamic op counts (every op on a store's right-hand
     side weighted by the iterations of its enclosing loops, split by kind: mul, add, shift, cast,
     min/max, select, division, VNNI intrinsic), bytes read and written, parameter and scratch
-    bytes by dtype, per-core work; plus MetaSchedule's ``PerStoreFeature`` (164 per store) summed
+    bytes by dtype (v3: also of Relax-lowered kernels, whose shapes print as ``T.int64(n)`` and
+    read as no parameter before), per-core work; plus MetaSchedule's ``PerStoreFeature`` (164 per store) summed
     and maxed over the stores when the PrimFunc is available;
   - ``text``: the TIR read as language (after "ML-driven Hardware Cost Model for MLIR"): tokens of
     the TVMScript (op names, dtypes, loop kinds, intrinsic names, block names, extents normalised to
@@ -50,7 +51,8 @@ Design
 
 * Models (``train.py``): XGBoost on log(latency) over a baseline (v2: the GEMM roofline of the
   TIR for GEMM kernels with a workload (tuning candidates, tagged compiled kernels), an
-  NNLS-fitted linear time model of op and byte counts for any other kernel; the boosters learn the
+  NNLS-fitted linear time model of op counts and bytes read + written for any other kernel, fitted
+  on those kernels (v3); the boosters learn the
   log residual, so shapes beyond the training range keep the baseline's scale) -- a squared-error
   regressor (the point estimate),
   a quantile regressor (``reg:quantileerror``, alphas 0.1/0.9: the uncertainty band, capped at
@@ -82,8 +84,8 @@ Design
   ``$QC_TUNE_COSTMODEL`` or ``costmodels/<device>.json``).
 """
 
-FEATURE_SCHEMA = "qc-cost-features/2"
-MODEL_SCHEMA = "qc-costmodel/2"
+FEATURE_SCHEMA = "qc-cost-features/3"
+MODEL_SCHEMA = "qc-costmodel/3"
 PROFILE_SCHEMA = "qc-profile/1"
 
 __all__ = ["FEATURE_SCHEMA", "MODEL_SCHEMA", "PROFILE_SCHEMA"]

@@ -95,6 +95,8 @@ def run_predict(a) -> int:
         raise CostModelError(f"{a.plot}: --plot writes a .png file")
     if model is None:
         progress.get().warn(f"{why}: falling back to the roofline estimate (nominal peaks, not measured)")
+    elif not target.get("device"):  # another CPU than this host's: the machine the model was trained on
+        target = {**target, **{k: v for k, v in model.target.items() if k in ("device", "cores")}}
     kernels = lower_kernels(a.model, spec, _calib(a), a.batch, a.precision)
     res = predict_kernels(kernels, target, model)
     res = {"model": str(a.model), "target": target, "cost_model": model.path if model else None,

@@ -160,15 +160,16 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
             for k in m.get("workload_keys", []):
                 models_of.setdefault(k, []).append(m["model"])
     out = []
-    # dedupe repeated measurements of one config: the median of the medians of its undisturbed
-    # records; a config measured only while the machine was disturbed is left out
+    # dedupe repeated measurements of one config: the fastest of the medians of its undisturbed
+    # records (a neighbour's burst that outlasts one record's repeats only slows it); a config
+    # measured only while the machine was disturbed is left out
     by_cfg: dict[tuple, list] = {}
     for r in recs:
         if not disturbed(r.get("latencies_s")):
             by_cfg.setdefault((r["workload_key"], json.dumps(r["config"], sort_keys=True)), []).append(r)
     for (_, _), rs in by_cfg.items():
         r = dict(rs[0])
-        r["median_s"] = float(np.median([x["median_s"] for x in rs]))
+        r["median_s"] = float(min(x["median_s"] for x in rs))
         s = tuning_sample(r)
         if s is not None:
             s["models"] = models_of.get(r["workload_key"], [])

@@ -66,6 +66,13 @@ def group_folds(groups: list[str], k: int = 5, seed: int = 0) -> list[np.ndarray
     return [np.flatnonzero(np.isin(groups, b)) for b in bins if b]
 
 
+def record_folds(n: int, k: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Test-index arrays of k folds of single records (TenSet's within-task split: the other configs
+    of a test workload are in training; the easy split, for comparing with its published scores)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(perm[i::k]) for i in range(k)]
+
+
 def oof(samples, X, y, folds: list[np.ndarray], families: list[str], rank: bool = True, params=None,
         band: bool = True) -> dict:
     """Out-of-fold predictions: regression (seconds), quantile band, ranker score."""

@@ -1,4 +1,4 @@
-"""Feature extraction (schema ``qc-cost-features/2``, see the package docstring).
+"""Feature extraction (schema ``qc-cost-features/3``, see the package docstring).
 
 Inputs are plain data: a target dict (as in a tuning record), an optional GEMM workload + config
 (dicts of a ``qc-tune/1`` record), the scheduled TIR as TVMScript text, and optionally the PrimFunc
@@ -205,8 +205,9 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
 
 # ---- tir: loop structure and dynamic op counts read from the TVMScript -------------------------------
 _LOOP = re.compile(r"^\s*for\s+(.+?)\s+in\s+(T\.(parallel|vectorized|unroll|serial|grid|thread_binding)|range)\((.*)\):\s*$")
-_BUF = re.compile(r'T\.Buffer\(\(([^)]*)\),\s*"(\w+)"')
-_ALLOC = re.compile(r'(\w+)\s*=\s*T\.(?:sblock_)?alloc_buffer\(\(([^)]*)\),\s*"(\w+)"')
+_SHAPE = r'\(((?:[^()]|\([^()]*\))*)\)'  # a shape tuple; its extents may be T.int64(22) (Relax-lowered kernels)
+_BUF = re.compile(r'T\.Buffer\(' + _SHAPE + r',\s*"(\w+)"')
+_ALLOC = re.compile(r'(\w+)\s*=\s*T\.(?:sblock_)?alloc_buffer\(' + _SHAPE + r',\s*"(\w+)"')
 _STORE = re.compile(r"^\s*([A-Za-z_]\w*)\[(.*?)\]\s*=\s*(.+)$")
 _SKIP = ("T.axis", "T.reads", "T.writes", "T.match_buffer", "T.func_attr", "T.sblock_alloc", "T.alloc")
 _OPS = {
@@ -234,7 +235,8 @@ def _prod(xs) -> int:
 
 
 def _ints(s: str) -> list[int]:
-    return [int(v) for v in re.findall(r"-?\d+", s)]
+    """The integers of a shape tuple's text: ``22``, ``T.int64(22)`` -> 22 (never the 64 of int64)."""
+    return [int(v) for v in re.findall(r"-?\d+", re.sub(r"T\.u?int\d+\(", "(", s))]
 
 
 def _extent(kind: str, args: str) -> list[int]:
@@ -273,7 +275,7 @@ def analyze_text(text: str) -> dict:
             scratch.append((_ints(s), dt))
     buf_dtype = {}
     sig = next((ln for ln in lines if ln.lstrip().startswith("def ")), "")
-    for name, s, dt in re.findall(r'(\w+):\s*T\.Buffer\(\(([^)]*)\),\s*"(\w+)"', sig):
+    for name, s, dt in re.findall(r'(\w+):\s*T\.Buffer\(' + _SHAPE + r',\s*"(\w+)"', sig):
         buf_dtype[name] = dt
     for name, s, dt in _ALLOC.findall(text):
         buf_dtype[name] = dt

@@ -31,7 +31,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def same_target(a: dict, b: dict) -> bool:
-    keys = ("kind", "arch", "device") if a.get("kind") == "cpu" else ("kind", "arch")
+    """Same kind and arch, and for a CPU the same machine model when both name one (a CPU target
+    other than the compiling host's has none: any machine of that arch)."""
+    keys = ("kind", "arch", "device") if a.get("kind") == "cpu" and a.get("device") and b.get("device") \
+        else ("kind", "arch")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -41,6 +44,19 @@ def find_model(device: str) -> Path | None:
         p = root / f"{device}.json"
         if p.is_file():
             return p
+    return None
+
+
+def _model_of_arch(arch: str | None) -> Path | None:
+    """A CPU other than the compiling host's: the first ``costmodels/*.json`` trained for that arch."""
+    for root in (Path.cwd() / "costmodels", REPO_ROOT / "costmodels"):
+        for p in sorted(root.glob("*.json")) if root.is_dir() else []:
+            try:
+                t = json.loads(p.read_text()).get("target", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if t.get("kind") == "cpu" and t.get("arch") == arch:
+                return p
     return None
 
 
@@ -153,6 +169,8 @@ def load_for(target: dict, path=None) -> tuple[CostModel | None, str]:
     if env:
         return CostModel.load(env, target), env
     p = find_model(target.get("device") or target.get("arch") or "")
+    if p is None and target.get("kind") == "cpu" and not target.get("device"):
+        p = _model_of_arch(target.get("arch"))
     if p is None:
         return None, f"no cost model for {target.get('kind')} {target.get('arch')} ({target.get('device')})"
     return CostModel.load(p, target), str(p)

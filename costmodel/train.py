@@ -2,8 +2,9 @@
 (search), and a config-only regressor (compile-time picking without building TIR).  The point and
 band boosters learn the residual over a baseline: log t = log base(x) + f(x, log base), with base
 the GEMM roofline of the TIR for GEMM kernels with a workload (tuning candidates, tagged compiled
-kernels) and, for every other kernel, a linear model c0 + c1 vnni/core + c2 alu/core + c3 bytes +
-c4 rw/core fitted by NNLS on relative error.  Saved as one JSON document with XGBoost's own JSON
+kernels) and, for every other kernel, a linear model c0 + c1 vnni/core + c2 alu/core + c3 rw +
+c4 rw/core (rw: bytes read + written by the stores) fitted by NNLS on relative error over those
+kernels.  Saved as one JSON document with XGBoost's own JSON
 model format embedded (no pickle)."""
 
 from __future__ import annotations
@@ -62,27 +63,35 @@ MAX_HALF_WIDTH = 3.0  # log units: a quantile booster's band is capped at x/÷ 2
 
 
 # ---- the point model: a calibrated roofline baseline + a booster on the residual -------------------
-BASE_TERMS = ["1", "vnni_per_core", "alu_ops_per_core", "param_scratch_bytes", "rw_bytes_per_core"]
+BASE_TERMS = ["1", "vnni_per_core", "alu_ops_per_core", "rw_bytes", "rw_bytes_per_core"]
 
 
 def base_terms(X: np.ndarray) -> np.ndarray:
     """Columns of the baseline's linear model, from the full feature vector: a constant (launch),
-    VNNI instructions and other ALU ops per busy core, bytes of parameters + scratch (DRAM/cache
-    traffic lower bound), bytes read + written by stores per busy core."""
+    VNNI instructions and other ALU ops per busy core, bytes read + written by the stores (the
+    traffic; not the parameters' sizes: a gather reads a few rows of its table) in all and per busy
+    core."""
     N = F.NAMES
     c = lambda n: X[:, N.index(n)]  # noqa: E731
     ex = lambda n: np.expm1(np.nan_to_num(c(n)))  # noqa: E731 - the TIR family holds log1p counts
     busy = np.clip(np.nan_to_num(c("x_par_extent")), 1.0, np.maximum(1.0, np.nan_to_num(c("t_units"))))
     alu = sum(ex(f"x_log_dyn_{k}") for k in ("mul", "add", "shift", "cast", "minmax", "select", "div", "cmp"))
-    return np.stack([np.ones(len(X)), ex("x_log_dyn_vnni") / busy, alu / busy,
-                     ex("x_log_param_bytes") + ex("x_log_scratch_bytes"),
-                     (ex("x_log_bytes_written") + ex("x_log_bytes_read")) / busy], 1)
+    rw = ex("x_log_bytes_written") + ex("x_log_bytes_read")
+    return np.stack([np.ones(len(X)), ex("x_log_dyn_vnni") / busy, alu / busy, rw, rw / busy], 1)
+
+
+def _is_gemm(X: np.ndarray) -> np.ndarray:
+    return ~np.isnan(X[:, F.NAMES.index("c_roof_log_s")])
 
 
 def fit_base(X: np.ndarray, y: np.ndarray) -> list[float]:
-    """Non-negative seconds per term (SciPy NNLS on relative error: rows weighted by 1/latency)."""
+    """Non-negative seconds per term (SciPy NNLS on relative error: rows weighted by 1/latency),
+    fitted on the kernels the linear model serves (those without a GEMM workload; all when none)."""
     from scipy.optimize import nnls
 
+    other = ~_is_gemm(X)
+    if other.any():
+        X, y = X[other], y[other]
     A, t = base_terms(X), np.exp(y)
     w = 1.0 / t
     coef, _ = nnls(A * w[:, None], t * w)
@@ -94,8 +103,7 @@ def base_log(X: np.ndarray, coef) -> np.ndarray:
     GEMM kernel with a workload (a tuning candidate or a tagged compiled kernel), the fitted linear
     model for any other kernel."""
     lin = np.log(base_terms(X) @ np.asarray(coef, dtype=np.float64) + 1e-9)
-    gemm = ~np.isnan(X[:, F.NAMES.index("c_roof_log_s")])
-    return np.where(gemm, X[:, F.NAMES.index("x_roof_log_s")], lin)
+    return np.where(_is_gemm(X), X[:, F.NAMES.index("x_roof_log_s")], lin)
 
 
 def _with_base(X, cols, b):

@@ -63,6 +63,14 @@ def host_has_vnni() -> bool:
 def parse_target(kind: str, arch: str | None = None) -> TargetSpec:
     kind = (kind or "").lower()
     if kind in ("cpu", "llvm"):
+        if arch and arch != host_cpu():
+            from tvm.target import Target, codegen
+
+            known = list(codegen.llvm_get_cpu_archlist(Target({"kind": "llvm"})))
+            if known and arch not in known:
+                raise TargetError(f"unknown CPU '{arch}' for --target cpu; use an LLVM CPU name such as "
+                                  f"{', '.join(c for c in ('skylake-avx512', 'cascadelake', 'icelake-server', 'znver4') if c in known)} "
+                                  "(or leave --arch out for this host's)")
         return TargetSpec("cpu", arch or host_cpu())
     if kind == "cuda":
         arch = arch or "sm_90"

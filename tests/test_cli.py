@@ -110,6 +110,8 @@ def test_bad_target_and_output(small, tmp_path, capsys):
     out = str(tmp_path / "o.so")
     _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "tpu"], "unknown target", out=out)
     _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "cuda", "--arch", "sm_61"], "sm_61", out=out)
+    _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "cpu", "--arch", "pentium9000"], "pentium9000",
+         out=out)
     _bad(capsys, ["compile", m, "-o", str(tmp_path / "missing_dir" / "o.so"), "--calib", calib], "does not exist")
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -247,6 +247,23 @@ def test_tuner_warm_start(trained, monkeypatch):
         tuner.resolve_cost_model(str(bad), tgt)
 
 
+def test_tir_text_reads_relax_lowered_buffer_shapes():
+    """Kernels lowered from Relax print extents as ``T.int64(22)``: their parameters, bytes, output
+    size and buffer dtypes are read as from plain-integer shapes (they once parsed as no parameter)."""
+    sig = ('def f(x: T.Buffer((T.int64(1), T.int64(22), T.int64(28)), "int8"), s: T.Buffer((T.int64(28),), "int64"), '
+           'y: T.Buffer((T.int64(1), T.int64(22), T.int64(28)), "int8")):')
+    body = ("    for i in range(T.int64(616)):\n"
+            "        with T.sblock(\"c\"):\n"
+            "            y[T.int64(0), i // T.int64(28), i % T.int64(28)] = x[T.int64(0), i // T.int64(28), i % T.int64(28)]\n")
+    a = F.analyze_text(sig + "\n" + body)
+    plain = F.analyze_text('def f(x: T.Buffer((1, 22, 28), "int8"), s: T.Buffer((28,), "int64"), '
+                           'y: T.Buffer((1, 22, 28), "int8")):\n' + body)
+    assert a["n_params"] == 3 and a["out_elems"] == 616
+    assert a["pbytes"] == 616 + 28 * 8 + 616
+    assert a["rbytes"] == a["wbytes"] == 616  # int8 in and out, from the signature's dtypes
+    assert plain["n_params"] == 3 and plain["pbytes"] == a["pbytes"]
+
+
 def test_vnni_analytic_features():
     """The analytic family: relative modelled cycles are >= 0 with 0 at the model's best tile; the
     loop order moves traffic between A (n-tiles outside) and W (m-tiles outside)."""
@@ -321,3 +338,39 @@ def test_compiled_gemm_kernels_carry_workload_and_config(small_model):
         assert not math.isnan(row[F.NAMES.index("c_roof_log_s")])
     assert all(w is None for k, w, _ in tagged if not k["name"].startswith(("conv", "dense")))
     assert D._workload_key(gemm[0][1]) == Workload.from_fields(gemm[0][1]).key
+
+
+def test_other_cpu_finds_its_records_and_model_by_arch(trained, tmp_path, monkeypatch):
+    """Compiling for a CPU other than this host's (``--target cpu --arch X``): the target has no
+    machine name, so the tuning log and the cost model are those recorded for arch X on another
+    machine; tuning for it here is refused (it measures on this machine)."""
+    from costmodel.predict import load_for, same_target
+    from qcompiler.targets import TargetError, host_cpu, parse_target
+    from qcompiler.tune import apply
+    from qcompiler.tune.device import describe
+    from qcompiler.tune.tuner import check_target
+
+    arch = "cascadelake" if host_cpu() != "cascadelake" else "znver4"
+    spec = parse_target("cpu", arch)
+    tgt = describe(spec)
+    assert tgt["device"] is None and tgt["arch"] == arch
+    logs = tmp_path / "autotune_logs" / "some-machine"
+    logs.mkdir(parents=True)
+    rec = {"target": {"kind": "cpu", "arch": arch, "device": "some-machine", "cores": 4}}
+    (logs / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "autotune_logs" / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QC_TUNE_LOG", raising=False)
+    monkeypatch.delenv("QC_COSTMODEL", raising=False)
+    assert apply.find_log(spec) == str(logs)
+    doc = dict(trained[3], target={"kind": "cpu", "arch": arch, "device": "some-machine", "cores": 4})
+    (tmp_path / "costmodels").mkdir()
+    T.save(doc, tmp_path / "costmodels" / "some-machine.json")
+    cm, path = load_for(tgt)
+    assert cm is not None and path.endswith("some-machine.json")
+    assert same_target(doc["target"], tgt) and not same_target(doc["target"], {**tgt, "device": "another"})
+    from qcompiler.kernels.cpu_vnni import host_has_vnni
+
+    if host_has_vnni():
+        with pytest.raises(TargetError, match="measures on this machine"):
+            check_target(spec)

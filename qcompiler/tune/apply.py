@@ -92,8 +92,10 @@ def find_log(spec, tune_log: str | None = None) -> str | None:
     env = os.environ.get("QC_TUNE_LOG")
     if env is not None:
         return None if env.lower() in OFF else env
-    from .device import device_name
+    from .device import describe, device_name
 
+    if spec.kind == "cpu" and describe(spec)["device"] is None:
+        return _log_of_arch(spec.arch)
     name = device_name(spec)
     for root in (Path.cwd() / "autotune_logs", REPO_ROOT / "autotune_logs"):
         if (root / name / R.FILENAME).is_file():
@@ -105,6 +107,23 @@ def find_log(spec, tune_log: str | None = None) -> str | None:
                     progress.get().warn(f"several tuning logs for {spec.arch}: using {cands[0]} "
                                         f"(pass the one for your GPU with QC_TUNE_LOG)")
                 return str(cands[0])
+    return None
+
+
+def _log_of_arch(arch: str) -> str | None:
+    """Compiling for a CPU other than this host's: the first ``autotune_logs/<device>/`` whose
+    records are of that LLVM CPU (another machine's tuning of the same core)."""
+    import json
+
+    for root in (Path.cwd() / "autotune_logs", REPO_ROOT / "autotune_logs"):
+        for p in sorted(root.glob(f"*/{R.FILENAME}")) if root.is_dir() else []:
+            try:
+                with open(p) as f:
+                    t = json.loads(f.readline()).get("target", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if t.get("kind") == "cpu" and t.get("arch") == arch:
+                return str(p.parent)
     return None
 
 

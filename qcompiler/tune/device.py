@@ -14,7 +14,7 @@ import os
 import platform
 import re
 
-from ..targets import TargetSpec, host_cores
+from ..targets import TargetSpec, host_cores, host_cpu
 
 
 def sanitize(name: str) -> str:
@@ -64,6 +64,8 @@ def device_name(spec: TargetSpec, probe_gpu: bool = True) -> str:
 def describe(spec: TargetSpec, probe_gpu: bool = True) -> dict:
     """The ``target`` object of a record: kind, arch, device name, core count or SM count."""
     if spec.kind == "cpu":
+        if spec.arch != host_cpu():  # compiling for another CPU: its records / model are found by arch
+            return {"kind": "cpu", "arch": spec.arch, "device": None, "cores": None}
         return {"kind": "cpu", "arch": spec.arch, "device": device_name(spec), "cores": host_cores()}
     info = gpu_info() if probe_gpu else None
     d = {"kind": "cuda", "arch": spec.arch, "device": device_name(spec, probe_gpu), "sm_count": None}

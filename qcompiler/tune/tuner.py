@@ -243,8 +243,13 @@ def check_target(spec) -> None:
     if spec.kind == "cpu":
         from qcompiler.kernels.cpu_vnni import host_has_vnni
 
+        from qcompiler.targets import host_cpu
+
         if not host_has_vnni():
             raise TargetError("tuning the CPU kernels needs a CPU with AVX-512 VNNI (this host has none)")
+        if spec.arch != host_cpu():
+            raise TargetError(f"tuning measures on this machine ({host_cpu()}): leave --arch out, or tune "
+                              f"on a {spec.arch} machine")
 
 
 # ---- the loop ------------------------------------------------------------------------------------
