@@ -55,7 +55,9 @@ def log(msg):
 
 
 # ---- 1. noise floor ---------------------------------------------------------------------------------
-def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
+def noise_floor(samples, mrecs, prev: dict | None = None, n_retest: int = 24) -> dict:
+    """``prev``: the previous run's noise floor (its re-timing parts are kept when this host is not
+    the records' machine)."""
     tune = [s for s in samples if s["source"] == "tune" and len(s.get("latencies_s") or []) >= 3]
     within = [np.std(s["latencies_s"]) / np.median(s["latencies_s"]) for s in tune]
     spread = [(np.percentile(s["latencies_s"], 90) - np.percentile(s["latencies_s"], 10)) / np.median(s["latencies_s"])
@@ -74,7 +76,8 @@ def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
     # test-retest: measure recorded configs again with the tuner's measurer
     rng = np.random.default_rng(0)
     pick = [tune[i] for i in rng.choice(len(tune), min(n_retest, len(tune)), replace=False)]
-    here = _on_recorded_device(samples)  # timings on another machine are not of the records' one
+    host, recorded = _host_device(), D.target_of(samples)["device"]
+    here = host == recorded  # timings on another machine are not of the records' one
     if here:
         try:
             from qcompiler.targets import parse_target
@@ -115,10 +118,9 @@ def noise_floor(samples, mrecs, n_retest: int = 24) -> dict:
         out["whole_model_rebench"] = {"models": len(rel), "mean_abs_rel_diff": float(np.mean(rel)),
                                       "max_abs_rel_diff": float(np.max(rel))}
     if not here:
-        out.update({k: v for k, v in (PREV.get("noise_floor") or {}).items() if k in ("retest", "whole_model_rebench")})
-        out["measured_elsewhere"] = (f"this host is {_host_device()}, the records are of "
-                                     f"{D.target_of(samples)['device']}: retest and rebench kept from the previous "
-                                     "run on that machine")
+        out.update({k: v for k, v in (prev or {}).items() if k in ("retest", "whole_model_rebench")})
+        out["measured_elsewhere"] = (f"this host is {host}, the records are of {recorded}: retest and rebench "
+                                     "kept from the previous run on that machine")
     return out
 
 
@@ -127,10 +129,6 @@ def _host_device() -> str:
     from qcompiler.tune.device import describe
 
     return describe(parse_target("cpu", None))["device"]
-
-
-def _on_recorded_device(samples) -> bool:
-    return _host_device() == D.target_of(samples)["device"]
 
 
 # ---- 2. baselines ----------------------------------------------------------------------------------
@@ -372,12 +370,9 @@ def main():
                        "workloads": len({s["group"] for s in samples if s["source"] == "tune"}),
                        "models": [m["model"] for m in mrecs]}}
     prev = json.loads(Path(ARGS.out).read_text()) if Path(ARGS.out).is_file() else {}
-    PREV.update(prev)
     if "noise" not in skip:
-        res["noise_floor"] = noise_floor(samples, mrecs)
+        res["noise_floor"] = noise_floor(samples, mrecs, prev.get("noise_floor"))
         log(f"noise {res['noise_floor']}")
-    elif "noise_floor" in prev:
-        res["noise_floor"] = prev["noise_floor"]
     folds = E.group_folds([s["group"] for s in samples], ARGS.folds)
     table = {}
     for name, fam in FAMS.items():
@@ -404,12 +399,11 @@ def main():
     if "lomo" not in skip:
         models = sorted({m for s in samples for m in s["models"] if not m.startswith(PREFIX)})
         res["leave_one_model_out"] = lomo(samples, X, y, models)
-    elif "leave_one_model_out" in prev:  # skipped: the previous run's
-        res["leave_one_model_out"] = prev["leave_one_model_out"]
     if "whole" not in skip and mrecs:
         res["whole_model"] = whole_models(samples, X, y, mrecs)
-    elif "whole_model" in prev:
-        res["whole_model"] = prev["whole_model"]
+    for k in ("noise_floor", "leave_one_model_out", "whole_model"):  # skipped parts: the previous run's
+        if k not in res and k in prev:
+            res[k] = prev[k]
     res["seconds"] = round(time.time() - t0, 1)
     Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
@@ -426,7 +420,6 @@ def _cpu():
 
 
 ARGS = None
-PREV: dict = {}  # the previous results file (parts measured only on the records' machine are kept from it)
 
 if __name__ == "__main__":
     main()

@@ -207,6 +207,7 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
 _LOOP = re.compile(r"^\s*for\s+(.+?)\s+in\s+(T\.(parallel|vectorized|unroll|serial|grid|thread_binding)|range)\((.*)\):\s*$")
 _SHAPE = r'\(((?:[^()]|\([^()]*\))*)\)'  # a shape tuple; its extents may be T.int64(22) (Relax-lowered kernels)
 _BUF = re.compile(r'T\.Buffer\(' + _SHAPE + r',\s*"(\w+)"')
+_ARG = re.compile(r'(\w+):\s*' + _BUF.pattern)  # name: T.Buffer(shape, "dtype") of a signature
 _ALLOC = re.compile(r'(\w+)\s*=\s*T\.(?:sblock_)?alloc_buffer\(' + _SHAPE + r',\s*"(\w+)"')
 _STORE = re.compile(r"^\s*([A-Za-z_]\w*)\[(.*?)\]\s*=\s*(.+)$")
 _SKIP = ("T.axis", "T.reads", "T.writes", "T.match_buffer", "T.func_attr", "T.sblock_alloc", "T.alloc")
@@ -275,7 +276,7 @@ def analyze_text(text: str) -> dict:
             scratch.append((_ints(s), dt))
     buf_dtype = {}
     sig = next((ln for ln in lines if ln.lstrip().startswith("def ")), "")
-    for name, s, dt in re.findall(r'(\w+):\s*T\.Buffer\(' + _SHAPE + r',\s*"(\w+)"', sig):
+    for name, s, dt in _ARG.findall(sig):
         buf_dtype[name] = dt
     for name, s, dt in _ALLOC.findall(text):
         buf_dtype[name] = dt
