@@ -51,13 +51,20 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def host_has_vnni() -> bool:
+def _host_flag(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_vnni" in flags
+            return any(flag in line.split() for line in f if line.startswith("flags"))
     except OSError:
         return False
+
+
+def host_has_vnni() -> bool:
+    return _host_flag("avx512_vnni")
+
+
+def host_has_avx2() -> bool:
+    return _host_flag("avx2")
 
 
 def parse_target(kind: str, arch: str | None = None) -> TargetSpec:

@@ -369,8 +369,8 @@ def test_other_cpu_finds_its_records_and_model_by_arch(trained, tmp_path, monkey
     cm, path = load_for(tgt)
     assert cm is not None and path.endswith("some-machine.json")
     assert same_target(doc["target"], tgt) and not same_target(doc["target"], {**tgt, "device": "another"})
-    from qcompiler.kernels.cpu_vnni import host_has_vnni
+    from qcompiler.targets import host_has_avx2, host_has_vnni
 
-    if host_has_vnni():
+    if host_has_vnni() or host_has_avx2():
         with pytest.raises(TargetError, match="measures on this machine"):
             check_target(spec)

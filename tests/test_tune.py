@@ -1,6 +1,7 @@
 """qc tune / qc measure: records, resumability after SIGKILL, --status, the offline cycle, RPC, bad input.
 
-Everything runs on this host's CPU (AVX-512 VNNI kernels) with a handful of trials.
+Everything runs on this host's CPU (AVX-512 VNNI kernels, AVX2 on a CPU without VNNI) with a handful
+of trials.
 """
 
 import json
@@ -18,11 +19,13 @@ import pytest
 from onnx import helper
 
 from qcompiler.cli import main
-from qcompiler.kernels.cpu_vnni import host_has_vnni
+from qcompiler.targets import host_has_avx2, host_has_vnni
 from qcompiler.tune import records as R
 from tests.helpers import make_model, tensor
 
-pytestmark = pytest.mark.skipif(not host_has_vnni(), reason="the tuned CPU kernels need AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not (host_has_vnni() or host_has_avx2()),
+                                reason="the tuned CPU kernels need AVX-512 VNNI or AVX2")
+BACKEND = "cpu_vnni" if host_has_vnni() else "cpu_avx2"
 ROOT = Path(__file__).resolve().parents[1]
 QC = [sys.executable, "-m", "qcompiler.cli"]
 
@@ -76,7 +79,7 @@ def test_records_valid(tuned):
         assert r["schema"] == R.SCHEMA and r["error"] is None and len(r["latencies_s"]) == 3
         assert r["median_s"] == sorted(r["latencies_s"])[1]
         assert r["target"]["kind"] == "cpu" and r["target"]["cores"] >= 1 and r["target"]["device"]
-        assert r["workload"]["backend"] == "cpu_vnni" and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
+        assert r["workload"]["backend"] == BACKEND and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
         assert set(r["config"]) == {"mr", "nr", "kc", "n_outer"}
     keys = {r["workload_key"] for r in recs}
     # the tasks are the VNNI conv/dense kernels of the quantized graph (a layer whose dtypes have no VNNI
@@ -164,7 +167,7 @@ def test_status(tuned, capsys):
     assert main(["-q", "tune", "--status", str(tuned)]) == 0
     out = capsys.readouterr().out
     n = len(_task_keys(tuned.parent))
-    assert f"{n} task(s), 5 trial(s)" in out and "cpu_vnni." in out and "default" in out
+    assert f"{n} task(s), 5 trial(s)" in out and f"{BACKEND}." in out and "default" in out
     assert main(["-q", "tune", "--status", str(tuned), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["trials"] == 5 and len(st["tasks"]) == n

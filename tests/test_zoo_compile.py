@@ -1,5 +1,5 @@
-"""Real models end to end: each zoo CNN compiled for this CPU (VNNI kernels; the generic integer
-kernels on a CPU without VNNI), run on real held-out
+"""Real models end to end: each zoo CNN compiled for this CPU (VNNI kernels; AVX2 kernels on a CPU
+without VNNI; the generic integer kernels on a CPU with neither), run on real held-out
 samples, equal to the NumPy integer reference element for element, and agreeing with FP32.
 
 Needs the zoo packages (``bash scripts/install_zoo.sh``); skipped per model when missing.
@@ -16,7 +16,7 @@ pytest.importorskip("PIL")
 from qcompiler import reference, zoo  # noqa: E402
 from qcompiler.driver import CompileOptions, prepare  # noqa: E402
 from qcompiler.lowering.build import build  # noqa: E402
-from qcompiler.targets import host_has_vnni, parse_target  # noqa: E402
+from qcompiler.targets import host_has_avx2, host_has_vnni, parse_target  # noqa: E402
 from tests.helpers import run_tvm  # noqa: E402
 
 pytestmark = pytest.mark.zoo
@@ -36,11 +36,11 @@ def test_zoo_cnn_bit_exact_and_agrees_with_fp32(name):
     ig = prep.int_graph
     res = build(ig, opts.target.tvm_target())
     n_gemm = sum(n.op in ("conv", "dense") for n in ig.nodes)
-    if host_has_vnni():  # every conv / dense layer went to a VNNI (or direct int8) kernel, none to the generic path
-        assert res.gemm_name == "cpu_vnni" and not res.fallbacks, res.fallbacks
+    if host_has_vnni() or host_has_avx2():  # every conv / dense layer on a VNNI / AVX2 (or direct int8) kernel
+        assert res.gemm_name == ("cpu_vnni" if host_has_vnni() else "cpu_avx2") and not res.fallbacks, res.fallbacks
         assert sum(res.gemm_kernels.values()) == n_gemm
-    else:  # a CPU without VNNI: the dense / full convs on the generic integer path, said so, each once
-        assert all(f.endswith("the target CPU has no AVX-512 VNNI") for f in res.fallbacks), res.fallbacks
+    else:  # neither: the dense / full convs on the generic integer path, said so, each once
+        assert all(f.endswith("neither AVX-512 VNNI nor AVX2") for f in res.fallbacks), res.fallbacks
         assert sum(res.gemm_kernels.values()) + len(res.fallbacks) == n_gemm
     outs = {o: [] for o in ig.outputs}
     for i in range(0, 8, batch):
@@ -77,9 +77,9 @@ def test_minilm_integer_only_bit_exact_and_close_to_fp32():
     ig = prep.int_graph
     res = build(ig, opts.target.tvm_target())
     assert scan_tir(res.tir).integer_only
-    if host_has_vnni():  # attention Q.K^T and P.V on the batched VNNI kernel, no fallback
+    if host_has_vnni() or host_has_avx2():  # attention Q.K^T and P.V on the batched kernel, no fallback
         assert not res.fallbacks, res.fallbacks
-        assert res.gemm_kernels.get("matmul_vnni") == sum(n.op == "matmul" for n in ig.nodes) > 0, res.gemm_kernels
+        assert res.gemm_kernels.get("matmul_vnni" if host_has_vnni() else "matmul_avx2") == sum(n.op == "matmul" for n in ig.nodes) > 0, res.gemm_kernels
     outs = {o: [] for o in ig.outputs}
     for i in range(0, 16, batch):
         x = {k: v[i:i + batch] for k, v in feeds.items()}

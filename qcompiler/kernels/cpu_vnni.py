@@ -1,4 +1,4 @@
-"""INT8 dense, batched matmul and NHWC convolution kernels for x86 CPUs with AVX-512 VNNI (TensorIR, scheduled).
+"""INT8 dense, batched matmul and NHWC convolution kernels for x86 CPUs, AVX-512 VNNI or AVX2 (TensorIR, scheduled).
 
 Every kernel computes the fused function of the kernel contract (``qcompiler/kernels/__init__.py``):
 
@@ -6,7 +6,9 @@ Every kernel computes the fused function of the kernel contract (``qcompiler/ker
     Out[m, n] = clip((int64(acc[m, n]) * mult[n] + (1 << (shift[n] - 1))) >> shift[n], lo, hi)
 
 GEMM core.  ``vpdpbusd`` multiplies *unsigned* bytes by *signed* bytes (4-deep dot products into
-16 int32 lanes), see ``_x86_intrin.py``.  Unsigned activations go in as they are.  A signed int8
+16 int32 lanes), see ``_x86_intrin.py``; on a CPU with AVX2 but no VNNI the same u8 x s8 products
+run as 2-deep dot products into 8 int32 lanes (``vpmovsxbw`` + ``vpmaddwd``, exact).  :class:`Isa`
+holds the difference (lanes ``L``, depth ``kp``, registers); every kernel takes ``isa=``.  Unsigned activations go in as they are.  A signed int8
 activation is offset to ``A + 128`` (``A xor 0x80``), which is in [0, 255], and the offset is
 taken back through the bias, which the packing folds once at compile time:
 
@@ -22,15 +24,15 @@ convolution's input means the real activation value 0, i.e. the byte 128 under t
 unsigned inputs): a padded tap then contributes ``128 * W`` exactly as a real 0 would, and
 ``bias_eff`` removes it with all the others.
 
-Packed weight layout (``pack_dense``, ``pack_conv``): ``Wp[N/16, K/4, 16, 4]`` int8 with
-``Wp[nb, kb, i, j] = W[4*kb + j, 16*nb + i]`` (zero beyond N and K), so one ``vpdpbusd`` reads 64
-contiguous bytes.  For a convolution the reduction index is ``k = (kh*KW + kw)*Cp + c`` with ``Cp``
-= C rounded up to a multiple of 4 (zero weights in the extra channels; equal to ``(kh*KW + kw)*C +
+Packed weight layout (``pack_dense``, ``pack_conv``): ``Wp[N/L, Kp/kp, L, kp]`` int8 with
+``Wp[nb, kb, i, j] = W[kp*kb + j, L*nb + i]`` (zero beyond N and K; Kp = K rounded up to a multiple
+of 4 for both ISAs), so one ``vpdpbusd`` reads 64 contiguous bytes (one ``vpmaddwd`` 16).  For a
+convolution the reduction index is ``k = (kh*KW + kw)*Cp + c`` with ``Cp`` = C rounded up to a multiple of 4 (zero weights in the extra channels; equal to ``(kh*KW + kw)*C +
 c`` whenever C % 4 == 0), so that every group of 4 reduction steps is 4 adjacent NHWC channels.
 
 Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameters):
-  * dense / conv: an ``mr x (16 nr)`` int32 register tile, reduction loops outside it, the
-    ``16 x 4`` VNNI intrinsic innermost; the (m-tile, n-tile) pairs are fused and run in parallel;
+  * dense / conv: an ``mr x (L nr)`` int32 register tile, reduction loops outside it, the
+    ``L x kp`` intrinsic innermost; the (m-tile, n-tile) pairs are fused and run in parallel;
     bias + requantization + clip run vectorized on each finished tile (cache-hot).  Conv is an
     implicit GEMM over an offset/zero-padded copy of the input (rows = output pixels ``n, oh, ow``),
     read in place when no copy is needed (uint8, no padding, C % 4 == 0).  Rows past the end of a
@@ -61,8 +63,40 @@ from ._x86_intrin import register as _register_intrin
 
 ACT_DTYPES = ("int8", "uint8")
 OUT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
-_VREG = 32  # zmm registers
 MAX_K = (2**31 - 1) // (255 * 128)  # the offset accumulator sum_k (A+128)*W stays in int32
+
+
+# ---- instruction set ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Isa:
+    """The x86 vector ISA a kernel is generated for.
+
+    name     key of ``_x86_intrin.INTRIN`` (and the LLVM feature that decides it)
+    backend  the tuning workloads' backend name (records of the two ISAs never mix)
+    lanes    int32 accumulator lanes of one intrinsic call = output columns per block (L)
+    kpack    reduction steps of one intrinsic call (kp)
+    vregs    vector registers (the register tile must fit)
+    vbytes   bytes per vector register (vectorized copies)
+    """
+
+    name: str
+    backend: str
+    lanes: int
+    kpack: int
+    vregs: int
+    vbytes: int
+
+    def intrin(self) -> str:
+        return _register_intrin(self.name)
+
+    def fits(self, mr: int, nr: int) -> bool:
+        """mr x nr accumulators + nr weight vectors + one activation broadcast fit in the registers."""
+        return mr * nr + nr + 1 <= self.vregs
+
+
+VNNI = Isa("avx512vnni", "cpu_vnni", lanes=16, kpack=4, vregs=32, vbytes=64)
+AVX2 = Isa("avx2", "cpu_avx2", lanes=8, kpack=2, vregs=16, vbytes=32)
+ISAS = {i.backend: i for i in (VNNI, AVX2)}
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -71,7 +105,8 @@ class VnniConfig:
     """Tunable parameters of the VNNI GEMM schedule.
 
     mr       rows of the register tile (1..16)
-    nr       16-column blocks of the register tile (1..8); must divide ceil(N/16)
+    nr       column blocks (of the ISA's L = 16 / 8 lanes) of the register tile (1..8); must divide
+             ceil(N/L); the tile must fit the ISA's registers (``Isa.fits``, checked by the kernels)
     kc       reduction block in elements (a multiple of 4; 0 = the whole reduction; ignored unless it
              divides the reduction).  For a conv it blocks the channel loop of each tap.
     n_outer  loop order of the parallel tile loop: n-tiles outside m-tiles (keeps a weight panel
@@ -89,8 +124,8 @@ class VnniConfig:
             raise ValueError(f"VnniConfig: mr must be in 1..16, got {self.mr}")
         if not 1 <= self.nr <= 8:
             raise ValueError(f"VnniConfig: nr must be in 1..8, got {self.nr}")
-        if self.mr * self.nr + self.nr + 1 > _VREG:
-            raise ValueError(f"VnniConfig: {self.mr}x{self.nr} accumulators + operands exceed {_VREG} zmm registers")
+        if not VNNI.fits(self.mr, self.nr):
+            raise ValueError(f"VnniConfig: {self.mr}x{self.nr} accumulators + operands exceed {VNNI.vregs} registers")
         if self.kc < 0 or self.kc % 4:
             raise ValueError(f"VnniConfig: kc must be 0 or a positive multiple of 4, got {self.kc}")
 
@@ -99,47 +134,58 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_config(M: int, N: int, K: int, batch: int = 1) -> VnniConfig:
+def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> VnniConfig:
     """Pick the register tile with a small cost model (no measurement at compile time).
 
-    Cycles of one 4-deep reduction step of an ``mr x nr`` tile: ``max(mr*nr, mr + nr) / 2`` (two
-    vpdpbusd or two operand loads per cycle) + 0.5.  Per tile add the epilogue (~2 cycles per 16
-    outputs) and a fixed 40; a tile of 1024 bytes or more (mr*nr >= 16) is not a stack buffer for
-    TVM (LowerTVMBuiltin's kMaxStackAlloca) but one TVMBackendAllocWorkspace call per tile, charged
-    300 cycles (fitted: 3x4 and 7x2 tiles beat 6x4 by 3-8% at K >= 512 and by 20-30% at K = 64).
-    Rows padded up to a multiple of mr and whole tiles split over 2 cores are counted (``batch``
-    independent GEMMs share the parallel tile loop).
+    VNNI: cycles of one 4-deep reduction step of an ``mr x nr`` tile: ``max(mr*nr, mr + nr) / 2``
+    (two vpdpbusd or two operand loads per cycle) + 0.5.  AVX2: one 2-deep step costs ``mr*nr``
+    (a vpmaddwd and a vpaddd per accumulator) + ``(mr + nr) / 2`` (broadcasts, widening loads) +
+    0.5.  Per tile add the epilogue (~2 cycles per L outputs) and a fixed 40; a tile of 1024 bytes
+    or more is not a stack buffer for TVM (LowerTVMBuiltin's kMaxStackAlloca) but one
+    TVMBackendAllocWorkspace call per tile, charged 300 cycles (fitted on VNNI: 3x4 and 7x2 tiles
+    beat 6x4 by 3-8% at K >= 512 and by 20-30% at K = 64).  Rows padded up to a multiple of mr and
+    whole tiles split over 2 cores are counted (``batch`` independent GEMMs share the parallel tile
+    loop).
     """
-    nb = _ceil(N, 16)
-    steps = _ceil(K, 4)
-    # tiles measured good: at most 16 accumulators, mr <= 8, nr <= 4 (2x8 and 14x2 ran 20-50% slower);
-    # a wider nr only when ceil(N/16) has no divisor in 2..4 (e.g. N = 80, 112)
+    L = isa.lanes
+    nb = _ceil(N, L)
+    steps = _ceil(K, isa.kpack)
+    # VNNI tiles measured good: at most 16 accumulators, mr <= 8, nr <= 4 (2x8 and 14x2 ran 20-50%
+    # slower); a wider nr only when ceil(N/16) has no divisor in 2..4 (e.g. N = 80, 112)
     nrs = [d for d in (4, 3, 2, 1) if nb % d == 0]
     if nrs == [1] and nb <= 8:
         nrs = [nb, 1]
     best = None
     for nr in nrs:
         for mr in range(1, min(8, 16 // nr) + 1):
-            step = max(mr * nr, mr + nr) / 2 + 0.5
-            per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr >= 16 else 0)
+            if not isa.fits(mr, nr):
+                continue
+            if isa is VNNI:
+                step = max(mr * nr, mr + nr) / 2 + 0.5
+            else:
+                step = mr * nr + (mr + nr) / 2 + 0.5
+            per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr * L * 4 >= 1024 else 0)
             tiles = batch * _ceil(M, mr) * (nb // nr)
             cost = per_tile * _ceil(tiles, 2)
             key = (round(cost), -nr)
             if best is None or key < best[0]:
                 best = (key, mr, nr)
+    if best is None:  # a block count whose only divisors > 1 do not fit: one column block
+        return VnniConfig(mr=min(8, isa.vregs - 2), nr=1, kc=0, n_outer=True)
     _, mr, nr = best
     # n-tiles outside measured equal or better on every shape tried (1024^3, LLM and conv shapes)
     return VnniConfig(mr=mr, nr=nr, kc=0, n_outer=True)
 
 
 # ---- weight packing (compile time, NumPy) -----------------------------------------------------
-def _pack_kn(wk: np.ndarray) -> np.ndarray:
-    """int8 [K, N] -> [ceil(N/16), ceil(K/4), 16, 4] with zero padding."""
+def _pack_kn(wk: np.ndarray, isa: Isa = VNNI) -> np.ndarray:
+    """int8 [K, N] -> [ceil(N/L), Kp/kp, L, kp] with zero padding (Kp = K rounded up to 4)."""
     K, N = wk.shape
-    Kp, Np = _ceil(K, 4) * 4, _ceil(N, 16) * 16
+    L, kp = isa.lanes, isa.kpack
+    Kp, Np = _ceil(K, 4) * 4, _ceil(N, L) * L
     w = np.zeros((Kp, Np), np.int8)
     w[:K, :N] = wk
-    return np.ascontiguousarray(w.reshape(Kp // 4, 4, Np // 16, 16).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(w.reshape(Kp // kp, kp, Np // L, L).transpose(2, 0, 3, 1))
 
 
 def _bias_eff(wk: np.ndarray, bias, a_signed: bool) -> np.ndarray:
@@ -156,10 +202,11 @@ def _check_weight(w: np.ndarray, ndim: int, what: str) -> None:
         raise ValueError(f"{what}: weights must be int8 with {ndim} dims, got {w.dtype} {w.shape}")
 
 
-def pack_dense(w: np.ndarray, bias: np.ndarray | None, a_signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """w int8 [K, N] (ONNX MatMul B) -> (Wp int8 [ceil(N/16), ceil(K/4), 16, 4], bias_eff int32 [N])."""
+def pack_dense(w: np.ndarray, bias: np.ndarray | None, a_signed: bool,
+               isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
+    """w int8 [K, N] (ONNX MatMul B) -> (Wp int8 [ceil(N/L), Kp/kp, L, kp], bias_eff int32 [N])."""
     _check_weight(w, 2, "pack_dense")
-    return _pack_kn(w), _bias_eff(w, bias, a_signed)
+    return _pack_kn(w, isa), _bias_eff(w, bias, a_signed)
 
 
 def _conv_kn(w: np.ndarray) -> np.ndarray:
@@ -171,11 +218,12 @@ def _conv_kn(w: np.ndarray) -> np.ndarray:
     return t.reshape(KH * KW * Cp, OC)
 
 
-def pack_conv(w: np.ndarray, bias: np.ndarray | None, a_signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """w int8 [OC, C, KH, KW] (ONNX) -> (Wp [ceil(OC/16), KH*KW*Cp/4, 16, 4], bias_eff int32 [OC])."""
+def pack_conv(w: np.ndarray, bias: np.ndarray | None, a_signed: bool,
+              isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
+    """w int8 [OC, C, KH, KW] (ONNX) -> (Wp [ceil(OC/L), KH*KW*Cp/kp, L, kp], bias_eff int32 [OC])."""
     _check_weight(w, 4, "pack_conv")
     wk = _conv_kn(w)
-    return _pack_kn(wk), _bias_eff(wk, bias, a_signed)
+    return _pack_kn(wk, isa), _bias_eff(wk, bias, a_signed)
 
 
 # ---- shared pieces ----------------------------------------------------------------------------
@@ -233,14 +281,22 @@ def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
 
 
 # ---- VNNI GEMM schedule (dense and implicit-GEMM conv) -------------------------------------------
+def _check_tile(cfg: VnniConfig, isa: Isa, nb: int, what: str) -> None:
+    if nb % cfg.nr:
+        raise ValueError(f"{what}: nr={cfg.nr} does not divide ceil(N/{isa.lanes})={nb}")
+    if not isa.fits(cfg.mr, cfg.nr):
+        raise ValueError(f"{what}: a {cfg.mr}x{cfg.nr} tile does not fit the {isa.vregs} {isa.name} registers")
+
+
 def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int | None,
-                   n_batch: int = 0) -> None:
+                   n_batch: int = 0, isa: Isa = VNNI) -> None:
     """Schedule blocks "prep" (unless ``prep_vec_dims`` is None), "gemm" (*batch, m, n, *reduction),
     "out" (*batch, m, n); ``n_batch`` leading batch loops join the parallel tile loop.
 
     Order matters in TVM 0.27: parallel/vectorize/unroll before decompose_reduction, tensorize last.
     """
-    intrin = _register_intrin()
+    intrin = isa.intrin()
+    L, kp = isa.lanes, isa.kpack
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
     bl = list(loops[:n_batch])
@@ -248,14 +304,14 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     m, n, red = loops[0], loops[1], list(loops[2:])
     assert len(red) == n_red
     m0, m1 = sch.split(m, [None, cfg.mr])
-    n0, n1, n2 = sch.split(n, [None, cfg.nr, 16])
+    n0, n1, n2 = sch.split(n, [None, cfg.nr, L])
     last = red.pop()
     ext = int(sch.get(last).extent)
     if cfg.kc and cfg.kc < ext and ext % cfg.kc == 0:
-        k0, k1, k2 = sch.split(last, [None, cfg.kc // 4, 4])
+        k0, k1, k2 = sch.split(last, [None, cfg.kc // kp, kp])
         red_loops = [k0, *red, k1]
     else:
-        k1, k2 = sch.split(last, [None, 4])
+        k1, k2 = sch.split(last, [None, kp])
         red_loops = [*red, k1]
     outer = [*bl, *([n0, m0] if cfg.n_outer else [m0, n0])]
     sch.reorder(*outer, *red_loops, m1, n1, n2, k2)
@@ -267,25 +323,25 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     sch.unroll(n1)
     # epilogue: column blocks outside rows, so mult/shift/rounding vectors stay in registers
     inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), (col,) when mr == 1, () for 1 x 1
-    if len(inner) == 2 and int(sch.get(inner[-1]).extent) % 16 == 0:
-        oc0, oc1 = sch.split(inner[-1], [None, 16])
+    if len(inner) == 2 and int(sch.get(inner[-1]).extent) % L == 0:
+        oc0, oc1 = sch.split(inner[-1], [None, L])
         sch.reorder(oc0, inner[0], oc1)
         sch.vectorize(oc1)
     elif inner:
-        _vectorize_inner(sch, inner[-1], 16)
+        _vectorize_inner(sch, inner[-1], L)
     if prep_vec_dims is not None:
         pl = sch.get_loops(sch.get_sblock("prep"))
         par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
         sch.parallel(par)
         vec = sch.fuse(*pl[len(pl) - prep_vec_dims:]) if prep_vec_dims > 1 else pl[-1]
-        _vectorize_inner(sch, vec, 64)
+        _vectorize_inner(sch, vec, isa.vbytes)
     init = sch.decompose_reduction(gemm, red_loops[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(n2, intrin)
 
 
-def _wp_placeholder(N: int, Kp: int):
-    return te.placeholder((_ceil(N, 16), Kp // 4, 16, 4), "int8", name="Wp")
+def _wp_placeholder(N: int, Kp: int, isa: Isa):
+    return te.placeholder((_ceil(N, isa.lanes), Kp // isa.kpack, isa.lanes, isa.kpack), "int8", name="Wp")
 
 
 def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx):
@@ -302,18 +358,18 @@ def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx):
 
 
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
-          config: VnniConfig | None = None) -> tirx.PrimFunc:
+          config: VnniConfig | None = None, isa: Isa = VNNI) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out)."""
     _check_io(a_dtype, out_dtype, lo, hi)
     _check_k(K, "dense")
-    cfg = config or default_config(M, N, K)
-    nb = _ceil(N, 16)
-    if nb % cfg.nr:
-        raise ValueError(f"dense: nr={cfg.nr} does not divide ceil(N/16)={nb}")
+    cfg = config or default_config(M, N, K, isa=isa)
+    L, kp = isa.lanes, isa.kpack
+    nb = _ceil(N, L)
+    _check_tile(cfg, isa, nb, "dense")
     signed = a_dtype == "int8"
-    Kp, Np, Mp = _ceil(K, 4) * 4, nb * 16, _ceil(M, cfg.mr) * cfg.mr
+    Kp, Np, Mp = _ceil(K, 4) * 4, nb * L, _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((M, K), a_dtype, name="A")
-    Wp = _wp_placeholder(N, Kp)
+    Wp = _wp_placeholder(N, Kp, isa)
     bias = te.placeholder((N,), "int32", name="bias")
     mult = te.placeholder((N,), "int64", name="mult")
     shift = te.placeholder((N,), "int64", name="shift")
@@ -326,16 +382,17 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
     row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
     k = te.reduce_axis((0, Kp), name="k")
     C = te.compute((Mp, Np), lambda i, j: te.sum(
-        Ap[row(i), k].astype("int32") * Wp[j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k), name="gemm")
+        Ap[row(i), k].astype("int32") * Wp[j // L, k // kp, j % L, k % kp].astype("int32"), axis=k), name="gemm")
     out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j))
     sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, out]))
-    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None)
+    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, isa=isa)
     return _finish(sch)
 
 
 def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
-                a_dtype: str, out_dtype: str, lo: int, hi: int, config: VnniConfig | None = None) -> tirx.PrimFunc:
-    """Out[N,OH,OW,OC] = requant(conv(X[N,H,W,C], W) + bias) as an implicit GEMM on VNNI.
+                a_dtype: str, out_dtype: str, lo: int, hi: int, config: VnniConfig | None = None,
+                isa: Isa = VNNI) -> tirx.PrimFunc:
+    """Out[N,OH,OW,OC] = requant(conv(X[N,H,W,C], W) + bias) as an implicit GEMM on ``isa``.
 
     args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r).
     """
@@ -345,14 +402,14 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     Kp = KH * KW * Cp
     _check_k(Kp, "conv2d_nhwc")
     M = N * OH * OW
-    cfg = config or default_config(M, OC, Kp)
-    nb = _ceil(OC, 16)
-    if nb % cfg.nr:
-        raise ValueError(f"conv2d_nhwc: nr={cfg.nr} does not divide ceil(OC/16)={nb}")
+    cfg = config or default_config(M, OC, Kp, isa=isa)
+    L, kp = isa.lanes, isa.kpack
+    nb = _ceil(OC, L)
+    _check_tile(cfg, isa, nb, "conv2d_nhwc")
     signed = a_dtype == "int8"
     Mp = _ceil(M, cfg.mr) * cfg.mr
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
-    Wp = _wp_placeholder(OC, Kp)
+    Wp = _wp_placeholder(OC, Kp, isa)
     bias = te.placeholder((OC,), "int32", name="bias")
     mult = te.placeholder((OC,), "int64", name="mult")
     shift = te.placeholder((OC,), "int64", name="shift")
@@ -377,28 +434,28 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
         r = tirx.min(i, M - 1) if Mp != M else i
         n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
         a = Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32")
-        b = Wp[j // 16, (kh * KW + kw) * (Cp // 4) + c // 4, j % 16, c % 4].astype("int32")
+        b = Wp[j // L, (kh * KW + kw) * (Cp // kp) + c // kp, j % L, c % kp].astype("int32")
         return te.sum(a * b, axis=[kh, kw, c])
 
-    Cacc = te.compute((Mp, nb * 16), gemm, name="gemm")
+    Cacc = te.compute((Mp, nb * L), gemm, name="gemm")
     out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
                     lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j))
     sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, out]))
     _prepare_conv_epilogue(sch, OH, OW)
-    _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=None if in_place else 2)
+    _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=None if in_place else 2, isa=isa)
     return _finish(sch)
 
 
 def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str = "int8",
                  out_dtype: str = "int8", lo: int = -128, hi: int = 127, config: VnniConfig | None = None,
-                 b_trans: bool = False) -> tirx.PrimFunc:
+                 b_trans: bool = False, isa: Isa = VNNI) -> tirx.PrimFunc:
     """Out[b] = requant(A[b] @ B[b]) for two activations (attention Q.K^T, P.V); scalar mult / shift.
 
     args (A a_dtype [batch, M, K], B int8 [batch, K, N] (``b_trans``: [batch, N, K]), mult int64 [1],
     shift int64 [1], Out out_dtype [batch, M, N]); no bias.  Both operands change every call, so
     the kernel does what ``pack_dense`` does at compile time, as cheap TE stages:
 
-      "bpack"   Bp[b, N/16, K/4, 16, 4] = B in the VNNI layout (zero beyond N and K);
+      "bpack"   Bp[b, N/L, Kp/kp, L, kp] = B in the packed layout (zero beyond N and K);
       "colsum"  (int8 A only) cs[b, n] = sum_k 128 * B[b, k, n] (a one-row GEMM on vpdpbusd, from
                 the packed B); the "gemm" accumulators start at -cs, which takes the +128 offset
                 back: acc = -cs + sum_k (A+128) * B, in int32 modulo 2^32, exact because acc and the
@@ -413,10 +470,10 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
     _check_k(K, "batch_matmul")
     if min(batch, M, N, K) < 1:
         raise ValueError(f"batch_matmul: empty problem {batch}x{M}x{N}x{K}")
-    cfg = config or default_config(M, N, K, batch)
-    nb = _ceil(N, 16)
-    if nb % cfg.nr:
-        raise ValueError(f"batch_matmul: nr={cfg.nr} does not divide ceil(N/16)={nb}")
+    cfg = config or default_config(M, N, K, batch, isa=isa)
+    L, kp = isa.lanes, isa.kpack
+    nb = _ceil(N, L)
+    _check_tile(cfg, isa, nb, "batch_matmul")
     signed = a_dtype == "int8"
     Kp, Mp = _ceil(K, 4) * 4, _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((batch, M, K), a_dtype, name="A")
@@ -428,16 +485,16 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
         return B[b, n, k] if b_trans else B[b, k, n]
 
     def pack(b, nbi, kb, i, j):
-        n, k = nbi * 16 + i, kb * 4 + j
+        n, k = nbi * L + i, kb * kp + j
         return tirx.if_then_else(tirx.all(n < N, k < K), b_at(b, tirx.min(k, K - 1), tirx.min(n, N - 1)),
                                  tirx.const(0, "int8"))
 
-    Bp = te.compute((batch, nb, Kp // 4, 16, 4), pack, name="bpack")
+    Bp = te.compute((batch, nb, Kp // kp, L, kp), pack, name="bpack")
     if signed:  # 128 * column sums of B, as a one-row GEMM with A = 128 (zero in padded columns)
         c128 = te.compute((Kp,), lambda k: tirx.const(128, "uint8"), name="c128")
         kc = te.reduce_axis((0, Kp), name="kc")
-        cs = te.compute((batch, nb * 16), lambda b, j: te.sum(
-            c128[kc].astype("int32") * Bp[b, j // 16, kc // 4, j % 16, kc % 4].astype("int32"), axis=kc),
+        cs = te.compute((batch, nb * L), lambda b, j: te.sum(
+            c128[kc].astype("int32") * Bp[b, j // L, kc // kp, j % L, kc % kp].astype("int32"), axis=kc),
             name="colsum")
     has_prep = signed or Kp != K
     if has_prep:
@@ -447,8 +504,8 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
         Ap = A
     row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
     k = te.reduce_axis((0, Kp), name="k")
-    C = te.compute((batch, Mp, nb * 16), lambda b, i, j: te.sum(
-        Ap[b, row(i), k].astype("int32") * Bp[b, j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k,
+    C = te.compute((batch, Mp, nb * L), lambda b, i, j: te.sum(
+        Ap[b, row(i), k].astype("int32") * Bp[b, j // L, k // kp, j % L, k % kp].astype("int32"), axis=k,
         init=cs[b, j] if signed else None), name="gemm")
     # (create_prim_func drops that init but keeps "colsum" in the function; _with_init sets -cs)
     # mult through int32 (|mult| < 2^31, the contract): a 32 x 32 -> 64-bit multiply (vpmuldq)
@@ -461,13 +518,13 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
     sch = Schedule(func)
     _schedule_bpack(sch)
     if signed:
-        _schedule_colsum(sch)
-    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1)
+        _schedule_colsum(sch, isa)
+    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1, isa=isa)
     return _finish(sch)
 
 
 def _schedule_bpack(sch: Schedule) -> None:
-    """Pack B per (batch, 16-column block) in parallel, each 16 x 4 group (64 bytes) unrolled.
+    """Pack B per (batch, L-column block) in parallel, each L x kp group unrolled.
 
     Unrolled byte moves measured faster than vectorizing the group (a byte gather / scatter that
     TVM scalarizes): MiniLM Q.K^T 12x128x128x32 97 -> 71 us, P.V 12x128x32x128 45 -> 37 us.
@@ -478,18 +535,18 @@ def _schedule_bpack(sch: Schedule) -> None:
     sch.unroll(j)
 
 
-def _schedule_colsum(sch: Schedule) -> None:
-    """Column sums as a one-row GEMM on vpdpbusd (``1 x 16`` steps), parallel over the batch."""
+def _schedule_colsum(sch: Schedule, isa: Isa) -> None:
+    """Column sums as a one-row GEMM on the ISA's intrinsic (``1 x L`` steps), parallel over the batch."""
     blk = sch.get_sblock("colsum")
     b, j, kc = sch.get_loops(blk)
-    j0, j1 = sch.split(j, [None, 16])
-    k0, k1 = sch.split(kc, [None, 4])
+    j0, j1 = sch.split(j, [None, isa.lanes])
+    k0, k1 = sch.split(kc, [None, isa.kpack])
     sch.reorder(j0, k0, j1, k1)
     sch.parallel(b)
     init = sch.decompose_reduction(blk, k0)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(j1, _register_intrin())
-    _vectorize_inner(sch, sch.get_loops(sch.get_sblock("c128"))[0], 64)
+    sch.tensorize(j1, isa.intrin())
+    _vectorize_inner(sch, sch.get_loops(sch.get_sblock("c128"))[0], isa.vbytes)
 
 
 def _with_init(func: tirx.PrimFunc, block: str, src: str) -> tirx.PrimFunc:

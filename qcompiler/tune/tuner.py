@@ -235,18 +235,16 @@ def extract_tasks(models: list[str], spec, calib=None, batch: int = 1, precision
         rep.stage(f"{m}: {len(merged)} distinct tunable kernel(s) so far")
     if not merged:
         raise ModelError("no tunable conv/dense kernels in " + ", ".join(models) +
-                         " (only VNNI / tensor-core GEMM kernels have a config space)")
+                         " (only the VNNI / AVX2 / tensor-core GEMM kernels have a config space)")
     return list(merged.values())
 
 
 def check_target(spec) -> None:
     if spec.kind == "cpu":
-        from qcompiler.kernels.cpu_vnni import host_has_vnni
+        from qcompiler.targets import host_cpu, host_has_avx2, host_has_vnni
 
-        from qcompiler.targets import host_cpu
-
-        if not host_has_vnni():
-            raise TargetError("tuning the CPU kernels needs a CPU with AVX-512 VNNI (this host has none)")
+        if not (host_has_vnni() or host_has_avx2()):
+            raise TargetError("tuning the CPU kernels needs a CPU with AVX-512 VNNI or AVX2 (this host has neither)")
         if spec.arch != host_cpu():
             raise TargetError(f"tuning measures on this machine ({host_cpu()}): leave --arch out, or tune "
                               f"on a {spec.arch} machine")

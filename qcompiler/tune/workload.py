@@ -1,7 +1,8 @@
 """Tuning tasks: the workload of one conv/dense kernel, its config space, and its PrimFunc.
 
 A workload is everything the kernel generator is called with except the config: backend
-(``cpu_vnni`` / ``cuda_mma``), kind (``dense``, ``conv2d``, ``w4a8``), shape, conv geometry, the
+(``cpu_vnni`` / ``cpu_avx2`` / ``cuda_mma``; the two CPU backends are the ISAs of
+``qcompiler.kernels.cpu_vnni``, one VnniConfig space each), kind (``dense``, ``conv2d``, ``w4a8``), shape, conv geometry, the
 activation and output dtypes, the clip range, and the target (``cpu:<mcpu>`` / ``cuda:sm_XX``).
 Its ``key`` is a readable canonical string; the same key is computed by the tuner (from the
 integer graph, :func:`tasks_from_graph`) and by the lowering adapters at compile time
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BACKENDS = ("cpu_vnni", "cuda_mma")
+BACKENDS = ("cpu_vnni", "cpu_avx2", "cuda_mma")
+CPU_BACKENDS = ("cpu_vnni", "cpu_avx2")
 
 
 @dataclass(frozen=True)
 class Workload:
-    backend: str                 # cpu_vnni | cuda_mma
+    backend: str                 # cpu_vnni | cpu_avx2 | cuda_mma
     kind: str                    # dense | conv2d | w4a8
     shape: tuple                 # dense/w4a8: (M, N, K); conv2d: (N, H, W, C, OC, KH, KW)
     a_dtype: str
@@ -76,8 +78,15 @@ class Workload:
         return self.target.split(":", 1)[1]
 
     # ---- config space -------------------------------------------------------------------------
+    @property
+    def isa(self):
+        """The CPU ISA (``cpu_vnni.Isa``) of a CPU backend."""
+        from qcompiler.kernels.cpu_vnni import ISAS
+
+        return ISAS[self.backend]
+
     def config_class(self):
-        if self.backend == "cpu_vnni":
+        if self.backend in CPU_BACKENDS:
             from qcompiler.kernels.cpu_vnni import VnniConfig
 
             return VnniConfig
@@ -91,10 +100,10 @@ class Workload:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def default_config(self):
-        if self.backend == "cpu_vnni":
+        if self.backend in CPU_BACKENDS:
             from qcompiler.kernels import cpu_vnni as V
 
-            return V.default_config(*self._gemm_mnk())
+            return V.default_config(*self._gemm_mnk(), isa=self.isa)
         from qcompiler.kernels import cuda_mma as K
 
         M, N, Kd = self._gemm_mnk()
@@ -105,7 +114,7 @@ class Workload:
         if self.kind == "conv2d":
             N, H, W, C, OC, KH, KW = self.shape
             oh, ow = _conv_out(H, W, KH, KW, self.strides, self.pads, self.dilations)
-            if self.backend == "cpu_vnni":
+            if self.backend in CPU_BACKENDS:
                 return N * oh * ow, OC, KH * KW * (-(-C // 4) * 4)
             return N * oh * ow, OC, KH * KW * C
         return tuple(self.shape)
@@ -114,7 +123,7 @@ class Workload:
         """Every config the dataclass accepts for this workload (the generator may still reject some)."""
         cls = self.config_class()
         out, seen = [], set()
-        for kw in (_cpu_points(self) if self.backend == "cpu_vnni" else _cuda_points(self)):
+        for kw in (_cpu_points(self) if self.backend in CPU_BACKENDS else _cuda_points(self)):
             try:
                 c = cls(**kw)
             except ValueError:
@@ -127,15 +136,15 @@ class Workload:
 
     def make_func(self, config=None):
         """The scheduled PrimFunc (args as the adapters pass them); raises ValueError / KernelUnsupported."""
-        if self.backend == "cpu_vnni":
+        if self.backend in CPU_BACKENDS:
             from qcompiler.kernels import cpu_vnni as V
 
             if self.kind == "dense":
                 M, N, K = self.shape
-                return V.dense(M, N, K, self.a_dtype, self.out_dtype, self.lo, self.hi, config)
+                return V.dense(M, N, K, self.a_dtype, self.out_dtype, self.lo, self.hi, config, isa=self.isa)
             N, H, W, C, OC, KH, KW = self.shape
             return V.conv2d_nhwc(N, H, W, C, OC, KH, KW, self.strides, self.pads, self.dilations, self.a_dtype,
-                                 self.out_dtype, self.lo, self.hi, config)
+                                 self.out_dtype, self.lo, self.hi, config, isa=self.isa)
         from qcompiler.kernels import cuda_mma as K
 
         if self.kind == "conv2d":
@@ -161,7 +170,7 @@ def normalize_config(w: Workload, config):
     """Map a config to its canonical twin (configs that generate the same kernel measure once).
 
     VNNI: ``kc`` that does not divide the innermost reduction, or is not below it, acts as 0."""
-    if w.backend != "cpu_vnni" or not config.kc:
+    if w.backend not in CPU_BACKENDS or not config.kc:
         return config
     ext = _cpu_red_ext(w)
     if config.kc < ext and ext % config.kc == 0:
@@ -191,11 +200,14 @@ def _cpu_red_ext(w: Workload) -> int:
 
 def _cpu_points(w: Workload):
     M, N, _ = w._gemm_mnk()
-    nb = -(-N // 16)
+    isa = w.isa
+    nb = -(-N // isa.lanes)
     ext = _cpu_red_ext(w)
     kcs = [0] + [k for k in range(16, ext, 4) if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
     for nr in (d for d in range(1, 9) if nb % d == 0):
         for mr in range(1, min(16, M) + 1):
+            if not isa.fits(mr, nr):
+                continue
             for kc in kcs:
                 for n_outer in (True, False):
                     yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer)
@@ -239,14 +251,15 @@ def _cpu_target(target) -> str:
     return f"cpu:{target.attrs.get('mcpu', '') if hasattr(target, 'attrs') else target}"
 
 
-def cpu_conv(target, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi) -> Workload:
-    return Workload("cpu_vnni", "conv2d", tuple(int(v) for v in (N, H, W, C, OC, KH, KW)), a_dtype, out_dtype,
+def cpu_conv(target, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
+             backend: str = "cpu_vnni") -> Workload:
+    return Workload(backend, "conv2d", tuple(int(v) for v in (N, H, W, C, OC, KH, KW)), a_dtype, out_dtype,
                     int(lo), int(hi), _cpu_target(target), tuple(map(int, strides)), tuple(map(int, pads)),
                     tuple(map(int, dilations)))
 
 
-def cpu_dense(target, M, N, K, a_dtype, out_dtype, lo, hi) -> Workload:
-    return Workload("cpu_vnni", "dense", (int(M), int(N), int(K)), a_dtype, out_dtype, int(lo), int(hi),
+def cpu_dense(target, M, N, K, a_dtype, out_dtype, lo, hi, backend: str = "cpu_vnni") -> Workload:
+    return Workload(backend, "dense", (int(M), int(N), int(K)), a_dtype, out_dtype, int(lo), int(hi),
                     _cpu_target(target))
 
 
@@ -273,6 +286,13 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
     from qcompiler.kernels import cpu_vnni as V
 
     target = spec.arch  # cpu: the LLVM mcpu, as the adapter reads it from the target
+    isa = None
+    if spec.kind == "cpu":
+        from qcompiler.lowering.gemm_cpu import target_isa
+
+        isa = target_isa(spec.tvm_target())
+        if isa is None:  # neither VNNI nor AVX2: every layer takes the generic schedule
+            return []
     found: dict[str, Task] = {}
     for n in ig.nodes:
         if n.op not in ("conv", "dense"):
@@ -290,7 +310,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             geo = (a["strides"], a["pads"], a["dilations"])
             if spec.kind == "cpu":
                 if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
-                    wl = cpu_conv(target, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
+                    wl = cpu_conv(target, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi, backend=isa.backend)
             else:
                 wl = cuda_conv(spec.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
         else:
@@ -298,7 +318,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             M, K = int(np.prod(shp[:-1])), int(shp[-1])
             if spec.kind == "cpu":
                 if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
-                    wl = cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi)
+                    wl = cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi, backend=isa.backend)
             else:
                 four = int(a.get("weight_bits", 8) or 8) == 4
                 wl = cuda_dense(spec.arch, M, int(w.shape[1]), K, x_dtype, od, lo, hi, four)

@@ -1,5 +1,8 @@
 """CPU INT8 kernels (qcompiler.kernels.cpu_vnni) against a NumPy reference, element for element.
 
+The GEMM kernels (dense, conv, batch_matmul) run once per ISA (``isa`` fixture: AVX-512 VNNI, AVX2),
+each where the host has it; the direct depthwise / grouped kernels need neither.
+
 Reference: accumulators in int64 (the products of a GEMM summed by a float64 matmul, exact here:
 every partial sum is an integer below 2^53), then the contract's requantization in int64:
     out = clip((acc * mult + (1 << (shift - 1))) >> shift, lo, hi).
@@ -16,11 +19,19 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
+from qcompiler.targets import host_has_avx2  # noqa: E402
 
 needs_vnni = pytest.mark.skipif(not cv.host_has_vnni(), reason="CPU without AVX-512 VNNI: kernels cannot run here")
+needs_avx2 = pytest.mark.skipif(not host_has_avx2(), reason="CPU without AVX2: kernels cannot run here")
 
 RANGES = {"int8": [(-128, 127)], "uint8": [(0, 255), (0, 127)], "int16": [(-32768, 32767), (0, 32767)],
           "int32": [(-(2**31), 2**31 - 1)]}
+
+
+@pytest.fixture(params=[pytest.param(cv.VNNI, marks=needs_vnni, id="vnni"),
+                        pytest.param(cv.AVX2, marks=needs_avx2, id="avx2")])
+def isa(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +98,25 @@ def run(target, func, args, out_shape, out_dtype):
     return out.numpy(), lib
 
 
-def check_dense(target, rng, M, N, K, a_dtype, out_dtype, lo, hi, config=None):
+def check_dense(target, rng, M, N, K, a_dtype, out_dtype, lo, hi, config=None, isa=cv.VNNI):
     a = rand_act(rng, (M, K), a_dtype)
     w = rng.integers(-128, 128, (K, N)).astype(np.int8)
     bias, mult, shift = rand_requant(rng, N)
-    wp, be = cv.pack_dense(w, bias, a_signed=a_dtype == "int8")
-    func = cv.dense(M, N, K, a_dtype, out_dtype, lo, hi, config)
+    wp, be = cv.pack_dense(w, bias, a_signed=a_dtype == "int8", isa=isa)
+    func = cv.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=isa)
     got, lib = run(target, func, [a, wp, be, mult, shift], (M, N), out_dtype)
     want = requant_ref(dense_acc_ref(a, w, bias), mult, shift, lo, hi, out_dtype)
     np.testing.assert_array_equal(got, want, err_msg=f"dense {M}x{N}x{K} {a_dtype}->{out_dtype} {config}")
     return lib
 
 
-def check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config=None):
+def check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config=None,
+               isa=cv.VNNI):
     x = rand_act(rng, (N, H, W, C), a_dtype)
     w = rng.integers(-128, 128, (OC, C, KH, KW)).astype(np.int8)
     bias, mult, shift = rand_requant(rng, OC)
-    wp, be = cv.pack_conv(w, bias, a_signed=a_dtype == "int8")
-    func = cv.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config)
+    wp, be = cv.pack_conv(w, bias, a_signed=a_dtype == "int8", isa=isa)
+    func = cv.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dil, a_dtype, out_dtype, lo, hi, config, isa=isa)
     want = requant_ref(conv_acc_ref(x, w, strides, pads, dil) + bias, mult, shift, lo, hi, out_dtype)
     got, lib = run(target, func, [x, wp, be, mult, shift], want.shape, out_dtype)
     np.testing.assert_array_equal(got, want, err_msg=f"conv {x.shape} {w.shape} s{strides} p{pads} d{dil}")
@@ -136,6 +148,17 @@ def test_pack_dense_layout_and_offset_bias():
     assert (be_none == 0).all()
 
 
+def test_pack_dense_avx2_layout():
+    rng = np.random.default_rng(3)
+    K, N = 13, 37
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    wp, _ = cv.pack_dense(w, None, a_signed=True, isa=cv.AVX2)
+    assert wp.shape == (5, 8, 8, 2)  # N -> 5 blocks of 8, K -> 16 (a multiple of 4) in pairs
+    for nb, kb, i, j in np.ndindex(*wp.shape):
+        k, n = 2 * kb + j, 8 * nb + i
+        assert wp[nb, kb, i, j] == (w[k, n] if k < K and n < N else 0)
+
+
 def test_pack_conv_reduction_order():
     rng = np.random.default_rng(2)
     OC, C, KH, KW = 20, 6, 3, 2
@@ -162,6 +185,11 @@ def test_config_validation_and_default():
         cv.dense(8, 48, 8, "int8", "int8", -128, 127, cv.VnniConfig(mr=2, nr=2))  # 2 does not divide 3
     with pytest.raises(ValueError):
         cv.dense(8, 16, 8, "int8", "int8", 0, 300, None)  # clip range outside int8
+    for M, N, K in [(1, 4096, 4096), (1024, 1024, 1024), (3136, 64, 576), (49, 2048, 512), (5, 80, 3), (7, 56, 9)]:
+        cfg = cv.default_config(M, N, K, isa=cv.AVX2)
+        assert (-(-N // 8)) % cfg.nr == 0 and cv.AVX2.fits(cfg.mr, cfg.nr)
+    with pytest.raises(ValueError, match="does not fit"):
+        cv.dense(8, 64, 8, "int8", "int8", -128, 127, cv.VnniConfig(mr=3, nr=4), isa=cv.AVX2)  # 17 > 16 ymm
 
 
 def test_function_attributes():
@@ -171,33 +199,37 @@ def test_function_attributes():
 
 
 # ---- dense ----------------------------------------------------------------------------------------
-@needs_vnni
 @pytest.mark.parametrize("seed", range(16))
-def test_dense_random_shapes(target, seed):
+def test_dense_random_shapes(target, isa, seed):
     rng = np.random.default_rng(100 + seed)
     M, N, K = (int(v) for v in (rng.integers(1, 70), rng.integers(1, 100), rng.integers(1, 300)))
-    check_dense(target, rng, M, N, K, *random_io(rng))
+    check_dense(target, rng, M, N, K, *random_io(rng), isa=isa)
 
 
-@needs_vnni
 @pytest.mark.parametrize("a_dtype,out_dtype,lo,hi", [
     ("int8", "int8", -128, 127), ("int8", "uint8", 0, 127), ("uint8", "uint8", 0, 255),
     ("uint8", "int32", -(2**31), 2**31 - 1), ("int8", "int16", -32768, 32767)])
-def test_dense_dtypes_ragged(target, a_dtype, out_dtype, lo, hi):
-    check_dense(target, np.random.default_rng(7), 45, 83, 101, a_dtype, out_dtype, lo, hi)
+def test_dense_dtypes_ragged(target, isa, a_dtype, out_dtype, lo, hi):
+    check_dense(target, np.random.default_rng(7), 45, 83, 101, a_dtype, out_dtype, lo, hi, isa=isa)
 
 
-@needs_vnni
 @pytest.mark.parametrize("config", [cv.VnniConfig(1, 1), cv.VnniConfig(6, 4, kc=64, n_outer=False),
-                                    cv.VnniConfig(7, 2, n_outer=True), cv.VnniConfig(16, 1), cv.VnniConfig(3, 4, kc=32)])
-def test_dense_configs(target, config):
-    check_dense(target, np.random.default_rng(8), 50, 64, 256, "int8", "int8", -128, 127, config)
+                                    cv.VnniConfig(7, 2, n_outer=True), cv.VnniConfig(16, 1), cv.VnniConfig(3, 4, kc=32),
+                                    cv.VnniConfig(2, 4, kc=64, n_outer=False), cv.VnniConfig(6, 2), cv.VnniConfig(14, 1)])
+def test_dense_configs(target, isa, config):
+    if not isa.fits(config.mr, config.nr):  # the kernel refuses a tile beyond the ISA's registers
+        with pytest.raises(ValueError, match="does not fit"):
+            cv.dense(50, 64, 256, "int8", "int8", -128, 127, config, isa=isa)
+        return
+    check_dense(target, np.random.default_rng(8), 50, 64, 256, "int8", "int8", -128, 127, config, isa=isa)
 
 
-@needs_vnni
-def test_dense_large_and_asm(target):
-    lib = check_dense(target, np.random.default_rng(9), 256, 512, 1024, "int8", "int8", -128, 127)
-    assert "vpdpbusd" in lib.inspect_source("asm")
+@pytest.mark.parametrize("isa_", [cv.VNNI, cv.AVX2], ids=["vnni", "avx2"])
+def test_dense_large_and_asm(target, isa_):
+    if not (cv.host_has_vnni() if isa_ is cv.VNNI else host_has_avx2()):
+        pytest.skip(f"CPU without {isa_.name}")
+    lib = check_dense(target, np.random.default_rng(9), 256, 512, 1024, "int8", "int8", -128, 127, isa=isa_)
+    assert ("vpdpbusd" if isa_ is cv.VNNI else "vpmaddwd") in lib.inspect_source("asm")
 
 
 def test_asm_has_vpdpbusd_without_running():
@@ -206,8 +238,13 @@ def test_asm_has_vpdpbusd_without_running():
     assert "vpdpbusd" in asm and "zmm" in asm
 
 
-@needs_vnni
-def test_dense_saturation_and_zero_mult(target):
+def test_asm_avx2_has_vpmaddwd_without_running():
+    f = cv.dense(16, 32, 64, "int8", "uint8", 0, 255, isa=cv.AVX2)
+    asm = build(f, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).inspect_source("asm")
+    assert "vpmaddwd" in asm and "ymm" in asm and "zmm" not in asm and "vpdpbusd" not in asm
+
+
+def test_dense_saturation_and_zero_mult(target, isa):
     """Accumulators near the int32 limits, tiny shifts (saturating clip), zero multipliers."""
     M, N, K = 9, 33, 40
     a = np.full((M, K), -128, np.int8)
@@ -218,8 +255,8 @@ def test_dense_saturation_and_zero_mult(target):
     mult = np.where(np.arange(N) % 4 == 0, 0, (2**31 - 1) * np.where(np.arange(N) % 2 == 0, 1, -1)).astype(np.int64)
     shift = np.full(N, 1, np.int64)
     shift[::5] = 62
-    wp, be = cv.pack_dense(w, bias, a_signed=True)
-    func = cv.dense(M, N, K, "int8", "int8", -128, 127)
+    wp, be = cv.pack_dense(w, bias, a_signed=True, isa=isa)
+    func = cv.dense(M, N, K, "int8", "int8", -128, 127, isa=isa)
     got, _ = run(target, func, [a, wp, be, mult, shift], (M, N), "int8")
     np.testing.assert_array_equal(got, requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8"))
 
@@ -236,18 +273,16 @@ CONV_CASES = [
 ]
 
 
-@needs_vnni
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
-def test_conv2d(target, case, a_dtype):
+def test_conv2d(target, isa, case, a_dtype):
     rng = np.random.default_rng(zlib.crc32(repr((case, a_dtype)).encode()))
     _, out_dtype, lo, hi = random_io(rng)
-    check_conv(target, rng, *case, a_dtype, out_dtype, lo, hi)
+    check_conv(target, rng, *case, a_dtype, out_dtype, lo, hi, isa=isa)
 
 
-@needs_vnni
 @pytest.mark.parametrize("seed", range(10))
-def test_conv2d_random_shapes(target, seed):
+def test_conv2d_random_shapes(target, isa, seed):
     rng = np.random.default_rng(200 + seed)
     while True:
         N, H, W = int(rng.integers(1, 3)), int(rng.integers(1, 13)), int(rng.integers(1, 13))
@@ -257,11 +292,10 @@ def test_conv2d_random_shapes(target, seed):
         pads = tuple(int(v) for v in rng.integers(0, 3, 4))
         if H + pads[0] + pads[2] > dil[0] * (KH - 1) and W + pads[1] + pads[3] > dil[1] * (KW - 1):
             break
-    check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, *random_io(rng))
+    check_conv(target, rng, N, H, W, C, OC, KH, KW, strides, pads, dil, *random_io(rng), isa=isa)
 
 
-@needs_vnni
-def test_conv2d_signed_padding_is_real_zero(target):
+def test_conv2d_signed_padding_is_real_zero(target, isa):
     """All-negative int8 input: a padded tap must contribute as a real 0, not as the byte 128 (= -0)."""
     rng = np.random.default_rng(11)
     N, H, W, C, OC = 1, 5, 6, 8, 16
@@ -269,17 +303,17 @@ def test_conv2d_signed_padding_is_real_zero(target):
     w = rng.integers(-128, 128, (OC, C, 3, 3)).astype(np.int8)
     bias = np.zeros(OC, np.int32)
     mult, shift = np.full(OC, 2, np.int64), np.ones(OC, np.int64)  # identity: out = acc
-    wp, be = cv.pack_conv(w, bias, a_signed=True)
-    func = cv.conv2d_nhwc(N, H, W, C, OC, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int32", -(2**31), 2**31 - 1)
+    wp, be = cv.pack_conv(w, bias, a_signed=True, isa=isa)
+    func = cv.conv2d_nhwc(N, H, W, C, OC, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int32", -(2**31), 2**31 - 1,
+                          isa=isa)
     got, _ = run(target, func, [x, wp, be, mult, shift], (N, H, W, OC), "int32")
     np.testing.assert_array_equal(got, conv_acc_ref(x, w, (1, 1), (1, 1, 1, 1), (1, 1)))
 
 
-@needs_vnni
 @pytest.mark.parametrize("config", [cv.VnniConfig(1, 2), cv.VnniConfig(5, 1, kc=8)])
-def test_conv2d_configs(target, config):
+def test_conv2d_configs(target, isa, config):
     check_conv(target, np.random.default_rng(12), 1, 7, 9, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1),
-               "int8", "uint8", 0, 255, config)
+               "int8", "uint8", 0, 255, config, isa=isa)
 
 
 DW_CASES = [
@@ -290,7 +324,7 @@ DW_CASES = [
 ]
 
 
-@needs_vnni
+@needs_avx2
 @pytest.mark.parametrize("case", DW_CASES)
 @pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
 def test_depthwise(target, case, a_dtype):
@@ -316,7 +350,7 @@ GROUPED_CASES = [
 ]
 
 
-@needs_vnni
+@needs_avx2
 @pytest.mark.parametrize("case", GROUPED_CASES)
 @pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
 def test_grouped(target, case, a_dtype):
@@ -333,13 +367,13 @@ def test_grouped(target, case, a_dtype):
 
 
 # ---- batched matmul of two activations (attention Q.K^T, P.V) ----------------------------------------------
-def check_bmm(target, rng, batch, M, N, K, a_dtype, out_dtype, lo, hi, b_trans=False, config=None):
+def check_bmm(target, rng, batch, M, N, K, a_dtype, out_dtype, lo, hi, b_trans=False, config=None, isa=cv.VNNI):
     a = rand_act(rng, (batch, M, K), a_dtype)
     b = rng.integers(-128, 128, (batch, K, N)).astype(np.int8)
     b[0, :, 0] = -128                                  # extreme column sums
     mult = np.array([int(rng.integers(-(2**31) + 1, 2**31))], np.int64)
     shift = np.array([int(rng.integers(14, 30))], np.int64)
-    func = cv.batch_matmul(batch, M, N, K, a_dtype, "int8", out_dtype, lo, hi, config, b_trans=b_trans)
+    func = cv.batch_matmul(batch, M, N, K, a_dtype, "int8", out_dtype, lo, hi, config, b_trans=b_trans, isa=isa)
     bin_ = np.ascontiguousarray(b.transpose(0, 2, 1)) if b_trans else b
     got, lib = run(target, func, [a, bin_, mult, shift], (batch, M, N), out_dtype)
     acc = np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
@@ -348,36 +382,33 @@ def check_bmm(target, rng, batch, M, N, K, a_dtype, out_dtype, lo, hi, b_trans=F
     return lib
 
 
-@needs_vnni
 @pytest.mark.parametrize("shape", [(3, 17, 35, 29), (2, 33, 40, 64), (2, 5, 16, 7), (1, 1, 1, 1), (4, 128, 32, 128),
                                    (12, 20, 20, 32)])
 @pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
 @pytest.mark.parametrize("b_trans", [False, True])
-def test_batch_matmul(target, shape, a_dtype, b_trans):
+def test_batch_matmul(target, isa, shape, a_dtype, b_trans):
     rng = np.random.default_rng(zlib.crc32(repr((shape, a_dtype, b_trans)).encode()))
     _, out_dtype, lo, hi = random_io(rng)
-    check_bmm(target, rng, *shape, a_dtype, out_dtype, lo, hi, b_trans)
+    check_bmm(target, rng, *shape, a_dtype, out_dtype, lo, hi, b_trans, isa=isa)
 
 
-@needs_vnni
 @pytest.mark.parametrize("seed", range(4))
-def test_batch_matmul_random_shapes(target, seed):
+def test_batch_matmul_random_shapes(target, isa, seed):
     rng = np.random.default_rng(500 + seed)
     batch, M, N, K = (int(rng.integers(1, hi)) for hi in (5, 40, 70, 90))
     a_dtype = ["int8", "uint8"][seed % 2]
     check_bmm(target, rng, batch, M, N, K, a_dtype, "int8", -128, 127, b_trans=bool(seed // 2),
-              config=cv.VnniConfig(int(rng.integers(1, 6)), 1))
+              config=cv.VnniConfig(int(rng.integers(1, 6)), 1), isa=isa)
 
 
-@needs_vnni
-def test_batch_matmul_saturating_offset_sums(target):
+def test_batch_matmul_saturating_offset_sums(target, isa):
     """int8 A = -128 everywhere and B = -128: the offset sum is 0 and the column sums are extreme."""
     batch, M, N, K = 2, 5, 18, 300
     a = np.full((batch, M, K), -128, np.int8)
     b = np.full((batch, K, N), -128, np.int8)
     b[1] = 127
     mult, shift = np.array([1], np.int64), np.array([8], np.int64)
-    func = cv.batch_matmul(batch, M, N, K, "int8", "int8", "int32", -(2**31), 2**31 - 1)
+    func = cv.batch_matmul(batch, M, N, K, "int8", "int8", "int32", -(2**31), 2**31 - 1, isa=isa)
     got, _ = run(target, func, [a, b, mult, shift], (batch, M, N), "int32")
     acc = np.matmul(a.astype(np.int64), b.astype(np.int64))
     np.testing.assert_array_equal(got, requant_ref(acc, mult, shift, -(2**31), 2**31 - 1, "int32"))
