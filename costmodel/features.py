@@ -26,6 +26,9 @@ CPU_ARCH = {  # VNNI: 64 int8 MAC per vpdpbusd, 1 per cycle per core on these pa
     "rocketlake": (4.25, 64, 20.0), "icelake-server": (3.2, 128, 12.0), "icelake-client": (3.9, 64, 20.0),
     "cascadelake": (3.0, 128, 12.0), "sapphirerapids": (3.0, 128, 10.0), "tigerlake": (4.2, 64, 20.0),
     "znver4": (3.7, 64, 15.0), "alderlake": (4.5, 32, 20.0),
+    # AVX2 (no VNNI): 16 MAC per vpmaddwd ymm; 1 per cycle on Zen 2, 2 on Zen 3 and Intel since Skylake
+    "znver2": (3.0, 16, 15.0), "znver3": (3.5, 32, 15.0), "haswell": (3.0, 16, 15.0), "broadwell": (3.0, 16, 15.0),
+    "skylake": (3.5, 32, 15.0),
 }
 CUDA_ARCH = {  # clock GHz, SMs, dense int8 TOPS, GB/s (the usual part of each arch)
     "sm_75": (1.59, 40, 130.0, 320.0), "sm_80": (1.41, 108, 624.0, 2039.0), "sm_86": (1.70, 84, 284.0, 936.0),
@@ -79,7 +82,7 @@ def gemm_mnk(workload: dict) -> tuple[int, int, int]:
         (sh, sw), (pt, pl, pb, pr), (dh, dw) = workload["strides"], workload["pads"], workload["dilations"]
         oh = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
         ow = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
-        kc = -(-C // 4) * 4 if workload["backend"] == "cpu_vnni" else C
+        kc = -(-C // 4) * 4 if workload["backend"] in _CPU_ISA else C
         return N * oh * ow, OC, KH * KW * kc
     return shp[0], shp[1], shp[2]
 
@@ -96,24 +99,31 @@ def roofline_gemm(workload: dict, target: dict) -> tuple[float, float, float]:
     return max(comp, mem) + t["launch_s"], comp, mem
 
 
-def _vnni_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int) -> tuple[float, float, float]:
-    """(total, per tile, per 4-deep step) cycles of the VNNI kernel's register tile: the model
-    ``cpu_vnni.default_config`` picks tiles with (step = max(mr*nr, mr+nr)/2 + 0.5; per tile
-    steps*step + 2*mr*nr + 40, +300 for a workspace tile of >= 16 accumulators; whole tiles split
-    over the cores)."""
-    nb = -(-N // 16)
-    steps = -(-K // 4)
-    step = max(mr * nr, mr + nr) / 2 + 0.5
-    per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr >= 16 else 0)
+# the x86 GEMM backends: (lanes L, depth kp, vector registers) of one intrinsic call
+_CPU_ISA = {"cpu_vnni": (16, 4, 32), "cpu_avx2": (8, 2, 16)}
+
+
+def _vnni_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int,
+                 backend: str = "cpu_vnni") -> tuple[float, float, float]:
+    """(total, per tile, per kp-deep step) cycles of the x86 kernel's register tile: the model
+    ``cpu_vnni.default_config`` picks tiles with (VNNI step = max(mr*nr, mr+nr)/2 + 0.5; AVX2 step
+    = mr*nr + (mr+nr)/2 + 0.5; per tile steps*step + 2*mr*nr + 40, +300 for a workspace tile of
+    >= 1 KiB of accumulators; whole tiles split over the cores)."""
+    L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
+    nb = -(-N // L)
+    steps = -(-K // kp)
+    step = max(mr * nr, mr + nr) / 2 + 0.5 if kp == 4 else mr * nr + (mr + nr) / 2 + 0.5
+    per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr * L * 4 >= 1024 else 0)
     tiles = -(-M // mr) * max(1, nb // nr)
     return per_tile * math.ceil(tiles / max(1, units)), per_tile, step
 
 
 @functools.lru_cache(maxsize=4096)
-def _vnni_best(M: int, N: int, K: int, units: int) -> float:
-    nb = -(-N // 16)
-    return min(_vnni_cycles(M, N, K, a, b, units)[0] for b in range(1, 9) if nb % b == 0
-               for a in range(1, min(16, M) + 1) if a * b + b + 1 <= 32)
+def _vnni_best(M: int, N: int, K: int, units: int, backend: str = "cpu_vnni") -> float:
+    L, _, vregs = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
+    nb = -(-N // L)
+    return min(_vnni_cycles(M, N, K, a, b, units, backend)[0] for b in range(1, 9) if nb % b == 0
+               for a in range(1, min(16, M) + 1) if a * b + b + 1 <= vregs)
 
 
 def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
@@ -127,11 +137,13 @@ def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     t = target_info(target)
     units = t["units"]
     mr, nr, kc = int(config["mr"]), int(config["nr"]), int(config.get("kc") or 0)
-    nb = -(-N // 16)
-    total, per_tile, step = _vnni_cycles(M, N, K, mr, nr, units)
-    best = _vnni_best(M, N, K, units)
+    backend = workload.get("backend", "cpu_vnni")
+    L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
+    nb = -(-N // L)
+    total, per_tile, step = _vnni_cycles(M, N, K, mr, nr, units, backend)
+    best = _vnni_best(M, N, K, units, backend)
     mt, ntl = -(-M // mr), max(1, nb // nr)
-    a_b, w_b = M * K, nb * 16 * K
+    a_b, w_b = M * K, nb * L * K
     if config.get("n_outer", True):
         a_tr, w_tr = a_b * ntl, w_b
     else:
@@ -140,13 +152,13 @@ def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     if workload["kind"] == "conv2d":
         shp = [int(v) for v in workload["shape"]]
         taps = shp[5] * shp[6]
-    kblock = (kc * taps if kc else K) * nr * 16
+    kblock = (kc * taps if kc else K) * nr * L
     tiles = mt * ntl
     waves = math.ceil(tiles / units)
     return [math.log(total), math.log(total / best), step, (mr + nr) / (mr * nr), mr * nr + nr + 1,
-            math.log(a_tr), math.log(w_tr), math.log(a_tr + w_tr), K * nr * 16 / 1024, mr * K / 1024,
+            math.log(a_tr), math.log(w_tr), math.log(a_tr + w_tr), K * nr * L / 1024, mr * K / 1024,
             kblock / 1024, math.log(per_tile), tiles / units, (waves * units - tiles) / (waves * units),
-            (nb * 16 - N) / N]
+            (nb * L - N) / N]
 
 
 def cfg_features(workload: dict | None, config: dict | None, target: dict) -> list[float]:
@@ -171,10 +183,11 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
     warps = (c.get("warps_m", 1) * c.get("warps_n", 1) * c.get("warps_k", 1)) if "bm" in c else nan
     stages = c.get("stages", nan)
     if "mr" in c:
-        nb = -(-N // 16)
+        L = _CPU_ISA.get(workload.get("backend"), _CPU_ISA["cpu_vnni"])[0]
+        nb = -(-N // L)
         tiles = -(-M // mr) * max(1, nb // nr)
         acc = mr * nr
-        workspace = float(acc >= 16)
+        workspace = float(acc * L * 4 >= 1024)
         m_waste = (-(-M // mr) * mr - M) / M
         k_steps = -(-K // 4)
         red = -(-C // 4) * 4 if conv else -(-K // 4) * 4
@@ -216,9 +229,10 @@ _OPS = {
     "shift": re.compile(r"<<|>>"), "cast": re.compile(r"T\.Cast\("), "minmax": re.compile(r"T\.(?:max|min)\("),
     "select": re.compile(r"T\.(?:if_then_else|Select)\(|\bif\b"), "div": re.compile(r"//|%|T\.(?:floordiv|floormod|truncdiv)\("),
     "cmp": re.compile(r"<=|>=|==|!=|(?<![<])<(?![<=])|(?<![>])>(?![>=])"),
-    "vnni": re.compile(r"vpdpbusd|vpdpwssd|dp4a|mma"), "intrin": re.compile(r"call_llvm_pure_intrin|call_extern|call_pure_extern"),
+    "vnni": re.compile(r"vpdpbusd|vpdpwssd|dp4a|mma|pmadd\.wd"), "intrin": re.compile(r"call_llvm_pure_intrin|call_extern|call_pure_extern"),
     "load": re.compile(r"\b[A-Za-z_]\w*\["),
 }
+_PMADD = re.compile(r"pmadd\.wd")
 TIR_NAMES = (["x_n_loops", "x_n_parallel", "x_n_vector", "x_n_unroll", "x_n_serial", "x_depth", "x_par_extent",
               "x_log_par_extent", "x_par_per_unit", "x_par_imbalance", "x_vec_max", "x_vec_mean", "x_unroll_prod",
               "x_n_blocks", "x_n_stores", "x_log_iters", "x_log_scalar_iters", "x_log_vec_iters"]
@@ -333,7 +347,10 @@ def analyze_text(text: str) -> dict:
             n = len(rx.findall(rhs))
             if k == "add":  # unary minus of literals and index arithmetic inside [] are not ALU work
                 n = len(rx.findall(re.sub(r"\[[^\]]*\]", "", rhs)))
-            # an intrinsic call is one instruction whatever its lanes; ALU ops count per lane
+            # an intrinsic call is one instruction whatever its lanes; ALU ops count per lane; a
+            # MAC intrinsic counts in vpdpbusd units (64 MACs): vpmaddwd ymm does 16
+            if k == "vnni" and n:
+                n -= 0.75 * len(_PMADD.findall(rhs))
             dyn[k] += n * it * (1 if k in ("vnni", "intrin") else lanes)
         wbytes += it * _dtype_bytes(buf_dtype.get(sm.group(1), "int32")) * lanes
         for name in re.findall(r"\b([A-Za-z_]\w*)\[", rhs):
@@ -361,7 +378,7 @@ def tir_features(a: dict, target: dict) -> list[float]:
     par = a["par_extent"]
     ops = sum(v for k, v in a["dyn"].items() if k not in ("load", "intrin"))
     vnni = a["dyn"]["vnni"]
-    ops_eff = ops + vnni * 128  # one vpdpbusd = 64 MAC = 128 ops
+    ops_eff = ops + vnni * 128  # one vpdpbusd = 64 MAC = 128 ops (vpmaddwd: counted as 1/4 of one)
     byt = a["wbytes"] + a["rbytes"]
     compute = ops_eff / (t["peak_gops"] * 1e9 / 4)  # non-VNNI ALU work runs at ~1/4 of the VNNI peak rate
     mem = (a["pbytes"] + a["sbytes"]) / (t["bw_gbs"] * 1e9)

@@ -2,7 +2,8 @@
 
 Input x (scale S) along ``axis``:
   d  = (x - max(x)) << u                 u >= 0 refines the grid: S' = S / 2^u, so that
-                                         q_ln2 = floor(ln2 / S') >= 2^10
+                                         q_ln2 = floor(ln2 / S') >= 2^10 (u < 0: a grid too fine
+                                         for the int32 bound is coarsened, d = (x - max) >> -u)
 i-exp (I-BERT, Kim et al. 2021), exp(t) for t = d*S' <= 0, t = -z*ln2 + p, p in (-ln2, 0]:
   z  = floor(-d / q_ln2),  p = d + z*q_ln2
   L  = (p + q_b)^2 + q_c                 q_b = floor(b/S'), q_c = floor(c/(a*S'^2)),
@@ -33,16 +34,24 @@ R_SHIFT = 60
 SHIFT_N = 15
 
 
-def softmax_constants(scale: float, variant: str) -> dict:
-    u = max(0, math.ceil(math.log2(2**10 * scale / math.log(2))))
-    s = scale / 2**u
+def _exp_constants(s: float, variant: str) -> tuple[dict, int]:
     if variant == "iexp":
         c = {"q_ln2": math.floor(math.log(2) / s), "q_b": math.floor(B / s), "q_c": math.floor(C / (A * s * s))}
-        emax = (c["q_b"]) ** 2 + c["q_c"]
+        return c, c["q_b"] ** 2 + c["q_c"]
+    c = {"q_1": math.floor(1.0 / s)}
+    return c, c["q_1"] << SHIFT_N
+
+
+def softmax_constants(scale: float, variant: str) -> dict:
+    """u = max(0, ceil(log2(2^10 S / ln2))); when the input grid is so fine that the exp bound
+    breaks int32 there (a near-constant calibrated input, e.g. random data), the grid is coarsened
+    instead: u < 0, d = (x - max) >> -u (floor), which puts q_ln2 in [2^10, 2^11)."""
+    u_fit = math.ceil(math.log2(2**10 * scale / math.log(2)))
+    for u in dict.fromkeys((max(0, u_fit), u_fit)):
+        c, emax = _exp_constants(scale / 2.0**u, variant)
+        if emax < 2**30:
+            break
     else:
-        c = {"q_1": math.floor(1.0 / s)}
-        emax = c["q_1"] << SHIFT_N
-    if emax >= 2**30:
         raise QuantizationError(f"integer softmax: exp bound {emax} >= 2^30 for input scale {scale:g}")
     c.update({"u": u, "variant": variant, "R": R_SHIFT, "N": SHIFT_N})
     return c

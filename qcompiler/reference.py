@@ -215,7 +215,8 @@ def softmax(x, a):
     """Integer softmax (passes/quantize_softmax.py gives the math), step for step in int64."""
     ax = a["axis"]
     xi = x.astype(np.int64)
-    d = (xi - xi.max(axis=ax, keepdims=True)) << a["u"]
+    diff = xi - xi.max(axis=ax, keepdims=True)
+    d = diff << a["u"] if a["u"] >= 0 else diff >> -a["u"]
     if a["variant"] == "iexp":
         z = (-d) // a["q_ln2"]
         p = d + z * a["q_ln2"]

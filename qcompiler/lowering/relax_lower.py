@@ -292,7 +292,9 @@ class Lowering(NonlinearOps):
         i64 = lambda v: const(v, "int64")  # noqa: E731
         xi = self.cast(x.expr, "int64")
         mx = self.emit(relax.op.max(xi, axis=[ax], keepdims=True))
-        d = self.emit(relax.op.left_shift(self.emit(relax.op.subtract(xi, mx)), i64(a["u"])))
+        diff = self.emit(relax.op.subtract(xi, mx))
+        d = self.emit(relax.op.left_shift(diff, i64(a["u"])) if a["u"] >= 0 else
+                      relax.op.right_shift(diff, i64(-a["u"])))  # arithmetic: floor
         neg = self.emit(relax.op.negative(d))
         if a["variant"] == "iexp":
             z = self.emit(relax.op.floor_divide(neg, i64(a["q_ln2"])))
