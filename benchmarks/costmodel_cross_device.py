@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from costmodel import FEATURE_SCHEMA  # noqa: E402
 from costmodel import data as D  # noqa: E402
 from costmodel import evaluate as E  # noqa: E402
+from costmodel import features as F  # noqa: E402
 from costmodel import train as T  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def main():
     sa, Xa, ya = load(args.a)
     log(f"featurizing {args.b}")
     sb, Xb, yb = load(args.b)
-    cols = __import__("costmodel.features", fromlist=["columns"]).columns(T.STRUCTURAL)
+    cols = F.columns(T.STRUCTURAL)
     qa = np.asarray([s["query"] for s in sa])
     qb = np.asarray([s["query"] for s in sb])
     folds = E.group_folds([s["group"] for s in sb], args.folds)

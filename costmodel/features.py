@@ -232,7 +232,7 @@ _OPS = {
     "vnni": re.compile(r"vpdpbusd|vpdpwssd|dp4a|mma|pmadd\.wd"), "intrin": re.compile(r"call_llvm_pure_intrin|call_extern|call_pure_extern"),
     "load": re.compile(r"\b[A-Za-z_]\w*\["),
 }
-_PMADD = re.compile(r"pmadd\.wd")
+_MAC_UNITS = {"pmadd.wd": 0.25}  # "vnni" counts MAC intrinsics in vpdpbusd units (64 MACs): vpmaddwd ymm does 16
 TIR_NAMES = (["x_n_loops", "x_n_parallel", "x_n_vector", "x_n_unroll", "x_n_serial", "x_depth", "x_par_extent",
               "x_log_par_extent", "x_par_per_unit", "x_par_imbalance", "x_vec_max", "x_vec_mean", "x_unroll_prod",
               "x_n_blocks", "x_n_stores", "x_log_iters", "x_log_scalar_iters", "x_log_vec_iters"]
@@ -347,10 +347,9 @@ def analyze_text(text: str) -> dict:
             n = len(rx.findall(rhs))
             if k == "add":  # unary minus of literals and index arithmetic inside [] are not ALU work
                 n = len(rx.findall(re.sub(r"\[[^\]]*\]", "", rhs)))
-            # an intrinsic call is one instruction whatever its lanes; ALU ops count per lane; a
-            # MAC intrinsic counts in vpdpbusd units (64 MACs): vpmaddwd ymm does 16
-            if k == "vnni" and n:
-                n -= 0.75 * len(_PMADD.findall(rhs))
+            elif k == "vnni":
+                n = sum(_MAC_UNITS.get(m, 1.0) for m in rx.findall(rhs))
+            # an intrinsic call is one instruction whatever its lanes; ALU ops count per lane
             dyn[k] += n * it * (1 if k in ("vnni", "intrin") else lanes)
         wbytes += it * _dtype_bytes(buf_dtype.get(sm.group(1), "int32")) * lanes
         for name in re.findall(r"\b([A-Za-z_]\w*)\[", rhs):

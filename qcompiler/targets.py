@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .errors import TargetError
@@ -51,6 +52,7 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+@functools.lru_cache(maxsize=None)
 def _host_flag(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:

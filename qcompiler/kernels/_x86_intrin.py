@@ -28,20 +28,25 @@ from tvm.script import tirx as T
 INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2"}
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_desc(L: int, kp: int):
+    """The semantics both intrinsics implement: ``L`` int32 lanes of ``kp``-deep u8 x s8 dot products."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((kp,), "uint8", offset_factor=1),
+        B: T.Buffer((L, kp), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:kp], B[0:L, 0:kp])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, kp):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -65,22 +70,6 @@ def _dot_16x4_vnni_impl(
 
 
 @T.prim_func(s_tir=True)
-def _dot_8x2_desc(
-    A: T.Buffer((2,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _dot_8x2_avx2_impl(
     A: T.Buffer((2,), "uint8", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -98,12 +87,13 @@ def _dot_8x2_avx2_impl(
         )
 
 
-_DEFS = {"avx512vnni": (_dot_16x4_desc, _dot_16x4_vnni_impl), "avx2": (_dot_8x2_desc, _dot_8x2_avx2_impl)}
+_DEFS = {"avx512vnni": ((16, 4), _dot_16x4_vnni_impl), "avx2": ((8, 2), _dot_8x2_avx2_impl)}
 
 
 def register(isa: str = "avx512vnni") -> str:
     """Register the intrinsic of ``isa`` (a key of :data:`INTRIN`) unless it already is; return its name."""
     name = INTRIN[isa]
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_DEFS[isa])
+        shape, impl = _DEFS[isa]
+        TensorIntrin.register(name, _dot_desc(*shape), impl)
     return name

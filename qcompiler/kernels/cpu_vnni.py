@@ -8,9 +8,10 @@ Every kernel computes the fused function of the kernel contract (``qcompiler/ker
 GEMM core.  ``vpdpbusd`` multiplies *unsigned* bytes by *signed* bytes (4-deep dot products into
 16 int32 lanes), see ``_x86_intrin.py``; on a CPU with AVX2 but no VNNI the same u8 x s8 products
 run as 2-deep dot products into 8 int32 lanes (``vpmovsxbw`` + ``vpmaddwd``, exact).  :class:`Isa`
-holds the difference (lanes ``L``, depth ``kp``, registers); every kernel takes ``isa=``.  Unsigned activations go in as they are.  A signed int8
-activation is offset to ``A + 128`` (``A xor 0x80``), which is in [0, 255], and the offset is
-taken back through the bias, which the packing folds once at compile time:
+holds the difference (lanes ``L``, depth ``kp``, registers); every kernel takes ``isa=``.
+Unsigned activations go in as they are.  A signed int8 activation is offset to ``A + 128``
+(``A xor 0x80``), which is in [0, 255], and the offset is taken back through the bias, which the
+packing folds once at compile time:
 
     sum_k (A[m,k] + 128) * W[k,n] + bias_eff[n] = sum_k A[m,k] * W[k,n] + bias[n]
     with bias_eff[n] = bias[n] - 128 * sum_k W[k,n].
@@ -27,8 +28,9 @@ unsigned inputs): a padded tap then contributes ``128 * W`` exactly as a real 0 
 Packed weight layout (``pack_dense``, ``pack_conv``): ``Wp[N/L, Kp/kp, L, kp]`` int8 with
 ``Wp[nb, kb, i, j] = W[kp*kb + j, L*nb + i]`` (zero beyond N and K; Kp = K rounded up to a multiple
 of 4 for both ISAs), so one ``vpdpbusd`` reads 64 contiguous bytes (one ``vpmaddwd`` 16).  For a
-convolution the reduction index is ``k = (kh*KW + kw)*Cp + c`` with ``Cp`` = C rounded up to a multiple of 4 (zero weights in the extra channels; equal to ``(kh*KW + kw)*C +
-c`` whenever C % 4 == 0), so that every group of 4 reduction steps is 4 adjacent NHWC channels.
+convolution the reduction index is ``k = (kh*KW + kw)*Cp + c`` with ``Cp`` = C rounded up to a
+multiple of 4 (zero weights in the extra channels; equal to ``(kh*KW + kw)*C + c`` whenever
+C % 4 == 0), so that every group of 4 reduction steps is 4 adjacent NHWC channels.
 
 Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameters):
   * dense / conv: an ``mr x (L nr)`` int32 register tile, reduction loops outside it, the
@@ -170,8 +172,6 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
             key = (round(cost), -nr)
             if best is None or key < best[0]:
                 best = (key, mr, nr)
-    if best is None:  # a block count whose only divisors > 1 do not fit: one column block
-        return VnniConfig(mr=min(8, isa.vregs - 2), nr=1, kc=0, n_outer=True)
     _, mr, nr = best
     # n-tiles outside measured equal or better on every shape tried (1024^3, LLM and conv shapes)
     return VnniConfig(mr=mr, nr=nr, kc=0, n_outer=True)

@@ -32,6 +32,7 @@ from tvm import relax
 
 from qcompiler.graph import Node
 from qcompiler.kernels import cpu_vnni as V
+from qcompiler.targets import host_has_avx2, host_has_vnni
 from qcompiler.tune import apply as tuned
 from qcompiler.tune import workload as tw
 
@@ -53,13 +54,11 @@ def _target_has(target, features: list[str], host_flag) -> bool:
 def target_has_vnni(target) -> bool:
     """AVX-512 VNNI in the generated code (rocketlake, cascadelake, znver4: yes; znver2,
     skylake-avx512: no)."""
-    return _target_has(target, ["avx512vnni", "avx512bw"], V.host_has_vnni)
+    return _target_has(target, ["avx512vnni", "avx512bw"], host_has_vnni)
 
 
 def target_isa(target) -> V.Isa | None:
     """The ISA of the GEMM kernels for ``target``: VNNI, else AVX2 (haswell .. znver3), else None."""
-    from qcompiler.targets import host_has_avx2
-
     if target_has_vnni(target):
         return V.VNNI
     return V.AVX2 if _target_has(target, ["avx2"], host_has_avx2) else None
@@ -76,7 +75,7 @@ class CpuGemm(KernelGemm):
         self.isa = target_isa(target)
         if self.isa is not None:
             self.name = self.isa.backend
-        self.tag = self.isa.backend.split("_")[1] if self.isa else ""  # kernel names: dense_vnni / dense_avx2
+        self.tag = self.name.removeprefix("cpu_")  # kernel names: dense_vnni / dense_avx2
 
     @staticmethod
     def _epi(a):
