@@ -41,7 +41,8 @@ anywhere (its pool and both runs), every config scored with the median of all it
 ``synth`` measures random GEMM/conv workloads (TenSet-style training data) into the same log;
 ``remeasure`` times again the configs whose records were all taken while the machine was disturbed.
 
-Writes ``benchmarks/results/costmodel_search_cpu.json``.  The pools are a uniform sample of each
+Writes ``benchmarks/results/costmodel_search_cpu_<device>.json``; ``--log`` picks the device log
+(default: this host's), whose records name the CPU and the GEMM backend (VNNI or AVX2) of its workloads.  The pools are a uniform sample of each
 space (not the full space), so "the best" is the pool's best; every latency is a real measurement.
 """
 
@@ -63,9 +64,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# the device log, its CPU (workload target "cpu:<arch>") and GEMM backend: set by use_log() from
+# --log (default: this host's log); the experiment's workloads are of that backend
 LOG = ROOT / "autotune_logs" / "intel-xeon-processor"
-OUT = ROOT / "benchmarks" / "results" / "costmodel_search_cpu.json"
-TARGET = "cpu:rocketlake"
+TARGET, BACKEND = "cpu:rocketlake", "cpu_vnni"
 S1, P0, P1, D1 = (1, 1), (0, 0, 0, 0), (1, 1, 1, 1), (1, 1)
 U8 = ("uint8", "uint8", 0, 255)
 I8 = ("int8", "int8", -128, 127)
@@ -117,14 +119,14 @@ def synthetic(n: int, seed: int = 1):
             M = rng.choice([1, 2, 4, 8, 16, 24, 32, 50, 64, 96, 128, 197, 256, 384, 512])
             N = rng.choice([16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1000, 1024, 1536, 2048, 3072, 4096])
             K = rng.choice([16, 36, 64, 128, 256, 384, 512, 576, 768, 1024, 1152, 2048, 3072, 4096])
-            return Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
+            return Workload(BACKEND, "dense", (M, N, K), *dt, TARGET)
         k = rng.choice([1, 1, 3, 3, 5])
         s = rng.choice([1, 1, 2])
         H = rng.choice([7, 10, 14, 20, 28, 40, 56])
         C = rng.choice([8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
         OC = rng.choice([16, 24, 32, 48, 64, 96, 128, 192, 256, 512])
         p = k // 2
-        return Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (s, s), (p, p, p, p), D1)
+        return Workload(BACKEND, "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (s, s), (p, p, p, p), D1)
 
     return _draw(n, seed, "synthetic", (2e4, 3e8), make)
 
@@ -140,13 +142,13 @@ def synthetic_small(n: int, seed: int = 3):
             M = rng.choice([1, 1, 1, 2, 4, 8])
             N = rng.choice([2, 4, 10, 16, 32, 48, 64, 96, 128, 256])
             K = rng.choice([16, 32, 64, 96, 128, 256, 320, 576, 1152])
-            return Workload("cpu_vnni", "dense", (M, N, K), *dt, TARGET)
+            return Workload(BACKEND, "dense", (M, N, K), *dt, TARGET)
         k = rng.choice([1, 2, 3, 3])
         H = rng.choice([4, 6, 8, 12, 16, 24])
         C = rng.choice([3, 3, 4, 8, 16, 28, 32])
         OC = rng.choice([8, 16, 28, 32, 48, 64])
         p = rng.choice([0, k // 2])
-        return Workload("cpu_vnni", "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (1, 1), (p, p, p, p), D1)
+        return Workload(BACKEND, "conv2d", (1, H, H, C, OC, k, k), *dt, TARGET, (1, 1), (p, p, p, p), D1)
 
     return _draw(n, seed, "small", (256, 2e5), make)
 
@@ -157,9 +159,43 @@ def workloads():
     out = []
     for name, kind, shape, (a, o, lo, hi), st, pd in HELD_OUT:
         conv = kind == "conv2d"
-        out.append((name, Workload("cpu_vnni", kind, tuple(shape), a, o, lo, hi, TARGET, tuple(st) if conv else (),
+        out.append((name, Workload(BACKEND, kind, tuple(shape), a, o, lo, hi, TARGET, tuple(st) if conv else (),
                                    tuple(pd) if conv else (), D1 if conv else ())))
     return out
+
+
+def use_log(path) -> str:
+    """Point the experiment at the log ``path``: its records' CPU and GEMM backend (this host's when
+    the log is empty or new).  Returns the log's device name."""
+    import collections
+
+    from qcompiler.lowering.gemm_cpu import target_isa
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.device import device_name
+
+    global LOG, TARGET, BACKEND
+    LOG = Path(path)
+    arch = backend = device = None
+    f = LOG / "records.jsonl"
+    if f.is_file():
+        seen = collections.Counter()
+        with open(f) as fh:
+            for line in fh:
+                try:
+                    r = json.loads(line)
+                    seen[(r["target"]["arch"], r["workload"]["backend"], r["target"]["device"])] += 1
+                except (ValueError, KeyError, TypeError):
+                    continue
+        if seen:
+            arch, backend, device = seen.most_common(1)[0][0]
+    if arch is None:
+        spec = parse_target("cpu", None)
+        isa = target_isa(spec.tvm_target())
+        if isa is None:
+            raise SystemExit("this CPU has neither AVX-512 VNNI nor AVX2: no INT8 GEMM kernels to tune")
+        arch, backend, device = spec.arch, isa.backend, device_name(spec)
+    TARGET, BACKEND = f"cpu:{arch}", backend
+    return device
 
 
 def log(msg: str) -> None:
@@ -271,7 +307,7 @@ def _ms_context(w):
     if stub:
         sys.modules["tvm.s_tir.tensor_intrin"] = types.ModuleType("tvm.s_tir.tensor_intrin")
     try:
-        tgt = tvm.target.Target({"kind": "llvm", "mcpu": "rocketlake", "num-cores": 2})
+        tgt = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.split(":", 1)[1], "num-cores": 2})
         return ms.TuneContext(mod=tvm.IRModule({"main": w.make_func(None)}), target=tgt)
     finally:
         if stub:
@@ -501,8 +537,16 @@ def main():
     ap.add_argument("--small", action="store_true", help="synth: small workloads (M=1 heads, first convs)")
     ap.add_argument("--sessions", type=int, default=1,
                     help="remeasure: re-time every config with fewer undisturbed timings than this")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--log", default=None, help="device log (default: this host's, autotune_logs/<device>/)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/costmodel_search_cpu_<device>.json")
     a = ap.parse_args()
+    if a.log is None:
+        from qcompiler.targets import parse_target
+        from qcompiler.tune.device import default_log_dir
+
+        a.log = default_log_dir(parse_target("cpu", None), ROOT / "autotune_logs")
+    use_log(a.log)
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / f"costmodel_search_cpu_{Path(a.log).name}.json")
     if a.mode == "collect":
         collect(a.pool)
         return

@@ -16,7 +16,8 @@ before and after every packed call) and writes, one JSON line each (schema ``qc-
   measurement of the same library), "kernel_sum_ms", "n_kernel_calls", "n_builtin_calls",
   "builtin_sum_ms", "workload_keys"}`` per library (the GEMM workloads it runs, for splits by model).
 
-The file is rewritten (atomically) for the models profiled; lines of other models are kept.
+The file is rewritten (atomically) after each model profiled, so an interrupted run keeps what it
+measured; lines of other models are kept.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def model_source(name: str, folder) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    from qcompiler import artifact, progress
+    from qcompiler import progress
     from qcompiler.driver import CompileOptions, compile_model
     from qcompiler.targets import parse_target
     from qcompiler.tune.device import default_log_dir
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     spec = parse_target("cpu", None)
     out = Path(a.out or os.path.join(default_log_dir(spec), "profiles.jsonl"))
     names = model_names(a.models)
-    keep, tir_lines = [], {}
+    keep, old, tir_lines, done = [], [], {}, set()
     if out.is_file():
         for ln in out.read_text().splitlines():
             try:
@@ -207,9 +208,11 @@ def main(argv=None) -> int:
                 tir_lines[r["tir_sha256"]] = r
             elif r.get("model") not in names:
                 keep.append(r)
+            else:
+                old.append(r)
     bd = Path(a.build_dir or tempfile.mkdtemp(prefix="qc_prof_"))
     bd.mkdir(parents=True, exist_ok=True)
-    new = []
+    new, n = [], 0
     for name in names:
         path, calib = model_source(name, bd)
         lib = bd / f"{name}.so"
@@ -225,13 +228,24 @@ def main(argv=None) -> int:
         m = recs[0]
         print(f"{name}: {m['n_kernel_calls']} kernel calls, kernel sum {m['kernel_sum_ms']:.3f} ms, builtins "
               f"{m['builtin_sum_ms']:.3f} ms, bench {m['bench']['median_ms']:.3f} ms", file=sys.stderr, flush=True)
-    used = {r["tir_sha256"] for r in keep + new if r.get("type") == "kernel"}
-    lines = [json.dumps(r) for r in keep + new] + [json.dumps(t) for s, t in tir_lines.items() if s in used]
+        # rewritten after every model, so an interrupted run keeps the models already profiled
+        # (models not yet reached keep their old lines)
+        n = _write(out, keep + new, tir_lines, [r for r in old if r.get("model") not in done | {name}])
+        done.add(name)
+    print(f"wrote {out} ({n} lines)", file=sys.stderr)
+    return 0
+
+
+def _write(out: Path, recs: list, tir_lines: dict, pending: list) -> int:
+    from qcompiler import artifact
+
+    rows = recs + pending
+    used = {r["tir_sha256"] for r in rows if r.get("type") == "kernel"}
+    lines = [json.dumps(r) for r in rows] + [json.dumps(t) for s, t in tir_lines.items() if s in used]
     out.parent.mkdir(parents=True, exist_ok=True)
     with artifact.atomic_paths(out) as (tmp,):
         Path(tmp).write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} ({len(lines)} lines)", file=sys.stderr)
-    return 0
+    return len(lines)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=None, help="must equal the compiled batch (recompile otherwise)")
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--inputs", default=None, help=".npz of inputs (default: random)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU worker threads (sets TVM_NUM_THREADS; default: the TVM runtime's, which on x86 is "
+                        "half the logical CPUs; tuning records and qc predict are at that default)")
     b.add_argument("--json", action="store_true")
 
     _tune_parsers(sub)
@@ -70,7 +73,7 @@ def _costmodel_parsers(sub) -> None:
     tr.add_argument("-o", "--output", required=True, help="model file (JSON: XGBoost models + feature schema)")
     tr.add_argument("--families", default="structural", choices=["all", "structural", "text"],
                     help="feature families (default structural: the best of the ablation in "
-                         "benchmarks/results/costmodel_cpu.json; all adds the TIR-text n-grams)")
+                         "benchmarks/results/costmodel_cpu_intel-xeon-processor.json; all adds the TIR-text n-grams)")
     tr.add_argument("--json", action="store_true")
     ev = cs.add_parser("eval", help="group k-fold (by workload) metrics of the model's recipe on a log")
     ev.add_argument("logs", help="a log folder or records.jsonl")
@@ -218,6 +221,10 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_bench(a) -> int:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise InputError(f"--threads {a.threads}: give a positive number of CPU threads")
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)  # read when the runtime's thread pool starts
     from .runtime import Library
 
     lib = Library(a.library)
@@ -230,7 +237,8 @@ def cmd_bench(a) -> int:
         print(json.dumps(r, indent=1))
     else:
         print(f"{a.library}: median {r['median_ms']:.3f} ms  (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, "
-              f"{r['repeats']} repeats, batch {r['batch']}, {r['device']})")
+              f"{r['repeats']} repeats, batch {r['batch']}, {r['device']}"
+              + (f", {r['threads']} thread{'s' * (r['threads'] > 1)})" if r.get("threads") else ")"))
     return 0
 
 

@@ -140,4 +140,13 @@ class Library:
         ms = np.asarray(r.results) * 1e3
         return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
                 "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-                "repeats": int(len(ms)), "batch": self.batch, "device": str(self.dev)}
+                "repeats": int(len(ms)), "batch": self.batch, "device": str(self.dev),
+                **({"threads": cpu_threads()} if str(self.dev).startswith("cpu") else {})}
+
+
+def cpu_threads() -> int:
+    """Worker threads of the TVM runtime's CPU thread pool (``TVM_NUM_THREADS``, else its default: on
+    x86 half the logical CPUs, assuming two hyper-threads per core)."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())

@@ -51,6 +51,15 @@ def test_compile_run_inspect_bench(small, capsys):
     assert main(["-q", "bench", str(d / "m.so"), "--json", "--repeats", "5"]) == 0
     b = json.loads(capsys.readouterr().out)
     assert {"median_ms", "p10_ms", "p90_ms", "repeats"} <= set(b) and b["median_ms"] > 0
+    assert b["threads"] >= 1
+
+
+def test_bench_threads(small):
+    """--threads sets the runtime's CPU pool (in a subprocess: TVM_NUM_THREADS is read once per process)."""
+    r = subprocess.run([sys.executable, "-m", "qcompiler.cli", "-q", "bench", str(small / "m.so"), "--threads", "1",
+                        "--repeats", "3", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["threads"] == 1
 
 
 def test_runtime_only_subprocess(small):
@@ -132,6 +141,7 @@ def test_bad_run_inputs(small, tmp_path, capsys):
     _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "shape.npz"), "-o", out], "shape", out=out)
     _bad(capsys, ["run", str(tmp_path / "none.so"), "--inputs", str(tmp_path / "shape.npz"), "-o", out], "no such library")
     _bad(capsys, ["bench", lib, "--batch", "8"], "recompile")
+    _bad(capsys, ["bench", lib, "--threads", "0"], "threads")
 
 
 def test_console_script_error_is_one_line(tmp_path):
