@@ -130,7 +130,7 @@ def retest(tune: list[dict], n_workloads: int, max_configs: int, seed: int = 0) 
     qs = sorted(q for q, v in by_q.items() if len(v) >= 6)
     qs = [qs[i] for i in rng.choice(len(qs), min(n_workloads, len(qs)), replace=False)]
     meas = Measurer(parse_target("cpu", None), repeats=5, min_repeat_ms=10)
-    rows, qid, lab, new = [], [], [], []
+    qid, lab, new = [], [], []
     for q in qs:
         picked = [by_q[q][i] for i in sorted(rng.choice(len(by_q[q]), min(max_configs, len(by_q[q])), replace=False))]
         cands = []
@@ -142,11 +142,10 @@ def retest(tune: list[dict], n_workloads: int, max_configs: int, seed: int = 0) 
         for s, c in zip(picked, cands):
             m = again.get(id(c))
             if m is not None and m.latencies:
-                t = float(np.median(m.latencies))
-                rows.append(abs(t - s["latency_s"]) / s["latency_s"])
-                qid.append(q), lab.append(np.log(s["latency_s"])), new.append(t)
-        log(f"retest {len(set(qid))}/{len(qs)} workloads, {len(rows)} configs")
+                qid.append(q), lab.append(np.log(s["latency_s"])), new.append(float(np.median(m.latencies)))
+        log(f"retest {len(set(qid))}/{len(qs)} workloads, {len(new)} configs")
     new_a, lab_a, qid_a = np.asarray(new), np.asarray(lab), np.asarray(qid)
+    rows = np.abs(new_a - np.exp(lab_a)) / np.exp(lab_a)
     ceiling = E.query_metrics(qid_a, lab_a, -np.log(new_a))
     # the ranking-relevant noise: log ratio second/first timing less its workload's median (a drift
     # of the whole machine between the runs slows every config of a workload alike)
@@ -330,10 +329,10 @@ def whole_models(samples, X, y, mrecs) -> dict:
     full = CostModel(T.train(samples, X, y, DEPLOYED, calibration=cal_all))
     # the kernels the lowering gives now should be the profiled library's: same records, same
     # compile-time picks (QC_COSTMODEL: the cost model the profiled libraries were compiled with)
-    kern, _, _ = D.read_profiles(D.log_paths(ARGS.log)[1])
     profiled = {}
-    for k in kern:
-        profiled.setdefault(k["model"], set()).add(k["tir_sha256"])
+    for s in samples:
+        if s["source"] == "profile":
+            profiled.setdefault(s["models"][0], set()).add(s["query"].removeprefix("tir:"))
     out = {}
     for m in mrecs:
         name = m["model"]

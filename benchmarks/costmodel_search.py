@@ -164,38 +164,27 @@ def workloads():
     return out
 
 
-def use_log(path) -> str:
+def use_log(path) -> None:
     """Point the experiment at the log ``path``: its records' CPU and GEMM backend (this host's when
-    the log is empty or new).  Returns the log's device name."""
+    the log is empty or new)."""
     import collections
 
     from qcompiler.lowering.gemm_cpu import target_isa
     from qcompiler.targets import parse_target
-    from qcompiler.tune.device import device_name
+    from qcompiler.tune import records as R
 
     global LOG, TARGET, BACKEND
     LOG = Path(path)
-    arch = backend = device = None
-    f = LOG / "records.jsonl"
-    if f.is_file():
-        seen = collections.Counter()
-        with open(f) as fh:
-            for line in fh:
-                try:
-                    r = json.loads(line)
-                    seen[(r["target"]["arch"], r["workload"]["backend"], r["target"]["device"])] += 1
-                except (ValueError, KeyError, TypeError):
-                    continue
-        if seen:
-            arch, backend, device = seen.most_common(1)[0][0]
-    if arch is None:
+    seen = collections.Counter((r["target"]["arch"], r["workload"].get("backend")) for r in R.read(LOG).records)
+    if seen:
+        arch, backend = seen.most_common(1)[0][0]
+    else:
         spec = parse_target("cpu", None)
         isa = target_isa(spec.tvm_target())
         if isa is None:
             raise SystemExit("this CPU has neither AVX-512 VNNI nor AVX2: no INT8 GEMM kernels to tune")
-        arch, backend, device = spec.arch, isa.backend, device_name(spec)
+        arch, backend = spec.arch, isa.backend
     TARGET, BACKEND = f"cpu:{arch}", backend
-    return device
 
 
 def log(msg: str) -> None:

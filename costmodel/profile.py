@@ -230,8 +230,8 @@ def main(argv=None) -> int:
               f"{m['builtin_sum_ms']:.3f} ms, bench {m['bench']['median_ms']:.3f} ms", file=sys.stderr, flush=True)
         # rewritten after every model, so an interrupted run keeps the models already profiled
         # (models not yet reached keep their old lines)
-        n = _write(out, keep + new, tir_lines, [r for r in old if r.get("model") not in done | {name}])
         done.add(name)
+        n = _write(out, keep + new, tir_lines, [r for r in old if r.get("model") not in done])
     print(f"wrote {out} ({n} lines)", file=sys.stderr)
     return 0
 

@@ -24,7 +24,8 @@ class Library:
         import tvm.runtime.vm  # noqa: F401  (not imported by tvm.runtime itself)
 
         kind = device or self.meta["target"]["kind"]
-        self.dev = tvm.cpu(0) if kind in ("cpu", "llvm") else tvm.cuda(0)
+        self.on_cpu = kind in ("cpu", "llvm")
+        self.dev = tvm.cpu(0) if self.on_cpu else tvm.cuda(0)
         if not self.dev.exist:
             raise InputError(f"{self.path}: built for {kind}, but no {kind} device is present here")
         try:
@@ -141,7 +142,7 @@ class Library:
         return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
                 "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
                 "repeats": int(len(ms)), "batch": self.batch, "device": str(self.dev),
-                **({"threads": cpu_threads()} if str(self.dev).startswith("cpu") else {})}
+                **({"threads": cpu_threads()} if self.on_cpu else {})}
 
 
 def cpu_threads() -> int:
