@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/costmodel_search.py eval                  # replay the strategies
     .venv/bin/python benchmarks/costmodel_search.py tune --budget 12      # real qc tune runs, cold vs warm
     .venv/bin/python benchmarks/costmodel_search.py pick                  # compile-time pick: sampled vs whole space
+    .venv/bin/python benchmarks/costmodel_search.py serial                # serial twins of small workloads' best
 
 ``collect`` measures, for each held-out workload below (GEMM/conv shapes of models that are not in
 the zoo: BERT-base, ViT-S/16, a 7B LLM decode step, ResNet-50, VGG, odd sizes), the default config and
@@ -39,7 +40,9 @@ anywhere (its pool and both runs), every config scored with the median of all it
 ``pick`` asks the same of ``qc compile``'s pick without measurement (:func:`pick_experiment`).
 
 ``synth`` measures random GEMM/conv workloads (TenSet-style training data) into the same log;
-``remeasure`` times again the configs whose records were all taken while the machine was disturbed.
+``remeasure`` times again the configs whose records were all taken while the machine was disturbed;
+``serial`` times the serial twins (``VnniConfig.parallel=False``) of each small workload's fastest
+configs and its current default, for a log made before that field existed.
 
 Writes ``benchmarks/results/costmodel_search_cpu_<device>.json``; ``--log`` picks the device log
 (default: this host's), whose records name the CPU and the GEMM backend (VNNI or AVX2) of its workloads.  The pools are a uniform sample of each
@@ -283,6 +286,61 @@ def remeasure(sessions: int = 1) -> None:
                 log(f"{done}/{len(todo)} re-timed, {(time.time() - t0) / done * (len(todo) - done) / 60:.0f} min left")
 
 
+def serial(top: int = 4) -> None:
+    """Records for ``VnniConfig.parallel`` (added after the log was made): for every workload of the
+    log whose space has serial configs (``SERIAL_SPACE_CYCLES``), time its ``top`` fastest configs
+    run serially and its default config (serial below ``SERIAL_CYCLES``), skipping configs measured
+    already (a one-tile config is the same kernel either way).  Appended one by one (resumable)."""
+    from qcompiler.targets import parse_target
+    from qcompiler.tune import records as R
+    from qcompiler.tune.device import describe
+    from qcompiler.tune.measure import Candidate, Measurer
+    from qcompiler.tune.workload import Workload, config_key, normalize_config, tir_hash
+
+    spec = parse_target("cpu", None)
+    target = describe(spec)
+    by_w: dict[str, list] = {}
+    for r in R.read(LOG, target).records:
+        if r.get("error") is None:
+            by_w.setdefault(r["workload_key"], []).append(r)
+    todo = []
+    for key in sorted(by_w):
+        rs = by_w[key]
+        w = Workload.from_fields(rs[0]["workload"])
+        if not any(not c.parallel for c in w.config_space()):
+            continue
+        have = {config_key(r["config"]) for r in rs}
+        best: dict[str, float] = {}
+        for r in rs:
+            k = config_key(r["config"])
+            best[k] = min(best.get(k, np.inf), r["median_s"])
+        ranked = sorted(best, key=best.get)
+        dflt = normalize_config(w, w.default_config())
+        picks = [dflt] + [dataclasses.replace(w.config_from_dict(json.loads(k)), parallel=False) for k in ranked[:top]]
+        for c in picks:
+            c = normalize_config(w, c)
+            if config_key(c) not in have:
+                have.add(config_key(c))
+                todo.append((w, c, config_key(c) == config_key(dflt)))
+    log(f"{len(todo)} serial / new-default configs to time on {len({w.key for w, _, _ in todo})} workloads")
+    t0 = time.time()
+    meas, vers = Measurer(spec, repeats=5, min_repeat_ms=20), R.versions()
+    with R.RecordWriter(LOG) as wr:
+        for i in range(0, len(todo), 4):
+            cands, dflt_of = [], {}
+            for w, c, is_d in todo[i:i + 4]:
+                f = w.make_func(c)
+                cands.append(Candidate(w, c, f, tir_hash(f)))
+                dflt_of[id(cands[-1])] = is_d
+            for m in meas.measure(cands):
+                wr.append(R.make_record(m.candidate.workload, target, dataclasses.asdict(m.candidate.config),
+                                        m.latencies, m.error, meas.measured_by, is_default=dflt_of[id(m.candidate)],
+                                        tir_sha256=m.candidate.tir_sha256, vers=vers))
+            if (i // 4) % 25 == 24:
+                done = i + 4
+                log(f"{done}/{len(todo)} timed, {(time.time() - t0) / done * (len(todo) - done) / 60:.0f} min left")
+
+
 # ---- eval ------------------------------------------------------------------------------------------
 def _first_hit(good: np.ndarray, order) -> int:
     return int(np.flatnonzero(good[np.asarray(order)])[0]) + 1
@@ -518,7 +576,7 @@ def pick_experiment(model_path: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["collect", "synth", "remeasure", "eval", "tune", "pick"])
+    ap.add_argument("mode", choices=["collect", "synth", "remeasure", "serial", "eval", "tune", "pick"])
     ap.add_argument("--budget", type=int, default=12, help="tune: measurements per workload and arm")
     ap.add_argument("--work", default=None, help="tune: folder of the runs' logs (reused when it holds them)")
     ap.add_argument("--n", type=int, default=60, help="synth: number of random workloads")
@@ -544,6 +602,9 @@ def main():
         return
     if a.mode == "remeasure":
         remeasure(a.sessions)
+        return
+    if a.mode == "serial":
+        serial()
         return
     t0 = time.time()
     if a.mode in ("tune", "pick"):

@@ -135,16 +135,21 @@ def _workload_key(fields: dict | None) -> str | None:
 
 def tuning_sample(rec: dict, func_cache: dict | None = None) -> dict | None:
     """Sample of a tuning record; its scheduled TIR is rebuilt from (workload, config)."""
-    from qcompiler.tune.workload import Workload
+    from qcompiler.tune.workload import Workload, config_key, normalize_config
 
     try:
         w = Workload.from_fields(rec["workload"])
-        func = w.make_func(w.config_from_dict(rec["config"]))
+        cfg = w.config_from_dict(rec["config"])
+        func = w.make_func(cfg)
     except Exception:  # noqa: BLE001 - a config this generator version rejects
         return None
+    try:  # the config the compiler ships today without a record (the record's flag: at its time)
+        is_default = config_key(normalize_config(w, cfg)) == config_key(normalize_config(w, w.default_config()))
+    except Exception:  # noqa: BLE001
+        is_default = bool(rec.get("is_default"))
     return {"target": rec["target"], "text": str(func), "func": func, "workload": rec["workload"],
             "config": rec["config"], "latency_s": float(rec["median_s"]), "group": rec["workload_key"],
-            "query": rec["workload_key"], "source": "tune", "is_default": bool(rec.get("is_default")),
+            "query": rec["workload_key"], "source": "tune", "is_default": is_default,
             "latencies_s": rec.get("latencies_s") or []}
 
 

@@ -132,10 +132,11 @@ def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     loads per vpdpbusd ((mr+nr)/(mr*nr)), vector registers used (mr*nr + nr + 1 of 32), operand
     traffic by loop order (n-tiles outside: A re-read once per n-tile, W once; m-tiles outside: W
     re-read once per m-tile), weight panel K x 16nr, activation block mr x K and k-block bytes,
-    parallel tasks per core and the idle share of the last wave, padded columns."""
+    parallel tasks per core and the idle share of the last wave, padded columns.  A config with
+    ``parallel=False`` runs on one core (units = 1)."""
     M, N, K = gemm_mnk(workload)
     t = target_info(target)
-    units = t["units"]
+    units = t["units"] if config.get("parallel", True) else 1  # a serial kernel runs on one core
     mr, nr, kc = int(config["mr"]), int(config["nr"]), int(config.get("kc") or 0)
     backend = workload.get("backend", "cpu_vnni")
     L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
@@ -205,7 +206,7 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
         default_like = nan
     else:
         tiles = acc = workspace = m_waste = k_steps = kc_blocks = smem = default_like = nan
-    units = t["units"]
+    units = t["units"] if c.get("parallel", True) else 1
     tpu = tiles / units if tiles == tiles else nan
     imb = (math.ceil(tiles / units) * units / tiles) if tiles == tiles and tiles > 0 else nan
     return [float(conv), float(workload["kind"] == "w4a8"), M, N, K, math.log2(M), math.log2(N), math.log2(K),

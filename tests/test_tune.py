@@ -80,7 +80,7 @@ def test_records_valid(tuned):
         assert r["median_s"] == sorted(r["latencies_s"])[1]
         assert r["target"]["kind"] == "cpu" and r["target"]["cores"] >= 1 and r["target"]["device"]
         assert r["workload"]["backend"] == BACKEND and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
-        assert set(r["config"]) == {"mr", "nr", "kc", "n_outer"}
+        assert set(r["config"]) == {"mr", "nr", "kc", "n_outer", "parallel"}
     keys = {r["workload_key"] for r in recs}
     # the tasks are the VNNI conv/dense kernels of the quantized graph (a layer whose dtypes have no VNNI
     # kernel is lowered generically and is no task)
@@ -361,3 +361,23 @@ def test_disturbed_timings_rerun_and_left_out_of_training(tmp_path):
         wr.append(R.make_record(w, tgt, dict(cfg, mr=1), [4e-6, 6e-6, 6e-6, 6e-6, 4e-6], None, "local"))
     samples, _ = D.samples_from(tmp_path)
     assert [(s["config"]["mr"], s["latency_s"]) for s in samples] == [(2, 3e-6)]
+
+
+def test_parallel_field_keeps_older_records_and_joins_small_spaces():
+    """VnniConfig.parallel came after the first records: a record without it is the config at the
+    legacy True (same key, so it is not measured again); serial variants join only small GEMMs'
+    spaces; a one-tile config normalizes to the legacy value."""
+    from qcompiler.kernels.cpu_vnni import VnniConfig
+    from qcompiler.tune.workload import Workload, config_key, normalize_config
+
+    old = {"mr": 3, "nr": 1, "kc": 0, "n_outer": True}
+    assert config_key(old) == config_key(VnniConfig(3, 1)) == config_key({**old, "parallel": True})
+    assert config_key(VnniConfig(3, 1, parallel=False)) != config_key(old)
+    small = Workload("cpu_avx2", "dense", (4, 64, 256), "int8", "int8", -128, 127, "cpu:znver2")
+    large = Workload("cpu_avx2", "dense", (512, 512, 1024), "int8", "int8", -128, 127, "cpu:znver2")
+    assert {c.parallel for c in small.config_space()} == {True, False}
+    assert {c.parallel for c in large.config_space()} == {True}
+    assert not small.default_config().parallel and large.default_config().parallel
+    one = Workload("cpu_avx2", "dense", (2, 16, 64), "int8", "int8", -128, 127, "cpu:znver2")
+    assert normalize_config(one, VnniConfig(2, 2, parallel=False)).parallel
+    assert not normalize_config(one, VnniConfig(1, 2, parallel=False)).parallel

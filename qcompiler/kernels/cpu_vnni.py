@@ -53,7 +53,7 @@ schedules leave it alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tvm import te, tirx
@@ -114,12 +114,18 @@ class VnniConfig:
     n_outer  loop order of the parallel tile loop: n-tiles outside m-tiles (keeps a weight panel
              cache-resident while the activations stream; good when the weights are the larger
              operand)
+    parallel the tile loop (and the operand copy) runs in parallel; off, the kernel runs on the calling
+             thread: a parallel launch costs ~3-6 us even with one worker, more than a small GEMM's
+             whole work (``default_config`` turns it off below :data:`SERIAL_CYCLES`).  Added after
+             the first records were made: ``True`` is the kernel those records measured, and a key
+             at that value omits the field (``qcompiler.tune.workload.config_key``).
     """
 
     mr: int = 3
     nr: int = 4
     kc: int = 0
     n_outer: bool = True
+    parallel: bool = field(default=True, metadata={"legacy": True})
 
     def __post_init__(self):
         if not 1 <= self.mr <= 16:
@@ -136,6 +142,9 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+SERIAL_CYCLES = 12_000  # a GEMM estimated below this many cycles (~4 us) runs on the calling thread
+
+
 def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> VnniConfig:
     """Pick the register tile with a small cost model (no measurement at compile time).
 
@@ -148,7 +157,22 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
     beat 6x4 by 3-8% at K >= 512 and by 20-30% at K = 64).  Rows padded up to a multiple of mr and
     whole tiles split over 2 cores are counted (``batch`` independent GEMMs share the parallel tile
     loop).
+
+    A GEMM whose best tiling costs under :data:`SERIAL_CYCLES` on one core gets ``parallel=False``
+    (unless it is one tile, which TVM runs without a launch anyway):
+    measured on a 2-core Zen 2 (AVX2), a parallel launch costs ~3.5 us with TVM's one-worker pool
+    (its default there) and ~0.3 us with two; serial won 1.2-7.8x below 30K MACs at either thread
+    count (e.g. a 1x1 conv 256->64 on one pixel: 3.83 -> 0.49 us) and lost ~0.7 us at 2 threads
+    around 4 us of work, where it still gained ~3 us at one.
     """
+    mr, nr, cycles = _best_tile(M, N, K, batch, isa)
+    one_tile = batch * _ceil(M, mr) * (_ceil(N, isa.lanes) // nr) == 1  # serial either way: keep the legacy value
+    # n-tiles outside measured equal or better on every shape tried (1024^3, LLM and conv shapes)
+    return VnniConfig(mr=mr, nr=nr, kc=0, n_outer=True, parallel=one_tile or cycles >= SERIAL_CYCLES)
+
+
+def _best_tile(M: int, N: int, K: int, batch: int, isa: Isa) -> tuple[int, int, float]:
+    """(mr, nr, single-core cycles) of the cheapest register tile under ``default_config``'s model."""
     L = isa.lanes
     nb = _ceil(N, L)
     steps = _ceil(K, isa.kpack)
@@ -171,10 +195,13 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
             cost = per_tile * _ceil(tiles, 2)
             key = (round(cost), -nr)
             if best is None or key < best[0]:
-                best = (key, mr, nr)
-    _, mr, nr = best
-    # n-tiles outside measured equal or better on every shape tried (1024^3, LLM and conv shapes)
-    return VnniConfig(mr=mr, nr=nr, kc=0, n_outer=True)
+                best = (key, mr, nr, per_tile * tiles)
+    return best[1:]
+
+
+def gemm_cycles(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> float:
+    """Estimated single-core cycles of the GEMM with the tile ``default_config`` picks."""
+    return _best_tile(M, N, K, batch, isa)[2]
 
 
 # ---- weight packing (compile time, NumPy) -----------------------------------------------------
@@ -280,6 +307,20 @@ def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
         sch.vectorize(sch.split(loop, [None, width])[1])
 
 
+PAR_MIN_VECTOR_ITERS = 1 << 14  # as cpu_default's min_parallel_work: below it a block runs serially
+
+
+def _parallel_if_worth(sch: Schedule, loop, block: str, lanes: int) -> None:
+    """``sch.parallel(loop)`` when the block ``block`` does at least :data:`PAR_MIN_VECTOR_ITERS`
+    vector iterations (all its loops' extents over ``lanes``): a parallel launch costs a few us,
+    which a smaller block does not earn back (see ``default_config``)."""
+    work = 1
+    for lp in sch.get_loops(sch.get_sblock(block)):
+        work *= int(sch.get(lp).extent)
+    if work >= PAR_MIN_VECTOR_ITERS * lanes:
+        sch.parallel(loop)
+
+
 # ---- VNNI GEMM schedule (dense and implicit-GEMM conv) -------------------------------------------
 def _check_tile(cfg: VnniConfig, isa: Isa, nb: int, what: str) -> None:
     if nb % cfg.nr:
@@ -318,7 +359,8 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[-1])
     tile = sch.fuse(*outer)
-    sch.parallel(tile)
+    if cfg.parallel:
+        sch.parallel(tile)
     sch.unroll(m1)
     sch.unroll(n1)
     # epilogue: column blocks outside rows, so mult/shift/rounding vectors stay in registers
@@ -332,7 +374,8 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     if prep_vec_dims is not None:
         pl = sch.get_loops(sch.get_sblock("prep"))
         par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
-        sch.parallel(par)
+        if cfg.parallel:
+            sch.parallel(par)
         vec = sch.fuse(*pl[len(pl) - prep_vec_dims:]) if prep_vec_dims > 1 else pl[-1]
         _vectorize_inner(sch, vec, isa.vbytes)
     init = sch.decompose_reduction(gemm, red_loops[0])
@@ -530,7 +573,7 @@ def _schedule_bpack(sch: Schedule) -> None:
     TVM scalarizes): MiniLM Q.K^T 12x128x128x32 97 -> 71 us, P.V 12x128x32x128 45 -> 37 us.
     """
     b, nbi, kb, i, j = sch.get_loops(sch.get_sblock("bpack"))
-    sch.parallel(sch.fuse(b, nbi))
+    _parallel_if_worth(sch, sch.fuse(b, nbi), "bpack", 16)
     sch.unroll(i)
     sch.unroll(j)
 
@@ -542,7 +585,7 @@ def _schedule_colsum(sch: Schedule, isa: Isa) -> None:
     j0, j1 = sch.split(j, [None, isa.lanes])
     k0, k1 = sch.split(kc, [None, isa.kpack])
     sch.reorder(j0, k0, j1, k1)
-    sch.parallel(b)
+    _parallel_if_worth(sch, b, "colsum", isa.lanes * isa.kpack)
     init = sch.decompose_reduction(blk, k0)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(j1, isa.intrin())
@@ -627,14 +670,13 @@ def _schedule_direct(sch: Schedule, n_red: int, tw: int, vec: int, has_prep: boo
     sch.reorder(ow0, *mid, c0, *red, ow1, c1)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, ow0 if epilogue_at_columns else c0)
-    par = sch.fuse(n, oh)
-    sch.parallel(par)
+    _parallel_if_worth(sch, sch.fuse(n, oh), "acc", vec)
     sch.unroll(ow1)
     sch.vectorize(c1)
     _vectorize_inner(sch, sch.get_loops(out)[-1], 16)
     if has_prep:
         pn, ph, pw, pc = sch.get_loops(sch.get_sblock("prep"))
-        sch.parallel(sch.fuse(pn, ph))
+        _parallel_if_worth(sch, sch.fuse(pn, ph), "prep", 64)
         _vectorize_inner(sch, sch.fuse(pw, pc), 64)
     sch.decompose_reduction(acc, red[0])
 
@@ -731,7 +773,7 @@ def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: in
         (acc_at(n, oh, ow, o) + bias[o]).astype("int64"), mult[o], shift[o], lo, hi, out_dtype), name="out")
     sch = Schedule(te.create_prim_func([X, Wt, bias, mult, shift, out]))
     wl = sch.get_loops(sch.get_sblock("wprep"))
-    sch.parallel(sch.fuse(wl[0], wl[1]))
+    _parallel_if_worth(sch, sch.fuse(wl[0], wl[1]), "wprep", 16)
     _vectorize_inner(sch, wl[-1], 16)
     _schedule_direct(sch, n_red=3, tw=tw, vec=vec, has_prep=not in_place or (by_group and Cg > 1),
                      epilogue_at_columns=True)

@@ -17,6 +17,7 @@ point is valid when the dataclass accepts it and the generator does not raise ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -157,9 +158,25 @@ class Workload:
 
 
 def config_key(config) -> str:
-    """Canonical identity of a config (its dataclass fields as sorted JSON)."""
+    """Canonical identity of a config (its dataclass fields as sorted JSON).
+
+    A field added to a config class after records were made carries ``metadata={"legacy": v}``,
+    ``v`` being the value that generates the kernel the older records measured; at that value the
+    field is left out of the key, so a record without the field and a config with it at ``v`` are
+    the same config (and a kernel's ``qc.config`` attribute, hence its TIR hash, is unchanged)."""
     d = config if isinstance(config, dict) else dataclasses.asdict(config)
+    legacy = _legacy_values()
+    d = {k: v for k, v in d.items() if not (k in legacy and v == legacy[k])}
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+@functools.cache
+def _legacy_values() -> dict:
+    from qcompiler.kernels.cpu_vnni import VnniConfig
+    from qcompiler.kernels.cuda_mma import MmaConfig
+
+    return {f.name: f.metadata["legacy"] for cls in (VnniConfig, MmaConfig)
+            for f in dataclasses.fields(cls) if "legacy" in f.metadata}
 
 
 def config_dict(config) -> dict:
@@ -169,8 +186,15 @@ def config_dict(config) -> dict:
 def normalize_config(w: Workload, config):
     """Map a config to its canonical twin (configs that generate the same kernel measure once).
 
-    VNNI: ``kc`` that does not divide the innermost reduction, or is not below it, acts as 0."""
-    if w.backend not in CPU_BACKENDS or not config.kc:
+    VNNI: ``kc`` that does not divide the innermost reduction, or is not below it, acts as 0; a
+    config of one tile in all runs serially either way (``parallel`` is kept at its legacy True)."""
+    if w.backend not in CPU_BACKENDS:
+        return config
+    if not config.parallel:
+        M, N, _ = w._gemm_mnk()
+        if -(-M // config.mr) * (-(-N // w.isa.lanes) // config.nr) == 1:
+            config = dataclasses.replace(config, parallel=True)
+    if not config.kc:
         return config
     ext = _cpu_red_ext(w)
     if config.kc < ext and ext % config.kc == 0:
@@ -198,9 +222,18 @@ def _cpu_red_ext(w: Workload) -> int:
     return -(-w.shape[2] // 4) * 4
 
 
+SERIAL_SPACE_CYCLES = 400_000  # GEMMs estimated below this (~130 us) also try parallel=False
+
+
 def _cpu_points(w: Workload):
-    M, N, _ = w._gemm_mnk()
+    """The VnniConfig grid: every register tile that fits, kc dividing the reduction, both loop
+    orders; a small GEMM (``cpu_vnni.gemm_cycles`` < :data:`SERIAL_SPACE_CYCLES`, where a ~3.5 us
+    parallel launch is >= 3% of the kernel) also every point run serially."""
+    from qcompiler.kernels.cpu_vnni import gemm_cycles
+
+    M, N, K = w._gemm_mnk()
     isa = w.isa
+    pars = (True, False) if gemm_cycles(M, N, K, isa=isa) < SERIAL_SPACE_CYCLES else (True,)
     nb = -(-N // isa.lanes)
     ext = _cpu_red_ext(w)
     kcs = [0] + [k for k in range(16, ext, 4) if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
@@ -210,7 +243,8 @@ def _cpu_points(w: Workload):
                 continue
             for kc in kcs:
                 for n_outer in (True, False):
-                    yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer)
+                    for par in pars:
+                        yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer, parallel=par)
 
 
 def _cuda_points(w: Workload):

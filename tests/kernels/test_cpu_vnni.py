@@ -192,6 +192,22 @@ def test_config_validation_and_default():
         cv.dense(8, 64, 8, "int8", "int8", -128, 127, cv.VnniConfig(mr=3, nr=4), isa=cv.AVX2)  # 17 > 16 ymm
 
 
+def test_small_gemms_run_serially():
+    """Below SERIAL_CYCLES the default config runs on the calling thread (no parallel launch); one
+    tile keeps the legacy parallel=True (TVM launches nothing for it either); large GEMMs are parallel."""
+    for isa in (cv.VNNI, cv.AVX2):
+        small, large = cv.default_config(4, 64, 256, isa=isa), cv.default_config(256, 512, 1024, isa=isa)
+        assert not small.parallel and large.parallel
+        assert cv.default_config(1, 8, 64, isa=isa).parallel  # one tile
+        assert cv.gemm_cycles(4, 64, 256, isa=isa) < cv.SERIAL_CYCLES <= cv.gemm_cycles(256, 512, 1024, isa=isa)
+    assert "T.parallel" not in cv.dense(4, 64, 256, "int8", "int8", -128, 127, isa=cv.AVX2).script()
+    assert "T.parallel" in cv.dense(256, 512, 1024, "int8", "int8", -128, 127, isa=cv.AVX2).script()
+    assert "T.parallel" not in cv.depthwise_conv2d_nhwc(1, 6, 6, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8",
+                                                        "int8", -128, 127).script()
+    assert "T.parallel" in cv.depthwise_conv2d_nhwc(1, 56, 56, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8",
+                                                    "int8", -128, 127).script()
+
+
 def test_function_attributes():
     f = cv.dense(8, 16, 8, "int8", "int8", -128, 127)
     assert bool(f.attrs["qc.scheduled"]) and bool(f.attrs["tirx.is_scheduled"])
@@ -215,7 +231,9 @@ def test_dense_dtypes_ragged(target, isa, a_dtype, out_dtype, lo, hi):
 
 @pytest.mark.parametrize("config", [cv.VnniConfig(1, 1), cv.VnniConfig(6, 4, kc=64, n_outer=False),
                                     cv.VnniConfig(7, 2, n_outer=True), cv.VnniConfig(16, 1), cv.VnniConfig(3, 4, kc=32),
-                                    cv.VnniConfig(2, 4, kc=64, n_outer=False), cv.VnniConfig(6, 2), cv.VnniConfig(14, 1)])
+                                    cv.VnniConfig(2, 4, kc=64, n_outer=False), cv.VnniConfig(6, 2), cv.VnniConfig(14, 1),
+                                    cv.VnniConfig(3, 2, parallel=False),
+                                    cv.VnniConfig(2, 4, kc=64, n_outer=False, parallel=False)])
 def test_dense_configs(target, isa, config):
     if not isa.fits(config.mr, config.nr):  # the kernel refuses a tile beyond the ISA's registers
         with pytest.raises(ValueError, match="does not fit"):
@@ -307,7 +325,7 @@ def test_conv2d_signed_padding_is_real_zero(target, isa):
     np.testing.assert_array_equal(got, conv_acc_ref(x, w, (1, 1), (1, 1, 1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("config", [cv.VnniConfig(1, 2), cv.VnniConfig(5, 1, kc=8)])
+@pytest.mark.parametrize("config", [cv.VnniConfig(1, 2), cv.VnniConfig(5, 1, kc=8), cv.VnniConfig(4, 1, parallel=False)])
 def test_conv2d_configs(target, isa, config):
     check_conv(target, np.random.default_rng(12), 1, 7, 9, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1),
                "int8", "uint8", 0, 255, config, isa=isa)
@@ -318,6 +336,7 @@ DW_CASES = [
     (2, 9, 11, 24, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1)),
     (1, 10, 10, 72, 5, 5, (1, 1), (2, 2, 2, 2), (2, 2)),
     (1, 8, 8, 64, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 40, 40, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # large enough to run in parallel
 ]
 
 
