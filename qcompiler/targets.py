@@ -43,13 +43,24 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def host_cores() -> int:
+def _affinity_cores() -> int:
     import os
 
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# Read once, when this module is imported: the TVM runtime's thread pool pins the calling thread to
+# one core the first time it runs a parallel kernel, after which sched_getaffinity says 1 (found
+# when a profiling run compiled its later models for a 1-core target, and labelled its records so).
+_HOST_CORES = _affinity_cores()
+
+
+def host_cores() -> int:
+    """CPUs this process may run on (as at import: not the one core TVM later pins its thread to)."""
+    return _HOST_CORES
 
 
 @functools.lru_cache(maxsize=None)

@@ -381,3 +381,18 @@ def test_parallel_field_keeps_older_records_and_joins_small_spaces():
     one = Workload("cpu_avx2", "dense", (2, 16, 64), "int8", "int8", -128, 127, "cpu:znver2")
     assert normalize_config(one, VnniConfig(2, 2, parallel=False)).parallel
     assert not normalize_config(one, VnniConfig(1, 2, parallel=False)).parallel
+
+
+def test_host_cores_ignores_the_pinned_thread():
+    """TVM's thread pool pins the calling thread to one core after its first parallel kernel; the
+    host's core count (records' target, the cost model's target features) must not follow it."""
+    import os
+
+    from qcompiler.targets import host_cores
+
+    before, mask = host_cores(), os.sched_getaffinity(0)  # (earlier tests may have pinned it already)
+    try:
+        os.sched_setaffinity(0, {min(mask)})
+        assert host_cores() == before >= len(mask)
+    finally:
+        os.sched_setaffinity(0, mask)

@@ -34,7 +34,8 @@ C % 4 == 0), so that every group of 4 reduction steps is 4 adjacent NHWC channel
 
 Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameters):
   * dense / conv: an ``mr x (L nr)`` int32 register tile, reduction loops outside it, the
-    ``L x kp`` intrinsic innermost; the (m-tile, n-tile) pairs are fused and run in parallel;
+    ``L x kp`` intrinsic innermost; the (m-tile, n-tile) pairs are fused and run in parallel
+    (on the calling thread when ``VnniConfig.parallel`` is off: small GEMMs, see ``default_config``);
     bias + requantization + clip run vectorized on each finished tile (cache-hot).  Conv is an
     implicit GEMM over an offset/zero-padded copy of the input (rows = output pixels ``n, oh, ow``),
     read in place when no copy is needed (uint8, no padding, C % 4 == 0).  Rows past the end of a
@@ -47,6 +48,9 @@ Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameter
     output columns x channels, parallel over (n, oh).
   * grouped: direct convolution vectorized over the output channels of a group (weights transposed
     in the kernel), parallel over (n, oh).
+The direct convolutions (and their input copies and weight transposes), B packing and column sums
+run in parallel only above :data:`PAR_MIN_VECTOR_ITERS` vector iterations; a GEMM's operand copy
+follows its tile loop (``VnniConfig.parallel``).
 Every returned PrimFunc carries ``qc.scheduled`` and ``tirx.is_scheduled`` so later default
 schedules leave it alone.
 """
@@ -160,10 +164,11 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
 
     A GEMM whose best tiling costs under :data:`SERIAL_CYCLES` on one core gets ``parallel=False``
     (unless it is one tile, which TVM runs without a launch anyway):
-    measured on a 2-core Zen 2 (AVX2), a parallel launch costs ~3.5 us with TVM's one-worker pool
-    (its default there) and ~0.3 us with two; serial won 1.2-7.8x below 30K MACs at either thread
-    count (e.g. a 1x1 conv 256->64 on one pixel: 3.83 -> 0.49 us) and lost ~0.7 us at 2 threads
-    around 4 us of work, where it still gained ~3 us at one.
+    measured on a 2-core Zen 2 (AVX2), a parallel launch costs ~3.3 us with ``TVM_NUM_THREADS``
+    unset (the runtime's default: one worker there), ~0 with it set to 1 and 0.3-1.7 us with 2;
+    serial won 1.2-7.8x below 30K MACs at the default and at 2 threads (e.g. a 1x1 conv 256->64 on
+    one pixel: 3.83 -> 0.49 us) and lost ~0.7 us at 2 threads around 4 us of work, where it still
+    gained ~3 us at the default.
     """
     mr, nr, cycles = _best_tile(M, N, K, batch, isa)
     one_tile = batch * _ceil(M, mr) * (_ceil(N, isa.lanes) // nr) == 1  # serial either way: keep the legacy value

@@ -7,7 +7,10 @@ Record (schema ``qc-tune/1``)::
    "workload": {backend, kind, shape, a_dtype, out_dtype, lo, hi, target, strides, pads, dilations},
    "target": {"kind": "cpu", "arch": "rocketlake", "device": "intel-xeon-processor", "cores": 2}
              (cuda: {"kind": "cuda", "arch": "sm_90", "device": "sm_90-nvidia-h100...", "sm_count": 132}),
-   "config": {"mr": 3, "nr": 1, "kc": 0, "n_outer": true},       (the kernel's config dataclass)
+   "config": {"mr": 3, "nr": 1, "kc": 0, "n_outer": true, "parallel": true},  (the kernel's config
+                                                                  dataclass; fields added later are
+                                                                  absent from older records and read
+                                                                  at their legacy value)
    "is_default": false,                                           (the config default_config picks)
    "latencies_s": [...], "median_s": 1.2e-05,                     (every repeat; null when it failed)
    "error": null | "one line",                                    (build or run failure)
