@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -318,6 +317,7 @@ def whole_models(samples, X, y, mrecs) -> dict:
     import tempfile
 
     from qcompiler.targets import parse_target
+    from qcompiler.tune.workload import text_hash
 
     from costmodel.predict import CostModel
     from costmodel.profile import model_source
@@ -338,7 +338,7 @@ def whole_models(samples, X, y, mrecs) -> dict:
         name = m["model"]
         path, calib = model_source(name, tempfile.mkdtemp(prefix="qc_eval_"))
         kernels = lower_kernels(path, spec, calib)
-        same = float(np.mean([hashlib.sha256(k["text"].encode()).hexdigest()[:16] in profiled.get(name, ())
+        same = float(np.mean([text_hash(k["text"]) in profiled.get(name, ())
                               for k in kernels])) if kernels else 0.0
         p_full = predict_kernels(kernels, target, full)
         keep = [i for i, s in enumerate(samples) if name not in s["models"]]

@@ -249,8 +249,7 @@ def remeasure(sessions: int = 1) -> None:
     from qcompiler.targets import parse_target
     from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
-    from qcompiler.tune.measure import Candidate, Measurer
-    from qcompiler.tune.workload import Workload, config_key, tir_hash
+    from qcompiler.tune.workload import Workload, config_key
 
     spec = parse_target("cpu", None)
     target = describe(spec)
@@ -265,25 +264,36 @@ def remeasure(sessions: int = 1) -> None:
     todo = [rs[0] for rs in by_cfg.values() if sum(not R.disturbed(r["latencies_s"]) for r in rs) < sessions]
     todo.sort(key=lambda r: r["workload_key"])  # stable: a workload's configs in log order, together
     log(f"{len(todo)} of {len(by_cfg)} configs have fewer than {sessions} undisturbed timing(s): measuring them again")
+    jobs = []
+    for r in todo:
+        w = Workload.from_fields(r["workload"])
+        jobs.append((w, w.config_from_dict(r["config"]), r["config"], bool(r.get("is_default"))))
+    _time_into_log(jobs, spec, target, "re-timed")
+
+
+def _time_into_log(jobs: list, spec, target: dict, done_word: str = "timed") -> None:
+    """Time ``jobs`` ((workload, config, the record's config dict, is_default)) with the tuner's
+    measurer, 4 at a time, appending each record to the log as soon as it is measured (resumable)."""
+    from qcompiler.tune import records as R
+    from qcompiler.tune.measure import Candidate, Measurer
+    from qcompiler.tune.workload import tir_hash
+
     t0 = time.time()
     meas, vers = Measurer(spec, repeats=5, min_repeat_ms=20), R.versions()
     with R.RecordWriter(LOG) as wr:
-        for i in range(0, len(todo), 4):
-            rec_of = {}
-            for r in todo[i:i + 4]:
-                w = Workload.from_fields(r["workload"])
-                cfg = w.config_from_dict(r["config"])
+        for i in range(0, len(jobs), 4):
+            job_of = {}
+            for w, cfg, d, is_d in jobs[i:i + 4]:
                 f = w.make_func(cfg)
                 c = Candidate(w, cfg, f, tir_hash(f))
-                rec_of[id(c)] = (c, r)
-            for m in meas.measure([c for c, _ in rec_of.values()]):
-                r = rec_of[id(m.candidate)][1]
-                wr.append(R.make_record(m.candidate.workload, target, r["config"], m.latencies, m.error,
-                                        meas.measured_by, is_default=bool(r.get("is_default")),
-                                        tir_sha256=m.candidate.tir_sha256, vers=vers))
+                job_of[id(c)] = (c, d, is_d)
+            for m in meas.measure([c for c, _, _ in job_of.values()]):
+                _, d, is_d = job_of[id(m.candidate)]
+                wr.append(R.make_record(m.candidate.workload, target, d, m.latencies, m.error, meas.measured_by,
+                                        is_default=is_d, tir_sha256=m.candidate.tir_sha256, vers=vers))
             if (i // 4) % 25 == 24:
                 done = i + 4
-                log(f"{done}/{len(todo)} re-timed, {(time.time() - t0) / done * (len(todo) - done) / 60:.0f} min left")
+                log(f"{done}/{len(jobs)} {done_word}, {(time.time() - t0) / done * (len(jobs) - done) / 60:.0f} min left")
 
 
 def serial(top: int = 4) -> None:
@@ -294,8 +304,7 @@ def serial(top: int = 4) -> None:
     from qcompiler.targets import parse_target
     from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
-    from qcompiler.tune.measure import Candidate, Measurer
-    from qcompiler.tune.workload import Workload, config_key, normalize_config, tir_hash
+    from qcompiler.tune.workload import Workload, config_key, normalize_config, tries_serial
 
     spec = parse_target("cpu", None)
     target = describe(spec)
@@ -303,42 +312,26 @@ def serial(top: int = 4) -> None:
     for r in R.read(LOG, target).records:
         if r.get("error") is None:
             by_w.setdefault(r["workload_key"], []).append(r)
-    todo = []
+    jobs = []
     for key in sorted(by_w):
-        rs = by_w[key]
-        w = Workload.from_fields(rs[0]["workload"])
-        if not any(not c.parallel for c in w.config_space()):
+        w = Workload.from_fields(by_w[key][0]["workload"])
+        if not tries_serial(w):
             continue
-        have = {config_key(r["config"]) for r in rs}
-        best: dict[str, float] = {}
-        for r in rs:
+        best: dict[str, tuple] = {}  # config key -> (fastest median, config)
+        for r in by_w[key]:
             k = config_key(r["config"])
-            best[k] = min(best.get(k, np.inf), r["median_s"])
-        ranked = sorted(best, key=best.get)
+            if k not in best or r["median_s"] < best[k][0]:
+                best[k] = (r["median_s"], r["config"])
+        have = set(best)
         dflt = normalize_config(w, w.default_config())
-        picks = [dflt] + [dataclasses.replace(w.config_from_dict(json.loads(k)), parallel=False) for k in ranked[:top]]
-        for c in picks:
+        fastest = sorted(best.values(), key=lambda t: t[0])[:top]
+        for c in [dflt] + [dataclasses.replace(w.config_from_dict(d), parallel=False) for _, d in fastest]:
             c = normalize_config(w, c)
             if config_key(c) not in have:
                 have.add(config_key(c))
-                todo.append((w, c, config_key(c) == config_key(dflt)))
-    log(f"{len(todo)} serial / new-default configs to time on {len({w.key for w, _, _ in todo})} workloads")
-    t0 = time.time()
-    meas, vers = Measurer(spec, repeats=5, min_repeat_ms=20), R.versions()
-    with R.RecordWriter(LOG) as wr:
-        for i in range(0, len(todo), 4):
-            cands, dflt_of = [], {}
-            for w, c, is_d in todo[i:i + 4]:
-                f = w.make_func(c)
-                cands.append(Candidate(w, c, f, tir_hash(f)))
-                dflt_of[id(cands[-1])] = is_d
-            for m in meas.measure(cands):
-                wr.append(R.make_record(m.candidate.workload, target, dataclasses.asdict(m.candidate.config),
-                                        m.latencies, m.error, meas.measured_by, is_default=dflt_of[id(m.candidate)],
-                                        tir_sha256=m.candidate.tir_sha256, vers=vers))
-            if (i // 4) % 25 == 24:
-                done = i + 4
-                log(f"{done}/{len(todo)} timed, {(time.time() - t0) / done * (len(todo) - done) / 60:.0f} min left")
+                jobs.append((w, c, dataclasses.asdict(c), config_key(c) == config_key(dflt)))
+    log(f"{len(jobs)} serial / new-default configs to time on {len({w.key for w, *_ in jobs})} workloads")
+    _time_into_log(jobs, spec, target)
 
 
 # ---- eval ------------------------------------------------------------------------------------------

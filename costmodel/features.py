@@ -126,6 +126,11 @@ def _vnni_best(M: int, N: int, K: int, units: int, backend: str = "cpu_vnni") ->
                for a in range(1, min(16, M) + 1) if a * b + b + 1 <= vregs)
 
 
+def _units(t: dict, config: dict) -> int:
+    """Cores (SMs) a config's kernel runs on: all of the target's, one for a serial CPU config."""
+    return t["units"] if config.get("parallel", True) else 1
+
+
 def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     """Analytic features of a VNNI GEMM config (schema v2): modelled cycles (absolute and relative
     to the best tile of the same model over the space: what the learned part corrects), operand
@@ -136,7 +141,7 @@ def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     ``parallel=False`` runs on one core (units = 1)."""
     M, N, K = gemm_mnk(workload)
     t = target_info(target)
-    units = t["units"] if config.get("parallel", True) else 1  # a serial kernel runs on one core
+    units = _units(t, config)
     mr, nr, kc = int(config["mr"]), int(config["nr"]), int(config.get("kc") or 0)
     backend = workload.get("backend", "cpu_vnni")
     L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
@@ -206,7 +211,7 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
         default_like = nan
     else:
         tiles = acc = workspace = m_waste = k_steps = kc_blocks = smem = default_like = nan
-    units = t["units"] if c.get("parallel", True) else 1
+    units = _units(t, c)
     tpu = tiles / units if tiles == tiles else nan
     imb = (math.ceil(tiles / units) * units / tiles) if tiles == tiles and tiles > 0 else nan
     return [float(conv), float(workload["kind"] == "w4a8"), M, N, K, math.log2(M), math.log2(N), math.log2(K),

@@ -97,8 +97,7 @@ def time_isolated(lib, name: str, args: list, repeats: int = 10, min_repeat_ms: 
 def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dict], dict[str, str]]:
     from qcompiler.artifact import decode_text, read_metadata
     from qcompiler.runtime import Library
-
-    import hashlib
+    from qcompiler.tune.workload import text_hash
 
     meta = read_metadata(lib_path)
     funcs = split_functions(decode_text(meta["tir"]))
@@ -112,7 +111,7 @@ def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dic
     for i, (name, ts, args) in enumerate(calls):
         med = statistics.median(ts)
         if name in funcs:
-            sha = hashlib.sha256(funcs[name].encode()).hexdigest()[:16]
+            sha = text_hash(funcs[name])
             tirs[sha] = funcs[name]
             iso = time_isolated(lib, name, args)
             out.append({"schema": PROFILE_SCHEMA, "type": "kernel", "model": model, "kernel": name, "call_index": i,

@@ -146,6 +146,11 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def n_tiles(M: int, N: int, mr: int, nr: int, isa: Isa = VNNI, batch: int = 1) -> int:
+    """Register tiles (iterations of the parallel tile loop) of an ``mr x nr`` tiling."""
+    return batch * _ceil(M, mr) * (_ceil(N, isa.lanes) // nr)
+
+
 SERIAL_CYCLES = 12_000  # a GEMM estimated below this many cycles (~4 us) runs on the calling thread
 
 
@@ -171,7 +176,7 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
     gained ~3 us at the default.
     """
     mr, nr, cycles = _best_tile(M, N, K, batch, isa)
-    one_tile = batch * _ceil(M, mr) * (_ceil(N, isa.lanes) // nr) == 1  # serial either way: keep the legacy value
+    one_tile = n_tiles(M, N, mr, nr, isa, batch) == 1  # serial either way: keep the legacy value
     # n-tiles outside measured equal or better on every shape tried (1024^3, LLM and conv shapes)
     return VnniConfig(mr=mr, nr=nr, kc=0, n_outer=True, parallel=one_tile or cycles >= SERIAL_CYCLES)
 
@@ -196,7 +201,7 @@ def _best_tile(M: int, N: int, K: int, batch: int, isa: Isa) -> tuple[int, int, 
             else:
                 step = mr * nr + (mr + nr) / 2 + 0.5
             per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr * L * 4 >= 1024 else 0)
-            tiles = batch * _ceil(M, mr) * (nb // nr)
+            tiles = n_tiles(M, N, mr, nr, isa, batch)
             cost = per_tile * _ceil(tiles, 2)
             key = (round(cost), -nr)
             if best is None or key < best[0]:

@@ -191,8 +191,10 @@ def normalize_config(w: Workload, config):
     if w.backend not in CPU_BACKENDS:
         return config
     if not config.parallel:
+        from qcompiler.kernels.cpu_vnni import n_tiles
+
         M, N, _ = w._gemm_mnk()
-        if -(-M // config.mr) * (-(-N // w.isa.lanes) // config.nr) == 1:
+        if n_tiles(M, N, config.mr, config.nr, w.isa) == 1:
             config = dataclasses.replace(config, parallel=True)
     if not config.kc:
         return config
@@ -207,8 +209,13 @@ def distinct_configs(w: Workload, configs) -> list:
     return list({config_key(c): c for c in (normalize_config(w, c) for c in configs)}.values())
 
 
+def text_hash(text: str) -> str:
+    """The 16-hex-digit identity of a kernel's TVMScript (records' and profiles' ``tir_sha256``)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def tir_hash(func) -> str:
-    return hashlib.sha256(str(func).encode()).hexdigest()[:16]
+    return text_hash(str(func))
 
 
 def _conv_out(H, W, KH, KW, strides, pads, dilations):
@@ -225,15 +232,20 @@ def _cpu_red_ext(w: Workload) -> int:
 SERIAL_SPACE_CYCLES = 400_000  # GEMMs estimated below this (~130 us) also try parallel=False
 
 
+def tries_serial(w: Workload) -> bool:
+    """Whether the CPU workload's config space also holds serial configs (``parallel=False``)."""
+    from qcompiler.kernels.cpu_vnni import gemm_cycles
+
+    return gemm_cycles(*w._gemm_mnk(), isa=w.isa) < SERIAL_SPACE_CYCLES
+
+
 def _cpu_points(w: Workload):
     """The VnniConfig grid: every register tile that fits, kc dividing the reduction, both loop
     orders; a small GEMM (``cpu_vnni.gemm_cycles`` < :data:`SERIAL_SPACE_CYCLES`, where a ~3.5 us
     parallel launch is >= 3% of the kernel) also every point run serially."""
-    from qcompiler.kernels.cpu_vnni import gemm_cycles
-
-    M, N, K = w._gemm_mnk()
+    M, N, _ = w._gemm_mnk()
     isa = w.isa
-    pars = (True, False) if gemm_cycles(M, N, K, isa=isa) < SERIAL_SPACE_CYCLES else (True,)
+    pars = (True, False) if tries_serial(w) else (True,)
     nb = -(-N // isa.lanes)
     ext = _cpu_red_ext(w)
     kcs = [0] + [k for k in range(16, ext, 4) if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
