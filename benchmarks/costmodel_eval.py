@@ -114,6 +114,37 @@ def noise_floor(samples, mrecs, prev: dict | None = None, n_workloads: int = 8, 
     return out
 
 
+def two_sessions(tune: list[dict]) -> dict | None:
+    """Every config timed in two sessions (``costmodel_search.py remeasure --sessions 2``: the whole
+    log again, hours later): the second session's timing scored as a prediction of the first (the
+    test-retest ceiling of a label timed once, at full scale), how far the two drift apart, and how
+    far each lies from the label training uses (the faster of the two)."""
+    rows = [s for s in tune if len(s.get("sessions_s") or []) >= 2]
+    if len(rows) < 20:
+        return None
+    q = np.asarray([s["query"] for s in rows])
+    a = np.log([s["sessions_s"][0] for s in rows])
+    b = np.log([s["sessions_s"][1] for s in rows])
+    lab = np.minimum(a, b)
+    r = b - a
+    dev = np.concatenate([r[q == g] - np.median(r[q == g]) for g in np.unique(q)])
+    rel = np.abs(np.expm1(r))
+    return {"configs": len(rows), "workloads": len(set(q)),
+            "second_predicting_first": {**E.query_metrics(q, a, -b), "mape": float(np.mean(rel)),
+                                        "median_ape": float(np.median(rel))},
+            "median_log_drift": float(np.median(r)),
+            "within_workload_log_dev": {"mad_sigma": float(1.4826 * np.median(np.abs(dev))),
+                                        "p90_abs": float(np.percentile(np.abs(dev), 90))},
+            "share_apart_over_10pct": float(np.mean(rel > 0.10)),
+            "label_vs_sessions_mape": [float(np.mean(np.expm1(a - lab))), float(np.mean(np.expm1(b - lab)))],
+            "perfect_model_single_timing": perfect_model_ceiling(rows, dev / np.sqrt(2)),
+            "note": "the first timing of each config (the tuner's) vs a second timing of the whole log hours "
+                    "later, a workload's configs together; the label training uses is the faster of the two "
+                    "(a burst that outlasts one record's repeats only slows it); perfect_model_single_timing: the "
+                    "expected score of a noise-free model against labels timed once, the noise drawn from these "
+                    "within-workload deviations / sqrt 2"}
+
+
 def retest(tune: list[dict], n_workloads: int, max_configs: int, seed: int = 0) -> dict:
     """Re-time up to ``max_configs`` recorded configs of each of ``n_workloads`` workloads drawn at
     random (those with >= 6 configs); report the per-config relative difference and the ranking
@@ -472,6 +503,10 @@ def main():
     for k in ("noise_floor", "leave_one_model_out", "whole_model"):  # skipped parts: the previous run's
         if k not in res and k in prev:
             res[k] = prev[k]
+    two = two_sessions([s for s in samples if s["source"] == "tune"])  # no timing: computed even when skipped
+    if two:
+        res.setdefault("noise_floor", {})["two_sessions"] = two
+        log(f"two sessions {two['second_predicting_first']}")
     res["seconds"] = round(time.time() - t0, 1)
     Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.out).write_text(json.dumps(res, indent=1, default=float) + "\n")

@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/costmodel_search.py tune --budget 12      # real qc tune runs, cold vs warm
     .venv/bin/python benchmarks/costmodel_search.py pick                  # compile-time pick: sampled vs whole space
     .venv/bin/python benchmarks/costmodel_search.py serial                # serial twins of small workloads' best
+    .venv/bin/python benchmarks/costmodel_search.py remeasure --sessions 2  # a second timing of every config (~1 h)
 
 ``collect`` measures, for each held-out workload below (GEMM/conv shapes of models that are not in
 the zoo: BERT-base, ViT-S/16, a 7B LLM decode step, ResNet-50, VGG, odd sizes), the default config and
@@ -40,7 +41,8 @@ anywhere (its pool and both runs), every config scored with the median of all it
 ``pick`` asks the same of ``qc compile``'s pick without measurement (:func:`pick_experiment`).
 
 ``synth`` measures random GEMM/conv workloads (TenSet-style training data) into the same log;
-``remeasure`` times again the configs whose records were all taken while the machine was disturbed;
+``remeasure`` times again the configs whose records were all taken while the machine was disturbed
+(``--sessions 2``: every config of the log a second time, hours later; the labels take the faster);
 ``serial`` times the serial twins (``VnniConfig.parallel=False``) of each small workload's fastest
 configs and its current default, for a log made before that field existed.
 

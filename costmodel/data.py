@@ -6,6 +6,8 @@ A *sample* is ``{"target", "text", "func", "workload", "config", "latency_s", "g
 for profiled GEMM/conv kernels tagged with their workload, the kernel's TIR hash for the others),
 ``query`` the ranking group (candidates of one workload),
 ``source`` "tune" or "profile", ``models`` the zoo models that run it (for leave-one-model-out).
+A tuning sample's label is the fastest of its config's undisturbed timings (one per session that
+timed it); ``sessions_s`` keeps each of them in log order (the test-retest noise floor).
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
         s = tuning_sample(r)
         if s is not None:
             s["models"] = models_of.get(r["workload_key"], [])
+            s["sessions_s"] = [float(x["median_s"]) for x in rs]  # each timing, in log order
             out.append(s)
     parsed: dict[str, object] = {}
     by_kernel: dict[tuple, list] = {}

@@ -361,6 +361,11 @@ def test_disturbed_timings_rerun_and_left_out_of_training(tmp_path):
         wr.append(R.make_record(w, tgt, dict(cfg, mr=1), [4e-6, 6e-6, 6e-6, 6e-6, 4e-6], None, "local"))
     samples, _ = D.samples_from(tmp_path)
     assert [(s["config"]["mr"], s["latency_s"]) for s in samples] == [(2, 3e-6)]
+    # a second session's undisturbed timing: the label is the faster, both timings kept in log order
+    with R.RecordWriter(tmp_path) as wr:
+        wr.append(R.make_record(w, tgt, cfg, [2.8e-6] * 5, None, "local"))
+    samples, _ = D.samples_from(tmp_path)
+    assert [(s["latency_s"], s["sessions_s"]) for s in samples] == [(2.8e-6, [3e-6, 2.8e-6])]
 
 
 def test_parallel_field_keeps_older_records_and_joins_small_spaces():
