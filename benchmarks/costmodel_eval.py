@@ -8,7 +8,9 @@ the metric definitions):
 
 1. Timing noise floor: the spread of the repeats inside each tuning record, re-measurement of a
    sample of recorded configs (test-retest |delta| / t), run-to-run spread of the profiled kernels,
-   and qc bench repeated on the profiled libraries.
+   and qc bench repeated on the profiled libraries; and, for a log timed twice
+   (``costmodel_search.py remeasure --sessions 2``), the second timing of every config scored as a
+   prediction of the first (computed from the log, so also with ``--skip noise``).
 2. Group 5-fold by workload (no workload in both train and test), ablation of the feature
    families (structural / text / both), with the baselines in the same table: MetaSchedule's
    XGBModel (PerStoreFeature, its own training) fed the same training folds, the roofline
