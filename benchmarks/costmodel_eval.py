@@ -116,6 +116,14 @@ def noise_floor(samples, mrecs, prev: dict | None = None, n_workloads: int = 8, 
     return out
 
 
+def _within_workload(r: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Log ratios ``r`` of two timings less their workload's median (a drift of the whole machine
+    between the timings slows every config of a workload alike: what is left is the ranking-relevant
+    noise), and their robust spread."""
+    dev = np.concatenate([r[q == g] - np.median(r[q == g]) for g in np.unique(q)])
+    return dev, {"mad_sigma": float(1.4826 * np.median(np.abs(dev))), "p90_abs": float(np.percentile(np.abs(dev), 90))}
+
+
 def two_sessions(tune: list[dict]) -> dict | None:
     """Every config timed in two sessions (``costmodel_search.py remeasure --sessions 2``: the whole
     log again, hours later): the second session's timing scored as a prediction of the first (the
@@ -127,16 +135,15 @@ def two_sessions(tune: list[dict]) -> dict | None:
     q = np.asarray([s["query"] for s in rows])
     a = np.log([s["sessions_s"][0] for s in rows])
     b = np.log([s["sessions_s"][1] for s in rows])
-    lab = np.minimum(a, b)
+    lab = np.log([s["latency_s"] for s in rows])  # the label: the fastest timing
     r = b - a
-    dev = np.concatenate([r[q == g] - np.median(r[q == g]) for g in np.unique(q)])
+    dev, dev_summary = _within_workload(r, q)
     rel = np.abs(np.expm1(r))
     return {"configs": len(rows), "workloads": len(set(q)),
             "second_predicting_first": {**E.query_metrics(q, a, -b), "mape": float(np.mean(rel)),
                                         "median_ape": float(np.median(rel))},
             "median_log_drift": float(np.median(r)),
-            "within_workload_log_dev": {"mad_sigma": float(1.4826 * np.median(np.abs(dev))),
-                                        "p90_abs": float(np.percentile(np.abs(dev), 90))},
+            "within_workload_log_dev": dev_summary,
             "share_apart_over_10pct": float(np.mean(rel > 0.10)),
             "label_vs_sessions_mape": [float(np.mean(np.expm1(a - lab))), float(np.mean(np.expm1(b - lab)))],
             "perfect_model_single_timing": perfect_model_ceiling(rows, dev / np.sqrt(2)),
@@ -179,15 +186,12 @@ def retest(tune: list[dict], n_workloads: int, max_configs: int, seed: int = 0) 
     new_a, lab_a, qid_a = np.asarray(new), np.asarray(lab), np.asarray(qid)
     rows = np.abs(new_a - np.exp(lab_a)) / np.exp(lab_a)
     ceiling = E.query_metrics(qid_a, lab_a, -np.log(new_a))
-    # the ranking-relevant noise: log ratio second/first timing less its workload's median (a drift
-    # of the whole machine between the runs slows every config of a workload alike)
-    r = np.log(new_a) - lab_a
-    dev = np.concatenate([r[qid_a == q] - np.median(r[qid_a == q]) for q in np.unique(qid_a)])
+    r = np.log(new_a) - lab_a  # log ratio second / first timing
+    dev, dev_summary = _within_workload(r, qid_a)
     return {"workloads": len(set(qid)), "configs": len(rows), "mean_abs_rel_diff": float(np.mean(rows)),
             "median_abs_rel_diff": float(np.median(rows)), "p90_abs_rel_diff": float(np.percentile(rows, 90)),
             "median_log_drift": float(np.median(r)),
-            "within_workload_log_dev": {"mad_sigma": float(1.4826 * np.median(np.abs(dev))),
-                                        "p90_abs": float(np.percentile(np.abs(dev), 90))},
+            "within_workload_log_dev": dev_summary,
             "ceiling": {**ceiling, "mape": float(np.mean(rows))},
             "perfect_model": perfect_model_ceiling(tune, dev / np.sqrt(2)),
             "pairs": [[q, float(np.exp(a)), float(b)] for q, a, b in zip(qid, lab, new)],

@@ -175,12 +175,12 @@ def samples_from(src, models_of: dict[str, list[str]] | None = None, profiles: b
         if not disturbed(r.get("latencies_s")):
             by_cfg.setdefault((r["workload_key"], json.dumps(r["config"], sort_keys=True)), []).append(r)
     for (_, _), rs in by_cfg.items():
-        r = dict(rs[0])
-        r["median_s"] = float(min(x["median_s"] for x in rs))
+        sessions = [float(x["median_s"]) for x in rs]  # each timing, in log order
+        r = dict(rs[0], median_s=min(sessions))
         s = tuning_sample(r)
         if s is not None:
             s["models"] = models_of.get(r["workload_key"], [])
-            s["sessions_s"] = [float(x["median_s"]) for x in rs]  # each timing, in log order
+            s["sessions_s"] = sessions
             out.append(s)
     parsed: dict[str, object] = {}
     by_kernel: dict[tuple, list] = {}
