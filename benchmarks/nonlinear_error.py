@@ -1,6 +1,6 @@
 """Accuracy of the integer nonlinearities against float64, over their input ranges.
 
-For each function the bit-exact integer reference op (qcompiler.reference / ref_nonlinear, i.e. what
+For each function the bit-exact integer reference op (qcompiler/intops/, i.e. what
 the TVM library computes) is run on a dense sweep of its integer input domain at a realistic input
 scale, twice:
   * "int8 out": the output requantized to int8 at the scale calibration would give (max|f|/127),
@@ -28,10 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.quantize_nonlinear import gelu_constants, layernorm_constants  # noqa: E402
-from passes.quantize_softmax import softmax_constants  # noqa: E402
-from qcompiler import reference  # noqa: E402
-from qcompiler.ref_nonlinear import gelu, layernorm  # noqa: E402
+from qcompiler.intops.nonlinear import GeluOp, LayerNormOp, gelu_constants, layernorm_constants  # noqa: E402
+from qcompiler.intops.softmax import SoftmaxOp, softmax_constants  # noqa: E402
 
 RNG = np.random.default_rng(0)
 ERF = np.vectorize(math.erf, otypes=[np.float64])
@@ -78,7 +76,7 @@ def gelu_rows():
                     bound = "-"
                 else:
                     a = gelu_constants(s, dt, variant, sy, olo, ohi, odt)
-                    y = gelu(q.astype(dt), a).astype(np.float64) * sy
+                    y = GeluOp.reference(q.astype(dt), a).astype(np.float64) * sy
                     bound = _log2(a["pmax"] * abs(a["mult"]) + 2.0 ** (a["shift"] - 1))
                 row[mode] = _entry(y, f, sy if mode == "int8 out" else None)
                 if mode == "int8 out":
@@ -113,7 +111,7 @@ def ln_rows():
         for mode, sy, olo, ohi, odt in (("int8 out", np.abs(f).max() / 127, -128, 127, "int8"),
                                          ("approx", np.abs(f).max() / 2**24, -(2**31), 2**31 - 1, "int32")):
             a = layernorm_constants(s, dt, C, 1e-5, gam, bet, sy, olo, ohi, odt)
-            y = layernorm(q, a).astype(np.float64) * sy
+            y = LayerNormOp.reference(q, a).astype(np.float64) * sy
             row[mode] = _entry(y, f, sy if mode == "int8 out" else None)
             if mode == "int8 out":
                 row["out_scale"] = sy
@@ -127,7 +125,7 @@ def ln_rows():
 
 # ---- softmax ----------------------------------------------------------------------------------------------
 def _exp_int(d, c):
-    """The exp step of reference.softmax (same lines), d = (x - max) << u <= 0."""
+    """The exp step of SoftmaxOp.reference (same lines), d = (x - max) << u <= 0."""
     if c["variant"] == "iexp":
         z = (-d) // c["q_ln2"]
         p = d + z * c["q_ln2"]
@@ -156,7 +154,7 @@ def softmax_rows():
         ef = np.exp(xf - xf.max(-1, keepdims=True))
         f = ef / ef.sum(-1, keepdims=True)
         a = dict(c, axis=1, ob=8, lo=0, hi=255, dtype="uint8")
-        y = reference.softmax(q, a).astype(np.float64) / 2**8
+        y = SoftmaxOp.reference(q, a).astype(np.float64) / 2**8
         row = {"function": name, "input": f"rows of 128 int8 logits, S={s:.3g}; approx: exp on [-15, 0]",
                "points": int(q.size), "out_scale": 2.0**-8,
                "int8 out": _entry(y, f, 2.0**-8), "approx": _entry(approx, np.exp(t)),

@@ -329,7 +329,7 @@ class Canonicalizer:
     def _avg_divisors(self, n: Node, a: dict) -> np.ndarray:
         """Per-output-position divisor of ONNX AveragePool: (taps inside the zero-padded window) /
         AveragePool(ones), evaluated by the reference executor for the node's exact attributes."""
-        from qcompiler import reference
+        from qcompiler.intops.pool import SumPoolOp
 
         _, _, h, w = self.g.shape(n.inputs[0])
         ones = np.ones((1, 1, h, w), np.float32)
@@ -342,7 +342,7 @@ class Canonicalizer:
                                                 [helper.make_tensor_value_info("y", 1, None)]),
                               opset_imports=[helper.make_opsetid("", 17)])
         avg = session(m).run(["y"], {"x": ones})[0][0, 0].astype(np.float64)
-        taps = reference.sumpool(np.ones((1, 1, h, w), np.int8), a)[0, 0].astype(np.float64)
+        taps = SumPoolOp.reference(np.ones((1, 1, h, w), np.int8), a)[0, 0].astype(np.float64)
         return np.round(taps / avg).astype(np.int64)
 
     def op_GlobalAveragePool(self, n: Node):

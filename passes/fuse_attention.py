@@ -15,7 +15,7 @@
    where m = 1 and large negative (<= -1000) where m = 0 (HF exports: (1 - m) * finfo.min or
    (1 - m) * -10000).  Float semantics: y = x + a*m + b.  Calibrating y directly would stretch its
    range to -3.4e38 and destroy the scores' resolution; the quantizer instead keeps the scores'
-   own scale and adds a large negative integer (see passes/quantize_transformer.py).
+   own scale and adds a large negative integer (see qcompiler/intops/transformer.py).
 """
 
 from __future__ import annotations

@@ -10,15 +10,15 @@ Every emitted node records the scales of its integer inputs (``in_scales``) and 
 (``out_scale``) as the rule saw them; ``verify_scales`` checks each consumer against the QParams
 its producer declared, which is the check whose absence let I-ViT's softmax output be off 256x.
 
-Rule modules: quantize_gemm (Conv, Dense, MatMul), quantize_elementwise (Add, Mul, Affine, Clip,
-PRelu, HardSigmoid, HardSwish, unary lookup tables), quantize_pool (pools, reductions),
-quantize_softmax (integer softmax), quantize_shape (data movement, Concat).
+The rules live with the integer ops they emit, one module per op family in ``qcompiler/intops/``
+(gemm: Conv, Dense, MatMul; elementwise: Add, Mul, Affine, Clip, PRelu, HardSigmoid, HardSwish,
+unary lookup tables; pool: pools, reductions; softmax; nonlinear: LayerNorm, GELU; transformer:
+Cast, MaskAdd, Embedding, Div; shape: data movement, Concat), registered with ``intops.rule``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ import numpy as np
 from qcompiler.calibrate import TensorStats, clip_range
 from qcompiler.errors import QuantizationError, UnsupportedOpError
 from qcompiler.graph import Graph, Node
+from qcompiler.intops import CHECKS, RULES
 from qcompiler.qtypes import QParams, activation_qparams, int_range
 
 
@@ -62,25 +63,8 @@ WIDE_CONSUMERS = {"Affine", "Add", "LayerNorm", "LayerNormalization", "Gelu", "M
 
 PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather"}
 
-Rule = Callable[["Quantizer", Node], None]
-Check = Callable[[Graph, Node], "str | None"]
-RULES: dict[str, Rule] = {}
-CHECKS: dict[str, Check] = {}
-
-
-def rule(*ops: str, check: Check | None = None):
-    def deco(f: Rule) -> Rule:
-        for o in ops:
-            RULES[o] = f
-            if check is not None:
-                CHECKS[o] = check
-        return f
-    return deco
-
-
 def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
     """Every (op, node, why) the quantizer cannot handle, found before any work is done."""
-    _load_rules()
     bad = []
     for n in fg.nodes:
         if n.op not in RULES:
@@ -128,7 +112,7 @@ class Quantizer:
             raise QuantizationError(f"no calibration range for tensor '{float_name}'")
         wide = bits is None and self.cfg.wide_bits and self.wide_ok(float_name)
         if wide:
-            bits = self.cfg.wide_bits  # nothing downstream needs 8 bits (passes/quantize_transformer.py)
+            bits = self.cfg.wide_bits  # nothing downstream needs 8 bits (qcompiler/intops/transformer.py)
         nn = (float_name in self.nonneg) if nonneg is None else nonneg
         if wide and nonneg is None:
             nn = False  # int16, never uint16: every kernel epilogue and op takes int16
@@ -233,19 +217,7 @@ def verify_scales(ig: Graph, rtol: float = 1e-9) -> None:
                                     f"built for {n.attrs['out_scale']:.6g}")
 
 
-_LOADED = False
-
-
-def _load_rules() -> None:
-    global _LOADED
-    if not _LOADED:
-        from . import (quantize_elementwise, quantize_gemm, quantize_nonlinear, quantize_pool,  # noqa: F401
-                       quantize_shape, quantize_softmax, quantize_transformer)
-        _LOADED = True
-
-
 def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig) -> Graph:
-    _load_rules()
     bad = unsupported(fg)
     if bad:
         raise UnsupportedOpError(bad)

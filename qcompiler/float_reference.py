@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from . import reference
+from . import intops
+from .intops.pool import windows
 from .graph import Graph, Node
 
 
@@ -24,7 +25,7 @@ def _conv(x, n, g: Graph):
     W = g.consts[n.inputs[1]].astype(np.float64)
     b = g.consts[n.inputs[2]].astype(np.float64) if len(n.inputs) > 2 and n.inputs[2] else None
     nd = W.ndim - 2
-    from passes.quantize_gemm import _conv_pads
+    from .intops.gemm import _conv_pads
 
     k = list(W.shape[2:])
     s = list(n.attrs.get("strides", [1] * nd))
@@ -101,7 +102,7 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
         return _maxpool_f(x[0], a)
     if op == "AveragePool":
         s = None
-        for win in reference._windows(x[0], a["kernel"], a["strides"], a["pads"], (1, 1), 0.0):
+        for win in windows(x[0], a["kernel"], a["strides"], a["pads"], (1, 1), 0.0):
             s = win.copy() if s is None else s + win
         return _act(s / a["count"][None, None], n)
     if op in ("ReduceMean", "ReduceSum", "ReduceMax"):
@@ -124,7 +125,7 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
         r = x[0].ndim
         return np.pad(x[0], [(p[i], p[i + r]) for i in range(r)], constant_values=a["value"])
     if op in ("Reshape", "Transpose", "Slice", "Gather", "Concat"):
-        f = reference.OPS[op.lower()]
+        f = intops.get(op.lower()).reference
         aa = dict(a)
         if op == "Reshape":
             aa["shape"] = tuple(a["shape"])
@@ -133,7 +134,7 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
         gamma, beta, mean, var = (v.astype(np.float64) for v in x[1:5])
         sh = (1, -1) + (1,) * (x[0].ndim - 2)
         return (x[0] - mean.reshape(sh)) / np.sqrt(var.reshape(sh) + a.get("epsilon", 1e-5)) * gamma.reshape(sh) + beta.reshape(sh)
-    from passes.quantize_elementwise import UNARY, _eval_unary
+    from .intops.elementwise import UNARY, _eval_unary
 
     if op in UNARY:
         return _act(_eval_unary(n, x[0]), n)
@@ -145,7 +146,7 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def _maxpool_f(x, a):
     out = None
-    for win in reference._windows(x, a["kernel"], a["strides"], a["pads"], a.get("dilations", (1, 1)), -np.inf):
+    for win in windows(x, a["kernel"], a["strides"], a["pads"], a.get("dilations", (1, 1)), -np.inf):
         out = win.copy() if out is None else np.maximum(out, win)
     return out
 

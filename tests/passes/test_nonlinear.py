@@ -1,5 +1,5 @@
-"""Integer LayerNorm and GELU (passes/fuse_nonlinear, passes/quantize_nonlinear, qcompiler/ref_nonlinear,
-qcompiler/lowering/lower_nonlinear): pattern recognition, exact integer sqrt, end to end bit-exact."""
+"""Integer LayerNorm and GELU (passes/fuse_nonlinear, qcompiler/intops/nonlinear): pattern
+recognition, exact integer sqrt, end to end bit-exact."""
 
 import math
 
@@ -29,7 +29,7 @@ def gb(c=C):
 
 # ---- integer square root -----------------------------------------------------------------------
 def test_isqrt_exact():
-    from qcompiler.ref_nonlinear import isqrt, isqrt_steps
+    from qcompiler.intops.nonlinear import isqrt, isqrt_steps
 
     steps = isqrt_steps(2**63 - 1)
     assert steps <= 6 and isqrt_steps(2**32 - 1) <= 5
@@ -52,14 +52,13 @@ def test_isqrt_exact():
 
 
 def test_isqrt_lowered_equals_reference():
-    """The unrolled Relax Newton steps (op_layernorm's sqrt) on edge values, built with TVM."""
+    """The unrolled Relax Newton steps (the layernorm lowering's sqrt) on edge values, built with TVM."""
     import tvm
     from tvm import relax
 
-    from qcompiler.lowering.lower_nonlinear import NonlinearOps
-    from qcompiler.ref_nonlinear import isqrt, isqrt_steps
+    from qcompiler.intops.nonlinear import isqrt, isqrt_steps, lower_isqrt
 
-    class B(NonlinearOps):
+    class B:
         def __init__(self, bb):
             self.bb = bb
 
@@ -76,7 +75,7 @@ def test_isqrt_lowered_equals_reference():
     v = relax.Var("v", relax.TensorType(V.shape, "int64"))
     with bb.function("main", [v]):
         with bb.dataflow():
-            out = bb.emit_output(B(bb)._isqrt(v, isqrt_steps(2**63 - 1)))
+            out = bb.emit_output(lower_isqrt(B(bb), v, isqrt_steps(2**63 - 1)))
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target="llvm")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(V)).numpy()
@@ -123,8 +122,8 @@ def test_layernorm_residual_int16_input():
 
 def test_layernorm_int16_reference_bounds():
     """int16 input, long rows: the quantizer's constants keep V < 2^62; reference close to float."""
-    from passes.quantize_nonlinear import layernorm_constants
-    from qcompiler.ref_nonlinear import layernorm
+    from qcompiler.intops.nonlinear import LayerNormOp, layernorm_constants
+    layernorm = LayerNormOp.reference
 
     for Cl, dt, s in ((768, "int16", 1e-3), (4096, "int16", 1e-3), (1024, "int8", 0.05)):
         g = R.standard_normal(Cl) * 0.2 + 1
@@ -284,8 +283,8 @@ def test_gelu_blocked_when_intermediate_escapes():
 
 
 def test_gelu_int16_input_and_bounds():
-    from passes.quantize_nonlinear import gelu_constants
-    from qcompiler.ref_nonlinear import gelu
+    from qcompiler.intops.nonlinear import GeluOp, gelu_constants
+    gelu = GeluOp.reference
 
     for dt, s in (("int16", 6 / 32767), ("int8", 6 / 127), ("int8", 0.5), ("int16", 1e-4)):
         lo, hi = (-32768, 32767) if dt == "int16" else (-128, 127)

@@ -1,0 +1,312 @@
+"""GEMM-like ops: Conv (1-D/2-D, groups), Dense (constant weights), MatMul; rules and integer ops.
+
+Integer ops: conv, dense, matmul (classes below).  Quantization rules:
+
+For y = act(x * W + b) with x at scale S_x, weights per output channel oc:
+    S_w[oc] = max|W[oc]| / 127,   W_q = round(W / S_w)                       (int8)
+    b_q[oc] = round(b[oc] / (S_x * S_w[oc]))                                 (int32)
+    M[oc]   = S_x * S_w[oc] / S_y  ->  (mult[oc], shift[oc])  (dyadic, qcompiler/qtypes.py)
+    y_q     = clip((int64(sum x_q * W_q + b_q) * mult + 2^(shift-1)) >> shift, lo, hi)
+with [lo, hi] the output dtype's range intersected with the fused activation (ReLU: lo = 0).
+MatMul of two activations (attention) uses per-tensor M = S_a * S_b / S_y.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tvm import relax
+
+from qcompiler.errors import QuantizationError
+from qcompiler.lowering import layout as L
+from qcompiler.lowering.relax_lower import Value
+from qcompiler.qtypes import dyadic, quantize_weights, requant_ref
+
+from .registry import I32, Example, IntOp, check_requant, mag, register, rule
+
+if TYPE_CHECKING:
+    from passes.quantize import Quantizer
+
+
+BIAS_LIMIT = 2**26  # |b_q| budget: leaves int32 headroom for the products' sum
+
+
+def _weights_and_bias(W, b, s_in, axis, bits, name):
+    """Per-channel weights, with S_w raised where needed so that |b / (S_x S_w)| <= 2^26: a channel
+    of near-zero weights and a large (BN-folded) bias would otherwise overflow the int32 bias."""
+    wq, sw = quantize_weights(W, axis=axis, bits=bits)
+    if b is None:
+        return wq, sw, np.zeros(len(sw), np.int32)
+    b = b.astype(np.float64)
+    need = np.abs(b) / (s_in * BIAS_LIMIT)
+    if np.any(need > sw):
+        sw = np.maximum(sw, need)
+        shape = [1] * W.ndim
+        shape[axis] = -1
+        qmax = 2 ** (bits - 1) - 1
+        wq = np.clip(np.round(W / sw.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
+    q = np.round(b / (s_in * sw))
+    if np.any(np.abs(q) > BIAS_LIMIT):
+        raise QuantizationError(f"node '{name}': the bias does not fit int32 at scale S_x*S_w")
+    return wq, sw, q.astype(np.int32)
+
+
+def _conv_check(g, n):
+    if n.inputs[1] not in g.consts:
+        return "weights must be constant"
+    r = len(g.shape(n.inputs[0]))
+    if r not in (3, 4):
+        return f"{r - 2}-D convolution (1-D and 2-D only)"
+    if len(n.inputs) > 2 and n.inputs[2] and n.inputs[2] not in g.consts:
+        return "bias must be constant"
+    return None
+
+
+def _conv_pads(g, n, k, s, d):
+    in_shape, out_shape = g.shape(n.inputs[0]), g.shape(n.outputs[0])
+    nd = len(k)
+    auto = n.attrs.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for ax in range(nd):
+            total = max((out_shape[2 + ax] - 1) * s[ax] + d[ax] * (k[ax] - 1) + 1 - in_shape[2 + ax], 0)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[ax], pads[ax + nd] = lo, total - lo
+        return pads
+    return list(n.attrs.get("pads", [0] * (2 * nd)))
+
+
+@rule("Conv", check=_conv_check)
+def conv(qz: Quantizer, n):
+    g = qz.fg
+    x = n.inputs[0]
+    W = g.consts[n.inputs[1]].astype(np.float64)
+    b = g.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
+    nd = W.ndim - 2
+    k = list(W.shape[2:])
+    s = list(n.attrs.get("strides", [1] * nd))
+    d = list(n.attrs.get("dilations", [1] * nd))
+    pads = _conv_pads(g, n, k, s, d)
+    group = int(n.attrs.get("group", 1))
+    qx = qz.qp(x)
+    wq, sw, bq = _weights_and_bias(W, b, qx.scale, 0, qz.cfg.weight_bits, n.name)
+    out = n.outputs[0]
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
+    xi = qz.iname(x)
+    out_shape = g.shape(out)
+    if nd == 1:  # 1-D conv as a 2-D conv over [N, C, 1, L]
+        N, C, L = g.shape(x)
+        x4 = qz.emit("reshape", [xi], qz.fresh(out + "/in4d"), {"shape": (N, C, 1, L)}, qx.dtype, (N, C, 1, L), qx)
+        wq, k, s, d = wq[:, :, None, :], [1] + k, [1] + s, [1] + d
+        pads = [0, pads[0], 0, pads[1]]
+        shape4 = (out_shape[0], out_shape[1], 1, out_shape[2])
+    else:
+        x4, shape4 = xi, out_shape
+        pads = [pads[0], pads[1], pads[2], pads[3]]  # ONNX (top, left, bottom, right)
+    attrs = {"weight": wq, "bias": bq, "mult": dy.mult, "shift": dy.shift,
+             "lo": lo, "hi": hi, "dtype": qy.dtype, "strides": tuple(s), "pads": tuple(pads),
+             "dilations": tuple(d), "group": group, "weight_bits": qz.cfg.weight_bits}
+    if nd == 1:
+        y4 = qz.emit("conv", [x4], qz.fresh(out + "/out4d"), attrs, qy.dtype, shape4, qy, node_name=n.name)
+        qz.emit("reshape", [y4], out, {"shape": out_shape}, qy.dtype, out_shape, qy, out)
+    else:
+        qz.emit("conv", [x4], out, attrs, qy.dtype, shape4, qy, out, node_name=n.name)
+
+
+@rule("Dense")
+def dense(qz: Quantizer, n):
+    x, out = n.inputs[0], n.outputs[0]
+    W = n.attrs["weight"].astype(np.float64)  # [K, N]
+    qx = qz.qp(x)
+    wq, sw, bq = _weights_and_bias(W, n.attrs.get("bias"), qx.scale, 1, qz.cfg.weight_bits, n.name)
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
+    attrs = {"weight": wq, "bias": bq, "mult": dy.mult,
+             "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "weight_bits": qz.cfg.weight_bits}
+    qz.emit("dense", [qz.iname(x)], out, attrs, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+
+
+def _matmul_check(g, n):
+    if any(i in g.consts for i in n.inputs):
+        return "constant operand of rank != 2"
+    return None
+
+
+@rule("MatMul", check=_matmul_check)
+def matmul(qz: Quantizer, n):
+    a, b = n.inputs
+    out = n.outputs[0]
+    qa, qb = qz.qp(a), qz.qp(b)
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    alpha = float(n.attrs.get("alpha", 1.0))  # folded attention scale (passes/fuse_attention.py)
+    dy = dyadic(alpha * qa.scale * qb.scale / qy.scale, f"node '{n.name}'")
+    qz.emit("matmul", [qz.iname(a), qz.iname(b)], out,
+            {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype},
+            qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+
+
+# ---- integer ops -------------------------------------------------------------------------------
+def conv_acc(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group) -> np.ndarray:
+    """int64 accumulators of a 2-D convolution (NCHW, weight [OC, C/g, KH, KW]), zero padding.
+    Sums in float64 are exact: every product of two 8/16-bit integers and every sum of up to 2^20
+    of them is far below 2^53."""
+    n, c, h, wd = x.shape
+    oc, cg, kh, kw = w.shape
+    (sh, sw), (dh, dw) = strides, dilations
+    pt, pl, pb, pr = pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.empty((n, oc, oh, ow), dtype=np.float64)
+    ocg = oc // group
+    for g in range(group):
+        xs = xp[:, g * cg:(g + 1) * cg]
+        cols = np.empty((n, cg, kh, kw, oh, ow), dtype=np.float64)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+        wg = w[g * ocg:(g + 1) * ocg].reshape(ocg, -1).astype(np.float64)
+        out[:, g * ocg:(g + 1) * ocg] = np.einsum("ok,nkp->nop", wg, cols.reshape(n, cg * kh * kw, oh * ow),
+                                                   optimize=True).reshape(n, ocg, oh, ow)
+    return out.astype(np.int64)
+
+
+def _check_gemm(ctx, n, x, colsum):
+    """int32 accumulator: max|x| * sum_k |W[k, n]| + |bias[n]| < 2^31 for every channel n, also with
+    max|x| + 128 (the VNNI kernels add 128 to signed activations); then the int64 dyadic step."""
+    a = n.attrs
+    bias = np.abs(a["bias"].astype(np.int64))
+    xm = mag(x)
+    xm_vnni = xm + (128 if x[0] < 0 else 0)
+    acc = float((xm_vnni * colsum + bias).max())
+    if acc > I32:
+        ctx.fail(n, "the int32 accumulator", acc, I32)
+    check_requant(ctx, n, float((xm * colsum + bias).max()), a)
+
+
+_GEMM_ATTRS = {"weight": "int8 weights (values within weight_bits)", "bias": "int32 bias at scale S_x*S_w",
+               "mult": "int64 per-output-channel multipliers", "shift": "per-output-channel shifts",
+               "lo": "clamp minimum", "hi": "clamp maximum", "dtype": "output integer dtype",
+               "weight_bits": "bits of the weights (8, or 4 where packed)"}
+
+
+def _gemm_example_attrs(rng, oc, k, dtype="int8", lo=-128, hi=127):
+    d = dyadic(rng.uniform(0.5, 2.0, oc) / (k * 40), "example")
+    return {"bias": rng.integers(-5000, 5000, oc).astype(np.int32), "mult": d.mult, "shift": d.shift,
+            "lo": lo, "hi": hi, "dtype": dtype, "weight_bits": 8}
+
+
+@register
+class ConvOp(IntOp):
+    """2-D convolution (NCHW logical, NHWC physical), int32 accumulation with bias, per-channel
+    dyadic requantization and clamp: y = clip(rq(sum x*W + bias; mult[oc], shift[oc]), lo, hi).
+    Lowered by the target's GEMM backend (``qcompiler.lowering.gemm``: VNNI / AVX2 / tensor-core
+    kernels with the epilogue fused, or the generic Relax path)."""
+    name = "conv"
+    attrs = {**_GEMM_ATTRS, "weight": "int8 weights [OC, C/group, KH, KW]", "strides": "(sh, sw)",
+             "pads": "(top, left, bottom, right)", "dilations": "(dh, dw)", "group": "groups"}
+
+    @staticmethod
+    def reference(x, a):
+        acc = conv_acc(x, a["weight"], a["strides"], a["pads"], a["dilations"], a["group"])
+        acc = acc + a["bias"].astype(np.int64)[None, :, None, None]
+        m, s = a["mult"][None, :, None, None], a["shift"][None, :, None, None]
+        return np.clip(requant_ref(acc, m, s), a["lo"], a["hi"]).astype(a["dtype"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        x = lw.to_perm(x, L.NHWC)
+        e = lw.gemm.conv(lw, n, x.expr, x.dtype, L.physical_shape(x.shape, L.NHWC))
+        return Value(e, L.NHWC, lw.ig.shapes[n.outputs[0]], n.attrs["dtype"])
+
+    @staticmethod
+    def bound(ctx, n, x):
+        w = np.abs(n.attrs["weight"].astype(np.int64))
+        _check_gemm(ctx, n, x, w.reshape(w.shape[0], -1).sum(axis=1))
+
+    @staticmethod
+    def examples(rng):
+        def ex(c, oc, group, k, s, p, d, dtype="int8"):
+            a = _gemm_example_attrs(rng, oc, c // group * k * k)
+            a.update(weight=rng.integers(-127, 128, (oc, c // group, k, k)).astype(np.int8), strides=(s, s),
+                     pads=p, dilations=(d, d), group=group)
+            return Example([(dtype, (1, c, 9, 8))], a, "int8")
+        return [ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1), ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8"),
+                ex(12, 6, 3, 3, 1, (2, 2, 2, 2), 2)]
+
+
+@register
+class DenseOp(IntOp):
+    """y = clip(rq(x @ W + bias; mult[n], shift[n]), lo, hi) with constant W [K, N] (x [.., K])."""
+    name = "dense"
+    attrs = {**_GEMM_ATTRS, "weight": "int8 weights [K, N]"}
+
+    @staticmethod
+    def reference(x, a):
+        acc = (x.astype(np.float64) @ a["weight"].astype(np.float64)).astype(np.int64) + a["bias"].astype(np.int64)
+        return np.clip(requant_ref(acc, a["mult"], a["shift"]), a["lo"], a["hi"]).astype(a["dtype"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        x = lw.logical(x)
+        K = x.shape[-1]
+        M = int(np.prod(x.shape[:-1]))
+        e2 = x.expr if x.rank == 2 else lw.emit(relax.op.reshape(x.expr, (M, K)))
+        y = lw.gemm.dense(lw, n, e2, x.dtype, M, K)
+        out_shape = lw.ig.shapes[n.outputs[0]]
+        if len(out_shape) != 2:
+            y = lw.emit(relax.op.reshape(y, out_shape))
+        return Value(y, L.identity(len(out_shape)), out_shape, n.attrs["dtype"])
+
+    @staticmethod
+    def bound(ctx, n, x):
+        _check_gemm(ctx, n, x, np.abs(n.attrs["weight"].astype(np.int64)).sum(axis=0))
+
+    @staticmethod
+    def examples(rng):
+        def ex(shape, N, dtype, out="int8", lo=-128, hi=127):
+            a = _gemm_example_attrs(rng, N, shape[-1], out, lo, hi)
+            a["weight"] = rng.integers(-127, 128, (shape[-1], N)).astype(np.int8)
+            return Example([(dtype, shape)], a, out)
+        return [ex((4, 64), 48, "int8"), ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767)]
+
+
+@register
+class MatMulOp(IntOp):
+    """y = clip(rq(a @ b; mult, shift), lo, hi): the product of two activations (attention), int32
+    accumulation.  Bound: K * max|a| * max|b| < 2^31, then the int64 dyadic step."""
+    name = "matmul"
+    attrs = {"mult": "int64 multiplier", "shift": "shift", "lo": "clamp minimum", "hi": "clamp maximum",
+             "dtype": "output integer dtype"}
+
+    @staticmethod
+    def reference(x, y, a):
+        acc = np.matmul(x.astype(np.float64), y.astype(np.float64)).astype(np.int64)
+        return np.clip(requant_ref(acc, a["mult"], a["shift"]), a["lo"], a["hi"]).astype(a["dtype"])
+
+    @staticmethod
+    def lower(lw, n, x, y):
+        # the GEMM lowering does the whole op (layouts of a / b, accumulation, requantization)
+        e = lw.gemm.matmul(lw, n, x, y)
+        shape = lw.ig.shapes[n.outputs[0]]
+        return Value(e, L.identity(len(shape)), shape, n.attrs["dtype"])
+
+    @staticmethod
+    def bound(ctx, n, x, y):
+        k = ctx.shapes[n.inputs[0]][-1]
+        acc = float(k) * mag(x) * mag(y)
+        if acc > I32:
+            ctx.fail(n, "the int32 accumulator", acc, I32)
+        check_requant(ctx, n, acc, n.attrs)
+
+    @staticmethod
+    def examples(rng):
+        d = dyadic(1 / 3000.0, "example")
+        a = {"mult": d.mult, "shift": d.shift, "lo": -128, "hi": 127, "dtype": "int8"}
+        return [Example([("int8", (2, 3, 5, 32)), ("int8", (2, 3, 32, 7))], a, "int8"),
+                Example([("uint8", (4, 16)), ("int8", (16, 8))], a, "int8")]

@@ -1,0 +1,222 @@
+"""Pooling and reductions: integers only, no run-time division; rules and integer ops.
+
+Integer ops: maxpool, sumpool, reduce_sum, reduce_max (classes below).  Quantization rules:
+
+MaxPool / ReduceMax   max of integers on the input's own scale (padding = the dtype's minimum)
+AveragePool           s = window sum (int32);  y = rq(s; S_x / (S_y * count[p]))  with the ONNX
+                      divisor count[p] of every output position p folded into per-position
+                      dyadic constants at compile time (count_include_pad, ceil_mode handled)
+ReduceMean/Sum        s = sum over axes (int32);  y = rq(s; S_x / (S_y * n))  (n = 1 for Sum)
+                      (GlobalAveragePool is ReduceMean over the spatial axes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qcompiler.qtypes import dyadic
+
+from .registry import I32, Example, IntOp, mag, register, rule
+
+if TYPE_CHECKING:
+    from passes.quantize import Quantizer
+
+
+@rule("MaxPool")
+def maxpool(qz: Quantizer, n):
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x)
+    a = {k: n.attrs[k] for k in ("kernel", "strides", "pads", "dilations")}
+    qz.emit("maxpool", [qz.iname(x)], out, a, qx.dtype, qz.fg.shape(out), qx, out, node_name=n.name)
+
+
+@rule("AveragePool")
+def avgpool(qz: Quantizer, n):
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x)
+    shape = qz.fg.shape(out)
+    a = {k: n.attrs[k] for k in ("kernel", "strides", "pads")}
+    s = qz.emit("sumpool", [qz.iname(x)], qz.fresh(out + "/sum"), a, "int32", shape, None, node_name=n.name + "/sum")
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    count = np.asarray(n.attrs["count"], np.float64)
+    dy = dyadic((qx.scale / qy.scale) / count[None, None], f"node '{n.name}'")
+    qz.emit("requant", [s], out, {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype,
+                                  "acc_scale": qx.scale},
+            qy.dtype, shape, qy, out, node_name=n.name)
+
+
+def _reduce(qz: Quantizer, n, mean: bool):
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x)
+    shape_in = qz.fg.shape(x)
+    axes, keep = tuple(n.attrs["axes"]), bool(n.attrs["keepdims"])
+    count = int(np.prod([shape_in[a] for a in axes]))
+    s = qz.emit("reduce_sum", [qz.iname(x)], qz.fresh(out + "/sum"), {"axes": axes, "keepdims": keep}, "int32",
+                qz.fg.shape(out), None, node_name=n.name + "/sum")
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    dy = dyadic(np.asarray(qx.scale / qy.scale / (count if mean else 1)), f"node '{n.name}'")
+    qz.emit("requant", [s], out, {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype,
+                                  "acc_scale": qx.scale},
+            qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+
+
+@rule("ReduceMean")
+def reduce_mean(qz: Quantizer, n):
+    _reduce(qz, n, mean=True)
+
+
+@rule("ReduceSum")
+def reduce_sum(qz: Quantizer, n):
+    _reduce(qz, n, mean=False)
+
+
+@rule("ReduceMax")
+def reduce_max(qz: Quantizer, n):
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x)
+    qz.emit("reduce_max", [qz.iname(x)], out, {"axes": tuple(n.attrs["axes"]), "keepdims": bool(n.attrs["keepdims"])},
+            qx.dtype, qz.fg.shape(out), qx, out, node_name=n.name)
+
+
+# ---- integer ops -------------------------------------------------------------------------------
+def windows(x, kernel, strides, pads, dilations, fill):
+    """The kernel-tap views of a 2-D pooling window over NCHW ``x`` padded with ``fill``."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = strides, dilations
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    for i in range(kh):
+        for j in range(kw):
+            yield xp[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+
+
+_POOL_ATTRS = {"kernel": "(kh, kw)", "strides": "(sh, sw)", "pads": "(top, left, bottom, right)",
+               "dilations": "(dh, dw)"}
+
+
+def _pool_examples(rng, dtype):
+    return [Example([(dtype, (1, 5, 9, 10))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1),
+                                              "dilations": (1, 1)}, dtype),
+            Example([(dtype, (2, 3, 7, 7))], {"kernel": (2, 3), "strides": (1, 2), "pads": (0, 1, 1, 2),
+                                              "dilations": (1, 1)}, dtype)]
+
+
+@register
+class MaxPoolOp(IntOp):
+    """y = max over each window (padding = the dtype's minimum, never selected over a real value);
+    the input's scale and dtype pass through."""
+    name = "maxpool"
+    attrs = _POOL_ATTRS
+
+    @staticmethod
+    def reference(x, a):
+        fill = np.iinfo(x.dtype).min
+        out = None
+        for win in windows(x, a["kernel"], a["strides"], a["pads"], a["dilations"], fill):
+            out = win.copy() if out is None else np.maximum(out, win)
+        return out
+
+    @staticmethod
+    def lower(lw, n, x):
+        return lw.pool(n, x, "max")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        return x
+
+    @staticmethod
+    def examples(rng):
+        return _pool_examples(rng, "int8") + _pool_examples(rng, "uint8")[:1]
+
+
+@register
+class SumPoolOp(IntOp):
+    """s = sum over each window (zero padding) in int32.  Bound: taps * max|x| < 2^31."""
+    name = "sumpool"
+    attrs = _POOL_ATTRS
+
+    @staticmethod
+    def reference(x, a):
+        out = None
+        for win in windows(x.astype(np.int64), a["kernel"], a["strides"], a["pads"], (1, 1), 0):
+            out = win.copy() if out is None else out + win
+        return out.astype(np.int32)
+
+    @staticmethod
+    def lower(lw, n, x):
+        return lw.pool(n, x, "sum")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        m = float(np.prod(n.attrs["kernel"])) * mag(x)
+        if m > I32:
+            ctx.fail(n, "the int32 sum", m, I32)
+        return (int(-m), int(m))
+
+    @staticmethod
+    def examples(rng):
+        return [dataclasses.replace(e, out_dtype="int32") for e in _pool_examples(rng, "int8")]
+
+
+def _reduce_examples(dtype):
+    return [Example([(dtype, (2, 6, 5, 4))], {"axes": (2, 3), "keepdims": True}, dtype),
+            Example([(dtype, (3, 7, 5))], {"axes": (1,), "keepdims": False}, dtype),
+            Example([(dtype, (3, 7, 5))], {"axes": (0, 2), "keepdims": True}, dtype)]
+
+
+@register
+class ReduceSumOp(IntOp):
+    """s = sum over ``axes`` in int32.  Bound: count * max|x| < 2^31."""
+    name = "reduce_sum"
+    attrs = {"axes": "reduced axes (logical)", "keepdims": "keep reduced axes as 1"}
+
+    @staticmethod
+    def reference(x, a):
+        return np.sum(x.astype(np.int64), axis=tuple(a["axes"]), keepdims=a["keepdims"]).astype(np.int32)
+
+    @staticmethod
+    def lower(lw, n, x):
+        return lw.reduce(n, x, "sum")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        shp = ctx.shapes[n.inputs[0]]
+        m = float(np.prod([shp[ax] for ax in n.attrs["axes"]])) * mag(x)
+        if m > I32:
+            ctx.fail(n, "the int32 sum", m, I32)
+        return (int(-m), int(m))
+
+    @staticmethod
+    def examples(rng):
+        return [dataclasses.replace(e, out_dtype="int32") for e in _reduce_examples("int16")]
+
+
+@register
+class ReduceMaxOp(IntOp):
+    """y = max over ``axes`` (GlobalMaxPool, ReduceMax); scale and dtype pass through."""
+    name = "reduce_max"
+    attrs = {"axes": "reduced axes (logical)", "keepdims": "keep reduced axes as 1"}
+
+    @staticmethod
+    def reference(x, a):
+        return np.max(x, axis=tuple(a["axes"]), keepdims=a["keepdims"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        return lw.reduce(n, x, "max")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        return x
+
+    @staticmethod
+    def examples(rng):
+        return _reduce_examples("int8")

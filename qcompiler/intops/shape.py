@@ -1,0 +1,274 @@
+"""Data movement: the integers move, the scale passes through unchanged; rules and integer ops.
+
+Integer ops: reshape, transpose, concat, slice, gather, pad (classes below).  Quantization rules:
+
+Reshape, Transpose, Slice, Gather (constant indices), Pad (value -> round(value / S)) keep the
+input's QParams.  Concat needs one scale for all inputs: when they already agree the inputs are
+concatenated as they are; otherwise each input is requantized to the output's calibrated scale
+(y_i = rq(x_i; S_i / S_y)) first.  Constant inputs (a ViT class token) are quantized at the
+output's scale at compile time: q = clip(round(c / S_y)).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tvm import relax
+
+from qcompiler.lowering import layout as L
+from qcompiler.lowering.relax_lower import Value, const
+from qcompiler.qtypes import dyadic
+
+from .registry import Example, IntOp, register, rule
+
+if TYPE_CHECKING:
+    from passes.quantize import Quantizer
+
+
+def _passthrough(qz: Quantizer, n, op: str, attrs: dict):
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x) if qz.iname(x) in qz.ig.qparams else None
+    dtype = qx.dtype if qx else qz.ig.dtypes[qz.iname(x)]
+    qz.emit(op, [qz.iname(x)], out, attrs, dtype, qz.fg.shape(out), qx, out, node_name=n.name)
+
+
+@rule("Reshape")
+def reshape(qz, n):
+    _passthrough(qz, n, "reshape", {"shape": tuple(qz.fg.shape(n.outputs[0]))})
+
+
+@rule("Transpose")
+def transpose(qz, n):
+    _passthrough(qz, n, "transpose", {"perm": tuple(n.attrs["perm"])})
+
+
+@rule("Slice")
+def slice_(qz, n):
+    _passthrough(qz, n, "slice", {k: list(n.attrs[k]) for k in ("starts", "ends", "axes", "steps")})
+
+
+def _gather_check(g, n):
+    if "indices" not in n.attrs:
+        return "non-constant indices into a non-embedding tensor"
+    return None
+
+
+@rule("Gather", check=_gather_check)
+def gather(qz, n):
+    _passthrough(qz, n, "gather", {"indices": np.asarray(n.attrs["indices"], np.int64), "axis": int(n.attrs["axis"])})
+
+
+@rule("Pad")
+def pad(qz, n):
+    qx = qz.qp(n.inputs[0])
+    v = int(np.clip(np.round(n.attrs["value"] / qx.scale), qx.qmin, qx.qmax))
+    _passthrough(qz, n, "pad", {"pads": list(n.attrs["pads"]), "value": v})
+
+
+@rule("Concat")
+def concat(qz, n):
+    out = n.outputs[0]
+    ins = list(n.inputs)
+    consts = [i for i in ins if i in qz.fg.consts]
+    if consts:  # constant pieces (a class token): quantized at the output's calibrated scale
+        qy = qz.out_qparams(out)
+        for c in consts:
+            q = np.clip(np.round(qz.fg.consts[c].astype(np.float64) / qy.scale), qy.qmin, qy.qmax).astype(qy.dtype)
+            name = qz.fresh(c + "/q")
+            qz.ig.add_const(name, q)
+            qz.ig.qparams[name] = qy
+            qz.int_name[c] = name
+    qps = [qz.qp(i) for i in ins]
+    if all(q == qps[0] for q in qps):
+        qy = qps[0]
+        srcs = [qz.iname(i) for i in ins]
+    else:
+        qy = qz.out_qparams(out)
+        srcs = []
+        for i, q in zip(ins, qps):
+            if q == qy:
+                srcs.append(qz.iname(i))
+                continue
+            dy = dyadic(np.asarray(q.scale / qy.scale), f"node '{n.name}'")
+            srcs.append(qz.emit("requant", [qz.iname(i)], qz.fresh(f"{out}/in_{i}"),
+                                {"mult": dy.mult, "shift": dy.shift, "lo": qy.qmin, "hi": qy.qmax, "dtype": qy.dtype},
+                                qy.dtype, qz.fg.shape(i), qy, node_name=f"{n.name}/requant_{i}"))
+    qz.emit("concat", srcs, out, {"axis": int(n.attrs["axis"])}, qy.dtype, qz.fg.shape(out), qy, out,
+            node_name=n.name)
+
+
+# ---- integer ops (pure data movement: the output interval is the input's) ---------------------------
+class _Move(IntOp):
+    @staticmethod
+    def bound(ctx, n, *ins):
+        return (min(i[0] for i in ins), max(i[1] for i in ins))
+
+
+@register
+class ReshapeOp(_Move):
+    """y = x.reshape(shape) (row-major, logical order)."""
+    name = "reshape"
+    attrs = {"shape": "output shape"}
+
+    @staticmethod
+    def reference(x, a):
+        return x.reshape(a["shape"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        shape = tuple(n.attrs["shape"])
+        if tuple(shape) == tuple(x.shape):
+            return x
+        x = lw.logical(x)
+        return Value(lw.emit(relax.op.reshape(x.expr, shape)), L.identity(len(shape)), shape, x.dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 3, 4))], {"shape": (6, 4)}, "int8"),
+                Example([("int16", (2, 12))], {"shape": (2, 3, 2, 2)}, "int16")]
+
+
+@register
+class TransposeOp(_Move):
+    """y = transpose(x, perm); free in the lowering (the layout tracks the permutation)."""
+    name = "transpose"
+    attrs = {"perm": "axis permutation"}
+
+    @staticmethod
+    def reference(x, a):
+        return np.transpose(x, a["perm"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        perm = tuple(n.attrs["perm"])
+        shape = tuple(x.shape[p] for p in perm)
+        return Value(x.expr, L.after_transpose(x.perm, perm), shape, x.dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 3, 4, 5))], {"perm": (0, 2, 3, 1)}, "int8"),
+                Example([("uint8", (3, 4))], {"perm": (1, 0)}, "uint8")]
+
+
+@register
+class ConcatOp(_Move):
+    """y = concatenate(inputs, axis); the inputs share one scale and dtype (the rule requantizes)."""
+    name = "concat"
+    attrs = {"axis": "concatenation axis (logical)"}
+
+    @staticmethod
+    def reference(*xs):
+        *xs, a = xs
+        return np.concatenate(xs, axis=a["axis"])
+
+    @staticmethod
+    def lower(lw, n, *xs):
+        perm = xs[0].perm
+        xs = [lw.to_perm(v, perm) for v in xs]
+        ax = L.inverse(perm)[n.attrs["axis"]]
+        e = lw.emit(relax.op.concat([v.expr for v in xs], axis=ax))
+        return Value(e, perm, lw.ig.shapes[n.outputs[0]], xs[0].dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 3, 4)), ("int8", (2, 5, 4)), ("int8", (2, 1, 4))], {"axis": 1}, "int8")]
+
+
+@register
+class SliceOp(_Move):
+    """y = x[starts:ends:steps] along ``axes`` (normalised: starts/ends in range, None = to the end)."""
+    name = "slice"
+    attrs = {"starts": "per axis", "ends": "per axis (None: past the end for a negative step)",
+             "axes": "sliced axes (logical)", "steps": "per axis, may be negative"}
+
+    @staticmethod
+    def reference(x, a):
+        idx = [slice(None)] * x.ndim
+        for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
+            idx[ax] = slice(st, en, sp)
+        return x[tuple(idx)]
+
+    @staticmethod
+    def lower(lw, n, x):
+        a = n.attrs
+        inv = L.inverse(x.perm)
+        shape = lw.ig.shapes[n.outputs[0]]
+        axes, begins, ends, strides = [], [], [], []
+        for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
+            axes.append(inv[ax])
+            begins.append(int(st))
+            strides.append(int(sp))
+            ends.append(int(en) if en is not None else (-(2**31) if sp < 0 else 2**31 - 1))
+        e = lw.emit(relax.op.strided_slice(x.expr, axes, begins, ends, strides))
+        return Value(e, x.perm, shape, x.dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 7, 9))], {"starts": [1, 8], "ends": [6, None], "axes": [1, 2],
+                                                "steps": [2, -3]}, "int8")]
+
+
+@register
+class GatherOp(_Move):
+    """y = take(x, indices, axis) with constant indices (Resize-nearest, Tile, DepthToSpace, ...
+    become a gather over a flat index map, ``passes/index_map.py``)."""
+    name = "gather"
+    attrs = {"indices": "int64 constant indices (any shape)", "axis": "gathered axis (logical)"}
+
+    @staticmethod
+    def reference(x, a):
+        return np.take(x, a["indices"], axis=a["axis"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        a = n.attrs
+        idx = np.asarray(a["indices"], np.int64)
+        shape = lw.ig.shapes[n.outputs[0]]
+        if idx.ndim == 1:
+            ax = L.inverse(x.perm)[a["axis"]]
+            e = lw.emit(relax.op.take(x.expr, const(idx.astype(np.int32), "int32"), axis=ax))
+            return Value(e, x.perm, shape, x.dtype)
+        x = lw.logical(x)
+        e = lw.emit(relax.op.take(x.expr, const(idx.astype(np.int32), "int32"), axis=a["axis"]))
+        return Value(e, L.identity(len(shape)), shape, x.dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 6, 3))], {"indices": np.array([5, 0, 0, 2], np.int64), "axis": 1}, "int8"),
+                Example([("int16", (24,))], {"indices": rng.integers(0, 24, (3, 4)).astype(np.int64), "axis": 0},
+                        "int16")]
+
+
+@register
+class PadOp(_Move):
+    """y = pad(x, pads, value) with a constant integer value (ONNX pads: all begins, then all ends)."""
+    name = "pad"
+    attrs = {"pads": "begins of every axis, then ends", "value": "integer fill value"}
+
+    @staticmethod
+    def reference(x, a):
+        p = a["pads"]
+        r = x.ndim
+        return np.pad(x, [(p[i], p[i + r]) for i in range(r)], constant_values=a["value"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        a = n.attrs
+        r = x.rank
+        p = a["pads"]
+        width = []
+        for i in range(r):
+            lg = x.perm[i]
+            width += [int(p[lg]), int(p[lg + r])]
+        e = lw.emit(relax.op.nn.pad(x.expr, width, pad_value=float(a["value"])))
+        return Value(e, x.perm, lw.ig.shapes[n.outputs[0]], x.dtype)
+
+    @staticmethod
+    def bound(ctx, n, x):
+        v = n.attrs["value"]
+        return (min(x[0], v), max(x[1], v))
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (1, 3, 4, 5))], {"pads": [0, 0, 1, 2, 0, 1, 3, 0], "value": -7}, "int8")]
