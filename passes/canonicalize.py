@@ -4,7 +4,9 @@ All rewrites are exact in float.  Surviving tensors keep their ONNX names (calib
 keyed by them); a new tensor is only introduced inside a pure data-movement chain.
 
   Gemm(A, B, C; alpha, beta, transB), MatMul(A, const B) [+ Add(const c)]   ->  Dense(A; W[K,N], b[N])
-  Relu -> Clip(0, inf); Clip(min, max inputs) -> Clip(attrs); LeakyRelu(a) -> PRelu(a)
+  Relu -> Clip(0, inf); Clip(min, max inputs, any one-value shape) -> Clip(attrs); LeakyRelu(a) -> PRelu(a)
+  Pow(x, 1) -> x; Pow(x, 2) -> Mul(x, x); Pow(x, 0.5) -> Sqrt(x); Pow(x, other constant) kept (a table)
+  Max/Min(activations, constants) -> Max/Min of <= 2 activations with the constants as clamp, or Clip
   Sub(x, c) -> Add(x, -c); Div(x, c) -> Mul(x, 1/c); Neg(x) -> Mul(x, -1)
   Identity / Dropout / Cast(float->float) -> removed; Cast(int->float) kept (integer data such as masks)
   Gather(const table, activation indices, axis 0) -> Embedding(ids; table)
@@ -15,6 +17,8 @@ keyed by them); a new tensor is only introduced inside a pure data-movement chai
   ReduceMean/ReduceSum/ReduceMax axes (attribute or input) -> attribute, normalized
   Slice / Split / Pad / Concat / Transpose / Softmax: constant operands -> normalized attributes
   Resize(nearest), Tile, Expand, DepthToSpace, SpaceToDepth -> Gather(flat index map, see index_map)
+  Resize(linear, cubic) -> Resample(per-axis taps, see resize_maps)
+  ConvTranspose -> GatherFill (zero insertion + padding, per spatial axis) -> Conv(stride 1, flipped weights)
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ _INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDe
 
 # ops that pass canonicalization unchanged (their attribute forms are already canonical)
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
-         "HardSigmoid", "HardSwish", "LayerNormalization"} | _ELEMENTWISE_FLOAT_UNARY
+         "HardSigmoid", "HardSwish", "LayerNormalization", "Equal", "Less", "Greater", "LessOrEqual",
+         "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where"} | _ELEMENTWISE_FLOAT_UNARY
 
 
 def _norm_axis(a: int, rank: int) -> int:
@@ -140,12 +145,60 @@ class Canonicalizer:
     def op_Relu(self, n: Node):
         return [Node("Clip", n.name, [n.inputs[0]], n.outputs, {"min": 0.0, "max": float("inf")})]
 
+    def _scalar(self, n: Node, k: int, what: str) -> float | None:
+        """A constant operand that holds one value (shape [], [1], [1, 1], ...), as a float."""
+        v = self.need_const(n, k, what)
+        if v is None:
+            return None
+        if v.size != 1:
+            self.problems.append((n.op, n.name, f"{what} of shape {list(v.shape)} (one value expected)"))
+            return None
+        return float(np.asarray(v).reshape(-1)[0])
+
     def op_Clip(self, n: Node):
-        lo = self.need_const(n, 1, "min")
-        hi = self.need_const(n, 2, "max")
-        lo = float(lo) if lo is not None else float(n.attrs.get("min", -np.inf))
-        hi = float(hi) if hi is not None else float(n.attrs.get("max", np.inf))
+        lo = self._scalar(n, 1, "min")
+        hi = self._scalar(n, 2, "max")
+        lo = lo if lo is not None else float(n.attrs.get("min", -np.inf))
+        hi = hi if hi is not None else float(n.attrs.get("max", np.inf))
         return [Node("Clip", n.name, [n.inputs[0]], n.outputs, {"min": lo, "max": hi})]
+
+    def op_Pow(self, n: Node):
+        if n.inputs[0] in self.g.consts:
+            self.problems.append(("Pow", n.name, "constant base with an activation exponent"))
+            return [n]
+        e = self._scalar(n, 1, "exponent")
+        if e is None:
+            return [n]
+        x = n.inputs[0]
+        if e == 1.0:
+            return self._alias(n)
+        if e == 2.0:
+            return [Node("Mul", n.name, [x, x], n.outputs)]
+        if e == 0.5:
+            return [Node("Sqrt", n.name, [x], n.outputs)]
+        return [Node("Pow", n.name, [x, n.inputs[1]], n.outputs)]  # a lookup table of x**e
+
+    def _minmax(self, n: Node):
+        """Max/Min of activations and constants: constants become the clamp of the result."""
+        acts = [i for i in n.inputs if i and i not in self.g.consts]
+        consts = [self.c(i) for i in n.inputs if i in self.g.consts]
+        if any(c.size != 1 for c in consts):
+            self.problems.append((n.op, n.name, "a constant operand with more than one value"))
+            return [n]
+        f = max if n.op == "Max" else min
+        c = f(float(np.asarray(v).reshape(-1)[0]) for v in consts) if consts else None
+        if len(acts) == 1:
+            lo, hi = (c, np.inf) if n.op == "Max" else (-np.inf, c)
+            return [Node("Clip", n.name, acts, n.outputs, {"min": lo, "max": hi})]
+        if len(acts) > 2:
+            self.problems.append((n.op, n.name, f"{len(acts)} activation operands (two at most)"))
+            return [n]
+        attrs = {}
+        if c is not None:
+            attrs["act"] = (c, np.inf) if n.op == "Max" else (-np.inf, c)
+        return [Node(n.op, n.name, acts, n.outputs, attrs)]
+
+    op_Max = op_Min = _minmax
 
     def op_LeakyRelu(self, n: Node):
         slope = self.g.add_const(self.g.fresh(n.name + "_slope"), np.float32(n.attrs.get("alpha", 0.01)))
@@ -370,8 +423,7 @@ class Canonicalizer:
     def op_index(self, n: Node):
         """Pure data movement with constant parameters -> Gather along a flat index map."""
         if n.op in ("Resize", "Upsample") and n.attrs.get("mode", "nearest") != "nearest":
-            self.problems.append((n.op, n.name, f"mode={n.attrs.get('mode')} (nearest only)"))
-            return [n]
+            return self._resample(n)
         for i in n.inputs[1:]:
             if i and i not in self.g.consts:
                 self.problems.append((n.op, n.name, "non-constant parameters"))
@@ -386,6 +438,79 @@ class Canonicalizer:
         self.g.dtypes[flat] = self.g.dtypes[n.inputs[0]]
         return [Node("Reshape", n.name + "/flatten", n.inputs[:1], [flat], {"shape": self.g.shapes[flat]}),
                 Node("Gather", n.name, [flat], n.outputs, {"indices": idx, "axis": 0})]
+
+
+    # ---- linear resampling and transposed convolution (qcompiler/intops/resample.py) ----------------
+    def _resample(self, n: Node):
+        """Resize (linear / cubic) -> Resample(axes, per-axis taps) from onnxruntime's own rule."""
+        from .resize_maps import resize_maps
+
+        for i in n.inputs[1:]:
+            if i and i not in self.g.consts:
+                self.problems.append((n.op, n.name, "non-constant parameters"))
+                return [n]
+        try:
+            axes, idx, w = resize_maps(n, self.g.shape(n.inputs[0]), self.g.shape(n.outputs[0]), self.g.consts)
+        except ValueError as e:
+            self.problems.append((n.op, n.name, str(e)))
+            return [n]
+        if not axes:
+            return self._alias(n)
+        return [Node("Resample", n.name, n.inputs[:1], n.outputs, {"axes": axes, "idx": idx, "w": w})]
+
+    def op_ConvTranspose(self, n: Node):
+        """ConvTranspose -> GatherFill per spatial axis (zero insertion + padding) -> Conv (stride 1)."""
+        W = self.need_const(n, 1, "weights")
+        if W is None:
+            return [n]
+        if len(n.inputs) > 2 and n.inputs[2] and self.need_const(n, 2, "bias") is None:
+            return [n]
+        x = n.inputs[0]
+        in_shape, out_shape = self.g.shape(x), self.g.shape(n.outputs[0])
+        nd = len(in_shape) - 2
+        if nd not in (1, 2):
+            self.problems.append(("ConvTranspose", n.name, f"{nd}-D (1-D and 2-D only)"))
+            return [n]
+        a = n.attrs
+        k = list(W.shape[2:])
+        s = list(a.get("strides", [1] * nd))
+        d = list(a.get("dilations", [1] * nd))
+        op_ = list(a.get("output_padding", [0] * nd))
+        group = int(a.get("group", 1))
+        pads = list(a.get("pads", [0] * (2 * nd)))
+        auto = a.get("auto_pad", "NOTSET")
+        nodes, cur, shape = [], x, list(in_shape)
+        for ax in range(nd):
+            H, full = in_shape[2 + ax], (in_shape[2 + ax] - 1) * s[ax] + d[ax] * (k[ax] - 1) + 1 + op_[ax]
+            total = full - out_shape[2 + ax]
+            if auto in ("SAME_UPPER", "SAME_LOWER") or "output_shape" in a:
+                lo = total // 2 if auto != "SAME_LOWER" else total - total // 2
+                pads[ax], pads[ax + nd] = lo, total - lo
+            pb, pe = pads[ax], pads[ax + nd]
+            if full - pb - pe != out_shape[2 + ax]:
+                self.problems.append(("ConvTranspose", n.name, "output size does not follow from the attributes"))
+                return [n]
+            left, right = d[ax] * (k[ax] - 1) - pb, d[ax] * (k[ax] - 1) - pe + op_[ax]
+            L_ = (H - 1) * s[ax] + 1 + left + right
+            src = np.arange(L_) - left
+            idx = np.where((src >= 0) & (src % s[ax] == 0) & (src // s[ax] < H), src // s[ax], -1).astype(np.int64)
+            if np.array_equal(idx, np.arange(H)):
+                continue
+            shape[2 + ax] = L_
+            t = self.g.fresh(f"{n.outputs[0]}/spread{ax}")
+            self.g.shapes[t], self.g.dtypes[t] = tuple(shape), self.g.dtypes[x]
+            nodes.append(Node("GatherFill", f"{n.name}/spread{ax}", [cur], [t], {"axis": 2 + ax, "indices": idx}))
+            cur = t
+        Cin, Cog = W.shape[0], W.shape[1]
+        Wt = W.reshape((group, Cin // group, Cog) + tuple(k))
+        Wc = np.swapaxes(Wt, 1, 2).reshape((group * Cog, Cin // group) + tuple(k))
+        Wc = np.flip(Wc, axis=tuple(range(2, 2 + nd))).copy()
+        wname = self.g.add_const(self.g.fresh(n.name + "_conv_weight"), Wc.astype(W.dtype))
+        ins = [cur, wname] + ([n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else [])
+        nodes.append(Node("Conv", n.name, ins, n.outputs,
+                          {"strides": [1] * nd, "dilations": d, "pads": [0] * (2 * nd), "group": group,
+                           "kernel_shape": k}))
+        return nodes
 
 
 def canonicalize(g: Graph) -> Graph:

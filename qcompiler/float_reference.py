@@ -65,6 +65,8 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
     x = [env[i] if i in env else g.consts.get(i) for i in n.inputs]
     a = n.attrs
     op = n.op
+    if op in intops.FLOAT_REFS:
+        return intops.FLOAT_REFS[op](x, n)
     if op == "Conv":
         return _act(_conv(x[0], n, g), n)
     if op == "Dense":
@@ -137,7 +139,7 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
     from .intops.elementwise import UNARY, _eval_unary
 
     if op in UNARY:
-        return _act(_eval_unary(n, x[0]), n)
+        return _act(_eval_unary(n, x[0], g.consts), n)
     raise KeyError(f"float reference: no op {op}")
 
 

@@ -1,12 +1,14 @@
 """Integer ops, one module per op family (see ``registry`` for the contract every op fulfils).
 
 Families: ``boundary`` (quantize / dequantize), ``gemm`` (conv, dense, matmul), ``elementwise``
-(requantization, add, mul, clip, PReLU, hard activations, lookup tables), ``pool`` (pooling and
+(requantization, add/sub, mul, clip, PReLU, hard activations, lookup tables), ``compare``
+(max/min of two activations, comparisons, logic, where), ``resample`` (linear / cubic Resize,
+ConvTranspose's zero insertion), ``pool`` (pooling and
 reductions), ``softmax``, ``nonlinear`` (LayerNorm, GELU), ``transformer`` (attention mask,
 embedding, integer division, integer casts), ``shape`` (data movement).  Importing this package
 registers all of them.
 """
 
-from .registry import CHECKS, REGISTRY, RULES, Example, IntOp, get, register, rule  # noqa: F401
+from .registry import CHECKS, FLOAT_REFS, REGISTRY, RULES, Example, IntOp, float_ref, get, register, rule  # noqa: F401
 
-from . import boundary, elementwise, gemm, nonlinear, pool, shape, softmax, transformer  # noqa: E402,F401
+from . import boundary, compare, elementwise, gemm, nonlinear, pool, resample, shape, softmax, transformer  # noqa: E402,F401

@@ -5,6 +5,7 @@ Relax lowering, overflow bound, examples).  Quantization rules of the float ops:
 
 Add(a, b)       y = clip((a*ma + b*mb + 2^(s-1)) >> s), ma = round(S_a/S_y*2^s), mb = round(S_b/S_y*2^s)
                 (one shared shift, so the two branches are rounded once, not twice)
+Sub(a, b)       the same with mb = -round(S_b/S_y*2^s) (both operands activations)
 Mul(a, b)       y = rq(a*b; S_a*S_b/S_y)
 Affine(x; k, o) y = clip((x*m + round(o/S_y*2^s) + 2^(s-1)) >> s),  m/2^s = k*S_x/S_y  (per element
                 of the broadcast constants; covers BN, Mul/Add/Sub/Div by constants)
@@ -14,7 +15,8 @@ HardSigmoid     y = clip(rq(x; alpha*S_x/S_y, add = beta/S_y), 0, floor(1/S_y))
 HardSwish       h = clip(rq(x; alpha*S_x/S_h, add = beta/S_h), 0, 2^14) with S_h = 2^-14 (int16),
                 y = rq(x*h; S_x*S_h/S_y)           (|x*h| <= 2^21: int32-safe)
 unary f         8-bit inputs: y = T[x - qmin], T[i] = clip(round(f(S_x*(i+qmin))/S_y)) tabulated at
-                compile time with onnxruntime evaluating f itself (Sigmoid, Tanh, Erf, Gelu, ...)
+                compile time with onnxruntime evaluating f itself (Sigmoid, Tanh, Erf, Gelu, Pow by a
+                constant exponent, ...)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tvm import relax
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import QParams, dyadic, dyadic_common, requant_ref
 
-from .registry import I64, Example, IntOp, check_requant, dyadic_bound, mag, register, rule
+from .registry import I64, Example, IntOp, check_requant, dyadic_bound, float_ref, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -57,6 +59,27 @@ def add(qz: Quantizer, n):
     qz.emit("add", [qz.iname(a), qz.iname(b)], out,
             {"mult_a": ma, "mult_b": mb, "shift": s, "lo": lo, "hi": hi, "dtype": qy.dtype},
             qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+
+
+@rule("Sub", check=_binary_check)
+def sub(qz: Quantizer, n):
+    """a - b of two activations: the ``add`` op with a negative multiplier for b."""
+    a, b = n.inputs
+    out = n.outputs[0]
+    qa, qb = qz.qp(a), qz.qp(b)
+    qy = qz.out_qparams(out)
+    lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    (ma, mb), s = dyadic_common([qa.scale / qy.scale, -qb.scale / qy.scale], f"node '{n.name}'")
+    qz.emit("add", [qz.iname(a), qz.iname(b)], out,
+            {"mult_a": ma, "mult_b": mb, "shift": s, "lo": lo, "hi": hi, "dtype": qy.dtype},
+            qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+
+
+@float_ref("Sub")
+def _sub_f(x, n):
+    y = x[0] - x[1]
+    a = n.attrs.get("act")
+    return np.clip(y, a[0], a[1]) if a is not None else y
 
 
 @rule("Mul", check=_binary_check)
@@ -156,23 +179,32 @@ def hard_swish(qz: Quantizer, n):
 
 # ---- unary functions as lookup tables (8-bit inputs) -------------------------------------------
 UNARY = ("Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Softsign", "Elu", "Selu", "Celu",
-         "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Round", "Floor", "Ceil", "Sign")
+         "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Round", "Floor", "Ceil", "Sign", "Pow")
 
 
-def _eval_unary(n, x: np.ndarray) -> np.ndarray:
-    from onnx import helper
+def _eval_unary(n, x: np.ndarray, consts: dict | None = None) -> np.ndarray:
+    """f(x) by onnxruntime running the node itself (its other operands, e.g. Pow's exponent, are
+    constants taken from ``consts``)."""
+    from onnx import helper, numpy_helper
 
     from qcompiler.ort_util import session
 
     attrs = {k: v for k, v in n.attrs.items() if k not in ("domain", "act")}
-    node = helper.make_node(n.op, ["x"], ["y"], **attrs)
+    names = ["x"] + [f"c{k}" if i else "" for k, i in enumerate(n.inputs[1:], 1)]
+    inits = [numpy_helper.from_array(np.asarray(consts[i]).astype(np.float32), f"c{k}")
+             for k, i in enumerate(n.inputs[1:], 1) if i]
+    node = helper.make_node(n.op, names, ["y"], **attrs)
     m = helper.make_model(helper.make_graph([node], "u", [helper.make_tensor_value_info("x", 1, list(x.shape))],
-                                            [helper.make_tensor_value_info("y", 1, None)]),
+                                            [helper.make_tensor_value_info("y", 1, None)], inits),
                           opset_imports=[helper.make_opsetid("", 20)])
     return session(m).run(["y"], {"x": x.astype(np.float32)})[0].astype(np.float64)
 
 
-@rule(*UNARY)
+def _pow_check(g, n):
+    return None if len(n.inputs) > 1 and n.inputs[1] in g.consts else "the exponent must be a constant"
+
+
+@rule(*UNARY, check=lambda g, n: _pow_check(g, n) if n.op == "Pow" else None)
 def unary_lut(qz: Quantizer, n):
     x, out = n.inputs[0], n.outputs[0]
     qx = qz.qp(x)
@@ -184,7 +216,7 @@ def unary_lut(qz: Quantizer, n):
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     codes = np.arange(qx.qmin, qx.qmax + 1)
     with np.errstate(all="ignore"):
-        f = _eval_unary(n, codes * qx.scale)
+        f = _eval_unary(n, codes * qx.scale, qz.fg.consts)
     f = np.where(np.isfinite(f), f, np.sign(np.nan_to_num(f)) * 1e30)
     table = np.clip(np.round(f / qy.scale), lo, hi).astype(qy.dtype)
     qz.emit("lut", [qz.iname(x)], out, {"table": table, "offset": -qx.qmin, "dtype": qy.dtype},

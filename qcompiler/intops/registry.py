@@ -22,7 +22,8 @@ side by side:
 Float op types (the canonical ONNX-level ops after ``passes/canonicalize.py``) register their
 quantization rule with ``@rule("Op", check=...)``: the rule emits integer ops through the
 ``Quantizer`` (``passes/quantize.py``), ``check`` reports what the rule cannot take before any
-work is done.  This is what TVM does with ``register_op_attr`` (``FLegalize`` beside the op) and
+work is done; ``@float_ref("Op")`` gives the float op's own semantics (float64), which the float
+passes are checked with.  This is what TVM does with ``register_op_attr`` (``FLegalize`` beside the op) and
 ONNX Runtime's quantizer with its registry of one operator class per op type.
 """
 
@@ -40,6 +41,8 @@ Rule = Callable[[Any, Any], None]          # (Quantizer, float Node) -> None
 Check = Callable[[Any, Any], "str | None"]  # (float Graph, float Node) -> why not, or None
 RULES: dict[str, Rule] = {}
 CHECKS: dict[str, Check] = {}
+FloatRef = Callable[[list, Any], Any]      # (input arrays, float Node) -> float64 array
+FLOAT_REFS: dict[str, FloatRef] = {}
 
 
 @dataclass
@@ -94,6 +97,16 @@ def rule(*ops: str, check: Check | None = None):
             RULES[o] = f
             if check is not None:
                 CHECKS[o] = check
+        return f
+    return deco
+
+
+def float_ref(*ops: str):
+    """Register the float64 semantics of canonical float op types (``qcompiler/float_reference.py``
+    runs them to check the float passes against onnxruntime)."""
+    def deco(f: FloatRef) -> FloatRef:
+        for o in ops:
+            FLOAT_REFS[o] = f
         return f
     return deco
 

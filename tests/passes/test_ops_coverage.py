@@ -1,0 +1,156 @@
+"""The ops real exporters emit beyond the zoo's (qcompiler/intops/compare.py, resample.py, the
+elementwise Sub / Pow rules, canonicalize's ConvTranspose / Max / Min / Clip forms), end to end on
+random data: float passes exact vs onnxruntime, integer reference close to float, TVM == reference
+bit for bit (tests/helpers.py check_pipeline)."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from tests.helpers import check_pipeline, make_model, tensor
+
+R = np.random.default_rng(3)
+
+
+def x_data(shape, n=8, scale=1.0, seed=1):
+    return {"x": (np.random.default_rng(seed).standard_normal((n, *shape[1:])) * scale).astype(np.float32)}
+
+
+def conv(name, inp, out, C, OC, k=3):
+    W = (R.standard_normal((OC, C, k, k)) * 0.3).astype(np.float32)
+    return helper.make_node("Conv", [inp, name], [out], kernel_shape=[k, k], pads=[k // 2] * 4), tensor(name, W)
+
+
+def test_clip_with_one_element_tensor_bounds():
+    """Clip whose min/max inputs have shape [1] (a PyTorch/TF export form)."""
+    c, wt = conv("W", "x", "c", 4, 6)
+    nodes = [c, helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    m = make_model(nodes, [("x", [1, 4, 7, 7])], [("y", None)],
+                   [wt, tensor("lo", np.array([0.0], np.float32)), tensor("hi", np.array([3.0], np.float32))])
+    check_pipeline(m, x_data((1, 4, 7, 7)))
+
+
+@pytest.mark.parametrize("form", ["pow", "mul", "pow_sub_neg"])
+def test_decomposed_layernorm_forms(form):
+    """x - ReduceMean(x) as a Sub of two activations, squared by Pow(., 2) or Mul, eps before Sqrt."""
+    C = 24
+    g, b = (R.standard_normal(C) * 0.2 + 1).astype(np.float32), (R.standard_normal(C) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "Wi"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["mu"], axes=[-1])]
+    if form == "pow_sub_neg":   # h + (-mu)
+        nodes += [helper.make_node("Neg", ["mu"], ["nmu"]), helper.make_node("Add", ["h", "nmu"], ["d"])]
+    else:
+        nodes += [helper.make_node("Sub", ["h", "mu"], ["d"])]
+    sq = helper.make_node("Pow", ["d", "two"], ["sq"]) if form != "mul" else helper.make_node("Mul", ["d", "d"], ["sq"])
+    nodes += [sq, helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+              helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+              helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+              helper.make_node("Add", ["ng", "b"], ["y"])]
+    inits = [tensor("Wi", (R.standard_normal((16, C)) * 0.3).astype(np.float32)), tensor("two", np.float32(2)),
+             tensor("eps", np.float32(1e-5)), tensor("g", g), tensor("b", b)]
+    m = make_model(nodes, [("x", [1, 5, 16])], [("y", None)], inits, opset=17)
+    prep, _, _ = check_pipeline(m, x_data((1, 5, 16)), min_cos=0.98)
+    if form != "pow_sub_neg":
+        assert any(n.op == "layernorm" for n in prep.int_graph.nodes)
+
+
+def test_sub_of_two_activations_and_pow_table():
+    """A box-decoding style head: Sub of two activations, Pow by a constant (a table), Max/Min."""
+    c1, w1 = conv("W1", "x", "a", 3, 4)
+    c2, w2 = conv("W2", "x", "b", 3, 4)
+    nodes = [c1, c2, helper.make_node("Sub", ["a", "b"], ["d"]),
+             helper.make_node("Pow", ["d", "p"], ["dp"]),
+             helper.make_node("Max", ["a", "b", "cmax"], ["mx"]),
+             helper.make_node("Min", ["a", "dp"], ["mn"]),
+             helper.make_node("Add", ["mx", "mn"], ["y"])]
+    inits = [w1, w2, tensor("p", np.float32(3.0)), tensor("cmax", np.float32(-0.5))]
+    m = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", None), ("d", None)], inits)
+    check_pipeline(m, x_data((1, 3, 8, 8)), min_cos=0.98)
+
+
+def test_max_min_with_constants_become_clamps():
+    nodes = [helper.make_node("Max", ["x", "lo"], ["m"]), helper.make_node("Min", ["m", "hi"], ["y"])]
+    m = make_model(nodes, [("x", [1, 6, 5])], [("y", None)],
+                   [tensor("lo", np.array([-0.3], np.float32)), tensor("hi", np.float32(0.8))])
+    prep, _, _ = check_pipeline(m, x_data((1, 6, 5)))
+    ops = [n.op for n in prep.int_graph.nodes]
+    assert "clip" in ops and "minmax" not in ops
+
+
+def test_masked_fill_where_equal_and_comparisons():
+    """PyTorch masked_fill: Where(Equal(mask, 0), -inf, scores) -> Softmax; Less/Greater/Not/And/
+    Or feeding a Cast; comparisons of two activations."""
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["s"]),
+             helper.make_node("Equal", ["mask", "zero"], ["pad"]),
+             helper.make_node("Where", ["pad", "ninf", "s"], ["sm"]),
+             helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+             helper.make_node("Less", ["s", "thr"], ["lt"]),
+             helper.make_node("Greater", ["x", "s8"], ["gt"]),
+             helper.make_node("Not", ["lt"], ["nlt"]),
+             helper.make_node("And", ["nlt", "gt"], ["both"]),
+             helper.make_node("Or", ["both", "pad"], ["any"]),
+             helper.make_node("Cast", ["any"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["p", "f"], ["y"])]
+    inits = [tensor("Wq", (R.standard_normal((8, 8)) * 0.5).astype(np.float32)), tensor("zero", np.int64(0)),
+             tensor("ninf", np.float32(-np.inf)), tensor("thr", np.float32(0.1)),
+             tensor("s8", (R.standard_normal(8) * 0.3).astype(np.float32))]
+    m = make_model(nodes, [("x", [1, 8, 8]), ("mask", [1, 8, 8], TensorProto.INT64)], [("y", None)], inits)
+    rng = np.random.default_rng(5)
+    calib = {"x": rng.standard_normal((8, 8, 8)).astype(np.float32),
+             "mask": (rng.random((8, 8, 8)) > 0.3).astype(np.int64)}
+    prep, tv, ref = check_pipeline(m, calib, min_cos=0.97)
+    ops = {n.op for n in prep.int_graph.nodes}
+    assert {"compare", "where", "logic"} <= ops
+
+
+@pytest.mark.parametrize("kw", [
+    dict(s=2, k=4, pads=[1, 1, 1, 1]),                      # the usual 2x upsampler
+    dict(s=2, k=3, pads=[1, 1, 1, 1], output_padding=[1, 1]),
+    dict(s=3, k=3, pads=[0, 2, 1, 0], group=2),
+    dict(s=1, k=3, pads=[1, 1, 1, 1], dilations=[2, 2]),
+    dict(s=2, k=2, auto_pad="SAME_UPPER"),
+])
+def test_conv_transpose(kw):
+    C, OC, g = 4, 6, kw.pop("group", 1)
+    k, s = kw.pop("k"), kw.pop("s")
+    W = (R.standard_normal((C, OC // g, k, k)) * 0.3).astype(np.float32)
+    B = (R.standard_normal(OC) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "W", "B"], ["c"], kernel_shape=[k, k], strides=[s, s], group=g,
+                              **kw),
+             helper.make_node("Relu", ["c"], ["y"])]
+    m = make_model(nodes, [("x", [1, C, 5, 6])], [("y", None)], [tensor("W", W), tensor("B", B)])
+    prep, _, _ = check_pipeline(m, x_data((1, C, 5, 6)))
+    assert not any(n.op.lower() == "convtranspose" for n in prep.float_graph.nodes)
+
+
+def test_conv_transpose_1d():
+    W = (R.standard_normal((3, 5, 4)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["y"], kernel_shape=[4], strides=[2], pads=[1, 1])]
+    m = make_model(nodes, [("x", [1, 3, 9])], [("y", None)], [tensor("W", W)])
+    check_pipeline(m, x_data((1, 3, 9)))
+
+
+@pytest.mark.parametrize("mode,ctm,extra", [
+    ("linear", "half_pixel", {}),
+    ("linear", "align_corners", {}),
+    ("linear", "asymmetric", {}),
+    ("linear", "pytorch_half_pixel", {}),
+    ("cubic", "half_pixel", {"cubic_coeff_a": -0.75}),
+    ("linear", "half_pixel", {"antialias": 1}),                 # a downscale with antialias
+])
+def test_resize_linear_and_cubic(mode, ctm, extra):
+    down = extra.get("antialias")
+    sizes = np.array([1, 4, 4, 3] if down else [1, 4, 14, 17], np.int64)
+    nodes = [helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode,
+                              coordinate_transformation_mode=ctm, **extra)]
+    m = make_model(nodes, [("x", [1, 4, 7, 6])], [("y", None)], [tensor("sizes", sizes)], opset=19)
+    prep, _, _ = check_pipeline(m, x_data((1, 4, 7, 6)), min_cos=0.995)
+    assert any(n.op == "resample" for n in prep.int_graph.nodes)
+
+
+def test_resize_by_scales_after_conv():
+    c, wt = conv("W", "x", "c", 3, 5)
+    nodes = [c, helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="linear")]
+    m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)],
+                   [wt, tensor("scales", np.array([1, 1, 2, 2], np.float32))], opset=19)
+    check_pipeline(m, x_data((1, 3, 6, 6)), min_cos=0.995)
