@@ -1,4 +1,4 @@
-"""FP32 vs qcompiler INT8 on the zoo models with their real data (DESIGN §5).
+"""FP32 vs qcompiler INT8 on the zoo models with their real data.
 
 For each model: compile with `qc compile`'s driver (calibration on the zoo's calibration split),
 run the library on the evaluation split (disjoint), and compare with onnxruntime FP32:

@@ -413,7 +413,7 @@ _FE = {}
 
 def _ms_context(target_obj):
     """A TuneContext without TuneContext.__init__'s ``import tvm.s_tir.tensor_intrin`` (30+ s here,
-    DESIGN §7): PerStoreFeature only reads the target and the candidate's module."""
+    docs/design.md §5): PerStoreFeature only reads the target and the candidate's module."""
     from tvm.s_tir import meta_schedule as ms
 
     stubbed = "tvm.s_tir.tensor_intrin" not in sys.modules

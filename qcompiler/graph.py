@@ -1,4 +1,4 @@
-"""The ONNX-level graph IR that the passes rewrite (DESIGN.md §1, route (a)).
+"""The ONNX-level graph IR that the passes rewrite (docs/design.md §1).
 
 Why this route: calibration statistics are keyed by ONNX tensor names (onnxruntime computes them
 by name), and Relax's importer renames every tensor (lv, lv1, ...). So the float passes and the

@@ -1,6 +1,6 @@
 """Quantization value types and the dyadic arithmetic every pass, kernel and reference share.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/design.md §2):
   * symmetric quantization, zero point 0: real = scale * q;
   * weights per output channel: S_w = max|w| / (2^(b-1) - 1), q = clamp(round(w / S_w));
   * activations per tensor; unsigned [0, 2^b - 1] only where the producer is provably >= 0;

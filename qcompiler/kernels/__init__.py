@@ -10,7 +10,7 @@ reference executor (``qcompiler.reference``) and each kernel agree bit for bit:
     Out[m, n] = clip(t[m, n] >> shift[n], lo, hi)   cast to out_dtype      (arithmetic shift)
 
 ``mult`` (int64, |mult| < 2^31, may be negative or 0) and ``shift`` (int64, 1 <= shift <= 62)
-are the dyadic requantization constants of HAWQ-V3 (DESIGN.md §2): M = mult * 2^-shift, with
+are the dyadic requantization constants of HAWQ-V3 (docs/design.md §2): M = mult * 2^-shift, with
 rounding half up.  ``lo``/``hi`` are Python ints baked into the kernel (ReLU is lo = 0).
 
 Modules:

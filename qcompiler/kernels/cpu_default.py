@@ -1,7 +1,7 @@
 """A default parallel/vectorized CPU schedule for every PrimFunc that no kernel of ours schedules.
 
 After ``LegalizeOps`` + ``FuseOps`` + ``FuseTIR`` every PrimFunc of an integer model is a scalar
-loop nest, and ``dlight.cpu`` only covers GEMV and softmax-like reductions (DESIGN.md §7).  Our
+loop nest, and ``dlight.cpu`` only covers GEMV and softmax-like reductions (docs/design.md §5).  Our
 GEMM/conv kernels arrive scheduled (function attribute ``qc.scheduled``); this module schedules
 the rest: requantization chains, clips, casts, shifts, pooling windows, reductions, transposes,
 concats, slices, gathers, pads, integer softmax rows.

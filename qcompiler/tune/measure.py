@@ -1,7 +1,7 @@
 """Build and time candidates with MetaSchedule's Builder and Runner (local or through RPC).
 
 The builder is ``LocalBuilder`` with our own ``f_build`` (``tvm.tirx.build`` of the one-kernel
-module: the default build imports ``tvm.s_tir.tensor_intrin`` in every worker, ~100 s, DESIGN §7)
+module: the default build imports ``tvm.s_tir.tensor_intrin`` in every worker, ~100 s, docs/design.md §5)
 and ``f_export`` (a shared library through ``export_library``; CUDA modules keep their source, as
 TVM 0.27 builds them).  The runner is ``LocalRunner`` or ``RPCRunner`` (``RPCConfig(tracker host,
 port, key)``: TVM's tracker hands each candidate to a free server with that key); both allocate

@@ -4,7 +4,7 @@ For each family: a small Relax function with integer dtypes, legalized and fused
 passes, built twice on llvm -- unscheduled (TVM's scalar loop nests, the reference) and with the
 default schedule -- and run on the same inputs: the outputs must agree element for element, and
 ``tir_scan`` must find every PrimFunc scheduled.  ``test_speedups`` times a few representative
-ops (printed with ``pytest -s``; timings on shared 2-core machines are noisy, DESIGN §7).
+ops (printed with ``pytest -s``; timings on shared 2-core machines are noisy, docs/design.md §5).
 
 ``FAMILIES`` and the helpers are shared with test_gpu_default.py and test_tir_scan.py.
 """
@@ -174,7 +174,7 @@ def relax_module(name):
 
 
 def legalize_and_fuse(mod):
-    """TVM's CPU legalization stage (DESIGN §7): LegalizeOps ... FuseTIR."""
+    """TVM's CPU legalization stage (docs/design.md §5): LegalizeOps ... FuseTIR."""
     from tvm.relax.backend.cpu_generic import pipeline as cp
 
     return tvm.transform.Sequential(cp.legalize_passes(None))(mod)
