@@ -4,7 +4,11 @@ The scheduled TIR stored in model.json at compile time is parsed back and scanne
 (``qcompiler.tir_scan``): every PrimFunc touching a float type other than the entry quantize
 (reads only float parameters, writes integer ones) and the exit dequantize (the converse) counts
 as a float op between the boundaries; every loop nest without a parallel/vectorized/thread-bound
-loop (and not trivially small) is listed as unscheduled.  No flag set by the pipeline is trusted.
+loop (and not trivially small) is listed as unscheduled.  A library whose boundary kernels carry
+the ``qc.boundary`` marker is scanned exactly (only a marked kernel whose signature also fits is
+a boundary; ``"boundaries": "marked"``); an older one by signatures alone (``"heuristic"``).  No
+other flag set by the pipeline is trusted, and a marker never makes a kernel that computes in
+float on integer data pass.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def inspect_library(path) -> dict:
         "float_kernels_between_boundaries": scan.float_ops_between_boundaries,
         "float_kernels": [f.name for f in scan.functions if f.kind == "float"],
         "entry_quantize": list(scan.entry_quantize), "exit_dequantize": list(scan.exit_dequantize),
+        "boundaries": scan.boundary_source,
         "unscheduled": list(scan.unscheduled),
         "generic_fallbacks": meta.get("kernels", {}).get("generic_fallbacks", []),
         "scan_source": scan.source,

@@ -1,6 +1,6 @@
 """Scan the PrimFuncs of a lowered module: is each one scheduled, and which touch floats?
 
-DESIGN.md §2 makes "no float op between the input quantize and the output dequantize" a checked
+docs/design.md §2 makes "no float op between the input quantize and the output dequantize" a checked
 property; §7 makes "every kernel we ship has a schedule" one.  :func:`scan_tir` answers both for an
 ``IRModule`` (Relax + TIR, after legalization/fusion/scheduling, or a TIR-only module), and
 :func:`scan_text` answers the same from the TVMScript text of one, so ``qc inspect`` can report
@@ -20,10 +20,20 @@ Per PrimFunc (:class:`FuncScan`):
 * ``float_dtypes`` -- every float type it touches: buffer element types (params and
   allocations), casts, float immediates, float-typed operations;
 * ``float_params`` / ``read_params`` / ``written_params`` -- by name, from its loads and stores;
+* ``boundary`` -- the ``qc.boundary`` PrimFunc attribute (``"quantize"`` / ``"dequantize"``) the
+  compiler puts on the kernels it emits for the model's input quantize and output dequantize
+  (``qcompiler.lowering.build``: each a PrimFunc of its own, opaque to FuseOps), or None;
 * ``kind`` -- ``"integer"`` (touches no float), ``"entry_quantize"`` (touches floats; every
   param it reads is float, every param it writes is integer), ``"exit_dequantize"`` (every param
   it reads is integer, every param it writes is float) or ``"float"`` (anything else touching a
   float).
+
+Boundaries.  A module in which some PrimFunc carries a ``qc.boundary`` marker is scanned
+*exactly*: only a marked kernel can be a boundary, and only if its signature also fits (a marked
+quantize that reads an integer tensor, or writes a float one, is a float op); an unmarked
+float-touching kernel is a float op however its signature looks.  A module without markers (a
+library from before the markers) falls back to the signature heuristic above
+(``ScanReport.boundary_source`` says which).
 
 :class:`ScanReport` adds the module-level summary: ``float_ops_between_boundaries`` counts the
 ``"float"`` functions, and ``integer_only`` is ``float_ops_between_boundaries == 0``.
@@ -39,6 +49,7 @@ scanned as text (regular expressions; ``FuncScan.parsed`` is False for it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import textwrap
@@ -51,6 +62,10 @@ from tvm.ir import IRModule
 
 TRIVIAL_TRIP_COUNT = 4096
 """A PrimFunc with at most this many innermost executions needs no schedule (a few us scalar)."""
+
+BOUNDARY_ATTR = "qc.boundary"
+"""PrimFunc attribute marking a boundary kernel; its value is one of ``BOUNDARY_KINDS``."""
+BOUNDARY_KINDS = {"quantize": "entry_quantize", "dequantize": "exit_dequantize"}
 
 _FLOAT8_PREFIXES = ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1", "e8m0")
 _SCHEDULED_KINDS = {
@@ -83,10 +98,13 @@ class FuncScan:
     written_params: tuple[str, ...]
     kind: str
     parsed: bool = True
+    boundary: str | None = None
 
     def __post_init__(self):
         if self.kind not in ("integer", "entry_quantize", "exit_dequantize", "float"):
             raise ValueError(f"unknown kind {self.kind!r}")
+        if self.boundary is not None and self.boundary not in BOUNDARY_KINDS:
+            raise ValueError(f"{self.name}: unknown boundary marker {self.boundary!r}")
         if self.trip_count < 0:
             raise ValueError("trip_count must be >= 0")
         if (self.kind == "integer") != (not self.float_dtypes):
@@ -137,6 +155,17 @@ class ScanReport:
         return self.float_ops_between_boundaries == 0
 
     @property
+    def float_islands(self) -> tuple[str, ...]:
+        """Names of the float functions between the boundaries."""
+        return tuple(f.name for f in self.functions if f.kind == "float")
+
+    @property
+    def boundary_source(self) -> str:
+        """``"marked"`` (boundaries told by the ``qc.boundary`` markers, exact) or ``"heuristic"``
+        (no marker in the module: boundaries told by their signatures)."""
+        return "marked" if any(f.boundary for f in self.functions) else "heuristic"
+
+    @property
     def total_trip_count(self) -> int:
         return sum(f.trip_count for f in self.functions)
 
@@ -154,7 +183,7 @@ class ScanReport:
             f"integer-only: {'yes' if self.integer_only else 'NO'} "
             f"({self.float_ops_between_boundaries} float functions between the boundaries; "
             f"entry quantize: {len(self.entry_quantize)}, exit dequantize: "
-            f"{len(self.exit_dequantize)})",
+            f"{len(self.exit_dequantize)}; boundaries {self.boundary_source})",
         ]
         for f in self.functions:
             if f.kind == "float":
@@ -171,14 +200,37 @@ class ScanReport:
 
 def scan_tir(mod: IRModule) -> ScanReport:
     """Scan every PrimFunc of ``mod`` (Relax functions are ignored)."""
-    return ScanReport(
-        functions=tuple(
-            scan_prim_func(func, gvar.name_hint)
-            for gvar, func in _sorted_items(mod)
-            if isinstance(func, tirx.PrimFunc)
-        ),
-        source="ir",
+    return _report(
+        [scan_prim_func(func, gvar.name_hint) for gvar, func in _sorted_items(mod)
+         if isinstance(func, tirx.PrimFunc)],
+        "ir",
     )
+
+
+def _report(scans, source: str) -> ScanReport:
+    """The report over per-function scans; with a boundary marker anywhere, only marked
+    functions are boundaries (module docs)."""
+    scans = list(scans)
+    if any(f.boundary for f in scans):
+        scans = [_exact_kind(f) for f in scans]
+    return ScanReport(functions=tuple(scans), source=source)
+
+
+def _exact_kind(f: FuncScan) -> FuncScan:
+    if f.kind == "integer":
+        return f
+    # the signature check of _classify holds for a true boundary; the marker must agree with it
+    kind = f.kind if f.boundary is not None and BOUNDARY_KINDS[f.boundary] == f.kind else "float"
+    return f if kind == f.kind else dataclasses.replace(f, kind=kind)
+
+
+def boundary_of(func: tirx.PrimFunc) -> str | None:
+    """The ``qc.boundary`` marker of a PrimFunc (None if absent or not a known kind)."""
+    attrs = func.attrs
+    if attrs is None or BOUNDARY_ATTR not in attrs:
+        return None
+    value = str(attrs[BOUNDARY_ATTR])
+    return value if value in BOUNDARY_KINDS else None
 
 
 def _sorted_items(mod: IRModule):
@@ -259,10 +311,12 @@ def scan_prim_func(func: tirx.PrimFunc, name: str) -> FuncScan:
     read = _match_params(params, loads)
     written = _match_params(params, stores)
     return _func_scan(name, marks, _trip_count(func.body), floats, tuple(zip(param_names, param_dtypes)),
-                      [param_names[i] for i in sorted(read - written)], [param_names[i] for i in sorted(written)])
+                      [param_names[i] for i in sorted(read - written)], [param_names[i] for i in sorted(written)],
+                      boundary=boundary_of(func))
 
 
-def _func_scan(name, marks, trip, floats, param_dtypes, read, written, parsed: bool = True) -> FuncScan:
+def _func_scan(name, marks, trip, floats, param_dtypes, read, written, parsed: bool = True,
+               boundary: str | None = None) -> FuncScan:
     """The FuncScan of one function's findings (the derived fields computed here, for both scans)."""
     small = trip <= TRIVIAL_TRIP_COUNT
     float_list = sorted(floats)
@@ -279,6 +333,7 @@ def _func_scan(name, marks, trip, floats, param_dtypes, read, written, parsed: b
         written_params=tuple(written),
         kind=_classify(float_list, read, written, dict(param_dtypes)),
         parsed=parsed,
+        boundary=boundary,
     )
 
 
@@ -365,7 +420,7 @@ def scan_text(text: str) -> ScanReport:
         return ScanReport(functions=report.functions, source="text")
     if isinstance(parsed, tirx.PrimFunc):
         name = _first_def_name(text) or "main"
-        return ScanReport(functions=(scan_prim_func(parsed, name),), source="text")
+        return _report([scan_prim_func(parsed, name)], "text")
     scans = []
     for name, chunk in _prim_func_chunks(text):
         try:
@@ -376,7 +431,7 @@ def scan_text(text: str) -> ScanReport:
         except Exception:  # pylint: disable=broad-except
             scans.append(_scan_chunk_regex(name, chunk))
     scans.sort(key=lambda s: s.name)
-    return ScanReport(functions=tuple(scans), source="text:per-function")
+    return _report(scans, "text:per-function")
 
 
 def _strip_imports(text: str) -> str:
@@ -452,6 +507,7 @@ _GRID = re.compile(
     r"for\s+[\w\s,]+\s+in\s+T\.(grid|serial|parallel|vectorized|unroll|thread_binding)\((.*)\)\s*:\s*$"
 )
 _RANGE = re.compile(r"for\s+\w+\s+in\s+range\((.*)\)\s*:\s*$")
+_BOUNDARY_TEXT = re.compile(r"T\.func_attr\(\{[^}]*\"" + re.escape(BOUNDARY_ATTR) + r"\":\s*\"(\w+)\"")
 
 
 def _scan_chunk_regex(name: str, chunk: str) -> FuncScan:
@@ -480,7 +536,10 @@ def _scan_chunk_regex(name: str, chunk: str) -> FuncScan:
         if re.search(access, re.sub(store, "", body)):
             read.append(p)
     read = [p for p in read if p not in written]
-    return _func_scan(name, marks, _regex_trip_count(body), floats, param_dtypes, read, written, parsed=False)
+    m = _BOUNDARY_TEXT.search(chunk)
+    boundary = m.group(1) if m and m.group(1) in BOUNDARY_KINDS else None
+    return _func_scan(name, marks, _regex_trip_count(body), floats, param_dtypes, read, written, parsed=False,
+                      boundary=boundary)
 
 
 def _regex_trip_count(body: str) -> int:
@@ -551,3 +610,71 @@ def _split_top(s: str) -> list[str]:
     if cur:
         parts.append("".join(cur))
     return parts
+
+
+# --------------------------------------------------------------------------------------------
+# what a float function does (for compile-time errors)
+# --------------------------------------------------------------------------------------------
+
+_OP_NAMES = {"Mul": "multiply", "Add": "add", "Sub": "subtract", "Div": "divide", "Mod": "mod",
+             "FloorDiv": "floor_divide", "FloorMod": "floor_mod", "Min": "min", "Max": "max"}
+_CMP_NAMES = ("EQ", "NE", "LT", "LE", "GT", "GE")
+
+
+def float_ops(func: tirx.PrimFunc) -> tuple[str, ...]:
+    """The float operations of a PrimFunc, by name, sorted: arithmetic on float values
+    (``multiply``, ``add``, ...), intrinsic calls (``round``, ``exp``, ...), comparisons of floats,
+    and ``cast`` to or from a float type; ``load/store`` when it only moves float data."""
+    ops: set[str] = set()
+    moves = []
+
+    def _expr(node):
+        kind = type(node).__name__
+        dtype = _dtype_of(node)
+        is_f = dtype is not None and is_float_dtype(dtype)
+        if kind == "Cast":
+            if is_f or is_float_dtype(_dtype_of(node.value) or ""):
+                ops.add("cast")
+        elif kind in _OP_NAMES:
+            if is_f:
+                ops.add(_OP_NAMES[kind])
+        elif kind in _CMP_NAMES:
+            if is_float_dtype(_dtype_of(node.a) or ""):
+                ops.add("compare")
+        elif kind == "Call":
+            if is_f or any(is_float_dtype(_dtype_of(a) or "") for a in node.args):
+                name = str(getattr(node.op, "name", node.op))
+                ops.add(name.split(".")[-1])
+        elif kind == "Select":
+            if is_f:
+                ops.add("select")
+        elif is_f:
+            moves.append(kind)
+
+    def _buffer_type(node):
+        if is_float_dtype(str(getattr(node, "dtype", ""))):
+            moves.append("buffer")
+
+    tvm_ffi.structural_walk(func.body, [(tirx.BufferType, _buffer_type), (tirx.Expr, _expr)])
+    if not ops and (moves or any(_param_is_float(p) for p in func.params)):
+        ops.add("load/store")
+    return tuple(sorted(ops))
+
+
+def _param_is_float(p) -> bool:
+    dtype = _buffer_dtype(p) if isinstance(getattr(p, "ty", None), tirx.BufferType) else _dtype_of(p)
+    return bool(dtype) and is_float_dtype(dtype)
+
+
+def describe_float_functions(mod: IRModule, report: ScanReport | None = None, limit: int = 5) -> str:
+    """One line naming the float functions between the boundaries of ``mod`` and what float ops
+    each holds: ``name (float32: cast, multiply, round); ...`` (at most ``limit``, then a count)."""
+    report = report if report is not None else scan_tir(mod)
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    parts = []
+    for name in report.float_islands[:limit]:
+        scan = report.get(name)
+        ops = float_ops(funcs[name]) if name in funcs else ()
+        parts.append(f"{name} ({', '.join(scan.float_dtypes)}: {', '.join(ops) or 'float data'})")
+    more = len(report.float_islands) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

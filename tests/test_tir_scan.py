@@ -21,6 +21,8 @@ from qcompiler.tir_scan import (  # noqa: E402
     FuncScan,
     _prim_func_chunks,
     _scan_chunk_regex,
+    describe_float_functions,
+    float_ops,
     is_float_dtype,
     module_to_text,
     scan_text,
@@ -88,6 +90,9 @@ def test_quantize_dequantize_sandwich_is_integer_only():
         if f.kind == "integer":
             assert not f.float_dtypes and not f.float_params
     assert "integer-only: yes" in report.summary()
+    # no qc.boundary marker (hand-made Relax, not the compiler's lowering): told by signatures
+    assert report.boundary_source == "heuristic" and "boundaries heuristic" in report.summary()
+    assert all(f.boundary is None for f in report.functions)
 
 
 def test_float_op_in_the_middle_is_not_integer_only():
@@ -98,6 +103,12 @@ def test_float_op_in_the_middle_is_not_integer_only():
     assert "max_pool2d" in middle.name and middle.float_dtypes == ("float32",)
     assert not middle.float_params  # int8 in, int8 out: the float is inside
     assert "integer-only: NO" in report.summary() and middle.name in report.summary()
+    assert report.float_islands == (middle.name,)
+    mod = sandwich(float_middle=True)
+    func = next(f for gv, f in mod.functions_items() if gv.name_hint == middle.name)
+    ops = float_ops(func)
+    assert {"cast", "multiply", "nearbyint"} <= set(ops) and "right_shift" not in ops
+    assert describe_float_functions(mod) == f"{middle.name} (float32: {', '.join(ops)})"
 
 
 def test_float_reading_int_and_float_params_is_a_float_op():
@@ -166,6 +177,10 @@ def test_funcscan_validates_kind():
         FuncScan(name="f", scheduled=True, schedule_marks=(), trip_count=1, trivially_small=True,
                  float_dtypes=(), param_dtypes=(), float_params=(), read_params=(),
                  written_params=(), kind="float")
+    with pytest.raises(ValueError, match="boundary"):
+        FuncScan(name="f", scheduled=True, schedule_marks=(), trip_count=1, trivially_small=True,
+                 float_dtypes=(), param_dtypes=(), float_params=(), read_params=(),
+                 written_params=(), kind="integer", boundary="requantize")
 
 
 # ---- from text ----------------------------------------------------------------------------------
@@ -227,3 +242,30 @@ class Module:
     report = scan_text(text)
     (f,) = report.functions
     assert not f.parsed and f.kind == "entry_quantize" and f.scheduled and f.trip_count == 64
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_scan_text_unparseable_reads_the_boundary_marker(marked):
+    """The text-only scanner reads ``qc.boundary`` from T.func_attr; with a marked boundary in
+    the module, an unmarked float -> int function is a float op (exact mode)."""
+    attr = '        T.func_attr({"op_pattern": 8, "qc.boundary": "quantize"})\n' if marked else ""
+    text = f'''
+@I.ir_module
+class Module:
+    @T.prim_func(private=True, s_tir=True)
+    def qc_quantize(x: T.Buffer((T.int64(64),), "float32"), y: T.Buffer((T.int64(64),), "int8")):
+{attr}        for i in T.parallel(T.int64(64)):
+            y[i] = T.Cast("int8", x[i] * T.float32(3.0)) + undefined_name
+
+    @T.prim_func(private=True, s_tir=True)
+    def other(x: T.Buffer((T.int64(64),), "float32"), y: T.Buffer((T.int64(64),), "int8")):
+        for i in T.parallel(T.int64(64)):
+            y[i] = T.Cast("int8", x[i]) + undefined_name
+'''
+    report = scan_text(text)
+    q, other = report.get("qc_quantize"), report.get("other")
+    assert not q.parsed and q.boundary == ("quantize" if marked else None) and q.kind == "entry_quantize"
+    assert other.boundary is None
+    assert report.boundary_source == ("marked" if marked else "heuristic")
+    assert other.kind == ("float" if marked else "entry_quantize")
+    assert report.integer_only == (not marked)

@@ -1,12 +1,26 @@
-"""Build the lowered Relax module: legalize, fuse, schedule every PrimFunc, compile.
+"""Build the lowered Relax module: legalize, fuse, schedule every PrimFunc, prove, compile.
 
-Pipeline (TVM's own Relax passes where they fit, DESIGN §7):
+Pipeline (TVM's own Relax passes where they fit, docs/design.md §5):
   LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
   -> default schedules for every PrimFunc our kernels did not schedule (CPU: parallel +
      vectorized loops; CUDA: dlight rules)
+  -> the integer-only proof (``tir_scan.scan_tir`` on the scheduled TIR)
   -> TVM's dataflow lowering and finalization passes -> tvm.compile.
 The scheduled TIR is kept (``BuildResult.tir``) so ``qc inspect`` can scan it for float ops and
 unscheduled loop nests.
+
+Boundaries (docs/design.md §2).  The model's input quantize and output dequantize are each emitted as one
+``call_tir`` of a PrimFunc of their own (``qc_quantize`` / ``qc_dequantize``), marked
+``op_pattern`` = opaque so FuseOps never merges them with the integer ops around them, and
+``qc.boundary`` = ``"quantize"`` / ``"dequantize"`` so the scan knows them exactly instead of
+guessing from signatures (the lowering of ``qcompiler/intops/boundary.py``).  Left to FuseOps, the elementwise float
+ops of a quantize fuse with the requant / transpose after it into one kernel that reads integer
+constants, which no scan can tell from a float op in the integer region.
+
+The proof is strict: a library with a float function between the boundaries fails the build with
+a one-line :class:`~qcompiler.errors.QuantizationError` naming each such kernel and its float
+ops, unless ``allow_float`` accepts them (float islands; listed in
+``BuildResult.float_islands`` and warned about).
 """
 
 from __future__ import annotations
@@ -14,8 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import tvm
+
 from qcompiler import progress
+from qcompiler.errors import QuantizationError
 from qcompiler.graph import Graph
+from qcompiler.tir_scan import ScanReport, describe_float_functions, scan_tir
 
 from .gemm import gemm_for
 from .relax_lower import Lowering
@@ -30,6 +47,8 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
     gemm_name: str = "generic"        # which conv/dense lowering ran (generic | cpu_vnni | cuda_mma)
     gemm_kernels: dict = field(default_factory=dict)   # kernel kind -> layers using it
+    float_islands: list[str] = field(default_factory=list)  # float kernels between the boundaries
+    scan: ScanReport | None = None    # the integer-only proof over ``tir``
 
 
 def _schedule_pass(target, warnings: list[str]):
@@ -59,28 +78,51 @@ def _backend_stages(target):
     return importlib.import_module(f"tvm.relax.backend.{name}.pipeline")
 
 
-def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedule: bool = True) -> BuildResult:
+def check_integer_only(tir: tvm.IRModule, allow_float: bool = False) -> ScanReport:
+    """The integer-only proof over the scheduled TIR: raises a one-line QuantizationError naming
+    each float kernel between the boundaries and its float ops, unless ``allow_float``."""
+    report = scan_tir(tir)
+    if not report.integer_only and not allow_float:
+        raise QuantizationError(
+            f"the library would not be integer-only: {len(report.float_islands)} kernel(s) between the input "
+            f"quantize and the output dequantize compute in float: {describe_float_functions(tir, report)} "
+            "(a compiler bug unless the model needs float islands: please file an issue with the model, "
+            "or compile with --allow-float to accept them)")
+    return report
+
+
+def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedule: bool = True,
+          allow_float: bool = False) -> BuildResult:
+    """Lower, legalize, fuse, schedule, prove integer-only (module docs) and compile ``ig``.
+    ``allow_float`` accepts float kernels between the boundaries (float islands) instead of
+    failing; they are listed in ``BuildResult.float_islands``."""
     rep = progress.get()
     gemm = gemm_for(target, use_kernels)
     with rep.timed("lowering to Relax"):
         mod = Lowering(ig, target, gemm).build()
     warnings: list[str] = []
-    captured: dict = {}
     sched = _schedule_pass(target, warnings) if schedule else (lambda m: m)
     stages = _backend_stages(target)
 
-    @tvm.transform.module_pass(opt_level=0)
-    def pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+    with rep.timed(f"building for {target.kind.name}"):
         with target:
             # our default schedules replace dlight's ApplyDefaultSchedule of the CUDA pipeline
             legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-            m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(m)
+            m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(mod)
             m = sched(m)
-            captured["tir"] = tvm.IRModule({gv: f for gv, f in m.functions.items()
-                                            if isinstance(f, tvm.tirx.PrimFunc)})
-            m = tvm.transform.Sequential(stages.dataflow_lower_passes(target) + stages.finalize_passes(target))(m)
-        return m
-    with rep.timed(f"building for {target.kind.name}"):
-        ex = tvm.compile(mod, target, relax_pipeline=pipeline)
-    return BuildResult(ex, captured["tir"], mod, list(getattr(gemm, "fallbacks", [])), warnings,
-                       gemm.name, dict(getattr(gemm, "kernels", {})))
+        tir = tvm.IRModule({gv: f for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
+        report = check_integer_only(tir, allow_float)
+        islands = list(report.float_islands)
+        if islands:
+            msg = ("float islands (float kernels between the boundaries, allowed): "
+                   + describe_float_functions(tir, report))
+            warnings.append(msg)
+            rep.warn(msg)
+
+        @tvm.transform.module_pass(opt_level=0)
+        def finish(m2: tvm.IRModule, _ctx) -> tvm.IRModule:
+            return tvm.transform.Sequential(stages.dataflow_lower_passes(target) + stages.finalize_passes(target))(m2)
+
+        ex = tvm.compile(m, target, relax_pipeline=finish)
+    return BuildResult(ex, tir, mod, list(getattr(gemm, "fallbacks", [])), warnings,
+                       gemm.name, dict(getattr(gemm, "kernels", {})), islands, report)

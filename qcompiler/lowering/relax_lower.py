@@ -98,23 +98,13 @@ class Lowering:
                 from qcompiler import intops
 
                 for n in ig.nodes:
-                    override = getattr(self, "op_" + n.op, None)   # TRANSITIONAL: boundary subclass in build.py
-                    lower = override if override is not None else (lambda n, *v: intops.get(n.op).lower(self, n, *v))
-                    v = lower(n, *[self.env[i] for i in n.inputs])
+                    v = intops.get(n.op).lower(self, n, *[self.env[i] for i in n.inputs])
                     assert tuple(v.shape) == tuple(ig.shapes[n.outputs[0]]), (n, v.shape, ig.shapes[n.outputs[0]])
                     self.env[n.outputs[0]] = v
                 outs = [self.logical(self.env[o]).expr for o in ig.outputs]
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else outs[0])
             self.bb.emit_func_output(res)
         return self.bb.get()
-
-    def op_quantize(self, n, x):  # TRANSITIONAL (see build)
-        from qcompiler import intops
-        return intops.get("quantize").lower(self, n, x)
-
-    def op_dequantize(self, n, x):  # TRANSITIONAL (see build)
-        from qcompiler import intops
-        return intops.get("dequantize").lower(self, n, x)
 
     # ---- helpers of the op lowerings (qcompiler/intops/) -----------------------------------------
     def same_perm(self, a: Value, b: Value) -> tuple[Value, Value]:
