@@ -95,7 +95,7 @@ def dense_case(kind, M, N, K, arch, cfg, out_dtype="int8", lo=-128, hi=127, a_dt
 
 def conv_ref_acc(X, Wk, KH, KW, strides, pads, dilations):
     """int64 NHWC accumulators; W [OC, KH*KW*C] with k = (kh*KW + kw)*C + c."""
-    from qcompiler.reference import conv_acc  # the project's NCHW reference
+    from qcompiler.intops.gemm import conv_acc  # the project's NCHW reference
 
     N, H, W_, Cc = X.shape
     OC = Wk.shape[0]
