@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from . import progress
-from .errors import CalibrationError
+from .errors import CalibrationError, ModelError
 from .ort_util import expose, session
 
 METHODS = ("minmax", "percentile", "mse")
@@ -118,14 +118,45 @@ def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration d
     return out
 
 
+def check_memory(graph, tensors: list[str], data: dict[str, np.ndarray], batch: int) -> None:
+    """Refuse (one line, ResourceError) a calibration whose tensors of one batch cannot be held together."""
+    from .frontend import check_memory as check, tensor_bytes
+
+    sizes = {t: tensor_bytes(graph.shapes[t], graph.dtypes.get(t, "float32")) for t in tensors if t in graph.shapes}
+    shapes = {i: tuple(graph.shapes[i]) for i in graph.inputs if i in graph.shapes}
+    feeds = sum(tensor_bytes((batch,) + v.shape[1:], str(v.dtype)) for v in data.values())
+    # onnxruntime's buffers and the returned copies: twice the exposed tensors
+    check({k: 2 * v for k, v in sizes.items()}, f"calibration (batch {batch})", shapes, extra=feeds)
+
+
+def _ort_failure(e: Exception, start: int | None, model: onnx.ModelProto | None = None) -> Exception:
+    from .frontend import is_ort_error, ort_message
+
+    if not is_ort_error(e):
+        return e
+    where = "building the calibration session" if start is None else f"calibrating (samples {start}..)"
+    return ModelError(f"onnxruntime fails {where}: {ort_message(e, model=model)}; check the node's weights, attributes and the "
+                      "calibration data")
+
+
 def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[str],
             batch: int, seed: int = 0) -> dict[str, TensorStats]:
     """Run ``model`` (frozen to ``batch``) over ``data`` and gather stats of ``tensors``."""
     rep = progress.get()
     inputs = [t for t in tensors if t in data]
     tensors = [t for t in tensors if t not in data]
-    sess = session(expose(model, tensors))
+    try:
+        sess = session(expose(model, tensors))
+    except Exception as e:
+        err = _ort_failure(e, None, model)
+        if err is e:
+            raise
+        raise err from None
     n = next(iter(data.values())).shape[0]
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the exception carries onnxruntime's message; no second copy on stderr
     rng = np.random.default_rng(seed)
     lo = {t: np.inf for t in tensors + inputs}
     hi = {t: -np.inf for t in tensors + inputs}
@@ -142,13 +173,24 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
         idx = np.arange(start, start + batch) % n  # the last chunk repeats samples (ranges unaffected)
         feeds = {k: v[idx] for k, v in data.items()}
-        outs = sess.run(tensors, feeds) + [feeds[t] for t in inputs]
+        try:
+            outs = sess.run(tensors, feeds, quiet) + [feeds[t] for t in inputs]
+        except Exception as e:
+            err = _ort_failure(e, start, model)
+            if err is e:
+                raise
+            raise err from None
         for t, v in zip(tensors + inputs, outs):
             v = np.asarray(v)
             if not np.issubdtype(v.dtype, np.floating):
                 continue
             if not np.all(np.isfinite(v)):
-                raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..)")
+                fin = np.isfinite(v)
+                if np.isnan(v).any() or not fin.any():
+                    raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..)")
+                # +-Inf from an explicit fill (masked_fill(-inf)): the range is the finite values'
+                # (an infinite element saturates to the integer dtype's end)
+                v = np.clip(v, v[fin].min(), v[fin].max())
             lo[t] = min(lo[t], float(v.min()))
             hi[t] = max(hi[t], float(v.max()))
             if v.ndim >= 2:

@@ -1,19 +1,23 @@
 """The ``qc`` command line: compile, run, inspect, bench (tune, predict, costmodel: see their modules).
 
 Every user-facing problem is a ``QCError`` raised where it is found; here it becomes one line on
-stderr and exit code 2.  Outputs are written atomically, so an error or Ctrl-C leaves no partial file.
+stderr and exit code 2.  Anything else (a bug) becomes one ``InternalError`` line, exit code 2, never
+a traceback; Python warnings go to the progress reporter (silent with -q).  Outputs are written
+atomically, so an error or Ctrl-C leaves no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import progress
-from .errors import InputError, QCError
+from .errors import InputError, QCError, internal
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,15 +262,80 @@ COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "ben
             "tune": cmd_tune, "measure": cmd_measure, "costmodel": cmd_costmodel, "predict": cmd_predict}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if not args.quiet:
-        progress.set_reporter(progress.ConsoleReporter(bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
+def _warning_to_reporter(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).splitlines()[0] if str(message) else ""
+    progress.get().warn(f"{category.__name__}: {text}")
+
+
+@contextlib.contextmanager
+def _native_stderr_held(quiet: bool):
+    """Hold what native code (TVM's C++ log, onnxruntime's logger) writes to file descriptor 2 while a
+    command runs, so a failure prints our one line and not also, say, TVM's "BlockBuilder destroyed
+    with remaining blocks" warning from the half-built module.  Python's own stderr (progress, the
+    error line) is unaffected.  The held text is written out after a success, and after a failure
+    unless -q."""
     try:
-        return COMMANDS[args.cmd](args)
+        sys.stderr.flush()
+        real_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (captured, redirected in-process)
+        yield
+        return
+    if real_fd != 2:
+        yield
+        return
+    held = tempfile.TemporaryFile()
+    saved = os.dup(2)
+    py_err = sys.stderr
+    sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=py_err.encoding or "utf-8", errors="replace")
+    os.dup2(held.fileno(), 2)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        try:
+            sys.stderr.flush()
+            sys.stderr.close()
+        except OSError:
+            pass
+        sys.stderr = py_err
+        os.dup2(saved, 2)
+        os.close(saved)
+        try:
+            if ok or not quiet:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+        finally:
+            held.close()
+
+
+def _error_line(cmd: str, e: QCError) -> str:
+    msg = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return f"qc {cmd}: error: {msg}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    args = _parser().parse_args(argv)
+    progress.set_reporter(progress.Reporter() if args.quiet else
+                          progress.ConsoleReporter(bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
+    old_showwarning = warnings.showwarning
+    warnings.showwarning = _warning_to_reporter
+    try:
+        try:
+            if args.cmd != "compile":
+                return COMMANDS[args.cmd](args)
+            with _native_stderr_held(args.quiet):
+                return COMMANDS[args.cmd](args)
+        except (KeyboardInterrupt, BrokenPipeError, QCError):
+            raise
+        except Exception as e:  # a bug: one line naming where, never a traceback
+            raise internal(f"qc {args.cmd}", e) from e
     except QCError as e:
-        msg = str(e).replace("\n", " ")
-        print(f"qc {args.cmd}: error: {msg}", file=sys.stderr)
+        print(_error_line(args.cmd, e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"qc {args.cmd}: interrupted (no partial output was written)", file=sys.stderr)
@@ -277,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    finally:
+        warnings.showwarning = old_showwarning
 
 
 if __name__ == "__main__":

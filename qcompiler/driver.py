@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, artifact, calibrate, frontend, progress
-from .errors import CalibrationError, ModelError, UnsupportedOpError
+from .errors import CalibrationError, ModelError, UnsupportedOpError, at_node, stage
 from .graph import Graph
 from .targets import TargetSpec
 
@@ -60,6 +60,7 @@ class Prepared:
 
 
 def float_passes(g: Graph) -> Graph:
+    """The float rewrites in order; each runs as its own stage (an unexpected failure names it)."""
     from passes.canonicalize import canonicalize
     from passes.fold_batchnorm import fold_batchnorm
     from passes.fuse_activation import fuse_activation
@@ -67,7 +68,12 @@ def float_passes(g: Graph) -> Graph:
     from passes.fuse_nonlinear import fuse_nonlinear
     from passes.fuse_patterns import fuse_patterns
 
-    return fuse_activation(fuse_attention(fuse_patterns(fuse_nonlinear(fold_batchnorm(canonicalize(g))))))
+    for name, p in (("canonicalize", canonicalize), ("fold_batchnorm", fold_batchnorm),
+                    ("fuse_nonlinear", fuse_nonlinear), ("fuse_patterns", fuse_patterns),
+                    ("fuse_attention", fuse_attention), ("fuse_activation", fuse_activation)):
+        with stage(name):
+            g = p(g)
+    return g
 
 
 def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -83,13 +89,16 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     rep = progress.get()
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = frontend.read_model(model_path)
-    specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
+    with stage("frontend"):
+        model = frontend.read_model(model_path)
+        specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
+        frontend.check_input_specs(specs, str(model_path))
     if calib is None:
         raise CalibrationError("calibration data is required: pass --calib data.npz (keys = input names, "
                                "first axis = samples); a data-free mode is not available yet")
-    data = calib if isinstance(calib, dict) else calibrate.load_calibration(calib)
-    data = calibrate.check_inputs(data, specs)
+    with stage("reading calibration data"):
+        data = calib if isinstance(calib, dict) else calibrate.load_calibration(calib)
+        data = calibrate.check_inputs(data, specs)
     batch = opts.batch
     for s in specs:
         if s.shape and isinstance(s.shape[0], int) and s.shape[0] != batch and s.shape[0] != 0:
@@ -97,26 +106,35 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
                 raise ModelError(f"input '{s.name}' has a fixed batch of {s.shape[0]}; --batch {opts.batch} is "
                                  "impossible for this model")
             batch = s.shape[0]
-    with rep.timed("reading and folding the model"):
+    with rep.timed("reading and folding the model"), stage("frontend"):
         fr = frontend.load(model_path, batch=batch, shapes=_given_shapes(specs, data))
     t["frontend"] = time.perf_counter() - t0
     fg = float_passes(fr.graph)
-    bad = unsupported(fg)
+    with stage("support check"):
+        bad = unsupported(fg)
     if bad:
         raise UnsupportedOpError(bad)
     t1 = time.perf_counter()
     tensors = [o for n in fr.model.graph.node for o in n.output if o and fr.graph.dtypes.get(o, "").startswith("float")]
     tensors += [s.name for s in specs if s.dtype.startswith("float")]
     n = next(iter(data.values())).shape[0]
+    with stage("calibration"):
+        calibrate.check_memory(fr.graph, tensors, data, batch)
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
-    stats = calibrate.collect(fr.model, data, tensors, batch)
+    with stage("calibration"):
+        stats = calibrate.collect(fr.model, data, tensors, batch)
     from passes.smooth import smooth
 
-    fg, stats = smooth(fg, stats, opts.smooth)
+    with stage("smooth"):
+        fg, stats = smooth(fg, stats, opts.smooth)
     t["calibrate"] = time.perf_counter() - t1
     cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu)
-    ig = quantize(fg, stats, nonnegative(fg), cfg)
-    intervals = check_overflow(ig)
+    with stage("sign analysis"):
+        nonneg = nonnegative(fg)
+    with stage("quantize"):
+        ig = quantize(fg, stats, nonneg, cfg)
+    with stage("overflow check"):
+        intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
     return Prepared(fr, fg, ig, intervals, n, t)
 
@@ -126,28 +144,35 @@ def layer_table(ig: Graph) -> list[dict]:
     for n in ig.nodes:
         if n.op in ("conv", "dense", "matmul"):
             w = n.attrs.get("weight")
-            rows.append({"name": n.name, "op": n.op, "input_dtype": ig.dtypes[n.inputs[0]],
-                         "weight_bits": int(n.attrs.get("weight_bits", 8)) if w is not None else None, "output_dtype": n.attrs["dtype"],
-                         "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
-                         "weight_shape": list(w.shape) if w is not None else None})
+            with at_node(n):
+                rows.append({"name": n.name, "op": n.op, "input_dtype": ig.dtypes[n.inputs[0]],
+                             "weight_bits": int(n.attrs.get("weight_bits", 8)) if w is not None else None,
+                             "output_dtype": n.attrs["dtype"],
+                             "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
+                             "weight_shape": list(w.shape) if w is not None else None})
     return rows
 
 
 def _io_entries(ig: Graph, names, fg_dtypes: dict, opts: CompileOptions, side: str) -> list[dict]:
     out = []
     for name in names:
-        e = {"name": name, "shape": list(ig.shapes[name]), "dtype": ig.dtypes[name]}
-        if side == "input":
-            q = ig.qparams.get(name) or ig.qparams.get(name + "/q")
-        else:
-            src = next((n.inputs[0] for n in ig.nodes if n.outputs[0] == name), name)
-            q = ig.qparams.get(src) or ig.qparams.get(name)
-        if q is not None:
-            e["scale"] = q.scale
-            e["quant_dtype"] = q.dtype
-        e["onnx_dtype"] = fg_dtypes.get(name)
-        out.append(e)
+        with at_node((name, side)):
+            out.append(_io_entry(ig, name, fg_dtypes, side))
     return out
+
+
+def _io_entry(ig: Graph, name: str, fg_dtypes: dict, side: str) -> dict:
+    e = {"name": name, "shape": list(ig.shapes[name]), "dtype": ig.dtypes[name]}
+    if side == "input":
+        q = ig.qparams.get(name) or ig.qparams.get(name + "/q")
+    else:
+        src = next((n.inputs[0] for n in ig.nodes if n.outputs[0] == name), name)
+        q = ig.qparams.get(src) or ig.qparams.get(name)
+    if q is not None:
+        e["scale"] = q.scale
+        e["quant_dtype"] = q.dtype
+    e["onnx_dtype"] = fg_dtypes.get(name)
+    return e
 
 
 def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
@@ -160,48 +185,54 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     t0 = time.perf_counter()
     prep = prepare(model_path, calib, opts)
     ig = prep.int_graph
-    target = opts.target.tvm_target()
+    with stage("target setup"):
+        target = opts.target.tvm_target()
     t1 = time.perf_counter()
     from .tune.apply import activate
 
-    with activate(opts.target, opts.tune_log) as tuned:
-        res = build(ig, target, use_kernels=opts.use_kernels)
+    with stage("lowering and build"):
+        with activate(opts.target, opts.tune_log) as tuned:
+            res = build(ig, target, use_kernels=opts.use_kernels)
     t_build = time.perf_counter() - t1
     from .tir_scan import module_to_text
 
-    tir_text = module_to_text(res.tir)
+    with stage("TIR scan"):
+        tir_text = module_to_text(res.tir)
     import tvm
 
-    meta = {
-        "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION,
-        "qcompiler_version": __version__, "tvm_version": tvm.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
-                  "opset": prep.fr.opset},
-        "target": {**opts.target.describe(), "tvm": str(target)},
-        "precision": opts.precision, "io": opts.io, "batch": prep.fr.graph.shapes[ig.inputs[0]][0] if ig.inputs else 1,
-        "calibration": {"method": opts.method, "samples": prep.calib_samples},
-        "softmax": opts.softmax,
-        "gelu": opts.gelu,
-        "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
-        "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
-        "layers": layer_table(ig),
-        "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
-                    "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
-        "tuning": tuned.summary(),
-        "warnings": res.warnings,
-        "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
-        "tir": artifact.encode_text(tir_text),
-    }
-    for inp in meta["inputs"]:
-        rng = _int_input_range(ig, inp["name"])
-        if rng is not None:
-            inp["valid_range"] = rng
+    with stage("metadata"):
+        meta = {
+            "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION,
+            "qcompiler_version": __version__, "tvm_version": tvm.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
+                      "opset": prep.fr.opset},
+            "target": {**opts.target.describe(), "tvm": str(target)},
+            "precision": opts.precision, "io": opts.io,
+            "batch": prep.fr.graph.shapes[ig.inputs[0]][0] if ig.inputs else 1,
+            "calibration": {"method": opts.method, "samples": prep.calib_samples},
+            "softmax": opts.softmax,
+            "gelu": opts.gelu,
+            "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
+            "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
+            "layers": layer_table(ig),
+            "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
+                        "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
+            "tuning": tuned.summary(),
+            "warnings": res.warnings,
+            "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
+            "tir": artifact.encode_text(tir_text),
+        }
+        for inp in meta["inputs"]:
+            rng = _int_input_range(ig, inp["name"])
+            if rng is not None:
+                inp["valid_range"] = rng
     if opts.dump_dir:
-        dump(opts.dump_dir, ig, res, tir_text, opts)
+        with stage("dump"):
+            dump(opts.dump_dir, ig, res, tir_text, opts)
     meta_path = artifact.metadata_path(out)
     with rep.timed(f"writing {out}"):
-        with artifact.atomic_paths(out, meta_path) as (tmp_so, tmp_json):
+        with artifact.atomic_paths(out, meta_path) as (tmp_so, tmp_json), stage("export"):
             res.executable.export_library(str(tmp_so))
             artifact.write_json(tmp_json, meta)
     meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)

@@ -1,6 +1,6 @@
 """Frontend: read, check, upgrade, freeze and fold an ONNX model, then describe it as a ``Graph``.
 
-Steps (DESIGN.md §1, §7):
+Steps (docs/design.md §1, §5):
   1. read the file (clear errors for missing, non-ONNX or truncated files) and run the ONNX checker;
   2. upgrade opsets below 13 with ``onnx.version_converter`` (accepts 9..21 as shipped);
   3. freeze every symbolic input dim to a concrete value: the batch dim (first dim) to ``batch``,
@@ -14,6 +14,7 @@ Steps (DESIGN.md §1, §7):
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelError
+from .errors import ModelError, ResourceError, first_line
 from .graph import Graph, Node
 
 MIN_OPSET, MAX_OPSET, CANONICAL_OPSET = 9, 21, 13
+MAX_DIM = 1 << 24          # no input dimension beyond this (16.7M) is a sane request
+INPUT_DTYPES = ("float32", "int64", "int32", "uint8", "int8", "bool")
 
 _ONNX_TO_NP = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16",
@@ -62,11 +65,27 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
                          "check the file is a complete .onnx export") from None
     if not model.graph.node:
         raise ModelError(f"{p}: not an ONNX model (the graph has no nodes; truncated or wrong file?)")
+    if not model.graph.output:
+        raise ModelError(f"{p}: the graph declares no outputs, so there is nothing to compute; "
+                         "re-export the model with its output tensors")
+    outs = [o.name for o in model.graph.output]
+    dup = sorted({o for o in outs if outs.count(o) > 1})
+    if dup:
+        raise ModelError(f"{p}: the graph lists output {dup[0]!r} {outs.count(dup[0])} times; each output must be "
+                         "declared once (re-export the model)")
+    if any(not o for o in outs):
+        raise ModelError(f"{p}: the graph has an output with an empty name; re-export the model")
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ModelError(f"{p}: the ONNX checker rejects the model: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{p}: the ONNX checker rejects the model: {one_line(e)}") from None
     return model
+
+
+def one_line(e: BaseException, max_len: int = 300) -> str:
+    """An exception's whole message on one line (the checker spreads one sentence over several)."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    return text if len(text) <= max_len else text[: max_len - 3] + "..."
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -100,7 +119,7 @@ def upgrade(model: onnx.ModelProto, path_hint: str) -> onnx.ModelProto:
         up = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
         onnx.checker.check_model(up)
     except Exception as e:
-        raise ModelError(f"{path_hint}: upgrading opset {opset} to {CANONICAL_OPSET} failed: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{path_hint}: upgrading opset {opset} to {CANONICAL_OPSET} failed: {one_line(e)}") from None
     return up
 
 
@@ -155,13 +174,62 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = dst
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors come back as the exception; no second copy on stderr
         try:
             ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ModelError(f"onnxruntime cannot load the frozen model: {str(e).splitlines()[0]}") from None
-        out = onnx.load(dst)
+            raise ModelError(f"onnxruntime cannot load the model: {ort_message(e, model=model)}; check the node's weights, "
+                             "attributes and input shapes") from None
+        try:
+            out = onnx.load(dst)
+        except Exception as e:
+            raise ModelError(f"onnxruntime's folded model cannot be read back ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
     return out
+
+
+_ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+_ORT_LOAD = re.compile(r"Load model from \S+ failed:\s*")
+_ORT_UNREGISTERED = re.compile(r"(?P<domain>[\w.]*):(?P<op>\w+)\(-?\d+\) is not a registered")
+_ORT_NODE_PATTERNS = (
+    re.compile(r"Node \((?P<name>[^)]*)\) Op \((?P<op>[^)]*)\)"),                       # shape inference
+    re.compile(r"running (?P<op>\S+) node\. Name:'(?P<name>[^']*)'"),                     # run time
+    re.compile(r"In Node, \(\"(?P<name>[^\"]*)\", (?P<op>[^,]+),"),                         # graph check
+    re.compile(r"Optype \((?P<op>[^)]+)\).*? in node \((?P<name>[^)]*)\)"),                 # type check
+    re.compile(r"Name: (?P<name>\S+) OpType: (?P<op>\S+)"),                                  # node spec
+)
+
+
+def ort_message(e: BaseException, max_len: int = 300, model: onnx.ModelProto | None = None) -> str:
+    """onnxruntime's (often multi-line, path-laden) error text as one short line naming the node
+    (from the text, or for an unregistered op the first ``model`` node of that op)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = _ORT_LOAD.sub("", _ORT_PREFIX.sub("", text))
+    where = ""
+    for pat in _ORT_NODE_PATTERNS:
+        m = pat.search(text)
+        if m:
+            where = f"node '{m.group('name') or '<unnamed>'}' ({m.group('op').strip()}): "
+            break
+    m = _ORT_UNREGISTERED.search(text)
+    if not where and m and model is not None:
+        for k, n in enumerate(model.graph.node):
+            if n.op_type == m.group("op") and (n.domain or "") == (m.group("domain") or ""):
+                where = f"node '{n.name or f'{n.op_type}_{k}'}' ({m.group('domain')}:{n.op_type}): "
+                break
+    msg = re.sub(r"Non-zero status code returned while running \S+ node\. Name:'[^']*' Status Message: ", "", text)
+    msg = _ORT_NODE_PATTERNS[0].sub("", msg, count=1).strip()
+    msg = re.sub(r"\S*/qc-fold-[^/\s]*/\S*", "<model>", msg)
+    # C++ noise: source locations, function signatures, "X was false."
+    msg = re.sub(r"\S*onnxruntime_src/\S+:\d+\s*", "", msg)
+    msg = re.sub(r"(?:\S+\s+)?onnxruntime::[\w:<>]+\([^)]*\)(?: const)?\s*", "", msg)
+    msg = re.sub(r"\b(\S+) was false\.\s*", "", msg).strip()
+    msg = where + (msg or type(e).__name__)
+    return msg if len(msg) <= max_len else msg[: max_len - 3] + "..."
+
+
+def is_ort_error(e: BaseException) -> bool:
+    return type(e).__module__.startswith("onnxruntime")
 
 
 def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -186,14 +254,35 @@ def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tu
         shapes[init.name] = tuple(init.dims)
         dtypes[init.name] = _ONNX_TO_NP.get(init.data_type, "unknown")
     missing = [o for n in g.node for o in n.output if o and (o not in shapes or o not in dtypes)]
-    if missing:
-        from .ort_util import run_with_intermediates
-
-        vals = run_with_intermediates(model, feeds, missing)
-        for k, v in vals.items():
-            shapes[k] = tuple(v.shape)
-            dtypes[k] = str(v.dtype)
+    # one run at the frozen shapes: sizes what inference left unknown, and proves the model runs at all
+    # (a weight whose shape contradicts its node often passes inference and fails only here)
+    names = missing or [o.name for o in model.graph.output]
+    try:
+        vals = run_ort(model, feeds, names)
+    except Exception as e:
+        if not is_ort_error(e):
+            raise
+        raise ModelError(f"onnxruntime cannot run the model at the frozen input shapes "
+                         f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in feeds.items())}): "
+                         f"{ort_message(e, model=model)}; check the node's weights, attributes and input shapes") from None
+    for k in missing:
+        v = vals[k]
+        shapes[k] = tuple(v.shape)
+        dtypes[k] = str(v.dtype)
     return shapes, dtypes
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """Run ``model`` in onnxruntime, returning ``names`` (intermediates exposed); its own error log is
+    silenced (the exception carries the message)."""
+    import onnxruntime as ort
+
+    from .ort_util import expose, session
+
+    sess = session(expose(model, names))
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
+    return dict(zip(names, sess.run(names, feeds, ro)))
 
 
 def to_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Graph:
@@ -201,7 +290,7 @@ def to_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Graph:
     g = Graph(nodes=[], inputs=[], outputs=[o.name for o in model.graph.output], shapes=shapes, dtypes=dtypes,
               name=model.graph.name or "model")
     for init in model.graph.initializer:
-        g.add_const(init.name, numpy_helper.to_array(init))
+        g.add_const(init.name, initializer_array(init))
     inits = set(g.consts)
     g.inputs = [vi.name for vi in model.graph.input if vi.name not in inits]
     for k, n in enumerate(model.graph.node):
@@ -234,6 +323,149 @@ def _constant_value(attrs: dict, name: str) -> np.ndarray:
     raise ModelError(f"Constant node '{name}' has an unsupported value kind ({', '.join(attrs)})")
 
 
+def initializer_array(init: onnx.TensorProto, what: str = "initializer") -> np.ndarray:
+    try:
+        return numpy_helper.to_array(init)
+    except Exception as e:
+        raise ModelError(f"{what} '{init.name}' is corrupt: its data does not match its dtype/shape "
+                         f"{tuple(init.dims)} ({type(e).__name__}: {first_line(e)}); re-export the model") from None
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> str:
+    users = [f"'{n.name or f'{n.op_type}_{k}'}' ({n.op_type})" for k, n in enumerate(model.graph.node) if name in n.input]
+    if not users:
+        return "no node"
+    return "node " + ", ".join(users[:3]) + (" ..." if len(users) > 3 else "")
+
+
+_AUTO_PAD = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def check_weights(model: onnx.ModelProto, path_hint: str) -> None:
+    """Every initializer and Constant readable, float ones finite (NaN/Inf weights make every scale
+    meaningless; a one-value +-Inf constant is a fill value or a bound, and allowed); enumerated attributes onnxruntime would reject without naming the node are valid."""
+    def finite(name: str, arr: np.ndarray, what: str, consumer: str) -> None:
+        if arr.dtype.kind in "fc" and arr.size and not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            kind = "NaN" if np.isnan(arr).any() else "Inf"
+            if kind == "Inf" and arr.size == 1:
+                return  # a fill value or bound (masked_fill(-inf), Clip(max=inf)), not a weight
+            raise ModelError(f"{path_hint}: {what} '{name}' (used by {consumer}) holds {bad} non-finite value(s) "
+                             f"({kind}); fix or retrain the weights and re-export the model")
+
+    for init in model.graph.initializer:
+        finite(init.name, initializer_array(init), "initializer", _consumers(model, init.name))
+    for k, n in enumerate(model.graph.node):
+        for a in n.attribute:  # onnxruntime rejects a bad auto_pad without naming the node
+            if a.name == "auto_pad" and a.s.decode(errors="replace") not in _AUTO_PAD:
+                raise ModelError(f"{path_hint}: node '{n.name or f'{n.op_type}_{k}'}' ({n.op_type}) has auto_pad "
+                                 f"{a.s.decode(errors='replace')!r}; valid: {', '.join(_AUTO_PAD)}")
+    for k, n in enumerate(model.graph.node):
+        if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
+            continue
+        for a in n.attribute:
+            if a.name == "value" and a.HasField("t"):
+                arr = initializer_array(a.t, f"Constant node '{n.name or k}' value")
+            elif a.name in ("value_float", "value_floats"):
+                arr = np.asarray(helper.get_attribute_value(a), np.float32)
+            else:
+                continue
+            out = n.output[0] if n.output else "?"
+            finite(out, arr, f"constant '{out}' of node '{n.name or f'Constant_{k}'}'", _consumers(model, out))
+
+
+def check_input_specs(specs: list[InputSpec], path_hint: str) -> None:
+    if not specs:
+        raise ModelError(f"{path_hint}: the model has no (non-constant) inputs; nothing to calibrate or compile")
+    for s in specs:
+        if s.dtype not in INPUT_DTYPES:
+            raise ModelError(f"input '{s.name}' has dtype {s.dtype}; supported: float32 and integer inputs "
+                             "(re-export the model with a float32 input)")
+        for k, d in enumerate(s.shape):
+            if isinstance(d, int) and d > MAX_DIM:
+                raise ModelError(f"input '{s.name}' declares dim {k} = {d}, beyond the supported {MAX_DIM}; "
+                                 "re-export the model with real input sizes")
+
+
+def check_concrete_shapes(conc: dict[str, tuple[int, ...]]) -> None:
+    for name, dims in conc.items():
+        for k, d in enumerate(dims):
+            if d < 1 or d > MAX_DIM:
+                raise ModelError(f"input '{name}' gets dim {k} = {d} (shape {tuple(dims)}); every input dim must be "
+                                 f"1..{MAX_DIM}: give calibration data of a real input size")
+
+
+# ---- memory: refuse what cannot fit, instead of being killed for it ----------------------------
+
+_NP_BYTES = {"float32": 4, "float64": 8, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8,
+             "bool": 1}
+
+
+def memory_budget() -> int:
+    """Bytes the compiler may use: $QC_MEMORY_LIMIT (e.g. 8G, 512M) or the available RAM."""
+    env = os.environ.get("QC_MEMORY_LIMIT", "").strip()
+    if env:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", env, re.I)
+        if m:
+            return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return 8 << 30
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_memory(sizes: dict[str, int], what: str, inputs: dict[str, tuple[int, ...]], extra: int = 0) -> None:
+    """``sizes``: bytes per tensor that will be live together.  Refuse (one line) when the largest
+    tensor exceeds a quarter of the budget or all together (plus ``extra``) half of it."""
+    if not sizes:
+        return
+    budget = memory_budget()
+    big = max(sizes, key=sizes.get)
+    total = sum(sizes.values()) + extra
+    shapes = ", ".join(f"'{k}' {tuple(v)}" for k, v in inputs.items())
+    if sizes[big] > budget // 4:
+        raise ResourceError(f"tensor '{big}' would need {human_bytes(sizes[big])} at input shape(s) {shapes}, more "
+                            f"than a quarter of the {human_bytes(budget)} of memory available; use smaller inputs "
+                            "(dims, batch) or a larger machine (QC_MEMORY_LIMIT overrides the limit)")
+    if total > budget // 2:
+        raise ResourceError(f"{what} would need about {human_bytes(total)} at input shape(s) {shapes} (largest "
+                            f"tensor '{big}' {human_bytes(sizes[big])}), more than half of the {human_bytes(budget)} "
+                            "available; use smaller inputs (dims, batch) or a larger machine "
+                            "(QC_MEMORY_LIMIT overrides the limit)")
+
+
+def tensor_bytes(shape, dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= max(int(d), 0)
+    return n * _NP_BYTES.get(dtype, 4)
+
+
+def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every tensor ONNX shape inference can size, without running anything."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:
+        g = model.graph
+    out = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            out[vi.name] = tensor_bytes([d.dim_value for d in tt.shape.dim], _ONNX_TO_NP.get(tt.elem_type, "float32"))
+    inits = {i.name for i in g.initializer}
+    return {k: v for k, v in out.items() if k not in inits}
+
+
 def load(path: str | os.PathLike, batch: int | None = 1,
          shapes: dict[str, tuple[int, ...]] | None = None) -> FrontendResult:
     """Read, check, upgrade, freeze (``batch`` for a symbolic first dim; ``shapes`` for the rest),
@@ -241,12 +473,15 @@ def load(path: str | os.PathLike, batch: int | None = 1,
     model = read_model(path)
     opset = model_opset(model)
     model = upgrade(model, str(path))
+    check_weights(model, str(path))
     specs = input_specs(model)
-    for s in specs:
-        if s.dtype not in ("float32", "int64", "int32", "uint8", "int8", "bool"):
-            raise ModelError(f"input '{s.name}' has dtype {s.dtype}; supported: float32 and integer inputs")
+    check_input_specs(specs, str(path))
     conc = concrete_shapes(specs, batch, shapes or {})
-    model = fold(freeze(model, conc))
+    check_concrete_shapes(conc)
+    frozen = freeze(model, conc)
+    # before anything runs: every tensor shape inference can size, live together as calibration keeps them
+    check_memory(_static_sizes(frozen), "running the model", conc)
+    model = fold(frozen)
     feeds = {s.name: np.zeros(conc[s.name], dtype=s.dtype) for s in specs}
     graph = to_graph(model, feeds)
     return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset)

@@ -149,3 +149,56 @@ def test_console_script_error_is_one_line(tmp_path):
                         str(tmp_path / "o.so")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unexpected_exception_is_one_internal_error_line(small, tmp_path, capsys, monkeypatch):
+    """A bug anywhere (here: in a lowering step and in `qc inspect`) is one line, exit 2, no output."""
+    import qcompiler.cli as cli
+    import qcompiler.lowering.build as lb
+
+    def broken_build(*a, **k):
+        raise IndexError("list index out of range\n  more detail")
+
+    monkeypatch.setattr(lb, "build", broken_build)
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", str(small / "m.onnx"), "-o", out, "--calib", str(small / "calib.npz")],
+         "internal error in lowering and build at node", "IndexError: list index out of range; please report", out=out)
+    monkeypatch.setattr(cli, "cmd_inspect", lambda a: {}["missing"])
+    monkeypatch.setitem(cli.COMMANDS, "inspect", cli.cmd_inspect)
+    _bad(capsys, ["inspect", str(small / "m.so")], "internal error in qc inspect", "KeyError")
+
+
+def test_nonfinite_weights_and_no_outputs(small, tmp_path, capsys):
+    import onnx
+
+    calib = str(small / "calib.npz")
+    m = onnx.load(str(small / "m.onnx"))
+    w = onnx.numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+    onnx.save(m, tmp_path / "nan.onnx")
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", str(tmp_path / "nan.onnx"), "-o", out, "--calib", calib], "initializer 'W'", "Conv", "NaN",
+         out=out)
+    m = onnx.load(str(small / "m.onnx"))
+    del m.graph.output[:]
+    onnx.save(m, tmp_path / "noout.onnx")
+    _bad(capsys, ["compile", str(tmp_path / "noout.onnx"), "-o", out, "--calib", calib], "no outputs", out=out)
+
+
+def test_absurd_sizes_refused_before_running(small, tmp_path, capsys, monkeypatch):
+    import onnx
+
+    monkeypatch.setenv("QC_MEMORY_LIMIT", "256M")
+    m = onnx.load(str(small / "m.onnx"))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 100000   # a fixed batch of 100000
+    onnx.save(m, tmp_path / "big.onnx")
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", str(tmp_path / "big.onnx"), "-o", out, "--calib", str(small / "calib.npz")],
+         "100000", "memory", out=out)
+    np.savez(tmp_path / "zero.npz", x=np.zeros((2, 3, 16, 16), np.float32)[:, :, :0])
+    m = onnx.load(str(small / "m.onnx"))
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    onnx.save(m, tmp_path / "sym.onnx")
+    _bad(capsys, ["compile", str(tmp_path / "sym.onnx"), "-o", out, "--calib", str(tmp_path / "zero.npz")],
+         "dim 2 = 0", out=out)

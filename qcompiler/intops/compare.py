@@ -8,7 +8,8 @@ Max(a, b) / Min(a, b)  (``minmax`` op) both operands requantized to the output s
 Comparisons  (``compare`` op) on real values a*S_a against b*S_b: both sides scaled to a common
       grid (ma : mb = S_a : S_b, one shared shift, no rounding after the multiply), compared in
       int64:  y = uint8(cmp(a*ma, b*mb)).  Integer data (token ids, masks) has scale 1.  A constant
-      operand c becomes the int64 constant round(c * 2^s / S_ref) with mb = 1.  Equal of two
+      operand c (any broadcastable shape) becomes the int64 constant round(c * 2^s / S_a) with mb = 1
+      (ma = 1 and c itself for integer data).  Equal of two
       tensors on one scale is exact (ma == mb); of different scales it is equality of the real
       values up to the multipliers' 2^-31 relative error.
 Logic  (``logic`` op) on uint8 0/1:  Not = 1 - x, And = min, Or = max, Xor = (a != b).
@@ -148,9 +149,6 @@ class MinMaxOp(IntOp):
 def _cmp_check(g, n):
     if all(i in g.consts for i in n.inputs):
         return "constant operands"
-    c = [g.consts[i] for i in n.inputs if i in g.consts]
-    if c and c[0].size != 1:
-        return "a constant operand with more than one value"
     return None
 
 
@@ -166,13 +164,14 @@ def compare(qz: Quantizer, n):
         mode = CMP[n.op]
     sa = _scale(qz, a)
     if b in consts:
-        (ma,), s = dyadic_common([1.0], f"node '{n.name}'")
-        C = float(np.asarray(consts[b]).reshape(-1)[0]) / sa * float(np.asarray(ma))
-        if not np.isfinite(C) or abs(C) >= 2**62:
-            C = float(np.sign(C) * 2**62) if not np.isnan(C) else 0.0
-        if mode == "eq" and C != round(C):
-            C = 2.0**62  # no integer of a equals the constant
-        bi, mb = _const_operand(qz, n, "c", int(round(C)), "int64"), np.int64(1)
+        integer_data = qz.iname(a) not in qz.ig.qparams
+        ma = np.int64(1) if integer_data else dyadic_common([1.0], f"node '{n.name}'")[0][0]
+        with np.errstate(all="ignore"):
+            C = np.asarray(consts[b], np.float64) / sa * float(np.asarray(ma))
+        C = np.where(np.isnan(C), 0.0, np.clip(C, -2.0**62, 2.0**62))
+        if mode == "eq":
+            C = np.where(C == np.round(C), C, 2.0**62)  # no integer of a equals such a constant
+        bi, mb = _const_operand(qz, n, "c", np.round(C).astype(np.int64), "int64"), np.int64(1)
     else:
         sb = _scale(qz, b)
         ref = max(sa, sb)
