@@ -563,6 +563,9 @@ def run_in_process(case: Case, d: Path) -> tuple[str, str]:
 
 # ---- the test ---------------------------------------------------------------------------------
 
+# kinds that must always be refused as a ModelError whose line says this
+EXPECT_MODEL_ERROR = {"nan_weight": "non-finite", "no_outputs": "no outputs", "dup_outputs": "declared once",
+                      "cycle": "topologically sorted", "output_not_produced": "ghost_output"}
 N_CASES = 60  # two bases x 30: every kind on both, some twice
 
 
@@ -579,6 +582,13 @@ def test_fuzz_mutations(tmp_path, monkeypatch):
         results.append((case.name, outcome, detail))
     bad = [r for r in results if not (r[1] == "ok" or r[1].startswith("error:"))]
     assert not bad, "\n".join(f"{n}: {o}: {d}" for n, o, d in bad)
+    # on these small models every failure is the user's input, named as such (no compiler bug)
+    internal = [r for r in results if r[1] == "error:InternalError"]
+    assert not internal, "\n".join(f"{n}: {d}" for n, o, d in internal)
+    for name, outcome, detail in results:
+        kind = name.split(" ", 2)[1].rstrip(":")
+        if kind in EXPECT_MODEL_ERROR:
+            assert outcome == "error:ModelError" and EXPECT_MODEL_ERROR[kind] in detail, (name, outcome, detail)
     oks = sum(r[1] == "ok" for r in results)
     assert oks >= 4, "the unmutated and valid-mutation cases must compile"
     assert sum(r[1].startswith("error:") for r in results) >= 35
