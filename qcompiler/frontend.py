@@ -68,6 +68,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.output:
         raise ModelError(f"{p}: the graph declares no outputs, so there is nothing to compute; "
                          "re-export the model with its output tensors")
+    _check_names(model, p)
     outs = [o.name for o in model.graph.output]
     dup = sorted({o for o in outs if outs.count(o) > 1})
     if dup:
@@ -80,6 +81,24 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as e:
         raise ModelError(f"{p}: the ONNX checker rejects the model: {one_line(e)}") from None
     return model
+
+
+def _check_names(model: onnx.ModelProto, p) -> None:
+    """Names that are not valid UTF-8 come back from protobuf as bytes (a corrupt file the checker passes)."""
+    g = model.graph
+    for k, n in enumerate(g.node):
+        for field, v in (("name", n.name), ("op_type", n.op_type), ("domain", n.domain),
+                         *(("input", x) for x in n.input), *(("output", x) for x in n.output)):
+            if isinstance(v, bytes):
+                raise ModelError(f"{p}: node #{k} ({n.op_type!r}) has {'an' if field[0] in 'io' else 'a'} {field} "
+                                 f"that is not valid UTF-8 ({v[:40]!r}); "
+                                 "the file is corrupt, re-export the model")
+    for what, items in (("input", g.input), ("output", g.output), ("initializer", g.initializer),
+                        ("value_info", g.value_info)):
+        for v in items:
+            if isinstance(v.name, bytes):
+                raise ModelError(f"{p}: a graph {what} name is not valid UTF-8 ({v.name[:40]!r}); the file is "
+                                 "corrupt, re-export the model")
 
 
 def one_line(e: BaseException, max_len: int = 300) -> str:
@@ -343,7 +362,8 @@ _AUTO_PAD = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 def check_weights(model: onnx.ModelProto, path_hint: str) -> None:
     """Every initializer and Constant readable, float ones finite (NaN/Inf weights make every scale
-    meaningless; a one-value +-Inf constant is a fill value or a bound, and allowed); enumerated attributes onnxruntime would reject without naming the node are valid."""
+    meaningless; a one-value +-Inf constant is a fill value or a bound, and allowed); enumerated
+    attributes onnxruntime would reject without naming the node are valid."""
     def finite(name: str, arr: np.ndarray, what: str, consumer: str) -> None:
         if arr.dtype.kind in "fc" and arr.size and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))

@@ -202,3 +202,15 @@ def test_absurd_sizes_refused_before_running(small, tmp_path, capsys, monkeypatc
     onnx.save(m, tmp_path / "sym.onnx")
     _bad(capsys, ["compile", str(tmp_path / "sym.onnx"), "-o", out, "--calib", str(tmp_path / "zero.npz")],
          "dim 2 = 0", out=out)
+
+
+def test_corrupt_names_are_a_model_error(small, tmp_path, capsys):
+    """Found by benchmarks/fuzz.py: a byte flipped inside a node name leaves invalid UTF-8 that the ONNX
+    checker passes and protobuf returns as bytes; it used to surface as a TypeError in quantize."""
+    raw = (small / "m.onnx").read_bytes()
+    out = str(tmp_path / "o.so")
+    for word in (b"prob", b"logits"):
+        i = raw.index(word)
+        (tmp_path / "bad.onnx").write_bytes(raw[:i] + b"\xee" + raw[i + 1:])
+        _bad(capsys, ["compile", str(tmp_path / "bad.onnx"), "-o", out, "--calib", str(small / "calib.npz")],
+             "not valid UTF-8", out=out)
