@@ -111,3 +111,23 @@ def test_tvm_equals_reference(name):
             bad = np.flatnonzero(t != r)
             assert bad.size == 0, (f"{name} example {k}, {kind} inputs: TVM differs from the reference at {bad.size} "
                                    f"of {r.size}, e.g. {t.ravel()[bad[:4]]} vs {r.ravel()[bad[:4]]}")
+
+
+@pytest.mark.parametrize("op", ["softmax", "gelu"])
+def test_degenerate_input_scale_fails_the_overflow_proof(op):
+    """A huge input scale (corrupt weights) asks for a grid shift u that no int64 holds; the
+    op's bound refuses it in one line instead of TVM failing on a shift amount >= 64."""
+    from passes.overflow import check_overflow
+    from qcompiler.errors import QuantizationError
+    from qcompiler.intops.nonlinear import gelu_constants
+    from qcompiler.intops.softmax import softmax_constants
+
+    if op == "softmax":
+        a = dict(softmax_constants(4.4e25, "iexp"), axis=1, ob=8, lo=0, hi=255, dtype="uint8")
+    else:
+        a = gelu_constants(1e-30, "int8", "igelu", 0.04, -128, 127, "int8")
+    g = Graph([Node(op, "n0", ["x"], ["y"], a)], ["x"], ["y"], {"x": (2, 5), "y": (2, 5)},
+              {"x": "int8", "y": a["dtype"]})
+    with pytest.raises(QuantizationError, match="n0") as err:
+        check_overflow(g)
+    assert "\n" not in str(err.value)

@@ -356,7 +356,7 @@ class GeluOp(IntOp):
       igelu: t = min(|q| << u, -q_b) + q_b;  poly = t*t + q_c;  s = sgn(q)*poly + q_c
       shift: e = Shiftmax exp of -1.702|x|;  s = ((q >= 0 ? E0 : e) << K) // (E0 + e)
       out = clip(rq(q * s; mult, shift), lo, hi)
-    Bound: |q| * max|s| * |mult| + 2^(shift-1) < 2^63; ShiftGELU also (E0 << K) < 2^63."""
+    Bound: |q| << u < 2^62; |q| * max|s| * |mult| + 2^(shift-1) < 2^63; ShiftGELU also (E0 << K) < 2^63."""
     name = "gelu"
     attrs = {"variant": "igelu | shift", "u": "argument grid shift", "q_b": "igelu: clip point",
              "q_c": "igelu: constant", "q_1": "shift: floor(2^u / S_z)", "N": "shift: mantissa bits",
@@ -423,6 +423,8 @@ class GeluOp(IntOp):
     def bound(ctx, n, x):
         a = n.attrs
         qm = float(max(abs(x[0]), abs(x[1])))
+        if qm * 2.0 ** max(a["u"], 0) >= 2.0**62 or a["u"] < -62:  # |q| << u (a degenerate input scale)
+            ctx.fail(n, f"the scaled argument (grid shift u = {a['u']})", qm * 2.0 ** max(a["u"], 0), 2.0**62)
         if a["variant"] == "igelu":
             smax = float(a["q_b"]) ** 2 + 2.0 * abs(a["q_c"])
         else:

@@ -33,7 +33,7 @@ from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import QParams
 
-from .registry import Example, IntOp, register, rule
+from .registry import Example, IntOp, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -87,7 +87,7 @@ def _emax(a: dict) -> int:
 @register
 class SoftmaxOp(IntOp):
     """The integer softmax of the module docstring, step for step in int64, along ``axis``.
-    Bound: e <= e_max < 2^30, row sums < L * 2^30, e * k <= 2^(R+1) < 2^63."""
+    Bound: |x - max| << u < 2^62, e <= e_max < 2^30, row sums < L * 2^30, e * k <= 2^(R+1) < 2^63."""
     name = "softmax"
     attrs = {"axis": "softmax axis (logical)", "variant": "iexp | shift", "u": "input grid refinement (shift)",
              "q_ln2": "iexp: floor(ln2 / S')", "q_b": "iexp: floor(b / S')", "q_c": "iexp: floor(c / (a S'^2))",
@@ -147,6 +147,9 @@ class SoftmaxOp(IntOp):
     @staticmethod
     def bound(ctx, n, x):
         a = n.attrs
+        span = 2.0 * mag(x) * 2.0 ** max(a["u"], 0)
+        if span >= 2.0**62 or a["u"] < -62:  # a degenerate input scale (e.g. corrupt weights): d = diff << u
+            ctx.fail(n, f"the refined exp argument (input grid shift u = {a['u']})", span, 2.0**62)
         if _emax(a) >= 2**30:
             ctx.fail(n, "the integer exp", float(_emax(a)), 2.0**30)
         L_ = ctx.shapes[n.inputs[0]][a["axis"]]
