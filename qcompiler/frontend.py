@@ -195,7 +195,9 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
         so.optimized_model_filepath = dst
         so.log_severity_level = 4  # errors come back as the exception; no second copy on stderr
         try:
-            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            # MatMulAddFusion would turn MatMul + Add of an activation (a residual, a recurrent sum) into
+            # a Gemm whose C is an activation: not a fold, and a form the canonical Dense cannot take
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
         except Exception as e:
             raise ModelError(f"onnxruntime cannot load the model: {ort_message(e, model=model)}; check the node's weights, "
                              "attributes and input shapes") from None
@@ -502,6 +504,9 @@ def load(path: str | os.PathLike, batch: int | None = 1,
     # before anything runs: every tensor shape inference can size, live together as calibration keeps them
     check_memory(_static_sizes(frozen), "running the model", conc)
     model = fold(frozen)
+    from passes.unroll_recurrent import unroll_recurrent
+
+    model = unroll_recurrent(model)  # LSTM / GRU / RNN over the frozen time axis, before calibration
     feeds = {s.name: np.zeros(conc[s.name], dtype=s.dtype) for s in specs}
     graph = to_graph(model, feeds)
     return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset)

@@ -1,0 +1,254 @@
+"""Unroll ONNX LSTM / GRU / RNN nodes over their (frozen) time axis into plain ONNX ops.
+
+Runs on the ONNX model itself, in the frontend, before calibration: every gate, cell state and
+hidden state of every time step becomes an ONNX tensor of its own, so onnxruntime calibrates each
+one by name and the ordinary integer rules quantize them (Dense for the input and recurrent
+projections, Add / Mul / Sub of activations, Sigmoid / Tanh as 8-bit tables, Concat).  The
+rewrite is exact in float (the same sums in the same order up to float32 rounding), which the
+tests check against onnxruntime's own LSTM / GRU / RNN.
+
+Per direction d (forward; reverse walks t from T-1 down to 0), with XW = X W_d^T + Wb_d computed for
+all steps at once (one Dense over [T, batch, input]) and h_{-1}, c_{-1} the initial states (zero
+when absent: their terms are left out):
+  LSTM (gates i, o, f, c; ONNX order)   g = XW[t] + h R^T + Rb;  i, o, f = f1(g_i, g_o, g_f);
+                                        c~ = f2(g_c);  C = f*C + i*c~  (peepholes: + p*C terms);
+                                        H = o * f3(C)
+  GRU (gates z, r, h)                   z, r = f1(..);  linear_before_reset = 0:
+                                        h~ = f2(XW_h[t] + (r*H) R_h^T + Rb_h), else
+                                        h~ = f2(XW_h[t] + r*(H R_h^T + Rb_h));  H = h~ + z*(H - h~)
+  RNN                                   H = f1(XW[t] + H R^T + Rb)
+Outputs: Y [T, dirs, batch, hidden] (layout 1: [batch, T, dirs, hidden]), Y_h / Y_c
+[dirs, batch, hidden] (layout 1: [batch, dirs, hidden]).
+Refused in one line (UnsupportedOpError): a non-constant sequence_lens shorter than T, input_forget,
+activation functions other than Sigmoid / Tanh / Relu / HardSigmoid / Affine-free ScaledTanh.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qcompiler.errors import UnsupportedOpError
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+PLAIN_ACTS = {"Sigmoid", "Tanh", "Relu", "HardSigmoid"}
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto, node: onnx.NodeProto, k: int):
+        self.model, self.node = model, node
+        self.prefix = (node.name or f"{node.op_type}_{k}").replace("/", "_")
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, what: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{what}_{self.count}"
+
+    def const(self, what: str, arr) -> str:
+        n = self.name(what)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), n))
+        return n
+
+    def op(self, op_type: str, inputs, what: str, **attrs) -> str:
+        out = self.name(what)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def act(self, fn: str, x: str, alpha, beta) -> str:
+        if fn == "HardSigmoid":
+            return self.op("HardSigmoid", [x], "act", alpha=float(alpha if alpha is not None else 0.2),
+                           beta=float(beta if beta is not None else 0.5))
+        return self.op(fn, [x], fn.lower())
+
+    def slice_last(self, x: str, start: int, size: int, what: str) -> str:
+        return self.op("Slice", [x, self.const("s", np.array([start], np.int64)),
+                                 self.const("e", np.array([start + size], np.int64)),
+                                 self.const("a", np.array([-1], np.int64))], what)
+
+    def step(self, x: str, t: int) -> str:
+        """x[t] of a [T, ...] tensor, as [...]."""
+        s = self.op("Slice", [x, self.const("s", np.array([t], np.int64)), self.const("e", np.array([t + 1], np.int64)),
+                              self.const("a", np.array([0], np.int64))], f"t{t}")
+        return self.op("Squeeze", [s, self.const("ax", np.array([0], np.int64))], f"x{t}")
+
+    def unsqueeze(self, x: str, axis: int) -> str:
+        return self.op("Unsqueeze", [x, self.const("ax", np.array([axis], np.int64))], "unsq")
+
+
+def _const(model, name):
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tuple[list, list]:
+    op = node.op_type
+    b = _Builder(model, node, k)
+    a = _attrs(node)
+    where = b.prefix
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    W, R = _const(model, ins[1]), _const(model, ins[2])
+    if W is None or R is None:
+        raise UnsupportedOpError([(op, where, "W and R must be constant")])
+    dirs, G = W.shape[0], GATES[op]
+    H = R.shape[-1]
+    B = _const(model, ins[3]) if ins[3] else np.zeros((dirs, 2 * G * H), W.dtype)
+    if ins[3] and B is None:
+        raise UnsupportedOpError([(op, where, "B must be constant")])
+    if ins[4]:
+        sl = _const(model, ins[4])
+        if sl is None or np.any(sl != T):
+            raise UnsupportedOpError([(op, where, "sequence_lens must be a constant equal to the sequence length")])
+    if a.get("input_forget", 0):
+        raise UnsupportedOpError([(op, where, "input_forget=1")])
+    acts = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])] or DEFAULT_ACTS[op] * dirs
+    bad = [f for f in acts if f not in PLAIN_ACTS]
+    if bad:
+        raise UnsupportedOpError([(op, where, f"activation {bad[0]}")])
+    alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
+    clip = a.get("clip")
+    layout = int(a.get("layout", 0))
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    lbr = int(a.get("linear_before_reset", 0))
+    P = _const(model, ins[7]) if op == "LSTM" and len(ins) > 7 and ins[7] else None
+    x = ins[0]
+    h0 = ins[5]
+    c0 = ins[6] if op == "LSTM" else ""
+    if layout == 1:  # [batch, T, in] -> [T, batch, in]; states [batch, dirs, H] -> [dirs, batch, H]
+        x = b.op("Transpose", [x], "xT", perm=[1, 0, 2])
+        h0 = b.op("Transpose", [h0], "h0T", perm=[1, 0, 2]) if h0 else ""
+        c0 = b.op("Transpose", [c0], "c0T", perm=[1, 0, 2]) if c0 else ""
+    nacts = len(DEFAULT_ACTS[op])
+    Ys, Hs, Cs = [], [], []
+    for d in range(dirs):
+        fns = acts[d * nacts:(d + 1) * nacts]
+        al = [alphas[d * nacts + i] if d * nacts + i < len(alphas) else None for i in range(nacts)]
+        be = [betas[d * nacts + i] if d * nacts + i < len(betas) else None for i in range(nacts)]
+
+        def f(i, v):
+            if clip is not None and fns[i] != "Relu":
+                v = b.op("Clip", [v, b.const("lo", np.float32(-clip)), b.const("hi", np.float32(clip))], "clip")
+            return b.act(fns[i], v, al[i], be[i])
+
+        Wb, Rb = B[d, :G * H], B[d, G * H:]
+        if op == "GRU" and lbr:  # Rb_h stays inside the reset product
+            xb = Wb + np.concatenate([Rb[:2 * H], np.zeros(H, Rb.dtype)])
+        else:
+            xb = Wb + Rb
+        XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw")
+        XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb")
+        RT = np.ascontiguousarray(R[d].T)
+        h = b.step(h0, d) if h0 else None
+        c = b.step(c0, d) if c0 else None
+        steps = range(T) if direction == "forward" or (direction == "bidirectional" and d == 0) else range(T - 1, -1, -1)
+        outs = {}
+        for t in steps:
+            g = b.step(XW, t)
+            if op == "LSTM":
+                if h is not None:
+                    g = b.op("Add", [g, b.op("MatMul", [h, b.const("RT", RT)], "hr")], "g")
+                gi, go, gf, gc = (b.slice_last(g, j * H, H, w) for j, w in enumerate("iofc"))
+                if P is not None and c is not None:
+                    gi = b.op("Add", [gi, b.op("Mul", [c, b.const("pi", P[d, :H])], "pc")], "gi")
+                    gf = b.op("Add", [gf, b.op("Mul", [c, b.const("pf", P[d, 2 * H:])], "pc")], "gf")
+                i_, f_, cc = f(0, gi), f(0, gf), f(1, gc)
+                ic = b.op("Mul", [i_, cc], "ic")
+                c = ic if c is None else b.op("Add", [b.op("Mul", [f_, c], "fc"), ic], "c")
+                if P is not None:
+                    go = b.op("Add", [go, b.op("Mul", [c, b.const("po", P[d, H:2 * H])], "pc")], "go")
+                h = b.op("Mul", [f(0, go), f(2, c)], "h")
+            elif op == "GRU":
+                gz, gr, gh = (b.slice_last(g, j * H, H, w) for j, w in enumerate("zrh"))
+                if h is not None:
+                    hzr = b.op("MatMul", [h, b.const("RzrT", np.ascontiguousarray(RT[:, :2 * H]))], "hzr")
+                    gz = b.op("Add", [gz, b.slice_last(hzr, 0, H, "hz")], "gz")
+                    gr = b.op("Add", [gr, b.slice_last(hzr, H, H, "hr")], "gr")
+                z, r = f(0, gz), f(0, gr)
+                RhT = b.const("RhT", np.ascontiguousarray(RT[:, 2 * H:]))
+                if lbr:      # h~ = f2(XW_h + r * (H R_h^T + Rb_h))
+                    hr_ = b.const("Rbh", Rb[2 * H:]) if h is None else \
+                        b.op("Add", [b.op("MatMul", [h, RhT], "hRh"), b.const("Rbh", Rb[2 * H:])], "hRhb")
+                    gh = b.op("Add", [gh, b.op("Mul", [r, hr_], "rhr")], "gh")
+                elif h is not None:   # h~ = f2(XW_h + Rb_h + (r * H) R_h^T)  (Rb_h is in XW)
+                    gh = b.op("Add", [gh, b.op("MatMul", [b.op("Mul", [r, h], "rh"), RhT], "rhR")], "gh")
+                ht = f(1, gh)
+                if h is None:   # H = (1 - z) * h~
+                    h = b.op("Sub", [ht, b.op("Mul", [z, ht], "zh")], "h")
+                else:           # H = h~ + z * (H - h~)
+                    h = b.op("Add", [ht, b.op("Mul", [z, b.op("Sub", [h, ht], "dh")], "zdh")], "h")
+            else:
+                if h is not None:
+                    g = b.op("Add", [g, b.op("MatMul", [h, b.const("RT", RT)], "hr")], "g")
+                h = f(0, g)
+            outs[t] = h
+        Ys.append(b.op("Concat", [b.unsqueeze(outs[t], 0) for t in range(T)], "y", axis=0))
+        Hs.append(h)
+        Cs.append(c)
+    outputs = list(node.output) + [""] * 3
+    final: list[onnx.NodeProto] = []
+
+    def emit(dst, src_list, axis, what):
+        if len(src_list) == 1:
+            src = b.unsqueeze(src_list[0], axis)
+        else:
+            src = b.op("Concat", [b.unsqueeze(s, axis) for s in src_list], what, axis=axis)
+        if layout == 1:
+            perm = [2, 0, 1, 3] if what == "Y" else [1, 0, 2]
+            src = b.op("Transpose", [src], what + "T", perm=perm)
+        final.append(helper.make_node("Identity", [src], [dst], name=f"{b.prefix}/{what}"))
+
+    if outputs[0]:
+        emit(outputs[0], Ys, 1, "Y")
+    if outputs[1]:
+        emit(outputs[1], Hs, 0, "Y_h")
+    if op == "LSTM" and outputs[2]:
+        emit(outputs[2], Cs, 0, "Y_c")
+    return b.nodes + final, b.inits
+
+
+def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
+    layout = int(_attrs(node).get("layout", 0))
+    vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    v = vi.get(node.input[0])
+    if v is None or not v.type.tensor_type.HasField("shape"):
+        return None
+    d = v.type.tensor_type.shape.dim[1 if layout == 1 else 0]
+    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+def unroll_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every LSTM / GRU / RNN unrolled (module docstring); the model must
+    have static shapes (the frontend freezes them first).  Returns ``model`` itself if it has none."""
+    if not any(n.op_type in GATES and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    m = onnx.shape_inference.infer_shapes(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.node[:]
+    new_inits = []
+    for k, n in enumerate(m.graph.node):
+        if n.op_type in GATES and n.domain in ("", "ai.onnx"):
+            T = _seq_len(m, n)
+            if T is None:
+                raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
+            nodes, inits = _unroll(m, n, k, T)
+            out.graph.node.extend(nodes)
+            new_inits += inits
+        else:
+            out.graph.node.append(n)
+    out.graph.initializer.extend(new_inits)
+    del out.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(out)
