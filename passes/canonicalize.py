@@ -99,7 +99,14 @@ class Canonicalizer:
         names = [f"c{k}" if i else "" for k, i in enumerate(n.inputs)]
         attrs = {k: v for k, v in n.attrs.items() if k != "domain"}
         node = helper.make_node(n.op, names, [f"y{k}" for k in range(len(n.outputs))], **attrs)
-        outs = [helper.make_tensor_value_info(f"y{k}", 0, None) for k in range(len(n.outputs))]
+        def elem(o):  # the output's ONNX type where known (ORT rejects some nodes with an undefined one)
+            dt = self.g.dtypes.get(o)
+            try:
+                return helper.np_dtype_to_tensor_dtype(np.dtype(dt)) if dt else 0
+            except TypeError:
+                return 0
+
+        outs = [helper.make_tensor_value_info(f"y{k}", elem(o), None) for k, o in enumerate(n.outputs)]
         m = helper.make_model(helper.make_graph([node], "f", [], outs, inits),
                               opset_imports=[helper.make_opsetid("", 17)])
         vals = session(m).run(None, {})
@@ -276,6 +283,18 @@ class Canonicalizer:
             # opset < 13 semantics were converted by the upgrade; a non-last axis is fine too
             pass
         return [Node("Softmax", n.name, n.inputs[:1], n.outputs, {"axis": axis})]
+
+    def op_LogSoftmax(self, n: Node):
+        rank = len(self.g.shape(n.outputs[0]))
+        return [Node("LogSoftmax", n.name, n.inputs[:1], n.outputs, {"axis": _norm_axis(int(n.attrs.get("axis", -1)), rank)})]
+
+    def _arg(self, n: Node):
+        rank = len(self.g.shape(n.inputs[0]))
+        return [Node(n.op, n.name, n.inputs[:1], n.outputs,
+                     {"axis": _norm_axis(int(n.attrs.get("axis", 0)), rank), "keepdims": int(n.attrs.get("keepdims", 1)),
+                      "select_last_index": int(n.attrs.get("select_last_index", 0))})]
+
+    op_ArgMax = op_ArgMin = _arg
 
     def op_Slice(self, n: Node):
         shape = self.g.shape(n.inputs[0])

@@ -129,8 +129,8 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
     c0 = ins[6] if op == "LSTM" else ""
     if layout == 1:  # [batch, T, in] -> [T, batch, in]; states [batch, dirs, H] -> [dirs, batch, H]
         x = b.op("Transpose", [x], "xT", perm=[1, 0, 2])
-        h0 = b.op("Transpose", [h0], "h0T", perm=[1, 0, 2]) if h0 else ""
-        c0 = b.op("Transpose", [c0], "c0T", perm=[1, 0, 2]) if c0 else ""
+        h0 = b.op("Transpose", [h0], "h0T", perm=[1, 0, 2]) if h0 and _const(model, h0) is None else h0
+        c0 = b.op("Transpose", [c0], "c0T", perm=[1, 0, 2]) if c0 and _const(model, c0) is None else c0
     nacts = len(DEFAULT_ACTS[op])
     Ys, Hs, Cs = [], [], []
     for d in range(dirs):
@@ -151,8 +151,8 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw")
         XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb")
         RT = np.ascontiguousarray(R[d].T)
-        h = b.step(h0, d) if h0 else None
-        c = b.step(c0, d) if c0 else None
+        h = _state(b, model, h0, d, layout, "h0")
+        c = _state(b, model, c0, d, layout, "c0")
         steps = range(T) if direction == "forward" or (direction == "bidirectional" and d == 0) else range(T - 1, -1, -1)
         outs = {}
         for t in steps:
@@ -217,6 +217,18 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
     if op == "LSTM" and outputs[2]:
         emit(outputs[2], Cs, 0, "Y_c")
     return b.nodes + final, b.inits
+
+
+def _state(b: _Builder, model, name: str, d: int, layout: int, what: str) -> str | None:
+    """The initial state of direction d: None when absent or all zero (its terms are left out), a
+    constant slice when constant, else a Slice of the activation."""
+    if not name:
+        return None
+    v = _const(model, name)
+    if v is None:
+        return b.step(name, d)
+    v = np.swapaxes(v, 0, 1) if layout == 1 else v
+    return None if not np.any(v[d]) else b.const(what, np.ascontiguousarray(v[d]))
 
 
 def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:

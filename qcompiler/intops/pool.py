@@ -19,7 +19,7 @@ import numpy as np
 
 from qcompiler.qtypes import dyadic
 
-from .registry import I32, Example, IntOp, mag, register, rule
+from .registry import I32, Example, IntOp, float_ref, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -220,3 +220,76 @@ class ReduceMaxOp(IntOp):
     @staticmethod
     def examples(rng):
         return _reduce_examples("int8")
+
+
+# ---- ArgMax / ArgMin ------------------------------------------------------------------------------
+@rule("ArgMax", "ArgMin")
+def argmax(qz: Quantizer, n):
+    """The index of the largest (smallest) element: quantization is monotone, so the integers'
+    arg max is the float one's, except between values that round to one integer (ties go to
+    the first index, or the last with select_last_index, as ONNX says).  Output: int64 indices
+    (integer data, no scale)."""
+    x, out = n.inputs[0], n.outputs[0]
+    a = {"mode": "max" if n.op == "ArgMax" else "min", "axis": int(n.attrs["axis"]),
+         "keepdims": bool(n.attrs["keepdims"]), "last": bool(n.attrs.get("select_last_index", 0))}
+    qz.emit("argmax", [qz.iname(x)], out, a, "int64", qz.fg.shape(out), None, out, node_name=n.name)
+
+
+@float_ref("ArgMax", "ArgMin")
+def _argmax_f(x, n):
+    a = {"mode": "max" if n.op == "ArgMax" else "min", "axis": int(n.attrs["axis"]),
+         "keepdims": bool(n.attrs["keepdims"]), "last": bool(n.attrs.get("select_last_index", 0))}
+    return ArgMaxOp.reference(np.asarray(x[0]), a)
+
+
+@register
+class ArgMaxOp(IntOp):
+    """y = int64 index of the max (mode max) or min along ``axis``; ties: the first index, or the
+    last with ``last``.  No arithmetic to bound."""
+    name = "argmax"
+    attrs = {"mode": "max | min", "axis": "reduced axis (logical)", "keepdims": "keep the axis as 1",
+             "last": "ties go to the last index"}
+
+    @staticmethod
+    def reference(x, a):
+        ax = a["axis"]
+        v = -x.astype(np.int64) if a["mode"] == "min" and x.dtype.kind in "iu" else (-x if a["mode"] == "min" else x)
+        if a["last"]:
+            v = np.flip(v, axis=ax)
+        i = np.argmax(v, axis=ax)
+        if a["last"]:
+            i = x.shape[ax] - 1 - i
+        return np.expand_dims(i, ax).astype(np.int64) if a["keepdims"] else i.astype(np.int64)
+
+    @staticmethod
+    def lower(lw, n, x):
+        from tvm import relax
+
+        from qcompiler.lowering.relax_lower import Value
+
+        a = n.attrs
+        x = lw.logical(x)
+        e = lw.cast(x.expr, "int64")  # TVM's argmax starts from the dtype's minimum: a row of int8 -128 gave -1
+        if a["mode"] == "min":
+            e = lw.emit(relax.op.negative(e))
+        ax = a["axis"]
+        if a["last"]:
+            e = lw.emit(relax.op.flip(e, axis=ax))
+        i = lw.emit(relax.op.argmax(e, axis=ax, keepdims=bool(a["keepdims"])))
+        i = lw.cast(i, "int64")
+        if a["last"]:
+            from qcompiler.lowering.relax_lower import const
+            i = lw.emit(relax.op.subtract(const(x.shape[ax] - 1, "int64"), i))
+        shape = lw.ig.shapes[n.outputs[0]]
+        return Value(i, tuple(range(len(shape))), shape, "int64")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        return (0, ctx.shapes[n.inputs[0]][n.attrs["axis"]] - 1)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (2, 7, 5))], {"mode": "max", "axis": 1, "keepdims": False, "last": False}, "int64"),
+                Example([("int16", (3, 6))], {"mode": "min", "axis": 1, "keepdims": True, "last": True}, "int64"),
+                Example([("uint8", (4, 9))], {"mode": "max", "axis": 0, "keepdims": True, "last": True}, "int64",
+                        ranges={0: (0, 3)})]

@@ -33,7 +33,7 @@ from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import QParams
 
-from .registry import Example, IntOp, mag, register, rule
+from .registry import Example, IntOp, float_ref, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -64,6 +64,36 @@ def softmax_constants(scale: float, variant: str) -> dict:
         raise QuantizationError(f"integer softmax: exp bound {emax} >= 2^30 for input scale {scale:g}")
     c.update({"u": u, "variant": variant, "R": R_SHIFT, "N": SHIFT_N})
     return c
+
+
+LOG_OB = 15  # LogSoftmax: the softmax at 2^-15 steps, then a log table over its 2^15 + 1 codes
+
+
+@rule("LogSoftmax")
+def log_softmax(qz: Quantizer, n):
+    """log(softmax(x)) = a table of log over the integer softmax at 2^-15 steps: p = softmax(x)
+    (int16, p * 2^-15), y = T[p], T[i] = clip(round(log(max(i, 1/2) * 2^-15) / S_y)).  Exact up to
+    the softmax's 2^-15 resolution: a probability below 2^-16 reads as log(2^-16) ~ -11.1 (the
+    arg max, what CTC decoding and classifiers read, is kept)."""
+    x, out = n.inputs[0], n.outputs[0]
+    qx = qz.qp(x)
+    qp = QParams(2.0 ** -LOG_OB, "int16")
+    attrs = softmax_constants(qx.scale, qz.cfg.softmax)
+    attrs.update({"axis": int(n.attrs["axis"]), "ob": LOG_OB, "lo": 0, "hi": qp.qmax, "dtype": "int16"})
+    p = qz.emit("softmax", [qz.iname(x)], qz.fresh(out + "/softmax"), attrs, "int16", qz.fg.shape(out), qp,
+                node_name=n.name + "/softmax")
+    qy = qz.out_qparams(out)
+    codes = np.arange(qp.qmin, qp.qmax + 1, dtype=np.float64)
+    f = np.log(np.maximum(codes, 0.5) * qp.scale)
+    table = np.clip(np.round(f / qy.scale), qy.qmin, qy.qmax).astype(qy.dtype)
+    qz.emit("lut", [p], out, {"table": table, "offset": -qp.qmin, "dtype": qy.dtype}, qy.dtype, qz.fg.shape(out), qy,
+            out, node_name=n.name)
+
+
+@float_ref("LogSoftmax")
+def _log_softmax_f(x, n):
+    z = x[0] - x[0].max(axis=n.attrs["axis"], keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=n.attrs["axis"], keepdims=True))
 
 
 @rule("Softmax")

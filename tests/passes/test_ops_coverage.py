@@ -154,3 +154,17 @@ def test_resize_by_scales_after_conv():
     m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)],
                    [wt, tensor("scales", np.array([1, 1, 2, 2], np.float32))], opset=19)
     check_pipeline(m, x_data((1, 3, 6, 6)), min_cos=0.995)
+
+
+def test_log_softmax_and_argmax_ctc_head():
+    """A CTC head: MatMul -> LogSoftmax (a log table over the 2^-15 integer softmax) -> ArgMax."""
+    nodes = [helper.make_node("MatMul", ["x", "Wc"], ["z"]),
+             helper.make_node("LogSoftmax", ["z"], ["lp"], axis=-1),
+             helper.make_node("ArgMax", ["lp"], ["ids"], axis=2, keepdims=0),
+             helper.make_node("ArgMin", ["z"], ["lo"], axis=1, keepdims=1, select_last_index=1)]
+    m = make_model(nodes, [("x", [1, 12, 16])], [("lp", None), ("ids", None, TensorProto.INT64), ("lo", None, TensorProto.INT64)],
+                   [tensor("Wc", (R.standard_normal((16, 9)) * 0.8).astype(np.float32))])
+    prep, tv, ref = check_pipeline(m, x_data((1, 12, 16)), min_cos=0.99)
+    from tests.helpers import ort_run
+    want = ort_run(m, {"x": x_data((1, 12, 16))["x"][:1]})[1]
+    assert (tv["ids"] == want).mean() >= 0.9
