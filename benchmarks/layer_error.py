@@ -1,0 +1,102 @@
+"""Where a quantized model loses its accuracy: every integer tensor against onnxruntime's float one.
+
+For a corpus or zoo model (or any .onnx with an .npz of inputs), quantize as ``qc compile`` does,
+run the NumPy integer reference keeping every tensor, run onnxruntime FP32 with every intermediate
+tensor exposed, and print, in graph order, each tensor that carries an ONNX name: its integer
+dtype, scale, the cosine and relative error of (integer * scale) against float, and how much of
+the float range the scale clips.  The first tensors whose cosine drops are where to look.
+
+  .venv/bin/python benchmarks/layer_error.py ppocrv2-rec [--n-calib 8] [--worst 25]
+  .venv/bin/python benchmarks/layer_error.py model.onnx --calib calib.npz --test test.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from qcompiler import reference  # noqa: E402
+from qcompiler.driver import CompileOptions, prepare  # noqa: E402
+from qcompiler.targets import parse_target  # noqa: E402
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / na / nb) if na and nb else float(na == nb)
+
+
+def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1) -> list[dict]:
+    import onnx
+
+    from qcompiler.ort_util import session
+
+    prep = prepare(model_path, calib, CompileOptions(target=parse_target("cpu"), batch=batch))
+    ig = prep.int_graph
+    feeds = {}
+    for t in ig.inputs:
+        feeds[t] = test[t][:batch] if t in test else None
+    env = reference.execute(ig, {k: v for k, v in feeds.items() if v is not None}, keep=True)
+    m = onnx.ModelProto()
+    m.CopyFrom(prep.fr.model)
+    names = [t for t in ig.qparams if t in prep.fr.graph.dtypes and prep.fr.graph.dtypes[t].startswith("float")
+             and t not in ig.inputs]
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    sess = session(m)
+    wanted = [t for t in names if t in {o.name for o in sess.get_outputs()}]
+    vals = dict(zip(wanted, sess.run(wanted, {k: v for k, v in feeds.items() if v is not None})))
+    rows = []
+    order = {n.outputs[0]: i for i, n in enumerate(ig.nodes)}
+    for t in sorted(wanted, key=lambda t: order.get(t, 1 << 30)):
+        if t not in env:
+            continue
+        qp = ig.qparams[t]
+        f = np.asarray(vals[t], np.float64)
+        q = np.asarray(env[t], np.float64) * qp.scale
+        if f.shape != q.shape:
+            continue
+        lo, hi = qp.qmin * qp.scale, qp.qmax * qp.scale
+        clipped = float(np.mean((f < lo - qp.scale) | (f > hi + qp.scale)))
+        rows.append({"tensor": t, "op": next((n.op for n in ig.nodes if n.outputs[0] == t), "?"), "dtype": qp.dtype,
+                     "scale": qp.scale, "cos": _cos(q, f),
+                     "rel_err": float(np.linalg.norm(q - f) / (np.linalg.norm(f) or 1.0)), "clipped": clipped})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a corpus / zoo model name, or an .onnx path")
+    ap.add_argument("--calib", help=".npz of calibration inputs (with an .onnx path)")
+    ap.add_argument("--test", help=".npz of one test input (with an .onnx path)")
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--worst", type=int, default=0, help="print only the N tensors of lowest cosine")
+    args = ap.parse_args(argv)
+    if args.model.endswith(".onnx"):
+        path = args.model
+        calib, test = dict(np.load(args.calib)), dict(np.load(args.test or args.calib))
+    else:
+        import corpus
+
+        path = str(corpus.model_path(args.model))
+        calib = corpus.make_inputs(args.model, "calib", args.n_calib)
+        test = corpus.make_inputs(args.model, "eval", 1)
+    rows = layer_errors(path, calib, test)
+    shown = sorted(rows, key=lambda r: r["cos"])[:args.worst] if args.worst else rows
+    print(f"{'tensor':48s} {'op':10s} {'dtype':6s} {'scale':>10s} {'cos':>8s} {'rel_err':>8s} {'clipped':>8s}")
+    for r in shown:
+        print(f"{r['tensor'][-48:]:48s} {r['op'][:10]:10s} {r['dtype']:6s} {r['scale']:10.3g} {r['cos']:8.4f} "
+              f"{r['rel_err']:8.3f} {r['clipped']:8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    raise SystemExit(main())
