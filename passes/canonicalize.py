@@ -108,7 +108,7 @@ class Canonicalizer:
 
         outs = [helper.make_tensor_value_info(f"y{k}", elem(o), None) for k, o in enumerate(n.outputs)]
         m = helper.make_model(helper.make_graph([node], "f", [], outs, inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+                              opset_imports=[helper.make_opsetid("", self.g.opset)])
         vals = session(m).run(None, {})
         for o, v in zip(n.outputs, vals):
             self.g.add_const(o, v)

@@ -3,8 +3,10 @@
 Steps (docs/design.md §1, §5):
   1. read the file (clear errors for missing, non-ONNX or truncated files) and run the ONNX checker;
   2. upgrade opsets below 13 with ``onnx.version_converter`` (accepts 9..21 as shipped);
-  3. freeze every symbolic input dim to a concrete value: the batch dim (first dim) to ``batch``,
-     the others from the calibration arrays' shapes or explicit ``shapes``;
+  3. freeze every symbolic input dim to a concrete value: the batch axis (see ``batch_axis``: a
+     symbolic first dim named like a batch, and that same dim wherever another input declares it)
+     to ``batch``, the others (time, sequence, node counts) from the calibration samples' shapes
+     or explicit ``shapes``;
   4. fold shape subgraphs and constants with onnxruntime ``ORT_ENABLE_BASIC`` (standard-ONNX
      rewrites only), which is what lets real exports (mtcnn, PP-OCR) import at all;
   5. infer every tensor's static shape and dtype (ONNX shape inference, then one onnxruntime run
@@ -142,18 +144,50 @@ def upgrade(model: onnx.ModelProto, path_hint: str) -> onnx.ModelProto:
     return up
 
 
+# Symbolic first dims named like these are not a batch: a time / sequence / graph-size axis whose
+# size comes from the data (madmom's [input_dim_0, 81] streams, silero's [sequence_length, 576],
+# minimol's [num_nodes, 85]).  Every other symbolic first dim (batch, batch_size, N, B, unk__12,
+# DynamicDimension.0, unnamed) is the batch axis.
+_NOT_BATCH = re.compile(r"seq|time|len|frame|step|token|word|char|node|edge|atom|vert|point|sample_?rate|"
+                        r"width|height|feat|^[tls]$|_dim_\d+$", re.I)
+
+
+def is_batch_dim(name: str) -> bool:
+    """Whether a symbolic first dim named ``name`` is a batch axis (see ``_NOT_BATCH``)."""
+    return "batch" in name.lower() or not _NOT_BATCH.search(name)
+
+
+def batch_dim_names(specs: list[InputSpec]) -> set[str]:
+    """The dim names that mean "batch" in this model: those of the batch-like symbolic first dims."""
+    return {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str) and is_batch_dim(s.shape[0])}
+
+
+def batch_axis(spec: InputSpec, names: set[str] | None = None, specs: list[InputSpec] | None = None) -> int | None:
+    """The input's batch axis: its first dim when that is a batch-like symbolic dim, else the first axis
+    declaring one of the model's batch dim ``names`` (silero-vad's state [2, batch, 128]: axis 1); None
+    when it has none (fixed dims, a scalar, a [time, features] stream)."""
+    if names is None:
+        names = batch_dim_names(specs or [spec])
+    for k, d in enumerate(spec.shape):
+        if isinstance(d, str) and d in names and (k == 0 or d != "?"):  # unnamed dims match only as a first dim
+            return k
+    return None
+
+
 def concrete_shapes(specs: list[InputSpec], batch: int | None,
                     given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes: declared dims win, then ``batch`` for a symbolic first dim, then
-    ``given`` (from calibration data or --shape) for the rest."""
+    """Concrete input shapes: declared dims win, then ``batch`` for the batch axis (``batch_axis``),
+    then ``given`` (complete input shapes: from the calibration samples or --shape) for the rest."""
+    names = batch_dim_names(specs)
     out = {}
     for s in specs:
         g = given.get(s.name)
+        bax = batch_axis(s, names)
         dims = []
         for k, d in enumerate(s.shape):
             if isinstance(d, int):
                 dims.append(d)
-            elif k == 0 and batch is not None:
+            elif k == bax and batch is not None:
                 dims.append(batch)
             elif g is not None and len(g) == len(s.shape):
                 dims.append(int(g[k]))
@@ -309,7 +343,7 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
 def to_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Graph:
     shapes, dtypes = _all_value_types(model, feeds)
     g = Graph(nodes=[], inputs=[], outputs=[o.name for o in model.graph.output], shapes=shapes, dtypes=dtypes,
-              name=model.graph.name or "model")
+              name=model.graph.name or "model", opset=model_opset(model))
     for init in model.graph.initializer:
         g.add_const(init.name, initializer_array(init))
     inits = set(g.consts)
@@ -332,6 +366,30 @@ def to_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Graph:
             continue
         g.nodes.append(Node(n.op_type, n.name or f"{n.op_type}_{k}", list(n.input), list(n.output), attrs))
     return g
+
+
+def outer_scope_inputs(attrs: dict) -> set[str]:
+    """Names a node's subgraphs (Loop / If / Scan bodies, in ``attrs`` as GraphProtos) read from the
+    enclosing graph: such a node is not constant even when all its explicit inputs are, and cannot be
+    evaluated on its own (tf2onnx's Keras LSTM Loops read the layer input this way)."""
+    def reads(g: onnx.GraphProto) -> set[str]:
+        local = {i.name for i in g.input} | {i.name for i in g.initializer} | {i.name for i in g.sparse_initializer}
+        out: set[str] = set()
+        for n in g.node:
+            out |= {i for i in n.input if i and i not in local}
+            for a in n.attribute:
+                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                           list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    out |= {i for i in reads(sg) if i not in local}
+            local |= set(n.output)
+        return out
+
+    found: set[str] = set()
+    for v in attrs.values():
+        for g in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(g, onnx.GraphProto):
+                found |= reads(g)
+    return found
 
 
 def _constant_value(attrs: dict, name: str) -> np.ndarray:
@@ -490,7 +548,7 @@ def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
 
 def load(path: str | os.PathLike, batch: int | None = 1,
          shapes: dict[str, tuple[int, ...]] | None = None) -> FrontendResult:
-    """Read, check, upgrade, freeze (``batch`` for a symbolic first dim; ``shapes`` for the rest),
+    """Read, check, upgrade, freeze (``batch`` for the batch axis; ``shapes`` for the rest),
     fold and describe the model."""
     model = read_model(path)
     opset = model_opset(model)
@@ -503,10 +561,13 @@ def load(path: str | os.PathLike, batch: int | None = 1,
     frozen = freeze(model, conc)
     # before anything runs: every tensor shape inference can size, live together as calibration keeps them
     check_memory(_static_sizes(frozen), "running the model", conc)
-    model = fold(frozen)
+    from passes.decompose_onnx import decompose
     from passes.unroll_recurrent import unroll_recurrent
 
-    model = unroll_recurrent(model)  # LSTM / GRU / RNN over the frozen time axis, before calibration
+    model = fold(decompose(frozen, strict=False))
+
+    # before calibration, so every tensor they create is calibrated by name
+    model = decompose(unroll_recurrent(model))  # LSTM / GRU / RNN unrolled; InstanceNorm, ReduceL2, ... decomposed
     feeds = {s.name: np.zeros(conc[s.name], dtype=s.dtype) for s in specs}
     graph = to_graph(model, feeds)
     return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset)

@@ -43,6 +43,7 @@ class Graph:
     dtypes: dict[str, str]
     consts: dict[str, np.ndarray] = field(default_factory=dict)
     name: str = "model"
+    opset: int = 17     # the ONNX default-domain opset the float nodes follow (constant folding runs them)
     # integer graphs: how each integer tensor represents real values (qcompiler.qtypes.QParams)
     qparams: dict[str, Any] = field(default_factory=dict)
 

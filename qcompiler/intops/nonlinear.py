@@ -190,7 +190,7 @@ def layernorm(qz: Quantizer, n):
         None if all(i in fg.consts for i in n.inputs[1:] if i) else "scale/bias must be constants"))
 def layernormalization(qz: Quantizer, n):
     """The ONNX op, if it reaches the quantizer unfused (fuse_nonlinear normally rewrites it)."""
-    from .fuse_nonlinear import layernorm_node
+    from passes.fuse_nonlinear import layernorm_node
 
     layernorm(qz, layernorm_node(qz.fg, n))
 

@@ -1,0 +1,163 @@
+"""Rewrite ONNX ops that have an exact decomposition into ops the integer pipeline already has.
+
+Runs on the ONNX model in the frontend, before calibration (like ``unroll_recurrent.py``), so every
+tensor of the decomposition is calibrated by name.  Every rewrite is exact in float:
+
+  InstanceNormalization(x; scale, B, eps)   x [N, C, *S] -> Reshape [N, C, prod S] -> LayerNorm over
+      the last axis written out (ReduceMean, Sub, Mul, ReduceMean, Add eps, Sqrt, Div: the form
+      ``fuse_nonlinear`` fuses into the integer layernorm) -> Reshape back -> Mul scale -> Add B
+      (per channel: one requantization)
+  GroupNormalization(x; scale, bias, groups, eps)   the same over [N, G, C/G * prod S]
+  BatchNormalization / LpNormalization are not here (BN folds into convs or becomes an Affine).
+  ReduceSumSquare(x) = ReduceSum(x * x);  ReduceL2(x) = Sqrt(ReduceSum(x * x));
+  ReduceL1(x) = ReduceSum(Abs(x));  ReduceMin(x) = -ReduceMax(-x);
+  ReduceLogSumExp(x) = Log(ReduceSum(Exp(x)))  (the tables' range is the calibrated one)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qcompiler.errors import UnsupportedOpError
+
+REDUCE_OPS = ("ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceMin", "ReduceLogSumExp")
+NORM_OPS = ("InstanceNormalization", "GroupNormalization")
+
+
+class _B:
+    def __init__(self, node: onnx.NodeProto, k: int, opset: int):
+        self.prefix = (node.name or f"{node.op_type}_{k}").replace("/", "_")
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def name(self, what):
+        self.k += 1
+        return f"{self.prefix}/{what}_{self.k}"
+
+    def const(self, what, arr):
+        n = self.name(what)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), n))
+        return n
+
+    def op(self, op_type, inputs, what, out=None, **attrs):
+        out = out or self.name(what)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
+        return out
+
+    def reduce(self, op_type, x, axes, keepdims, what, out=None):
+        """A Reduce* node in the form of the model's opset (axes an attribute before 18, an input from 18)."""
+        if self.opset >= 18 or (op_type == "ReduceSum" and self.opset >= 13):
+            return self.op(op_type, [x, self.const("axes", np.asarray(axes, np.int64))], what, out, keepdims=keepdims)
+        return self.op(op_type, [x], what, out, axes=list(axes), keepdims=keepdims)
+
+
+def _const(model, name):
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def _shape(shapes, name):
+    s = shapes.get(name)
+    if s is None:
+        raise ValueError(name)
+    return s
+
+
+def _norm(b: _B, model, n, shapes) -> None:
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    x, out = n.input[0], n.output[0]
+    shp = _shape(shapes, x)
+    N, C = shp[0], shp[1]
+    G = int(a.get("num_groups", C)) if n.op_type == "GroupNormalization" else C
+    scale, bias = _const(model, n.input[1]), _const(model, n.input[2])
+    if scale is None or bias is None or C % G:
+        raise UnsupportedOpError([(n.op_type, b.prefix, "scale and bias must be constants, C a multiple of groups")])
+    eps = float(a.get("epsilon", 1e-5))
+    dt = scale.dtype
+    r = b.op("Reshape", [x, b.const("shape", np.array([N, G, -1], np.int64))], "rows")
+    mu = b.reduce("ReduceMean", r, [-1], 1, "mean")
+    d = b.op("Sub", [r, mu], "d")
+    var = b.reduce("ReduceMean", b.op("Mul", [d, d], "sq"), [-1], 1, "var")
+    sd = b.op("Sqrt", [b.op("Add", [var, b.const("eps", np.asarray(eps, dt))], "ve")], "sd")
+    y = b.op("Div", [d, sd], "norm")
+    y = b.op("Reshape", [y, b.const("shape", np.asarray(shp, np.int64))], "back")
+    if scale.size != C:  # GroupNormalization-18 took per-group scale and bias
+        scale, bias = np.repeat(scale.reshape(-1), C // scale.size), np.repeat(bias.reshape(-1), C // bias.size)
+    cshape = (C,) + (1,) * (len(shp) - 2)
+    y = b.op("Mul", [y, b.const("scale", scale.reshape(cshape).astype(dt))], "scaled")
+    b.op("Add", [y, b.const("bias", bias.reshape(cshape).astype(dt))], "out", out=out)
+
+
+def _reduce(b: _B, model, n, shapes) -> None:
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    x, out = n.input[0], n.output[0]
+    rank = len(_shape(shapes, x))
+    axes = a.get("axes")
+    if axes is None and len(n.input) > 1 and n.input[1]:
+        axes = _const(model, n.input[1])
+        if axes is None:
+            raise UnsupportedOpError([(n.op_type, b.prefix, "axes must be a constant")])
+    if axes is None or len(axes) == 0:
+        if a.get("noop_with_empty_axes", 0):
+            b.op("Identity", [x], "id", out=out)
+            return
+        axes = list(range(rank))
+    axes = [int(v) for v in np.asarray(axes).reshape(-1)]
+    keep = int(a.get("keepdims", 1))
+    op = n.op_type
+    if op in ("ReduceSumSquare", "ReduceL2"):
+        s = b.reduce("ReduceSum", b.op("Mul", [x, x], "sq"), axes, keep, "sum",
+                     out=out if op == "ReduceSumSquare" else None)
+        if op == "ReduceL2":
+            b.op("Sqrt", [s], "l2", out=out)
+    elif op == "ReduceL1":
+        b.reduce("ReduceSum", b.op("Abs", [x], "abs"), axes, keep, "sum", out=out)
+    elif op == "ReduceMin":
+        m = b.reduce("ReduceMax", b.op("Neg", [x], "neg"), axes, keep, "max")
+        b.op("Neg", [m], "min", out=out)
+    else:  # ReduceLogSumExp: max-free (the Exp table covers the calibrated range)
+        b.op("Log", [b.reduce("ReduceSum", b.op("Exp", [x], "exp"), axes, keep, "sum")], "lse", out=out)
+
+
+def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with the ops of the module docstring rewritten (``model`` itself if none).
+    ``strict=False`` leaves a node whose input shape is not known yet (the frontend runs it once
+    before onnxruntime's folding, which would inline GroupNormalization into Shape arithmetic, and
+    once after, strict)."""
+    todo = REDUCE_OPS + NORM_OPS
+    if not any(n.op_type in todo and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    m = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.node[:]
+    inits = []
+    for k, n in enumerate(m.graph.node):
+        if n.op_type in todo and n.domain in ("", "ai.onnx"):
+            b = _B(n, k, opset)
+            try:
+                (_norm if n.op_type in NORM_OPS else _reduce)(b, m, n, shapes)
+            except ValueError:
+                if not strict:
+                    out.graph.node.append(n)
+                    continue
+                raise UnsupportedOpError([(n.op_type, b.prefix, "input shape unknown")]) from None
+            out.graph.node.extend(b.nodes)
+            inits += b.inits
+        else:
+            out.graph.node.append(n)
+    out.graph.initializer.extend(inits)
+    del out.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(out)
