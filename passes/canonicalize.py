@@ -16,7 +16,8 @@ keyed by them); a new tensor is only introduced inside a pure data-movement chai
   GlobalAveragePool -> ReduceMean(axes 2..), GlobalMaxPool -> ReduceMax(axes 2..)
   ReduceMean/ReduceSum/ReduceMax axes (attribute or input) -> attribute, normalized
   Slice / Split / Pad / Concat / Transpose / Softmax: constant operands -> normalized attributes
-  Resize(nearest), Tile, Expand, DepthToSpace, SpaceToDepth -> Gather(flat index map, see index_map)
+  Resize(nearest), Tile, Expand, DepthToSpace, SpaceToDepth, and GatherElements / GatherND / Compress /
+  ReverseSequence with constant indices -> Gather(flat index map, see index_map)
   Resize(linear, cubic) -> Resample(per-axis taps, see resize_maps)
   ConvTranspose -> GatherFill (zero insertion + padding, per spatial axis) -> Conv(stride 1, flipped weights)
 """
@@ -33,7 +34,8 @@ from .index_map import index_map
 _ELEMENTWISE_FLOAT_UNARY = {"Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Softsign",
                             "Elu", "Selu", "Celu", "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu",
                             "Round", "Floor", "Ceil", "Sign", "HardSwish", "HardSigmoid"}
-_INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDepth"}
+_INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDepth", "GatherElements", "GatherND",
+              "Compress", "ReverseSequence"}
 
 # ops that pass canonicalization unchanged (their attribute forms are already canonical)
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",

@@ -192,3 +192,14 @@ def test_reductions_decomposed(op):
     m = make_model(nodes, [("x", [1, 3, 6, 5])], [("y", None)], [wt, tensor("axes", np.array([2, 3], np.int64))],
                    opset=18)
     check_pipeline(m, x_data((1, 3, 6, 5)), min_cos=0.98)
+
+
+def test_gather_elements_nd_and_compress_with_constant_indices():
+    idx = np.random.default_rng(2).integers(0, 5, (1, 3, 4)).astype(np.int64)
+    nd = np.array([[0, 1], [0, 2]], np.int64)
+    nodes = [helper.make_node("GatherElements", ["x", "ie"], ["a"], axis=2),
+             helper.make_node("GatherND", ["x", "ind"], ["b"]),
+             helper.make_node("Compress", ["x", "keep"], ["c"], axis=1)]
+    m = make_model(nodes, [("x", [1, 3, 5])], [("a", None), ("b", None), ("c", None)],
+                   [tensor("ie", idx), tensor("ind", nd), tensor("keep", np.array([1, 0, 1], bool))])
+    check_pipeline(m, x_data((1, 3, 5)))
