@@ -14,6 +14,11 @@ The rules live with the integer ops they emit, one module per op family in ``qco
 (gemm: Conv, Dense, MatMul; elementwise: Add, Mul, Affine, Clip, PRelu, HardSigmoid, HardSwish,
 unary lookup tables; pool: pools, reductions; softmax; nonlinear: LayerNorm, GELU; transformer:
 Cast, MaskAdd, Embedding, Div; shape: data movement, Concat), registered with ``intops.rule``.
+
+Float islands (``QuantConfig.allow_float``, ``qc compile --allow-float``): a node without an integer
+form -- its op has no rule, its rule's check refuses it, or canonicalization marked it -- is kept
+in float instead of failing: dequantize -> the ONNX node -> quantize (``qcompiler/intops/island.py``).
+Strict integer-only stays the default, and its error names the flag.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from qcompiler.calibrate import TensorStats, clip_range
 from qcompiler.errors import QuantizationError, UnsupportedOpError
 from qcompiler.graph import Graph, Node
 from qcompiler.intops import CHECKS, RULES
+from qcompiler.intops import island as _island
 from qcompiler.qtypes import QParams, activation_qparams, int_range
 
 
@@ -43,6 +49,7 @@ class QuantConfig:
                                     # inputs): this many bits; 0 keeps every activation at ``bits``
     gelu: str = "igelu"             # igelu (I-BERT polynomial erf) | shift (I-ViT ShiftGELU) | lut (8-bit table)
     output_bits: int = 16           # bits of a softmax/LUT that is a graph output
+    allow_float: bool = False       # keep nodes without an integer form in float islands (--allow-float)
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "mse"):
@@ -81,12 +88,62 @@ def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
     return bad
 
 
+FLOAT_HINT = "or compile with --allow-float to keep them in float"
+
+
+def unsupported_error(items: list[tuple[str, str, str]], hint: bool = True) -> UnsupportedOpError:
+    """The one-line UnsupportedOpError of ``items``; ``hint`` names ``--allow-float`` as a way out."""
+    e = UnsupportedOpError(items)
+    msg = str(e)
+    if hint and FLOAT_HINT not in msg:
+        msg = msg[:-1] + ", " + FLOAT_HINT + ")" if msg.endswith(")") else f"{msg} ({FLOAT_HINT})"
+        e.args = (msg,)
+    return e
+
+
+def plan_islands(fg: Graph, bad: list[tuple[str, str, str]], onnx_model=None
+                 ) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Split the unsupported items of ``fg`` into float islands (node name -> why it has no integer
+    form) and what cannot be kept in float either (not an ONNX node, an unknown dtype, ...).
+    Nodes canonicalization marked (``island.MARK``) are islands too."""
+    protos, opsets = _island.onnx_nodes(onnx_model), _island.model_opsets(onnx_model)
+    by_name = {n.name: n for n in fg.nodes}
+    islands: dict[str, str] = {}
+    rest = []
+    for n in fg.nodes:
+        if _island.MARK in n.attrs:
+            islands[n.name] = str(n.attrs[_island.MARK])
+    for op, name, why in bad:
+        n = by_name.get(name)
+        if n is None or op == "input":
+            rest.append((op, name, why))
+            continue
+        if name in islands:
+            continue
+        problem = _island.island_problem(fg, n, protos, opsets)
+        if problem is None:
+            islands[name] = why or "no integer form"
+        else:
+            rest.append((op, name, (f"{why}; " if why else "") + f"cannot be kept in float: {problem}"))
+    for name in list(islands):
+        problem = _island.island_problem(fg, by_name[name], protos, opsets)
+        if problem is not None:
+            rest.append((by_name[name].op, name, f"{islands.pop(name)}; cannot be kept in float: {problem}"))
+    return islands, rest
+
+
 class Quantizer:
-    def __init__(self, fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig):
+    def __init__(self, fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig,
+                 onnx_model=None, islands: dict[str, str] | None = None):
         self.fg, self.stats, self.nonneg, self.cfg = fg, stats, nonneg, cfg
         self.ig = Graph(nodes=[], inputs=list(fg.inputs), outputs=[], shapes={}, dtypes={}, name=fg.name)
         self.int_name: dict[str, str] = {}   # float tensor -> integer tensor
         self.consumers = fg.consumers()
+        # float islands (--allow-float): node name -> why it has no integer form; the ONNX model's
+        # nodes give each island its original attributes and opsets
+        self.islands: dict[str, str] = dict(islands or {})
+        self.onnx_nodes = _island.onnx_nodes(onnx_model)
+        self.opsets = _island.model_opsets(onnx_model)
 
     # ---- tensor bookkeeping ---------------------------------------------------------------
     def qp(self, float_name: str) -> QParams:
@@ -134,6 +191,8 @@ class Quantizer:
             if u.op in PASSTHROUGH:  # data movement keeps the dtype: look at its consumers
                 if u.inputs[0] != float_name or not self.wide_ok(u.outputs[0]):
                     return False
+            elif u.name in self.islands:  # dequantized to float: 16 bits cost nothing there
+                continue
             elif u.op not in WIDE_CONSUMERS or (u.op == "Gelu" and self.cfg.gelu == "lut"):
                 return False
         return True
@@ -187,7 +246,10 @@ class Quantizer:
             else:
                 self.int_name[t] = t  # integer inputs (token ids, indices) pass as they are
         for n in fg.nodes:
-            RULES[n.op](self, n)
+            if n.name in self.islands:
+                _island.emit_island(self, n, self.islands[n.name])
+            else:
+                RULES[n.op](self, n)
         for o in fg.outputs:
             src = self.iname(o)
             qp = ig.qparams.get(src)
@@ -217,10 +279,16 @@ def verify_scales(ig: Graph, rtol: float = 1e-9) -> None:
                                     f"built for {n.attrs['out_scale']:.6g}")
 
 
-def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig) -> Graph:
+def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig,
+             onnx_model=None) -> Graph:
+    """The integer graph of ``fg``; with ``cfg.allow_float`` the nodes without an integer form become
+    float islands (``onnx_model``, the frontend's model, supplies their original ONNX attributes)."""
     bad = unsupported(fg)
+    islands: dict[str, str] = {}
+    if cfg.allow_float:
+        islands, bad = plan_islands(fg, bad, onnx_model)
     if bad:
-        raise UnsupportedOpError(bad)
-    ig = Quantizer(fg, stats, nonneg, cfg).run()
+        raise unsupported_error(bad, hint=not cfg.allow_float)
+    ig = Quantizer(fg, stats, nonneg, cfg, onnx_model, islands).run()
     verify_scales(ig)
     return ig

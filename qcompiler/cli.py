@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="integer GELU: I-BERT i-GELU (default), I-ViT ShiftGELU, or an exact table (8-bit inputs)")
     c.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
                    help="per-channel smoothing of Dense inputs (SmoothQuant alpha, default 0.5; 0 = off)")
+    c.add_argument("--allow-float", action="store_true",
+                   help="keep ops without an integer form in float islands (dequantize -> float op -> quantize); "
+                        "the library is then not integer-only (model.json and qc inspect list the islands)")
     c.add_argument("--no-kernels", action="store_true", help="generic schedules only (debugging)")
     c.add_argument("--dump", default=None, metavar="DIR", help="write the integer graph, TIR, generated source and cubins")
     c.add_argument("--json", action="store_true", help="print the metadata summary as JSON")
@@ -149,16 +152,20 @@ def cmd_compile(a) -> int:
 
     spec = parse_target(a.target, a.arch)
     opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
-                          softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels, dump_dir=a.dump)
+                          softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels,
+                          dump_dir=a.dump, allow_float=a.allow_float)
     meta = compile_model(a.model, a.output, a.calib, opts)
     summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
                "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
+               "integer_only": meta["integer_only"], "float_islands": meta["float_islands"],
                "timings_s": meta["timings_s"]}
     if a.json:
         print(json.dumps(summary, indent=1))
     else:
+        islands = [r for r in meta["float_islands"] if r["node"]]
         print(f"wrote {a.output} ({meta['kernels']['count']} kernels, {len(meta['layers'])} GEMM/conv layers, "
-              f"{meta['timings_s']['total']:.1f} s)")
+              + (f"{len(islands)} float island(s), " if islands else "")
+              + f"{meta['timings_s']['total']:.1f} s)")
     return 0
 
 
@@ -216,6 +223,9 @@ def cmd_inspect(a) -> int:
           f"{rep['float_kernels_between_boundaries']} with float ops between the entry quantize and exit dequantize)")
     if rep["float_kernels"]:
         print("float kernels: " + ", ".join(rep["float_kernels"][:10]))
+    for r in rep["float_islands"]:
+        what = f"{r['node']} ({r['op']}: {r.get('reason') or 'no integer form'})" if r["node"] else "(no node)"
+        print(f"float island {what}: kernels {', '.join(r['kernels']) or '-'}")
     print(f"unscheduled  {len(rep['unscheduled'])}" + (": " + ", ".join(rep["unscheduled"][:10]) if rep["unscheduled"] else ""))
     print("layers:")
     for layer in rep["layers"]:

@@ -4,6 +4,10 @@ frontend (check, upgrade, freeze, fold) -> float passes (canonicalize, fold BN, 
 activations) -> support check (every unsupported op at once, before any work) -> calibration
 (onnxruntime) -> quantization (integer graph) -> scale and overflow checks -> Relax lowering and
 build -> atomic export.
+
+``allow_float`` (``qc compile --allow-float``): the nodes without an integer form stay in float
+islands (``qcompiler/intops/island.py``) instead of failing the support check; the library is then
+not integer-only, and model.json says so (``integer_only``, ``float_islands``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class CompileOptions:
     use_kernels: bool = True
     dump_dir: str | None = None
     tune_log: str | None = None    # tuning log dir (None: $QC_TUNE_LOG or autotune_logs/<device>/; "off": none)
+    allow_float: bool = False      # keep nodes without an integer form in float islands (not integer-only)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -59,8 +64,10 @@ class Prepared:
     timings: dict = field(default_factory=dict)
 
 
-def float_passes(g: Graph) -> Graph:
-    """The float rewrites in order; each runs as its own stage (an unexpected failure names it)."""
+def float_passes(g: Graph, allow_float: bool = False) -> Graph:
+    """The float rewrites in order; each runs as its own stage (an unexpected failure names it).
+    ``allow_float``: canonicalization keeps the nodes it cannot take, unchanged and marked as float
+    islands, instead of raising."""
     from passes.canonicalize import canonicalize
     from passes.fold_batchnorm import fold_batchnorm
     from passes.fuse_activation import fuse_activation
@@ -68,12 +75,58 @@ def float_passes(g: Graph) -> Graph:
     from passes.fuse_nonlinear import fuse_nonlinear
     from passes.fuse_patterns import fuse_patterns
 
+    if allow_float:
+        canonicalize = _canonicalize_keeping  # noqa: F811
     for name, p in (("canonicalize", canonicalize), ("fold_batchnorm", fold_batchnorm),
                     ("fuse_nonlinear", fuse_nonlinear), ("fuse_patterns", fuse_patterns),
                     ("fuse_attention", fuse_attention), ("fuse_activation", fuse_activation)):
         with stage(name):
             g = p(g)
     return g
+
+
+def _canonicalize_keeping(g: Graph) -> Graph:
+    """``passes.canonicalize.canonicalize``, except that a node it cannot take (an op without a
+    canonical form, a custom domain, a parameter it needs constant, ...) is kept as the model has
+    it, marked ``island.MARK`` (why), for the quantizer to keep in float."""
+    from passes import canonicalize as C
+    from .intops.island import MARK
+
+    class Keeping(C.Canonicalizer):
+        def run(self) -> Graph:  # the loop of Canonicalizer.run, keeping the nodes with problems
+            g = self.g
+            out: list = []
+            for n in g.nodes:
+                orig = (n.op, list(n.inputs), list(n.outputs), dict(n.attrs))
+                before = len(self.problems)
+                res = None
+                if n.attrs.get("domain"):
+                    self.problems.append((f"{n.attrs['domain']}.{n.op}", n.name, "custom domain"))
+                elif all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
+                    self._fold_const(n)
+                    continue
+                else:
+                    fn = getattr(self, "op_" + n.op, None)
+                    if fn is not None:
+                        res = fn(n)
+                    elif n.op in C._KEEP:
+                        res = [n]
+                    elif n.op in C._INDEX_OPS:
+                        res = self.op_index(n)
+                    else:
+                        self.problems.append((n.op, n.name, ""))
+                if len(self.problems) > before:  # the node as the model has it (same object: later
+                    n.op, n.inputs, n.outputs, n.attrs = orig  # renames reach it), marked
+                    n.attrs[MARK] = "; ".join(p[2] or "no integer form" for p in self.problems[before:])
+                    del self.problems[before:]
+                    res = [n]
+                out.extend(r for r in (res or []) if r is not None)
+            g.nodes = out
+            g.toposort()
+            g.prune()
+            return g
+
+    return Keeping(g.copy()).run()
 
 
 def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -83,7 +136,7 @@ def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, .
 def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | os.PathLike,
             opts: CompileOptions) -> Prepared:
     from passes.overflow import check_overflow
-    from passes.quantize import QuantConfig, quantize, unsupported
+    from passes.quantize import QuantConfig, plan_islands, quantize, unsupported, unsupported_error
     from passes.sign import nonnegative
 
     rep = progress.get()
@@ -109,11 +162,20 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with rep.timed("reading and folding the model"), stage("frontend"):
         fr = frontend.load(model_path, batch=batch, shapes=_given_shapes(specs, data))
     t["frontend"] = time.perf_counter() - t0
-    fg = float_passes(fr.graph)
+    try:
+        fg = float_passes(fr.graph, opts.allow_float)
+    except UnsupportedOpError as e:  # strict: the one line names the way out
+        raise unsupported_error(e.items, hint=not opts.allow_float) from None
     with stage("support check"):
         bad = unsupported(fg)
+        if opts.allow_float:
+            islands, bad = plan_islands(fg, bad, fr.model)
+            if islands:
+                rep.stage(f"keeping {len(islands)} node(s) in float (--allow-float): "
+                          + ", ".join(f"{n} ({why})" for n, why in list(islands.items())[:6])
+                          + (" ..." if len(islands) > 6 else ""))
     if bad:
-        raise UnsupportedOpError(bad)
+        raise unsupported_error(bad, hint=not opts.allow_float)
     t1 = time.perf_counter()
     tensors = [o for n in fr.model.graph.node for o in n.output if o and fr.graph.dtypes.get(o, "").startswith("float")]
     tensors += [s.name for s in specs if s.dtype.startswith("float")]
@@ -128,11 +190,12 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with stage("smooth"):
         fg, stats = smooth(fg, stats, opts.smooth)
     t["calibrate"] = time.perf_counter() - t1
-    cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu)
+    cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu,
+                      allow_float=opts.allow_float)
     with stage("sign analysis"):
         nonneg = nonnegative(fg)
     with stage("quantize"):
-        ig = quantize(fg, stats, nonneg, cfg)
+        ig = quantize(fg, stats, nonneg, cfg, fr.model)
     with stage("overflow check"):
         intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
@@ -151,6 +214,36 @@ def layer_table(ig: Graph) -> list[dict]:
                              "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
                              "weight_shape": list(w.shape) if w is not None else None})
     return rows
+
+
+def float_island_table(ig: Graph, res) -> list[dict]:
+    """One entry per float island (``--allow-float``): the ONNX node, its op, why it has no integer
+    form and the kernels it runs; float kernels of no island (none expected) in an entry of their own."""
+    rows: dict[str, dict] = {}
+    for n in ig.nodes:
+        if n.op != "float_island":
+            continue
+        a = n.attrs
+        node = a["island"]
+        if node not in rows:
+            op = f"{a['domain']}.{a['onnx_op']}" if a.get("domain") else a["onnx_op"]
+            rows[node] = {"node": node, "op": op, "reason": a.get("reason", ""),
+                          "kernels": list(res.island_kernels.get(node, []))}
+    out = list(rows.values())
+    seen = {k for r in out for k in r["kernels"]}
+    stray = [k for k in res.float_islands if k not in seen]
+    if stray:
+        out.append({"node": None, "op": None, "reason": "float kernels of no island", "kernels": stray})
+    return out
+
+
+def island_warning(islands: list[dict]) -> str:
+    """The one-line warning of a compile that kept nodes in float."""
+    named = [f"{r['node']} ({r['op']})" for r in islands if r["node"]]
+    stray = sum(len(r["kernels"]) for r in islands if not r["node"])
+    return (f"the library is not integer-only: {len(named)} node(s) kept in float (--allow-float): "
+            + ", ".join(named[:8]) + (" ..." if len(named) > 8 else "")
+            + (f"; {stray} other float kernel(s)" if stray else ""))
 
 
 def _io_entries(ig: Graph, names, fg_dtypes: dict, opts: CompileOptions, side: str) -> list[dict]:
@@ -192,7 +285,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
 
     with stage("lowering and build"):
         with activate(opts.target, opts.tune_log) as tuned:
-            res = build(ig, target, use_kernels=opts.use_kernels)
+            res = build(ig, target, use_kernels=opts.use_kernels, allow_float=opts.allow_float)
     t_build = time.perf_counter() - t1
     from .tir_scan import module_to_text
 
@@ -216,6 +309,8 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
             "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
             "layers": layer_table(ig),
+            "integer_only": bool(res.scan.integer_only) if res.scan is not None else not res.float_islands,
+            "float_islands": float_island_table(ig, res),
             "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
                         "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
             "tuning": tuned.summary(),
@@ -227,6 +322,8 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             rng = _int_input_range(ig, inp["name"])
             if rng is not None:
                 inp["valid_range"] = rng
+    if meta["float_islands"]:
+        rep.warn(island_warning(meta["float_islands"]))
     if opts.dump_dir:
         with stage("dump"):
             dump(opts.dump_dir, ig, res, tir_text, opts)

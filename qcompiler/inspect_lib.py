@@ -9,6 +9,10 @@ the ``qc.boundary`` marker is scanned exactly (only a marked kernel whose signat
 a boundary; ``"boundaries": "marked"``); an older one by signatures alone (``"heuristic"``).  No
 other flag set by the pipeline is trusted, and a marker never makes a kernel that computes in
 float on integer data pass.
+
+Float islands (``qc compile --allow-float``): ``float_islands`` lists, from model.json, each node
+kept in float with its op, the reason and its kernels; ``integer_only`` is still the scan's answer
+(false as soon as an island computes in float).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def inspect_library(path) -> dict:
         "model": meta.get("model"), "calibration": meta.get("calibration"),
         "inputs": meta["inputs"], "outputs": meta["outputs"], "layers": meta["layers"],
         "integer_only": bool(scan.integer_only),
+        "float_islands": list(meta.get("float_islands", [])),
         "kernels": scan.num_functions,
         "float_kernels_between_boundaries": scan.float_ops_between_boundaries,
         "float_kernels": [f.name for f in scan.functions if f.kind == "float"],
