@@ -101,7 +101,7 @@ def worker(d: pathlib.Path, model_path: str, bit_exact_limit_s: float) -> None:
     save()
 
     fields = getattr(CompileOptions, "__dataclass_fields__", {})
-    island_field = next((f for f in fields if "island" in f), None)
+    island_field = next((f for f in fields if "island" in f or f == "allow_float"), None)
     attempts = [("strict", {})] + ([("islands", {island_field: True})] if island_field else [])
     for mode, extra in attempts:
         opts = CompileOptions(target=parse_target("cpu"), **extra)

@@ -43,6 +43,9 @@ _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softma
          "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where"} | _ELEMENTWISE_FLOAT_UNARY
 
 
+ISLAND_MARK = "qc.float_island"   # attribute of a node kept for a float island (qcompiler/intops/island.py)
+
+
 def _norm_axis(a: int, rank: int) -> int:
     return a + rank if a < 0 else a
 
@@ -63,25 +66,35 @@ class Canonicalizer:
             self.problems.append((n.op, n.name, f"{what} must be a constant"))
         return v
 
-    def run(self) -> Graph:
+    def run(self, keep_unsupported: bool = False) -> Graph:
+        """Rewrite every node; raises UnsupportedOpError listing every node it cannot take, or, with
+        ``keep_unsupported`` (``--allow-float``), keeps such a node as the model has it, marked
+        ``ISLAND_MARK`` with the reasons, for the quantizer to keep in float."""
         g = self.g
         out: list[Node] = []
         for n in g.nodes:
+            orig = (n.op, list(n.inputs), list(n.outputs), dict(n.attrs))
+            before = len(self.problems)
+            res = None
             if n.attrs.get("domain"):
                 self.problems.append((f"{n.attrs['domain']}.{n.op}", n.name, "custom domain"))
-                continue
-            if all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
+            elif all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
                 self._fold_const(n)
                 continue
-            fn = getattr(self, "op_" + n.op, None)
-            if fn is not None:
-                res = fn(n)
-            elif n.op in _KEEP:
-                res = [n]
-            elif n.op in _INDEX_OPS:
-                res = self.op_index(n)
             else:
-                self.problems.append((n.op, n.name, ""))
+                fn = getattr(self, "op_" + n.op, None)
+                if fn is not None:
+                    res = fn(n)
+                elif n.op in _KEEP:
+                    res = [n]
+                elif n.op in _INDEX_OPS:
+                    res = self.op_index(n)
+                else:
+                    self.problems.append((n.op, n.name, ""))
+            if keep_unsupported and len(self.problems) > before:
+                n.op, n.inputs, n.outputs, n.attrs = orig  # the same object: later renames reach it
+                n.attrs[ISLAND_MARK] = "; ".join(p[2] or "no integer form" for p in self.problems[before:])
+                del self.problems[before:]
                 res = [n]
             out.extend(r for r in (res or []) if r is not None)
         if self.problems:
@@ -534,6 +547,7 @@ class Canonicalizer:
         return nodes
 
 
-def canonicalize(g: Graph) -> Graph:
-    """Run the rewrites on a copy of ``g``; raises UnsupportedOpError listing every unsupported op."""
-    return Canonicalizer(g.copy()).run()
+def canonicalize(g: Graph, keep_unsupported: bool = False) -> Graph:
+    """Run the rewrites on a copy of ``g``; raises UnsupportedOpError listing every unsupported op
+    (``keep_unsupported``: marks them as float islands instead, see ``Canonicalizer.run``)."""
+    return Canonicalizer(g.copy()).run(keep_unsupported)

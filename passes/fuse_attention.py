@@ -41,7 +41,7 @@ def fuse_attention(g: Graph) -> Graph:
         if id(n) in dead:
             continue
         # 0. bias / per-column scale after a Dense
-        if n.op == "Affine" and n.attrs.get("act") is None:
+        if n.op == "Affine" and n.attrs.get("act") is None and g.shape(n.outputs[0]):
             d = prod.get(n.inputs[0])
             N = g.shape(n.outputs[0])[-1]
             k, o = np.asarray(n.attrs["scale"], np.float64), np.asarray(n.attrs["offset"], np.float64)

@@ -75,58 +75,15 @@ def float_passes(g: Graph, allow_float: bool = False) -> Graph:
     from passes.fuse_nonlinear import fuse_nonlinear
     from passes.fuse_patterns import fuse_patterns
 
-    if allow_float:
-        canonicalize = _canonicalize_keeping  # noqa: F811
-    for name, p in (("canonicalize", canonicalize), ("fold_batchnorm", fold_batchnorm),
+    def canon(graph):
+        return canonicalize(graph, keep_unsupported=allow_float)
+
+    for name, p in (("canonicalize", canon), ("fold_batchnorm", fold_batchnorm),
                     ("fuse_nonlinear", fuse_nonlinear), ("fuse_patterns", fuse_patterns),
                     ("fuse_attention", fuse_attention), ("fuse_activation", fuse_activation)):
         with stage(name):
             g = p(g)
     return g
-
-
-def _canonicalize_keeping(g: Graph) -> Graph:
-    """``passes.canonicalize.canonicalize``, except that a node it cannot take (an op without a
-    canonical form, a custom domain, a parameter it needs constant, ...) is kept as the model has
-    it, marked ``island.MARK`` (why), for the quantizer to keep in float."""
-    from passes import canonicalize as C
-    from .intops.island import MARK
-
-    class Keeping(C.Canonicalizer):
-        def run(self) -> Graph:  # the loop of Canonicalizer.run, keeping the nodes with problems
-            g = self.g
-            out: list = []
-            for n in g.nodes:
-                orig = (n.op, list(n.inputs), list(n.outputs), dict(n.attrs))
-                before = len(self.problems)
-                res = None
-                if n.attrs.get("domain"):
-                    self.problems.append((f"{n.attrs['domain']}.{n.op}", n.name, "custom domain"))
-                elif all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
-                    self._fold_const(n)
-                    continue
-                else:
-                    fn = getattr(self, "op_" + n.op, None)
-                    if fn is not None:
-                        res = fn(n)
-                    elif n.op in C._KEEP:
-                        res = [n]
-                    elif n.op in C._INDEX_OPS:
-                        res = self.op_index(n)
-                    else:
-                        self.problems.append((n.op, n.name, ""))
-                if len(self.problems) > before:  # the node as the model has it (same object: later
-                    n.op, n.inputs, n.outputs, n.attrs = orig  # renames reach it), marked
-                    n.attrs[MARK] = "; ".join(p[2] or "no integer form" for p in self.problems[before:])
-                    del self.problems[before:]
-                    res = [n]
-                out.extend(r for r in (res or []) if r is not None)
-            g.nodes = out
-            g.toposort()
-            g.prune()
-            return g
-
-    return Keeping(g.copy()).run()
 
 
 def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -51,9 +51,8 @@ from .registry import Example, IntOp, register
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
 
-MARK = "qc.float_island"
-"""Float-graph node attribute: the node is kept in float (its value says why); set by the driver's
-canonicalization on the nodes it cannot take when ``--allow-float`` is given."""
+from passes.canonicalize import ISLAND_MARK as MARK  # noqa: E402  set by canonicalize (--allow-float) on
+# the nodes it cannot take: the node is kept in float, the value says why
 
 _NON_ONNX_ATTRS = {"act", "domain", MARK}
 """Float-graph attributes that are not ONNX attributes of the node (``act``: a fused Clip, applied
