@@ -83,7 +83,7 @@ def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
             bad.append((n.op, n.name, why))
     for t in fg.inputs:
         dt = fg.dtypes.get(t, "")
-        if not (dt.startswith("float") or dt.startswith("int") or dt.startswith("uint")):
+        if not (dt.startswith("float") or dt.startswith("int") or dt.startswith("uint") or dt == "bool"):
             bad.append(("input", t, f"dtype {dt}"))
     return bad
 

@@ -74,7 +74,7 @@ class Library:
                 if not np.all(np.isfinite(a)):
                     raise InputError(f"input '{spec['name']}' contains NaN or Inf")
             else:
-                if not np.issubdtype(a.dtype, np.integer):
+                if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
                     raise InputError(f"input '{spec['name']}' has dtype {a.dtype}; expected {want}")
                 rng = spec.get("valid_range")
                 if rng is not None and a.size and (a.min() < rng[0] or a.max() > rng[1]):

@@ -224,11 +224,9 @@ class CompareOp(IntOp):
 @rule(*LOGIC)
 def logic(qz: Quantizer, n):
     out = n.outputs[0]
-    for i in n.inputs:
-        if i in qz.fg.consts:
-            raise QuantizationError(f"node '{n.name}' ({n.op}): a constant operand of a logic op (fold it first)")
-    qz.emit("logic", [qz.iname(i) for i in n.inputs], out, {"mode": LOGIC[n.op]}, "uint8", qz.fg.shape(out), None,
-            out, node_name=n.name)
+    ins = [_const_operand(qz, n, "c", (np.asarray(qz.fg.consts[i]) != 0).astype(np.uint8), "uint8")
+           if i in qz.fg.consts else qz.iname(i) for i in n.inputs]
+    qz.emit("logic", ins, out, {"mode": LOGIC[n.op]}, "uint8", qz.fg.shape(out), None, out, node_name=n.name)
 
 
 @float_ref(*LOGIC)
@@ -256,12 +254,15 @@ class LogicOp(IntOp):
     def lower(lw, n, *xs):
         R = relax.op
         mode = n.attrs["mode"]
+        def i32(v):  # compares on bool tensors do not compile (LLVM fcmp on i1): widen first
+            return lw.cast(v.expr, "int32")
+
         if mode == "not":
-            e = lw.emit(R.equal(xs[0].expr, const(0, xs[0].dtype)))
+            e = lw.emit(R.equal(i32(xs[0]), const(0, "int32")))
             return Value(lw.cast(e, "uint8"), xs[0].perm, xs[0].shape, "uint8")
         x, y = lw.same_perm(*xs)
-        bx = lw.emit(R.not_equal(x.expr, const(0, x.dtype)))
-        by = lw.emit(R.not_equal(y.expr, const(0, y.dtype)))
+        bx = lw.emit(R.not_equal(i32(x), const(0, "int32")))
+        by = lw.emit(R.not_equal(i32(y), const(0, "int32")))
         f = {"and": R.logical_and, "or": R.logical_or, "xor": R.logical_xor}[mode]
         return lw.out_value(n, lw.cast(lw.emit(f(bx, by)), "uint8"), x if x.rank >= y.rank else y)
 
@@ -340,7 +341,7 @@ class WhereOp(IntOp):
         tx, ty, ref = _rq_branches(lw, n, x, y)
         if c.rank > ref.rank:
             ref = c
-        cond = lw.emit(relax.op.not_equal(c.expr, const(0, c.dtype)))
+        cond = lw.emit(relax.op.not_equal(lw.cast(c.expr, "int32"), const(0, "int32")))  # bool: see LogicOp
         return _finish(lw, n, lw.emit(relax.op.where(cond, tx, ty)), ref)
 
     @staticmethod

@@ -203,3 +203,19 @@ def test_gather_elements_nd_and_compress_with_constant_indices():
     m = make_model(nodes, [("x", [1, 3, 5])], [("a", None), ("b", None), ("c", None)],
                    [tensor("ie", idx), tensor("ind", nd), tensor("keep", np.array([1, 0, 1], bool))])
     check_pipeline(m, x_data((1, 3, 5)))
+
+
+def test_bool_mask_input_and_logic_with_constants():
+    """A bool model input (a padding mask) feeding Not / And with a constant / Where / Cast."""
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["s"]),
+             helper.make_node("Not", ["mask"], ["pad"]),
+             helper.make_node("And", ["pad", "on"], ["pad2"]),
+             helper.make_node("Where", ["pad2", "big", "s"], ["y"]),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["y", "mf"], ["z"])]
+    inits = [tensor("Wq", (R.standard_normal((8, 8)) * 0.5).astype(np.float32)), tensor("on", np.array(True)),
+             tensor("big", np.float32(-0.5))]
+    m = make_model(nodes, [("x", [1, 6, 8]), ("mask", [1, 6, 8], TensorProto.BOOL)], [("z", None)], inits)
+    rng = np.random.default_rng(7)
+    calib = {"x": rng.standard_normal((8, 6, 8)).astype(np.float32), "mask": rng.random((8, 6, 8)) > 0.3}
+    check_pipeline(m, calib, min_cos=0.97)
