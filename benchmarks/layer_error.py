@@ -31,12 +31,12 @@ def _cos(a, b):
     return float(a @ b / na / nb) if na and nb else float(na == nb)
 
 
-def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1) -> list[dict]:
+def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, method: str = "percentile") -> list[dict]:
     import onnx
 
     from qcompiler.ort_util import session
 
-    prep = prepare(model_path, calib, CompileOptions(target=parse_target("cpu"), batch=batch))
+    prep = prepare(model_path, calib, CompileOptions(target=parse_target("cpu"), batch=batch, method=method))
     ig = prep.int_graph
     feeds = {}
     for t in ig.inputs:
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test", help=".npz of one test input (with an .onnx path)")
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--worst", type=int, default=0, help="print only the N tensors of lowest cosine")
+    ap.add_argument("--method", default="percentile", help="activation range: minmax | percentile | mse")
     args = ap.parse_args(argv)
     if args.model.endswith(".onnx"):
         path = args.model
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         path = str(corpus.model_path(args.model))
         calib = corpus.make_inputs(args.model, "calib", args.n_calib)
         test = corpus.make_inputs(args.model, "eval", 1)
-    rows = layer_errors(path, calib, test)
+    rows = layer_errors(path, calib, test, method=args.method)
     shown = sorted(rows, key=lambda r: r["cos"])[:args.worst] if args.worst else rows
     print(f"{'tensor':48s} {'op':10s} {'dtype':6s} {'scale':>10s} {'cos':>8s} {'rel_err':>8s} {'clipped':>8s}")
     for r in shown:
