@@ -70,6 +70,8 @@ class Canonicalizer:
         """Rewrite every node; raises UnsupportedOpError listing every node it cannot take, or, with
         ``keep_unsupported`` (``--allow-float``), keeps such a node as the model has it, marked
         ``ISLAND_MARK`` with the reasons, for the quantizer to keep in float."""
+        from qcompiler.frontend import outer_scope_inputs
+
         g = self.g
         out: list[Node] = []
         for n in g.nodes:
@@ -78,7 +80,8 @@ class Canonicalizer:
             res = None
             if n.attrs.get("domain"):
                 self.problems.append((f"{n.attrs['domain']}.{n.op}", n.name, "custom domain"))
-            elif all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",):
+            elif (all(i in g.consts or not i for i in n.inputs) and n.op not in ("Constant",)
+                  and not outer_scope_inputs(n.attrs)):  # a Loop / If body reading the graph is not constant
                 self._fold_const(n)
                 continue
             else:

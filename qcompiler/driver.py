@@ -62,6 +62,8 @@ class Prepared:
     intervals: dict
     calib_samples: int
     timings: dict = field(default_factory=dict)
+    batch: int = 1                  # samples per run of the compiled library
+    batch_axes: dict = field(default_factory=dict)  # input name -> its batch axis (None: it has none)
 
 
 def float_passes(g: Graph, allow_float: bool = False) -> Graph:
@@ -86,10 +88,6 @@ def float_passes(g: Graph, allow_float: bool = False) -> Graph:
     return g
 
 
-def _given_shapes(specs, calib: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    return {s.name: tuple(calib[s.name].shape) for s in specs if s.name in calib}
-
-
 def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | os.PathLike,
             opts: CompileOptions) -> Prepared:
     from passes.overflow import check_overflow
@@ -104,20 +102,14 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
         specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
         frontend.check_input_specs(specs, str(model_path))
     if calib is None:
-        raise CalibrationError("calibration data is required: pass --calib data.npz (keys = input names, "
-                               "first axis = samples); a data-free mode is not available yet")
+        raise CalibrationError("calibration data is required: pass --calib data.npz (keys = input names; "
+                               "which axis holds the samples: see qcompiler/calibrate.py); a data-free mode is "
+                               "not available yet")
     with stage("reading calibration data"):
-        data = calib if isinstance(calib, dict) else calibrate.load_calibration(calib)
-        data = calibrate.check_inputs(data, specs)
-    batch = opts.batch
-    for s in specs:
-        if s.shape and isinstance(s.shape[0], int) and s.shape[0] != batch and s.shape[0] != 0:
-            if opts.batch != 1:
-                raise ModelError(f"input '{s.name}' has a fixed batch of {s.shape[0]}; --batch {opts.batch} is "
-                                 "impossible for this model")
-            batch = s.shape[0]
+        data = calibrate.calibration_set(calibrate.load_calibration(calib), specs, opts.batch)
+    batch = data.batch
     with rep.timed("reading and folding the model"), stage("frontend"):
-        fr = frontend.load(model_path, batch=batch, shapes=_given_shapes(specs, data))
+        fr = frontend.load(model_path, batch=batch, shapes=data.shapes)
     t["frontend"] = time.perf_counter() - t0
     try:
         fg = float_passes(fr.graph, opts.allow_float)
@@ -136,7 +128,7 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     t1 = time.perf_counter()
     tensors = [o for n in fr.model.graph.node for o in n.output if o and fr.graph.dtypes.get(o, "").startswith("float")]
     tensors += [s.name for s in specs if s.dtype.startswith("float")]
-    n = next(iter(data.values())).shape[0]
+    n = data.n
     with stage("calibration"):
         calibrate.check_memory(fr.graph, tensors, data, batch)
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
@@ -156,7 +148,7 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with stage("overflow check"):
         intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
-    return Prepared(fr, fg, ig, intervals, n, t)
+    return Prepared(fr, fg, ig, intervals, n, t, batch, dict(data.axes))
 
 
 def layer_table(ig: Graph) -> list[dict]:
@@ -259,11 +251,12 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
                       "opset": prep.fr.opset},
             "target": {**opts.target.describe(), "tvm": str(target)},
             "precision": opts.precision, "io": opts.io,
-            "batch": prep.fr.graph.shapes[ig.inputs[0]][0] if ig.inputs else 1,
+            "batch": prep.batch,
             "calibration": {"method": opts.method, "samples": prep.calib_samples},
             "softmax": opts.softmax,
             "gelu": opts.gelu,
-            "inputs": _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input"),
+            "inputs": [{**e, "batch_axis": prep.batch_axes.get(e["name"])}
+                       for e in _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input")],
             "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
             "layers": layer_table(ig),
             "integer_only": bool(res.scan.integer_only) if res.scan is not None else not res.float_islands,

@@ -83,19 +83,27 @@ class Library:
                                      f"[{rng[0]}, {rng[1]}] (e.g. token ids beyond the embedding table)")
                 a = a.astype(want)
             shape = tuple(spec["shape"])
-            if a.shape[1:] != shape[1:] or a.ndim != len(shape):
+            ax = self._batch_axis(spec)
+            rest = [d for k, d in enumerate(shape) if k != ax]
+            if a.ndim != len(shape) or [d for k, d in enumerate(a.shape) if k != ax] != rest:
                 raise InputError(f"input '{spec['name']}' has shape {a.shape}; the library was compiled for "
-                                 f"{shape} (any batch size in the first axis works)")
+                                 f"{shape}" + (f" (any size along axis {ax}, the batch)" if ax is not None else
+                                              " (it has no batch axis)"))
             feeds[spec["name"]] = a
-        sizes = {a.shape[0] for a in feeds.values()}
+        sizes = {feeds[s["name"]].shape[self._batch_axis(s)] for s in self.inputs if self._batch_axis(s) is not None}
         if len(sizes) > 1:
             raise InputError(f"inputs disagree in batch size: {sorted(sizes)}")
         return feeds
 
+    @staticmethod
+    def _batch_axis(spec: dict):
+        """The input's batch axis (model.json ``batch_axis``; libraries before it: axis 0)."""
+        return spec.get("batch_axis", 0) if spec.get("shape") else None
+
     # ---- running --------------------------------------------------------------------------------
     def _run_exact(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), self.dev) for n in self.input_names]  # keeps 0-d
         res = self.vm["main"](*args)
         if len(self.outputs) == 1:
             return [res.numpy()]
@@ -103,15 +111,20 @@ class Library:
 
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         feeds = self._feeds(args, kwargs)
-        n = next(iter(feeds.values())).shape[0]
+        axes = {s["name"]: self._batch_axis(s) for s in self.inputs}
+        batched = [k for k, ax in axes.items() if ax is not None]
+        n = feeds[batched[0]].shape[axes[batched[0]]] if batched else self.batch
         b = self.batch
         if n == b:
             outs = self._run_exact(feeds)
-        else:
+        elif any(axes[k] != 0 for k in batched):
+            raise InputError(f"this library runs {b} sample(s) at a time along a batch axis other than the first; "
+                             f"got {n}: call it with batches of {b}")
+        else:  # chunks of the compiled batch along axis 0 (inputs without a batch axis go whole)
             parts = []
             for s in range(0, n, b):
                 idx = np.arange(s, s + b) % n
-                parts.append(self._run_exact({k: v[idx] for k, v in feeds.items()}))
+                parts.append(self._run_exact({k: (v[idx] if k in batched else v) for k, v in feeds.items()}))
             outs = [np.concatenate([p[k] for p in parts])[:n] for k in range(len(self.outputs))]
         return dict(zip(self.output_names, outs))
 
@@ -133,7 +146,7 @@ class Library:
         feeds = self._feeds((), inputs) if inputs else self.example_inputs()
         feeds = {k: v[: self.batch] for k, v in feeds.items()}
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), self.dev) for n in self.input_names]  # keeps 0-d
         for _ in range(warmup):
             self.vm["main"](*args)
         f = self.vm.time_evaluator("main", self.dev, number=1, repeat=repeats, min_repeat_ms=min_repeat_ms)

@@ -62,3 +62,32 @@ def test_integer_input_dtype_kept(tmp_path):
     onnx.save(m, tmp_path / "m.onnx")
     fr = frontend.load(tmp_path / "m.onnx")
     assert fr.graph.dtypes["x"] == "int64"
+
+
+def test_batch_axis_from_declared_dims():
+    """Only a batch-like symbolic first dim (and that dim on other inputs) is frozen to ``batch``: a
+    [time, features] stream or a graph's node count takes the given (calibration) size."""
+    S = frontend.InputSpec
+    specs = [S("input", ("batch", "sequence"), "float32"), S("sr", (), "int64"), S("state", (2, "batch", 128), "float32")]
+    assert frontend.concrete_shapes(specs, 3, {"input": (9, 512)}) == {"input": (3, 512), "sr": (), "state": (2, 3, 128)}
+    stream = [S("input", ("input_dim_0", 81), "float32")]
+    assert frontend.concrete_shapes(stream, 1, {"input": (200, 81)}) == {"input": (200, 81)}
+    with pytest.raises(ModelError, match="symbolic dim 0"):
+        frontend.concrete_shapes(stream, 1, {})
+    graph = [S("feat", ("num_nodes", 85), "float32"), S("graph_slots", ("num_graphs",), "float32")]
+    assert frontend.concrete_shapes(graph, 1, {"feat": (12, 85)}) == {"feat": (12, 85), "graph_slots": (1,)}
+    # unnamed dims are one batch only as first dims
+    ppocr = [S("x", ("?", 3, "?", "?"), "float32")]
+    assert frontend.concrete_shapes(ppocr, 2, {"x": (5, 3, 48, 192)}) == {"x": (2, 3, 48, 192)}
+
+
+def test_outer_scope_inputs_of_subgraphs():
+    body = helper.make_graph([helper.make_node("Add", ["v", "outer"], ["v2"]),
+                              helper.make_node("Identity", ["cond"], ["cond2"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
+                             [helper.make_tensor_value_info("cond2", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v2", TensorProto.FLOAT, [2])])
+    assert frontend.outer_scope_inputs({"body": body}) == {"outer"}
+    assert frontend.outer_scope_inputs({"axis": 1}) == set()
