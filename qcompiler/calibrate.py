@@ -7,6 +7,23 @@ uniform random subsample of values (a reservoir).  The clipping range then comes
   percentile  amax = the p-th percentile of |x| (signed) or of x (non-negative); p = 99.99 default
   mse         amax minimising E[(x - Q(x; amax))^2] over 128 candidates in (0, max|x|] on the
               subsample, Q being the symmetric 8-bit quantizer the compiler will apply.
+
+Calibration data (``--calib``): an .npz keyed by the model's input names, or a folder of them (one
+sample or batch per file, in file-name order).  Which axis holds the samples is decided per input by
+the model's declared input rank (``calibration_set``):
+  * batch axis -- a symbolic first dim named like a batch (N, batch, batch_size, unk__3, ?, ...), and
+    that same dim on another axis of another input (silero-vad's state [2, batch, 128]): an array of
+    the declared rank holds its samples along that axis ([N, 3, 224, 224] as always); rank + 1 is a
+    stack of such arrays; rank - 1 is one sample;
+  * fixed first dim F: an array of exactly the declared shape is ONE sample (a state [2, 1, 128] is
+    never split); the declared rank with another first size is samples along axis 0, F per run;
+  * no batch axis (a scalar, a fixed-size state [25], a [time, features] stream, a graph's
+    [num_nodes, 85]): an array of the declared rank is ONE sample, rank + 1 a stack of samples;
+  * an input given once while the others give N samples is shared by all of them (a scalar sample
+    rate, an initial state); otherwise all inputs give the same N.
+The compiled input shapes come from the declared dims, never from the number of samples: the batch
+axis gets --batch (default 1), other symbolic dims (time, sequence) the samples' common size.
+Errors name the input, its declared shape, the array's shape and what was expected.
 """
 
 from __future__ import annotations
@@ -32,16 +49,17 @@ class TensorStats:
     lo: float
     hi: float
     sample: np.ndarray  # float32 subsample of the values
-    chan_lo: np.ndarray | None = None     # per channel of the last axis (rank >= 2): min
+    chan_lo: np.ndarray | None = None     # per channel of ``chan_axis`` (rank >= 2): min
     chan_hi: np.ndarray | None = None     #                                           max
-    sample_chan: np.ndarray | None = None  # last-axis channel of each sampled value
-    chan_ms: np.ndarray | None = None     # per channel of the last axis: mean of x^2 (all values)
+    sample_chan: np.ndarray | None = None  # channel (of ``chan_axis``) of each sampled value
+    chan_ms: np.ndarray | None = None     # per channel: mean of x^2 (all values)
     top_abs: np.ndarray | None = None     # the TOPK largest |x| over all values, descending (exact tail)
-    top_chan: np.ndarray | None = None    # their last-axis channels (rank >= 2)
+    top_chan: np.ndarray | None = None    # their channels (rank >= 2)
     count: int = 0                        # number of values seen
+    chan_axis: int = -1                   # the axis the chan_* fields describe: 1 for NCHW (rank 4), else last
 
     def scaled(self, f: np.ndarray) -> "TensorStats":
-        """The stats of x / f (f > 0 per channel of the last axis), exactly from the recorded ones."""
+        """The stats of x / f (f > 0 per channel of ``chan_axis``), exactly from the recorded ones."""
         f = np.asarray(f, np.float64)
         clo, chi = self.chan_lo / f, self.chan_hi / f
         smp = self.sample / f[self.sample_chan] if self.sample_chan is not None else self.sample
@@ -56,33 +74,242 @@ class TensorStats:
             order = np.argsort(-top, kind="stable")[:TOPK]
             top, tch = top[order], tch[order]
         return TensorStats(float(clo.min()), float(chi.max()), smp.astype(np.float32), clo, chi, self.sample_chan, ms,
-                           top, tch, self.count)
+                           top, tch, self.count, self.chan_axis)
 
 
-def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """An .npz keyed by input names, or a folder of such .npz files (concatenated on axis 0)."""
+class CalibFiles(list):
+    """What ``load_calibration`` gives for a folder: ``[(file, {input name: array})]`` in name order
+    (each file is one sample, or one batch / stack of samples, by the rule in the module docstring)."""
+
+
+def load_calibration(path) -> "dict[str, np.ndarray] | CalibFiles":
+    """An .npz keyed by input names (a dict), or a folder of such .npz files (a ``CalibFiles``: one
+    sample or batch per file, combined by ``calibration_set``).  Data already loaded passes through."""
+    if isinstance(path, (dict, CalibFiles)):
+        return path
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"{p}: calibration data not found (give an .npz keyed by input names, or a folder of them)")
     files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
     if not files:
         raise CalibrationError(f"{p}: the folder holds no .npz files")
-    parts: dict[str, list[np.ndarray]] = {}
+    parts = CalibFiles()
     for f in files:
         try:
             with np.load(f, allow_pickle=False) as z:
-                for k in z.files:
-                    parts.setdefault(k, []).append(z[k])
+                parts.append((f, {k: z[k] for k in z.files}))
         except Exception as e:
             raise CalibrationError(f"{f}: not a readable .npz file ({type(e).__name__})") from None
-    try:
-        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
-    except ValueError as e:
-        raise CalibrationError(f"{p}: calibration files disagree in shape ({e})") from None
+    return parts[0][1] if not p.is_dir() else parts
+
+
+# ---- which axis holds the samples: the rule -----------------------------------------------------
+
+@dataclass
+class CalibSet:
+    """Calibration samples checked against the model's declared inputs (``calibration_set``).
+
+    ``arrays[name]`` holds the input's samples on a new axis 0: ``[count, *one sample]`` where one
+    sample is the compiled input shape without its batch axis (``axes[name]``), or the whole compiled
+    shape for an input without one.  ``count`` is ``n`` or 1 (one value shared by every sample)."""
+    arrays: dict[str, np.ndarray]
+    axes: dict[str, int | None]
+    shapes: dict[str, tuple[int, ...]]   # compiled input shapes (declared dims, batch, the samples' sizes)
+    batch: int                           # samples per run of the compiled model
+    n: int                               # number of samples
+
+    def feeds(self, start: int) -> dict[str, np.ndarray]:
+        """Samples start .. start + batch - 1 (wrapping around) at the compiled shapes."""
+        idx = np.arange(start, start + self.batch) % self.n
+        out = {}
+        for k, a in self.arrays.items():
+            j = idx if len(a) > 1 else np.zeros_like(idx)
+            ax = self.axes[k]
+            out[k] = np.require(a[j[0]] if ax is None else np.moveaxis(a[j], 0, ax), requirements="C")  # keeps 0-d
+        return out
+
+
+def _shape_text(dims) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _expected(spec, ax: int | None, fixed_batch: bool = False) -> str:
+    d = list(spec.shape)
+    if ax is None:
+        return (f"{_shape_text(d)} for one sample or {_shape_text(['N'] + d)} for N samples"
+                if d else "a scalar for one value shared by all samples or (N,) for N samples")
+    one = [("N" if k == ax else x) for k, x in enumerate(d)]
+    what = "the batch" if not fixed_batch else f"a fixed batch of {d[ax]}"
+    return (f"{_shape_text(one)} with N samples along axis {ax} ({what}), a stack "
+            f"{_shape_text(['S'] + one)} of such arrays, or {_shape_text(d[:ax] + d[ax + 1:])} for one sample")
+
+
+def calibration_set(data, specs, batch: int = 1, where: str = "calibration data") -> CalibSet:
+    """Check calibration data against the model's declared inputs and decide, per input, which axis
+    holds the samples, the compiled input shapes and the batch.
+
+    The rule (the model's declared input rank decides; ``frontend.batch_axis`` says which axis is a
+    batch axis):
+      * an input with a batch axis (a symbolic first dim named like a batch -- N, batch, batch_size,
+        unk__3, ? -- or that same dim declared on another axis, as silero-vad's state [2, batch, 128]):
+        an array of the declared rank holds its samples along that axis (today's [N, 3, 224, 224]);
+        an array of rank + 1 is a stack of such arrays (their samples concatenated); an array of
+        rank - 1 is one sample without its batch axis;
+      * an input whose first dim is a fixed F: an array of exactly the declared shape is ONE sample
+        (a state [2, 1, 128] is never split); an array of the declared rank whose first axis differs
+        holds samples along that axis, F per run (a fixed batch, e.g. [1, 3, 224, 224] given
+        [8, 3, 224, 224]; F > 1 then sets the batch);
+      * any other input (a scalar, a [time, features] stream, a graph's [num_nodes, 85]): an array of
+        the declared rank is ONE sample; rank + 1 is a stack of samples along a new axis 0;
+      * an input given as one sample while the others give N is shared by all N samples (a scalar
+        sample rate, an initial state); otherwise every input gives the same N;
+      * a folder of .npz files: each file is read by the same rule, the samples concatenated in file
+        name order.
+    The compiled shapes come from the declared dims, never from the number of samples: the batch axis
+    gets ``batch`` (a fixed batch its declared size), other symbolic dims (time, sequence) the samples'
+    size, which must then agree across samples and across inputs declaring the same dim name.  An
+    input without a batch axis given per sample can only be calibrated at batch 1."""
+    from .frontend import batch_axis, batch_dim_names
+
+    parts = list(data) if isinstance(data, CalibFiles) else [(None, data)]
+    names = [s.name for s in specs]
+    bnames = batch_dim_names(specs)
+    axes = {s.name: batch_axis(s, bnames) for s in specs}
+    fixed: dict[str, int] = {}          # inputs read as a fixed batch of their declared first dim
+    sym: dict[tuple[str, int], tuple[int, str]] = {}   # (input, axis) -> (size, where) of symbolic non-batch dims
+    per_input: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
+    for f, part in parts:
+        w = where if f is None else f"{where} ({Path(f).name})"
+        missing = [n for n in names if n not in part]
+        if missing:
+            raise CalibrationError(f"{w} lacks input(s) {missing}; the model's inputs are {names}")
+        extra = [k for k in part if k not in names]
+        if extra:
+            raise CalibrationError(f"{w} has key(s) {extra} that are not model inputs {names}")
+        for s in specs:  # a fixed first dim given another size in some file: a fixed batch (samples on axis 0)
+            a, r = np.asarray(part[s.name]), len(s.shape)
+            if (axes[s.name] is None and r and isinstance(s.shape[0], int) and a.ndim == r and a.shape[0] != s.shape[0]
+                    and all(isinstance(d, str) or a.shape[k] == d for k, d in enumerate(s.shape) if k)):
+                fixed[s.name] = s.shape[0]
+    for s in fixed:
+        axes[s] = 0
+    for f, part in parts:
+        w = where if f is None else f"{where} ({Path(f).name})"
+        counts = {}
+        arrays = {}
+        for s in specs:
+            a = np.asarray(part[s.name])
+            r = len(s.shape)
+            ax = axes[s.name]
+            bad = (f"{w}: input '{s.name}' (declared shape {_shape_text(s.shape)}) got an array of shape "
+                   f"{_shape_text(a.shape)}; expected {_expected(s, ax, s.name in fixed)}")
+            if ax is not None and a.ndim == r - 1 and s.name not in fixed:
+                a = np.expand_dims(a, ax)  # one sample without its batch axis
+            if a.ndim not in (r, r + 1):
+                raise CalibrationError(bad)
+            if ax is None:
+                smp = a[None] if a.ndim == r else a
+            else:
+                if a.ndim == r:
+                    smp = np.moveaxis(a, ax, 0)
+                else:  # a stack of batches: their samples in order
+                    st = np.moveaxis(a, ax + 1, 1)
+                    smp = st.reshape((-1,) + st.shape[2:])
+            one = smp.shape[1:]
+            dims = [d for k, d in enumerate(s.shape) if k != ax]
+            for k, d in enumerate(dims):
+                if isinstance(d, int) and one[k] != d:
+                    raise CalibrationError(f"{bad} (dim {k if ax is None or k < ax else k + 1} must be {d})")
+            if s.dtype.startswith("float"):
+                if not np.issubdtype(smp.dtype, np.floating):
+                    raise CalibrationError(f"{w}: input '{s.name}' is {smp.dtype}; the model expects {s.dtype}")
+                if not np.all(np.isfinite(smp)):
+                    raise CalibrationError(f"{w}: input '{s.name}' contains NaN or Inf values; remove those samples")
+            elif not np.issubdtype(smp.dtype, np.integer) and smp.dtype != np.bool_:
+                raise CalibrationError(f"{w}: input '{s.name}' is {smp.dtype}; the model expects {s.dtype}")
+            arrays[s.name] = smp.astype(s.dtype, copy=False)
+            counts[s.name] = len(smp)
+            for k, d in enumerate(s.shape):
+                if isinstance(d, str) and k != ax:
+                    size = one[k if ax is None or k < ax else k - 1]
+                    prev = sym.setdefault((s.name, k), (size, w))
+                    if prev[0] != size:
+                        raise CalibrationError(
+                            f"{where}: input '{s.name}' has samples of different sizes in its symbolic dim {k} "
+                            f"('{d}'): {prev[0]} ({prev[1]}) vs {size} ({w}); the library is compiled for one size, "
+                            "so give samples of equal size (pad or crop them)")
+        n_part = max(counts.values())
+        odd = {k: c for k, c in counts.items() if c not in (1, n_part)}
+        if odd:
+            raise CalibrationError(f"{w}: inputs disagree in the number of samples ("
+                                   + ", ".join(f"'{k}' {c}" for k, c in counts.items())
+                                   + "); give every input the same number, or one value to share")
+        for k, a in arrays.items():
+            if len(parts) > 1 and counts[k] == 1 and n_part > 1:
+                a = np.repeat(a, n_part, axis=0)   # shared within this file; other files may differ
+            per_input[k].append(a)
+    arrays = {}
+    for s in specs:
+        a = per_input[s.name]
+        a = a[0] if len(a) == 1 else np.concatenate(a)
+        if axes[s.name] is None and len(a) > 1 and np.all(a == a[:1]):
+            a = a[:1]  # the same value for every sample: one shared value
+        arrays[s.name] = a
+    n = max(len(a) for a in arrays.values()) if arrays else 0
+    odd = {k: len(a) for k, a in arrays.items() if len(a) not in (1, n)}
+    if odd:
+        raise CalibrationError(f"{where}: inputs disagree in the number of samples ("
+                               + ", ".join(f"'{k}' {len(a)}" for k, a in arrays.items()) + ")")
+    if not n or any(len(a) == 0 for a in arrays.values()):
+        empty = [k for k, a in arrays.items() if len(a) == 0]
+        raise CalibrationError(f"{where} holds no samples" + (f" of input(s) {empty}" if empty else ""))
+    # symbolic dims declared under one name are one size
+    named: dict[str, tuple[int, str]] = {}
+    for s in specs:
+        for k, d in enumerate(s.shape):
+            if isinstance(d, str) and d != "?" and (s.name, k) in sym:
+                size = sym[(s.name, k)][0]
+                prev = named.setdefault(d, (size, s.name))
+                if prev[0] != size:
+                    raise CalibrationError(f"{where}: inputs '{prev[1]}' and '{s.name}' declare the same dim '{d}' "
+                                           f"but their samples give it sizes {prev[0]} and {size}")
+    # the batch
+    fb = fixed
+    if len(set(fb.values())) > 1:
+        raise CalibrationError(f"{where}: inputs " + ", ".join(f"'{k}' (fixed batch {v})" for k, v in fb.items())
+                               + " disagree in the batch they declare")
+    if fb:
+        k, b = next(iter(fb.items()))
+        if batch not in (1, b):
+            raise ModelError(f"input '{k}' has a fixed batch of {b}; --batch {batch} is impossible for this model")
+        batch = b
+    elif batch > 1 and not any(ax is not None for ax in axes.values()):
+        raise ModelError(f"the model declares no batch axis (inputs "
+                         + ", ".join(f"'{s.name}' {_shape_text(s.shape)}" for s in specs)
+                         + f"); --batch {batch} is impossible, compile with --batch 1")
+    if batch > 1:
+        for s in specs:
+            if axes[s.name] is None and len(arrays[s.name]) > 1:
+                raise CalibrationError(f"{where}: input '{s.name}' (declared shape {_shape_text(s.shape)}) has no "
+                                       f"batch axis, so its {len(arrays[s.name])} per-sample values cannot run "
+                                       f"{batch} at a time; compile with --batch 1 or give one value shared by all "
+                                       "samples")
+    shapes = {}
+    for s in specs:
+        ax = axes[s.name]
+        one = list(arrays[s.name].shape[1:])
+        shapes[s.name] = tuple(one) if ax is None else tuple(one[:ax] + [batch] + one[ax:])
+    return CalibSet(arrays, axes, shapes, batch, n)
 
 
 def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration data") -> dict[str, np.ndarray]:
-    """Validate names, ranks, dtypes and finiteness against the model's declared inputs."""
+    """Legacy form (first axis of every array = samples): validate names, ranks, dtypes and finiteness
+    against the model's declared inputs.  ``calibration_set`` applies the full rule."""
+    if isinstance(data, CalibFiles):
+        try:
+            data = {k: np.concatenate([p[k] for _, p in data], axis=0) for k in data[0][1]}
+        except (ValueError, KeyError) as e:
+            raise CalibrationError(f"{where}: calibration files disagree in shape or keys ({e})") from None
     names = [s.name for s in specs]
     missing = [n for n in names if n not in data]
     if missing:
@@ -94,7 +321,7 @@ def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration d
     n0 = None
     for s in specs:
         a = np.asarray(data[s.name])
-        if a.ndim != len(s.shape):
+        if a.ndim != len(s.shape) or a.ndim == 0:
             raise CalibrationError(f"{where}: input '{s.name}' has shape {a.shape}; the model expects rank "
                                    f"{len(s.shape)} {tuple(s.shape)} (first axis = samples)")
         for k, d in enumerate(s.shape):
@@ -118,13 +345,22 @@ def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration d
     return out
 
 
-def check_memory(graph, tensors: list[str], data: dict[str, np.ndarray], batch: int) -> None:
+def _as_set(data, batch: int) -> CalibSet:
+    """A legacy dict (first axis = samples, every input batched on axis 0) as a ``CalibSet``."""
+    if isinstance(data, CalibSet):
+        return data
+    n = next(iter(data.values())).shape[0]
+    return CalibSet(dict(data), {k: 0 for k in data}, {k: (batch,) + v.shape[1:] for k, v in data.items()}, batch, n)
+
+
+def check_memory(graph, tensors: list[str], data: "CalibSet | dict[str, np.ndarray]", batch: int) -> None:
     """Refuse (one line, ResourceError) a calibration whose tensors of one batch cannot be held together."""
     from .frontend import check_memory as check, tensor_bytes
 
     sizes = {t: tensor_bytes(graph.shapes[t], graph.dtypes.get(t, "float32")) for t in tensors if t in graph.shapes}
     shapes = {i: tuple(graph.shapes[i]) for i in graph.inputs if i in graph.shapes}
-    feeds = sum(tensor_bytes((batch,) + v.shape[1:], str(v.dtype)) for v in data.values())
+    cs = _as_set(data, batch)
+    feeds = sum(tensor_bytes(cs.shapes[k], str(v.dtype)) for k, v in cs.arrays.items())
     # onnxruntime's buffers and the returned copies: twice the exposed tensors
     check({k: 2 * v for k, v in sizes.items()}, f"calibration (batch {batch})", shapes, extra=feeds)
 
@@ -139,12 +375,14 @@ def _ort_failure(e: Exception, start: int | None, model: onnx.ModelProto | None 
                       "calibration data")
 
 
-def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[str],
+def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", tensors: list[str],
             batch: int, seed: int = 0) -> dict[str, TensorStats]:
-    """Run ``model`` (frozen to ``batch``) over ``data`` and gather stats of ``tensors``."""
+    """Run ``model`` (frozen to the compiled shapes) over ``data`` (a ``CalibSet``, or a legacy dict whose
+    arrays hold the samples on axis 0, run ``batch`` at a time) and gather stats of ``tensors``."""
     rep = progress.get()
-    inputs = [t for t in tensors if t in data]
-    tensors = [t for t in tensors if t not in data]
+    data = _as_set(data, batch)
+    inputs = [t for t in tensors if t in data.arrays]
+    tensors = [t for t in tensors if t not in data.arrays]
     try:
         sess = session(expose(model, tensors))
     except Exception as e:
@@ -152,7 +390,7 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
         if err is e:
             raise
         raise err from None
-    n = next(iter(data.values())).shape[0]
+    n, batch = data.n, data.batch
     import onnxruntime as ort
 
     quiet = ort.RunOptions()
@@ -162,6 +400,7 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
     hi = {t: -np.inf for t in tensors + inputs}
     samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
     chans: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
+    shapes_seen: dict[str, tuple] = {}
     clo: dict[str, np.ndarray] = {}
     chi: dict[str, np.ndarray] = {}
     csq: dict[str, np.ndarray] = {}
@@ -171,8 +410,7 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
     chunks = range(0, n, batch)
     per_batch = max(RESERVOIR // max(len(chunks), 1), 256)
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
-        idx = np.arange(start, start + batch) % n  # the last chunk repeats samples (ranges unaffected)
-        feeds = {k: v[idx] for k, v in data.items()}
+        feeds = data.feeds(start)  # the last chunk repeats samples (ranges unaffected)
         try:
             outs = sess.run(tensors, feeds, quiet) + [feeds[t] for t in inputs]
         except Exception as e:
@@ -191,21 +429,25 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
                 # +-Inf from an explicit fill (masked_fill(-inf)): the range is the finite values'
                 # (an infinite element saturates to the integer dtype's end)
                 v = np.clip(v, v[fin].min(), v[fin].max())
+            shapes_seen[t] = v.shape
             lo[t] = min(lo[t], float(v.min()))
             hi[t] = max(hi[t], float(v.max()))
+            cax = channel_axis(v.ndim)
+            cstride = int(np.prod(v.shape[cax + 1:])) if cax >= 0 else 1   # flat index -> channel: (i // cstride) % C
             if v.ndim >= 2:
-                c = v.shape[-1]
-                vlo, vhi = v.reshape(-1, c).min(axis=0), v.reshape(-1, c).max(axis=0)
+                vc = np.moveaxis(v, cax, -1)
+                c = vc.shape[-1]
+                vlo, vhi = vc.reshape(-1, c).min(axis=0), vc.reshape(-1, c).max(axis=0)
                 clo[t] = np.minimum(clo[t], vlo) if t in clo else vlo
                 chi[t] = np.maximum(chi[t], vhi) if t in chi else vhi
-                sq = np.square(v.reshape(-1, c), dtype=np.float64).sum(axis=0)
+                sq = np.square(vc.reshape(-1, c), dtype=np.float64).sum(axis=0)
                 csq[t] = csq[t] + sq if t in csq else sq
                 crows[t] = crows.get(t, 0) + v.size // c
             flat = v.reshape(-1)
             a = np.abs(flat.astype(np.float64))
             k = min(TOPK, a.size)
             sel = np.argpartition(-a, k - 1)[:k] if a.size > k else np.arange(a.size)
-            ch = (sel % v.shape[-1]) if v.ndim >= 2 else np.zeros(len(sel), np.int64)
+            ch = (sel // cstride % v.shape[cax]) if v.ndim >= 2 else np.zeros(len(sel), np.int64)
             if t in tops:
                 a_old, c_old = tops[t]
                 av, cv = np.concatenate([a_old, a[sel]]), np.concatenate([c_old, ch])
@@ -220,19 +462,26 @@ def collect(model: onnx.ModelProto, data: dict[str, np.ndarray], tensors: list[s
                 flat = flat[idx]
             samples[t].append(flat.astype(np.float32))
             if v.ndim >= 2:
-                chans[t].append((idx % v.shape[-1]).astype(np.int32))
+                chans[t].append((idx // cstride % v.shape[cax]).astype(np.int32))
     out = {}
     for t in tensors + inputs:
         if not np.isfinite(lo[t]):
             continue
         smp = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
         per = t in clo and len(chans[t]) == len(samples[t])
+        rank = len(shapes_seen.get(t, ())) if t in shapes_seen else 0
         out[t] = TensorStats(lo[t], hi[t], smp, clo.get(t) if per else None, chi.get(t) if per else None,
                              np.concatenate(chans[t]) if per else None,
                              csq[t] / max(crows[t], 1) if per else None,
                              tops[t][0] if t in tops else None, tops[t][1] if (t in tops and per) else None,
-                             count.get(t, 0))
+                             count.get(t, 0), channel_axis(rank) if per else -1)
     return out
+
+
+def channel_axis(rank: int) -> int:
+    """The axis whose per-channel statistics are recorded: 1 for NCHW activations (rank 4: what a
+    conv reads), the last axis otherwise (what a Dense reads)."""
+    return 1 if rank == 4 else -1
 
 
 def clip_range(st: TensorStats, nonneg: bool, method: str, percentile: float = 99.99, bits: int = 8) -> tuple[float, float]:
