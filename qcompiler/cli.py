@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cpu", help="cpu (this host, LLVM) or cuda")
     c.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90; for --target cpu an LLVM CPU name (default: this host's)")
     c.add_argument("--precision", default="int8", help="int8 (default)")
-    c.add_argument("--calib", default=None, help=".npz keyed by input names (first axis = samples), or a folder of them")
+    c.add_argument("--calib", default=None, help=".npz keyed by input names, or a folder of them (which axis holds the samples: README, --calib)")
     c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"])
     c.add_argument("--batch", type=int, default=1, help="batch size the library is compiled for (default 1)")
     c.add_argument("--io", default="float", choices=["float", "int"],
