@@ -40,7 +40,7 @@ _INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDe
 # ops that pass canonicalization unchanged (their attribute forms are already canonical)
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
          "HardSigmoid", "HardSwish", "LayerNormalization", "Equal", "Less", "Greater", "LessOrEqual",
-         "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where"} | _ELEMENTWISE_FLOAT_UNARY
+         "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where", "Mod", "Abs"} | _ELEMENTWISE_FLOAT_UNARY
 
 
 ISLAND_MARK = "qc.float_island"   # attribute of a node kept for a float island (qcompiler/intops/island.py)
@@ -205,6 +205,8 @@ class Canonicalizer:
 
     def _minmax(self, n: Node):
         """Max/Min of activations and constants: constants become the clamp of the result."""
+        if self._int(n.outputs[0]):
+            return [n]
         acts = [i for i in n.inputs if i and i not in self.g.consts]
         consts = [self.c(i) for i in n.inputs if i in self.g.consts]
         if any(c.size != 1 for c in consts):
@@ -244,14 +246,20 @@ class Canonicalizer:
         nb = self.g.add_const(self.g.fresh(n.inputs[1] + "_neg"), (-b).astype(b.dtype))
         return [Node("Add", n.name, [n.inputs[0], nb], n.outputs)]
 
+    def _int(self, t: str) -> bool:
+        dt = self.g.dtypes.get(t, "")
+        return dt.startswith("int") or dt.startswith("uint")
+
     def op_Div(self, n: Node):
         b = self.c(n.inputs[1])
-        if b is None:
+        if b is None or self._int(n.outputs[0]):  # integer division stays a division (intops/intdata.py)
             return [n]
         rb = self.g.add_const(self.g.fresh(n.inputs[1] + "_recip"), (1.0 / b.astype(np.float64)).astype(b.dtype))
         return [Node("Mul", n.name, [n.inputs[0], rb], n.outputs)]
 
     def op_Neg(self, n: Node):
+        if self._int(n.outputs[0]):
+            return [n]
         m1 = self.g.add_const(self.g.fresh(n.name + "_m1"), np.float32(-1))
         return [Node("Mul", n.name, [n.inputs[0], m1], n.outputs)]
 

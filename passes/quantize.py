@@ -32,6 +32,7 @@ from qcompiler.calibrate import TensorStats, clip_range
 from qcompiler.errors import QuantizationError, UnsupportedOpError
 from qcompiler.graph import Graph, Node
 from qcompiler.intops import CHECKS, RULES
+from qcompiler.intops.intdata import int_data_rule, is_int_data
 from qcompiler.intops import island as _island
 from qcompiler.qtypes import QParams, activation_qparams, int_range
 
@@ -74,6 +75,8 @@ def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
     """Every (op, node, why) the quantizer cannot handle, found before any work is done."""
     bad = []
     for n in fg.nodes:
+        if is_int_data(fg, n):
+            continue
         if n.op not in RULES:
             bad.append((n.op, n.name, ""))
             continue
@@ -248,6 +251,8 @@ class Quantizer:
         for n in fg.nodes:
             if n.name in self.islands:
                 _island.emit_island(self, n, self.islands[n.name])
+            elif is_int_data(fg, n):  # exact integer arithmetic (qcompiler/intops/intdata.py)
+                int_data_rule(self, n)
             else:
                 RULES[n.op](self, n)
         for o in fg.outputs:

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from . import intops
+from .intops.intdata import INT_OPS, IntArithOp, is_int_data
 from .intops.pool import windows
 from .graph import Graph, Node
 
@@ -65,6 +66,9 @@ def run_node(n: Node, g: Graph, env: dict) -> np.ndarray:
     x = [env[i] if i in env else g.consts.get(i) for i in n.inputs]
     a = n.attrs
     op = n.op
+    if is_int_data(g, n):  # integer arithmetic is exact: the integer op is its own float semantics
+        a = {"mode": INT_OPS[op], "dtype": g.dtypes[n.outputs[0]], "fmod": int(a.get("fmod", 0))}
+        return IntArithOp.reference(*[np.asarray(v) for v in x], a)
     if op in intops.FLOAT_REFS:
         return intops.FLOAT_REFS[op](x, n)
     if op == "Conv":

@@ -12,4 +12,4 @@ registers all of them.
 
 from .registry import CHECKS, FLOAT_REFS, REGISTRY, RULES, Example, IntOp, float_ref, get, register, rule  # noqa: F401
 
-from . import boundary, compare, elementwise, gemm, island, nonlinear, pool, resample, shape, softmax, transformer  # noqa: E402,F401
+from . import boundary, compare, elementwise, gemm, intdata, island, nonlinear, pool, resample, shape, softmax, transformer  # noqa: E402,F401

@@ -174,8 +174,11 @@ def compare(qz: Quantizer, n):
         bi, mb = _const_operand(qz, n, "c", np.round(C).astype(np.int64), "int64"), np.int64(1)
     else:
         sb = _scale(qz, b)
-        ref = max(sa, sb)
-        (ma, mb), s = dyadic_common([sa / ref, sb / ref], f"node '{n.name}'")
+        if qz.iname(a) not in qz.ig.qparams and qz.iname(b) not in qz.ig.qparams:
+            ma = mb = np.int64(1)  # two integer data tensors: compared as they are
+        else:
+            ref = max(sa, sb)
+            (ma, mb), s = dyadic_common([sa / ref, sb / ref], f"node '{n.name}'")
         bi = qz.iname(b)
     qz.emit("compare", [qz.iname(a), bi], out, {"mode": mode, "mult_a": ma, "mult_b": mb},
             "uint8", qz.fg.shape(out), None, out, node_name=n.name)

@@ -179,7 +179,7 @@ def hard_swish(qz: Quantizer, n):
 
 # ---- unary functions as lookup tables (8-bit inputs) -------------------------------------------
 UNARY = ("Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Softsign", "Elu", "Selu", "Celu",
-         "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Round", "Floor", "Ceil", "Sign", "Pow")
+         "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Round", "Floor", "Ceil", "Sign", "Pow", "Mod")
 
 
 def _eval_unary(n, x: np.ndarray, consts: dict | None = None) -> np.ndarray:
@@ -201,10 +201,10 @@ def _eval_unary(n, x: np.ndarray, consts: dict | None = None) -> np.ndarray:
 
 
 def _pow_check(g, n):
-    return None if len(n.inputs) > 1 and n.inputs[1] in g.consts else "the exponent must be a constant"
+    return None if len(n.inputs) > 1 and n.inputs[1] in g.consts else "the second operand must be a constant"
 
 
-@rule(*UNARY, check=lambda g, n: _pow_check(g, n) if n.op == "Pow" else None)
+@rule(*UNARY, check=lambda g, n: _pow_check(g, n) if n.op in ("Pow", "Mod") else None)
 def unary_lut(qz: Quantizer, n):
     x, out = n.inputs[0], n.outputs[0]
     qx = qz.qp(x)

@@ -219,3 +219,22 @@ def test_bool_mask_input_and_logic_with_constants():
     rng = np.random.default_rng(7)
     calib = {"x": rng.standard_normal((8, 6, 8)).astype(np.float32), "mask": rng.random((8, 6, 8)) > 0.3}
     check_pipeline(m, calib, min_cos=0.97)
+
+
+def test_integer_data_arithmetic_and_float_mod():
+    """int64 widths / positions computed exactly (Add, Sub, Div, Mod, Neg, Max -> Equal -> Cast) beside a
+    float Mod by a constant (a table)."""
+    nodes = [helper.make_node("Add", ["w", "c3"], ["a"]), helper.make_node("Div", ["a", "c4"], ["d"]),
+             helper.make_node("Mod", ["d", "c5"], ["m"]), helper.make_node("Neg", ["m"], ["nm"]),
+             helper.make_node("Max", ["nm", "w"], ["mx"]), helper.make_node("Equal", ["mx", "w"], ["eq"]),
+             helper.make_node("Cast", ["eq"], ["eqf"], to=TensorProto.FLOAT),
+             helper.make_node("Mod", ["x", "fm"], ["xm"], fmod=1),
+             helper.make_node("Add", ["xm", "eqf"], ["y"])]
+    inits = [tensor("c3", np.int64(3)), tensor("c4", np.int64(-4)), tensor("c5", np.int64(5)),
+             tensor("fm", np.float32(0.7))]
+    m = make_model(nodes, [("x", [1, 6]), ("w", [1, 6], TensorProto.INT64)], [("y", None), ("d", None, TensorProto.INT64)],
+                   inits)
+    rng = np.random.default_rng(3)
+    calib = {"x": rng.standard_normal((8, 6)).astype(np.float32), "w": rng.integers(-40, 40, (8, 6)).astype(np.int64)}
+    prep, tv, ref = check_pipeline(m, calib, min_cos=0.97)
+    assert "int_arith" in {n.op for n in prep.int_graph.nodes}
