@@ -8,6 +8,7 @@ keyed by them); a new tensor is only introduced inside a pure data-movement chai
   Pow(x, 1) -> x; Pow(x, 2) -> Mul(x, x); Pow(x, 0.5) -> Sqrt(x); Pow(x, other constant) kept (a table)
   Max/Min(activations, constants) -> Max/Min of <= 2 activations with the constants as clamp, or Clip
   Sub(x, c) -> Add(x, -c); Div(x, c) -> Mul(x, 1/c); Neg(x) -> Mul(x, -1)
+  Add/Sub/Mul/Div(x, c) with an output larger than x: x expanded to it first (a Gather)
   Identity / Dropout / Cast(float->float) -> removed; Cast(int->float) kept (integer data such as masks)
   Gather(const table, activation indices, axis 0) -> Embedding(ids; table)
   Div(x, activation) kept (integer division by a positive activation, e.g. a mean over a mask)
@@ -231,7 +232,37 @@ class Canonicalizer:
         slope = self.g.add_const(self.g.fresh(n.name + "_slope"), np.float32(n.attrs.get("alpha", 0.01)))
         return [Node("PRelu", n.name, [n.inputs[0], slope], n.outputs)]
 
+    def _expand_activation(self, n: Node) -> list[Node]:
+        """An elementwise op of an activation and a constant whose output is larger than the
+        activation (x [1, 1, D] * c [1, S, D]): the activation is expanded to the output shape first
+        (data movement), so the op is an elementwise affine map.  Rewrites ``n.inputs``; returns the
+        nodes that go before ``n``."""
+        out_shape = self.g.shape(n.outputs[0])
+        acts = [k for k, i in enumerate(n.inputs) if i and i not in self.g.consts]
+        if len(acts) != 1 or len(n.inputs) != 2 or self._int(n.outputs[0]):
+            return []
+        k = acts[0]
+        x = n.inputs[k]
+        if tuple(self.g.shape(x)) == tuple(out_shape):
+            return []
+        xe = self.g.fresh(x + "/expand")
+        self.g.shapes[xe], self.g.dtypes[xe] = tuple(out_shape), self.g.dtypes[x]
+        shape_c = self.g.add_const(self.g.fresh(n.name + "_shape"), np.asarray(out_shape, np.int64))
+        pre = self.op_index(Node("Expand", n.name + "/expand", [x, shape_c], [xe]))
+        n.inputs = [xe if j == k else i for j, i in enumerate(n.inputs)]
+        return pre
+
+    def op_Add(self, n: Node):
+        return self._expand_activation(n) + [n]
+
+    def op_Mul(self, n: Node):
+        return self._expand_activation(n) + [n]
+
     def op_Sub(self, n: Node):
+        pre = self._expand_activation(n)
+        return pre + self._sub(n)
+
+    def _sub(self, n: Node):
         b = self.c(n.inputs[1])
         a = self.c(n.inputs[0])
         if b is None and a is not None:  # c - x -> Add(Mul(x, -1), c); the affine merge fuses the pair
@@ -251,11 +282,12 @@ class Canonicalizer:
         return dt.startswith("int") or dt.startswith("uint")
 
     def op_Div(self, n: Node):
+        pre = self._expand_activation(n)
         b = self.c(n.inputs[1])
         if b is None or self._int(n.outputs[0]):  # integer division stays a division (intops/intdata.py)
-            return [n]
+            return pre + [n]
         rb = self.g.add_const(self.g.fresh(n.inputs[1] + "_recip"), (1.0 / b.astype(np.float64)).astype(b.dtype))
-        return [Node("Mul", n.name, [n.inputs[0], rb], n.outputs)]
+        return pre + [Node("Mul", n.name, [n.inputs[0], rb], n.outputs)]
 
     def op_Neg(self, n: Node):
         if self._int(n.outputs[0]):

@@ -238,3 +238,14 @@ def test_integer_data_arithmetic_and_float_mod():
     calib = {"x": rng.standard_normal((8, 6)).astype(np.float32), "w": rng.integers(-40, 40, (8, 6)).astype(np.int64)}
     prep, tv, ref = check_pipeline(m, calib, min_cos=0.97)
     assert "int_arith" in {n.op for n in prep.int_graph.nodes}
+
+
+def test_constant_operand_broadcasting_the_activation_up():
+    """x [1, 1, 8] + pos [1, 5, 8] (a learned positional table added to a pooled vector), then * c."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "pos"], ["a"]),
+             helper.make_node("Mul", ["a", "c"], ["y"])]
+    inits = [tensor("W", (R.standard_normal((8, 8)) * 0.5).astype(np.float32)),
+             tensor("pos", (R.standard_normal((1, 5, 8)) * 0.5).astype(np.float32)),
+             tensor("c", (R.standard_normal((2, 1, 1, 1)) + 1).astype(np.float32))]
+    m = make_model(nodes, [("x", [1, 1, 8])], [("y", None)], inits)
+    check_pipeline(m, x_data((1, 1, 8)))
