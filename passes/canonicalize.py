@@ -315,6 +315,9 @@ class Canonicalizer:
             return self._alias(n)
         if (src.startswith("int") or src.startswith("uint") or src == "bool") and dst.startswith("float"):
             return [Node("Cast", n.name, n.inputs[:1], n.outputs, {"to": dst})]  # integer data (masks) -> quantizer
+        if (src.startswith("int") or src.startswith("uint") or src == "bool") and \
+                (dst.startswith("int") or dst.startswith("uint")):  # integer data: exact (intops/intdata.py)
+            return [Node("Cast", n.name, n.inputs[:1], n.outputs, {"to": dst})]
         self.problems.append(("Cast", n.name, f"{self.g.dtypes.get(n.inputs[0])} -> {self.g.dtypes.get(n.outputs[0])}"))
         return [n]
 

@@ -10,6 +10,7 @@ output's own dtype (wrapping on overflow as onnxruntime's does):
                       and gives 0 here
   mod (fmod = 0)      a - floor(a / b) * b (the sign of b);  fmod = 1: a - trunc(a / b) * b
   max, min, neg, abs
+  cast                x in another integer dtype (bool -> 0 / 1; narrowing wraps, as ONNX's Cast)
 Constant operands are integer constants of the graph.
 """
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from passes.quantize import Quantizer
 
 INT_OPS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Mod": "mod", "Max": "max", "Min": "min",
-           "Neg": "neg", "Abs": "abs"}
+           "Neg": "neg", "Abs": "abs", "Cast": "cast"}
 
 
 def _is_int(dt: str) -> bool:
@@ -39,7 +40,9 @@ def is_int_data(g, n) -> bool:
     """Whether float-graph node ``n`` is integer arithmetic (every input and output an integer tensor)."""
     if n.op not in INT_OPS or not n.outputs or not all(_is_int(g.dtypes.get(o, "")) for o in n.outputs):
         return False
-    return all(_is_int(str(g.consts[i].dtype) if i in g.consts else g.dtypes.get(i, "")) for i in n.inputs if i)
+    ok = ("bool",) if n.op == "Cast" else ()
+    return all(_is_int(dt) or dt in ok
+               for dt in (str(g.consts[i].dtype) if i in g.consts else g.dtypes.get(i, "") for i in n.inputs if i))
 
 
 def int_data_rule(qz: Quantizer, n) -> None:
@@ -75,7 +78,7 @@ class IntArithOp(IntOp):
     """Integer arithmetic of the module docstring, in ``dtype`` (wrapping as onnxruntime's).  No
     quantization step to bound: the values are the model's own integers."""
     name = "int_arith"
-    attrs = {"mode": "add | sub | mul | div | mod | max | min | neg | abs", "fmod": "mod: 1 = the sign of a",
+    attrs = {"mode": "add | sub | mul | div | mod | max | min | neg | abs | cast", "fmod": "mod: 1 = the sign of a",
              "dtype": "output integer dtype"}
 
     @staticmethod
@@ -84,6 +87,8 @@ class IntArithOp(IntOp):
         dt = a["dtype"]
         x = [np.asarray(v).astype(dt) for v in xs]
         m = a["mode"]
+        if m == "cast":
+            return np.asarray(xs[0]).astype(dt)
         with np.errstate(over="ignore"):
             if m in ("neg", "abs"):
                 return (np.negative(x[0]) if m == "neg" else np.abs(x[0])).astype(dt)
@@ -104,7 +109,8 @@ class IntArithOp(IntOp):
         if len(xs) == 1:
             x = xs[0]
             e = lw.cast(x.expr, dt)
-            e = lw.emit(R.negative(e) if m == "neg" else R.abs(e))
+            if m != "cast":
+                e = lw.emit(R.negative(e) if m == "neg" else R.abs(e))
             return Value(e, x.perm, x.shape, dt)
         x, y = lw.same_perm(*xs)
         ref = x if x.rank >= y.rank else y
@@ -140,4 +146,5 @@ class IntArithOp(IntOp):
                for m, f in (("add", 0), ("sub", 0), ("mul", 0), ("div", 0), ("mod", 0), ("mod", 1), ("max", 0))]
         out.append(Example([("int32", (4,))], {"mode": "neg", "dtype": "int32"}, "int32", ranges={0: (-9, 9)},
                            extreme=False))
+        out.append(Example([("int64", (2, 5))], {"mode": "cast", "dtype": "int32"}, "int32", ranges={0: (-99, 99)}))
         return out

@@ -116,11 +116,46 @@ def check_integer_only(tir: tvm.IRModule, allow_float: bool = False) -> ScanRepo
     return report
 
 
+BUILD_STACK = 1 << 30
+"""Stack of the thread that builds: TVM's passes recurse along the dataflow chain, and a long
+unrolled recurrence (3 bidirectional LSTM layers over 200 steps: ~24k ops) overflowed the main
+thread's 8 MB stack (a segfault)."""
+
+
 def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedule: bool = True,
           allow_float: bool = False) -> BuildResult:
     """Lower, legalize, fuse, schedule, prove integer-only (module docs) and compile ``ig``.
     ``allow_float`` accepts float kernels between the boundaries (float islands) instead of
-    failing; they are listed in ``BuildResult.float_islands``."""
+    failing; they are listed in ``BuildResult.float_islands``.  Runs on a thread with a large
+    stack (``BUILD_STACK``)."""
+    import contextvars
+    import threading
+
+    result: dict = {}
+    ctx = contextvars.copy_context()  # the node the errors name (qcompiler.errors) carries over
+
+    def work():
+        try:
+            result["value"] = _build(ig, target, use_kernels, schedule, allow_float)
+        except BaseException as e:  # re-raised on the calling thread
+            result["error"] = e
+
+    old = threading.stack_size()
+    threading.stack_size(BUILD_STACK)
+    try:
+        t = threading.Thread(target=ctx.run, args=(work,), name="qc-build", daemon=True)
+        t.start()
+    finally:
+        threading.stack_size(old)
+    while t.is_alive():
+        t.join(0.2)  # short joins: Ctrl-C still reaches the calling thread
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bool,
+           allow_float: bool) -> BuildResult:
     rep = progress.get()
     gemm = gemm_for(target, use_kernels)
     with rep.timed("lowering to Relax"):

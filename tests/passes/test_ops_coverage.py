@@ -226,7 +226,9 @@ def test_integer_data_arithmetic_and_float_mod():
     float Mod by a constant (a table)."""
     nodes = [helper.make_node("Add", ["w", "c3"], ["a"]), helper.make_node("Div", ["a", "c4"], ["d"]),
              helper.make_node("Mod", ["d", "c5"], ["m"]), helper.make_node("Neg", ["m"], ["nm"]),
-             helper.make_node("Max", ["nm", "w"], ["mx"]), helper.make_node("Equal", ["mx", "w"], ["eq"]),
+             helper.make_node("Max", ["nm", "w"], ["mx"]), helper.make_node("Cast", ["mx"], ["mx32"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["mx32"], ["mx64"], to=TensorProto.INT64),
+             helper.make_node("Equal", ["mx64", "w"], ["eq"]),
              helper.make_node("Cast", ["eq"], ["eqf"], to=TensorProto.FLOAT),
              helper.make_node("Mod", ["x", "fm"], ["xm"], fmod=1),
              helper.make_node("Add", ["xm", "eqf"], ["y"])]
