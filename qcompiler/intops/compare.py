@@ -14,7 +14,7 @@ Comparisons  (``compare`` op) on real values a*S_a against b*S_b: both sides sca
       values up to the multipliers' 2^-31 relative error.
 Logic  (``logic`` op) on uint8 0/1:  Not = 1 - x, And = min, Or = max, Xor = (a != b).
 Where(c, a, b)  (``where`` op)  y = clip((c ? a*ma : b*mb) + 2^(s-1)) >> s) at the output scale.  A
-      constant branch is quantized at the output scale; a constant far outside the other branch's
+      constant branch (a scalar or a tensor) is quantized at the output scale; a constant far outside the other branch's
       calibrated range (|c| > 2 max|x|, e.g. masked_fill(-inf) or -1e9) would swamp the output's
       range, so the output takes that branch's scale and the constant saturates to the dtype's
       end (qmin or qmax) instead.
@@ -285,9 +285,6 @@ class LogicOp(IntOp):
 def _where_check(g, n):
     if n.inputs[0] in g.consts:
         return "a constant condition"
-    for i in n.inputs[1:]:
-        if i in g.consts and g.consts[i].size != 1:
-            return "a constant branch with more than one value"
     return None
 
 
@@ -299,15 +296,17 @@ def where(qz: Quantizer, n):
     acts = [t for t in (a, b) if t not in consts]
     if not acts:
         raise QuantizationError(f"node '{n.name}' (Where): both branches constant")
-    val = {t: float(np.asarray(consts[t]).reshape(-1)[0]) for t in (a, b) if t in consts}
-    far = [t for t, v in val.items()
-           if not np.isfinite(v) or abs(v) > 2 * max(abs(qz.stats[acts[0]].lo), abs(qz.stats[acts[0]].hi), 1e-30)]
+    val = {t: np.asarray(consts[t], np.float64) for t in (a, b) if t in consts}
+    span = max(abs(qz.stats[acts[0]].lo), abs(qz.stats[acts[0]].hi), 1e-30)
+    far = [t for t, v in val.items() if not np.all(np.isfinite(v)) or np.abs(v).max() > 2 * span]
     qy = qz.qp(acts[0]) if far and len(acts) == 1 else qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     ins, mults = [], []
     for t in (a, b):
         if t in consts:
-            q = np.clip(np.round(val[t] / qy.scale) if np.isfinite(val[t]) else np.sign(val[t]) * np.inf, qy.qmin, qy.qmax)
+            with np.errstate(invalid="ignore"):
+                q = np.clip(np.where(np.isfinite(val[t]), np.round(val[t] / qy.scale), np.sign(val[t]) * np.inf),
+                            qy.qmin, qy.qmax)
             ins.append(_const_operand(qz, n, "branch", q, qy.dtype))
             mults.append(1.0)
         else:

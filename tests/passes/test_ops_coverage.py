@@ -210,11 +210,12 @@ def test_bool_mask_input_and_logic_with_constants():
     nodes = [helper.make_node("MatMul", ["x", "Wq"], ["s"]),
              helper.make_node("Not", ["mask"], ["pad"]),
              helper.make_node("And", ["pad", "on"], ["pad2"]),
-             helper.make_node("Where", ["pad2", "big", "s"], ["y"]),
+             helper.make_node("Where", ["pad2", "big", "s"], ["y0"]),
+             helper.make_node("Where", ["mask", "y0", "bias"], ["y"]),
              helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
              helper.make_node("Add", ["y", "mf"], ["z"])]
     inits = [tensor("Wq", (R.standard_normal((8, 8)) * 0.5).astype(np.float32)), tensor("on", np.array(True)),
-             tensor("big", np.float32(-0.5))]
+             tensor("big", np.float32(-0.5)), tensor("bias", (R.standard_normal((6, 8)) * 0.3).astype(np.float32))]
     m = make_model(nodes, [("x", [1, 6, 8]), ("mask", [1, 6, 8], TensorProto.BOOL)], [("z", None)], inits)
     rng = np.random.default_rng(7)
     calib = {"x": rng.standard_normal((8, 6, 8)).astype(np.float32), "mask": rng.random((8, 6, 8)) > 0.3}
