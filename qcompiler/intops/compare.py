@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tvm import relax
 
-from qcompiler.errors import QuantizationError
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import dyadic_common
 
@@ -294,11 +293,11 @@ def where(qz: Quantizer, n):
     out = n.outputs[0]
     consts = qz.fg.consts
     acts = [t for t in (a, b) if t not in consts]
-    if not acts:
-        raise QuantizationError(f"node '{n.name}' (Where): both branches constant")
     val = {t: np.asarray(consts[t], np.float64) for t in (a, b) if t in consts}
-    span = max(abs(qz.stats[acts[0]].lo), abs(qz.stats[acts[0]].hi), 1e-30)
-    far = [t for t, v in val.items() if not np.all(np.isfinite(v)) or np.abs(v).max() > 2 * span]
+    far = []
+    if len(acts) == 1:  # both constant: the output's calibrated scale holds both
+        span = max(abs(qz.stats[acts[0]].lo), abs(qz.stats[acts[0]].hi), 1e-30)
+        far = [t for t, v in val.items() if not np.all(np.isfinite(v)) or np.abs(v).max() > 2 * span]
     qy = qz.qp(acts[0]) if far and len(acts) == 1 else qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     ins, mults = [], []

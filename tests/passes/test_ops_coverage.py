@@ -211,7 +211,9 @@ def test_bool_mask_input_and_logic_with_constants():
              helper.make_node("Not", ["mask"], ["pad"]),
              helper.make_node("And", ["pad", "on"], ["pad2"]),
              helper.make_node("Where", ["pad2", "big", "s"], ["y0"]),
-             helper.make_node("Where", ["mask", "y0", "bias"], ["y"]),
+             helper.make_node("Where", ["mask", "y0", "bias"], ["y1"]),
+             helper.make_node("Where", ["pad", "bias", "big"], ["sel"]),
+             helper.make_node("Add", ["y1", "sel"], ["y"]),
              helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
              helper.make_node("Add", ["y", "mf"], ["z"])]
     inits = [tensor("Wq", (R.standard_normal((8, 8)) * 0.5).astype(np.float32)), tensor("on", np.array(True)),
