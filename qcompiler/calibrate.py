@@ -28,7 +28,6 @@ Errors name the input, its declared shape, the array's shape and what was expect
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,7 +283,7 @@ def calibration_set(data, specs, batch: int = 1, where: str = "calibration data"
             raise ModelError(f"input '{k}' has a fixed batch of {b}; --batch {batch} is impossible for this model")
         batch = b
     elif batch > 1 and not any(ax is not None for ax in axes.values()):
-        raise ModelError(f"the model declares no batch axis (inputs "
+        raise ModelError("the model declares no batch axis (inputs "
                          + ", ".join(f"'{s.name}' {_shape_text(s.shape)}" for s in specs)
                          + f"); --batch {batch} is impossible, compile with --batch 1")
     if batch > 1:
