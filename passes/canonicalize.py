@@ -357,6 +357,15 @@ class Canonicalizer:
 
     op_ArgMax = op_ArgMin = _arg
 
+    def op_TopK(self, n: Node):
+        k = self._scalar(n, 1, "K")
+        if k is None:
+            return [n]
+        rank = len(self.g.shape(n.inputs[0]))
+        return [Node("TopK", n.name, n.inputs[:1], list(n.outputs),
+                     {"k": int(k), "axis": _norm_axis(int(n.attrs.get("axis", -1)), rank),
+                      "largest": int(n.attrs.get("largest", 1)), "sorted": int(n.attrs.get("sorted", 1))})]
+
     def op_Slice(self, n: Node):
         shape = self.g.shape(n.inputs[0])
         starts = self.need_const(n, 1, "starts")

@@ -161,5 +161,8 @@ def execute(g: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     env = {k: np.asarray(v, dtype=np.float64) if np.issubdtype(np.asarray(v).dtype, np.floating) else v
            for k, v in feeds.items()}
     for n in g.nodes:
-        env[n.outputs[0]] = run_node(n, g, env)
+        y = run_node(n, g, env)
+        for o, v in zip(n.outputs, y if isinstance(y, tuple) else (y,)):  # multi-output ops return a tuple
+            if o:
+                env[o] = v
     return {o: env[o] for o in g.outputs}

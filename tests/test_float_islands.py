@@ -6,7 +6,7 @@ false`` in model.json and ``qc inspect``, lists every island (node, op, reason, 
 outputs are close to ONNX Runtime FP32 and within one quantization step of the integer reference
 (the island's float semantics are ONNX Runtime's in the reference and TVM's in the library).
 
-The three ways a node becomes an island: an op canonicalization has no form for (TopK, CumSum; a
+The three ways a node becomes an island: an op canonicalization has no form for (Trilu, CumSum; a
 custom domain), a rule whose check refuses the node (PRelu with an activation slope), an op
 without a quantization rule (Cos with its rule removed).
 """
@@ -43,13 +43,16 @@ D = (RNG.standard_normal((16, 16)) * 0.3).astype(np.float32)
 
 
 def _topk_model():
-    """x -> MatMul -> TopK (values quantized, indices int64) -> values * 0.5; MatMul -> CumSum."""
+    """x -> MatMul -> TopK (integer: values keep the scale, indices int64) -> values * 0.5; MatMul ->
+    CumSum and Trilu (the islands)."""
     nodes = [helper.make_node("MatMul", ["x", "D"], ["h"], name="fc"),
              helper.make_node("TopK", ["h", "k"], ["topv", "topi"], axis=1, name="topk"),
              helper.make_node("Mul", ["topv", "half"], ["scaled"], name="scale"),
-             helper.make_node("CumSum", ["h", "ax"], ["cs"], name="cumsum")]
+             helper.make_node("CumSum", ["h", "ax"], ["cs"], name="cumsum"),
+             helper.make_node("Trilu", ["h"], ["tri"], name="trilu")]
     return make_model(nodes, [("x", [2, 16])],
-                      [("topv", [2, 4]), ("topi", [2, 4], TensorProto.INT64), ("scaled", [2, 4]), ("cs", [2, 16])],
+                      [("topv", [2, 4]), ("topi", [2, 4], TensorProto.INT64), ("scaled", [2, 4]), ("cs", [2, 16]),
+                       ("tri", [2, 16])],
                       [tensor("D", D), tensor("k", np.array([4], np.int64)), tensor("half", np.float32(0.5)),
                        tensor("ax", np.array(1, np.int64))])
 
@@ -76,7 +79,7 @@ def test_strict_error_names_the_op_and_the_flag(files, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1, err
-    assert "TopK: topk" in err and "CumSum: cumsum" in err and "--allow-float" in err
+    assert "Trilu: trilu" in err and "CumSum: cumsum" in err and "--allow-float" in err
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
@@ -90,27 +93,27 @@ def test_allow_float_builds_runs_and_lists_the_islands(files, capsys):
     meta = json.loads(so.with_suffix(".json").read_text())
     assert meta["integer_only"] is False
     islands = {r["node"]: r for r in meta["float_islands"]}
-    assert set(islands) == {"topk", "cumsum"}, meta["float_islands"]
-    assert islands["topk"]["op"] == "TopK" and islands["cumsum"]["op"] == "CumSum"
+    assert set(islands) == {"trilu", "cumsum"}, meta["float_islands"]
+    assert islands["trilu"]["op"] == "Trilu" and islands["cumsum"]["op"] == "CumSum"
     assert all(r["kernels"] for r in islands.values())
     assert summary["float_islands"] == meta["float_islands"]
 
     rc = main(["-q", "inspect", str(so), "--json"])
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep["integer_only"] is False
-    assert {r["node"] for r in rep["float_islands"]} == {"topk", "cumsum"}
+    assert {r["node"] for r in rep["float_islands"]} == {"trilu", "cumsum"}
     kernels = {k for r in rep["float_islands"] for k in r["kernels"]}
     assert set(rep["float_kernels"]) <= kernels  # every float kernel belongs to an island
     assert main(["-q", "inspect", str(so)]) == 0
     text = capsys.readouterr().out
-    assert "integer-only NO" in text and "float island topk (TopK" in text
+    assert "integer-only NO" in text and "float island trilu (Trilu" in text
 
     from qcompiler.runtime import Library
 
     lib = Library(str(so))
     prep = prepare(str(files / "m.onnx"), str(files / "calib.npz"),
                    CompileOptions(target=parse_target("cpu"), allow_float=True))
-    names = ["topv", "topi", "scaled", "cs"]
+    names = ["topv", "topi", "scaled", "cs", "tri"]
     for seed in range(3):
         x = np.random.default_rng(100 + seed).standard_normal((2, 16)).astype(np.float32)
         got = lib(x=x)
@@ -118,7 +121,7 @@ def test_allow_float_builds_runs_and_lists_the_islands(files, capsys):
         fp32 = dict(zip(names, ort_run(str(files / "m.onnx"), {"x": x})))
         np.testing.assert_array_equal(got["topi"], ref["topi"])
         assert got["topi"].dtype == np.int64
-        for name in ("topv", "scaled", "cs"):
+        for name in ("topv", "scaled", "cs", "tri"):
             step = _steps(meta, name)
             assert np.abs(got[name].astype(np.float64) - ref[name]).max() <= step * 1.0001, name
             assert cosine(got[name], fp32[name]) >= 0.99, (name, cosine(got[name], fp32[name]))

@@ -293,3 +293,95 @@ class ArgMaxOp(IntOp):
                 Example([("int16", (3, 6))], {"mode": "min", "axis": 1, "keepdims": True, "last": True}, "int64"),
                 Example([("uint8", (4, 9))], {"mode": "max", "axis": 0, "keepdims": True, "last": True}, "int64",
                         ranges={0: (0, 3)})]
+
+
+# ---- TopK -------------------------------------------------------------------------------------------
+@rule("TopK")
+def topk(qz: Quantizer, n):
+    """The k largest (smallest) integers along ``axis`` and their indices: quantization is monotone,
+    so they are the float op's up to values that round to one integer (ties: the lower index first,
+    as ONNX).  Values keep the input's scale; indices are int64 integer data."""
+    x = n.inputs[0]
+    qx = qz.qp(x)
+    a = {"k": n.attrs["k"], "axis": n.attrs["axis"], "largest": bool(n.attrs["largest"])}
+    for part, out in zip(("values", "indices"), n.outputs):
+        if not out:
+            continue
+        dt = qx.dtype if part == "values" else "int64"
+        qz.emit("topk", [qz.iname(x)], out, {**a, "output": part}, dt, qz.fg.shape(out),
+                qx if part == "values" else None, out, node_name=f"{n.name}/{part}")
+
+
+@float_ref("TopK")
+def _topk_f(x, n):
+    v = np.asarray(x[0], np.float64)
+    ax, k = n.attrs["axis"], n.attrs["k"]
+    order = np.argsort(-v if n.attrs["largest"] else v, axis=ax, kind="stable")
+    idx = np.take(order, np.arange(k), axis=ax)
+    return np.take_along_axis(v, idx, axis=ax), idx.astype(np.int64)
+
+
+@register
+class TopKOp(IntOp):
+    """One output of TopK (``output``: values or indices), computed on distinct int64 keys so that
+    ties are resolved as ONNX does whatever the sort: key = x * L + (L - 1 - i) for the largest
+    (x * L + i for the smallest), L the axis length; the k largest (smallest) keys give
+    x = key // L and i = L - 1 - key % L (i = key % L).  Bound: |x| * L < 2^62."""
+    name = "topk"
+    attrs = {"k": "how many", "axis": "axis (logical)", "largest": "largest (else smallest)",
+             "output": "values | indices"}
+
+    @staticmethod
+    def reference(x, a):
+        ax, k, L = a["axis"], a["k"], x.shape[a["axis"]]
+        i = np.arange(L).reshape([-1 if d == ax else 1 for d in range(x.ndim)])
+        xv = x.astype(np.int64)
+        key = xv * L + ((L - 1 - i) if a["largest"] else i)
+        srt = -np.sort(-key, axis=ax) if a["largest"] else np.sort(key, axis=ax)
+        top = np.take(srt, np.arange(k), axis=ax)
+        if a["output"] == "values":
+            return (top // L).astype(x.dtype)
+        r = top % L
+        return (L - 1 - r if a["largest"] else r).astype(np.int64)
+
+    @staticmethod
+    def lower(lw, n, x):
+        from tvm import relax
+
+        from qcompiler.lowering.relax_lower import Value, const
+
+        a = n.attrs
+        x = lw.logical(x)
+        ax, k, L = a["axis"], a["k"], x.shape[a["axis"]]
+        i = np.arange(L, dtype=np.int64).reshape([-1 if d == ax else 1 for d in range(x.rank)])
+        key = lw.emit(relax.op.multiply(lw.cast(x.expr, "int64"), const(L, "int64")))
+        key = lw.emit(relax.op.add(key, const((L - 1 - i) if a["largest"] else i, "int64")))
+        top = lw.emit(relax.op.topk(key, k=k, axis=ax, ret_type="values", largest=bool(a["largest"]),
+                                    dtype="int64"))
+        shape = lw.ig.shapes[n.outputs[0]]
+        if a["output"] == "values":
+            e = lw.cast(lw.emit(relax.op.floor_divide(top, const(L, "int64"))), x.dtype)
+            return Value(e, tuple(range(len(shape))), shape, x.dtype)
+        r = lw.emit(relax.op.floor_mod(top, const(L, "int64")))
+        if a["largest"]:
+            r = lw.emit(relax.op.subtract(const(L - 1, "int64"), r))
+        return Value(r, tuple(range(len(shape))), shape, "int64")
+
+    @staticmethod
+    def bound(ctx, n, x):
+        L = ctx.shapes[n.inputs[0]][n.attrs["axis"]]
+        if mag(x) * L >= 2.0**62:
+            ctx.fail(n, "the int64 sort keys", mag(x) * L, 2.0**62)
+        if n.attrs["output"] == "indices":
+            return (0, L - 1)
+        return x
+
+    @staticmethod
+    def examples(rng):
+        ex = []
+        for out, dt in (("values", "int8"), ("indices", "int64")):
+            ex.append(Example([("int8", (3, 9))], {"k": 4, "axis": 1, "largest": True, "output": out}, dt,
+                              ranges={0: (-3, 3)}))
+            ex.append(Example([("int16", (5, 2, 3))], {"k": 2, "axis": 0, "largest": False, "output": out},
+                              "int16" if out == "values" else "int64"))
+        return ex

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from tests.helpers import check_pipeline, make_model, tensor
+from tests.helpers import check_pipeline, make_model, ort_run, tensor
 
 R = np.random.default_rng(3)
 
@@ -254,3 +254,18 @@ def test_constant_operand_broadcasting_the_activation_up():
              tensor("c", (R.standard_normal((2, 1, 1, 1)) + 1).astype(np.float32))]
     m = make_model(nodes, [("x", [1, 1, 8])], [("y", None)], inits)
     check_pipeline(m, x_data((1, 1, 8)))
+
+
+def test_topk_values_and_indices():
+    """TopK on the integers: values keep the input's scale, indices equal the float op's (ties by
+    the lower index), with both largest and smallest."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]),
+             helper.make_node("TopK", ["z", "k"], ["v", "i"], axis=-1),
+             helper.make_node("TopK", ["z", "k"], ["vs", "is"], axis=1, largest=0)]
+    m = make_model(nodes, [("x", [1, 7, 12])], [("v", None), ("i", None, TensorProto.INT64),
+                                                ("vs", None), ("is", None, TensorProto.INT64)],
+                   [tensor("W", (R.standard_normal((12, 10)) * 0.8).astype(np.float32)),
+                    tensor("k", np.array([3], np.int64))])
+    prep, tv, ref = check_pipeline(m, x_data((1, 7, 12)), min_cos=0.9)  # indices: near-ties may flip
+    want = ort_run(m, {"x": x_data((1, 7, 12))["x"][:1]})
+    assert (tv["i"] == want[1]).mean() >= 0.8 and (tv["is"] == want[3]).mean() >= 0.8
