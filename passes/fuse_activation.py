@@ -27,6 +27,8 @@ def fuse_activation(g: Graph) -> Graph:
             p = prod.get(x)
             if p is None or p.op not in REQUANTIZING or len(cons.get(x, [])) != 1 or x in g.outputs:
                 continue
+            if not g.dtypes.get(x, "float").startswith("float"):  # integer data: no requantization to fold into
+                continue
             lo, hi = n.attrs["min"], n.attrs["max"]
             if p.op == "Clip":
                 lo, hi = max(lo, p.attrs["min"]), min(hi, p.attrs["max"])

@@ -11,6 +11,8 @@ output's own dtype (wrapping on overflow as onnxruntime's does):
   mod (fmod = 0)      a - floor(a / b) * b (the sign of b);  fmod = 1: a - trunc(a / b) * b
   max, min, neg, abs
   cast                x in another integer dtype (bool -> 0 / 1; narrowing wraps, as ONNX's Cast)
+  where               c ? a : b (c bool or integer, nonzero = true)
+  clip                min(max(x, lo), hi)
 Constant operands are integer constants of the graph.
 """
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from passes.quantize import Quantizer
 
 INT_OPS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Mod": "mod", "Max": "max", "Min": "min",
-           "Neg": "neg", "Abs": "abs", "Cast": "cast"}
+           "Neg": "neg", "Abs": "abs", "Cast": "cast", "Where": "where", "Clip": "clip"}
 
 
 def _is_int(dt: str) -> bool:
@@ -40,9 +42,13 @@ def is_int_data(g, n) -> bool:
     """Whether float-graph node ``n`` is integer arithmetic (every input and output an integer tensor)."""
     if n.op not in INT_OPS or not n.outputs or not all(_is_int(g.dtypes.get(o, "")) for o in n.outputs):
         return False
-    ok = ("bool",) if n.op == "Cast" else ()
-    return all(_is_int(dt) or dt in ok
-               for dt in (str(g.consts[i].dtype) if i in g.consts else g.dtypes.get(i, "") for i in n.inputs if i))
+    def dtype(i):
+        return str(g.consts[i].dtype) if i in g.consts else g.dtypes.get(i, "")
+
+    ins = [i for i in n.inputs if i]
+    if n.op in ("Cast", "Where"):  # a bool source / condition
+        return (_is_int(dtype(ins[0])) or dtype(ins[0]) == "bool") and all(_is_int(dtype(i)) for i in ins[1:])
+    return all(_is_int(dtype(i)) for i in ins)
 
 
 def int_data_rule(qz: Quantizer, n) -> None:
@@ -64,6 +70,11 @@ def int_data_rule(qz: Quantizer, n) -> None:
     attrs = {"mode": mode, "dtype": dt}
     if mode == "mod":
         attrs["fmod"] = int(n.attrs.get("fmod", 0))
+    if mode == "clip":  # canonical Clip: float bounds (+-inf: none)
+        info = np.iinfo(dt)
+        lo, hi = float(n.attrs.get("min", -np.inf)), float(n.attrs.get("max", np.inf))
+        attrs["lo"] = int(max(info.min, np.ceil(lo))) if np.isfinite(lo) else int(info.min)
+        attrs["hi"] = int(min(info.max, np.floor(hi))) if np.isfinite(hi) else int(info.max)
     qz.emit("int_arith", ins, out, attrs, dt, qz.fg.shape(out), None, out, node_name=n.name)
 
 
@@ -78,7 +89,8 @@ class IntArithOp(IntOp):
     """Integer arithmetic of the module docstring, in ``dtype`` (wrapping as onnxruntime's).  No
     quantization step to bound: the values are the model's own integers."""
     name = "int_arith"
-    attrs = {"mode": "add | sub | mul | div | mod | max | min | neg | abs | cast", "fmod": "mod: 1 = the sign of a",
+    attrs = {"mode": "add | sub | mul | div | mod | max | min | neg | abs | cast | where | clip",
+             "lo": "clip: minimum", "hi": "clip: maximum", "fmod": "mod: 1 = the sign of a",
              "dtype": "output integer dtype"}
 
     @staticmethod
@@ -89,6 +101,10 @@ class IntArithOp(IntOp):
         m = a["mode"]
         if m == "cast":
             return np.asarray(xs[0]).astype(dt)
+        if m == "clip":
+            return np.clip(np.asarray(xs[0]).astype(dt), a["lo"], a["hi"]).astype(dt)
+        if m == "where":
+            return np.where(np.asarray(xs[0]) != 0, x[1], x[2]).astype(dt)
         with np.errstate(over="ignore"):
             if m in ("neg", "abs"):
                 return (np.negative(x[0]) if m == "neg" else np.abs(x[0])).astype(dt)
@@ -106,10 +122,18 @@ class IntArithOp(IntOp):
         R = relax.op
         a = n.attrs
         dt, m = a["dtype"], a["mode"]
+        if m == "where":
+            c, x, y = (lw.logical(v) for v in xs)
+            cond = lw.emit(R.not_equal(lw.cast(c.expr, "int32"), const(0, "int32")))  # no i1 compares
+            e = lw.emit(R.where(cond, lw.cast(x.expr, dt), lw.cast(y.expr, dt)))
+            shape = lw.ig.shapes[n.outputs[0]]
+            return Value(e, tuple(range(len(shape))), shape, dt)
         if len(xs) == 1:
             x = xs[0]
             e = lw.cast(x.expr, dt)
-            if m != "cast":
+            if m == "clip":
+                e = lw.emit(R.clip(e, int(a["lo"]), int(a["hi"])))
+            elif m != "cast":
                 e = lw.emit(R.negative(e) if m == "neg" else R.abs(e))
             return Value(e, x.perm, x.shape, dt)
         x, y = lw.same_perm(*xs)
@@ -147,4 +171,7 @@ class IntArithOp(IntOp):
         out.append(Example([("int32", (4,))], {"mode": "neg", "dtype": "int32"}, "int32", ranges={0: (-9, 9)},
                            extreme=False))
         out.append(Example([("int64", (2, 5))], {"mode": "cast", "dtype": "int32"}, "int32", ranges={0: (-99, 99)}))
+        out.append(Example([("int64", (3, 4))], {"mode": "clip", "dtype": "int64", "lo": -5, "hi": 7}, "int64"))
+        out.append(Example([("uint8", (2, 5)), ("int64", (2, 5)), ("int64", (1, 5))], {"mode": "where", "dtype": "int64"},
+                           "int64", ranges={0: (0, 1)}))
         return out
