@@ -18,48 +18,26 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qcompiler.errors import UnsupportedOpError
+
+from .onnx_rewrite import NodeBuilder, initializer_value, replace_nodes
 
 REDUCE_OPS = ("ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceMin", "ReduceLogSumExp")
 NORM_OPS = ("InstanceNormalization", "GroupNormalization")
 
 
-class _B:
+class _B(NodeBuilder):
     def __init__(self, node: onnx.NodeProto, k: int, opset: int):
-        self.prefix = (node.name or f"{node.op_type}_{k}").replace("/", "_")
+        super().__init__(node, k)
         self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.k = 0
-
-    def name(self, what):
-        self.k += 1
-        return f"{self.prefix}/{what}_{self.k}"
-
-    def const(self, what, arr):
-        n = self.name(what)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), n))
-        return n
-
-    def op(self, op_type, inputs, what, out=None, **attrs):
-        out = out or self.name(what)
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
 
     def reduce(self, op_type, x, axes, keepdims, what, out=None):
         """A Reduce* node in the form of the model's opset (axes an attribute before 18, an input from 18)."""
         if self.opset >= 18 or (op_type == "ReduceSum" and self.opset >= 13):
             return self.op(op_type, [x, self.const("axes", np.asarray(axes, np.int64))], what, out, keepdims=keepdims)
         return self.op(op_type, [x], what, out, axes=list(axes), keepdims=keepdims)
-
-
-def _const(model, name):
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None
 
 
 def _shape(shapes, name):
@@ -75,7 +53,7 @@ def _norm(b: _B, model, n, shapes) -> None:
     shp = _shape(shapes, x)
     N, C = shp[0], shp[1]
     G = int(a.get("num_groups", C)) if n.op_type == "GroupNormalization" else C
-    scale, bias = _const(model, n.input[1]), _const(model, n.input[2])
+    scale, bias = initializer_value(model, n.input[1]), initializer_value(model, n.input[2])
     if scale is None or bias is None or C % G:
         raise UnsupportedOpError([(n.op_type, b.prefix, "scale and bias must be constants, C a multiple of groups")])
     eps = float(a.get("epsilon", 1e-5))
@@ -100,7 +78,7 @@ def _reduce(b: _B, model, n, shapes) -> None:
     rank = len(_shape(shapes, x))
     axes = a.get("axes")
     if axes is None and len(n.input) > 1 and n.input[1]:
-        axes = _const(model, n.input[1])
+        axes = initializer_value(model, n.input[1])
         if axes is None:
             raise UnsupportedOpError([(n.op_type, b.prefix, "axes must be a constant")])
     if axes is None or len(axes) == 0:
@@ -130,34 +108,24 @@ def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
     ``strict=False`` leaves a node whose input shape is not known yet (the frontend runs it once
     before onnxruntime's folding, which would inline GroupNormalization into Shape arithmetic, and
     once after, strict)."""
-    todo = REDUCE_OPS + NORM_OPS
-    if not any(n.op_type in todo and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        return model
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    m = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    del out.graph.node[:]
-    inits = []
-    for k, n in enumerate(m.graph.node):
-        if n.op_type in todo and n.domain in ("", "ai.onnx"):
-            b = _B(n, k, opset)
-            try:
-                (_norm if n.op_type in NORM_OPS else _reduce)(b, m, n, shapes)
-            except ValueError:
-                if not strict:
-                    out.graph.node.append(n)
-                    continue
-                raise UnsupportedOpError([(n.op_type, b.prefix, "input shape unknown")]) from None
-            out.graph.node.extend(b.nodes)
-            inits += b.inits
-        else:
-            out.graph.node.append(n)
-    out.graph.initializer.extend(inits)
-    del out.graph.value_info[:]  # the rewritten tensors' types: inferred by whoever reads the model next
-    return out
+    shapes: dict | None = None
+
+    def expand(m, n, k):
+        nonlocal shapes
+        if shapes is None:  # the static shapes inference knows, once per model
+            shapes = {}
+            for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+                t = vi.type.tensor_type
+                if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+                    shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+        b = _B(n, k, opset)
+        try:
+            (_norm if n.op_type in NORM_OPS else _reduce)(b, m, n, shapes)
+        except ValueError:
+            if not strict:
+                return None
+            raise UnsupportedOpError([(n.op_type, b.prefix, "input shape unknown")]) from None
+        return b.nodes, b.inits
+
+    return replace_nodes(model, REDUCE_OPS + NORM_OPS, expand)

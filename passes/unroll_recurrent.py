@@ -27,37 +27,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qcompiler.errors import UnsupportedOpError
+
+from .onnx_rewrite import NodeBuilder, initializer_value, replace_nodes
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 PLAIN_ACTS = {"Sigmoid", "Tanh", "Relu", "HardSigmoid"}
 
 
-class _Builder:
-    def __init__(self, model: onnx.ModelProto, node: onnx.NodeProto, k: int):
-        self.model, self.node = model, node
-        self.prefix = (node.name or f"{node.op_type}_{k}").replace("/", "_")
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
-
-    def name(self, what: str) -> str:
-        self.count += 1
-        return f"{self.prefix}/{what}_{self.count}"
-
-    def const(self, what: str, arr) -> str:
-        n = self.name(what)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), n))
-        return n
-
-    def op(self, op_type: str, inputs, what: str, **attrs) -> str:
-        out = self.name(what)
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
-        return out
-
+class _Builder(NodeBuilder):
     def act(self, fn: str, x: str, alpha, beta) -> str:
         if fn == "HardSigmoid":
             return self.op("HardSigmoid", [x], "act", alpha=float(alpha if alpha is not None else 0.2),
@@ -79,36 +60,26 @@ class _Builder:
         return self.op("Unsqueeze", [x, self.const("ax", np.array([axis], np.int64))], "unsq")
 
 
-def _const(model, name):
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
-
-
 def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tuple[list, list]:
     op = node.op_type
-    b = _Builder(model, node, k)
+    b = _Builder(node, k)
     a = _attrs(node)
     where = b.prefix
     ins = list(node.input) + [""] * (8 - len(node.input))
-    W, R = _const(model, ins[1]), _const(model, ins[2])
+    W, R = initializer_value(model, ins[1]), initializer_value(model, ins[2])
     if W is None or R is None:
         raise UnsupportedOpError([(op, where, "W and R must be constant")])
     dirs, G = W.shape[0], GATES[op]
     H = R.shape[-1]
-    B = _const(model, ins[3]) if ins[3] else np.zeros((dirs, 2 * G * H), W.dtype)
+    B = initializer_value(model, ins[3]) if ins[3] else np.zeros((dirs, 2 * G * H), W.dtype)
     if ins[3] and B is None:
         raise UnsupportedOpError([(op, where, "B must be constant")])
     if ins[4]:
-        sl = _const(model, ins[4])
+        sl = initializer_value(model, ins[4])
         if sl is None or np.any(sl != T):
             raise UnsupportedOpError([(op, where, "sequence_lens must be a constant equal to the sequence length")])
     if a.get("input_forget", 0):
@@ -123,14 +94,14 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
     direction = a.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     lbr = int(a.get("linear_before_reset", 0))
-    P = _const(model, ins[7]) if op == "LSTM" and len(ins) > 7 and ins[7] else None
+    P = initializer_value(model, ins[7]) if op == "LSTM" and len(ins) > 7 and ins[7] else None
     x = ins[0]
     h0 = ins[5]
     c0 = ins[6] if op == "LSTM" else ""
     if layout == 1:  # [batch, T, in] -> [T, batch, in]; states [batch, dirs, H] -> [dirs, batch, H]
         x = b.op("Transpose", [x], "xT", perm=[1, 0, 2])
-        h0 = b.op("Transpose", [h0], "h0T", perm=[1, 0, 2]) if h0 and _const(model, h0) is None else h0
-        c0 = b.op("Transpose", [c0], "c0T", perm=[1, 0, 2]) if c0 and _const(model, c0) is None else c0
+        h0 = b.op("Transpose", [h0], "h0T", perm=[1, 0, 2]) if h0 and initializer_value(model, h0) is None else h0
+        c0 = b.op("Transpose", [c0], "c0T", perm=[1, 0, 2]) if c0 and initializer_value(model, c0) is None else c0
     nacts = len(DEFAULT_ACTS[op])
     Ys, Hs, Cs = [], [], []
     for d in range(dirs):
@@ -224,7 +195,7 @@ def _state(b: _Builder, model, name: str, d: int, layout: int, what: str) -> str
     constant slice when constant, else a Slice of the activation."""
     if not name:
         return None
-    v = _const(model, name)
+    v = initializer_value(model, name)
     if v is None:
         return b.step(name, d)
     v = np.swapaxes(v, 0, 1) if layout == 1 else v
@@ -244,23 +215,10 @@ def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
 def unroll_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every LSTM / GRU / RNN unrolled (module docstring); the model must
     have static shapes (the frontend freezes them first).  Returns ``model`` itself if it has none."""
-    if not any(n.op_type in GATES and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        return model
-    m = onnx.shape_inference.infer_shapes(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    del out.graph.node[:]
-    new_inits = []
-    for k, n in enumerate(m.graph.node):
-        if n.op_type in GATES and n.domain in ("", "ai.onnx"):
-            T = _seq_len(m, n)
-            if T is None:
-                raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
-            nodes, inits = _unroll(m, n, k, T)
-            out.graph.node.extend(nodes)
-            new_inits += inits
-        else:
-            out.graph.node.append(n)
-    out.graph.initializer.extend(new_inits)
-    del out.graph.value_info[:]  # the rewritten tensors' types: inferred by whoever reads the model next
-    return out
+    def expand(m, n, k):
+        T = _seq_len(m, n)
+        if T is None:
+            raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
+        return _unroll(m, n, k, T)
+
+    return replace_nodes(model, GATES, expand)

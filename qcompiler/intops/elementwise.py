@@ -48,28 +48,16 @@ def _binary_check(g, n):
     return None
 
 
-@rule("Add", check=_binary_check)
+@rule("Add", "Sub", check=_binary_check)
 def add(qz: Quantizer, n):
+    """a + b, or a - b of two activations (the ``add`` op with a negative multiplier for b)."""
     a, b = n.inputs
     out = n.outputs[0]
     qa, qb = qz.qp(a), qz.qp(b)
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
-    (ma, mb), s = dyadic_common([qa.scale / qy.scale, qb.scale / qy.scale], f"node '{n.name}'")
-    qz.emit("add", [qz.iname(a), qz.iname(b)], out,
-            {"mult_a": ma, "mult_b": mb, "shift": s, "lo": lo, "hi": hi, "dtype": qy.dtype},
-            qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
-
-
-@rule("Sub", check=_binary_check)
-def sub(qz: Quantizer, n):
-    """a - b of two activations: the ``add`` op with a negative multiplier for b."""
-    a, b = n.inputs
-    out = n.outputs[0]
-    qa, qb = qz.qp(a), qz.qp(b)
-    qy = qz.out_qparams(out)
-    lo, hi = qz.clamp(qy, n.attrs.get("act"))
-    (ma, mb), s = dyadic_common([qa.scale / qy.scale, -qb.scale / qy.scale], f"node '{n.name}'")
+    sign = -1.0 if n.op == "Sub" else 1.0
+    (ma, mb), s = dyadic_common([qa.scale / qy.scale, sign * qb.scale / qy.scale], f"node '{n.name}'")
     qz.emit("add", [qz.iname(a), qz.iname(b)], out,
             {"mult_a": ma, "mult_b": mb, "shift": s, "lo": lo, "hi": hi, "dtype": qy.dtype},
             qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
