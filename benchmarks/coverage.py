@@ -69,10 +69,11 @@ def _where(e: BaseException) -> str | None:
 def _support_check(model_path: str, calib: dict) -> dict:
     """Frontend + float passes + the quantizer's support list, without calibrating."""
     from passes.quantize import unsupported
-    from qcompiler import driver, frontend
+    from qcompiler import calibrate, driver, frontend
     model = frontend.read_model(model_path)
     specs = frontend.input_specs(frontend.upgrade(model, model_path))
-    fr = frontend.load(model_path, batch=1, shapes=driver._given_shapes(specs, calib))
+    data = calibrate.calibration_set(calib, specs, 1)
+    fr = frontend.load(model_path, batch=data.batch, shapes=data.shapes, samples=data)
     fg = driver.float_passes(fr.graph)
     bad = unsupported(fg)
     ops = collections.Counter(n.op for n in fg.nodes)

@@ -12,6 +12,11 @@ tensor of the decomposition is calibrated by name.  Every rewrite is exact in fl
   ReduceSumSquare(x) = ReduceSum(x * x);  ReduceL2(x) = Sqrt(ReduceSum(x * x));
   ReduceL1(x) = ReduceSum(Abs(x));  ReduceMin(x) = -ReduceMax(-x);
   ReduceLogSumExp(x) = Log(ReduceSum(Exp(x)))  (the tables' range is the calibrated one)
+  STFT(x [B, N(, 1)]; frame_step, window w [L], frame_length L)  a strided 1-D Conv whose 2 * bins
+      output channels are the windowed DFT basis: Re_k = sum_n x[t*step + n] w[n] cos(2 pi k n / L),
+      Im_k = -sum_n x[t*step + n] w[n] sin(2 pi k n / L), k < L/2 + 1 (onesided) or L; the output
+      [B, bins, frames] pairs are transposed to ONNX's [B, frames, bins, 2].  Constant frame_step,
+      window and frame_length; real signals only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .onnx_rewrite import NodeBuilder, initializer_value, replace_nodes
 
 REDUCE_OPS = ("ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceMin", "ReduceLogSumExp")
 NORM_OPS = ("InstanceNormalization", "GroupNormalization")
+SIGNAL_OPS = ("STFT",)
 
 
 class _B(NodeBuilder):
@@ -103,6 +109,34 @@ def _reduce(b: _B, model, n, shapes) -> None:
         b.op("Log", [b.reduce("ReduceSum", b.op("Exp", [x], "exp"), axes, keep, "sum")], "lse", out=out)
 
 
+def _stft(b: _B, model, n, shapes) -> None:
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    ins = list(n.input) + [""] * (4 - len(n.input))
+    x, out = ins[0], n.output[0]
+    shp = _shape(shapes, x)
+    step = initializer_value(model, ins[1])
+    win = initializer_value(model, ins[2]) if ins[2] else None
+    flen = initializer_value(model, ins[3]) if ins[3] else None
+    if step is None or (ins[2] and win is None) or (ins[3] and flen is None):
+        raise UnsupportedOpError([("STFT", b.prefix, "frame_step, window and frame_length must be constants")])
+    if len(shp) == 3 and shp[2] != 1:
+        raise UnsupportedOpError([("STFT", b.prefix, "complex input signals (last dim 2)")])
+    L = int(np.asarray(flen).reshape(-1)[0]) if flen is not None else len(win)
+    w = np.ones(L) if win is None else np.asarray(win, np.float64).reshape(-1)
+    if len(w) != L:
+        raise UnsupportedOpError([("STFT", b.prefix, "window length differs from frame_length")])
+    bins = L // 2 + 1 if int(a.get("onesided", 1)) else L
+    ang = 2 * np.pi * np.outer(np.arange(bins), np.arange(L)) / L
+    basis = np.concatenate([np.cos(ang) * w, -np.sin(ang) * w])[:, None, :]   # [2 * bins, 1, L]
+    dt = np.float32 if win is None else win.dtype
+    B, N = shp[0], shp[1]
+    sig = b.op("Reshape", [x, b.const("shape", np.array([B, 1, N], np.int64))], "signal")
+    y = b.op("Conv", [sig, b.const("dft", basis.astype(dt))], "dft", kernel_shape=[L],
+             strides=[int(np.asarray(step).reshape(-1)[0])])               # [B, 2 * bins, frames]
+    y = b.op("Reshape", [y, b.const("shape", np.array([B, 2, bins, -1], np.int64))], "pairs")
+    b.op("Transpose", [y], "stft", out=out, perm=[0, 3, 2, 1])
+
+
 def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with the ops of the module docstring rewritten (``model`` itself if none).
     ``strict=False`` leaves a node whose input shape is not known yet (the frontend runs it once
@@ -121,11 +155,11 @@ def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
                     shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
         b = _B(n, k, opset)
         try:
-            (_norm if n.op_type in NORM_OPS else _reduce)(b, m, n, shapes)
+            (_norm if n.op_type in NORM_OPS else _stft if n.op_type in SIGNAL_OPS else _reduce)(b, m, n, shapes)
         except ValueError:
             if not strict:
                 return None
             raise UnsupportedOpError([(n.op_type, b.prefix, "input shape unknown")]) from None
         return b.nodes, b.inits
 
-    return replace_nodes(model, REDUCE_OPS + NORM_OPS, expand)
+    return replace_nodes(model, REDUCE_OPS + NORM_OPS + SIGNAL_OPS, expand)

@@ -122,6 +122,13 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw")
         XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb")
         RT = np.ascontiguousarray(R[d].T)
+        once: dict[str, str] = {}
+
+        def shared(what, arr):  # one initializer per direction, read by every step (not T copies)
+            if what not in once:
+                once[what] = b.const(what, arr)
+            return once[what]
+
         h = _state(b, model, h0, d, layout, "h0")
         c = _state(b, model, c0, d, layout, "c0")
         steps = range(T) if direction == "forward" or (direction == "bidirectional" and d == 0) else range(T - 1, -1, -1)
@@ -130,28 +137,28 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
             g = b.step(XW, t)
             if op == "LSTM":
                 if h is not None:
-                    g = b.op("Add", [g, b.op("MatMul", [h, b.const("RT", RT)], "hr")], "g")
+                    g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
                 gi, go, gf, gc = (b.slice_last(g, j * H, H, w) for j, w in enumerate("iofc"))
                 if P is not None and c is not None:
-                    gi = b.op("Add", [gi, b.op("Mul", [c, b.const("pi", P[d, :H])], "pc")], "gi")
-                    gf = b.op("Add", [gf, b.op("Mul", [c, b.const("pf", P[d, 2 * H:])], "pc")], "gf")
+                    gi = b.op("Add", [gi, b.op("Mul", [c, shared("pi", P[d, :H])], "pc")], "gi")
+                    gf = b.op("Add", [gf, b.op("Mul", [c, shared("pf", P[d, 2 * H:])], "pc")], "gf")
                 i_, f_, cc = f(0, gi), f(0, gf), f(1, gc)
                 ic = b.op("Mul", [i_, cc], "ic")
                 c = ic if c is None else b.op("Add", [b.op("Mul", [f_, c], "fc"), ic], "c")
                 if P is not None:
-                    go = b.op("Add", [go, b.op("Mul", [c, b.const("po", P[d, H:2 * H])], "pc")], "go")
+                    go = b.op("Add", [go, b.op("Mul", [c, shared("po", P[d, H:2 * H])], "pc")], "go")
                 h = b.op("Mul", [f(0, go), f(2, c)], "h")
             elif op == "GRU":
                 gz, gr, gh = (b.slice_last(g, j * H, H, w) for j, w in enumerate("zrh"))
                 if h is not None:
-                    hzr = b.op("MatMul", [h, b.const("RzrT", np.ascontiguousarray(RT[:, :2 * H]))], "hzr")
+                    hzr = b.op("MatMul", [h, shared("RzrT", np.ascontiguousarray(RT[:, :2 * H]))], "hzr")
                     gz = b.op("Add", [gz, b.slice_last(hzr, 0, H, "hz")], "gz")
                     gr = b.op("Add", [gr, b.slice_last(hzr, H, H, "hr")], "gr")
                 z, r = f(0, gz), f(0, gr)
-                RhT = b.const("RhT", np.ascontiguousarray(RT[:, 2 * H:]))
+                RhT = shared("RhT", np.ascontiguousarray(RT[:, 2 * H:]))
                 if lbr:      # h~ = f2(XW_h + r * (H R_h^T + Rb_h))
-                    hr_ = b.const("Rbh", Rb[2 * H:]) if h is None else \
-                        b.op("Add", [b.op("MatMul", [h, RhT], "hRh"), b.const("Rbh", Rb[2 * H:])], "hRhb")
+                    hr_ = shared("Rbh", Rb[2 * H:]) if h is None else \
+                        b.op("Add", [b.op("MatMul", [h, RhT], "hRh"), shared("Rbh", Rb[2 * H:])], "hRhb")
                     gh = b.op("Add", [gh, b.op("Mul", [r, hr_], "rhr")], "gh")
                 elif h is not None:   # h~ = f2(XW_h + Rb_h + (r * H) R_h^T)  (Rb_h is in XW)
                     gh = b.op("Add", [gh, b.op("MatMul", [b.op("Mul", [r, h], "rh"), RhT], "rhR")], "gh")
@@ -162,7 +169,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
                     h = b.op("Add", [ht, b.op("Mul", [z, b.op("Sub", [h, ht], "dh")], "zdh")], "h")
             else:
                 if h is not None:
-                    g = b.op("Add", [g, b.op("MatMul", [h, b.const("RT", RT)], "hr")], "g")
+                    g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
                 h = f(0, g)
             outs[t] = h
         Ys.append(b.op("Concat", [b.unsqueeze(outs[t], 0) for t in range(T)], "y", axis=0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class FrontendResult:
     graph: Graph                # the same model as our IR
     input_specs: list[InputSpec]
     opset: int
+    guards: list = field(default_factory=list)   # passes/specialize_if.py Guard: If nodes specialized on calibration
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -547,9 +548,10 @@ def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def load(path: str | os.PathLike, batch: int | None = 1,
-         shapes: dict[str, tuple[int, ...]] | None = None) -> FrontendResult:
+         shapes: dict[str, tuple[int, ...]] | None = None, samples=None) -> FrontendResult:
     """Read, check, upgrade, freeze (``batch`` for the batch axis; ``shapes`` for the rest),
-    fold and describe the model."""
+    fold and describe the model.  ``samples`` (the calibration set) lets an If whose condition took
+    one value on every sample be specialized (``passes/specialize_if.py``)."""
     model = read_model(path)
     opset = model_opset(model)
     model = upgrade(model, str(path))
@@ -562,12 +564,29 @@ def load(path: str | os.PathLike, batch: int | None = 1,
     # before anything runs: every tensor shape inference can size, live together as calibration keeps them
     check_memory(_static_sizes(frozen), "running the model", conc)
     from passes.decompose_onnx import decompose
+    from passes.import_quantized import import_quantized
     from passes.unroll_recurrent import unroll_recurrent
 
-    model = fold(decompose(frozen, strict=False))
+    # a pre-quantized model (ONNX Runtime's quantizer, QDQ) back to float first: it is requantized
+    model = fold(decompose(import_quantized(frozen), strict=False))
+    from passes.specialize_if import specialize_ifs
+
+    model, guards = specialize_ifs(model, samples)
+    if any(n.op_type == "If" for n in frozen.graph.node):
+        model = fold(model)  # the inlined branches, and Ifs whose condition became constant
+        model, more = specialize_ifs(model, samples)
+        guards += more
+    if any(n.op_type == "Loop" for n in model.graph.node):
+        from passes.unroll_loop import unroll_loops
+
+        for _ in range(8):  # a Loop of constant trip count: its iterations (a later Loop's count
+            before = sum(n.op_type == "Loop" for n in model.graph.node)   # may fold only then)
+            model = fold(unroll_loops(model, fold))
+            if sum(n.op_type == "Loop" for n in model.graph.node) == before:
+                break
 
     # before calibration, so every tensor they create is calibrated by name
     model = decompose(unroll_recurrent(model))  # LSTM / GRU / RNN unrolled; InstanceNorm, ReduceL2, ... decomposed
     feeds = {s.name: np.zeros(conc[s.name], dtype=s.dtype) for s in specs}
     graph = to_graph(model, feeds)
-    return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset)
+    return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset, guards=guards)
