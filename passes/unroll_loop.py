@@ -2,7 +2,7 @@
 
 tf2onnx exports a Keras LSTM / GRU as a ``Loop`` over time (a TF ``while``); once the input shapes
 are fixed and folded (``qcompiler/frontend.py``) its trip count ``M`` is a constant.  Each
-iteration i becomes a copy of the body (names prefixed ``<loop>/it<i>/``) with
+iteration i becomes a copy of the body (names prefixed ``<loop>/step<i>/``: one calibrated range per role, passes/shared_steps.py) with
 
   iteration_num := i (int64 constant),  cond_in := the previous cond_out,
   v_in[k] := the previous v_out[k] (the initial values for i = 0),
@@ -40,7 +40,7 @@ def _unroll_one(node: onnx.NodeProto, M: int, k: int):
     nodes, inits, conds = [], [], []
     scans: list[list[str]] = [[] for _ in range(n_scan)]
     for i in range(M):
-        p = f"{prefix}/it{i}/"
+        p = f"{prefix}/step{i}/"
         g = onnx.GraphProto()
         g.CopyFrom(body)
         names = {}

@@ -39,6 +39,20 @@ PLAIN_ACTS = {"Sigmoid", "Tanh", "Relu", "HardSigmoid"}
 
 
 class _Builder(NodeBuilder):
+    """Inside a time step (``scope`` set) a tensor is named ``<node>/d<dir>/step<t>/<what>_<k>``, k
+    counting that ``what`` within the step: the same role has the same name in every step but for
+    ``step<t>``, which is how calibration shares one range per role over the steps
+    (``passes/shared_steps.py``)."""
+
+    scope: str | None = None
+    _occ: dict | None = None
+
+    def name(self, what: str) -> str:
+        if self.scope is None:
+            return super().name(what)
+        self._occ[what] = self._occ.get(what, 0) + 1
+        return f"{self.prefix}/{self.scope}/{what}_{self._occ[what]}"
+
     def act(self, fn: str, x: str, alpha, beta) -> str:
         if fn == "HardSigmoid":
             return self.op("HardSigmoid", [x], "act", alpha=float(alpha if alpha is not None else 0.2),
@@ -53,8 +67,8 @@ class _Builder(NodeBuilder):
     def step(self, x: str, t: int) -> str:
         """x[t] of a [T, ...] tensor, as [...]."""
         s = self.op("Slice", [x, self.const("s", np.array([t], np.int64)), self.const("e", np.array([t + 1], np.int64)),
-                              self.const("a", np.array([0], np.int64))], f"t{t}")
-        return self.op("Squeeze", [s, self.const("ax", np.array([0], np.int64))], f"x{t}")
+                              self.const("a", np.array([0], np.int64))], "xw_t")
+        return self.op("Squeeze", [s, self.const("ax", np.array([0], np.int64))], "x_t")
 
     def unsqueeze(self, x: str, axis: int) -> str:
         return self.op("Unsqueeze", [x, self.const("ax", np.array([axis], np.int64))], "unsq")
@@ -134,6 +148,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         steps = range(T) if direction == "forward" or (direction == "bidirectional" and d == 0) else range(T - 1, -1, -1)
         outs = {}
         for t in steps:
+            b.scope, b._occ = f"d{d}/step{t}", {}
             g = b.step(XW, t)
             if op == "LSTM":
                 if h is not None:
@@ -172,6 +187,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
                     g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
                 h = f(0, g)
             outs[t] = h
+        b.scope = None
         Ys.append(b.op("Concat", [b.unsqueeze(outs[t], 0) for t in range(T)], "y", axis=0))
         Hs.append(h)
         Cs.append(c)

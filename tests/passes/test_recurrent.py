@@ -102,3 +102,20 @@ def test_lstm_model_compiles_as_shipped():
     m = rnn_model("LSTM", T=4, direction="bidirectional")
     prep, _, _ = check_pipeline(m, feeds(m, n=16, seed=1), test=feeds(m, n=1, seed=2), min_cos=0.97)
     assert not any(n.op in ("LSTM", "GRU", "RNN") for n in prep.float_graph.nodes)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_steps_share_one_scale_per_role(op):
+    """passes/shared_steps.py: every time step's gate / state tensors get the scale of their role,
+    so the steps are one integer function (bit-exact as before, TVM == reference)."""
+    import re
+
+    m = rnn_model(op, T=7, direction="bidirectional", seed=5)
+    prep, _, _ = check_pipeline(m, feeds(m, n=16, seed=1), test=feeds(m, n=1, seed=2), min_cos=0.95)
+    first = {"d0": "0", "d1": "6"}   # the first step of each direction has no previous state
+    roles: dict[str, set] = {}
+    for t, q in prep.int_graph.qparams.items():
+        m_ = re.search(r"/(d\d)/step(\d+)/", t)
+        if m_ and first[m_.group(1)] != m_.group(2):
+            roles.setdefault(re.sub(r"/step\d+/", "/step*/", t), set()).add(q.scale)
+    assert len(roles) >= 8 and all(len(v) == 1 for v in roles.values()), roles
