@@ -136,6 +136,11 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw")
         XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb")
         RT = np.ascontiguousarray(R[d].T)
+        # XW[t] for every t from one Split (one kernel): a Slice per step would fuse with the step's
+        # first ops into a kernel of its own per step, where the steps are otherwise identical
+        xs = [f"{b.prefix}/xw_split_{t}_{d}" for t in range(T)]
+        b.nodes.append(helper.make_node("Split", [XW, b.const("split", np.ones(T, np.int64))], xs,
+                                        name=b.name("Split"), axis=0))
         once: dict[str, str] = {}
 
         def shared(what, arr):  # one initializer per direction, read by every step (not T copies)
@@ -149,7 +154,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         outs = {}
         for t in steps:
             b.scope, b._occ = f"d{d}/step{t}", {}
-            g = b.step(XW, t)
+            g = b.op("Squeeze", [xs[t], b.const("ax", np.array([0], np.int64))], "x_t")
             if op == "LSTM":
                 if h is not None:
                     g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")

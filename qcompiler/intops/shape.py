@@ -175,6 +175,70 @@ class ConcatOp(_Move):
         return [Example([("int8", (2, 3, 4)), ("int8", (2, 5, 4)), ("int8", (2, 1, 4))], {"axis": 1}, "int8")]
 
 
+SPLIT_MIN = 8
+"""A tensor cut into at least this many unit-step slices along one axis (a Split, the time steps of
+an unrolled recurrence) is cut by one kernel with one output per slice, opaque to FuseOps: fused
+into their consumers, the slices would make each consumer a kernel of its own (one per time step,
+where the steps are otherwise identical and share their kernels)."""
+
+
+def _split_piece(lw, n, x):
+    """This slice's output from the one multi-output kernel of its group, or None (not in a group)."""
+    groups = lw.__dict__.setdefault("_split_groups", {})
+    key = (n.inputs[0], tuple(x.perm))
+    if key not in groups:
+        groups[key] = _split_group(lw, n.inputs[0], x)
+    g = groups[key]
+    if g is None or n.name not in g["index"]:
+        return None
+    if g["tuple"] is None:
+        g["tuple"] = lw.emit(g["call"], "split")
+    return lw.emit(relax.TupleGetItem(g["tuple"], g["index"][n.name]))
+
+
+def _split_group(lw, src: str, x):
+    from tvm import te, tirx
+
+    from .boundary import OPAQUE
+
+    def unit(m):
+        a = m.attrs
+        return m.op == "slice" and m.inputs[0] == src and len(a["axes"]) == 1 and list(a["steps"]) == [1]
+
+    sibs = [m for m in lw.ig.nodes if unit(m)]
+    by_axis: dict[int, list] = {}
+    for m in sibs:
+        by_axis.setdefault(int(m.attrs["axes"][0]), []).append(m)
+    if not by_axis:
+        return None
+    axis, members = max(by_axis.items(), key=lambda kv: len(kv[1]))
+    if len(members) < SPLIT_MIN:
+        return None
+    phys = [int(d) for d in L.physical_shape(x.shape, x.perm)]
+    pax = L.inverse(x.perm)[axis]
+    X = te.placeholder([tirx.IntImm("int64", d) for d in phys], x.dtype, "x")
+    outs, types, index = [], [], {}
+    for k, m in enumerate(members):
+        st = int(m.attrs["starts"][0])
+        en = m.attrs["ends"][0]
+        en = phys[pax] if en is None else min(int(en), phys[pax])
+        oshape = list(phys)
+        oshape[pax] = max(en - st, 0)
+
+        def shifted(st):
+            def f(*i):
+                j = list(i)
+                j[pax] = i[pax] + tirx.IntImm("int64", st)
+                return X(*j)
+            return f
+        outs.append(te.compute([tirx.IntImm("int64", d) for d in oshape], shifted(st), name=f"piece{k}"))
+        types.append(relax.TensorType(shape=tuple(oshape), dtype=x.dtype))
+        index[m.name] = k
+    func = te.create_prim_func([X, *outs]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+    gv = lw.bb.add_func(func, "qc_split")
+    return {"call": relax.call_tir(gv, [x.expr], types), "tuple": None, "index": index}
+
+
 @register
 class SliceOp(_Move):
     """y = x[starts:ends:steps] along ``axes`` (normalised: starts/ends in range, None = to the end)."""
@@ -194,6 +258,9 @@ class SliceOp(_Move):
         a = n.attrs
         inv = L.inverse(x.perm)
         shape = lw.ig.shapes[n.outputs[0]]
+        piece = _split_piece(lw, n, x)
+        if piece is not None:
+            return Value(piece, x.perm, shape, x.dtype)
         axes, begins, ends, strides = [], [], [], []
         for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
             axes.append(inv[ax])

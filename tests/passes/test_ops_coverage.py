@@ -269,3 +269,15 @@ def test_topk_values_and_indices():
     prep, tv, ref = check_pipeline(m, x_data((1, 7, 12)), min_cos=0.9)  # indices: near-ties may flip
     want = ort_run(m, {"x": x_data((1, 7, 12))["x"][:1]})
     assert (tv["i"] == want[1]).mean() >= 0.8 and (tv["is"] == want[3]).mean() >= 0.8
+
+
+def test_split_into_many_pieces_is_one_kernel():
+    """A tensor cut into >= 8 pieces (qcompiler/intops/shape.py SPLIT_MIN): one multi-output kernel,
+    the pieces' consumers identical kernels; bit-exact like any slice."""
+    c, wt = conv("W", "x", "c", 3, 10)
+    outs = [f"p{k}" for k in range(10)]
+    nodes = [c, helper.make_node("Split", ["c", "sizes"], outs, axis=1)]
+    nodes += [helper.make_node("Sigmoid", [o], [o + "s"]) for o in outs]
+    nodes += [helper.make_node("Concat", [o + "s" for o in outs], ["y"], axis=1)]
+    m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], [wt, tensor("sizes", np.ones(10, np.int64))])
+    check_pipeline(m, x_data((1, 3, 6, 6)))
