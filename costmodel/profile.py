@@ -41,16 +41,17 @@ def split_functions(module_text: str) -> dict[str, str]:
     return dict(_prim_func_chunks(module_text))
 
 
-def time_calls(lib, runs: int = 30, warmup: int = 3) -> list[tuple[str, list[float], list]]:
+def time_calls(lib, runs: int = 30, warmup: int = 3, feeds: dict | None = None) -> list[tuple[str, list[float], list]]:
     """(name, per-run seconds inside the running model, the call's arguments) of every packed call
-    of ``main`` in execution order.  The in-model times include the instrument's Python callback
-    (~1 us per call here); :func:`time_isolated` times a kernel alone with ``time_evaluator``."""
+    of ``main`` in execution order, on ``feeds`` (default: the library's example inputs).  The
+    in-model times include the instrument's Python callback (~1 us per call here);
+    :func:`time_isolated` times a kernel alone with ``time_evaluator``."""
     import numpy as np  # noqa: F401
     import tvm
 
     vm = lib.vm
-    feeds = lib.example_inputs()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n][: lib.batch]), lib.dev) for n in lib.input_names]
+    feeds = feeds or lib.example_inputs()
+    args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), lib.dev) for n in lib.input_names]
     calls: list[list] = []
     state = {"t": 0, "i": 0, "rec": False}
 
