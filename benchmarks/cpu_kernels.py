@@ -20,6 +20,18 @@ compiler when there is one) and the register-only ``vpdpbusd`` throughput (16 in
 accumulators on every core: the real roofline).  The per-cycle rate is derived from those two.
 
 Prints a table and writes benchmarks/results/cpu_kernels.json.
+
+``--lowbit`` (issue 18) instead compares the low-bit backends of ``qcompiler/kernels/backends/``
+with the INT8 kernel of the same ISA, for every ISA the machine has (AVX-512 VNNI: the host's LLVM
+CPU; AVX2: compiled for ``znver2``, so that LLVM cannot fuse ``vpmaddwd`` + ``vpaddd`` into the
+AVX-VNNI ``vpdpwssd`` of a newer host): W4A8 vs INT8 GOPS on compute-bound convolutions / GEMMs
+and on M = 1..8 dense layers whose weights are larger than L2 (4096^2: in L3; 8192^2: beyond it),
+plus W8A16.  Peers run interleaved in one process (``--rounds`` rounds, each a ``time_evaluator``
+of at least ``min_repeat_ms``), medians reported.  Beside each figure the machine's measured peak:
+register-only loops of the ISA's multiply instruction (``vpdpbusd zmm`` 64 MACs; ``vpmaddwd ymm``
+16 MACs (+ ``vpaddd``); ``vpmaddubsw ymm`` 32 MACs (+ ``vpaddw``)) and, for the dense layers, the
+read bandwidth of a working set of the weights' size, as the GOPS at which the weights stream
+(``2 M N K / (weight bytes / bandwidth)``).  Writes benchmarks/results/cpu_kernels_lowbit.json.
 """
 
 from __future__ import annotations
@@ -354,13 +366,222 @@ def machine(target, repeats, mrm) -> dict:
     }
 
 
+# ---- low-bit backends (W4A8, W8A16) vs INT8, per ISA ------------------------------------------------
+LOWBIT_COMPUTE = [  # name, kind, shape (dense: M, N, K; conv: N, H, W, C, OC, KH, KW, strides, pads, dilations)
+    ("gemm 512x512x1024", "dense", (512, 512, 1024)),
+    ("gemm 3136x64x576 (conv-like)", "dense", (3136, 64, 576)),
+    ("resnet50 56x56x64->64 3x3", "conv", (1, 56, 56, 64, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))),
+    ("resnet50 28x28x128->128 3x3", "conv", (1, 28, 28, 128, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))),
+    ("resnet50 14x14x256->256 3x3", "conv", (1, 14, 14, 256, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))),
+    ("resnet50 56x56x256->64 1x1", "conv", (1, 56, 56, 256, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))),
+]
+LOWBIT_SMALL_M = [(M, N, K) for N, K in ((4096, 4096), (8192, 8192)) for M in (1, 2, 4, 8)]
+LOWBIT_ISAS = {  # ISA -> (LLVM cpu, INT8 backend, W4A8 backend, W8A16 backend, host flag)
+    "avx512vnni": (None, "cpu_vnni", "cpu_vnni_w4", "cpu_vnni_a16", "vnni"),
+    "avx2": ("znver2", "cpu_avx2", "cpu_avx2_w4", "cpu_avx2_a16", "avx2"),
+}
+
+
+def _reg_peak_kernel(cores: int, iters: int, kind: str):
+    """Register-only throughput loop of one multiply instruction, 12 independent accumulators per core."""
+    if kind == "vpdpbusd":
+        return vnni_peak_kernel(cores, iters)
+    acc_t, op_t, intr = {"vpmaddwd": ("int32x8", "int16x16", "llvm.x86.avx2.pmadd.wd"),
+                         "vpmaddubsw": ("int16x16", "int8x32", "llvm.x86.avx2.pmadd.ub.sw")}[kind]
+
+    @T.prim_func
+    def peak(A: T.Buffer((32,), "int8"), B: T.Buffer((32,), "int8"), Out: T.Buffer((cores, 12 * 32), "int8")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for t in T.parallel(cores):
+            acc = T.alloc_buffer((12,), acc_t)
+            for i in T.unroll(12):
+                acc[i] = T.reinterpret(T.broadcast(T.int32(i), 8), dtype=acc_t)
+            for _ in range(iters):
+                for i in T.unroll(12):
+                    acc[i] = acc[i] + T.call_llvm_pure_intrin(acc_t, intr, T.reinterpret(A.vload([0], "int8x32"), dtype=op_t),
+                                                              T.reinterpret(B.vload([0], "int8x32"), dtype=op_t))
+            for i in T.unroll(12):
+                Out[t, i * 32: i * 32 + 32] = T.reinterpret(acc[i], dtype="int8x32")
+
+    return peak
+
+
+_PEAK_MACS = {"vpdpbusd": 64, "vpmaddwd": 16, "vpmaddubsw": 32}
+
+
+def measured_peak(target, kind: str, repeats: int, mrm: int) -> dict:
+    cores, iters = os.cpu_count() or 1, 1 << 16
+    n_acc = 16 if kind == "vpdpbusd" else 12
+    lib, _ = build(_reg_peak_kernel(cores, iters, kind), target)
+    out = (cores, 256) if kind == "vpdpbusd" else (cores, 12 * 32)
+    args = tensors(np.ones(64, np.int8)[: 64 if kind == "vpdpbusd" else 32], np.ones(64 if kind == "vpdpbusd" else 32,
+                   np.int8), np.zeros(out, np.int32 if kind == "vpdpbusd" else np.int8))
+    st = time_lib(lib, args, 2.0 * cores * iters * n_acc * _PEAK_MACS[kind], repeats, mrm)
+    return {"instruction": kind, "macs_per_instruction": _PEAK_MACS[kind], "gops_best": st["gops_best"],
+            "gops_median": st["gops_median"]}
+
+
+def read_bandwidth(target, nbytes: int, repeats: int, mrm: int) -> float:
+    """GB/s of a parallel vectorized int32 sum over ``nbytes`` (the weights' working set)."""
+    cores = os.cpu_count() or 1
+    n = max(cores * 64, nbytes // 4 // (cores * 64) * cores * 64)
+    per = n // cores
+
+    @T.prim_func
+    def rd(A: T.Buffer((n,), "int32"), Out: T.Buffer((cores, 16), "int32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for t in T.parallel(cores):
+            acc = T.alloc_buffer((4,), "int32x16")
+            for i in T.unroll(4):
+                acc[i] = T.broadcast(0, 16)
+            for j in range(per // 64):
+                for i in T.unroll(4):
+                    acc[i] = acc[i] + A.vload([t * per + j * 64 + i * 16], "int32x16")
+            Out[t, 0:16] = acc[0] + acc[1] + acc[2] + acc[3]
+
+    lib, _ = build(rd, target)
+    args = tensors(np.ones(n, np.int32), np.zeros((cores, 16), np.int32))
+    ev = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=mrm)
+    return 4.0 * n / float(np.min(ev(*args).results)) / 1e9  # a ceiling: the best repeat
+
+
+def _lowbit_case(be, kind, shape, rng):
+    """(time function, ops, weight bytes) of backend ``be`` on one dense / conv shape (default config)."""
+    ad = "int16" if be.isa.a_operand == "int16" else "uint8"
+    lo_w, hi_w = (-8, 8) if be.weight_bits == 4 else (-128, 128)
+    if kind == "dense":
+        M, N, K = shape
+        w = rng.integers(lo_w, hi_w, (K, N)).astype(np.int8)
+        bias, mult, shift = requant_args(rng, N)
+        wp, beff = be.pack_dense(w, bias, ad)
+        func = be.dense(M, N, K, ad, "int8", -128, 127)
+        x = rng.integers(0, 100, (M, K)).astype(ad)
+        out = np.zeros((M, N), np.int8)
+        ops = 2.0 * M * N * K
+    else:
+        N, H, W, C, OC, KH, KW, s, p, d = shape
+        OH, OW = cv._out_shape(H, W, KH, KW, s, p, d)
+        w = rng.integers(lo_w, hi_w, (OC, C, KH, KW)).astype(np.int8)
+        bias, mult, shift = requant_args(rng, OC)
+        wp, beff = be.pack_conv(w, bias, ad)
+        func = be.conv2d(N, H, W, C, OC, KH, KW, s, p, d, ad, "int8", -128, 127)
+        x = rng.integers(0, 100, (N, H, W, C)).astype(ad)
+        out = np.zeros((N, OH, OW, OC), np.int8)
+        ops = 2.0 * N * OH * OW * OC * C * KH * KW
+    return func, tensors(x, wp, beff, mult, shift, out), ops, wp.nbytes
+
+
+def bench_lowbit_isa(isa: str, rounds: int, mrm: int, rng, quick: bool) -> dict:
+    from qcompiler.kernels import backends as KB
+
+    mcpu, b8, b4, b16, _ = LOWBIT_ISAS[isa]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()})
+    kinds = ("vpdpbusd",) if isa == "avx512vnni" else ("vpmaddwd", "vpmaddubsw")
+    # peaks are ceilings: the best repeat of 15, measured before and after the section (other jobs
+    # on a shared machine only ever lower them)
+    peaks = {k: measured_peak(target, k, 15, 50) for k in kinds}
+    compute = LOWBIT_COMPUTE[::2] if quick else LOWBIT_COMPUTE
+    small = [s for s in LOWBIT_SMALL_M if s[1] == 4096 or not quick]
+    bw_cache: dict[int, float] = {}
+    rows = []
+    for section, cases in (("compute", [(n, k, s) for n, k, s in compute]),
+                           ("small_m", [(f"dense M={M} {N}x{K}", "dense", (M, N, K)) for M, N, K in small])):
+        for name, kind, shape in cases:
+            peers = {}
+            for label, bname in (("int8", b8), ("w4a8", b4), ("w8a16", b16)):
+                be = KB.get(bname)
+                func, args, ops, wbytes = _lowbit_case(be, kind, shape, rng)
+                lib, _ = build(func, target)
+                ev = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=mrm)
+                cfg = be.default_config(*(shape if kind == "dense" else
+                                          (shape[0] * np.prod(cv._out_shape(*shape[1:3], *shape[5:7], *shape[7:])),
+                                           shape[4], be.gemm_k(shape[3], shape[5], shape[6]))))
+                peers[label] = {"backend": bname, "ev": ev, "args": args, "ops": ops, "weight_bytes": wbytes,
+                                "config": repr(cfg), "times": []}
+            for _ in range(rounds):  # interleaved: every peer sees the same machine load
+                for p in peers.values():
+                    p["times"].append(float(p["ev"](*p["args"]).results[0]))
+            row = {"name": name, "section": section, "kind": kind, "shape": [list(v) if isinstance(v, tuple) else v
+                                                                              for v in shape]}
+            for label, p in peers.items():
+                st = stats(p["times"], p["ops"])
+                st.update(backend=p["backend"], config=p["config"], weight_bytes=p["weight_bytes"])
+                if section == "small_m":
+                    nb = p["weight_bytes"]
+                    if nb not in bw_cache:
+                        bw_cache[nb] = read_bandwidth(target, nb, 9, mrm)
+                    st["read_gbs_at_weight_size"] = bw_cache[nb]
+                    st["bandwidth_roof_gops"] = p["ops"] / (nb / (bw_cache[nb] * 1e9)) / 1e9
+                row[label] = st
+            row["w4a8_over_int8"] = row["w4a8"]["gops_median"] / row["int8"]["gops_median"]
+            row["w8a16_over_int8"] = row["w8a16"]["gops_median"] / row["int8"]["gops_median"]
+            rows.append(row)
+            print(f"  [{isa}] {name:34s} INT8 {row['int8']['gops_median']:7.1f}  W4A8 {row['w4a8']['gops_median']:7.1f} "
+                  f"(x{row['w4a8_over_int8']:.2f})  W8A16 {row['w8a16']['gops_median']:7.1f} GOPS", flush=True)
+    for k in kinds:
+        again = measured_peak(target, k, 15, 50)
+        if again["gops_best"] > peaks[k]["gops_best"]:
+            peaks[k] = again
+    int8_peak, w4_peak = peaks[kinds[0]]["gops_best"], peaks[kinds[-1]]["gops_best"]
+    return {"isa": isa, "llvm_cpu": str(target.attrs.get("mcpu")), "peaks": peaks, "int8_peak_gops": int8_peak,
+            "w4a8_instruction_peak_gops": w4_peak, "rows": rows}
+
+
+def main_lowbit(args) -> None:
+    from qcompiler.targets import host_has_avx2, host_has_vnni
+
+    has = {"avx512vnni": host_has_vnni(), "avx2": host_has_avx2()}
+    isas = [i for i in LOWBIT_ISAS if has[i] and (not args.isa or i in args.isa)]
+    if not isas:
+        sys.exit("this CPU has neither AVX-512 VNNI nor AVX2: nothing to benchmark")
+    rng = np.random.default_rng(0)
+    rounds, mrm = (3, 50) if args.quick else (args.rounds, args.min_repeat_ms)
+    load_start = os.getloadavg()
+    ghz_info, ghz_run = cpuinfo_ghz(), measured_ghz()
+    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tvm": tvm.__version__,
+           "device": cpu_model_name(), "host_llvm_cpu": tvm.target.codegen.llvm_get_system_cpu(),
+           "cores": os.cpu_count(), "ghz_cpuinfo": ghz_info, "ghz_measured": ghz_run, "rounds": rounds,
+           "min_repeat_ms": mrm, "threads": os.environ.get("TVM_NUM_THREADS"), "isas": {}}
+    for isa in isas:
+        print(f"{isa}:", flush=True)
+        res["isas"][isa] = bench_lowbit_isa(isa, rounds, mrm, rng, args.quick)
+    res["loadavg_1_5_15_start"], res["loadavg_1_5_15_end"] = load_start, os.getloadavg()
+    print(f"\n{res['device']} ({res['host_llvm_cpu']}), {res['cores']} cores, clock measured {ghz_run} GHz; "
+          f"load average {load_start} -> {res['loadavg_1_5_15_end']}; TVM_NUM_THREADS={res['threads']}")
+    for isa, r in res["isas"].items():
+        pk = ", ".join(f"{k} {v['gops_best']:.0f}" for k, v in r["peaks"].items())
+        print(f"\n{isa} (llvm cpu {r['llvm_cpu']}); measured register-only peaks (GOPS): {pk}")
+        hdr = (f"{'layer':34s} {'INT8 GOPS':>10s} {'W4A8 GOPS':>10s} {'W4/INT8':>8s} {'W8A16':>8s} "
+               f"{'roof INT8':>10s} {'roof W4':>8s}")
+        print(hdr)
+        print("-" * len(hdr))
+        for row in r["rows"]:
+            i8, w4 = row["int8"], row["w4a8"]
+            if row["section"] == "small_m":
+                roofs = f"{i8['bandwidth_roof_gops']:10.0f} {w4['bandwidth_roof_gops']:8.0f}"
+            else:
+                roofs = f"{r['int8_peak_gops']:10.0f} {r['w4a8_instruction_peak_gops']:8.0f}"
+            print(f"{row['name']:34s} {i8['gops_median']:10.1f} {w4['gops_median']:10.1f} "
+                  f"{row['w4a8_over_int8']:8.2f} {row['w8a16']['gops_median']:8.1f} {roofs}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--min-repeat-ms", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="a few shapes, fewer repeats (smoke run)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_kernels.json"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--lowbit", action="store_true", help="W4A8 / W8A16 backends vs INT8, per ISA (issue 18)")
+    ap.add_argument("--isa", action="append", choices=list(LOWBIT_ISAS), help="--lowbit: only this ISA")
+    ap.add_argument("--rounds", type=int, default=7, help="--lowbit: interleaved timing rounds per peer")
     args = ap.parse_args()
+    if args.lowbit:
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "cpu_kernels_lowbit.json")
+        return main_lowbit(args)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "cpu_kernels.json")
     if not cv.host_has_vnni():
         sys.exit("this CPU has no AVX-512 VNNI: nothing to benchmark")
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})

@@ -15,6 +15,9 @@ import types
 
 import numpy as np
 
+from qcompiler.kernels import backends as _backends
+from qcompiler.kernels import tile_model as _tm
+
 from . import FEATURE_SCHEMA
 
 TEXT_DIM = 2 ** 11
@@ -82,8 +85,8 @@ def gemm_mnk(workload: dict) -> tuple[int, int, int]:
         (sh, sw), (pt, pl, pb, pr), (dh, dw) = workload["strides"], workload["pads"], workload["dilations"]
         oh = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
         ow = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
-        kc = -(-C // 4) * 4 if workload["backend"] in _CPU_ISA else C
-        return N * oh * ow, OC, KH * KW * kc
+        be = _cpu_backend(workload.get("backend"))
+        return N * oh * ow, OC, be.gemm_k(C, KH, KW) if be is not None else KH * KW * C
     return shp[0], shp[1], shp[2]
 
 
@@ -92,38 +95,46 @@ def roofline_gemm(workload: dict, target: dict) -> tuple[float, float, float]:
     M, N, K = gemm_mnk(workload)
     t = target_info(target)
     a_bits = _BITS.get(workload.get("a_dtype", "int8"), 8)
-    w_bits = 4 if workload["kind"] == "w4a8" else 8
+    w_bits = weight_bits(workload)
     ob = _BITS.get(workload.get("out_dtype", "int8"), 8)
     comp = 2.0 * M * N * K / (t["peak_gops"] * 1e9)
     mem = (M * K * a_bits / 8 + N * K * w_bits / 8 + M * N * ob / 8 + 12 * N) / (t["bw_gbs"] * 1e9)
     return max(comp, mem) + t["launch_s"], comp, mem
 
 
-# the x86 GEMM backends: (lanes L, depth kp, vector registers) of one intrinsic call
-_CPU_ISA = {"cpu_vnni": (16, 4, 32), "cpu_avx2": (8, 2, 16)}
+# the x86 GEMM backends' tile model: qcompiler/kernels/tile_model.py through the backend registry
+# (qcompiler/kernels/backends/), the same model ``cpu_vnni.default_config`` picks tiles with
+def _cpu_backend(name):
+    """The CPU GEMM backend of a workload's backend name, None for others (cuda_mma)."""
+    try:
+        return _backends.get(name)
+    except KeyError:
+        return None
+
+
+def _isa(backend) -> _tm.Isa:
+    """The tile model of a CPU backend (an unknown one is read as VNNI INT8, as before)."""
+    be = _cpu_backend(backend)
+    return be.isa if be is not None else _backends.get("cpu_vnni").isa
+
+
+def weight_bits(workload: dict) -> int:
+    if workload["kind"] == "w4a8":
+        return 4
+    be = _cpu_backend(workload.get("backend"))
+    return be.weight_bits if be is not None else 8
 
 
 def _vnni_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int,
                  backend: str = "cpu_vnni") -> tuple[float, float, float]:
-    """(total, per tile, per kp-deep step) cycles of the x86 kernel's register tile: the model
-    ``cpu_vnni.default_config`` picks tiles with (VNNI step = max(mr*nr, mr+nr)/2 + 0.5; AVX2 step
-    = mr*nr + (mr+nr)/2 + 0.5; per tile steps*step + 2*mr*nr + 40, +300 for a workspace tile of
-    >= 1 KiB of accumulators; whole tiles split over the cores)."""
-    L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
-    nb = -(-N // L)
-    steps = -(-K // kp)
-    step = max(mr * nr, mr + nr) / 2 + 0.5 if kp == 4 else mr * nr + (mr + nr) / 2 + 0.5
-    per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr * L * 4 >= 1024 else 0)
-    tiles = -(-M // mr) * max(1, nb // nr)
-    return per_tile * math.ceil(tiles / max(1, units)), per_tile, step
+    """(total, per tile, per kp-deep step) cycles of the x86 kernel's register tile
+    (``tile_model.tile_cost``: whole tiles split over the cores)."""
+    return _tm.tile_cost(M, N, K, mr, nr, _isa(backend), units)[:3]
 
 
 @functools.lru_cache(maxsize=4096)
 def _vnni_best(M: int, N: int, K: int, units: int, backend: str = "cpu_vnni") -> float:
-    L, _, vregs = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
-    nb = -(-N // L)
-    return min(_vnni_cycles(M, N, K, a, b, units, backend)[0] for b in range(1, 9) if nb % b == 0
-               for a in range(1, min(16, M) + 1) if a * b + b + 1 <= vregs)
+    return _tm.best_space_cycles(M, N, K, _isa(backend), units)
 
 
 def _units(t: dict, config: dict) -> int:
@@ -144,7 +155,7 @@ def vnni_analytic(workload: dict, config: dict, target: dict) -> list[float]:
     units = _units(t, config)
     mr, nr, kc = int(config["mr"]), int(config["nr"]), int(config.get("kc") or 0)
     backend = workload.get("backend", "cpu_vnni")
-    L, kp, _ = _CPU_ISA.get(backend, _CPU_ISA["cpu_vnni"])
+    L = _isa(backend).lanes
     nb = -(-N // L)
     total, per_tile, step = _vnni_cycles(M, N, K, mr, nr, units, backend)
     best = _vnni_best(M, N, K, units, backend)
@@ -177,7 +188,7 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
     KH, KW, C, OC = (shp[5], shp[6], shp[3], shp[4]) if conv else (1, 1, K, N)
     stride = workload["strides"][0] if conv else 1
     a_bits = _BITS.get(workload.get("a_dtype", "int8"), 8)
-    w_bits = 4 if workload["kind"] == "w4a8" else 8
+    w_bits = weight_bits(workload)
     ob = _BITS.get(workload.get("out_dtype", "int8"), 8)
     ba, bw, bo = M * K * a_bits / 8, N * K * w_bits / 8, M * N * ob / 8
     macs = M * N * K
@@ -189,14 +200,16 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
     warps = (c.get("warps_m", 1) * c.get("warps_n", 1) * c.get("warps_k", 1)) if "bm" in c else nan
     stages = c.get("stages", nan)
     if "mr" in c:
-        L = _CPU_ISA.get(workload.get("backend"), _CPU_ISA["cpu_vnni"])[0]
+        isa = _isa(workload.get("backend"))
+        L = isa.lanes
         nb = -(-N // L)
         tiles = -(-M // mr) * max(1, nb // nr)
         acc = mr * nr
         workspace = float(acc * L * 4 >= 1024)
         m_waste = (-(-M // mr) * mr - M) / M
         k_steps = -(-K // 4)
-        red = -(-C // 4) * 4 if conv else -(-K // 4) * 4
+        r = max(isa.kround, isa.kpack)
+        red = -(-C // r) * r if conv else -(-K // r) * r
         kc_blocks = red / kc if kc and red % kc == 0 and kc < red else 1.0
         smem = nan
         default_like = float(acc < 16 and mr <= 8)
@@ -214,7 +227,7 @@ def cfg_features(workload: dict | None, config: dict | None, target: dict) -> li
     units = _units(t, c)
     tpu = tiles / units if tiles == tiles else nan
     imb = (math.ceil(tiles / units) * units / tiles) if tiles == tiles and tiles > 0 else nan
-    return [float(conv), float(workload["kind"] == "w4a8"), M, N, K, math.log2(M), math.log2(N), math.log2(K),
+    return [float(conv), float(w_bits == 4), M, N, K, math.log2(M), math.log2(N), math.log2(K),
             math.log(macs), a_bits, w_bits, ob, KH, KW, stride, C, OC, ba, bw, bo, math.log(ba + bw + bo),
             2.0 * macs / (ba + bw + bo), mr, nr, kc, float(n_outer) if n_outer == n_outer else nan, acc, workspace,
             tiles, math.log(tiles) if tiles == tiles and tiles > 0 else nan, tpu, imb, m_waste, k_steps, kc_blocks,

@@ -15,7 +15,15 @@ rounding half up.  ``lo``/``hi`` are Python ints baked into the kernel (ReLU is 
 
 Modules:
   cpu_vnni     u8 x s8 -> s32 AVX-512 VNNI dense and NHWC conv (signed activations through the
-               +128 offset, corrected in the bias), depthwise conv, batch_matmul of two activations
+               +128 offset, corrected in the bias), depthwise conv, batch_matmul of two activations;
+               the same register-tiled GEMM builders serve every x86 backend below
+  backends/    one GemmBackend per ISA and bit width (name, config, workload, default config, config
+               space, TIR builder, weight packing; TVM-free registry): vnni_int8 / avx2_int8 (INT8),
+               vnni_w4a8 / avx2_w4a8 (4-bit weights as nibbles), vnni_w8a16 / avx2_w8a16 (int16
+               activations); ``backends.select_cpu`` picks one per layer
+  tile_model   the TVM-free register-tile cost model (default tiles; the cost model's features)
+  _x86_intrin  the x86 tensor intrinsics (vpdpbusd, vpmaddwd, vpmaddubsw, vpdpwssd, nibble unpacking)
+  int4_pack    4-bit packing: the GPU orders and the x86 CPU layout (``pack_cpu_w4``)
   cpu_default  a default parallel/vectorized schedule for every other PrimFunc on CPU
   cuda_mma     s8 x s8 -> s32 mma.sync tensor-core dense / conv (implicit GEMM), batch_matmul, W4A8,
                native s4

@@ -15,6 +15,25 @@ Both compute a block of dot products into int32 lanes, ``L`` lanes ``kp`` deep:
   ``vpaddd``.  Exact: |a*b| <= 255*128 and a pair sums to at most 65280, far inside int32 (unlike
   ``vpmaddubsw``, whose int16 pair sums saturate at 255*127*2 > 32767).
 
+Low-bit variants (same C, L lanes; the weights' unpacking is part of the described semantics, so
+the kernels' TE compute calls the same helpers, :func:`w4_lo16` etc., and tensorize matches):
+
+* W4A8, AVX-512 VNNI (``avx512vnni_w4``), L = 16, kp = 8: B is 64 bytes ``[1, 16, 4]``, byte (i, t)
+  holding the weight of k = t in its low nibble and of k = 4 + t in its high nibble (two's
+  complement nibbles, ``int4_pack.pack_cpu_w4``).  ``(x << 4) & 0xF0`` and ``x & 0xF0`` are the
+  two s8 operands of two ``vpdpbusd``, each byte 16 * the weight (exact), so C accumulates 16x the
+  dot product; the kernel shifts the sum right by 4 (exact: every term is a multiple of 16).
+* W4A8, AVX2 (``avx2_w4``), L = 8, kp = 8G (G = 4): B is G blocks ``[G, 8, 4]`` of the same byte
+  layout, nibbles stored biased (w + 8 = w ^ 8 in 4 bits), unpacked as ``(x & 15) - 8`` and
+  ``((x >> 4) & 15) - 8``.  ``vpmaddubsw`` (u8 x s8, adjacent pairs summed to int16, saturating)
+  is exact here: |pair| <= 2 * 255 * 8 = 4080; the 2G = 8 int16 results are summed in int16
+  (|sum| <= 8 * 4080 = 32640 < 2^15) and widened once by ``vpmaddwd`` with ones (pairs to int32).
+* W8A16 (int16 activations, int8 weights), AVX-512 VNNI (``avx512vnni_a16``), L = 16, kp = 2:
+  ``vpdpwssd`` (s16 x s16 pairs into int32) with B's 32 bytes sign-extended (``vpmovsxbw``);
+  AVX2 (``avx2_a16``), L = 8, kp = 2: ``vpmaddwd`` + ``vpaddd``.  Exact: |a*b| <= 2^15 * 2^7, a pair
+  <= 2^23; int32 sums wrap modulo 2^32 and are exact whenever the true sum is an int32 (the
+  kernel contract).
+
 They are registered under names of our own (:data:`INTRIN`), from this module, so nothing here
 imports ``tvm.s_tir.tensor_intrin`` (whose ``__init__`` takes 30-40 s).  :func:`register` is
 idempotent and cheap after the first call.
@@ -25,7 +44,31 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2"}
+INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2",
+          "avx512vnni_w4": "qc_dot_16x8_u8i4i32_vnni", "avx2_w4": "qc_dot_8x32_u8i4i32_avx2",
+          "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2"}
+from .backends.avx2_w4a8 import AVX2_W4_GROUPS  # noqa: E402  (G of ``avx2_w4``)
+
+
+# ---- nibble unpacking (the semantics the W4 intrinsics and the W4 TE computes share) -------------
+def w4_lo16(x):
+    """16 * the signed low nibble of the uint8 ``x``, as int32 (two's complement nibbles)."""
+    return (((T.Cast("int32", x) << 4) & 240) ^ 128) - 128
+
+
+def w4_hi16(x):
+    """16 * the signed high nibble of the uint8 ``x``, as int32."""
+    return ((T.Cast("int32", x) & 240) ^ 128) - 128
+
+
+def w4_lo_b(x):
+    """The low nibble of ``x`` stored biased (w + 8), as the int32 w."""
+    return (T.Cast("int32", x) & 15) - 8
+
+
+def w4_hi_b(x):
+    """The high nibble of ``x`` stored biased, as the int32 w."""
+    return ((T.Cast("int32", x) >> 4) & 15) - 8
 
 
 def _dot_desc(L: int, kp: int):
@@ -87,13 +130,177 @@ def _dot_8x2_avx2_impl(
         )
 
 
-_DEFS = {"avx512vnni": ((16, 4), _dot_16x4_vnni_impl), "avx2": ((8, 2), _dot_8x2_avx2_impl)}
+def _w4_desc(L: int, G: int, lo, hi):
+    """C[i] += sum_{g<G, t<4} A[8g+t] * lo(B[g,i,t]) + A[8g+4+t] * hi(B[g,i,t])  (kp = 8G; for G = 1 no
+    g loop: TVM drops a unit reduction axis from the kernels' compute, see ``cpu_vnni.w4_axes``)."""
+    if G == 1:
+
+        @T.prim_func(s_tir=True)
+        def desc1(
+            A: T.Buffer((8,), "uint8", offset_factor=1),
+            B: T.Buffer((1, L, 4), "uint8", offset_factor=1),
+            C: T.Buffer((L,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:8], B[0:1, 0:L, 0:4])
+                T.writes(C[0:L])
+                for i in T.serial(0, L):
+                    for t in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vt = T.axis.remap("SR", [i, t])
+                            C[vi] = C[vi] + (T.Cast("int32", A[vt]) * lo(B[0, vi, vt])
+                                             + T.Cast("int32", A[vt + 4]) * hi(B[0, vi, vt]))
+
+        return desc1
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((8 * G,), "uint8", offset_factor=1),
+        B: T.Buffer((G, L, 4), "uint8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:8 * G], B[0:G, 0:L, 0:4])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for g in T.serial(0, G):
+                    for t in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vg, vt = T.axis.remap("SRR", [i, g, t])
+                            C[vi] = C[vi] + (T.Cast("int32", A[vg * 8 + vt]) * lo(B[vg, vi, vt])
+                                             + T.Cast("int32", A[vg * 8 + 4 + vt]) * hi(B[vg, vi, vt]))
+
+    return desc
+
+
+def _bcast4(A, off: int, n: int, dtype: str):
+    """Bytes A[off:off+4] as one 32-bit word broadcast to ``n`` words, reinterpreted as ``dtype``."""
+    return T.reinterpret(T.broadcast(T.reinterpret(A.vload([off], "uint8x4"), dtype="int32"), n), dtype=dtype)
+
+
+def _vnni_w4_expr(A, B, C):
+    x = B.vload([0, 0, 0], dtype="uint8x64")
+    lo = T.reinterpret((x << T.broadcast(T.uint8(4), 64)) & T.broadcast(T.uint8(240), 64), dtype="int8x64")
+    hi = T.reinterpret(x & T.broadcast(T.uint8(240), 64), dtype="int8x64")
+    dp = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+    c = T.call_llvm_pure_intrin(dp, C.vload([0], dtype="int32x16"), _bcast4(A, 0, 16, "int8x64"), lo,
+                                dtype="int32x16")
+    return T.call_llvm_pure_intrin(dp, c, _bcast4(A, 4, 16, "int8x64"), hi, dtype="int32x16")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x8_w4_vnni_impl(
+    A: T.Buffer((8,), "uint8", offset_factor=1),
+    B: T.Buffer((1, 16, 4), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:8], B[0:1, 0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = _vnni_w4_expr(A, B, C)
+
+
+def _avx2_w4_expr(A, B, C, G: int):
+    mub = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+    s = None
+    for g in range(G):
+        x = B.vload([g, 0, 0], dtype="uint8x32")
+        lo = T.reinterpret(x & T.broadcast(T.uint8(15), 32), dtype="int8x32") - T.broadcast(T.int8(8), 32)
+        hi = T.reinterpret((x >> T.broadcast(T.uint8(4), 32)) & T.broadcast(T.uint8(15), 32),
+                           dtype="int8x32") - T.broadcast(T.int8(8), 32)
+        for off, w in ((8 * g, lo), (8 * g + 4, hi)):
+            p = T.call_llvm_pure_intrin(mub, _bcast4(A, off, 8, "int8x32"), w, dtype="int16x16")
+            s = p if s is None else s + p
+    wd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    return C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(wd, s, T.broadcast(T.int16(1), 16),
+                                                                    dtype="int32x8")
+
+
+G_ = AVX2_W4_GROUPS
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x32_w4_avx2_impl(
+    A: T.Buffer((8 * G_,), "uint8", offset_factor=1),
+    B: T.Buffer((G_, 8, 4), "uint8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8 * G_], B[0:G_, 0:8, 0:4])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = _avx2_w4_expr(A, B, C, G_)
+
+
+def _a16_desc(L: int):
+    """C[i] += sum_{k<2} int32(A[k]) * int32(B[i, k]), A int16, B int8."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((L, 2), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:2], B[0:L, 0:2])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x2_a16_vnni_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16), dtype="int16x32"),
+            T.Cast("int16x32", B.vload([0, 0], dtype="int8x32")),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x2_a16_avx2_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16"),
+            dtype="int32x8",
+        )
+
+
+_DEFS = {
+    "avx512vnni": (lambda: _dot_desc(16, 4), _dot_16x4_vnni_impl),
+    "avx2": (lambda: _dot_desc(8, 2), _dot_8x2_avx2_impl),
+    "avx512vnni_w4": (lambda: _w4_desc(16, 1, w4_lo16, w4_hi16), _dot_16x8_w4_vnni_impl),
+    "avx2_w4": (lambda: _w4_desc(8, AVX2_W4_GROUPS, w4_lo_b, w4_hi_b), _dot_8x32_w4_avx2_impl),
+    "avx512vnni_a16": (lambda: _a16_desc(16), _dot_16x2_a16_vnni_impl),
+    "avx2_a16": (lambda: _a16_desc(8), _dot_8x2_a16_avx2_impl),
+}
 
 
 def register(isa: str = "avx512vnni") -> str:
     """Register the intrinsic of ``isa`` (a key of :data:`INTRIN`) unless it already is; return its name."""
     name = INTRIN[isa]
     if TensorIntrin.get(name, allow_missing=True) is None:
-        shape, impl = _DEFS[isa]
-        TensorIntrin.register(name, _dot_desc(*shape), impl)
+        desc, impl = _DEFS[isa]
+        TensorIntrin.register(name, desc(), impl)
     return name

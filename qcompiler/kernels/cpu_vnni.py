@@ -32,6 +32,19 @@ convolution the reduction index is ``k = (kh*KW + kw)*Cp + c`` with ``Cp`` = C r
 multiple of 4 (zero weights in the extra channels; equal to ``(kh*KW + kw)*C + c`` whenever
 C % 4 == 0), so that every group of 4 reduction steps is 4 adjacent NHWC channels.
 
+Low-bit operand formats (the backends of qcompiler/kernels/backends/, each an :class:`Isa`; the
+dense / conv builders below take every one):
+  * W4A8 (``Isa.w_bits == 4``): the weights are nibbles (``int4_pack.pack_cpu_w4``: uint8
+    ``[N/L, Kp/kp, G, L, 4]``, kp = 8G), Kp (a conv's channels per tap) padded to kp.  The GEMM's
+    reduction is written as axes (kb, [g,] t) with k = kb*kp + 8g + t, each term a low-nibble product
+    (step k) plus a high-nibble product (step k + 4), the form of the intrinsic's description, so
+    the unpacking happens in registers inside the microkernel (``_x86_intrin.py``).  VNNI sums
+    16 x the products (``Isa.acc_shift`` = 4; the epilogue shifts back, exact); the activation
+    offset and ``bias_eff`` are those of INT8 (|w| <= 8 < 128: the same MAX_K bound).
+  * W8A16 (``Isa.a_operand == "int16"``): int16 activations read as they are (no offset, no MAX_K:
+    products and pair sums are exact in int32 and the sum wraps modulo 2^32 to the true int32
+    accumulator of the contract); zero padding is 0.
+
 Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameters):
   * dense / conv: an ``mr x (L nr)`` int32 register tile, reduction loops outside it, the
     ``L x kp`` intrinsic innermost; the (m-tile, n-tile) pairs are fused and run in parallel
@@ -65,7 +78,7 @@ from tvm.s_tir import SBlock, Schedule
 
 from qcompiler.targets import host_has_vnni  # noqa: F401  (whether this CPU runs these kernels)
 
-from ._x86_intrin import register as _register_intrin
+from . import tile_model as _tm
 
 ACT_DTYPES = ("int8", "uint8")
 OUT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
@@ -73,35 +86,13 @@ MAX_K = (2**31 - 1) // (255 * 128)  # the offset accumulator sum_k (A+128)*W sta
 
 
 # ---- instruction set ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Isa:
-    """The x86 vector ISA a kernel is generated for.
+# ``Isa`` (lanes, depth, registers, operand formats, step cost) lives in the TVM-free tile model
+# (qcompiler/kernels/tile_model.py); each GEMM backend declares its own in
+# qcompiler/kernels/backends/ (one module per ISA and bit width).  VNNI and AVX2 are the INT8 ones.
+from .backends.avx2_int8 import ISA as AVX2  # noqa: E402
+from .backends.vnni_int8 import ISA as VNNI  # noqa: E402
+from .tile_model import Isa  # noqa: E402,F401
 
-    name     key of ``_x86_intrin.INTRIN`` (and the LLVM feature that decides it)
-    backend  the tuning workloads' backend name (records of the two ISAs never mix)
-    lanes    int32 accumulator lanes of one intrinsic call = output columns per block (L)
-    kpack    reduction steps of one intrinsic call (kp)
-    vregs    vector registers (the register tile must fit)
-    vbytes   bytes per vector register (vectorized copies)
-    """
-
-    name: str
-    backend: str
-    lanes: int
-    kpack: int
-    vregs: int
-    vbytes: int
-
-    def intrin(self) -> str:
-        return _register_intrin(self.name)
-
-    def fits(self, mr: int, nr: int) -> bool:
-        """mr x nr accumulators + nr weight vectors + one activation broadcast fit in the registers."""
-        return mr * nr + nr + 1 <= self.vregs
-
-
-VNNI = Isa("avx512vnni", "cpu_vnni", lanes=16, kpack=4, vregs=32, vbytes=64)
-AVX2 = Isa("avx2", "cpu_avx2", lanes=8, kpack=2, vregs=16, vbytes=32)
 ISAS = {i.backend: i for i in (VNNI, AVX2)}
 
 
@@ -148,7 +139,7 @@ def _ceil(a: int, b: int) -> int:
 
 def n_tiles(M: int, N: int, mr: int, nr: int, isa: Isa = VNNI, batch: int = 1) -> int:
     """Register tiles (iterations of the parallel tile loop) of an ``mr x nr`` tiling."""
-    return batch * _ceil(M, mr) * (_ceil(N, isa.lanes) // nr)
+    return _tm.n_tiles(M, N, mr, nr, isa, batch)
 
 
 SERIAL_CYCLES = 12_000  # a GEMM estimated below this many cycles (~4 us) runs on the calling thread
@@ -182,31 +173,9 @@ def default_config(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> V
 
 
 def _best_tile(M: int, N: int, K: int, batch: int, isa: Isa) -> tuple[int, int, float]:
-    """(mr, nr, single-core cycles) of the cheapest register tile under ``default_config``'s model."""
-    L = isa.lanes
-    nb = _ceil(N, L)
-    steps = _ceil(K, isa.kpack)
-    # VNNI tiles measured good: at most 16 accumulators, mr <= 8, nr <= 4 (2x8 and 14x2 ran 20-50%
-    # slower); a wider nr only when ceil(N/16) has no divisor in 2..4 (e.g. N = 80, 112)
-    nrs = [d for d in (4, 3, 2, 1) if nb % d == 0]
-    if nrs == [1] and nb <= 8:
-        nrs = [nb, 1]
-    best = None
-    for nr in nrs:
-        for mr in range(1, min(8, 16 // nr) + 1):
-            if not isa.fits(mr, nr):
-                continue
-            if isa is VNNI:
-                step = max(mr * nr, mr + nr) / 2 + 0.5
-            else:
-                step = mr * nr + (mr + nr) / 2 + 0.5
-            per_tile = steps * step + 2 * mr * nr + 40 + (300 if mr * nr * L * 4 >= 1024 else 0)
-            tiles = n_tiles(M, N, mr, nr, isa, batch)
-            cost = per_tile * _ceil(tiles, 2)
-            key = (round(cost), -nr)
-            if best is None or key < best[0]:
-                best = (key, mr, nr, per_tile * tiles)
-    return best[1:]
+    """(mr, nr, single-core cycles) of the cheapest register tile under ``default_config``'s model
+    (qcompiler/kernels/tile_model.py, shared with the cost model's features)."""
+    return _tm.best_default_tile(M, N, K, batch, isa)
 
 
 def gemm_cycles(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> float:
@@ -216,7 +185,13 @@ def gemm_cycles(M: int, N: int, K: int, batch: int = 1, isa: Isa = VNNI) -> floa
 
 # ---- weight packing (compile time, NumPy) -----------------------------------------------------
 def _pack_kn(wk: np.ndarray, isa: Isa = VNNI) -> np.ndarray:
-    """int8 [K, N] -> [ceil(N/L), Kp/kp, L, kp] with zero padding (Kp = K rounded up to 4)."""
+    """int8 [K, N] -> [ceil(N/L), Kp/kp, L, kp] with zero padding (Kp = K rounded up to 4); for a 4-bit
+    backend the nibble layout of ``int4_pack.pack_cpu_w4`` (uint8 [ceil(N/L), Kp/kp, G, L, 4])."""
+    if isa.w_bits == 4:
+        from .int4_pack import pack_cpu_w4
+
+        # VNNI (acc_shift 4) unpacks two's-complement nibbles as 16 x w; AVX2 biased ones as w
+        return pack_cpu_w4(wk, isa.lanes, isa.kpack // 8, biased=isa.acc_shift == 0)
     K, N = wk.shape
     L, kp = isa.lanes, isa.kpack
     Kp, Np = _ceil(K, 4) * 4, _ceil(N, L) * L
@@ -241,15 +216,19 @@ def _check_weight(w: np.ndarray, ndim: int, what: str) -> None:
 
 def pack_dense(w: np.ndarray, bias: np.ndarray | None, a_signed: bool,
                isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
-    """w int8 [K, N] (ONNX MatMul B) -> (Wp int8 [ceil(N/L), Kp/kp, L, kp], bias_eff int32 [N])."""
+    """w int8 [K, N] (ONNX MatMul B) -> (Wp int8 [ceil(N/L), Kp/kp, L, kp], bias_eff int32 [N]).
+
+    ``a_signed``: int8 activations (the +128 offset folded into bias_eff, for the ISAs that read the
+    activations as uint8).  4-bit ISAs: Wp is the nibble layout of ``_pack_kn``."""
     _check_weight(w, 2, "pack_dense")
-    return _pack_kn(w, isa), _bias_eff(w, bias, a_signed)
+    return _pack_kn(w, isa), _bias_eff(w, bias, a_signed and isa.a_operand == "uint8")
 
 
-def _conv_kn(w: np.ndarray) -> np.ndarray:
-    """int8 [OC, C, KH, KW] -> [KH*KW*Cp, OC], k = (kh*KW + kw)*Cp + c, zero rows for c >= C."""
+def _conv_kn(w: np.ndarray, kround: int = 4) -> np.ndarray:
+    """int8 [OC, C, KH, KW] -> [KH*KW*Cp, OC], k = (kh*KW + kw)*Cp + c, zero rows for c >= C
+    (Cp = C rounded up to ``kround``: 4, or a 4-bit ISA's depth)."""
     OC, C, KH, KW = w.shape
-    Cp = _ceil(C, 4) * 4
+    Cp = _ceil(C, kround) * kround
     t = np.zeros((KH, KW, Cp, OC), np.int8)
     t[:, :, :C, :] = w.transpose(2, 3, 1, 0)
     return t.reshape(KH * KW * Cp, OC)
@@ -259,14 +238,15 @@ def pack_conv(w: np.ndarray, bias: np.ndarray | None, a_signed: bool,
               isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
     """w int8 [OC, C, KH, KW] (ONNX) -> (Wp [ceil(OC/L), KH*KW*Cp/kp, L, kp], bias_eff int32 [OC])."""
     _check_weight(w, 4, "pack_conv")
-    wk = _conv_kn(w)
-    return _pack_kn(wk, isa), _bias_eff(wk, bias, a_signed)
+    wk = _conv_kn(w, isa.kround)
+    return _pack_kn(wk, isa), _bias_eff(wk, bias, a_signed and isa.a_operand == "uint8")
 
 
 # ---- shared pieces ----------------------------------------------------------------------------
-def _check_io(a_dtype: str, out_dtype: str, lo: int, hi: int) -> None:
-    if a_dtype not in ACT_DTYPES:
-        raise ValueError(f"activation dtype must be one of {ACT_DTYPES}, got {a_dtype}")
+def _check_io(a_dtype: str, out_dtype: str, lo: int, hi: int, isa: Isa | None = None) -> None:
+    dts = ACT_DTYPES if isa is None else isa.a_dtypes
+    if a_dtype not in dts:
+        raise ValueError(f"activation dtype must be one of {dts}, got {a_dtype}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out dtype must be one of {tuple(OUT_DTYPES)}, got {out_dtype}")
     omin, omax = OUT_DTYPES[out_dtype]
@@ -290,6 +270,13 @@ def _requant(acc64, mult, shift, lo: int, hi: int, out_dtype: str):
 def _as_u8(x, signed: bool):
     """The unsigned operand of vpdpbusd: x + 128 for int8 (the offset trick), x for uint8."""
     return (x.astype("int32") + 128).astype("uint8") if signed else x.astype("uint8")
+
+
+def _as_operand(x, a_dtype: str, isa: Isa):
+    """The activation as the ISA's intrinsic reads it: uint8 (int8 offset by +128) or int16 as is."""
+    if isa.a_operand == "uint8":
+        return _as_u8(x, a_dtype == "int8")
+    return x.astype(isa.a_operand)
 
 
 def _out_shape(H, W, KH, KW, strides, pads, dilations):
@@ -356,16 +343,29 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     assert len(red) == n_red
     m0, m1 = sch.split(m, [None, cfg.mr])
     n0, n1, n2 = sch.split(n, [None, cfg.nr, L])
-    last = red.pop()
-    ext = int(sch.get(last).extent)
-    if cfg.kc and cfg.kc < ext and ext % cfg.kc == 0:
-        k0, k1, k2 = sch.split(last, [None, cfg.kc // kp, kp])
-        red_loops = [k0, *red, k1]
+    if isa.w_bits == 4:  # reduction (..., kb, [g,] t): the intrinsic takes ([g,] t); kb counts kp-deep blocks
+        n_in = 1 if kp == 8 else 2
+        inner = red[-n_in:]
+        red = red[:-n_in]
+        last = red.pop()
+        ext = int(sch.get(last).extent) * kp
+        if cfg.kc and cfg.kc % kp == 0 and cfg.kc < ext and ext % cfg.kc == 0:
+            k0, k1 = sch.split(last, [None, cfg.kc // kp])
+            red_loops = [k0, *red, k1]
+        else:
+            red_loops = [*red, last]
     else:
-        k1, k2 = sch.split(last, [None, kp])
-        red_loops = [*red, k1]
+        last = red.pop()
+        ext = int(sch.get(last).extent)
+        if cfg.kc and cfg.kc < ext and ext % cfg.kc == 0:
+            k0, k1, k2 = sch.split(last, [None, cfg.kc // kp, kp])
+            red_loops = [k0, *red, k1]
+        else:
+            k1, k2 = sch.split(last, [None, kp])
+            red_loops = [*red, k1]
+        inner = [k2]
     outer = [*bl, *([n0, m0] if cfg.n_outer else [m0, n0])]
-    sch.reorder(*outer, *red_loops, m1, n1, n2, k2)
+    sch.reorder(*outer, *red_loops, m1, n1, n2, *inner)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[-1])
     tile = sch.fuse(*outer)
@@ -393,52 +393,101 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     sch.tensorize(n2, intrin)
 
 
-def _wp_placeholder(N: int, Kp: int, isa: Isa):
-    return te.placeholder((_ceil(N, isa.lanes), Kp // isa.kpack, isa.lanes, isa.kpack), "int8", name="Wp")
-
-
-def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx):
+def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx, acc_shift: int = 0):
     """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (row, n)`` maps output to GEMM indices.
 
-    The bias is added in int32 (exact: see the module docstring).
+    The bias is added in int32 (exact: see the module docstring).  ``acc_shift``: the GEMM summed
+    ``2^acc_shift`` x the products (VNNI W4A8), shifted back first (exact: a multiple of it).
     """
 
     def f(*i):
         r, n = idx(*i)
-        return _requant((C[r, n] + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype)
+        c = C[r, n] >> acc_shift if acc_shift else C[r, n]
+        return _requant((c + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype)
 
     return te.compute(shape, f, name="out")
+
+
+def w4_axes(isa: Isa, Kp: int, prefix: str = "k") -> list:
+    """The reduction axes of a 4-bit GEMM over ``Kp``: (kb, g, t), k = kb*kp + 8g + t; no g axis when
+    kp = 8 (G = 1: TVM would drop a unit axis, and the intrinsic's description has none)."""
+    kp = isa.kpack
+    axes = [te.reduce_axis((0, Kp // kp), name=f"{prefix}b")]
+    if kp > 8:
+        axes.append(te.reduce_axis((0, kp // 8), name="g"))
+    return axes + [te.reduce_axis((0, 4), name="t")]
+
+
+def _w4_unpack(isa: Isa):
+    from . import _x86_intrin as X
+
+    return (X.w4_lo16, X.w4_hi16) if isa.acc_shift == 4 else (X.w4_lo_b, X.w4_hi_b)
+
+
+def _wp_shape(N: int, Kp: int, isa: Isa) -> tuple[tuple, str]:
+    L, kp = isa.lanes, isa.kpack
+    if isa.w_bits == 4:
+        return (_ceil(N, L), Kp // kp, kp // 8, L, 4), "uint8"
+    return (_ceil(N, L), Kp // kp, L, kp), "int8"
+
+
+def _gemm_sum(isa: Isa, a_at, Wp, j, red: list, kofs):
+    """te.sum of the GEMM row x column ``j``: ``a_at(k)`` the activation operand at reduction index
+    ``k``; ``red`` leading reduction axes, ``kofs(k_inner_block)``: the index of the packed K block.
+
+    8-bit weights: one more axis k over the block's ``Kp`` (the schedule splits it by kp).  4-bit: axes
+    (kb, g, t) with k = kb*kp + 8g + t (+4 for the high nibble), each term a lo-nibble product plus a
+    hi-nibble product: the form of the intrinsic's description (``_x86_intrin._w4_desc``).
+    """
+    L, kp = isa.lanes, isa.kpack
+    if isa.w_bits == 4:
+        lo, hi = _w4_unpack(isa)
+        if kp == 8:
+            (kb, t), g = red[-2:], 0
+        else:
+            kb, g, t = red[-3:]
+        x = Wp[j // L, kofs(kb), g, j % L, t]
+        k = kb * kp + g * 8 + t
+        return te.sum(a_at(k).astype("int32") * lo(x) + a_at(k + 4).astype("int32") * hi(x), axis=red)
+    k = red[-1]
+    return te.sum(a_at(k).astype("int32") * Wp[j // L, kofs(k // kp), j % L, k % kp].astype("int32"), axis=red)
 
 
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
           config: VnniConfig | None = None, isa: Isa = VNNI) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out)."""
-    _check_io(a_dtype, out_dtype, lo, hi)
-    _check_k(K, "dense")
+    _check_io(a_dtype, out_dtype, lo, hi, isa)
+    if isa.a_operand == "uint8":
+        _check_k(K, "dense")
     cfg = config or default_config(M, N, K, isa=isa)
     L, kp = isa.lanes, isa.kpack
     nb = _ceil(N, L)
     _check_tile(cfg, isa, nb, "dense")
-    signed = a_dtype == "int8"
-    Kp, Np, Mp = _ceil(K, 4) * 4, nb * L, _ceil(M, cfg.mr) * cfg.mr
+    offset = isa.a_operand == "uint8" and a_dtype == "int8"
+    kr = max(4, kp)
+    Kp, Np, Mp = _ceil(K, kr) * kr, nb * L, _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((M, K), a_dtype, name="A")
-    Wp = _wp_placeholder(N, Kp, isa)
+    wshape, wdt = _wp_shape(N, Kp, isa)
+    Wp = te.placeholder(wshape, wdt, name="Wp")
     bias = te.placeholder((N,), "int32", name="bias")
     mult = te.placeholder((N,), "int64", name="mult")
     shift = te.placeholder((N,), "int64", name="shift")
-    has_prep = signed or Kp != K
+    has_prep = offset or Kp != K or a_dtype != isa.a_operand
     if has_prep:
         Ap = te.compute((M, Kp), lambda i, k: tirx.if_then_else(
-            k < K, _as_u8(A[i, tirx.min(k, K - 1)], signed), tirx.const(0, "uint8")), name="prep")
+            k < K, _as_operand(A[i, tirx.min(k, K - 1)], a_dtype, isa), tirx.const(0, isa.a_operand)), name="prep")
     else:
         Ap = A
     row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
-    k = te.reduce_axis((0, Kp), name="k")
-    C = te.compute((Mp, Np), lambda i, j: te.sum(
-        Ap[row(i), k].astype("int32") * Wp[j // L, k // kp, j % L, k % kp].astype("int32"), axis=k), name="gemm")
-    out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j))
+    if isa.w_bits == 4:
+        red = w4_axes(isa, Kp)
+    else:
+        red = [te.reduce_axis((0, Kp), name="k")]
+    C = te.compute((Mp, Np), lambda i, j: _gemm_sum(isa, lambda k: Ap[row(i), k], Wp, j, red, lambda b: b),
+                   name="gemm")
+    out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), isa.acc_shift)
     sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, out]))
-    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, isa=isa)
+    _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=1 if has_prep else None, isa=isa)
     return _finish(sch)
 
 
@@ -449,53 +498,58 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
 
     args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r).
     """
-    _check_io(a_dtype, out_dtype, lo, hi)
+    _check_io(a_dtype, out_dtype, lo, hi, isa)
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
-    Cp = _ceil(C, 4) * 4
+    Cp = _ceil(C, isa.kround) * isa.kround
     Kp = KH * KW * Cp
-    _check_k(Kp, "conv2d_nhwc")
+    if isa.a_operand == "uint8":
+        _check_k(Kp, "conv2d_nhwc")
     M = N * OH * OW
     cfg = config or default_config(M, OC, Kp, isa=isa)
     L, kp = isa.lanes, isa.kpack
     nb = _ceil(OC, L)
     _check_tile(cfg, isa, nb, "conv2d_nhwc")
-    signed = a_dtype == "int8"
+    offset = isa.a_operand == "uint8" and a_dtype == "int8"
     Mp = _ceil(M, cfg.mr) * cfg.mr
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
-    Wp = _wp_placeholder(OC, Kp, isa)
+    wshape, wdt = _wp_shape(OC, Kp, isa)
+    Wp = te.placeholder(wshape, wdt, name="Wp")
     bias = te.placeholder((OC,), "int32", name="bias")
     mult = te.placeholder((OC,), "int64", name="mult")
     shift = te.placeholder((OC,), "int64", name="shift")
-    in_place = not signed and Cp == C and pt == 0 and pl == 0 and Hx <= H and Wx <= W
+    in_place = (not offset and a_dtype == isa.a_operand and Cp == C and pt == 0 and pl == 0 and Hx <= H
+                and Wx <= W)
     if in_place:
         Xp = X
     else:
-        pad_val = tirx.const(128 if signed else 0, "uint8")
+        pad_val = tirx.const(128 if offset else 0, isa.a_operand)
 
         def prep(n, h, w, c):
             hh, ww = h - pt, w - pl
             inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W, c < C)
             v = X[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
-            return tirx.if_then_else(inside, _as_u8(v, signed), pad_val)
+            return tirx.if_then_else(inside, _as_operand(v, a_dtype, isa), pad_val)
 
         Xp = te.compute((N, Hx, Wx, Cp), prep, name="prep")
     kh = te.reduce_axis((0, KH), name="kh")
     kw = te.reduce_axis((0, KW), name="kw")
-    c = te.reduce_axis((0, Cp), name="c")
+    if isa.w_bits == 4:
+        red = [kh, kw, *w4_axes(isa, Cp, "c")]
+    else:
+        red = [kh, kw, te.reduce_axis((0, Cp), name="c")]
 
     def gemm(i, j):
         r = tirx.min(i, M - 1) if Mp != M else i
         n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
-        a = Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32")
-        b = Wp[j // L, (kh * KW + kw) * (Cp // kp) + c // kp, j % L, c % kp].astype("int32")
-        return te.sum(a * b, axis=[kh, kw, c])
+        return _gemm_sum(isa, lambda c: Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c], Wp, j, red,
+                         lambda b: (kh * KW + kw) * (Cp // kp) + b)
 
     Cacc = te.compute((Mp, nb * L), gemm, name="gemm")
     out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
-                    lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j))
+                    lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), isa.acc_shift)
     sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, out]))
     _prepare_conv_epilogue(sch, OH, OW)
-    _schedule_gemm(sch, cfg, n_red=3, prep_vec_dims=None if in_place else 2, isa=isa)
+    _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=None if in_place else 2, isa=isa)
     return _finish(sch)
 
 

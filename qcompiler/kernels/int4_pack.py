@@ -101,3 +101,43 @@ def unpack_int4(p: np.ndarray, shape, order: str = "linear") -> np.ndarray:
     src = _source_index(order)
     out[..., src] = val
     return out.reshape(lead + (kp,))[..., :k]
+
+
+# ---- x86 CPU layout (qcompiler/kernels/backends/vnni_w4a8.py, avx2_w4a8.py) ------------------------
+def pack_cpu_w4(wk: np.ndarray, lanes: int, groups: int, biased: bool) -> np.ndarray:
+    """int [K, N] in [-8, 7] -> uint8 ``[ceil(N/L), Kp/kp, G, L, 4]`` nibbles, kp = 8G, Kp = K rounded up
+    to kp (zero weights beyond K and N).
+
+    One intrinsic call reads ``G`` blocks of ``L x 4`` bytes; for reduction step ``k = kb*kp + 8g + 4h + t``
+    and column ``n = L*nb + i`` the weight sits in byte ``[nb, kb, g, i, t]``, low nibble for h = 0, high
+    for h = 1, so ``x & 0xF`` / ``x >> 4`` (or ``(x << 4) & 0xF0`` / ``x & 0xF0``) of a whole vector are
+    the weights of 4 consecutive reduction steps per lane, in the byte order of ``vpdpbusd`` /
+    ``vpmaddubsw``.  ``biased``: nibbles hold ``w + 8`` (in [0, 15]; unpacked as ``nibble - 8``), else
+    the two's-complement low 4 bits of ``w``.  :func:`unpack_cpu_w4` inverts it.
+    """
+    wk = np.asarray(wk)
+    if wk.ndim != 2 or not np.issubdtype(wk.dtype, np.integer):
+        raise ValueError(f"pack_cpu_w4: need an integer [K, N] array, got {wk.dtype} {wk.shape}")
+    if wk.size and (wk.min() < INT4_MIN or wk.max() > INT4_MAX):
+        raise ValueError(f"pack_cpu_w4: values must lie in [{INT4_MIN}, {INT4_MAX}], "
+                         f"got [{int(wk.min())}, {int(wk.max())}]")
+    K, N = wk.shape
+    kp = 8 * groups
+    Kp, Np = -(-K // kp) * kp, -(-N // lanes) * lanes
+    w = np.zeros((Kp, Np), np.int64)
+    w[:K, :N] = wk
+    nib = ((w + 8) & 0xF) if biased else (w & 0xF)
+    # [Kp, Np] -> [kb, g, h, t, nb, i] -> [nb, kb, g, i, t, h]
+    t = nib.reshape(Kp // kp, groups, 2, 4, Np // lanes, lanes).transpose(4, 0, 1, 5, 3, 2)
+    return np.ascontiguousarray((t[..., 0] | (t[..., 1] << 4)).astype(np.uint8))
+
+
+def unpack_cpu_w4(p: np.ndarray, K: int, N: int, biased: bool) -> np.ndarray:
+    """Inverse of :func:`pack_cpu_w4`: int8 [K, N]."""
+    nbk, kbk, groups, lanes, four = p.shape
+    assert four == 4
+    lo, hi = (p & 0xF).astype(np.int64), (p >> 4).astype(np.int64)
+    t = np.stack([lo, hi], axis=-1)                            # [nb, kb, g, i, t, h]
+    v = (t - 8) if biased else np.where(t >= 8, t - 16, t)
+    w = v.transpose(1, 2, 5, 4, 0, 3).reshape(kbk * groups * 8, nbk * lanes)
+    return w[:K, :N].astype(np.int8)

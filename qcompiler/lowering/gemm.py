@@ -3,7 +3,8 @@
 Generic path (any target, any shape; correct, scheduled later by the default schedule):
   acc = conv2d / matmul in int32 (operands widened to int16 so mixed u8/s8 inputs type-check),
   then the dyadic epilogue of the reference in Relax ops.
-Kernel paths: ``CpuGemm`` (AVX-512 VNNI, qcompiler.kernels.cpu_vnni) and ``CudaGemm``
+Kernel paths: ``CpuGemm`` (x86: the GEMM backend of ``qcompiler.kernels.backends`` chosen per layer by
+ISA, weight bits and input dtype: INT8, W4A8, W8A16 on AVX-512 VNNI or AVX2) and ``CudaGemm``
 (mma.sync tensor cores, qcompiler.kernels.cuda_mma) emit one ``call_tir`` per layer with the
 epilogue fused; a shape a kernel cannot take falls back to the generic path with a warning that
 names the layer.  That includes ``matmul`` of two activations (attention Q.K^T, P.V): operands

@@ -1,28 +1,37 @@
-"""Conv / dense lowering onto the x86 INT8 kernels (``qcompiler.kernels.cpu_vnni``), AVX-512 VNNI or AVX2.
+"""Conv / dense lowering onto the x86 GEMM kernel backends (``qcompiler.kernels.backends``).
 
 Each quantized layer becomes one ``call_tir`` of a scheduled kernel that computes, fused,
 
     acc = sum_k A*W + bias  (int32);   y = clip((int64(acc) * mult + 2^(shift-1)) >> shift, lo, hi)
 
-which is the reference's ``conv`` / ``dense`` op exactly.  The ISA is the target's: AVX-512 VNNI
-when LLVM says the target CPU has it (``vpdpbusd``, 16 lanes x 4), else AVX2 (``vpmaddwd``, 8 lanes
-x 2), else none.  Weights are packed at compile time (``pack_conv`` / ``pack_dense``: [N/L, Kp/kp,
-L, kp] int8, with the +128 offset of signed activations folded into ``bias_eff``).  Routing by layer:
+which is the reference's ``conv`` / ``dense`` op exactly.  The backend is chosen per layer by
+``backends.select_cpu(target, weight_bits, input dtype)``: the first backend (AVX-512 VNNI before
+AVX2, then 4-bit weights before 8-bit) whose ISA the target has and which takes the layer:
 
-  group == 1                       -> conv2d_nhwc (implicit GEMM on vpdpbusd / vpmaddwd)
-  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors)
+  weight_bits 8, int8/uint8 input  -> cpu_vnni / cpu_avx2        (INT8: vpdpbusd / vpmaddwd)
+  weight_bits 4, int8/uint8 input  -> cpu_vnni_w4 / cpu_avx2_w4  (W4A8: nibbles unpacked in registers)
+  int16 input (W8A16)              -> cpu_vnni_a16 / cpu_avx2_a16 (vpdpwssd / vpmaddwd)
+
+A 4-bit layer the W4A8 kernel cannot take runs on the INT8 kernel of the same ISA (exact: its int8
+weight array holds the 4-bit values), with a warning naming it.  Weights are packed at compile time
+by the backend (``pack_conv`` / ``pack_dense``: [N/L, Kp/kp, L, kp] int8 or the nibble layout of
+``int4_pack.pack_cpu_w4``, with the +128 offset of signed activations folded into ``bias_eff``).
+Routing by layer:
+
+  group == 1                       -> the backend's conv2d (implicit GEMM)
+  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors; int8/uint8 input)
   other groups                     -> grouped_conv2d_nhwc
-  dense (M x K @ K x N)            -> dense
-  matmul of two activations        -> batch_matmul (B packed in the kernel; [batch, N, K] read
-                                      as stored when B's last stored axis is K, e.g. a
+  dense (M x K @ K x N)            -> the backend's dense
+  matmul of two activations        -> batch_matmul of the INT8 ISA (B packed in the kernel; [batch, N, K]
+                                      read as stored when B's last stored axis is K, e.g. a
                                       transposed K in attention, else [batch, K, N])
 
-A layer a kernel cannot take (activation dtype other than int8/uint8, a uint8 right matmul
-operand, broadcast matmul batch dims, K > MAX_K, a target with neither VNNI nor AVX2 for the
-group == 1 / dense / matmul kernels) falls back to ``GenericGemm`` with a warning naming it.
-Kernels are marked ``op_pattern`` = opaque so FuseOps never merges them into other PrimFuncs.
-The dense / group-1 conv kernels take the best tuned ``VnniConfig`` of the active tuning log for
-their ISA's backend (``qcompiler.tune.apply``; ``cpu_vnni`` / ``cpu_avx2``), else ``default_config``.
+A layer no kernel can take (an activation dtype no backend takes, a uint8 right matmul operand,
+broadcast matmul batch dims, K > MAX_K, a target with neither VNNI nor AVX2) falls back to
+``GenericGemm`` with a warning naming it.  Kernels are marked ``op_pattern`` = opaque so FuseOps
+never merges them into other PrimFuncs.  The dense / group-1 conv kernels take the best tuned
+``VnniConfig`` of the active tuning log for their backend (``qcompiler.tune.apply``), else
+``default_config``.
 """
 
 from __future__ import annotations
@@ -30,38 +39,26 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
+from qcompiler import progress
 from qcompiler.graph import Node
+from qcompiler.kernels import backends as KB
 from qcompiler.kernels import cpu_vnni as V
-from qcompiler.targets import host_has_avx2, host_has_vnni
 from qcompiler.tune import apply as tuned
-from qcompiler.tune import workload as tw
 
 from .gemm import BatchMatmul, KernelGemm, conv_out_hw, scalar_requant
 from .relax_lower import Value, const
 
 
-def _target_has(target, features: list[str], host_flag) -> bool:
-    """LLVM's answer for the target's mcpu / mattr (any CPU it knows); the host's flags when the
-    target names no CPU."""
-    from tvm.target import codegen
-
-    attrs = target.attrs
-    if not attrs.get("mcpu") and not attrs.get("mattr"):
-        return host_flag()
-    return bool(codegen.llvm_cpu_has_features(features, target))
-
-
 def target_has_vnni(target) -> bool:
     """AVX-512 VNNI in the generated code (rocketlake, cascadelake, znver4: yes; znver2,
     skylake-avx512: no)."""
-    return _target_has(target, ["avx512vnni", "avx512bw"], host_has_vnni)
+    return KB.get("cpu_vnni").available(target)
 
 
 def target_isa(target) -> V.Isa | None:
-    """The ISA of the GEMM kernels for ``target``: VNNI, else AVX2 (haswell .. znver3), else None."""
-    if target_has_vnni(target):
-        return V.VNNI
-    return V.AVX2 if _target_has(target, ["avx2"], host_has_avx2) else None
+    """The ISA of the INT8 GEMM kernels for ``target``: VNNI, else AVX2 (haswell .. znver3), else None."""
+    be = KB.select_cpu(target, 8, "int8")
+    return be.isa if be is not None else None
 
 
 _NO_ISA = "the target CPU has neither AVX-512 VNNI nor AVX2"
@@ -81,6 +78,44 @@ class CpuGemm(KernelGemm):
     def _epi(a):
         return (const(np.asarray(a["mult"], np.int64), "int64"), const(np.asarray(a["shift"], np.int64), "int64"))
 
+    def _backend(self, n: Node, x_dtype: str):
+        """(backend, None) for a conv / dense layer, or (None, why)."""
+        if self.isa is None:
+            return None, _NO_ISA
+        if n.attrs["dtype"] not in V.OUT_DTYPES:
+            return None, f"output dtype {n.attrs['dtype']} has no CPU GEMM kernel"
+        bits = int(n.attrs.get("weight_bits", 8) or 8)
+        be = KB.select_cpu(self.target, bits, x_dtype)
+        if be is None:
+            return None, f"activation dtype {x_dtype} (weights {bits}-bit) has no CPU GEMM kernel"
+        return be, None
+
+    def _gemm(self, lw, n: Node, x, x_dtype: str, shape, out_shape, build, pack, kind: str):
+        """One call_tir of the layer's backend kernel; a 4-bit layer its W4A8 kernel rejects runs on the
+        INT8 kernel of the same ISA; None when no kernel takes it (the caller falls back, warned)."""
+        be, why = self._backend(n, x_dtype)
+        if be is None:
+            self._fallback(n, why)
+            return None
+        a = n.attrs
+        while be is not None:
+            try:
+                wp, beff = pack(be)
+                wl = be.workload(self.target, n, x_dtype, shape)
+                f = tuned.generate(wl, n.name, lambda cfg, be=be: build(be, cfg))
+            except ValueError as e:
+                twin = KB.int8_twin(be) if be.weight_bits == 4 else None
+                if twin is None:
+                    self._fallback(n, str(e))
+                    return None
+                progress.get().warn(f"layer '{n.name}' runs on the INT8 kernel ({be.name}: {e})")
+                be = twin
+                continue
+            mult, shift = self._epi(a)
+            args = [x, const(wp, be.weight_dtype()), const(beff, "int32"), mult, shift]
+            return self._call(lw, f, f"{kind}_{be.name.removeprefix('cpu_')}", args, out_shape, a["dtype"])
+        return None
+
     def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
         a = n.attrs
         w = np.asarray(a["weight"])  # [OC, C/g, KH, KW] int8
@@ -90,24 +125,18 @@ class CpuGemm(KernelGemm):
         geo = (tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]))
         OH, OW = conv_out_hw(H, W, a)
         out_shape = (N, OH, OW, OC)
+        lo, hi = int(a["lo"]), int(a["hi"])
+        bias = np.asarray(a["bias"], np.int32)
+        if g == 1:
+            y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), out_shape,
+                           lambda be, cfg: be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, cfg),
+                           lambda be: be.pack_conv(w, bias, x_dtype), "conv")
+            return y if y is not None else super().conv(lw, n, x, x_dtype, nhwc_shape)
         if x_dtype not in V.ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES:
             self._fallback(n, f"activation dtype {x_dtype} -> {a['dtype']} has no INT8 CPU kernel")
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
         mult, shift = self._epi(a)
-        bias = np.asarray(a["bias"], np.int32)
-        lo, hi = int(a["lo"]), int(a["hi"])
         try:
-            if g == 1:
-                if self.isa is None:
-                    raise ValueError(_NO_ISA)
-                isa = self.isa
-                wp, beff = V.pack_conv(w, bias, x_dtype == "int8", isa=isa)
-                wl = tw.cpu_conv(self.target, N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi,
-                                 backend=isa.backend)
-                f = tuned.generate(wl, n.name, lambda cfg: V.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, x_dtype,
-                                                                         a["dtype"], lo, hi, cfg, isa=isa))
-                args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
-                return self._call(lw, f, f"conv_{self.tag}", args, out_shape, a["dtype"])
             if g == C and OC == C:
                 wd = np.ascontiguousarray(np.transpose(w[:, 0], (1, 2, 0)))  # [KH, KW, C]
                 f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
@@ -124,22 +153,12 @@ class CpuGemm(KernelGemm):
         a = n.attrs
         w = np.asarray(a["weight"])  # [K, N]
         N = int(w.shape[1])
-        isa = self.isa
-        if x_dtype not in V.ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES or isa is None:
-            why = _NO_ISA if isa is None else f"activation dtype {x_dtype} -> {a['dtype']} has no INT8 CPU kernel"
-            self._fallback(n, why)
-            return super().dense(lw, n, x, x_dtype, M, K)
-        try:
-            wp, beff = V.pack_dense(w, np.asarray(a["bias"], np.int32), x_dtype == "int8", isa=isa)
-            lo, hi = int(a["lo"]), int(a["hi"])
-            wl = tw.cpu_dense(self.target, M, N, K, x_dtype, a["dtype"], lo, hi, backend=isa.backend)
-            f = tuned.generate(wl, n.name, lambda cfg: V.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg, isa=isa))
-        except ValueError as e:
-            self._fallback(n, str(e))
-            return super().dense(lw, n, x, x_dtype, M, K)
-        mult, shift = self._epi(a)
-        args = [x, const(wp, "int8"), const(beff, "int32"), mult, shift]
-        return self._call(lw, f, f"dense_{self.tag}", args, (M, N), a["dtype"])
+        lo, hi = int(a["lo"]), int(a["hi"])
+        bias = np.asarray(a["bias"], np.int32)
+        y = self._gemm(lw, n, x, x_dtype, (M, K), (M, N),
+                       lambda be, cfg: be.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg),
+                       lambda be: be.pack_dense(w, bias, x_dtype), "dense")
+        return y if y is not None else super().dense(lw, n, x, x_dtype, M, K)
 
     def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
         at = n.attrs

@@ -1,8 +1,9 @@
 """Tuning tasks: the workload of one conv/dense kernel, its config space, and its PrimFunc.
 
 A workload is everything the kernel generator is called with except the config: backend
-(``cpu_vnni`` / ``cpu_avx2`` / ``cuda_mma``; the two CPU backends are the ISAs of
-``qcompiler.kernels.cpu_vnni``, one VnniConfig space each), kind (``dense``, ``conv2d``, ``w4a8``), shape, conv geometry, the
+(``cuda_mma`` or a CPU backend of ``qcompiler.kernels.backends``: ``cpu_vnni`` / ``cpu_avx2`` (INT8),
+``cpu_vnni_w4`` / ``cpu_avx2_w4`` (W4A8), ``cpu_vnni_a16`` / ``cpu_avx2_a16`` (W8A16); each CPU
+backend gives its config class, default config, config space and TIR builder), kind (``dense``, ``conv2d``, ``w4a8``), shape, conv geometry, the
 activation and output dtypes, the clip range, and the target (``cpu:<mcpu>`` / ``cuda:sm_XX``).
 Its ``key`` is a readable canonical string; the same key is computed by the tuner (from the
 integer graph, :func:`tasks_from_graph`) and by the lowering adapters at compile time
@@ -24,13 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BACKENDS = ("cpu_vnni", "cpu_avx2", "cuda_mma")
-CPU_BACKENDS = ("cpu_vnni", "cpu_avx2")
+from qcompiler.kernels import backends as _backends
+
+CPU_BACKENDS = _backends.cpu_names()   # the x86 backends, in selection order (TVM-free registry)
+BACKENDS = (*CPU_BACKENDS, "cuda_mma")
 
 
 @dataclass(frozen=True)
 class Workload:
-    backend: str                 # cpu_vnni | cpu_avx2 | cuda_mma
+    backend: str                 # a CPU backend (CPU_BACKENDS) | cuda_mma
     kind: str                    # dense | conv2d | w4a8
     shape: tuple                 # dense/w4a8: (M, N, K); conv2d: (N, H, W, C, OC, KH, KW)
     a_dtype: str
@@ -80,17 +83,18 @@ class Workload:
 
     # ---- config space -------------------------------------------------------------------------
     @property
-    def isa(self):
-        """The CPU ISA (``cpu_vnni.Isa``) of a CPU backend."""
-        from qcompiler.kernels.cpu_vnni import ISAS
+    def gemm_backend(self):
+        """The CPU backend (``qcompiler.kernels.backends``) of this workload."""
+        return _backends.get(self.backend)
 
-        return ISAS[self.backend]
+    @property
+    def isa(self):
+        """The CPU ISA (``tile_model.Isa``) of a CPU backend."""
+        return self.gemm_backend.isa
 
     def config_class(self):
         if self.backend in CPU_BACKENDS:
-            from qcompiler.kernels.cpu_vnni import VnniConfig
-
-            return VnniConfig
+            return self.gemm_backend.config_class()
         from qcompiler.kernels.cuda_mma import MmaConfig
 
         return MmaConfig
@@ -102,9 +106,7 @@ class Workload:
 
     def default_config(self):
         if self.backend in CPU_BACKENDS:
-            from qcompiler.kernels import cpu_vnni as V
-
-            return V.default_config(*self._gemm_mnk(), isa=self.isa)
+            return self.gemm_backend.default_config(*self._gemm_mnk())
         from qcompiler.kernels import cuda_mma as K
 
         M, N, Kd = self._gemm_mnk()
@@ -116,7 +118,7 @@ class Workload:
             N, H, W, C, OC, KH, KW = self.shape
             oh, ow = _conv_out(H, W, KH, KW, self.strides, self.pads, self.dilations)
             if self.backend in CPU_BACKENDS:
-                return N * oh * ow, OC, KH * KW * (-(-C // 4) * 4)
+                return N * oh * ow, OC, self.gemm_backend.gemm_k(C, KH, KW)
             return N * oh * ow, OC, KH * KW * C
         return tuple(self.shape)
 
@@ -124,7 +126,7 @@ class Workload:
         """Every config the dataclass accepts for this workload (the generator may still reject some)."""
         cls = self.config_class()
         out, seen = [], set()
-        for kw in (_cpu_points(self) if self.backend in CPU_BACKENDS else _cuda_points(self)):
+        for kw in (self.gemm_backend.config_points(self) if self.backend in CPU_BACKENDS else _cuda_points(self)):
             try:
                 c = cls(**kw)
             except ValueError:
@@ -138,14 +140,7 @@ class Workload:
     def make_func(self, config=None):
         """The scheduled PrimFunc (args as the adapters pass them); raises ValueError / KernelUnsupported."""
         if self.backend in CPU_BACKENDS:
-            from qcompiler.kernels import cpu_vnni as V
-
-            if self.kind == "dense":
-                M, N, K = self.shape
-                return V.dense(M, N, K, self.a_dtype, self.out_dtype, self.lo, self.hi, config, isa=self.isa)
-            N, H, W, C, OC, KH, KW = self.shape
-            return V.conv2d_nhwc(N, H, W, C, OC, KH, KW, self.strides, self.pads, self.dilations, self.a_dtype,
-                                 self.out_dtype, self.lo, self.hi, config, isa=self.isa)
+            return self.gemm_backend.make_func(self, config)
         from qcompiler.kernels import cuda_mma as K
 
         if self.kind == "conv2d":
@@ -186,8 +181,9 @@ def config_dict(config) -> dict:
 def normalize_config(w: Workload, config):
     """Map a config to its canonical twin (configs that generate the same kernel measure once).
 
-    VNNI: ``kc`` that does not divide the innermost reduction, or is not below it, acts as 0; a
-    config of one tile in all runs serially either way (``parallel`` is kept at its legacy True)."""
+    CPU: ``kc`` that does not divide the innermost reduction, is not below it or is not a multiple of
+    the intrinsic's depth acts as 0; a config of one tile in all runs serially either way
+    (``parallel`` is kept at its legacy True)."""
     if w.backend not in CPU_BACKENDS:
         return config
     if not config.parallel:
@@ -199,7 +195,7 @@ def normalize_config(w: Workload, config):
     if not config.kc:
         return config
     ext = _cpu_red_ext(w)
-    if config.kc < ext and ext % config.kc == 0:
+    if config.kc < ext and ext % config.kc == 0 and config.kc % w.isa.kpack == 0:
         return config
     return dataclasses.replace(config, kc=0)
 
@@ -224,9 +220,8 @@ def _conv_out(H, W, KH, KW, strides, pads, dilations):
 
 
 def _cpu_red_ext(w: Workload) -> int:
-    if w.kind == "conv2d":
-        return -(-w.shape[3] // 4) * 4  # channels of one tap, padded to 4
-    return -(-w.shape[2] // 4) * 4
+    """The innermost reduction's extent (a conv's channels of one tap), padded as the kernel pads it."""
+    return w.gemm_backend.red_ext(w)
 
 
 SERIAL_SPACE_CYCLES = 400_000  # GEMMs estimated below this (~130 us) also try parallel=False
@@ -240,23 +235,11 @@ def tries_serial(w: Workload) -> bool:
 
 
 def _cpu_points(w: Workload):
-    """The VnniConfig grid: every register tile that fits, kc dividing the reduction, both loop
-    orders; a small GEMM (``cpu_vnni.gemm_cycles`` < :data:`SERIAL_SPACE_CYCLES`, where a ~3.5 us
-    parallel launch is >= 3% of the kernel) also every point run serially."""
-    M, N, _ = w._gemm_mnk()
-    isa = w.isa
-    pars = (True, False) if tries_serial(w) else (True,)
-    nb = -(-N // isa.lanes)
-    ext = _cpu_red_ext(w)
-    kcs = [0] + [k for k in range(16, ext, 4) if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
-    for nr in (d for d in range(1, 9) if nb % d == 0):
-        for mr in range(1, min(16, M) + 1):
-            if not isa.fits(mr, nr):
-                continue
-            for kc in kcs:
-                for n_outer in (True, False):
-                    for par in pars:
-                        yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer, parallel=par)
+    """The CPU backend's config grid (``CpuGemmBackend.config_points``): every register tile that
+    fits, kc dividing the reduction, both loop orders; a small GEMM (``cpu_vnni.gemm_cycles`` <
+    :data:`SERIAL_SPACE_CYCLES`, where a ~3.5 us parallel launch is >= 3% of the kernel) also every
+    point run serially."""
+    return w.gemm_backend.config_points(w)
 
 
 def _cuda_points(w: Workload):
@@ -328,17 +311,10 @@ class Task:
 
 
 def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
-    """The distinct tunable kernels of an integer graph, routed as the lowering adapters route them."""
-    from qcompiler.kernels import cpu_vnni as V
-
+    """The distinct tunable kernels of an integer graph, routed as the lowering adapters route them
+    (CPU: ``backends.select_cpu`` by the layer's weight bits and input dtype)."""
     target = spec.arch  # cpu: the LLVM mcpu, as the adapter reads it from the target
-    isa = None
-    if spec.kind == "cpu":
-        from qcompiler.lowering.gemm_cpu import target_isa
-
-        isa = target_isa(spec.tvm_target())
-        if isa is None:  # neither VNNI nor AVX2: every layer takes the generic schedule
-            return []
+    tvm_target = spec.tvm_target() if spec.kind == "cpu" else None
     found: dict[str, Task] = {}
     for n in ig.nodes:
         if n.op not in ("conv", "dense"):
@@ -347,6 +323,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
         x_dtype = ig.dtypes[n.inputs[0]]
         w = np.asarray(a["weight"])
         lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
+        bits = int(a.get("weight_bits", 8) or 8)
         wl = None
         if n.op == "conv":
             N, C, H, W = (int(d) for d in ig.shapes[n.inputs[0]])
@@ -355,19 +332,22 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
                 continue  # depthwise / grouped kernels have no config space
             geo = (a["strides"], a["pads"], a["dilations"])
             if spec.kind == "cpu":
-                if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
-                    wl = cpu_conv(target, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi, backend=isa.backend)
+                be = _backends.select_cpu(tvm_target, bits, x_dtype)
+                if be is not None and be.reject_conv(C):  # the lowering runs it on the INT8 kernel
+                    be = _backends.int8_twin(be)
+                if be is not None and od in _OUT_DTYPES:
+                    wl = be.workload(target, n, x_dtype, (N, H, W, C))
             else:
                 wl = cuda_conv(spec.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
         else:
             shp = ig.shapes[n.inputs[0]]
             M, K = int(np.prod(shp[:-1])), int(shp[-1])
             if spec.kind == "cpu":
-                if x_dtype in V.ACT_DTYPES and od in V.OUT_DTYPES:
-                    wl = cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi, backend=isa.backend)
+                be = _backends.select_cpu(tvm_target, bits, x_dtype)
+                if be is not None and od in _OUT_DTYPES:
+                    wl = be.workload(target, n, x_dtype, (M, K))
             else:
-                four = int(a.get("weight_bits", 8) or 8) == 4
-                wl = cuda_dense(spec.arch, M, int(w.shape[1]), K, x_dtype, od, lo, hi, four)
+                wl = cuda_dense(spec.arch, M, int(w.shape[1]), K, x_dtype, od, lo, hi, bits == 4)
         if wl is None:
             continue
         t = found.setdefault(wl.key, Task(wl, []))
@@ -381,3 +361,6 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             continue
         out.append(t)
     return out
+
+
+_OUT_DTYPES = ("int8", "uint8", "int16", "int32")  # cpu_vnni.OUT_DTYPES (kept TVM-free here)

@@ -1,0 +1,272 @@
+"""GEMM kernel backends: one :class:`GemmBackend` per ISA and bit width, one module each.
+
+A backend is everything the lowering, the tuner and the cost model need to know about one family
+of conv / dense kernels:
+
+    name             the tuning workloads' backend (``cpu_vnni``, ``cpu_avx2_w4``, ...)
+    isa              the ``tile_model.Isa`` (lanes, depth, registers, operand formats, step cost)
+    weight_bits      8 or 4 (4: the int8 weight array holds values in [-8, 7], packed as nibbles)
+    a_dtypes         activation dtypes it takes
+    config_class()   the tunable config dataclass (``cpu_vnni.VnniConfig``)
+    workload(...)    the tuning workload of a conv / dense node (``qcompiler.tune.workload``)
+    default_config / config_space / make_func (the TIR builder) / pack_dense / pack_conv
+
+Selection (:func:`select_cpu`): the first registered backend (in :data:`CPU_ORDER`) whose LLVM
+features the target has and which takes the layer's (weight bits, activation dtype).  Adding an
+ISA or a bit width is one module here that calls :func:`register` (plus its tensor intrinsic in
+``qcompiler/kernels/_x86_intrin.py``) and its name in :data:`CPU_ORDER`.
+
+This package imports no TVM (``costmodel/features.py`` reads the tile models through it); the
+kernel builders import it lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from ..tile_model import Isa
+
+# registration order = selection priority: the widest ISA first, then the fewer weight bits
+CPU_ORDER = ("vnni_w4a8", "vnni_int8", "vnni_w8a16", "avx2_w4a8", "avx2_int8", "avx2_w8a16")
+
+_REGISTRY: dict[str, "GemmBackend"] = {}
+
+
+class GemmBackend:
+    """Interface of a conv / dense kernel backend (see the module docstring)."""
+
+    name: str
+    isa: Isa | None = None
+    weight_bits: int = 8
+    a_dtypes: tuple = ()
+    kind: str = "cpu"
+
+    def config_class(self):
+        raise NotImplementedError
+
+    def default_config(self, M: int, N: int, K: int, batch: int = 1):
+        raise NotImplementedError
+
+    def config_points(self, workload):
+        raise NotImplementedError
+
+    def make_func(self, workload, config=None):
+        raise NotImplementedError
+
+
+class CpuGemmBackend(GemmBackend):
+    """An x86 register-tiled GEMM backend on the kernels of ``qcompiler.kernels.cpu_vnni``.
+
+    llvm_features  what LLVM must report for the target CPU (``target_has``)
+    host_flag      the /proc/cpuinfo flag that decides it for a target naming no CPU
+    """
+
+    def __init__(self, isa: Isa, llvm_features: tuple, host_flag: str, doc: str = ""):
+        self.isa = isa
+        self.name = isa.backend
+        self.weight_bits = isa.w_bits
+        self.a_dtypes = tuple(isa.a_dtypes)
+        self.llvm_features = tuple(llvm_features)
+        self.host_flag = host_flag
+        self.__doc__ = doc or self.__doc__
+
+    def __repr__(self) -> str:
+        return f"CpuGemmBackend({self.name})"
+
+    # ---- routing -------------------------------------------------------------------------------
+    def takes(self, weight_bits: int, a_dtype: str) -> bool:
+        if a_dtype not in self.a_dtypes:
+            return False
+        # 4-bit weights run on a 4-bit backend where there is one, else on an 8-bit one (exact:
+        # the int8 array holds them); 8-bit weights only on an 8-bit backend
+        return self.weight_bits == 8 or weight_bits == 4
+
+    def available(self, target) -> bool:
+        return target_has(target, self.llvm_features, self.host_flag)
+
+    # ---- config ---------------------------------------------------------------------------------
+    def config_class(self):
+        from ..cpu_vnni import VnniConfig
+
+        return VnniConfig
+
+    def default_config(self, M: int, N: int, K: int, batch: int = 1):
+        from ..cpu_vnni import default_config
+
+        return default_config(M, N, K, batch, isa=self.isa)
+
+    def red_ext(self, workload) -> int:
+        """Extent in elements of the innermost reduction (a conv's channels of one tap), padded."""
+        c = workload.shape[3] if workload.kind == "conv2d" else workload.shape[2]
+        return self.pad_k(c)
+
+    def pad_k(self, k: int) -> int:
+        """The reduction (a conv's channels per tap) padded as the kernels pad it."""
+        r = max(self.isa.kround, self.isa.kpack)
+        return -(-k // r) * r
+
+    def gemm_k(self, C: int, KH: int, KW: int) -> int:
+        return KH * KW * self.pad_k(C)
+
+    def config_points(self, workload):
+        """The VnniConfig grid: every register tile that fits, kc dividing the reduction (multiples
+        of the intrinsic's depth), both loop orders, serial twins for small GEMMs."""
+        from qcompiler.tune.workload import tries_serial
+
+        M, N, _ = workload._gemm_mnk()
+        isa = self.isa
+        pars = (True, False) if tries_serial(workload) else (True,)
+        nb = -(-N // isa.lanes)
+        ext = self.red_ext(workload)
+        step = max(4, isa.kpack)
+        kcs = [0] + [k for k in range(max(16, step), ext, step)
+                     if ext % k == 0 and (k & (k - 1) == 0 or k % 48 == 0)][:6]
+        for nr in (d for d in range(1, 9) if nb % d == 0):
+            for mr in range(1, min(16, M) + 1):
+                if not isa.fits(mr, nr):
+                    continue
+                for kc in kcs:
+                    for n_outer in (True, False):
+                        for par in pars:
+                            yield dict(mr=mr, nr=nr, kc=kc, n_outer=n_outer, parallel=par)
+
+    # ---- workloads -------------------------------------------------------------------------------
+    def workload(self, target, node, x_dtype: str, shape):
+        """The tuning workload (``qcompiler.tune.workload.Workload``) of a conv (``shape`` = the input's
+        N, H, W, C) or dense (``shape`` = M, K) node of the integer graph."""
+        from qcompiler.tune import workload as tw
+
+        a = node.attrs
+        lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
+        w = a["weight"]
+        if node.op == "conv":
+            N, H, W, C = (int(d) for d in shape)
+            OC, _, KH, KW = w.shape
+            return tw.cpu_conv(target, N, H, W, C, OC, KH, KW, a["strides"], a["pads"], a["dilations"], x_dtype,
+                               od, lo, hi, backend=self.name)
+        M, K = (int(d) for d in shape)
+        return tw.cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi, backend=self.name)
+
+    def reject_conv(self, C: int) -> str | None:
+        """Why this backend declines a conv of C input channels (None: it takes it).  A 4-bit backend
+        pads each tap's channels to its depth (8 / 32): where that at least doubles the INT8 kernel's
+        reduction (C = 3 -> 32 on AVX2) the INT8 kernel of the ISA is the faster exact choice."""
+        if self.weight_bits == 4:
+            int8_red = -(-C // 4) * 4
+            if self.pad_k(C) >= 2 * int8_red:
+                return (f"{C} channels per tap pad to {self.pad_k(C)} for {self.name} (INT8: {int8_red}); "
+                        "the INT8 kernel does less work")
+        return None
+
+    # ---- TIR builders and packing ---------------------------------------------------------------
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None):
+        from .. import cpu_vnni as V
+
+        return V.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=self.isa)
+
+    def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config=None):
+        from .. import cpu_vnni as V
+
+        why = self.reject_conv(C)
+        if why:
+            raise ValueError(why)
+        return V.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
+                             config, isa=self.isa)
+
+    def make_func(self, workload, config=None):
+        w = workload
+        if w.kind == "dense":
+            M, N, K = w.shape
+            return self.dense(M, N, K, w.a_dtype, w.out_dtype, w.lo, w.hi, config)
+        N, H, W, C, OC, KH, KW = w.shape
+        return self.conv2d(N, H, W, C, OC, KH, KW, w.strides, w.pads, w.dilations, w.a_dtype, w.out_dtype,
+                           w.lo, w.hi, config)
+
+    def pack_dense(self, w, bias, a_dtype: str):
+        from .. import cpu_vnni as V
+
+        return V.pack_dense(w, bias, a_dtype == "int8", isa=self.isa)
+
+    def pack_conv(self, w, bias, a_dtype: str):
+        from .. import cpu_vnni as V
+
+        return V.pack_conv(w, bias, a_dtype == "int8", isa=self.isa)
+
+    def weight_dtype(self) -> str:
+        return "uint8" if self.weight_bits == 4 else "int8"
+
+
+def target_has(target, features, host_flag: str) -> bool:
+    """LLVM's answer for the target's mcpu / mattr (any CPU it knows); the host's /proc/cpuinfo flag
+    when the target names no CPU."""
+    from tvm.target import codegen
+
+    from qcompiler.targets import _host_flag
+
+    attrs = target.attrs
+    if not attrs.get("mcpu") and not attrs.get("mattr"):
+        return _host_flag(host_flag)
+    return bool(codegen.llvm_cpu_has_features(list(features), target))
+
+
+def register(backend: GemmBackend) -> GemmBackend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load() -> None:
+    for m in CPU_ORDER:
+        importlib.import_module(f"{__name__}.{m}")
+
+
+def get(name: str) -> GemmBackend:
+    if name not in _REGISTRY:
+        _load()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown GEMM backend {name!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def cpu_backends() -> list[CpuGemmBackend]:
+    """The x86 backends in selection order."""
+    out = []
+    for m in CPU_ORDER:
+        mod = importlib.import_module(f"{__name__}.{m}")
+        out.append(mod.BACKEND)
+    return out
+
+
+def cpu_names() -> tuple[str, ...]:
+    return tuple(b.name for b in cpu_backends())
+
+
+def isa_of(name: str) -> Isa | None:
+    """The tile model of a CPU backend (None for others, e.g. ``cuda_mma``)."""
+    try:
+        b = get(name)
+    except KeyError:
+        return None
+    return b.isa
+
+
+def select_cpu(target, weight_bits: int, a_dtype: str) -> CpuGemmBackend | None:
+    """The backend a conv / dense layer with these weight bits and activation dtype runs on."""
+    for b in cpu_backends():
+        if b.takes(weight_bits, a_dtype) and b.available(target):
+            return b
+    return None
+
+
+def int8_twin(backend: CpuGemmBackend) -> CpuGemmBackend | None:
+    """The 8-bit backend of the same ISA and activations (the exact fallback of a 4-bit one)."""
+    for b in cpu_backends():
+        if (b.weight_bits == 8 and b.llvm_features == backend.llvm_features
+                and set(backend.a_dtypes) <= set(b.a_dtypes)):
+            return b
+    return None
+
+
+def replace_isa(isa: Isa, **kw) -> Isa:
+    return dataclasses.replace(isa, **kw)
