@@ -24,7 +24,7 @@ Strict integer-only stays the default, and its error names the flag.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,14 @@ class QuantConfig:
     gelu: str = "igelu"             # igelu (I-BERT polynomial erf) | shift (I-ViT ShiftGELU) | lut (8-bit table)
     output_bits: int = 16           # bits of a softmax/LUT that is a graph output
     allow_float: bool = False       # keep nodes without an integer form in float islands (--allow-float)
+    # per-layer precision (mixed precision, qcompiler/mixed/): (node name, weight bits, activation
+    # bits) of the Conv/Dense layers that differ from (weight_bits, bits); activation bits 16 make
+    # the layer's input tensor int16 (W8A16) where its producer can emit it (``wide_ok``)
+    plan: tuple = ()
+    rounding: str = "gptq"          # sub-8-bit weights: gptq (with ``hessians``) | rtn (round to nearest)
+    # node name -> per-group Hessians of the layer's inputs (qcompiler/mixed/gptq.py HessianStore);
+    # without one a sub-8-bit layer is rounded to nearest
+    hessians: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "mse"):
@@ -63,6 +71,25 @@ class QuantConfig:
             raise ValueError(f"gelu must be 'igelu', 'shift' or 'lut', not {self.gelu}")
         if not 2 <= self.bits <= 8 or not 2 <= self.weight_bits <= 8:
             raise ValueError("bits must be in 2..8")
+        if self.rounding not in ("gptq", "rtn"):
+            raise ValueError(f"rounding must be 'gptq' or 'rtn', not {self.rounding}")
+        for entry in self.plan:
+            name, wb, ab = entry
+            if not 2 <= int(wb) <= 8 or int(ab) not in (self.bits, 16):
+                raise ValueError(f"plan entry {entry}: weight bits in 2..8, activation bits {self.bits} or 16")
+
+    def layer_bits(self, name: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of the Conv/Dense node ``name``."""
+        for n, wb, ab in self.plan:
+            if n == name:
+                return int(wb), int(ab)
+        return self.weight_bits, self.bits
+
+    def hessian(self, name: str):
+        """Per-group Hessians of layer ``name`` for GPTQ rounding, or None (round to nearest)."""
+        if self.rounding != "gptq" or self.hessians is None:
+            return None
+        return self.hessians.get(name)
 
 
 # ops whose integer forms take 16-bit inputs as cheaply as 8-bit ones (int64 arithmetic inside)
@@ -196,6 +223,8 @@ class Quantizer:
                     return False
             elif u.name in self.islands:  # dequantized to float: 16 bits cost nothing there
                 continue
+            elif u.op in ("Conv", "Dense") and u.inputs[0] == float_name and self.cfg.layer_bits(u.name)[1] >= 16:
+                continue  # a W8A16 layer of the plan (qcompiler/mixed/)
             elif u.op not in WIDE_CONSUMERS or (u.op == "Gelu" and self.cfg.gelu == "lut"):
                 return False
         return True

@@ -32,20 +32,31 @@ if TYPE_CHECKING:
 BIAS_LIMIT = 2**26  # |b_q| budget: leaves int32 headroom for the products' sum
 
 
-def _weights_and_bias(W, b, s_in, axis, bits, name):
+def _weights_and_bias(W, b, s_in, axis, bits, name, hessian=None):
     """Per-channel weights, with S_w raised where needed so that |b / (S_x S_w)| <= 2^26: a channel
-    of near-zero weights and a large (BN-folded) bias would otherwise overflow the int32 bias."""
+    of near-zero weights and a large (BN-folded) bias would otherwise overflow the int32 bias.
+    ``hessian`` (per-group Hessians of the layer's inputs, sub-8-bit layers of a mixed-precision
+    plan): the integers are chosen by GPTQ rounding at the same scales (``qcompiler/mixed/gptq.py``,
+    ``docs/mixed_precision.md``); the op's semantics do not change."""
     wq, sw = quantize_weights(W, axis=axis, bits=bits)
-    if b is None:
-        return wq, sw, np.zeros(len(sw), np.int32)
-    b = b.astype(np.float64)
-    need = np.abs(b) / (s_in * BIAS_LIMIT)
-    if np.any(need > sw):
-        sw = np.maximum(sw, need)
+    raised = False
+    if b is not None:
+        need = np.abs(b.astype(np.float64)) / (s_in * BIAS_LIMIT)
+        if np.any(need > sw):
+            sw = np.maximum(sw, need)
+            raised = True
+    if hessian is not None:
+        from qcompiler.mixed.gptq import quantize_grouped
+
+        wq = quantize_grouped(W, axis, sw, bits, hessian)
+    elif raised:
         shape = [1] * W.ndim
         shape[axis] = -1
         qmax = 2 ** (bits - 1) - 1
         wq = np.clip(np.round(W / sw.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
+    if b is None:
+        return wq, sw, np.zeros(len(sw), np.int32)
+    b = b.astype(np.float64)
     q = np.round(b / (s_in * sw))
     if np.any(np.abs(q) > BIAS_LIMIT):
         raise QuantizationError(f"node '{name}': the bias does not fit int32 at scale S_x*S_w")
@@ -90,7 +101,9 @@ def conv(qz: Quantizer, n):
     pads = _conv_pads(g, n, k, s, d)
     group = int(n.attrs.get("group", 1))
     qx = qz.qp(x)
-    wq, sw, bq = _weights_and_bias(W, b, qx.scale, 0, qz.cfg.weight_bits, n.name)
+    wbits = qz.cfg.layer_bits(n.name)[0]  # per layer (mixed precision plan), 8 by default
+    wq, sw, bq = _weights_and_bias(W, b, qx.scale, 0, wbits, n.name,
+                                   qz.cfg.hessian(n.name) if wbits < 8 else None)
     out = n.outputs[0]
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
@@ -108,7 +121,7 @@ def conv(qz: Quantizer, n):
         pads = [pads[0], pads[1], pads[2], pads[3]]  # ONNX (top, left, bottom, right)
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult, "shift": dy.shift,
              "lo": lo, "hi": hi, "dtype": qy.dtype, "strides": tuple(s), "pads": tuple(pads),
-             "dilations": tuple(d), "group": group, "weight_bits": qz.cfg.weight_bits}
+             "dilations": tuple(d), "group": group, "weight_bits": wbits}
     if nd == 1:
         y4 = qz.emit("conv", [x4], qz.fresh(out + "/out4d"), attrs, qy.dtype, shape4, qy, node_name=n.name)
         qz.emit("reshape", [y4], out, {"shape": out_shape}, qy.dtype, out_shape, qy, out)
@@ -121,12 +134,14 @@ def dense(qz: Quantizer, n):
     x, out = n.inputs[0], n.outputs[0]
     W = n.attrs["weight"].astype(np.float64)  # [K, N]
     qx = qz.qp(x)
-    wq, sw, bq = _weights_and_bias(W, n.attrs.get("bias"), qx.scale, 1, qz.cfg.weight_bits, n.name)
+    wbits = qz.cfg.layer_bits(n.name)[0]  # per layer (mixed precision plan), 8 by default
+    wq, sw, bq = _weights_and_bias(W, n.attrs.get("bias"), qx.scale, 1, wbits, n.name,
+                                   qz.cfg.hessian(n.name) if wbits < 8 else None)
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult,
-             "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "weight_bits": qz.cfg.weight_bits}
+             "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "weight_bits": wbits}
     qz.emit("dense", [qz.iname(x)], out, attrs, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
 
 
