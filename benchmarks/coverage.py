@@ -154,7 +154,7 @@ def worker(d: pathlib.Path, model_path: str, bit_exact_limit_s: float) -> None:
         np.savez(d / "q.npz", **{f"q{k}": v for k, v in enumerate(outs.values())})
         (d / "q_keys.json").write_text(json.dumps(list(outs)))
         res["q_outputs"] = list(lib.output_names)
-        b = lib.bench({k: v[:1] for k, v in feeds.items()}, repeats=10)
+        b = lib.bench({k: (v[:1] if k in batched else v) for k, v in feeds.items()}, repeats=10)
         res["qc_ms"] = round(float(b.get("median_ms", b.get("median", float("nan")))), 4)
         res["qc_threads"] = b.get("threads")
     except Exception as e:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tvm import relax
 
+from qcompiler.graph import Node
 from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import dyadic
@@ -69,7 +70,10 @@ def pad(qz, n):
 @rule("Concat")
 def concat(qz, n):
     out = n.outputs[0]
-    ins = list(n.inputs)
+    ins = [i for i in n.inputs if 0 not in tuple(qz.fg.shape(i))]  # empty pieces add nothing (and an
+    if len(ins) == 1:                                               # empty constant cannot be serialized)
+        _passthrough(qz, Node(n.op, n.name, ins, n.outputs, {}), "reshape", {"shape": tuple(qz.fg.shape(out))})
+        return
     consts = [i for i in ins if i in qz.fg.consts]
     if consts:  # constant pieces (a class token): quantized at the output's calibrated scale
         qy = qz.out_qparams(out)

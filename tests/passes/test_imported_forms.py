@@ -180,3 +180,4 @@ def test_if_steered_by_an_input_is_guarded(tmp_path):
                                rtol=0.05, atol=0.05 * np.abs(ort_run(m, {"x": x, "mode": np.array(1)})[0]).max())
     with pytest.raises(InputError, match="other branch of If"):
         lib(x=x, mode=np.array(0, np.int64))
+    assert lib.bench({"x": x, "mode": np.array(1, np.int64)}, repeats=2)["median_ms"] > 0  # a 0-d input times too

@@ -281,3 +281,14 @@ def test_split_into_many_pieces_is_one_kernel():
     nodes += [helper.make_node("Concat", [o + "s" for o in outs], ["y"], axis=1)]
     m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], [wt, tensor("sizes", np.ones(10, np.int64))])
     check_pipeline(m, x_data((1, 3, 6, 6)))
+
+
+def test_concat_with_an_empty_piece():
+    """A Concat with an empty input (a zero-length slice: eeg-spindle's head): the piece is dropped,
+    and the library loads (an empty constant cannot be serialized by the TVM runtime)."""
+    c, wt = conv("W", "x", "c", 3, 4)
+    nodes = [c, helper.make_node("Slice", ["c", "s0", "s0", "ax"], ["empty"]),
+             helper.make_node("Concat", ["c", "empty"], ["y"], axis=2)]
+    m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)],
+                   [wt, tensor("s0", np.array([0], np.int64)), tensor("ax", np.array([2], np.int64))])
+    check_pipeline(m, x_data((1, 3, 6, 6)))
