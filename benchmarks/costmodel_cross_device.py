@@ -1,7 +1,7 @@
 """Cross-device check of the cost model: two CPUs with different GEMM instruction sets.
 
-    .venv/bin/python benchmarks/costmodel_cross_device.py [--a autotune_logs/intel-xeon-processor]
-                                                           [--b autotune_logs/amd-epyc]
+    .venv/bin/python benchmarks/costmodel_cross_device.py [--a autotune_logs/rocketlake-avx512vnni-2c]
+                                                           [--b autotune_logs/znver2-avx2-2c]
 
 The tuning records of device A (the Xeon: AVX-512 VNNI kernels, backend ``cpu_vnni``) and of
 device B (an AMD Zen 2: AVX2 kernels, backend ``cpu_avx2``) are featurized with the same schema
@@ -66,8 +66,8 @@ def fit_predict(Xtr, ytr, qtr, Xte, cols):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a", default=str(ROOT / "autotune_logs" / "intel-xeon-processor"))
-    ap.add_argument("--b", default=str(ROOT / "autotune_logs" / "amd-epyc"))
+    ap.add_argument("--a", default=str(ROOT / "autotune_logs" / "rocketlake-avx512vnni-2c"))
+    ap.add_argument("--b", default=str(ROOT / "autotune_logs" / "znver2-avx2-2c"))
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_cross_device.json"))
     args = ap.parse_args()

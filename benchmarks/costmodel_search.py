@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 # the device log, its CPU (workload target "cpu:<arch>") and GEMM backend: set by use_log() from
 # --log (default: this host's log); the experiment's workloads are of that backend
-LOG = ROOT / "autotune_logs" / "intel-xeon-processor"
+LOG = ROOT / "autotune_logs" / "rocketlake-avx512vnni-2c"
 TARGET, BACKEND = "cpu:rocketlake", "cpu_vnni"
 S1, P0, P1, D1 = (1, 1), (0, 0, 0, 0), (1, 1, 1, 1), (1, 1)
 U8 = ("uint8", "uint8", 0, 255)

@@ -31,11 +31,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def same_target(a: dict, b: dict) -> bool:
-    """Same kind and arch, and for a CPU the same machine model when both name one (a CPU target
-    other than the compiling host's has none: any machine of that arch)."""
-    keys = ("kind", "arch", "device") if a.get("kind") == "cpu" and a.get("device") and b.get("device") \
-        else ("kind", "arch")
-    return all(a.get(k) == b.get(k) for k in keys)
+    """Same kind and arch, and for a CPU the same device key (LLVM CPU, ISA class, cores:
+    qcompiler/tune/device.py) when both name one (a CPU target other than the compiling host's has
+    none: any machine of that arch)."""
+    if a.get("kind") == "cpu" and a.get("device") and b.get("device"):
+        from qcompiler.tune.records import target_matches
+
+        return target_matches(a, b)
+    return all(a.get(k) == b.get(k) for k in ("kind", "arch"))
 
 
 def find_model(device: str) -> Path | None:

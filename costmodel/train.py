@@ -206,8 +206,12 @@ def save(doc: dict, path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, p)
+    except BaseException:  # an error or Ctrl-C / SIGTERM (qcompiler/cli.py) mid-write: no partial file
+        tmp.unlink(missing_ok=True)
+        raise
     return p
 
 

@@ -9,7 +9,8 @@ uniform random subsample of values (a reservoir).  The clipping range then comes
               subsample, Q being the symmetric 8-bit quantizer the compiler will apply.
 
 Calibration data (``--calib``): an .npz keyed by the model's input names, or a folder of them (one
-sample or batch per file, in file-name order).  Which axis holds the samples is decided per input by
+sample or batch per file; the samples are then sorted by content, so the result does not depend on
+file order or on how the samples are batched into files).  Which axis holds the samples is decided per input by
 the model's declared input rank (``calibration_set``):
   * batch axis -- a symbolic first dim named like a batch (N, batch, batch_size, unk__3, ?, ...), and
     that same dim on another axis of another input (silero-vad's state [2, batch, 128]): an array of
@@ -163,7 +164,8 @@ def calibration_set(data, specs, batch: int = 1, where: str = "calibration data"
       * an input given as one sample while the others give N is shared by all N samples (a scalar
         sample rate, an initial state); otherwise every input gives the same N;
       * a folder of .npz files: each file is read by the same rule, the samples concatenated in file
-        name order.
+        name order (``collect`` then visits them in a canonical order, ``canonical_order``: by
+        content, so neither the files' order nor their split into batches changes the statistics).
     The compiled shapes come from the declared dims, never from the number of samples: the batch axis
     gets ``batch`` (a fixed batch its declared size), other symbolic dims (time, sequence) the samples'
     size, which must then agree across samples and across inputs declaring the same dim name.  An
@@ -301,6 +303,30 @@ def calibration_set(data, specs, batch: int = 1, where: str = "calibration data"
     return CalibSet(arrays, axes, shapes, batch, n)
 
 
+def canonical_order(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The samples sorted by a hash of their contents (every input's values of that sample), so the
+    statistics (the random subsample included) do not depend on the order of the files in a
+    calibration folder nor on how the samples are split into files or stacked into batches
+    (``tests/test_reliability.py``).  Shared values (one for all samples) stay as they are."""
+    import hashlib
+
+    per = [k for k in sorted(arrays) if len(arrays[k]) == n]
+    if n < 2 or not per:
+        return arrays
+    digests = []
+    for i in range(n):
+        h = hashlib.sha256()
+        for k in per:
+            a = np.ascontiguousarray(arrays[k][i])
+            h.update(str((k, a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+        digests.append(h.digest())
+    order = np.asarray(sorted(range(n), key=digests.__getitem__))
+    if np.array_equal(order, np.arange(n)):
+        return arrays
+    return {k: (a[order] if len(a) == n else a) for k, a in arrays.items()}
+
+
 def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration data") -> dict[str, np.ndarray]:
     """Legacy form (first axis of every array = samples): validate names, ranks, dtypes and finiteness
     against the model's declared inputs.  ``calibration_set`` applies the full rule."""
@@ -380,6 +406,7 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
     arrays hold the samples on axis 0, run ``batch`` at a time) and gather stats of ``tensors``."""
     rep = progress.get()
     data = _as_set(data, batch)
+    data = CalibSet(canonical_order(data.arrays, data.n), data.axes, data.shapes, data.batch, data.n)
     inputs = [t for t in tensors if t in data.arrays]
     tensors = [t for t in tensors if t not in data.arrays]
     try:
@@ -424,7 +451,9 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
             if not np.all(np.isfinite(v)):
                 fin = np.isfinite(v)
                 if np.isnan(v).any() or not fin.any():
-                    raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..)")
+                    raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..): "
+                                           "the float model overflows on these inputs; check that they are scaled "
+                                           "and normalized as the model expects")
                 # +-Inf from an explicit fill (masked_fill(-inf)): the range is the finite values'
                 # (an infinite element saturates to the integer dtype's end)
                 v = np.clip(v, v[fin].min(), v[fin].max())

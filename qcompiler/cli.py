@@ -30,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="library path, e.g. model.so (model.json goes beside it)")
     c.add_argument("--target", default="cpu", help="cpu (this host, LLVM) or cuda")
     c.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90; for --target cpu an LLVM CPU name (default: this host's)")
-    c.add_argument("--precision", default="int8", help="int8 (default)")
+    c.add_argument("--precision", default="int8", choices=["int8", "w4a8", "mixed", "int4"],
+                   help="int8 (default); w4a8: 4-bit weights (GPTQ rounding), 8-bit activations; mixed: per "
+                        "layer W8A8 / W4A8 / W8A16 chosen by an ILP (latency / size budgets); int4: W4A4 where "
+                        "the target has native s4")
+    from .mixed.cli import add_compile_flags
+
+    add_compile_flags(c)
     c.add_argument("--calib", default=None, help=".npz keyed by input names, or a folder of them (which axis holds the samples: README, --calib)")
     c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"])
     c.add_argument("--batch", type=int, default=1, help="batch size the library is compiled for (default 1)")
@@ -65,10 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None,
                    help="CPU worker threads (sets TVM_NUM_THREADS; default: the TVM runtime's, which on x86 is "
                         "half the logical CPUs; tuning records and qc predict are at that default)")
+    b.add_argument("--profile", action="store_true",
+                   help="per-kernel table: category, layer, ms, share, GOPS / bytes; time by category (qcompiler/bench_profile.py)")
     b.add_argument("--json", action="store_true")
 
     _tune_parsers(sub)
     _costmodel_parsers(sub)
+    from .mixed.cli import add_parsers as _mixed_parsers
+
+    _mixed_parsers(sub)
     return p
 
 
@@ -150,20 +161,26 @@ def cmd_compile(a) -> int:
     from .driver import CompileOptions, compile_model
     from .targets import parse_target
 
+    from .mixed.cli import mixed_options
+
     spec = parse_target(a.target, a.arch)
     opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
                           softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels,
-                          dump_dir=a.dump, allow_float=a.allow_float)
+                          dump_dir=a.dump, allow_float=a.allow_float, mixed=mixed_options(a))
     meta = compile_model(a.model, a.output, a.calib, opts)
     summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
                "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
                "integer_only": meta["integer_only"], "float_islands": meta["float_islands"],
-               "timings_s": meta["timings_s"]}
+               "precision": meta["precision"], "weight_bytes": meta["weight_bytes"],
+               "mixed_precision": meta.get("mixed_precision"), "timings_s": meta["timings_s"]}
     if a.json:
         print(json.dumps(summary, indent=1))
     else:
         islands = [r for r in meta["float_islands"] if r["node"]]
+        from .mixed.cli import precision_summary
+
         print(f"wrote {a.output} ({meta['kernels']['count']} kernels, {len(meta['layers'])} GEMM/conv layers, "
+              + precision_summary(meta)
               + (f"{len(islands)} float island(s), " if islands else "")
               + f"{meta['timings_s']['total']:.1f} s)")
     return 0
@@ -227,6 +244,8 @@ def cmd_inspect(a) -> int:
         what = f"{r['node']} ({r['op']}: {r.get('reason') or 'no integer form'})" if r["node"] else "(no node)"
         print(f"float island {what}: kernels {', '.join(r['kernels']) or '-'}")
     print(f"unscheduled  {len(rep['unscheduled'])}" + (": " + ", ".join(rep["unscheduled"][:10]) if rep["unscheduled"] else ""))
+    if all("weight_bytes" in r for r in rep["layers"]):
+        print(f"weights      {sum(r['weight_bytes'] for r in rep['layers'])} bytes (conv/dense weights at their bits)")
     print("layers:")
     for layer in rep["layers"]:
         print(f"  {layer['name']:<48} {layer['op']:<7} {layer['input_dtype']:>6} x int{layer['weight_bits'] or 8} -> "
@@ -246,6 +265,13 @@ def cmd_bench(a) -> int:
         raise InputError(f"{a.library} is compiled for batch {lib.batch}; recompile with --batch {a.batch} "
                          "to time that batch")
     inputs = _load_npz(a.inputs) if a.inputs else None
+    if a.profile:
+        from .bench_profile import format_table, profile
+
+        p = profile(lib, lib._feeds((), inputs) if inputs else None, runs=max(5, min(a.repeats, 30)),
+                    bench_repeats=a.repeats)
+        print(json.dumps(p, indent=1) if a.json else format_table(p))
+        return 0
     r = lib.bench(inputs, repeats=a.repeats)
     if a.json:
         print(json.dumps(r, indent=1))
@@ -269,7 +295,8 @@ def cmd_predict(a) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
-            "tune": cmd_tune, "measure": cmd_measure, "costmodel": cmd_costmodel, "predict": cmd_predict}
+            "tune": cmd_tune, "measure": cmd_measure, "costmodel": cmd_costmodel, "predict": cmd_predict,
+            "mixed-precision": lambda a: __import__("qcompiler.mixed.cli", fromlist=["run"]).run(a)}
 
 
 def _warning_to_reporter(message, category, filename, lineno, file=None, line=None) -> None:
@@ -326,30 +353,156 @@ def _error_line(cmd: str, e: QCError) -> str:
     return f"qc {cmd}: error: {msg}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so the same cleanup runs (exit 143)."""
+
+
+_SIGNALLED: list[int] = []  # the signals received while a command ran
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _SIGNALLED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _signals_raise(own_process: bool = False):
+    """SIGINT / SIGTERM raise KeyboardInterrupt / Terminated in the main thread and are remembered:
+    one that lands inside a TVM call comes back as that call's RuntimeError, still an interruption.
+    ``own_process`` (the console script: the command is the process): afterwards the signals are
+    ignored rather than restored, so one that lands while the interpreter tears TVM down does not
+    kill a command that has already finished and reported."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGNALLED.clear()
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, signal.SIG_IGN if own_process else h)
+
+
+def _quiet_teardown_after_interrupt() -> None:
+    """After an interruption is reported, TVM objects torn down later may complain from their
+    ``__del__`` (a MetaSchedule PopenPoolExecutor left mid-build is collected on one of its own
+    threads: "cannot join current thread"); those lines would follow our one line, so they are
+    dropped.  Anything else still reaches the previous hook."""
+    prev = sys.unraisablehook
+
+    def hook(u):
+        if type(getattr(u, "object", None)).__module__.startswith("tvm") or \
+                getattr(getattr(u, "object", None), "__module__", "").startswith("tvm"):
+            return
+        prev(u)
+
+    sys.unraisablehook = hook
+
+
+def _interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The interruption ``e`` stands for (itself, or a failure caused by a signal received), or None."""
+    import signal
+
+    if isinstance(e, KeyboardInterrupt):
+        return e
+    if _SIGNALLED:
+        return Terminated() if _SIGNALLED[0] == signal.SIGTERM else KeyboardInterrupt()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    # the signal handlers first: a Ctrl-C / SIGTERM even while the arguments are parsed is one line
+    own = argv is None  # the console script: this command is the whole process
+    with _signals_raise(own_process=own):
+        try:
+            rc = _main(argv)
+        except KeyboardInterrupt as e:  # before the command started
+            _quiet_teardown_after_interrupt()
+            term = isinstance(e, Terminated)
+            print(f"qc: {'terminated' if term else 'interrupted'} (nothing was written)", file=sys.stderr)
+            rc = 143 if term else 130
+    if own and rc in (130, 143):
+        # interrupted: the cleanup ran while the exception unwound and the line is printed; native
+        # threads stopped mid-task (TVM's / LLVM's pools) would make the C++ static destructors abort
+        # the exit ("terminate called without an active exception", SIGABRT), so leave at once
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    return rc
+
+
+_HEAVY = {"compile": ("numpy", "onnx", "onnxruntime", "tvm"), "tune": ("numpy", "onnx", "onnxruntime", "tvm"),
+          "predict": ("numpy", "onnx", "onnxruntime", "tvm"), "costmodel": ("numpy", "tvm")}
+
+
+def _import_shielded(cmd: str) -> None:
+    """Import the native libraries a command needs with SIGINT / SIGTERM held back: a signal landing
+    inside a native module's initialization can fail it oddly (onnxruntime: "ImportError:
+    initialization failed"); held, it is delivered right after, as an ordinary interruption."""
+    import importlib
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return
+    mods = [m for m in _HEAVY.get(cmd, ("numpy", "tvm")) if m not in sys.modules]
+    if not mods:
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for m in mods:
+            try:
+                importlib.import_module(m)
+            except ImportError:  # a missing optional dependency is reported where it is used
+                pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held signal is delivered here
+
+
+def _main(argv: list[str] | None = None) -> int:
     import warnings
 
     args = _parser().parse_args(argv)
+    _import_shielded(args.cmd)
     progress.set_reporter(progress.Reporter() if args.quiet else
                           progress.ConsoleReporter(bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
     old_showwarning = warnings.showwarning
     warnings.showwarning = _warning_to_reporter
     try:
         try:
-            if args.cmd != "compile":
-                return COMMANDS[args.cmd](args)
-            with _native_stderr_held(args.quiet):
-                return COMMANDS[args.cmd](args)
-        except (KeyboardInterrupt, BrokenPipeError, QCError):
+            with _signals_raise():
+                if args.cmd != "compile":
+                    return COMMANDS[args.cmd](args)
+                with _native_stderr_held(args.quiet):
+                    return COMMANDS[args.cmd](args)
+        except (KeyboardInterrupt, BrokenPipeError):
             raise
-        except Exception as e:  # a bug: one line naming where, never a traceback
+        except (QCError, Exception) as e:  # a bug: one line naming where, never a traceback
+            intr = _interruption(e)  # ... unless a signal made the call fail
+            if intr is not None:
+                raise intr from None
+            if isinstance(e, QCError):
+                raise
             raise internal(f"qc {args.cmd}", e) from e
     except QCError as e:
         print(_error_line(args.cmd, e), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"qc {args.cmd}: interrupted (no partial output was written)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        _quiet_teardown_after_interrupt()
+        term = isinstance(e, Terminated)
+        print(f"qc {args.cmd}: {'terminated' if term else 'interrupted'} (no partial output was written)",
+              file=sys.stderr)
+        return 143 if term else 130
     except BrokenPipeError:  # `qc inspect x.so | head`: the reader left, not an error of ours
         try:
             sys.stdout = open(os.devnull, "w")

@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, artifact, calibrate, frontend, progress
-from .errors import CalibrationError, ModelError, UnsupportedOpError, at_node, stage
+from .errors import CalibrationError, ModelError, TargetError, UnsupportedOpError, at_node, stage
 from .graph import Graph
+from .mixed.plan import MixedOptions
 from .targets import TargetSpec
 
-PRECISIONS = ("int8",)
+# int8: every layer W8A8; w4a8: 4-bit weights everywhere (GPTQ rounding); mixed: per layer, by the
+# ILP of qcompiler/mixed/ (docs/mixed_precision.md); int4 (W4A4) needs native s4 tensor cores
+PRECISIONS = ("int8", "w4a8", "mixed", "int4")
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,18 @@ class CompileOptions:
     dump_dir: str | None = None
     tune_log: str | None = None    # tuning log dir (None: $QC_TUNE_LOG or autotune_logs/<device>/; "off": none)
     allow_float: bool = False      # keep nodes without an integer form in float islands (not integer-only)
+    mixed: MixedOptions | None = None  # pins, budgets, rounding of --precision w4a8|mixed (qcompiler/mixed/)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ModelError(f"precision '{self.precision}' is not available yet; choose from {', '.join(PRECISIONS)}")
+            raise ModelError(f"precision '{self.precision}' is not available; choose from {', '.join(PRECISIONS)}")
+        if self.precision == "int4":
+            where = "CPUs have none" if self.target.kind == "cpu" else f"{self.target.arch} has none"
+            if self.target.kind == "cpu" or self.target.arch == "sm_90":
+                raise TargetError(f"--precision int4 (4-bit weights and activations) needs native s4 tensor cores "
+                                  f"and {where}; use --precision w4a8 (4-bit weights, 8-bit activations)")
+            raise TargetError(f"--precision int4 (W4A4) on {self.target.arch} is not available yet; use --precision w4a8 "
+                              "(4-bit weights, 8-bit activations)")
         if self.batch < 1:
             raise ModelError(f"batch must be >= 1, got {self.batch}")
         if self.method not in calibrate.METHODS:
@@ -64,6 +75,19 @@ class Prepared:
     timings: dict = field(default_factory=dict)
     batch: int = 1                  # samples per run of the compiled library
     batch_axes: dict = field(default_factory=dict)  # input name -> its batch axis (None: it has none)
+    mixed: dict | None = None       # the per-layer precision plan and how it was chosen (model.json)
+    state: QuantState | None = None  # what quantization started from (re-quantize with another plan)
+
+
+@dataclass
+class QuantState:
+    """The inputs of ``passes.quantize.quantize``: the mixed-precision search re-quantizes from here."""
+    fr: frontend.FrontendResult
+    fg: Graph
+    stats: dict
+    nonneg: set
+    cfg: object                     # the all-INT8 QuantConfig
+    data: calibrate.CalibSet
 
 
 def float_passes(g: Graph, allow_float: bool = False) -> Graph:
@@ -109,7 +133,7 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
         data = calibrate.calibration_set(calibrate.load_calibration(calib), specs, opts.batch)
     batch = data.batch
     with rep.timed("reading and folding the model"), stage("frontend"):
-        fr = frontend.load(model_path, batch=batch, shapes=data.shapes)
+        fr = frontend.load(model_path, batch=batch, shapes=data.shapes, samples=data)
     t["frontend"] = time.perf_counter() - t0
     try:
         fg = float_passes(fr.graph, opts.allow_float)
@@ -128,12 +152,16 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     t1 = time.perf_counter()
     tensors = [o for n in fr.model.graph.node for o in n.output if o and fr.graph.dtypes.get(o, "").startswith("float")]
     tensors += [s.name for s in specs if s.dtype.startswith("float")]
+    tensors = [t for t in tensors if 0 not in tuple(fr.graph.shapes.get(t, (1,)))]  # empty: no range to find
     n = data.n
     with stage("calibration"):
         calibrate.check_memory(fr.graph, tensors, data, batch)
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
     with stage("calibration"):
         stats = calibrate.collect(fr.model, data, tensors, batch)
+        from passes.shared_steps import share_step_ranges
+
+        stats = share_step_ranges(stats)  # unrolled recurrences: one range per role over the steps
     from passes.smooth import smooth
 
     with stage("smooth"):
@@ -143,12 +171,23 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
                       allow_float=opts.allow_float)
     with stage("sign analysis"):
         nonneg = nonnegative(fg)
+    plan_report = None
+    state = QuantState(fr, fg, stats, nonneg, cfg, data)
+    if opts.precision != "int8" or (opts.mixed and opts.mixed.pins):
+        from .mixed.plan import make_plan
+
+        with stage("mixed precision"):
+            cfg, plan_report = make_plan(fr, fg, stats, nonneg, cfg, data, opts, model_path)
     with stage("quantize"):
         ig = quantize(fg, stats, nonneg, cfg, fr.model)
+    if plan_report:
+        from .mixed.plan import check_applied
+
+        check_applied(ig, plan_report)
     with stage("overflow check"):
         intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
-    return Prepared(fr, fg, ig, intervals, n, t, batch, dict(data.axes))
+    return Prepared(fr, fg, ig, intervals, n, t, batch, dict(data.axes), plan_report, state)
 
 
 def layer_table(ig: Graph) -> list[dict]:
@@ -157,8 +196,11 @@ def layer_table(ig: Graph) -> list[dict]:
         if n.op in ("conv", "dense", "matmul"):
             w = n.attrs.get("weight")
             with at_node(n):
+                wb = int(n.attrs.get("weight_bits", 8)) if w is not None else None
                 rows.append({"name": n.name, "op": n.op, "input_dtype": ig.dtypes[n.inputs[0]],
-                             "weight_bits": int(n.attrs.get("weight_bits", 8)) if w is not None else None,
+                             "weight_bits": wb,
+                             "act_bits": int("".join(ch for ch in ig.dtypes[n.inputs[0]] if ch.isdigit())),
+                             "weight_bytes": (int(np.asarray(w).size) * wb + 7) // 8 if w is not None else 0,
                              "output_dtype": n.attrs["dtype"],
                              "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
                              "weight_shape": list(w.shape) if w is not None else None})
@@ -246,8 +288,8 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
         meta = {
             "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION,
             "qcompiler_version": __version__, "tvm_version": tvm.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"source": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
+            "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source_path": str(Path(model_path).resolve()), "sha256": _sha256(model_path),
                       "opset": prep.fr.opset},
             "target": {**opts.target.describe(), "tvm": str(target)},
             "precision": opts.precision, "io": opts.io,
@@ -259,8 +301,10 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
                        for e in _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input")],
             "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
             "layers": layer_table(ig),
+            "mixed_precision": prep.mixed,
             "integer_only": bool(res.scan.integer_only) if res.scan is not None else not res.float_islands,
             "float_islands": float_island_table(ig, res),
+            "guards": [g.as_json() for g in prep.fr.guards],
             "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
                         "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
             "tuning": tuned.summary(),
@@ -268,6 +312,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
             "tir": artifact.encode_text(tir_text),
         }
+        meta["weight_bytes"] = int(sum(r["weight_bytes"] for r in meta["layers"]))  # conv/dense weights
         for inp in meta["inputs"]:
             rng = _int_input_range(ig, inp["name"])
             if rng is not None:
@@ -281,7 +326,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     with rep.timed(f"writing {out}"):
         with artifact.atomic_paths(out, meta_path) as (tmp_so, tmp_json), stage("export"):
             res.executable.export_library(str(tmp_so))
-            artifact.write_json(tmp_json, meta)
+            artifact.write_json(tmp_json, artifact.seal(meta, tmp_so))  # model.so's SHA-256, ISA
     meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
 

@@ -49,5 +49,5 @@ def compile_float(model_path, out_path, spec: TargetSpec, batch: int = 1,
     out = artifact.check_writable(out_path)
     with artifact.atomic_paths(out, artifact.metadata_path(out)) as (tmp_so, tmp_json):
         ex.export_library(str(tmp_so))
-        artifact.write_json(tmp_json, meta)
+        artifact.write_json(tmp_json, artifact.seal(meta, tmp_so))
     return meta

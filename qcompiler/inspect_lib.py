@@ -13,6 +13,9 @@ float on integer data pass.
 Float islands (``qc compile --allow-float``): ``float_islands`` lists, from model.json, each node
 kept in float with its op, the reason and its kernels; ``integer_only`` is still the scan's answer
 (false as soon as an island computes in float).
+
+The library must be the one model.json describes (SHA-256 and size, ``artifact.read_metadata``); a
+library built for CPU features this host lacks is still inspected (nothing of it runs).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ def inspect_library(path) -> dict:
     return {
         "library": str(path),
         "target": meta["target"], "precision": meta["precision"], "io": meta["io"], "batch": meta.get("batch"),
-        "versions": {"qcompiler": meta.get("qcompiler_version"), "tvm": meta.get("tvm_version")},
+        "versions": {"qcompiler": meta.get("qcompiler_version"), "tvm": meta.get("tvm_version"),
+                     "format": meta.get("format_version")},
+        "library_sha256": meta.get("library", {}).get("sha256"),  # checked against the file by read_metadata
         "model": meta.get("model"), "calibration": meta.get("calibration"),
         "inputs": meta["inputs"], "outputs": meta["outputs"], "layers": meta["layers"],
         "integer_only": bool(scan.integer_only),

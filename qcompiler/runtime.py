@@ -4,15 +4,27 @@
 values, integer ranges), runs the Relax VM and returns {onnx output name: array}.  A batch larger
 than the compiled one is split into compiled-size chunks (the last chunk padded by repetition)
 and the results concatenated, so a batch-1 library serves any batch.
+
+Before anything is loaded, model.json is checked against the library (``artifact.read_metadata``:
+SHA-256 and size of model.so, TVM release) and against this host (``artifact.check_host``: the
+CPU features or GPU arch the code was generated for); a mismatch is one ``ArtifactError``.
+
+Threads: one ``Library`` may be called from many threads at once (a web server's workers).  The
+Relax VM keeps per-call state (registers, frames), so each calling thread gets its own
+``VirtualMachine`` over the one loaded module (created on the thread's first call, kept in a
+``threading.local``); the module, its constants and the metadata are shared and read-only.
+``tests/test_reliability_threads.py`` checks 8 threads against the single-threaded results.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
-from .artifact import read_metadata
+from . import guards
+from .artifact import check_host, read_metadata
 from .errors import InputError
 
 
@@ -28,14 +40,27 @@ class Library:
         self.dev = tvm.cpu(0) if self.on_cpu else tvm.cuda(0)
         if not self.dev.exist:
             raise InputError(f"{self.path}: built for {kind}, but no {kind} device is present here")
+        check_host(self.path, self.meta, None if self.on_cpu else self.dev)  # before its code can run
         try:
             self.module = tvm.runtime.load_module(self.path)
         except Exception as e:
             raise InputError(f"{self.path}: the TVM runtime cannot load this library ({str(e).splitlines()[0]})") from None
-        self.vm = tvm.runtime.vm.VirtualMachine(self.module, self.dev)
+        self._vm_lock = threading.Lock()
+        self._local = threading.local()
+        self._local.vm = tvm.runtime.vm.VirtualMachine(self.module, self.dev)
         self.inputs = self.meta["inputs"]
         self.outputs = self.meta["outputs"]
         self._tvm = tvm
+
+    @property
+    def vm(self):
+        """This thread's Relax VM over the shared module (see the module docstring: threads)."""
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            with self._vm_lock:
+                vm = self._tvm.runtime.vm.VirtualMachine(self.module, self.dev)
+            self._local.vm = vm
+        return vm
 
     @property
     def input_names(self) -> list[str]:
@@ -43,7 +68,13 @@ class Library:
 
     @property
     def output_names(self) -> list[str]:
-        return [o["name"] for o in self.outputs]
+        """The model's outputs (without the run-time guards of qcompiler/guards.py)."""
+        hidden = guards.guard_outputs(self.meta)
+        return [o["name"] for o in self.outputs if o["name"] not in hidden]
+
+    def _named(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """One run's outputs by name, its guards checked and dropped."""
+        return guards.check(self.meta, dict(zip([o["name"] for o in self.outputs], outs)))
 
     @property
     def batch(self) -> int:
@@ -116,7 +147,7 @@ class Library:
         n = feeds[batched[0]].shape[axes[batched[0]]] if batched else self.batch
         b = self.batch
         if n == b:
-            outs = self._run_exact(feeds)
+            return self._named(self._run_exact(feeds))
         elif any(axes[k] != 0 for k in batched):
             raise InputError(f"this library runs {b} sample(s) at a time along a batch axis other than the first; "
                              f"got {n}: call it with batches of {b}")
@@ -124,9 +155,8 @@ class Library:
             parts = []
             for s in range(0, n, b):
                 idx = np.arange(s, s + b) % n
-                parts.append(self._run_exact({k: (v[idx] if k in batched else v) for k, v in feeds.items()}))
-            outs = [np.concatenate([p[k] for p in parts])[:n] for k in range(len(self.outputs))]
-        return dict(zip(self.output_names, outs))
+                parts.append(self._named(self._run_exact({k: (v[idx] if k in batched else v) for k, v in feeds.items()})))
+            return {k: np.concatenate([p[k] for p in parts])[:n] for k in self.output_names}
 
     def example_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -144,7 +174,10 @@ class Library:
               warmup: int = 3) -> dict:
         """Median and spread of the library's latency at its compiled batch (TVM time_evaluator)."""
         feeds = self._feeds((), inputs) if inputs else self.example_inputs()
-        feeds = {k: v[: self.batch] for k, v in feeds.items()}
+        axes = {spec["name"]: self._batch_axis(spec) for spec in self.inputs}
+        feeds = {k: (v if axes.get(k) is None else  # the compiled batch along each input's batch axis
+                     np.take(v, np.arange(self.batch) % max(v.shape[axes[k]], 1), axis=axes[k]))
+                 for k, v in feeds.items()}
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), self.dev) for n in self.input_names]  # keeps 0-d
         for _ in range(warmup):

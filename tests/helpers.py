@@ -2,8 +2,9 @@
 
 check_pipeline(model, data):
   1. float passes: our float executor on the rewritten graph == onnxruntime on the file (allclose)
-  2. quantization: integer reference vs onnxruntime float (cosine / max error)
-  3. lowering + build: TVM output == integer reference, element for element
+  2. quantization: integer reference vs onnxruntime float (cosine per output)
+  3. lowering + build: TVM output == integer reference, element for element, same shape and dtype,
+     on the test feed and on further calibration samples
 """
 
 from __future__ import annotations
@@ -69,15 +70,43 @@ def run_tvm(executable, ig, feeds):
     from tvm import relax
 
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    res = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(feeds[k])) for k in ig.inputs])
+    res = vm["main"](*[tvm.runtime.tensor(np.require(feeds[k], requirements="C")) for k in ig.inputs])  # keeps 0-d
     if len(ig.outputs) == 1:
         return {ig.outputs[0]: res.numpy()}
     return {o: r.numpy() for o, r in zip(ig.outputs, res)}
 
 
+EXTRA_SAMPLES = 2  # calibration samples, besides ``test``, on which TVM must equal the reference
+
+
+def _more_samples(calib: dict, test: dict, n: int) -> list[dict]:
+    """Up to ``n`` further feeds of ``test``'s shapes taken from ``calib``: blocks 1, 2, ... of as many
+    samples (first axis) as ``test`` has."""
+    out = []
+    for i in range(1, 1 + n):
+        try:
+            feed = {}
+            for k, v in calib.items():
+                v, b = np.asarray(v), max(1, len(np.asarray(test[k])) if np.ndim(test[k]) else 1)
+                feed[k] = v[i * b:(i + 1) * b]
+        except (IndexError, KeyError, TypeError):
+            break
+        if set(feed) != set(test) or any(feed[k].shape != np.asarray(test[k]).shape for k in feed):
+            break
+        out.append(feed)
+    return out
+
+
 def check_pipeline(model, calib: dict, test: dict | None = None, min_cos=0.99, target="cpu", build=True,
                    opts_kw=None, float_rtol=1e-4):
-    """Runs the three checks; returns (prepared, tvm outputs, reference outputs)."""
+    """Three checks; returns (prepared, tvm outputs, reference outputs) of ``test``:
+    1. the float passes keep the model: the float reference of the rewritten graph equals ONNX
+       Runtime on ``test`` within ``float_rtol`` (relative, and absolute ``float_rtol`` x (1 + max|y|));
+    2. the quantized NumPy reference is close to ONNX Runtime on ``test``: cosine >= ``min_cos`` per
+       output (no max-error bound: quantization error is judged by the cosine alone);
+    3. (``build``) the TVM library equals the integer reference bit for bit, same dtype and shape, on
+       ``test`` (default: the first calibration sample) and on up to ``EXTRA_SAMPLES`` further
+       calibration samples of the same shapes."""
     test = test or {k: v[:1] for k, v in calib.items()}
     with tempfile.TemporaryDirectory() as d:
         path = save(model, d)
@@ -102,9 +131,20 @@ def check_pipeline(model, calib: dict, test: dict | None = None, min_cos=0.99, t
 
         res = tvm_build(prep.int_graph, opts.target.tvm_target(), use_kernels=opts.use_kernels)
         tv = run_tvm(res.executable, prep.int_graph, test)
-        for name in names:
-            assert tv[name].dtype == ref[name].dtype, (name, tv[name].dtype, ref[name].dtype)
-            bad = np.flatnonzero(tv[name] != ref[name])
-            assert bad.size == 0, (f"output {name}: TVM differs from the integer reference at {bad.size} of "
-                                   f"{ref[name].size} elements, e.g. {tv[name].ravel()[bad[:3]]} vs {ref[name].ravel()[bad[:3]]}")
+        assert_bit_exact(tv, ref, names)
+        for k, feed in enumerate(_more_samples(calib, test, EXTRA_SAMPLES)):
+            assert_bit_exact(run_tvm(res.executable, prep.int_graph, feed), reference.execute(prep.int_graph, feed),
+                             names, f" (calibration sample {k + 1})")
     return prep, tv, ref
+
+
+def assert_bit_exact(tv: dict, ref: dict, names, where: str = "") -> None:
+    """TVM outputs equal to the reference's: same dtype, same shape (``!=`` alone would broadcast a
+    (1, n) against an (n, 1)), every element."""
+    for name in names:
+        t, r = np.asarray(tv[name]), np.asarray(ref[name])
+        assert t.dtype == r.dtype, (name, t.dtype, r.dtype)
+        assert t.shape == r.shape, f"output {name}{where}: TVM shape {t.shape} != reference shape {r.shape}"
+        bad = np.flatnonzero(t != r)
+        assert bad.size == 0, (f"output {name}{where}: TVM differs from the integer reference at {bad.size} of "
+                               f"{r.size} elements, e.g. {t.ravel()[bad[:3]]} vs {r.ravel()[bad[:3]]}")

@@ -83,7 +83,11 @@ def _bad(capsys, argv, *needles, out=None):
         assert n.lower() in err.lower(), err
     if out is not None:
         assert not os.path.exists(out), f"partial output {out} left behind"
-        leftovers = [f for f in os.listdir(os.path.dirname(out)) if f.startswith("." + os.path.basename(out))]
+        meta = os.path.splitext(out)[0] + ".json"
+        if out.endswith(".so"):
+            assert not os.path.exists(meta), f"partial output {meta} left behind"
+        stems = ("." + os.path.basename(out), "." + os.path.basename(meta))
+        leftovers = [f for f in os.listdir(os.path.dirname(out)) if f.startswith(stems)]
         assert not leftovers, leftovers
 
 
@@ -103,7 +107,8 @@ def test_bad_calibration(small, tmp_path, capsys):
     m, out = str(small / "m.onnx"), str(tmp_path / "o.so")
     _bad(capsys, ["compile", m, "-o", out], "calibration data is required", out=out)
     np.savez(tmp_path / "wrongname.npz", y=np.zeros((2, 3, 16, 16), np.float32))
-    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "wrongname.npz")], "x", out=out)
+    _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "wrongname.npz")], "lacks input(s) ['x']",
+         out=out)
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 4, 16, 16), np.float32))
     _bad(capsys, ["compile", m, "-o", out, "--calib", str(tmp_path / "shape.npz")], "shape", out=out)
     np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 3, 16, 16), np.int32))
@@ -126,17 +131,52 @@ def test_bad_target_and_output(small, tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if not os.access(ro, os.W_OK):  # root ignores permissions
-            _bad(capsys, ["compile", m, "-o", str(ro / "o.so"), "--calib", calib], "not writable")
+        if os.access(ro, os.W_OK):  # root ignores permission bits (CI runs as root): the OS says no instead
+            import qcompiler.artifact as art
+
+            real = os.access
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(art.os, "access", lambda p, mode, *a, **k: False if str(p) == str(ro) and mode == os.W_OK
+                           else real(p, mode, *a, **k))
+                _bad(capsys, ["compile", m, "-o", str(ro / "o.so"), "--calib", calib], str(ro), "not writable",
+                     out=str(ro / "o.so"))
+        else:
+            _bad(capsys, ["compile", m, "-o", str(ro / "o.so"), "--calib", calib], str(ro), "not writable",
+                 out=str(ro / "o.so"))
     finally:
         ro.chmod(0o700)
+
+
+def test_export_failing_midway_publishes_nothing(small, tmp_path, capsys, monkeypatch):
+    """The disk fills up after model.so is written, while model.json is: neither file appears, no
+    temporary file stays, one line says what happened (qcompiler/artifact.py atomic_paths)."""
+    import errno
+
+    import qcompiler.artifact as art
+
+    real_open = open
+    state = {"json": 0}
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if "w" in mode and str(path).endswith(".json") and os.path.basename(str(path)).startswith(".o."):
+            state["json"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full_disk_open)
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", str(small / "m.onnx"), "-o", out, "--calib", str(small / "calib.npz")],
+         "No space left on device", "nothing was published", out=out)
+    assert state["json"] == 1 and os.listdir(tmp_path) == []
+    assert art.metadata_path(out).name == "o.json"
 
 
 def test_bad_run_inputs(small, tmp_path, capsys):
     lib = str(small / "m.so")
     out = str(tmp_path / "y.npz")
     np.savez(tmp_path / "wrong.npz", z=np.zeros((1, 3, 16, 16), np.float32))
-    _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "wrong.npz"), "-o", out], "x", out=out)
+    _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "wrong.npz"), "-o", out], "['z']", "['x']", "missing",
+         out=out)
     np.savez(tmp_path / "shape.npz", x=np.zeros((1, 3, 15, 16), np.float32))
     _bad(capsys, ["run", lib, "--inputs", str(tmp_path / "shape.npz"), "-o", out], "shape", out=out)
     _bad(capsys, ["run", str(tmp_path / "none.so"), "--inputs", str(tmp_path / "shape.npz"), "-o", out], "no such library")
@@ -214,3 +254,19 @@ def test_corrupt_names_are_a_model_error(small, tmp_path, capsys):
         (tmp_path / "bad.onnx").write_bytes(raw[:i] + b"\xee" + raw[i + 1:])
         _bad(capsys, ["compile", str(tmp_path / "bad.onnx"), "-o", out, "--calib", str(small / "calib.npz")],
              "not valid UTF-8", out=out)
+
+
+def test_overflow_that_cannot_be_widened(tmp_path, capsys):
+    """A reduction too long for the int32 accumulator (K = 140000 of 8-bit x 8-bit products: up to
+    4.6e9): passes/overflow.py's proof fails, one line naming the node, exit 2, nothing written."""
+    import onnx
+
+    K = 140000
+    r = np.random.default_rng(1)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", ["N", K])], [("y", None)],
+                   [tensor("W", np.sign(r.standard_normal((K, 4))).astype(np.float32))])
+    onnx.save(m, tmp_path / "long.onnx")
+    np.savez(tmp_path / "c.npz", x=np.sign(r.standard_normal((2, K))).astype(np.float32))
+    out = str(tmp_path / "o.so")
+    _bad(capsys, ["compile", str(tmp_path / "long.onnx"), "-o", out, "--calib", str(tmp_path / "c.npz")],
+         "overflow at node 'MatMul_0'", "int32 accumulator", "too wide", out=out)

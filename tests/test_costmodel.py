@@ -189,7 +189,13 @@ def test_costmodel_cli_train_and_errors(log, tmp_path, capsys):
     assert main(["-q", "costmodel", "train", str(log), "-o", str(tmp_path / "m.pkl")]) == 2
     assert main(["-q", "costmodel", "eval", str(log), "--folds", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert {"rank_by_ranker", "mape_tune"} <= set(r) and 0 <= r["rank_by_ranker"]["top1"] <= 1
+    assert {"rank_by_ranker", "mape_tune"} <= set(r)
+    # the synthetic latencies fall monotonically with the tile (log fixture): held out, the model
+    # must rank a workload's configs well above chance (pairwise 0.5, top1 ~0.6 by random pick);
+    # measured 0.998 / 0.95 with this recipe
+    rk = r["rank_by_ranker"]
+    assert rk["queries"] == 4 and rk["top1"] >= 0.9 and rk["pairwise"] >= 0.75, rk
+    assert r["mape_tune"] < 0.5, r["mape_tune"]
 
 
 def test_compile_time_pick_by_model(trained, monkeypatch):

@@ -10,7 +10,7 @@ Which log: ``CompileOptions.tune_log`` if given (a folder or a records.jsonl; "o
 ``$QC_TUNE_LOG``, else ``autotune_logs/<device-name>/`` under the current directory or the
 repository root, if it exists (for a CUDA target without a GPU to name, the first
 ``autotune_logs/sm_XX*`` folder of the target's arch).  Records of another target/device or TVM
-version are skipped with a warning.
+version are skipped with a warning; a log with no record of this device is refused (TargetError).
 
 Without a record for a kernel, and with a cost model for the device (``costmodels/<device>.json``,
 or the file ``$QC_COSTMODEL`` names; ``QC_COSTMODEL=off`` disables it), :func:`generate` predicts
@@ -51,6 +51,7 @@ class TunedConfigs:
         self._cost_model = False  # not looked up yet
         if log:
             rr = R.read(log, target, tvm.__version__)
+            R.refuse_foreign(rr, log, target)  # another device's log: one line, not a silent no-op
             self.best = R.best_by_workload(rr.records)
             self.skipped = {"corrupt": rr.corrupt, "foreign_target": rr.foreign_target, "foreign_tvm": rr.foreign_tvm}
             msg = rr.skipped_message()

@@ -108,20 +108,25 @@ def run_tune(a) -> int:
         # a named model file is checked (and loaded, once) before the slow model preparation
         cost_model, _ = resolve_cost_model(cost_model, describe(spec, probe_gpu=False) if spec.kind == "cuda"
                                            else describe(spec))
-    tasks = _tasks(a, spec)
-    log = _log_dir(a, spec)
-    if a.export_candidates is not None:
-        from .offline import export_candidates
+    from .measure import scratch
 
-        man = export_candidates(tasks, spec, log, a.export_candidates, a.candidates, a.repeats, a.min_repeat_ms,
-                                cost_model)
-        print(json.dumps({"dir": a.export_candidates, "candidates": len(man["candidates"])}) if a.json else
-              f"exported {len(man['candidates'])} candidate(s) to {a.export_candidates}")
-        return 0
-    from .tuner import tune
+    # every candidate library goes into one scratch folder, removed however the run ends (error,
+    # Ctrl-C, SIGTERM: qcompiler/cli.py); scratch folders of killed runs are removed first
+    with scratch():
+        tasks = _tasks(a, spec)
+        log = _log_dir(a, spec)
+        if a.export_candidates is not None:
+            from .offline import export_candidates
 
-    out = tune(tasks, spec, log, a.trials, rpc=rpc, repeats=a.repeats, batch=a.batch_size,
-               min_repeat_ms=a.min_repeat_ms, cost_model=cost_model)
+            man = export_candidates(tasks, spec, log, a.export_candidates, a.candidates, a.repeats,
+                                    a.min_repeat_ms, cost_model)
+            print(json.dumps({"dir": a.export_candidates, "candidates": len(man["candidates"])}) if a.json else
+                  f"exported {len(man['candidates'])} candidate(s) to {a.export_candidates}")
+            return 0
+        from .tuner import tune
+
+        out = tune(tasks, spec, log, a.trials, rpc=rpc, repeats=a.repeats, batch=a.batch_size,
+                   min_repeat_ms=a.min_repeat_ms, cost_model=cost_model)
     if a.json:
         print(json.dumps(out, indent=1))
     else:

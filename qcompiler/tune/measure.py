@@ -11,13 +11,24 @@ speed of these kernels (no data-dependent control flow), so random weights/scale
 
 This module is imported by the builder's worker processes (``f_build`` / ``f_export`` are pickled
 by reference): keep it light.
+
+Temporary files: every candidate library goes into one scratch folder of the tuning process,
+``<tmp>/qc_tune_<pid>_<random>/`` (``scratch()``; the workers find it in ``$QC_TUNE_SCRATCH`` and
+use it as their ``TMPDIR``), removed when ``qc tune`` ends, however it ends (an error, Ctrl-C,
+SIGTERM: the workers are killed first).  A run killed with
+SIGKILL cannot clean up: the next ``qc tune`` removes the scratch folders whose process is gone
+(``remove_stale``), and those of the older naming (``qc_tune_<random>``) once they are an hour old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,10 +41,104 @@ def f_build(mod, target, _params=None):
     return tvm.tirx.build(mod, target=target)
 
 
+SCRATCH_ENV = "QC_TUNE_SCRATCH"
+_SCRATCH_RE = re.compile(r"^qc_tune_(\d+)_")
+_LEGACY_RE = re.compile(r"^qc_tune_[a-z0-9_]{8}$")
+LEGACY_AGE_S = 3600
+
+
 def f_export(rt_mod) -> str:
-    path = os.path.join(tempfile.mkdtemp(prefix="qc_tune_"), "cand.so")
+    parent = os.environ.get(SCRATCH_ENV)
+    if parent is None:  # not under scratch(): a folder of its own, named after the owning process
+        parent = tempfile.gettempdir()
+        d = tempfile.mkdtemp(prefix=f"qc_tune_{os.getppid()}_", dir=parent)
+    else:  # the scratch folder gone (the tuner ended): fail this build, leave nothing behind
+        d = tempfile.mkdtemp(prefix="cand_", dir=parent)
+    path = os.path.join(d, "cand.so")
     rt_mod.export_library(path)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(tmp: str | None = None) -> list[str]:
+    """Remove the scratch folders of tuning runs that are gone (killed with SIGKILL, or a crash):
+    ``qc_tune_<pid>_*`` whose process no longer exists, and the older ``qc_tune_<random>`` ones more
+    than an hour old.  Returns what was removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        p = os.path.join(tmp, name)
+        m = _SCRATCH_RE.match(name)
+        try:
+            if m:
+                stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+            else:
+                stale = bool(_LEGACY_RE.match(name)) and now - os.path.getmtime(p) > LEGACY_AGE_S
+            if stale and os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+@contextlib.contextmanager
+def scratch():
+    """The tuning run's scratch folder (see the module docstring), removed on the way out; stale
+    folders of dead runs are removed first."""
+    from qcompiler import progress
+
+    gone = remove_stale()
+    if gone:
+        progress.get().stage(f"removed {len(gone)} temporary folder(s) of earlier tuning runs that were killed")
+    d = tempfile.mkdtemp(prefix=f"qc_tune_{os.getpid()}_")
+    old = {k: os.environ.get(k) for k in (SCRATCH_ENV, "TMPDIR")}
+    # inherited by the builder's / runner's worker processes, started after this: their candidate
+    # libraries and every temporary file of theirs (TVM's export_library) land in the scratch folder
+    os.environ[SCRATCH_ENV] = d
+    os.environ["TMPDIR"] = d
+    try:
+        yield d
+    except BaseException:  # an error, Ctrl-C, SIGTERM: stop the workers mid-task before cleaning up
+        _kill_children()
+        raise
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill_children(timeout: float = 3.0) -> None:
+    """Kill this process's worker processes (MetaSchedule's popen pools), waiting for them to go."""
+    try:
+        import psutil
+
+        procs = psutil.Process().children(recursive=True)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=timeout)
+    except Exception:  # noqa: BLE001 - no psutil / nothing to kill: the workers end when their pipes close
+        pass
 
 
 @dataclass

@@ -105,6 +105,7 @@ def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 
         if spec.kind == "cpu":
             shutil.move(art, out / f"{name}.so")
             shutil.rmtree(os.path.dirname(art), ignore_errors=True)
+            so_sha = hashlib.sha256((out / f"{name}.so").read_bytes()).hexdigest()
         else:
             try:
                 cubins = _export_cuda(f, spec.arch, out, name)
@@ -117,6 +118,8 @@ def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 
                                                      for j in (ai.as_json() for ai in ArgInfo.from_prim_func(f))]}
         if cubins is not None:
             entry["cubins"] = cubins
+        if spec.kind == "cpu":
+            entry["sha256"] = so_sha  # qc measure checks it before loading (a truncated .so dies of SIGBUS)
         cands.append(entry)
     manifest = {"schema": BATCH_SCHEMA, "target": target, **R.versions(), "created": R.now(),
                 "log": str(R.log_file(log_dir)), "repeats": repeats, "min_repeat_ms": min_repeat_ms,
@@ -155,15 +158,18 @@ def _export_cuda(func, arch, out: Path, name: str) -> list:
 
 
 # ---- qc measure (TVM runtime + NumPy only) ----------------------------------------------------------
-def _device_info(kind: str, dev) -> dict:
-    if kind == "cpu":
-        from .device import cpu_model_name, sanitize
+def _device_info(kind: str, dev, arch: str | None = None) -> dict:
+    if kind == "cpu":  # device key as in qcompiler/tune/device.py, for the batch's LLVM CPU ``arch``
+        from .device import cpu_key, cpu_model_name, host_llvm_features, isa_class, machine_cores, sanitize
 
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:
             cores = os.cpu_count() or 1
-        return {"kind": "cpu", "device": sanitize(cpu_model_name()), "cores": cores}
+        isa = isa_class(host_llvm_features(arch))
+        mc = machine_cores()
+        return {"kind": "cpu", "device": cpu_key(arch, isa, mc) if arch else f"{isa}-{mc}c",
+                "isa": isa, "cores": cores, "model": sanitize(cpu_model_name())}
     from .device import sanitize
 
     arch = "sm_" + str(dev.compute_version).replace(".", "")
@@ -209,7 +215,17 @@ def measure_dir(d, repeats: int | None = None, number: int = 1) -> dict:
         if not dev.exist:
             raise InputError("no CUDA device here: `qc measure` of a CUDA batch runs on the GPU machine")
         _register_cubins(d, man, current)
-    info = _device_info(kind, dev)
+    info = _device_info(kind, dev, man["target"].get("arch") if kind == "cpu" else None)
+    if kind == "cpu":  # code for CPU features this one lacks would die of an illegal instruction
+        from qcompiler.artifact import cpu_features, missing_cpu_features
+
+        from .device import ISA_FEATURES
+
+        miss = missing_cpu_features(cpu_features(man["target"].get("arch"))  # runtime only: no LLVM to ask
+                                    or ISA_FEATURES.get(man["target"].get("isa"), []))
+        if miss:
+            raise InputError(f"{d} was built for CPU '{man['target'].get('arch')}', whose instructions this CPU "
+                             f"lacks ({', '.join(miss[:6])}); measure it on such a CPU")
     if kind == "cuda" and info["arch"] != man["target"]["arch"]:
         raise InputError(f"{d} was built for {man['target']['arch']}, this GPU is {info['arch']}")
     done = set()
@@ -230,20 +246,43 @@ def measure_dir(d, repeats: int | None = None, number: int = 1) -> dict:
             lat, err = None, None
             try:
                 current["cand"] = c
+                _check_candidate_file(d / c["file"], c)
                 mod = tvm.runtime.load_module(str(d / c["file"]))
                 args = _random_args(c["args"], dev, rng)
                 ev = mod.time_evaluator("main", dev, number=number, repeat=reps,
                                         min_repeat_ms=int(man.get("min_repeat_ms", 20)))
                 lat = [float(x) for x in ev(*args).results]
                 n_ok += 1
-            except Exception as e:  # noqa: BLE001 - recorded as the candidate's error
+            except Exception as e:  # noqa: BLE001 - recorded as the candidate's error; the rest go on
                 err = "run: " + (str(e).strip().splitlines() or [type(e).__name__])[-1][:400]
+                rep.warn(f"{d / c['file']}: candidate {c['id']} failed ({err[:200]}); measuring the others")
             writer.append({"id": c["id"], "latencies_s": lat, "error": err, "device": info, "timestamp": R.now(),
                            "tvm_version": tvm.__version__})
     finally:
         writer.close()
     rep.stage(f"measured {len(todo)} candidate(s) ({n_ok} ok) on {info['device']}; results in {rpath}")
     return {"dir": str(d), "measured": len(todo), "ok": n_ok, "skipped_done": len(done), "device": info}
+
+
+def _check_candidate_file(path: Path, cand: dict) -> None:
+    """Refuse (an exception, recorded as the candidate's error) a candidate library that is missing,
+    not the one exported (SHA-256 of the manifest) or, for manifests without one, a truncated ELF
+    file: loading such a file kills the process (SIGBUS) instead of raising."""
+    import struct
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing from the batch")
+    raw = path.read_bytes()
+    want = cand.get("sha256")
+    if want is not None:
+        if hashlib.sha256(raw).hexdigest() != want:
+            raise ValueError(f"{path.name} is corrupt or truncated (SHA-256 differs from the manifest's)")
+        return
+    if raw[:4] == b"\x7fELF" and len(raw) >= 64 and raw[4] == 2:  # ELF64: section headers at the end
+        shoff, = struct.unpack_from("<Q", raw, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", raw, 0x3A)
+        if shoff + shentsize * shnum > len(raw):
+            raise ValueError(f"{path.name} is truncated ({len(raw)} bytes)")
 
 
 def _register_cubins(d: Path, man: dict, current: dict) -> None:
@@ -302,7 +341,12 @@ def import_dir(d, log_dir: str | None = None) -> dict:
     dev = results[0]["device"]
     target = {**man["target"], **{k: v for k, v in dev.items() if k != "kind"}}
     if target.get("kind") == "cpu":
+        from .device import cpu_isa, cpu_key
+
         target["arch"] = man["target"]["arch"]
+        if not R.is_device_key(target["arch"], target.get("device")):  # results of an older qc measure
+            target["isa"] = target.get("isa") or cpu_isa(target["arch"], False)
+            target["device"] = cpu_key(target["arch"], target["isa"], target.get("cores"))
     if log_dir is None:
         log_dir = str(Path("autotune_logs") / target["device"])
     rr = R.read(log_dir, None, None)

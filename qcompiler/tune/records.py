@@ -5,7 +5,8 @@ Record (schema ``qc-tune/1``)::
   {"schema": "qc-tune/1",
    "workload_key": "cpu_vnni.conv2d/1x16x16x8x16x3x3/s1,1/p1,1,1,1/d1,1/int8->uint8[0,255]/cpu:rocketlake",
    "workload": {backend, kind, shape, a_dtype, out_dtype, lo, hi, target, strides, pads, dilations},
-   "target": {"kind": "cpu", "arch": "rocketlake", "device": "intel-xeon-processor", "cores": 2}
+   "target": {"kind": "cpu", "arch": "rocketlake", "device": "rocketlake-avx512vnni-2c", "cores": 2,
+              "isa": "avx512vnni"}   (device key: qcompiler/tune/device.py)
              (cuda: {"kind": "cuda", "arch": "sm_90", "device": "sm_90-nvidia-h100...", "sm_count": 132}),
    "config": {"mr": 3, "nr": 1, "kc": 0, "n_outer": true, "parallel": true},  (the kernel's config
                                                                   dataclass; fields added later are
@@ -19,7 +20,10 @@ Record (schema ``qc-tune/1``)::
    "tir_sha256": "16 hex digits of the scheduled PrimFunc's text"}
 
 Writing: one ``os.write`` of the whole line on an ``O_APPEND`` descriptor, then ``fsync``, so a
-kill (SIGKILL included) leaves every earlier record intact and at most a partial last line.
+kill (SIGKILL included) leaves every earlier record intact and at most a partial last line.  Each
+append holds an exclusive ``fcntl.flock`` on the log file, so two ``qc tune`` processes appending to
+one log never interleave (a line is written whole, after a newline that ends any partial line a
+killed writer left); ``tests/test_reliability_tune.py`` runs two writer processes at once.
 A timing whose repeats say the machine was disturbed (:func:`disturbed`) is re-run by the measurer
 (up to twice, keeping the steadiest); the cost model trains on a config's undisturbed records only.
 Reading: lines that are not a JSON object of this schema (a partial last line, garbage, another
@@ -29,7 +33,9 @@ device) or another TVM version are skipped, counted and warned about; nothing is
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import statistics
@@ -98,20 +104,27 @@ class RecordWriter:
     def __init__(self, log_dir: str | os.PathLike):
         self.path = log_file(log_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        # a previous run killed mid-line left no newline: start ours on a fresh line
-        if os.fstat(self.fd).st_size:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    os.write(self.fd, b"\n")
+        # O_RDWR: the last byte is read back under the lock (a writer killed mid-line left no newline)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # released by the kernel too if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        n = os.write(self.fd, line)
-        if n != len(line):  # pragma: no cover - regular files take whole writes
-            raise OSError(f"short write to {self.path}")
-        os.fsync(self.fd)
+        with self._locked():
+            size = os.fstat(self.fd).st_size
+            if size and os.pread(self.fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # start on a fresh line after another writer's partial one
+            n = os.write(self.fd, line)
+            if n != len(line):  # pragma: no cover - regular files take whole writes
+                raise OSError(f"short write to {self.path}")
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -131,6 +144,7 @@ class ReadResult:
     corrupt: int = 0             # unparsable lines (partial last line, garbage, other schemas)
     foreign_target: int = 0      # records of another target / device
     foreign_tvm: int = 0         # records of another TVM version
+    foreign_devices: set = field(default_factory=set)  # the devices (or archs) of the foreign ones
     files: list = field(default_factory=list)
 
     def skipped_message(self) -> str | None:
@@ -150,14 +164,29 @@ def _valid(obj) -> bool:
             and isinstance(obj["target"], dict) and isinstance(obj["latencies_s"], list))
 
 
+def is_device_key(arch, device) -> bool:
+    """Whether ``device`` is a CPU device key of ``qcompiler/tune/device.py`` (``<arch>-<isa>[-<n>c]``)
+    rather than a marketing name of records written before it (``amd-epyc``)."""
+    from .device import ISA_CLASSES
+
+    if not arch or not isinstance(device, str) or not device.startswith(f"{arch}-"):
+        return False
+    rest = device[len(arch) + 1:].split("-")
+    return rest[0] in ISA_CLASSES and (len(rest) == 1 or (len(rest) == 2 and rest[1][:-1].isdigit()
+                                                           and rest[1].endswith("c")))
+
+
 def target_matches(rec_target: dict, want: dict | None) -> bool:
     if want is None:
         return True
     if rec_target.get("kind") != want.get("kind") or rec_target.get("arch") != want.get("arch"):
         return False
-    # CPU logs are per machine model; CUDA logs per arch when the compiling host has no GPU to name
+    # CPU logs are per device key (LLVM CPU, ISA class, cores: qcompiler/tune/device.py); a record of
+    # the older marketing-name scheme ("amd-epyc") names no ISA class, so it matches no device key
+    # (migrate such a log as autotune_logs/README.md says)
     if want.get("kind") == "cpu" and want.get("device") and rec_target.get("device") != want.get("device"):
         return False
+    # CUDA logs per arch when the compiling host has no GPU to name
     if want.get("kind") == "cuda" and want.get("device", "").count("-") and rec_target.get("device") != want["device"]:
         return False
     return True
@@ -185,12 +214,28 @@ def read(log_dir: str | os.PathLike, target: dict | None = None, tvm_version: st
                 continue
             if not target_matches(obj["target"], target):
                 res.foreign_target += 1
+                res.foreign_devices.add(obj["target"].get("device") or obj["target"].get("arch"))
                 continue
             if tvm_version is not None and obj["tvm_version"] != tvm_version:
                 res.foreign_tvm += 1
                 continue
             res.records.append(obj)
     return res
+
+
+def refuse_foreign(rr: ReadResult, log_dir, target: dict | None) -> None:
+    """A log none of whose records is of ``target`` (another device's log: a Zen 2's records for a
+    Zen 5, a 2-core VM's for a 16-core host) is refused in one line instead of being used or
+    appended to; a log mixing devices keeps working (the other devices' records are skipped)."""
+    if target is None or rr.records or not rr.foreign_target:
+        return
+    from qcompiler.errors import TargetError
+
+    devices = sorted({str(d) for d in rr.foreign_devices}) or ["another target"]
+    want = target.get("device") or f"{target.get('kind')} {target.get('arch')}"
+    raise TargetError(f"{log_file(log_dir)}: its {rr.foreign_target} record(s) are of {', '.join(devices[:3])}, "
+                      f"not of this target ({want}); use this device's log (autotune_logs/{target.get('device') or '<device>'}/"
+                      "), a new folder, or QC_TUNE_LOG=off")
 
 
 def best_by_workload(records) -> dict[str, dict]:

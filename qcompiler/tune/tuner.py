@@ -258,6 +258,7 @@ def load_states(tasks: list[Task], log_dir, target: dict, cost_model=None) -> tu
 
     rep = progress.get()
     rr = R.read(log_dir, target, tvm.__version__)
+    R.refuse_foreign(rr, log_dir, target)  # never append to another device's log
     msg = rr.skipped_message()
     if msg:
         rep.warn(f"{R.log_file(log_dir)}: {msg}")

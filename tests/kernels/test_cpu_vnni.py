@@ -278,6 +278,33 @@ def test_dense_saturation_and_zero_mult(target, isa):
     func = cv.dense(M, N, K, "int8", "int8", -128, 127, isa=isa)
     got, _ = run(target, func, [a, wp, be, mult, shift], (M, N), "int8")
     np.testing.assert_array_equal(got, requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8"))
+    # accumulators within 2^-10 of the int32 limits, at the kernel's largest K (cv.MAX_K): the
+    # kernel accumulates uint8 x int8 (int8 activations through the +128 offset, folded into the
+    # bias), so activations 255 (uint8) / 127 (int8) against weights -128 over K = 65792 reach
+    # -2,147,450,880 = INT32_MIN + 32,768, and against 127 +2,130,673,920
+    for a_dtype, a_hi, a_lo in (("uint8", 255, 0), ("int8", 127, -128)):
+        M, N, K = 4, 33, 65792
+        assert K <= cv.MAX_K
+        a = np.full((M, K), a_lo, a_dtype)
+        a[::2] = a_hi
+        w = np.full((K, N), -128, np.int8)
+        w[:, 1::3] = 127
+        bias = np.zeros(N, np.int32)
+        acc = dense_acc_ref(a, w, bias)
+        kernel_acc = dense_acc_ref((a.astype(np.int64) + (128 if a_dtype == "int8" else 0)), w, bias)
+        lim = 2**31
+        assert kernel_acc.min() <= -lim * (1 - 2**-10) and kernel_acc.max() >= lim * (1 - 2**-6), \
+            (kernel_acc.min(), kernel_acc.max())
+        assert kernel_acc.max() < lim and kernel_acc.min() >= -lim
+        mult = np.full(N, 2**30, np.int64)
+        shift = np.full(N, 24, np.int64)     # acc * 2^30 >> 24 = acc * 64: saturates
+        shift[::2] = 54                      # acc * 2^30 >> 54 = acc / 2^24: in [-128, 127], shows acc
+        wp, be = cv.pack_dense(w, bias, a_signed=a_dtype == "int8", isa=isa)
+        func = cv.dense(M, N, K, a_dtype, "int8", -128, 127, isa=isa)
+        got, _ = run(target, func, [a, wp, be, mult, shift], (M, N), "int8")
+        want = requant_ref(acc, mult, shift, -128, 127, "int8")
+        assert len(np.unique(want[:, ::2])) > 2  # the unsaturated columns show the accumulator's value
+        np.testing.assert_array_equal(got, want, err_msg=f"{a_dtype} K={K}")
 
 
 # ---- convolutions ---------------------------------------------------------------------------------

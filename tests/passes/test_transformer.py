@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from qcompiler import reference
 from tests.helpers import check_pipeline, make_model, tensor
 
 R = np.random.default_rng(7)
@@ -70,13 +71,27 @@ def test_attention_mask_embedding_and_masked_mean_pool():
              "mask": np.concatenate([_mask(8, R.integers(3, S + 1, 8)), np.ones((8, S), np.int64)])}
     test = {"ids": R.integers(0, 50, (B, S)).astype(np.int64), "mask": _mask(B, [3, S])}
     prep, tv, ref = check_pipeline(m, calib, test, min_cos=0.99, opts_kw={"batch": B})
-    ops = {n.op for n in prep.int_graph.nodes}
+    ig = prep.int_graph
+    ops = {n.op for n in ig.nodes}
     assert {"embedding", "maskadd", "div", "int_cast", "matmul"} <= ops, ops
-    # the 1/sqrt(d) went into the scores' requantization: no separate requant of the scores
-    mm = [n for n in prep.int_graph.nodes if n.op == "matmul"]
-    assert len(mm) == 2
-    # padded positions got exactly zero attention: their value rows do not leak into row 0
-    assert np.array_equal(tv["pooled"], ref["pooled"])
+    # the 1/sqrt(d) went into the scores' requantization: the Q.K^T matmul writes the Div's output
+    # directly (no node of its own for the Div), with a multiplier of S_q * S_k / sqrt(d) / S_out
+    qk = next(n for n in ig.nodes if n.op == "matmul" and n.inputs == ["q", "kT"])
+    assert qk.outputs == ["s1"] and not any("s0" in n.inputs or "s0" in n.outputs for n in ig.nodes)
+    assert not any(n.op in ("div", "requant", "mul") and n.inputs[:1] == ["s1"] for n in ig.nodes)
+    sq, sk = qk.attrs["in_scales"]
+    real = float(np.asarray(qk.attrs["mult"])) * 2.0 ** -float(np.asarray(qk.attrs["shift"]))
+    want = sq * sk / np.sqrt(D // H) / qk.attrs["out_scale"]
+    assert abs(real / want - 1) < 1e-6, (real, want)  # (without the fold it would be sqrt(d) = 2.83x this)
+    # padded positions get exactly zero attention: other ids there change nothing on the real tokens
+    garbage = test["ids"].copy()
+    garbage[test["mask"] == 0] = (garbage[test["mask"] == 0] + 17) % 50
+    assert not np.array_equal(garbage, test["ids"])
+    ref2 = reference.execute(ig, {"ids": garbage, "mask": test["mask"]})
+    assert np.array_equal(ref2["pooled"], ref["pooled"])
+    real_tok = test["mask"].astype(bool)
+    assert np.array_equal(ref2["res"][real_tok], ref["res"][real_tok])
+    assert not np.array_equal(ref2["res"][~real_tok], ref["res"][~real_tok])  # the padding itself did change
 
 
 def test_padding_does_not_change_the_unpadded_tokens():
@@ -92,6 +107,32 @@ def test_padding_does_not_change_the_unpadded_tokens():
     prep, tv, ref = check_pipeline(m, calib, test, min_cos=0.99, opts_kw={"batch": B})
     assert np.array_equal(tv["pooled"][0], tv["pooled"][1])
     assert np.array_equal(tv["res"][0, :5], tv["res"][1, :5])
+
+
+def test_padding_invariance_with_different_lengths_in_one_batch():
+    """Two sentences of different lengths (3 and 6 of 8 tokens) in one batch, padded with two
+    different sets of garbage ids: the library's results on the real tokens are identical."""
+    from qcompiler.lowering.build import build
+    from tests.helpers import run_tvm
+
+    prep, rng = _prepared_attention()
+    ig = prep.int_graph
+    mask = _mask(B, [3, 6])
+    ids = rng.integers(0, 50, (B, S)).astype(np.int64)
+    other = ids.copy()
+    other[mask == 0] = (ids[mask == 0] + 1 + rng.integers(0, 48, int((mask == 0).sum()))) % 50
+    assert np.all(other[mask == 0] != ids[mask == 0]) and np.array_equal(other[mask == 1], ids[mask == 1])
+    from qcompiler.targets import parse_target
+
+    res = build(ig, parse_target("cpu").tvm_target())
+    outs = [run_tvm(res.executable, ig, {"ids": x, "mask": mask}) for x in (ids, other)]
+    for x, o in zip((ids, other), outs):
+        r = reference.execute(ig, {"ids": x, "mask": mask})
+        assert all(np.array_equal(o[k], r[k]) and o[k].shape == r[k].shape for k in ig.outputs)
+    real = mask.astype(bool)
+    assert np.array_equal(outs[0]["pooled"], outs[1]["pooled"])
+    assert np.array_equal(outs[0]["res"][real], outs[1]["res"][real])
+    assert not np.array_equal(outs[0]["res"][~real], outs[1]["res"][~real])
 
 
 def _prepared_attention():
