@@ -474,8 +474,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _import_shielded(args.cmd)
-    progress.set_reporter(progress.Reporter() if args.quiet else
-                          progress.ConsoleReporter(bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
+    old_reporter = progress.set_reporter(progress.Reporter() if args.quiet else progress.ConsoleReporter(
+        bars=sys.stderr.isatty() or os.environ.get("QC_PROGRESS") == "1"))
     old_showwarning = warnings.showwarning
     warnings.showwarning = _warning_to_reporter
     try:
@@ -511,6 +511,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         warnings.showwarning = old_showwarning
+        progress.set_reporter(old_reporter)  # main() called in-process (tests, notebooks): no reporter
+        #                                      left writing to a stream that may be closed by then
 
 
 if __name__ == "__main__":
