@@ -16,9 +16,19 @@ from .predict import CostModel, roofline_samples
 
 def lower_kernels(model_path, spec, calib, batch: int = 1, precision: str = "int8", tune_log=None) -> list[dict]:
     """[{name, text, func, inputs: [(shape, dtype)], output: (shape, dtype)}] in execution order."""
+    from qcompiler.driver import CompileOptions, prepare
+
+    opts = CompileOptions(target=spec, precision=precision, batch=batch)
+    prep = prepare(model_path, calib, opts)
+    return graph_kernels(prep.int_graph, spec, tune_log)
+
+
+def graph_kernels(ig, spec, tune_log=None) -> list[dict]:
+    """The kernels of integer graph ``ig`` lowered as ``qc compile`` lowers it (tuned configs of
+    ``tune_log`` applied, default schedules), in execution order: [{name, text, func, inputs:
+    [(shape, dtype)], output: (shape, dtype)}]."""
     import tvm
 
-    from qcompiler.driver import CompileOptions, prepare
     from qcompiler.lowering.build import _backend_stages, _schedule_pass
     from qcompiler.lowering.gemm import gemm_for
     from qcompiler.lowering.relax_lower import Lowering
@@ -27,11 +37,9 @@ def lower_kernels(model_path, spec, calib, batch: int = 1, precision: str = "int
 
     from .profile import split_functions
 
-    opts = CompileOptions(target=spec, precision=precision, batch=batch)
-    prep = prepare(model_path, calib, opts)
     target = spec.tvm_target()
     with activate(spec, tune_log):
-        mod = Lowering(prep.int_graph, target, gemm_for(target, True)).build()
+        mod = Lowering(ig, target, gemm_for(target, True)).build()
         stages = _backend_stages(target)
         with target:
             legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]

@@ -73,44 +73,15 @@ def variant_ratio(ig, node, choice: str, target: dict) -> float:
 
 def predict_layers(ig, spec, tune_log=None, cost_model=None) -> LayerLatency:
     """Lower ``ig`` (the all-INT8 integer graph) for ``spec`` and predict every layer's choices."""
-    import tvm
-
     from costmodel.predict import load_for
-    from costmodel.whole import _calls, _dt, _shape, _ty, _tuple_fields, predict_kernels
-    from costmodel.profile import split_functions
-    from qcompiler.lowering.build import _backend_stages, _schedule_pass
-    from qcompiler.lowering.gemm import gemm_for
-    from qcompiler.lowering.relax_lower import Lowering
-    from qcompiler.tir_scan import module_to_text
-    from qcompiler.tune.apply import activate
+    from costmodel.whole import graph_kernels, predict_kernels
     from qcompiler.tune.device import describe
 
     target_desc = describe(spec, probe_gpu=False) if spec.kind == "cuda" else describe(spec)
     model, _why = load_for(target_desc, cost_model)
     if model is not None and not target_desc.get("device"):
         target_desc = {**target_desc, **{k: v for k, v in model.target.items() if k in ("device", "cores")}}
-    target = spec.tvm_target()
-    with activate(spec, tune_log):
-        gemm = gemm_for(target, True)
-        mod = Lowering(ig, target, gemm).build()
-        stages = _backend_stages(target)
-        with target:
-            legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-            mod = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(mod)
-            mod = _schedule_pass(target, [])(mod)
-    tir = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
-    texts = split_functions(module_to_text(tir))
-    funcs = {gv.name_hint: f for gv, f in tir.functions.items()}
-    kernels = []
-    for call in _calls(mod["main"]):
-        name = call.args[0].name_hint
-        if name not in funcs:
-            continue
-        ins = [(_shape(_ty(a)), _dt(_ty(a).dtype)) for a in _tuple_fields(call.args[1]) if hasattr(_ty(a), "dtype")]
-        o = _ty(call)
-        outs = [(_shape(o), _dt(o.dtype))] if hasattr(o, "dtype") else []
-        kernels.append({"name": name, "text": texts.get(name) or str(funcs[name]), "func": funcs[name],
-                        "inputs": ins, "output": outs[0] if outs else ([], "")})
+    kernels = graph_kernels(ig, spec, tune_log)
     res = predict_kernels(kernels, target_desc, model)
     nodes = [n for n in ig.nodes if n.op in ("conv", "dense")]
     per_kernel = [layer["predicted_ms"] for layer in res["layers"]]
