@@ -129,6 +129,18 @@ class CalibSet:
         return out
 
 
+def _check_values(where: str, spec, a: np.ndarray) -> None:
+    """``a`` has a dtype of the input's kind (float for float inputs; integer or bool otherwise) and,
+    for a float input, only finite values."""
+    if spec.dtype.startswith("float"):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CalibrationError(f"{where}: input '{spec.name}' is {a.dtype}; the model expects {spec.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise CalibrationError(f"{where}: input '{spec.name}' contains NaN or Inf values; remove those samples")
+    elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
+        raise CalibrationError(f"{where}: input '{spec.name}' is {a.dtype}; the model expects {spec.dtype}")
+
+
 def _shape_text(dims) -> str:
     return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
 
@@ -221,13 +233,7 @@ def calibration_set(data, specs, batch: int = 1, where: str = "calibration data"
             for k, d in enumerate(dims):
                 if isinstance(d, int) and one[k] != d:
                     raise CalibrationError(f"{bad} (dim {k if ax is None or k < ax else k + 1} must be {d})")
-            if s.dtype.startswith("float"):
-                if not np.issubdtype(smp.dtype, np.floating):
-                    raise CalibrationError(f"{w}: input '{s.name}' is {smp.dtype}; the model expects {s.dtype}")
-                if not np.all(np.isfinite(smp)):
-                    raise CalibrationError(f"{w}: input '{s.name}' contains NaN or Inf values; remove those samples")
-            elif not np.issubdtype(smp.dtype, np.integer) and smp.dtype != np.bool_:
-                raise CalibrationError(f"{w}: input '{s.name}' is {smp.dtype}; the model expects {s.dtype}")
+            _check_values(w, s, smp)
             arrays[s.name] = smp.astype(s.dtype, copy=False)
             counts[s.name] = len(smp)
             for k, d in enumerate(s.shape):
@@ -352,13 +358,7 @@ def check_inputs(data: dict[str, np.ndarray], specs, where: str = "calibration d
         for k, d in enumerate(s.shape):
             if k > 0 and isinstance(d, int) and a.shape[k] != d:
                 raise CalibrationError(f"{where}: input '{s.name}' has shape {a.shape}; dim {k} must be {d}")
-        if s.dtype.startswith("float"):
-            if not np.issubdtype(a.dtype, np.floating):
-                raise CalibrationError(f"{where}: input '{s.name}' is {a.dtype}; the model expects {s.dtype}")
-            if not np.all(np.isfinite(a)):
-                raise CalibrationError(f"{where}: input '{s.name}' contains NaN or Inf values; remove those samples")
-        elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
-            raise CalibrationError(f"{where}: input '{s.name}' is {a.dtype}; the model expects {s.dtype}")
+        _check_values(where, s, a)
         a = a.astype(s.dtype)
         if n0 is None:
             n0 = a.shape[0]

@@ -148,3 +148,37 @@ def assert_bit_exact(tv: dict, ref: dict, names, where: str = "") -> None:
         bad = np.flatnonzero(t != r)
         assert bad.size == 0, (f"output {name}{where}: TVM differs from the integer reference at {bad.size} of "
                                f"{r.size} elements, e.g. {t.ravel()[bad[:3]]} vs {r.ravel()[bad[:3]]}")
+
+
+def one_line_error(capsys, argv, *needles) -> str:
+    """Run ``qc -q ARGV`` in-process: exit code 2, one line on stderr without a traceback, naming
+    every needle (case-insensitive); returns the line."""
+    from qcompiler.cli import main
+
+    rc = main(["-q"] + list(argv))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    return err
+
+
+def small_cnn(rng, in_shape, oc: int, n_out: int, pool: bool) -> onnx.ModelProto:
+    """Conv 3x3 (+bias) -> Relu -> [GlobalAveragePool] -> Flatten -> Gemm: the small CNN the CLI,
+    tuning and reliability tests compile.  ``pool``: global pooling before the head (head weights
+    [oc, n_out], no bias); else the head takes every position (weights [oc*H*W, n_out], zero bias)."""
+    C, H, W = in_shape[1:]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"])]
+    inits = [tensor("W", (rng.standard_normal((oc, C, 3, 3)) * 0.3).astype(np.float32)),
+             tensor("B", (rng.standard_normal(oc) * 0.1).astype(np.float32))]
+    if pool:
+        nodes += [helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+                  helper.make_node("Gemm", ["f", "W2"], ["y"])]
+        inits.append(tensor("W2", rng.standard_normal((oc, n_out)).astype(np.float32)))
+    else:
+        nodes += [helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "W2", "B2"], ["y"])]
+        inits += [tensor("W2", (rng.standard_normal((oc * H * W, n_out)) * 0.05).astype(np.float32)),
+                  tensor("B2", np.zeros(n_out, np.float32))]
+    return make_model(nodes, [("x", list(in_shape))], [("y", None)], inits)

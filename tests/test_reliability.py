@@ -19,12 +19,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from qcompiler import artifact
 from qcompiler.cli import main
 from qcompiler.errors import ArtifactError
-from tests.helpers import make_model, tensor
+from tests.helpers import one_line_error, small_cnn
 
 R = np.random.default_rng(3)
 
@@ -33,15 +32,7 @@ ZEN2_FLAGS = set("fpu sse sse2 ssse3 sse4_1 sse4_2 sse4a avx avx2 fma f16c bmi1 
 
 
 def _model(d, hw=12):
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "W2"], ["y"])]
-    inits = [tensor("W", (R.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)),
-             tensor("B", (R.standard_normal(8) * 0.1).astype(np.float32)),
-             tensor("W2", R.standard_normal((8, 4)).astype(np.float32))]
-    m = make_model(nodes, [("x", ["N", 3, hw, hw])], [("y", None)], inits)
+    m = small_cnn(R, ["N", 3, hw, hw], 8, 4, pool=True)
     onnx.save(m, d / "m.onnx")
     np.savez(d / "calib.npz", x=R.standard_normal((6, 3, hw, hw)).astype(np.float32))
     np.savez(d / "in.npz", x=R.standard_normal((2, 3, hw, hw)).astype(np.float32))
@@ -56,14 +47,7 @@ def lib(tmp_path_factory):
     return d
 
 
-def _one_line(capsys, argv, *needles):
-    rc = main(["-q"] + argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n.lower() in err.lower(), err
-    return err
+_one_line = one_line_error
 
 
 def _copy(src, dst_dir, name="m"):

@@ -9,11 +9,10 @@ import threading
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 import qcompiler
 from qcompiler.cli import main
-from tests.helpers import make_model, tensor
+from tests.helpers import small_cnn
 
 THREADS = 8
 CALLS = 100  # per thread; distinct inputs per call so a result given to the wrong caller is seen
@@ -23,15 +22,7 @@ CALLS = 100  # per thread; distinct inputs per call so a result given to the wro
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("threads")
     r = np.random.default_rng(7)
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "W2"], ["y"])]
-    inits = [tensor("W", (r.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)),
-             tensor("B", (r.standard_normal(16) * 0.1).astype(np.float32)),
-             tensor("W2", r.standard_normal((16, 10)).astype(np.float32))]
-    onnx.save(make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", None)], inits), d / "m.onnx")
+    onnx.save(small_cnn(r, ["N", 3, 16, 16], 16, 10, pool=True), d / "m.onnx")
     np.savez(d / "calib.npz", x=r.standard_normal((8, 3, 16, 16)).astype(np.float32))
     assert main(["-q", "compile", str(d / "m.onnx"), "-o", str(d / "m.so"), "--calib", str(d / "calib.npz")]) == 0
     return d / "m.so"

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from qcompiler.cli import main
 from qcompiler.targets import host_has_avx2, host_has_vnni
 from qcompiler.tune import records as R
-from tests.helpers import make_model, tensor
+from tests.helpers import small_cnn
 
 pytestmark = pytest.mark.skipif(not (host_has_vnni() or host_has_avx2()),
                                 reason="the tuned CPU kernels need AVX-512 VNNI or AVX2")
@@ -34,15 +33,7 @@ QC = [sys.executable, "-m", "qcompiler.cli"]
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
     r = np.random.default_rng(0)
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Flatten", ["r"], ["f"]),
-             helper.make_node("Gemm", ["f", "W2", "B2"], ["y"])]
-    inits = [tensor("W", (r.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32)),
-             tensor("B", (r.standard_normal(16) * 0.1).astype(np.float32)),
-             tensor("W2", (r.standard_normal((16 * 6 * 6, 32)) * 0.05).astype(np.float32)),
-             tensor("B2", np.zeros(32, np.float32))]
-    m = make_model(nodes, [("x", [1, 8, 6, 6])], [("y", None)], inits)
+    m = small_cnn(r, [1, 8, 6, 6], 16, 32, pool=False)
     onnx.save(m, d / "m.onnx")
     np.savez(d / "calib.npz", x=r.standard_normal((8, 8, 6, 6)).astype(np.float32))
     return d

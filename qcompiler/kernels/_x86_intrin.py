@@ -71,12 +71,13 @@ def w4_hi_b(x):
     return ((T.Cast("int32", x) >> 4) & 15) - 8
 
 
-def _dot_desc(L: int, kp: int):
-    """The semantics both intrinsics implement: ``L`` int32 lanes of ``kp``-deep u8 x s8 dot products."""
+def _dot_desc(L: int, kp: int, a_dtype: str = "uint8"):
+    """The semantics the 8-bit-weight intrinsics implement: ``L`` int32 lanes of ``kp``-deep
+    ``a_dtype`` x s8 dot products (u8 activations; int16 for the W8A16 ones)."""
 
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((kp,), "uint8", offset_factor=1),
+        A: T.Buffer((kp,), a_dtype, offset_factor=1),
         B: T.Buffer((L, kp), "int8", offset_factor=1),
         C: T.Buffer((L,), "int32", offset_factor=1),
     ) -> None:
@@ -231,27 +232,6 @@ def _dot_8x32_w4_avx2_impl(
         C[T.ramp(T.int32(0), 1, 8)] = _avx2_w4_expr(A, B, C, G_)
 
 
-def _a16_desc(L: int):
-    """C[i] += sum_{k<2} int32(A[k]) * int32(B[i, k]), A int16, B int8."""
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((2,), "int16", offset_factor=1),
-        B: T.Buffer((L, 2), "int8", offset_factor=1),
-        C: T.Buffer((L,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:L], A[0:2], B[0:L, 0:2])
-            T.writes(C[0:L])
-            for i in T.serial(0, L):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    return desc
-
-
 @T.prim_func(s_tir=True)
 def _dot_16x2_a16_vnni_impl(
     A: T.Buffer((2,), "int16", offset_factor=1),
@@ -292,8 +272,8 @@ _DEFS = {
     "avx2": (lambda: _dot_desc(8, 2), _dot_8x2_avx2_impl),
     "avx512vnni_w4": (lambda: _w4_desc(16, 1, w4_lo16, w4_hi16), _dot_16x8_w4_vnni_impl),
     "avx2_w4": (lambda: _w4_desc(8, AVX2_W4_GROUPS, w4_lo_b, w4_hi_b), _dot_8x32_w4_avx2_impl),
-    "avx512vnni_a16": (lambda: _a16_desc(16), _dot_16x2_a16_vnni_impl),
-    "avx2_a16": (lambda: _a16_desc(8), _dot_8x2_a16_avx2_impl),
+    "avx512vnni_a16": (lambda: _dot_desc(16, 2, "int16"), _dot_16x2_a16_vnni_impl),
+    "avx2_a16": (lambda: _dot_desc(8, 2, "int16"), _dot_8x2_a16_avx2_impl),
 }
 
 
