@@ -93,6 +93,7 @@ def load_calibration(path) -> "dict[str, np.ndarray] | CalibFiles":
     files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
     if not files:
         raise CalibrationError(f"{p}: the folder holds no .npz files")
+    check_data_size(p, files)
     parts = CalibFiles()
     for f in files:
         try:
@@ -101,6 +102,44 @@ def load_calibration(path) -> "dict[str, np.ndarray] | CalibFiles":
         except Exception as e:
             raise CalibrationError(f"{f}: not a readable .npz file ({type(e).__name__})") from None
     return parts[0][1] if not p.is_dir() else parts
+
+
+def npz_bytes(f: Path) -> int:
+    """Bytes the arrays of an .npz take once loaded, from their headers (nothing is loaded); 0 for a
+    file that is not a readable .npz (``load_calibration`` then names it)."""
+    import zipfile
+
+    total = 0
+    try:
+        with zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as fh:
+                    fmt = np.lib.format
+                    major, _ = fmt.read_magic(fh)
+                    read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+                    shape, _, dtype = read(fh, max_header_size=1 << 20)
+                total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except Exception:  # noqa: BLE001 - not an .npz: reported when it is read
+        return 0
+    return total
+
+
+def check_data_size(where: Path, files: list[Path]) -> None:
+    """Refuse (one line, ResourceError) calibration data that cannot be held in memory: its arrays
+    are loaded together (they are sorted by content, ``canonical_order``); the statistics kept per
+    tensor are bounded (``Reservoir``, ``TOPK``) whatever the number of samples."""
+    from .errors import ResourceError
+    from .frontend import human_bytes, memory_budget
+
+    total = sum(npz_bytes(f) for f in files)
+    budget = memory_budget()
+    if total > budget // 4:
+        raise ResourceError(f"{where}: the calibration data takes {human_bytes(total)} in memory ({len(files)} file(s)), "
+                            f"more than a quarter of the {human_bytes(budget)} available; use fewer samples "
+                            "(a few hundred are plenty for calibration) or a larger machine (QC_MEMORY_LIMIT "
+                            "overrides the limit)")
 
 
 # ---- which axis holds the samples: the rule -----------------------------------------------------
@@ -424,8 +463,7 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
     rng = np.random.default_rng(seed)
     lo = {t: np.inf for t in tensors + inputs}
     hi = {t: -np.inf for t in tensors + inputs}
-    samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
-    chans: dict[str, list[np.ndarray]] = {t: [] for t in tensors + inputs}
+    samples = {t: Reservoir(RESERVOIR, rng) for t in tensors + inputs}
     shapes_seen: dict[str, tuple] = {}
     clo: dict[str, np.ndarray] = {}
     chi: dict[str, np.ndarray] = {}
@@ -434,7 +472,6 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
     tops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     count: dict[str, int] = {}
     chunks = range(0, n, batch)
-    per_batch = max(RESERVOIR // max(len(chunks), 1), 256)
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
         feeds = data.feeds(start)  # the last chunk repeats samples (ranges unaffected)
         try:
@@ -484,26 +521,55 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
             order = np.argsort(-av, kind="stable")[:TOPK]
             tops[t] = (av[order], cv[order])
             count[t] = count.get(t, 0) + flat.size
-            idx = np.arange(flat.size)
-            if flat.size > per_batch:
-                idx = rng.integers(0, flat.size, per_batch)
-                flat = flat[idx]
-            samples[t].append(flat.astype(np.float32))
-            if v.ndim >= 2:
-                chans[t].append((idx // cstride % v.shape[cax]).astype(np.int32))
+            chan_of = (lambda i, cs=cstride, c=v.shape[cax]: (i // cs % c).astype(np.int32)) if v.ndim >= 2 else None
+            samples[t].add(flat, chan_of)
     out = {}
     for t in tensors + inputs:
         if not np.isfinite(lo[t]):
             continue
-        smp = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
-        per = t in clo and len(chans[t]) == len(samples[t])
+        smp, smp_chan = samples[t].values, samples[t].chans
+        per = t in clo and smp_chan is not None
         rank = len(shapes_seen.get(t, ())) if t in shapes_seen else 0
         out[t] = TensorStats(lo[t], hi[t], smp, clo.get(t) if per else None, chi.get(t) if per else None,
-                             np.concatenate(chans[t]) if per else None,
+                             smp_chan if per else None,
                              csq[t] / max(crows[t], 1) if per else None,
                              tops[t][0] if t in tops else None, tops[t][1] if (t in tops and per) else None,
                              count.get(t, 0), channel_axis(rank) if per else -1)
     return out
+
+
+class Reservoir:
+    """A uniform random sample, without replacement, of at most ``size`` values of a stream of
+    batches, in O(size) memory whatever the number of samples (bottom-k sampling: every value gets
+    a uniform key in [0, 1) and the ``size`` smallest keys are kept).  A batch of m values costs one
+    binomial draw -- how many of its keys fall below the current k-th smallest key tau -- and keys
+    for just those, uniform in [0, tau): the same distribution as keying all m values."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size, self.rng = size, rng
+        self.keys = np.zeros(0, np.float32)
+        self.values = np.zeros(0, np.float32)
+        self.chans: np.ndarray | None = None
+
+    def add(self, flat: np.ndarray, chan_of=None) -> None:
+        """``flat``: the batch's values; ``chan_of(indices)``: their channels (None: not recorded)."""
+        m = flat.size
+        tau = float(self.keys.max()) if len(self.keys) >= self.size else 1.0
+        k = m if tau >= 1.0 and m <= self.size else int(self.rng.binomial(m, tau))
+        if k == 0:
+            return
+        idx = np.arange(m) if k == m else np.sort(self.rng.choice(m, k, replace=False))
+        keys = (self.rng.random(k) * tau).astype(np.float32)
+        vals = flat[idx].astype(np.float32)
+        ch = chan_of(idx) if chan_of is not None else None
+        keys, vals = np.concatenate([self.keys, keys]), np.concatenate([self.values, vals])
+        if ch is not None:
+            ch = np.concatenate([self.chans, ch]) if self.chans is not None else ch
+        if len(keys) > self.size:
+            keep = np.sort(np.argpartition(keys, self.size - 1)[:self.size])
+            keys, vals = keys[keep], vals[keep]
+            ch = ch[keep] if ch is not None else None
+        self.keys, self.values, self.chans = keys, vals, ch
 
 
 def channel_axis(rank: int) -> int:

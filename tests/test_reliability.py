@@ -182,9 +182,10 @@ def stable_view(obj):
     return obj
 
 
-def _compile_in(folder, model_src, calib_src, extra=()):
+def _compile_in(folder, model_src, calib_src, extra=(), env=None):
     """Copy the inputs into ``folder`` and compile there (relative paths, cwd = folder), in a fresh
-    process so no state of this one (caches, counters) is shared."""
+    process so no state of this one (caches, counters) is shared.  ``env``: extra environment
+    (default: no tuning log)."""
     folder.mkdir()
     shutil.copy(model_src, folder / "model.onnx")
     if os.path.isdir(calib_src):
@@ -192,7 +193,7 @@ def _compile_in(folder, model_src, calib_src, extra=()):
     else:
         shutil.copy(calib_src, folder / "calib.npz")
     calib = "calib" if os.path.isdir(calib_src) else "calib.npz"
-    env = {**os.environ, "QC_TUNE_LOG": "off", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "QC_TUNE_LOG": "off", "PYTHONPATH": os.getcwd(), **(env or {})}
     r = subprocess.run([sys.executable, "-m", "qcompiler.cli", "-q", "compile", "model.onnx", "-o", "out.so",
                         "--calib", calib, *extra], cwd=folder, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr
@@ -214,6 +215,34 @@ def test_reproducible_build_in_two_folders(tmp_path):
     m, calib = _model(tmp_path)
     a = _compile_in(tmp_path / "a", m, calib, ["--batch", "2"])
     b = _compile_in(tmp_path / "b", m, calib, ["--batch", "2"])
+    _assert_same_build(a, b)
+
+
+def test_reproducible_build_with_tuning_log_and_cost_model(tmp_path):
+    """Reproducible with a tuning log and a cost model too: a model whose first conv has a record in
+    the committed Zen 2 log (the tuned config is used) and whose second conv has none (the cost
+    model picks its config), compiled for that CPU (--arch znver2) in two folders."""
+    from onnx import helper
+
+    from tests.helpers import make_model, tensor
+
+    root = os.getcwd()
+    log, cm = os.path.join(root, "autotune_logs", "znver2-avx2-2c"), os.path.join(root, "costmodels", "znver2-avx2-2c.json")
+    r = np.random.default_rng(0)
+    w1 = (r.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (r.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["c", "W2"], ["y"], kernel_shape=[1, 1])]
+    m = make_model(nodes, [("x", [1, 3, 48, 192])], [("y", [1, 4, 24, 96])], [tensor("W1", w1), tensor("W2", w2)])
+    onnx.save(m, tmp_path / "t.onnx")
+    np.savez(tmp_path / "tc.npz", x=r.standard_normal((4, 3, 48, 192)).astype(np.float32))
+    env = {"QC_TUNE_LOG": log, "QC_COSTMODEL": cm}
+    a = _compile_in(tmp_path / "a", tmp_path / "t.onnx", tmp_path / "tc.npz", ["--arch", "znver2"], env)
+    b = _compile_in(tmp_path / "b", tmp_path / "t.onnx", tmp_path / "tc.npz", ["--arch", "znver2"], env)
+    tuning = a[1]["tuning"]
+    assert [t["layer"] for t in tuning["tuned_layers"]] == ["Conv_0"]
+    assert [p["layer"] for p in tuning["predicted_layers"]] == ["Conv_1"]
+    assert all(p["model"] == cm for p in tuning["predicted_layers"])
     _assert_same_build(a, b)
 
 

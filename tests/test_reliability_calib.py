@@ -135,3 +135,38 @@ def test_folder_with_mixed_keys(model, tmp_path, capsys):
     (d / "c.npz").unlink()
     np.savez(d / "d.npz", x=_x(2)[:, :, :5])
     _bad(model, tmp_path, capsys, d, "d.npz", "'x'", f"(2, 3, 5, {HW})")
+
+
+def test_calibration_data_larger_than_memory(model, tmp_path, capsys, monkeypatch):
+    """Sized from the .npz headers before anything is loaded: one line naming the size."""
+    monkeypatch.setenv("QC_MEMORY_LIMIT", "200K")
+    big = _npz(tmp_path, "big", x=_x(40))   # 40 x 3 x 12 x 12 float32 = 69 KB > 200K / 4
+    _bad(model, tmp_path, capsys, big, "big.npz", "67.5 KB", "fewer samples")
+    d = tmp_path / "many"
+    d.mkdir()
+    for k in range(40):
+        np.savez(d / f"{k:02d}.npz", x=_x(1))
+    _bad(model, tmp_path, capsys, d, "many", "40 file(s)", "fewer samples")
+
+
+def test_statistics_memory_does_not_grow_with_samples():
+    """The subsample of a tensor is a uniform sample of all its values, of at most RESERVOIR values
+    whatever the number of batches (bottom-k reservoir), and the same for the same seed."""
+    from qcompiler.calibrate import Reservoir
+
+    def run(seed, batches, m, size):
+        r = Reservoir(size, np.random.default_rng(seed))
+        for b in range(batches):
+            r.add(np.arange(b * m, (b + 1) * m, dtype=np.float32), lambda i: (i % 3).astype(np.int32))
+        return r
+
+    small = run(0, 3, 10, 100)
+    assert sorted(small.values) == list(range(30))          # fewer values than the size: all of them
+    many = run(0, 2000, 50, 1000)                            # 100000 values through a 1000-value sample
+    assert len(many.values) == len(many.chans) == 1000 and len(np.unique(many.values)) == 1000
+    np.testing.assert_array_equal(many.chans, many.values.astype(np.int64) % 50 % 3)
+    # uniform over the stream: each tenth of it holds ~100 of the 1000 (binomial sd ~9.5)
+    per_tenth = np.bincount((many.values // 10000).astype(int), minlength=10)
+    assert per_tenth.min() > 60 and per_tenth.max() < 140, per_tenth
+    again = run(0, 2000, 50, 1000)
+    np.testing.assert_array_equal(again.values, many.values)

@@ -99,6 +99,16 @@ def test_device_key_is_cpu_isa_and_cores_not_the_marketing_name(monkeypatch):
     assert R.is_device_key("znver2", "znver2-avx2-2c") and not R.is_device_key("znver2", "amd-epyc")
     # the machine's cores, not a thread's affinity (a child of a thread TVM pinned to one core)
     assert device._cpu_list_count("0-1") == 2 and device._cpu_list_count("0-3,8,10-11") == 7
+    # GPUs: arch, name and SM count (an H100 SXM, its PCIe card and a MIG slice differ); a host
+    # without that GPU knows the arch only
+    for name, sms, key in (("NVIDIA H100 80GB HBM3", 132, "sm_90-nvidia-h100-80gb-hbm3-132sm"),
+                           ("NVIDIA H100 PCIe", 114, "sm_90-nvidia-h100-pcie-114sm"),
+                           ("NVIDIA H100 80GB HBM3", 16, "sm_90-nvidia-h100-80gb-hbm3-16sm")):
+        monkeypatch.setattr(device, "gpu_info", lambda n=name, k=sms: {"name": n, "sm_count": k, "arch": "sm_90"})
+        assert device.device_name(TargetSpec("cuda", "sm_90")) == key
+        assert device.describe(TargetSpec("cuda", "sm_90")) == {"kind": "cuda", "arch": "sm_90", "device": key,
+                                                                 "sm_count": sms}
+        assert device.device_name(TargetSpec("cuda", "sm_80")) == "sm_80"
     monkeypatch.undo()
     assert device.machine_cores() >= 1
 

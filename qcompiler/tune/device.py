@@ -10,8 +10,9 @@ AVX2 only and a Zen 5 with AVX-512 VNNI):
         ``avx512``, ``avx2``, ``generic``: the class picks the GEMM kernels) and the machine's core
         count (``machine_cores``: cgroup cpuset / quota, not a thread's affinity).  A CPU other than this host's (``--arch``) has no core count:
         ``<LLVM CPU>-<ISA class>``, and its logs / cost models are found by arch.
-  cuda  ``sm_XX`` plus the sanitized GPU name when known (``sm_90-nvidia-h100-80gb-hbm3``; the
-        record's ``sm_count`` says the SM count); a cross-compiling host (no GPU) only knows ``sm_XX``.
+  cuda  ``sm_XX``, the sanitized GPU name and the SM count when a GPU is there
+        (``sm_90-nvidia-h100-80gb-hbm3-132sm``: an H100 PCIe has 114 SMs, a MIG slice of either
+        fewer under the same name); a cross-compiling host (no GPU) only knows ``sm_XX``.
 
 Records written before this key (``"device": "amd-epyc"``, the /proc/cpuinfo model name) match no
 device key (they do not say which ISA class measured them); the committed logs were migrated
@@ -160,7 +161,7 @@ def device_name(spec: TargetSpec, probe_gpu: bool = True) -> str:
         return cpu_key(spec.arch, cpu_isa(spec.arch, host), machine_cores() if host else None)
     info = gpu_info() if probe_gpu else None
     if info and info["arch"] == spec.arch:
-        return f"{spec.arch}-{sanitize(info['name'])}"
+        return f"{spec.arch}-{sanitize(info['name'])}-{int(info['sm_count'])}sm"
     return spec.arch
 
 

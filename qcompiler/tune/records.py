@@ -7,7 +7,7 @@ Record (schema ``qc-tune/1``)::
    "workload": {backend, kind, shape, a_dtype, out_dtype, lo, hi, target, strides, pads, dilations},
    "target": {"kind": "cpu", "arch": "rocketlake", "device": "rocketlake-avx512vnni-2c", "cores": 2,
               "isa": "avx512vnni"}   (device key: qcompiler/tune/device.py)
-             (cuda: {"kind": "cuda", "arch": "sm_90", "device": "sm_90-nvidia-h100...", "sm_count": 132}),
+             (cuda: {"kind": "cuda", "arch": "sm_90", "device": "sm_90-nvidia-h100-80gb-hbm3-132sm", "sm_count": 132}),
    "config": {"mr": 3, "nr": 1, "kc": 0, "n_outer": true, "parallel": true},  (the kernel's config
                                                                   dataclass; fields added later are
                                                                   absent from older records and read
