@@ -2,9 +2,15 @@
 data), TVM float (same build path, no quantization) and qcompiler INT8, side by side in one process
 with the same thread count.  Median of repeated runs after warm-up; ratios against ORT FP32.
 
-    python benchmarks/cpu_int8.py [--models a,b] [--batches 1,8] [--repeats 30]
+    python benchmarks/cpu_int8.py [--models a,b] [--batches 1,8] [--threads 1,2] [--repeats 30]
 
-Prints a table and writes benchmarks/results/cpu_int8.json.
+Every peer runs at each thread count (ORT's intra-op threads, TVM's thread pool resized in this
+process).  Beside each qc figure: the model's conv/dense/matmul operations per second and their
+share of the machine's measured int8 peak at that thread count (``benchmarks/cpu_kernels.py``'s
+register-only microkernel: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddwd`` on AVX2; all cores measured,
+scaled by threads / cores) -- the physical limit each figure stands against.
+
+Prints a table and writes benchmarks/results/cpu_int8.json (``--out``).
 """
 
 from __future__ import annotations
@@ -137,7 +143,32 @@ def qc_library(name: str, batch: int, calib: dict, d: str) -> str:
     return path
 
 
-def bench_model(name: str, batches: list[int], repeats: int, threads: int, d: str) -> list[dict]:
+def set_tvm_threads(n: int) -> None:
+    """Resize the TVM runtime's CPU thread pool of this process (affinity mode 0: default)."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(0, n)
+
+
+def model_ops(lib) -> float:
+    """Integer operations (2 x MACs) of the library's conv / dense / matmul layers per run."""
+    from qcompiler.bench_profile import _macs
+
+    return 2.0 * sum(_macs(layer) for layer in lib.meta.get("layers", []))
+
+
+def int8_peak() -> dict:
+    """The machine's measured int8 peak, all cores (GOPS), on the instruction its INT8 kernels use."""
+    from benchmarks.cpu_kernels import measured_peak
+    from qcompiler.targets import host_has_vnni
+
+    kind = "vpdpbusd" if host_has_vnni() else "vpmaddwd"
+    p = measured_peak(parse_target("cpu").tvm_target(), kind, repeats=10, mrm=50)
+    return {**p, "cores": os.cpu_count() or 1}
+
+
+def bench_model(name: str, batches: list[int], repeats: int, threads: list[int], d: str,
+                peak: dict | None = None) -> list[dict]:
     from qcompiler.runtime import Library
 
     calib = zoo.calibration_inputs(name, 32)
@@ -150,30 +181,44 @@ def bench_model(name: str, batches: list[int], repeats: int, threads: int, d: st
         int8_path = ort_int8_model(name, calib, d)
     for b in batches:
         feeds = {k: v[:b] for k, v in feeds_all.items()}
-        row = {"model": name, "batch": b, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
-               "ort_int8_kind": "dynamic" if name in TRANSFORMERS else "static QDQ"}
-        for key, path in (("ort_fp32", zoo.model_path(name)), ("ort_int8", int8_path)):
-            row[key] = _ort_best(path, threads, feeds, repeats)
+        libs = {}
         for key, build in (("tvm_fp32", tvm_float_library), ("qc_int8", qc_library)):
             try:
                 t = time.perf_counter()
-                lib = Library(build(name, b, calib, d))
-                compile_s = time.perf_counter() - t
+                libs[key] = (Library(build(name, b, calib, d)), round(time.perf_counter() - t, 1))
+            except Exception as e:  # keep going: a failed peer is reported, not fatal
+                libs[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        for nt in threads:
+            set_tvm_threads(nt)
+            row = {"model": name, "batch": b, "threads": nt, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+                   "ort_int8_kind": "dynamic" if name in TRANSFORMERS else "static QDQ"}
+            for key, path in (("ort_fp32", zoo.model_path(name)), ("ort_int8", int8_path)):
+                row[key] = _ort_best(path, nt, feeds, repeats)
+            for key in ("tvm_fp32", "qc_int8"):
+                if isinstance(libs[key], str):
+                    row[key] = {"error": libs[key]}
+                    continue
+                lib, compile_s = libs[key]
                 # TVM float is 25-100x slower than the rest here: fewer repeats keep the run short
                 reps = repeats if key == "qc_int8" else max(3, repeats // 6)
-                r = lib.bench({k: v for k, v in feeds.items()}, repeats=reps, min_repeat_ms=20)
+                r = lib.bench(dict(feeds), repeats=reps, min_repeat_ms=20)
                 row[key] = {"median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
-                            "compile_s": round(compile_s, 1)}
-            except Exception as e:  # keep going: a failed peer is reported, not fatal
-                row[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        base = row["ort_fp32"]["median_ms"]
-        for key in ("ort_int8", "tvm_fp32", "qc_int8"):
-            if "median_ms" in row[key]:
-                row[key]["speedup_vs_ort_fp32"] = base / row[key]["median_ms"]
-        if "median_ms" in row["qc_int8"]:
-            row["qc_int8"]["speedup_vs_ort_int8"] = row["ort_int8"]["median_ms"] / row["qc_int8"]["median_ms"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+                            "compile_s": compile_s, "tvm_threads": r.get("threads")}
+            base = row["ort_fp32"]["median_ms"]
+            for key in ("ort_int8", "tvm_fp32", "qc_int8"):
+                if "median_ms" in row[key]:
+                    row[key]["speedup_vs_ort_fp32"] = base / row[key]["median_ms"]
+            q = row["qc_int8"]
+            if "median_ms" in q:
+                q["speedup_vs_ort_int8"] = row["ort_int8"]["median_ms"] / q["median_ms"]
+                ops = model_ops(libs["qc_int8"][0])
+                q["gemm_gops"] = ops / (q["median_ms"] * 1e-3) / 1e9
+                if peak:
+                    limit = peak["gops_best"] * nt / peak["cores"]
+                    q["peak_gops"] = limit
+                    q["share_of_int8_peak"] = q["gemm_gops"] / limit
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -181,18 +226,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(CNNS + list(TRANSFORMERS)))
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: all cores)")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--no-peak", action="store_true", help="skip the peak microbenchmark")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_int8.json"))
     a = ap.parse_args(argv)
-    threads = host_cores()
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    cores = host_cores()
+    threads = [int(t) for t in a.threads.split(",")] if a.threads else [cores]
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads)))
+    peak = None if a.no_peak else int8_peak()
+    if peak:
+        print(f"int8 peak ({peak['instruction']}, {peak['cores']} cores): {peak['gops_best']:.0f} GOPS", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in a.models.split(","):
-            rows += bench_model(name, [int(b) for b in a.batches.split(",")], a.repeats, threads, d)
+            rows += bench_model(name, [int(b) for b in a.batches.split(",")], a.repeats, threads, d, peak)
     print()
-    hdr = (f"{'model':<19}{'b':>3}{'ORT fp32':>10}{'ORT int8':>10}{'TVM fp32':>10}{'qc int8':>10}"
-           "   speedup vs ORT fp32 (int8 ORT / TVM fp32 / qc)   qc vs ORT int8")
+    hdr = (f"{'model':<19}{'b':>3}{'thr':>4}{'ORT fp32':>10}{'ORT int8':>10}{'TVM fp32':>10}{'qc int8':>10}"
+           "   vs ORT fp32 (ORT int8 / TVM fp32 / qc)   qc vs ORT int8   qc GOPS (% of int8 peak)")
     print(hdr)
     for r in rows:
         def ms(k):
@@ -201,18 +252,24 @@ def main(argv=None) -> int:
         def sp(k):
             return f"{r[k].get('speedup_vs_ort_fp32', float('nan')):.2f}x"
 
-        print(f"{r['model']:<19}{r['batch']:>3}{ms('ort_fp32')}{ms('ort_int8')}{ms('tvm_fp32')}{ms('qc_int8')}   "
-              f"{sp('ort_int8')} / {sp('tvm_fp32')} / {sp('qc_int8')}"
-              f"      {r['qc_int8'].get('speedup_vs_ort_int8', float('nan')):.2f}x")
-    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "threads": threads,
+        q = r["qc_int8"]
+        share = f" ({100 * q['share_of_int8_peak']:.0f}% of {q['peak_gops']:.0f})" if "share_of_int8_peak" in q else ""
+        print(f"{r['model']:<19}{r['batch']:>3}{r['threads']:>4}{ms('ort_fp32')}{ms('ort_int8')}{ms('tvm_fp32')}"
+              f"{ms('qc_int8')}   {sp('ort_int8')} / {sp('tvm_fp32')} / {sp('qc_int8')}"
+              f"      {q.get('speedup_vs_ort_int8', float('nan')):.2f}x"
+              f"        {q.get('gemm_gops', float('nan')):.0f}{share}")
+    from qcompiler.tune.device import device_name
+
+    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(),
+           "device": device_name(parse_target("cpu")), "threads": threads, "int8_peak": peak,
            "note": "median ms per batch; ORT int8 = onnxruntime quantize_static QDQ per-channel for CNNs, "
-                   "quantize_dynamic for transformers; transformer inputs padded to the stated sequence", "results": rows}
+                   "quantize_dynamic for transformers; transformer inputs padded to the stated sequence; "
+                   "qc gemm_gops = conv/dense/matmul operations (2 x MACs) per second of the whole run",
+           "results": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
     return 0
-
-
 
 
 if __name__ == "__main__":
