@@ -32,6 +32,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import interrupt_guard
 from .errors import ArtifactError
 
 FORMAT = "qcompiler-library"
@@ -88,11 +89,13 @@ def check_writable(out: str | os.PathLike) -> Path:
 def atomic_paths(*finals: Path):
     """Yields temporary paths beside ``finals``; renames them into place only if the block succeeds."""
     tmps = []
+    all_tmps = tmps
     try:
         for f in finals:
             fd, t = tempfile.mkstemp(prefix=f".{f.name}.", suffix=f.suffix or ".tmp", dir=f.parent or ".")
             os.close(fd)
             tmps.append(Path(t))
+            interrupt_guard.register(t)  # removed even if an interruption cannot unwind (its module doc)
         try:
             yield tmps
             for t, f in zip(tmps, finals):
@@ -105,6 +108,8 @@ def atomic_paths(*finals: Path):
         for t in tmps:
             with contextlib.suppress(OSError):
                 t.unlink()
+        for t in all_tmps:
+            interrupt_guard.unregister(t)
 
 
 def write_json(path: Path, obj: dict) -> None:

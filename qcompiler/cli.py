@@ -419,6 +419,10 @@ def _interruption(e: BaseException) -> KeyboardInterrupt | None:
 def main(argv: list[str] | None = None) -> int:
     # the signal handlers first: a Ctrl-C / SIGTERM even while the arguments are parsed is one line
     own = argv is None  # the console script: this command is the whole process
+    if own:
+        from . import interrupt_guard
+
+        interrupt_guard.arm(next((a for a in sys.argv[1:] if not a.startswith("-")), "qc"))
     with _signals_raise(own_process=own):
         try:
             rc = _main(argv)

@@ -212,3 +212,40 @@ def test_measure_corrupt_bundle_names_the_candidate_and_goes_on(model, tmp_path)
     res = {x["id"]: x for x in _records_whole(cands / "results.jsonl")}
     trunc = next(c["id"] for c in man["candidates"] if c["file"] == files[1])
     assert len(res) == 4 and "truncated" in res[trunc]["error"]
+
+
+def test_watchdog_ends_a_command_the_signal_could_not_end(tmp_path):
+    """qcompiler/interrupt_guard.py: when the main thread does not come back to end the command
+    (here: a handler that swallows the signal, as a native call or a held import lock would), the
+    watchdog removes the registered temporary paths, prints the one line and exits 130 / 143."""
+    import signal as sig
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    tmp = tmp_path / "partial.so.tmp"
+    code = textwrap.dedent(f"""
+        import signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from qcompiler import interrupt_guard
+        interrupt_guard.GRACE_S = 1.0
+        assert interrupt_guard.arm("compile")
+        open({str(tmp)!r}, "w").write("x")
+        interrupt_guard.register({str(tmp)!r})
+        signal.signal(signal.SIGINT, lambda *a: None)   # the normal path never ends it
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.1)
+    """)
+    for s, rc in ((sig.SIGINT, 130), (sig.SIGTERM, 143)):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        t = time.monotonic()
+        p.send_signal(s)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == rc, err
+        assert time.monotonic() - t < 10
+        assert err.strip().count("\n") == 0 and err.startswith("qc compile: ") and "Traceback" not in err, err
+        assert not tmp.exists()

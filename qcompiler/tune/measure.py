@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from qcompiler import interrupt_guard
 from qcompiler.errors import TargetError
 
 
@@ -106,6 +107,7 @@ def scratch():
     if gone:
         progress.get().stage(f"removed {len(gone)} temporary folder(s) of earlier tuning runs that were killed")
     d = tempfile.mkdtemp(prefix=f"qc_tune_{os.getpid()}_")
+    interrupt_guard.register(d)  # removed even if an interruption cannot unwind (its module doc)
     old = {k: os.environ.get(k) for k in (SCRATCH_ENV, "TMPDIR")}
     # inherited by the builder's / runner's worker processes, started after this: their candidate
     # libraries and every temporary file of theirs (TVM's export_library) land in the scratch folder
@@ -123,6 +125,7 @@ def scratch():
             else:
                 os.environ[k] = v
         shutil.rmtree(d, ignore_errors=True)
+        interrupt_guard.unregister(d)
 
 
 def _kill_children(timeout: float = 3.0) -> None:
