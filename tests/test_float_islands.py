@@ -224,3 +224,65 @@ def test_island_attributes_without_the_model_node_and_non_onnx_nodes():
     assert "no ONNX form" in island.island_problem(fg, Node("Dense", "d", ["x"], ["y"], {}), {}, opsets)
     rewritten = Node("MatMul", "m", ["x", "x"], ["y"], {"alpha": 0.5})
     assert "alpha" in island.island_problem(fg, rewritten, {}, opsets)
+
+
+def _islands_between_layernorms(blocks=3, rows=12, c=64):
+    """minimol's pattern (issue 16): ``blocks`` x [MatMul -> LayerNorm -> GELU (erf) -> ScatterElements
+    add (the island)], each island's float output quantized again for the next MatMul."""
+    rng = np.random.default_rng(16)
+    nodes, inits, x = [], [tensor("sq2", np.float32(np.sqrt(2))), tensor("one", np.float32(1)),
+                           tensor("half", np.float32(0.5)),
+                           tensor("idx", np.tile(rng.permutation(rows)[:, None], (1, c)).astype(np.int64))], "x"
+    for b in range(blocks):
+        inits += [tensor(f"W{b}", (rng.standard_normal((c, c)) * 0.2).astype(np.float32)),
+                  tensor(f"g{b}", (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)),
+                  tensor(f"b{b}", (0.1 * rng.standard_normal(c)).astype(np.float32))]
+        nodes += [helper.make_node("MatMul", [x, f"W{b}"], [f"h{b}"], name=f"fc{b}"),
+                  helper.make_node("LayerNormalization", [f"h{b}", f"g{b}", f"b{b}"], [f"ln{b}"], axis=-1,
+                                   name=f"ln{b}"),
+                  helper.make_node("Div", [f"ln{b}", "sq2"], [f"d{b}"]), helper.make_node("Erf", [f"d{b}"], [f"e{b}"]),
+                  helper.make_node("Add", [f"e{b}", "one"], [f"e1{b}"]),
+                  helper.make_node("Mul", [f"ln{b}", f"e1{b}"], [f"m{b}"]),
+                  helper.make_node("Mul", [f"m{b}", "half"], [f"gelu{b}"]),
+                  helper.make_node("ScatterElements", [f"gelu{b}", "idx", f"gelu{b}"], [f"s{b}"], axis=0,
+                                   reduction="add", name=f"scatter{b}")]
+        x = f"s{b}"
+    return make_model(nodes, [("x", [rows, c])], [(x, [rows, c])], inits, opset=18), x
+
+
+def test_islands_between_integer_layernorms_build_fast_and_bit_exact(tmp_path):
+    """Issue 16 (minimol: 80 islands, 54 I-LayerNorms, most followed by i-GELU): the default CPU
+    schedule inlined the LayerNorm's Newton square root (each step reads the previous one three
+    times: 3^steps copies per element) and the i-GELU after it (three reads again) into one
+    expression of ~10^5 nodes per kernel, and TVM's TIR simplification of 54 such kernels ran past
+    10 minutes.  Now every kernel stays small (``qcompiler/kernels/cpu_default.py``
+    ``_inline_stays_small``), the build takes seconds and the library equals the reference."""
+    import tvm_ffi
+    from tvm import tirx
+
+    from qcompiler.kernels.cpu_default import CPUScheduleOptions, _expr_size
+    from qcompiler.lowering.build import build
+    from tests.helpers import assert_bit_exact, run_tvm
+
+    model, out = _islands_between_layernorms()
+    path = str(tmp_path / "ln_islands.onnx")
+    onnx.save(model, path)
+    calib = {"x": np.random.default_rng(2).standard_normal((8, 12, 64)).astype(np.float32)}
+    opts = CompileOptions(target=parse_target("cpu"), allow_float=True)
+    prep = prepare(path, calib, opts)
+    ops = [n.op for n in prep.int_graph.nodes]
+    assert ops.count("layernorm") == 3 and ops.count("gelu") == 3 and ops.count("float_island") == 3, ops
+    res = build(prep.int_graph, opts.target.tvm_target(), allow_float=True)
+    assert set(res.island_kernels) == {"scatter0", "scatter1", "scatter2"}
+    biggest = 0
+    for f in res.tir.functions.values():
+        sizes = []
+        tvm_ffi.structural_walk(f.body, (tirx.BufferStore, lambda s: sizes.append(_expr_size(s.value))))
+        biggest = max([biggest] + sizes)
+    assert biggest <= 2 * CPUScheduleOptions().max_inline_expr, biggest    # was ~55k per LayerNorm kernel
+    for seed in range(2):
+        x = np.random.default_rng(50 + seed).standard_normal((12, 64)).astype(np.float32)
+        got = run_tvm(res.executable, prep.int_graph, {"x": x})
+        ref = reference.execute(prep.int_graph, {"x": x})
+        assert_bit_exact(got, ref, [out])
+        assert cosine(got[out], ort_run(path, {"x": x})[0]) >= 0.98

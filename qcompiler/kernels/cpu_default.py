@@ -11,7 +11,10 @@ The schedule of one PrimFunc (rule ``cpu_default``):
 1. ``normalize_prim_func``, then inline injective blocks into their consumers: a requantization
    chain of six loop nests becomes one.  Into a reduction only cheap, unguarded producers (a
    cast) are inlined: a pad stays a pass of its own, which vectorizes, rather than nine guarded
-   loads per pooling window, which do not.
+   loads per pooling window, which do not.  A value read more than once is inlined only while its
+   readers' expressions stay small (``max_inline_expr`` nodes): the Newton steps of an integer
+   square root each read the previous step three times, and inlined they are 3^steps copies per
+   output element (``_inline_stays_small``).
 2. Each remaining root block:
 
    * spatial (injective) block -- find the longest run of innermost loops that is *clean*: every
@@ -105,6 +108,9 @@ class CPUScheduleOptions:
                        do not earn back; 2x that for a pure copy (pad, concat, slice) or a loop
                        left to LLVM's vectorizer (counted with the lanes of its widest type)
     max_unroll         reduction windows with at most this many points are fully unrolled
+    max_inline_expr    a value read more than once is inlined into its readers only while each
+                       reader's expression stays within this many nodes (chains of values read
+                       several times -- Newton steps -- otherwise grow exponentially)
     vectorize          let the schedule vectorize (off: parallel and unroll only)
     validate           lower each scheduled function through the TIR passes up to vectorization;
                        fall back to a simpler rule if that fails (a problem surfaces here, per
@@ -116,6 +122,7 @@ class CPUScheduleOptions:
     max_vector_lanes: int = 64
     min_parallel_work: int = 1 << 14
     max_unroll: int = 16
+    max_inline_expr: int = 256
     vectorize: bool = True
     validate: bool = True
 
@@ -126,6 +133,8 @@ class CPUScheduleOptions:
             raise ValueError(f"max_vector_lanes must be >= 1, got {self.max_vector_lanes}")
         if self.min_parallel_work < 0 or self.max_unroll < 0:
             raise ValueError("min_parallel_work and max_unroll must be >= 0")
+        if self.max_inline_expr < 1:
+            raise ValueError(f"max_inline_expr must be >= 1, got {self.max_inline_expr}")
 
     @staticmethod
     def for_target(target: Target, **overrides) -> "CPUScheduleOptions":
@@ -623,19 +632,68 @@ def _cheap_for_reduction(block: s_tir.SBlock) -> bool:
     return len(count) <= 12
 
 
-def _inline(sch, blocks):
+def _expr_size(expr) -> int:
+    """Nodes of ``expr`` counted as a tree (a subexpression shared by two parents counts twice:
+    TVM's simplifiers and printers walk it twice)."""
+    count = []
+    tvm_ffi.structural_walk(expr, (tirx.Expr, count.append))
+    return len(count)
+
+
+def _loads_of(block: s_tir.SBlock, buf) -> int:
+    """Loads of ``buf`` in ``block``'s body."""
+    loads = []
+
+    def _load(node):
+        if node.source.same_as(buf):
+            loads.append(node)
+
+    tvm_ffi.structural_walk(block.body, (tvm.ir.TensorLoad, _load))
+    return len(loads)
+
+
+def _inline_stays_small(producer: s_tir.SBlock, consumers, max_expr: int) -> bool:
+    """Whether inlining ``producer`` (a BufferStore block) into ``consumers`` keeps every
+    consumer's expression within ``max_expr`` nodes -- checked only where the inlining copies the
+    producer's expression (read twice or more in all); a producer read once just moves.
+
+    Inlining copies the producer's expression into every load of its buffer, and a chain of
+    values each read several times grows exponentially: the Newton steps of I-LayerNorm's
+    integer square root (``x = min(x, (x + V // max(x, 1)) >> 1)``, ``lower_isqrt`` in
+    ``qcompiler/intops/nonlinear.py``) read ``x`` three times, so 6 inlined steps are 3^6 copies
+    of the start value, per output element, and an i-GELU after the LayerNorm (``nonlinear.py``)
+    reads that again three times: a 740k-character PrimFunc whose TIR simplification took minutes
+    (issue 16, minimol).  Kept as blocks of their own, such values are computed once per row."""
+    if not isinstance(producer.body, tirx.BufferStore):
+        return True
+    buf = producer.body.buffer
+    loads = [_loads_of(c, buf) for c in consumers]
+    if sum(loads) <= 1:
+        return True
+    size = _expr_size(producer.body.value)
+    for c, n in zip(consumers, loads):
+        if n and isinstance(c.body, tirx.BufferStore) and _expr_size(c.body.value) + n * (size - 1) > max_expr:
+            return False
+    return True
+
+
+def _inline(sch, blocks, max_expr: int):
     """Inline injective blocks into their consumers (and, failing that, reverse-inline
-    injective consumers into injective producers); return the blocks that remain."""
+    injective consumers into injective producers); return the blocks that remain.  A value
+    read more than once stays a block of its own where copying its expression into its readers
+    would make one of them larger than ``max_expr`` nodes (``_inline_stays_small``)."""
     blocks = list(blocks)
 
     def into_consumers(blk) -> bool:
         consumers = sch.get_consumers(blk)
-        return bool(consumers) and (all(_is_injective(sch, c) for c in consumers)
-                                    or _cheap_for_reduction(sch.get(blk)))
+        return (bool(consumers)
+                and (all(_is_injective(sch, c) for c in consumers) or _cheap_for_reduction(sch.get(blk)))
+                and _inline_stays_small(sch.get(blk), [sch.get(c) for c in consumers], max_expr))
 
     def into_producers(blk) -> bool:
         producers = sch.get_producers(blk)
-        return bool(producers) and all(_is_injective(sch, p) for p in producers)
+        return (bool(producers) and all(_is_injective(sch, p) for p in producers)
+                and all(_inline_stays_small(sch.get(p), [sch.get(blk)], max_expr) for p in producers))
 
     def once(can, inline) -> bool:
         for i, blk in enumerate(blocks):
@@ -655,17 +713,17 @@ def _inline(sch, blocks):
     return blocks
 
 
-def _normalized_root_blocks(sch):
+def _normalized_root_blocks(sch, options):
     from tvm.s_tir.dlight.analysis import normalize_prim_func  # pylint: disable=import-outside-toplevel
 
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    return _inline(sch, [info.block_rv for info in infos])
+    return _inline(sch, [info.block_rv for info in infos], options.max_inline_expr)
 
 
 def _rule_default(sch, options) -> bool:
-    blocks = _normalized_root_blocks(sch)
+    blocks = _normalized_root_blocks(sch, options)
     if blocks is None:
         return False
     for block_rv in blocks:

@@ -19,6 +19,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax import op as R  # noqa: E402
+import tvm_ffi  # noqa: E402
 
 from qcompiler.kernels import cpu_default  # noqa: E402
 from qcompiler.kernels.cpu_default import (  # noqa: E402
@@ -413,3 +414,46 @@ def test_loop_carried_dependence_is_never_parallelized(target):
     y = tvm.runtime.tensor(np.zeros_like(x))
     lib["main"](tvm.runtime.tensor(x), y)
     np.testing.assert_array_equal(y.numpy(), np.cumsum(x, axis=1))
+
+
+def _newton_rows(bb, v, y):
+    """I-LayerNorm's tail (qcompiler/intops/nonlinear.py ``lower_isqrt``, ``LayerNormOp``): a per-row
+    integer sqrt by 6 unrolled Newton steps, each reading the previous step three times, broadcast
+    over the row, then an i-GELU-like tail that reads the normalized value three times."""
+    e = bb.emit(R.sum(R.astype(R.greater_equal(v, c64(np.int64(4) ** np.arange(31))), "int64"),
+                      axis=[-1], keepdims=True))
+    x = bb.emit(R.left_shift(c64(1), e))
+    for _ in range(6):
+        q = bb.emit(R.floor_divide(v, bb.emit(R.maximum(x, c64(1)))))
+        x = bb.emit(R.minimum(x, bb.emit(R.right_shift(bb.emit(R.add(x, q)), c64(1)))))
+    k = bb.emit(R.floor_divide(c64(1 << 40), x))
+    f = bb.emit(R.right_shift(R.multiply(y, k), c64(20)))
+    a = bb.emit(R.minimum(R.abs(f), c64(4000)))
+    g = bb.emit(R.where(R.less(f, c64(0)), R.negative(a), a))
+    return R.astype(R.clip(R.right_shift(R.multiply(g, f), c64(12)), -32768, 32767), "int16")
+
+
+def test_values_read_many_times_stay_blocks_of_their_own(target):
+    """Inlining every injective block copied the Newton chain 3^6 times into each output element and
+    the i-GELU tail tripled it again: a PrimFunc of ~10^5 expression nodes whose TIR simplification
+    took minutes (issue 16).  Values read more than once stay blocks once their readers would
+    exceed ``max_inline_expr`` nodes; the result is unchanged."""
+    FAMILIES["newton_rows"] = (_newton_rows, [("v", (12, 1), "int64", (1, 1 << 50)),
+                                              ("y", (12, 64), "int64", (-(1 << 25), 1 << 25))])
+    try:
+        fused = legalize_and_fuse(relax_module("newton_rows"))
+        args = family_inputs("newton_rows")
+    finally:
+        FAMILIES.pop("newton_rows")
+    opts = CPUScheduleOptions.for_target(target)
+    report = schedule_cpu_default_report(fused, target, opts)
+    assert not report.failed, report.warnings
+    biggest = 0
+    for func in report.mod.functions.values():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sizes = []
+            tvm_ffi.structural_walk(func.body, (tvm.tirx.BufferStore, lambda s: sizes.append(
+                cpu_default._expr_size(s.value))))
+            biggest = max([biggest] + sizes)
+    assert biggest <= 2 * opts.max_inline_expr, biggest      # inlined everything: ~93k nodes
+    np.testing.assert_array_equal(run(build_fused(report.mod, target), args), run(build_fused(fused, target), args))
