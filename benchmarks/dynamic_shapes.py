@@ -1,0 +1,135 @@
+"""One library with symbolic dims against a static library compiled for each exact shape, and against
+ONNX Runtime FP32 / INT8 at the same shapes, side by side in one process (issue 17).
+
+    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw] [--repeats 20]
+
+minilm: ``--shape input_ids=1..32x1..512`` (batch and sequence symbolic), timed at sequence 8, 32,
+128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50): ``--shape input:0=1..32x...``
+(batch symbolic), timed at batch 1 and 8.  Also the compile time of the dynamic library against a
+static one.  Writes benchmarks/results/dynamic_shapes.json (machine, date) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu_int8 import _ort_best, ort_int8_dynamic, ort_int8_model  # noqa: E402
+from qcompiler import zoo  # noqa: E402
+from qcompiler.targets import host_cores, parse_target  # noqa: E402
+
+CASES = {
+    # model: (--shape of the dynamic library, shapes timed: {input: shape}, calibration shapes)
+    "minilm": ("input_ids=1..32x1..512", [(1, 8), (1, 32), (1, 128), (1, 512), (8, 128)]),
+    "open-nsfw": ("input:0=1..32x224x224x3", [(1,), (8,)]),
+}
+
+
+def _feeds(name: str, shape: tuple, pool: dict) -> dict:
+    if name == "minilm":
+        b, s = shape
+        out = {}
+        for k, v in pool.items():
+            v = np.resize(v, (b, v.shape[1])) if b != len(v) else v
+            out[k] = v[:, :s] if s <= v.shape[1] else np.pad(v, ((0, 0), (0, s - v.shape[1])), mode="wrap")
+        out["attention_mask"] = (out["input_ids"] != 0).astype(np.int64)
+        out["attention_mask"][:, 0] = 1
+        return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    (b,) = shape
+    return {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:]))) for k, v in pool.items()}
+
+
+def _compile(name, path, calib, shapes=()):
+    from qcompiler.driver import CompileOptions, compile_model
+
+    t = time.perf_counter()
+    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), shapes=tuple(shapes)))
+    return time.perf_counter() - t
+
+
+def bench(name: str, repeats: int, d: str) -> list[dict]:
+    from qcompiler.runtime import Library
+
+    spec, shapes = CASES[name]
+    pool, _ = zoo.eval_set(name, 8)
+    calib = zoo.calibration_inputs(name, 8)
+    if name == "minilm":
+        calib = {k: v[:, :32] if v.shape[1] >= 32 else np.pad(v, ((0, 0), (0, 32 - v.shape[1]))) for k, v in calib.items()}
+    dyn_path = os.path.join(d, f"{name}.dyn.so")
+    dyn_s = _compile(name, dyn_path, calib, [spec])
+    dyn = Library(dyn_path)
+    int8 = ort_int8_dynamic(name, d) if name == "minilm" else ort_int8_model(name, calib, d)
+    rows = []
+    for shape in shapes:
+        feeds = _feeds(name, shape, pool)
+        st_path = os.path.join(d, f"{name}.st.{'x'.join(map(str, shape))}.so")
+        # the static library: the same samples at this sequence length (minilm), compiled for this batch
+        st_calib = _feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else calib
+        st_s = _compile_batch(name, st_path, st_calib, shape[0])
+        st = Library(st_path)
+        r = {"model": name, "shape": list(shape), "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+             "dynamic": dyn.bench(feeds, repeats=repeats, min_repeat_ms=20)["median_ms"],
+             "static": st.bench(feeds, repeats=repeats, min_repeat_ms=20)["median_ms"],
+             "ort_fp32": _ort_best(zoo.model_path(name), host_cores(), feeds, repeats)["median_ms"],
+             "ort_int8": _ort_best(int8, host_cores(), feeds, repeats)["median_ms"],
+             "compile_s_dynamic": round(dyn_s, 1), "compile_s_static": round(st_s, 1)}
+        # equal where both come from the same calibration statistics (minilm: calibrated at length 32)
+        same = {k: np.array_equal(a, b) for (k, a), b in zip(dyn(feeds).items(), st(feeds).values())}
+        r["dynamic_equals_static"] = all(same.values())
+        r["dynamic_vs_static"] = r["static"] / r["dynamic"]
+        r["dynamic_vs_ort_int8"] = r["ort_int8"] / r["dynamic"]
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    return rows
+
+
+def _compile_batch(name, path, calib, batch):
+    from qcompiler.driver import CompileOptions, compile_model
+
+    t = time.perf_counter()
+    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch))
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(CASES))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/dynamic_shapes.json"))
+    a = ap.parse_args(argv)
+    from qcompiler.tune.device import cpu_model_name, device_name
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in a.models.split(","):
+            rows += bench(name, a.repeats, d)
+    print(f"\n{'model':<11}{'shape':>10}{'dynamic':>9}{'static':>9}{'ORT fp32':>9}{'ORT int8':>9}   dyn/static  "
+          "vs ORT int8  equal  compile s (dyn / static)")
+    for r in rows:
+        print(f"{r['model']:<11}{'x'.join(map(str, r['shape'])):>10}{r['dynamic']:>9.2f}{r['static']:>9.2f}"
+              f"{r['ort_fp32']:>9.2f}{r['ort_int8']:>9.2f}   {r['static'] / r['dynamic']:>9.2f}x  "
+              f"{r['dynamic_vs_ort_int8']:>10.2f}x  {str(r['dynamic_equals_static']):>5}  "
+              f"{r['compile_s_dynamic']} / {r['compile_s_static']}")
+    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "device": device_name(parse_target("cpu")),
+           "threads": host_cores(),
+           "note": "median ms per call; static = a library compiled for that exact shape (the same calibration "
+                   "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
+                   "quantize_static QDQ (open-nsfw)", "results": rows}
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
