@@ -48,6 +48,11 @@ def _cleanup() -> None:
                 os.unlink(p)
         except OSError:
             pass
+    kill_children(2.0)
+
+
+def kill_children(timeout: float = 3.0) -> None:
+    """Kill this process's child processes (worker pools), waiting up to ``timeout`` s for them."""
     try:
         import psutil
 
@@ -57,8 +62,8 @@ def _cleanup() -> None:
                 k.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(kids, timeout=2)
-    except Exception:  # noqa: BLE001 - best effort: the process is leaving anyway
+        psutil.wait_procs(kids, timeout=timeout)
+    except Exception:  # noqa: BLE001 - no psutil / nothing to kill: the workers end when their pipes close
         pass
 
 

@@ -130,18 +130,7 @@ def scratch():
 
 def _kill_children(timeout: float = 3.0) -> None:
     """Kill this process's worker processes (MetaSchedule's popen pools), waiting for them to go."""
-    try:
-        import psutil
-
-        procs = psutil.Process().children(recursive=True)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=timeout)
-    except Exception:  # noqa: BLE001 - no psutil / nothing to kill: the workers end when their pipes close
-        pass
+    interrupt_guard.kill_children(timeout)
 
 
 @dataclass
