@@ -40,7 +40,13 @@ def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, metho
     ig = prep.int_graph
     feeds = {}
     for t in ig.inputs:
-        feeds[t] = test[t][:batch] if t in test else None
+        if t not in test:
+            feeds[t] = None
+        elif prep.batch_axes.get(t) is None:  # no sample axis (a scalar rate): as is
+            feeds[t] = np.asarray(test[t])
+        else:  # the first ``batch`` samples along the input's batch axis (a state [2, B, 128]: axis 1)
+            v = np.asarray(test[t])
+            feeds[t] = v if v.shape == tuple(ig.shapes[t]) else np.take(v, range(batch), axis=prep.batch_axes[t])
     env = reference.execute(ig, {k: v for k, v in feeds.items() if v is not None}, keep=True)
     m = onnx.ModelProto()
     m.CopyFrom(prep.fr.model)

@@ -24,7 +24,7 @@ Strict integer-only stays the default, and its error names the flag.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class QuantConfig:
     # node name -> per-group Hessians of the layer's inputs (qcompiler/mixed/gptq.py HessianStore);
     # without one a sub-8-bit layer is rounded to nearest
     hessians: object = field(default=None, compare=False, repr=False)
+    # W8A16 where the calibration statistics show that an 8-bit input adds more than this relative
+    # noise to a Conv/Dense layer's output channels (passes/auto_wide.py REL_NOISE); 0 = off;
+    # explicit plan entries are kept
+    auto_wide: float = 0.1
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "mse"):
@@ -71,6 +75,8 @@ class QuantConfig:
             raise ValueError(f"gelu must be 'igelu', 'shift' or 'lut', not {self.gelu}")
         if not 2 <= self.bits <= 8 or not 2 <= self.weight_bits <= 8:
             raise ValueError("bits must be in 2..8")
+        if not self.auto_wide >= 0:
+            raise ValueError(f"auto_wide must be a relative noise >= 0 (0: off), not {self.auto_wide}")
         if self.rounding not in ("gptq", "rtn"):
             raise ValueError(f"rounding must be 'gptq' or 'rtn', not {self.rounding}")
         for entry in self.plan:
@@ -93,10 +99,14 @@ class QuantConfig:
 
 
 # ops whose integer forms take 16-bit inputs as cheaply as 8-bit ones (int64 arithmetic inside)
-WIDE_CONSUMERS = {"Affine", "Add", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div", "ReduceSum",
-                  "ReduceMean"}
+WIDE_CONSUMERS = {"Affine", "Add", "Sub", "Log", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div",
+                  "ReduceSum", "ReduceMean"}
 
-PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather"}
+PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Pad"}
+# elementwise ops whose integer form takes a 16-bit input as cheaply as an 8-bit one (int64 steps, the
+# hard-swish product |x*h| <= 2^29) and whose output is 16-bit exactly when its consumers take it: a
+# 16-bit output is only useful behind a 16-bit input, so their input is wide when their output is
+FOLLOW_WIDE = {"HardSwish", "HardSigmoid", "Clip", "PRelu"}
 
 def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
     """Every (op, node, why) the quantizer cannot handle, found before any work is done."""
@@ -169,6 +179,9 @@ class Quantizer:
         self.ig = Graph(nodes=[], inputs=list(fg.inputs), outputs=[], shapes={}, dtypes={}, name=fg.name)
         self.int_name: dict[str, str] = {}   # float tensor -> integer tensor
         self.consumers = fg.consumers()
+        # Affine output -> (its input, scale, offset, act) where the Affine is folded into the
+        # per-channel tables of its consumers (qcompiler/intops/tables.py)
+        self.folded_affine: dict[str, tuple] = {}
         # float islands (--allow-float): node name -> why it has no integer form; the ONNX model's
         # nodes give each island its original attributes and opsets
         self.islands: dict[str, str] = dict(islands or {})
@@ -211,7 +224,9 @@ class Quantizer:
     def wide_ok(self, float_name: str) -> bool:
         """Whether ``float_name`` may be int16: every consumer is an elementwise / normalization /
         reduction op that takes 16-bit inputs (the 8-bit GEMM kernels and tables need int8, so a
-        tensor that feeds any Conv/Dense/MatMul or lookup table stays 8-bit)."""
+        tensor that feeds any Conv/Dense/MatMul or lookup table stays 8-bit), except: a W8A16 layer of
+        the plan, a hard activation whose own output is wide and feeds such a layer (``FOLLOW_WIDE``), Log and the
+        tables that make a graph output (65536-entry tables, ``qcompiler/intops/elementwise.py``)."""
         if self.cfg.bits >= 16:
             return False
         users = self.consumers.get(float_name, [])
@@ -221,6 +236,11 @@ class Quantizer:
             if u.op in PASSTHROUGH:  # data movement keeps the dtype: look at its consumers
                 if u.inputs[0] != float_name or not self.wide_ok(u.outputs[0]):
                     return False
+            elif u.op in FOLLOW_WIDE and u.name not in self.islands:
+                if u.inputs[0] != float_name or not self._feeds_a16(u.outputs[0]) or not self.wide_ok(u.outputs[0]):
+                    return False
+            elif u.name not in self.islands and u.inputs[0] == float_name and self._output_table(u):
+                continue  # a table making a graph output: 16-bit input, 65536 entries (intops/elementwise.py)
             elif u.name in self.islands:  # dequantized to float: 16 bits cost nothing there
                 continue
             elif u.op in ("Conv", "Dense") and u.inputs[0] == float_name and self.cfg.layer_bits(u.name)[1] >= 16:
@@ -228,6 +248,33 @@ class Quantizer:
             elif u.op not in WIDE_CONSUMERS or (u.op == "Gelu" and self.cfg.gelu == "lut"):
                 return False
         return True
+
+    def _feeds_a16(self, t: str, depth: int = 0) -> bool:
+        """Whether ``t`` feeds (through data movement) a W8A16 layer of the plan: only there does a hard
+        activation take a 16-bit input (elsewhere its 8-bit input was measured as good, and a residual
+        stream's 16 bits do not need it: ppocrv4-det moved either way by sample)."""
+        for u in self.consumers.get(t, []):
+            if u.op in PASSTHROUGH and u.inputs[0] == t and depth < 16:
+                if self._feeds_a16(u.outputs[0], depth + 1):
+                    return True
+            elif u.op in ("Conv", "Dense") and u.inputs[0] == t and self.cfg.layer_bits(u.name)[1] >= 16:
+                return True
+        return False
+
+    def _output_table(self, u: Node) -> bool:
+        """Whether ``u`` is a unary table whose output only reaches graph outputs (through data movement):
+        a detector's score sigmoids, whose tails an 8-bit input step would leave a few codes."""
+        from qcompiler.intops.elementwise import unary_lut
+
+        if RULES.get(u.op) is not unary_lut or any(i in self.fg.consts for i in u.inputs[:1]):
+            return False
+        t, seen = u.outputs[0], 0
+        while t not in self.fg.outputs:
+            users = self.consumers.get(t, [])
+            if len(users) != 1 or users[0].op not in PASSTHROUGH or users[0].inputs[0] != t or seen > 16:
+                return False
+            t, seen = users[0].outputs[0], seen + 1
+        return len(self.consumers.get(t, [])) == 0
 
     def clamp(self, qp: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
         """Integer clamp bounds of ``qp`` intersected with a fused activation's real bounds."""
@@ -323,6 +370,12 @@ def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: Qu
         islands, bad = plan_islands(fg, bad, onnx_model)
     if bad:
         raise unsupported_error(bad, hint=not cfg.allow_float)
+    if cfg.auto_wide:
+        from passes.auto_wide import auto_wide_plan
+
+        extra = auto_wide_plan(fg, stats, nonneg, cfg)
+        if extra:
+            cfg = replace(cfg, plan=tuple(cfg.plan) + extra)
     ig = Quantizer(fg, stats, nonneg, cfg, onnx_model, islands).run()
     verify_scales(ig)
     return ig

@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import QParams, dyadic, dyadic_common, requant_ref
 
 from .registry import I64, Example, IntOp, check_requant, dyadic_bound, float_ref, mag, register, rule
+from . import tables
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -86,6 +87,8 @@ def mul(qz: Quantizer, n):
 @rule("Affine")
 def affine(qz: Quantizer, n):
     x, out = n.inputs[0], n.outputs[0]
+    if tables.fold_affine(qz, n):  # every consumer is a table: folded into theirs (intops/tables.py)
+        return
     qx = qz.qp(x)
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
@@ -170,6 +173,14 @@ UNARY = ("Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Sof
          "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Round", "Floor", "Ceil", "Sign", "Pow", "Mod")
 
 
+# functions whose input range spans decades (the log of a power spectrum) take a 16-bit input
+# (passes/quantize.py wide_ok), as do the tables that make a graph output: a 16-bit input indexes a
+# 65536-entry table (128 KiB of int16) instead of losing everything below 1/127 of its range; the
+# other tables take 8 bits (Sqrt too: a 16-bit sqrt(re^2 + im^2) in silero-vad left its speech
+# probability equal and moved its LSTM state output from cosine 0.89 to 0.88)
+WIDE_TABLES = ("Log",)
+
+
 def _eval_unary(n, x: np.ndarray, consts: dict | None = None) -> np.ndarray:
     """f(x) by onnxruntime running the node itself (its other operands, e.g. Pow's exponent, are
     constants taken from ``consts``)."""
@@ -195,8 +206,10 @@ def _pow_check(g, n):
 @rule(*UNARY, check=lambda g, n: _pow_check(g, n) if n.op in ("Pow", "Mod") else None)
 def unary_lut(qz: Quantizer, n):
     x, out = n.inputs[0], n.outputs[0]
+    if x in qz.folded_affine:  # a per-channel Affine folded into this table (intops/tables.py)
+        return tables.channel_lut(qz, n, _eval_unary)
     qx = qz.qp(x)
-    if qx.bits > 8:
+    if qx.bits > 16:
         from qcompiler.errors import QuantizationError
 
         raise QuantizationError(f"node '{n.name}' ({n.op}): a lookup table needs an 8-bit input, got {qx.dtype}")
@@ -212,6 +225,25 @@ def unary_lut(qz: Quantizer, n):
 
 
 # ---- integer ops -------------------------------------------------------------------------------
+# ``epilogue`` (requant, add, mul, clip): the op's reference on int64 TIR scalars, for the fused
+# epilogue of a conv / dense kernel (``qcompiler/intops/gemm.py`` ``Epilogue``,
+# ``passes/fuse_epilogue.py``): ``v`` the operands (int64), ``k(name)`` the int64 value of a per-tensor
+# constant attribute (one of ``epilogue_consts``), ``a`` the attributes (lo / hi baked in); returns the
+# clipped int64 value, which the op's dtype holds (its cast is the identity).
+_ONE = tirx.const(1, "int64")
+
+
+def _m32(m):
+    """A multiplier (|m| < 2^31 by the ops' contracts) as a sign-extended int32: the same value, and
+    LLVM multiplies two such operands with ``vpmuldq`` (32 x 32 -> 64) instead of a full 64-bit
+    multiply (several times cheaper on x86)."""
+    return m.astype("int32").astype("int64")
+
+
+def _clip64(t, a):
+    return tirx.max(tirx.min(t, tirx.const(int(a["hi"]), "int64")), tirx.const(int(a["lo"]), "int64"))
+
+
 def _i8_dyadic(rng, shape, lo=2**29, hi=2**31 - 1, s_lo=30, s_hi=40):
     return (rng.integers(lo, hi, size=shape, dtype=np.int64) * rng.choice([-1, 1], size=shape),
             rng.integers(s_lo, s_hi, size=shape, dtype=np.int64))
@@ -241,6 +273,16 @@ class Requant(IntOp):
     @staticmethod
     def bound(ctx, n, x):
         check_requant(ctx, n, float(mag(x)), n.attrs)
+
+    epilogue_consts = ("mult", "shift", "add")
+
+    @staticmethod
+    def epilogue(v, k, a):
+        """The reference on int64 scalars inside a GEMM kernel's epilogue (``gemm.py`` ``Epilogue``)."""
+        t = v[0] * _m32(k("mult"))
+        if a.get("add") is not None:
+            t = t + k("add")
+        return _clip64((t + (_ONE << (k("shift") - _ONE))) >> k("shift"), a)
 
     @staticmethod
     def examples(rng):
@@ -291,6 +333,13 @@ class AddOp(IntOp):
         if b > I64:
             ctx.fail(n, "the int64 sum of requantized branches", b, I64)
 
+    epilogue_consts = ("mult_a", "mult_b", "shift")
+
+    @staticmethod
+    def epilogue(v, k, a):
+        t = v[0] * _m32(k("mult_a")) + v[1] * _m32(k("mult_b")) + (_ONE << (k("shift") - _ONE))
+        return _clip64(t >> k("shift"), a)
+
     @staticmethod
     def examples(rng):
         (ma, mb), s = dyadic_common([0.37, -1.9], "example")
@@ -329,6 +378,13 @@ class MulOp(IntOp):
         if b > I64:
             ctx.fail(n, "the int64 product", b, I64)
 
+    epilogue_consts = ("mult", "shift")
+
+    @staticmethod
+    def epilogue(v, k, a):
+        t = v[0] * v[1] * _m32(k("mult")) + (_ONE << (k("shift") - _ONE))
+        return _clip64(t >> k("shift"), a)
+
     @staticmethod
     def examples(rng):
         d = dyadic(0.0123, "example")
@@ -356,6 +412,12 @@ class ClipOp(IntOp):
     @staticmethod
     def bound(ctx, n, x):
         return (max(x[0], n.attrs["lo"]), min(x[1], n.attrs["hi"]))
+
+    epilogue_consts = ()
+
+    @staticmethod
+    def epilogue(v, k, a):
+        return _clip64(v[0], a)
 
     @staticmethod
     def examples(rng):

@@ -292,3 +292,82 @@ def test_concat_with_an_empty_piece():
     m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)],
                    [wt, tensor("s0", np.array([0], np.int64)), tensor("ax", np.array([2], np.int64))])
     check_pipeline(m, x_data((1, 3, 6, 6)))
+
+
+def test_per_channel_affine_folded_into_tables():
+    """Fourier features (trueocr-order): sin / cos of x * f_k with 12 frequencies spanning 2^11.  One
+    per-tensor 8-bit scale for x * f_k rounds every low-frequency channel to 0 (output cosine ~0.1
+    before qcompiler/intops/tables.py); folded into per-channel tables of x's codes it is exact up to
+    the output rounding.  Also a per-channel Mul + Add + Relu (an Affine with a fused clamp) before a
+    Sigmoid.  The inputs lie on the 8-bit grid (multiples of 1/127, |x| = 1 reached), so the input
+    quantization is exact and the high frequencies must agree too."""
+    freqs = (np.pi / 2 * 2.0 ** np.arange(12)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax"], ["xu"]), helper.make_node("Mul", ["xu", "f"], ["xf"]),
+             helper.make_node("Sin", ["xf"], ["s"]), helper.make_node("Cos", ["xf"], ["c"]),
+             helper.make_node("Concat", ["s", "c"], ["y"], axis=-1),
+             helper.make_node("Mul", ["x", "k"], ["xk"]), helper.make_node("Add", ["xk", "o"], ["xo"]),
+             helper.make_node("Relu", ["xo"], ["xr"]), helper.make_node("Sigmoid", ["xr"], ["zs"]),
+             helper.make_node("Add", ["zs", "zs"], ["z"])]  # not a graph output itself (that takes int16)
+    inits = [tensor("ax", np.array([-1], np.int64)), tensor("f", freqs),
+             tensor("k", np.array([0.01, 1.0, 30.0, 800.0], np.float32)),
+             tensor("o", np.array([0.5, -0.2, 0.0, -300.0], np.float32))]
+    m = make_model(nodes, [("x", [1, 6, 4])], [("y", None), ("z", None)], inits)
+    rng = np.random.default_rng(5)
+    x = rng.integers(-127, 128, (8, 6, 4)).astype(np.float32) / 127
+    x[:, 0, 0], x[:, 0, 1] = 1.0, -1.0
+    prep, tv, ref = check_pipeline(m, {"x": x}, min_cos=0.999)
+    ops = [n.op for n in prep.int_graph.nodes]
+    assert ops.count("lut_ch") == 3 and "lut" not in ops
+
+
+def test_log_of_a_wide_ranged_input_takes_16_bits(monkeypatch):
+    """Log of a power-like quantity spanning decades (a log-mel spectrogram): with an 8-bit input
+    everything below 1/127 of the range is one code (output cosine ~0.83 here); Log takes a 16-bit
+    input through a 65536-entry table (qcompiler/intops/elementwise.py WIDE_TABLES) and its producer
+    emits int16 (~0.98, the rest is the 8-bit h the square is made of)."""
+    import tempfile
+
+    import passes.quantize as Q
+    from qcompiler import reference
+    from qcompiler.driver import CompileOptions, prepare
+    from qcompiler.targets import parse_target
+    from tests.helpers import cosine, save
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "h"], ["p"]),
+             helper.make_node("Add", ["p", "eps"], ["pe"]), helper.make_node("Log", ["pe"], ["y"])]
+    inits = [tensor("W", (rng.standard_normal((16, 12)) * 0.5).astype(np.float32)), tensor("eps", np.float32(1e-4))]
+    m = make_model(nodes, [("x", [1, 6, 16])], [("y", None)], inits)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((8, 6, 16)) * np.exp(rng.uniform(-3, 1, (8, 6, 1)))).astype(np.float32)
+    prep, tv, ref = check_pipeline(m, {"x": x}, min_cos=0.95)
+    ig = prep.int_graph
+    lut = next(n for n in ig.nodes if n.op == "lut")
+    assert ig.dtypes[lut.inputs[0]] == "int16" and lut.attrs["table"].size == 65536
+    monkeypatch.setattr(Q, "WIDE_CONSUMERS", Q.WIDE_CONSUMERS - {"Log"})   # the 8-bit table it replaces
+    monkeypatch.setattr(Q.Quantizer, "_output_table", lambda self, u: False)  # (a graph output's table too)
+    with tempfile.TemporaryDirectory() as d:
+        path = save(m, d)
+        ig8 = prepare(path, {"x": x}, CompileOptions(target=parse_target("cpu"))).int_graph
+        want = ort_run(path, {"x": x[:1]})[0]
+    assert cosine(reference.execute(ig8, {"x": x[:1]})["y"], want) < 0.9 < 0.95 <= cosine(ref["y"], want)
+
+
+def test_output_sigmoid_takes_a_16_bit_input():
+    """A detector's score head: Conv -> Sigmoid -> Reshape -> graph output, logits mostly far below 0
+    (scores ~1e-4): an 8-bit logit step leaves the tail a few codes (median relative error 2.8% here);
+    a table that makes a graph output takes its input in 16 bits (65536 entries, passes/quantize.py
+    ``_output_table``): 0.8%, the rest from the 8-bit model input."""
+    c, wt = conv("W", "x", "c", 3, 4)
+    nodes = [c, helper.make_node("Add", ["c", "b"], ["cb"]), helper.make_node("Sigmoid", ["cb"], ["s"]),
+             helper.make_node("Reshape", ["s", "shp"], ["y"])]
+    m = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", None)],
+                   [wt, tensor("b", np.full((1, 4, 1, 1), -9.0, np.float32)),
+                    tensor("shp", np.array([1, -1], np.int64))])
+    data = x_data((1, 3, 6, 6))
+    prep, tv, ref = check_pipeline(m, data, min_cos=0.999)
+    ig = prep.int_graph
+    lut = next(n for n in ig.nodes if n.op in ("lut", "lut_ch"))
+    assert ig.dtypes[lut.inputs[0]] == "int16" and lut.attrs["table"].shape[-1] == 65536
+    f = ort_run(m, {"x": data["x"][:1]})[0]
+    assert np.median(np.abs(ref["y"] - f) / f) < 0.015

