@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--no-fuse-epilogue", action="store_true",
+                    help="compile without passes/fuse_epilogue.py (the profiles before issue 19)")
     a = ap.parse_args(argv)
     out_dir = ROOT / "benchmarks" / "results"
     for name in a.models.split(","):
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             lib_path = pathlib.Path(d) / "m.so"
             driver.compile_model(str(corpus.model_path(name)), lib_path, calib,
-                                 driver.CompileOptions(target=parse_target("cpu")))
+                                 driver.CompileOptions(target=parse_target("cpu"),
+                                                       fuse_epilogue=not a.no_fuse_epilogue))
             lib = Library(str(lib_path))
             p = profile(lib, runs=a.runs)
         p["library"] = name

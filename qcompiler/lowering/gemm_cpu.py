@@ -19,7 +19,7 @@ by the backend (``pack_conv`` / ``pack_dense``: [N/L, Kp/kp, L, kp] int8 or the 
 Routing by layer:
 
   group == 1                       -> the backend's conv2d (implicit GEMM)
-  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors; int8/uint8 input)
+  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors; int8/uint8/int16 input)
   other groups                     -> grouped_conv2d_nhwc
   dense (M x K @ K x N)            -> the backend's dense
   matmul of two activations        -> batch_matmul of the INT8 ISA (B packed in the kernel; [batch, N, K]
@@ -29,7 +29,13 @@ Routing by layer:
 A layer no kernel can take (an activation dtype no backend takes, a uint8 right matmul operand,
 broadcast matmul batch dims, K > MAX_K, a target with neither VNNI nor AVX2) falls back to
 ``GenericGemm`` with a warning naming it.  Kernels are marked ``op_pattern`` = opaque so FuseOps
-never merges them into other PrimFuncs.  The dense / group-1 conv kernels take the best tuned
+never merges them into other PrimFuncs.  A node with a fused epilogue (``passes/fuse_epilogue.py``:
+residual add, hard-swish, clip) runs it inside the group-1 conv, depthwise and dense kernels
+(``conv_vnni_add``, ``dwconv_cpu_requant_mul``, ...: one more input, the steps' constants as an int64
+vector); the grouped and generic routes return the plain result and the steps are lowered in Relax as
+before.  The tuning workload of a fused kernel is the plain kernel's (the epilogue is not part of the
+key: a config tuned for the plain kernel applies, and ``qc tune`` measures the plain kernel).
+The dense / group-1 conv kernels take the best tuned
 ``VnniConfig`` of the active tuning log for their backend (``qcompiler.tune.apply``), else
 ``default_config``.
 """
@@ -90,19 +96,22 @@ class CpuGemm(KernelGemm):
             return None, f"activation dtype {x_dtype} (weights {bits}-bit) has no CPU GEMM kernel"
         return be, None
 
-    def _gemm(self, lw, n: Node, x, x_dtype: str, shape, out_shape, build, pack, kind: str):
+    def _gemm(self, lw, n: Node, x, x_dtype: str, shape, out_shape, build, pack, kind: str, epilogue=None):
         """One call_tir of the layer's backend kernel; a 4-bit layer its W4A8 kernel rejects runs on the
-        INT8 kernel of the same ISA; None when no kernel takes it (the caller falls back, warned)."""
+        INT8 kernel of the same ISA; None when no kernel takes it (the caller falls back, warned).
+        ``epilogue`` = (Epilogue, extra input exprs): fused into the kernel (``build(be, cfg, post)``);
+        the tuning workload stays the plain kernel's (the epilogue is not part of the key)."""
         be, why = self._backend(n, x_dtype)
         if be is None:
             self._fallback(n, why)
             return None
         a = n.attrs
+        post = epilogue[0] if epilogue is not None else None
         while be is not None:
             try:
                 wp, beff = pack(be)
                 wl = be.workload(self.target, n, x_dtype, shape)
-                f = tuned.generate(wl, n.name, lambda cfg, be=be: build(be, cfg))
+                f = tuned.generate(wl, n.name, lambda cfg, be=be: build(be, cfg, post))
             except ValueError as e:
                 twin = KB.int8_twin(be) if be.weight_bits == 4 else None
                 if twin is None:
@@ -113,13 +122,32 @@ class CpuGemm(KernelGemm):
                 continue
             mult, shift = self._epi(a)
             args = [x, const(wp, be.weight_dtype()), const(beff, "int32"), mult, shift]
-            return self._call(lw, f, f"{kind}_{be.name.removeprefix('cpu_')}", args, out_shape, a["dtype"])
+            name, dtype = f"{kind}_{be.name.removeprefix('cpu_')}", a["dtype"]
+            if post is not None:
+                f = f.with_attr("qc.epilogue", post.tag)
+                args += [*epilogue[1], const(post.consts, "int64")]
+                name, dtype = f"{name}_{post.tag}", post.out_dtype
+            return self._call(lw, f, name, args, out_shape, dtype)
         return None
 
-    def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
+    fuses_epilogue = True  # conv / dense take ``epilogue=`` and return (expr, fused)
+
+    def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape, epilogue=None):
+        """The layer's kernel; with ``epilogue`` = (Epilogue, extra inputs in NHWC) returns (expr, fused):
+        the group-1 and depthwise kernels fuse it, the other routes return the plain result (the
+        caller lowers the steps in Relax)."""
+        if epilogue is not None:
+            y = self._conv(lw, n, x, x_dtype, nhwc_shape, epilogue)
+            return (y, True) if y is not None else (self._conv(lw, n, x, x_dtype, nhwc_shape), False)
+        return self._conv(lw, n, x, x_dtype, nhwc_shape)
+
+    def _conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape, epilogue=None) -> relax.Expr | None:
+        """The kernel call; None when ``epilogue`` is given and this route cannot fuse it (nothing
+        emitted, nothing warned: the plain call follows)."""
         a = n.attrs
         w = np.asarray(a["weight"])  # [OC, C/g, KH, KW] int8
-        N, H, W, C = (int(d) for d in nhwc_shape)
+        N, H, W, C = (d if not isinstance(d, (int, np.integer)) else int(d)  # N, H, W may be symbolic
+                      for d in nhwc_shape)
         OC, _, KH, KW = w.shape
         g = int(a["group"])
         geo = (tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]))
@@ -127,37 +155,72 @@ class CpuGemm(KernelGemm):
         out_shape = (N, OH, OW, OC)
         lo, hi = int(a["lo"]), int(a["hi"])
         bias = np.asarray(a["bias"], np.int32)
+        if epilogue is not None and epilogue[0].out_dtype not in V.OUT_DTYPES:
+            return None
         if g == 1:
+            if epilogue is not None and self._backend(n, x_dtype)[0] is None:
+                return None
             y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), out_shape,
-                           lambda be, cfg: be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, cfg),
-                           lambda be: be.pack_conv(w, bias, x_dtype), "conv")
+                           lambda be, cfg, post: be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi,
+                                                           cfg, post=post),
+                           lambda be: be.pack_conv(w, bias, x_dtype), "conv", epilogue)
+            if y is None and epilogue is not None:
+                return None  # warned once; the plain call takes the generic path
             return y if y is not None else super().conv(lw, n, x, x_dtype, nhwc_shape)
-        if x_dtype not in V.ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES:
+        depthwise = g == C and OC == C
+        if not all(isinstance(d, int) for d in (H, W)) and (epilogue is not None or not depthwise):
+            if epilogue is not None:  # the depthwise kernel takes a symbolic height / width, unfused
+                return None
+            self._fallback(n, "a grouped conv with a symbolic height / width (no such kernel yet)")
+            return super().conv(lw, n, x, x_dtype, nhwc_shape)
+        if epilogue is not None and (not depthwise or x_dtype not in V.DIRECT_ACT_DTYPES
+                                     or a["dtype"] not in V.OUT_DTYPES):
+            return None
+        if x_dtype not in V.DIRECT_ACT_DTYPES or a["dtype"] not in V.OUT_DTYPES:
             self._fallback(n, f"activation dtype {x_dtype} -> {a['dtype']} has no INT8 CPU kernel")
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
         mult, shift = self._epi(a)
         try:
-            if g == C and OC == C:
+            if depthwise:
                 wd = np.ascontiguousarray(np.transpose(w[:, 0], (1, 2, 0)))  # [KH, KW, C]
-                f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
+                post = epilogue[0] if epilogue is not None else None
+                f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post)
                 args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
-                return self._call(lw, f, "dwconv_cpu", args, out_shape, a["dtype"])
+                if post is None:
+                    return self._call(lw, f, "dwconv_cpu", args, out_shape, a["dtype"])
+                args += [*epilogue[1], const(post.consts, "int64")]
+                return self._call(lw, f.with_attr("qc.epilogue", post.tag), f"dwconv_cpu_{post.tag}", args,
+                                  out_shape, post.out_dtype)
             f = V.grouped_conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, g, x_dtype, a["dtype"], lo, hi)
             args = [x, const(w, "int8"), const(bias, "int32"), mult, shift]
             return self._call(lw, f, "gconv_cpu", args, out_shape, a["dtype"])
         except ValueError as e:
+            if epilogue is not None:
+                return None
             self._fallback(n, str(e))
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
 
-    def dense(self, lw, n: Node, x, x_dtype: str, M: int, K: int) -> relax.Expr:
+    def dense(self, lw, n: Node, x, x_dtype: str, M: int, K: int, epilogue=None):
+        """As :meth:`conv`: with ``epilogue`` (extra inputs [M, N]) returns (expr, fused)."""
         a = n.attrs
         w = np.asarray(a["weight"])  # [K, N]
         N = int(w.shape[1])
         lo, hi = int(a["lo"]), int(a["hi"])
         bias = np.asarray(a["bias"], np.int32)
-        y = self._gemm(lw, n, x, x_dtype, (M, K), (M, N),
-                       lambda be, cfg: be.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg),
-                       lambda be: be.pack_dense(w, bias, x_dtype), "dense")
+
+        def run(ep):
+            return self._gemm(lw, n, x, x_dtype, (M, K), (M, N),
+                              lambda be, cfg, post: be.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg, post=post),
+                              lambda be: be.pack_dense(w, bias, x_dtype), "dense", ep)
+
+        if epilogue is not None:
+            ok = self._backend(n, x_dtype)[0] is not None and epilogue[0].out_dtype in V.OUT_DTYPES
+            y = run(epilogue) if ok else None
+            if y is not None:
+                return y, True
+            y = run(None) if ok else None
+            return (y if y is not None else super().dense(lw, n, x, x_dtype, M, K)), False
+        y = run(None)
         return y if y is not None else super().dense(lw, n, x, x_dtype, M, K)
 
     def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
@@ -185,5 +248,26 @@ class CpuGemm(KernelGemm):
             return super().matmul(lw, n, a, b)
         a3, b3 = plan.operands(lw, a, b, b_trans)
         args = [a3, b3, const(rq[0], "int64"), const(rq[1], "int64")]
-        y = self._call(lw, f, f"matmul_{self.tag}", args, (plan.batch, plan.M, plan.N), at["dtype"])
+        tiles = f.attrs.get("qc.sym_tiles") if f.attrs is not None else None
+        if tiles:  # symbolic M / N / K: whole tiles, their counts as arguments; keep M x N (cpu_vnni.batch_matmul)
+            y = self._call_tiled(lw, f, f"matmul_{self.tag}", args, plan, tiles, at["dtype"])
+        else:
+            y = self._call(lw, f, f"matmul_{self.tag}", args, (plan.batch, plan.M, plan.N), at["dtype"])
         return lw.emit(relax.op.reshape(y, lw.ig.shapes[n.outputs[0]]))
+
+    def _call_tiled(self, lw, f, name: str, args, plan, tiles, dtype) -> relax.Expr:
+        from tvm import te, tirx
+
+        ext = {"M": plan.M, "N": plan.N, "K": plan.K}
+        counts = {str(d): tirx.floordiv(ext[str(d)] + (int(t) - 1), int(t)) for d, t in tiles}
+        size = {str(d): int(t) for d, t in tiles}
+        gv = lw.bb.add_func(f.with_attr("op_pattern", 8), name)
+        self.kernels[name] = self.kernels.get(name, 0) + 1
+        oshape = (plan.batch, counts["M"] * size["M"] if "M" in counts else plan.M,
+                  counts["N"] * size["N"] if "N" in counts else plan.N)
+        y = lw.emit(relax.call_tir(gv, [*args, *(relax.prim_value(tirx.Cast("int32", c)) for c in counts.values())],
+                                   relax.TensorType(shape=oshape, dtype=dtype)), name)
+        if "M" not in counts and "N" not in counts:
+            return y
+        shape = (plan.batch, plan.M, plan.N)
+        return lw.bb.emit_te(lambda t: te.compute(shape, lambda *i: t(*i), name="keep"), y, primfunc_name_hint="keep")

@@ -141,11 +141,11 @@ class CpuGemmBackend(GemmBackend):
         lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
         w = a["weight"]
         if node.op == "conv":
-            N, H, W, C = (int(d) for d in shape)
+            N, H, W, C = (tw.rows_bucket(d) for d in shape)   # a symbolic batch: its representative size
             OC, _, KH, KW = w.shape
             return tw.cpu_conv(target, N, H, W, C, OC, KH, KW, a["strides"], a["pads"], a["dilations"], x_dtype,
                                od, lo, hi, backend=self.name)
-        M, K = (int(d) for d in shape)
+        M, K = (tw.rows_bucket(d) for d in shape)   # a symbolic M: its representative size
         return tw.cpu_dense(target, M, int(w.shape[1]), K, x_dtype, od, lo, hi, backend=self.name)
 
     def reject_conv(self, C: int) -> str | None:
@@ -160,19 +160,22 @@ class CpuGemmBackend(GemmBackend):
         return None
 
     # ---- TIR builders and packing ---------------------------------------------------------------
-    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None):
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None):
+        """``post``: a fused elementwise epilogue (``cpu_vnni.Post``); not part of the workload, so a
+        tuned config of the plain kernel applies to the fused one."""
         from .. import cpu_vnni as V
 
-        return V.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=self.isa)
+        return V.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=self.isa, post=post)
 
-    def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config=None):
+    def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config=None,
+               post=None):
         from .. import cpu_vnni as V
 
         why = self.reject_conv(C)
         if why:
             raise ValueError(why)
         return V.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
-                             config, isa=self.isa)
+                             config, isa=self.isa, post=post)
 
     def make_func(self, workload, config=None):
         w = workload
