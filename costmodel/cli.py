@@ -77,7 +77,18 @@ def _calib(a):
         raise ModelError(f"{a.model}: no such file (give the path of an .onnx model)")
     from qcompiler.tune.tuner import random_calibration
 
-    return random_calibration(a.model, a.batch)
+    shapes = None
+    if getattr(a, "shape", None):  # latency at this shape (a dynamic library at one of its sizes)
+        from qcompiler.shape_spec import DimRange, parse
+
+        shapes = {}
+        for name, dims in parse(a.shape).items():
+            if any(d is None or isinstance(d, DimRange) for d in dims):
+                raise InputError(f"--shape {name}: give every dim a size to predict at (e.g. {name}=1x128)")
+            shapes[name] = tuple(dims)
+        if a.batch == 1:  # the batch a shape gives (axis 0 of the first input named) is the compiled batch
+            a.batch = shapes[next(iter(shapes))][0]
+    return random_calibration(a.model, a.batch, shapes=shapes)
 
 
 def run_predict(a) -> int:

@@ -348,6 +348,75 @@ def calibration_set(data, specs, batch: int = 1, where: str = "calibration data"
     return CalibSet(arrays, axes, shapes, batch, n)
 
 
+def calibration_groups(data, specs, batch: int, varied: set[str], where: str = "calibration data") -> list[CalibSet]:
+    """Calibration samples whose sizes differ in the dims named ``varied`` (symbolic dims of a
+    library compiled for a range of sizes, ``qcompiler/shape_spec.py``): one ``CalibSet`` per size,
+    largest group first (the library's calibrated size; ties: the larger size).  A folder may mix
+    sizes file by file (each file one size); an .npz holds one size.  The statistics of the groups,
+    each run at its own shape, are merged (``merge_stats``): a scale is per tensor, valid at every
+    size."""
+    parts = list(data) if isinstance(data, CalibFiles) else [(None, data)]
+    if not varied or len(parts) < 2:
+        return [calibration_set(data, specs, batch, where)]
+    from .frontend import batch_axis, batch_dim_names
+
+    bnames = batch_dim_names(specs)
+    axes = [(s.name, k) for s in specs for k, d in enumerate(s.shape)   # batch axes: samples, any count
+            if isinstance(d, str) and d in varied and k != batch_axis(s, bnames)]
+    if not axes:
+        return [calibration_set(data, specs, batch, where)]
+
+    def key(part):
+        out = []
+        for name, k in axes:
+            a = np.asarray(part.get(name, np.zeros(0)))
+            spec = next(s for s in specs if s.name == name)
+            # the size of axis k of one sample: counted from the end (a leading samples axis may be added)
+            off = len(spec.shape) - k
+            out.append(int(a.shape[a.ndim - off]) if a.ndim >= off else -1)
+        return tuple(out)
+
+    groups: dict[tuple, CalibFiles] = {}
+    for f, part in parts:
+        groups.setdefault(key(part), CalibFiles()).append((f, part))
+    sets = [calibration_set(g, specs, batch, where) for g in groups.values()]
+    return sorted(sets, key=lambda c: (-c.n, -sum(int(np.prod(v)) for v in c.shapes.values())))
+
+
+def merge_stats(a: TensorStats, b: TensorStats, rng: np.random.Generator) -> TensorStats:
+    """The statistics of two disjoint sets of values of one tensor (e.g. calibrated at two sizes of a
+    symbolic dim): exact extremes, exact top-|x| tail, counts, per-channel extremes and mean squares
+    where the channel axis has one size in both (else dropped), and a subsample that draws from each
+    in proportion to its count."""
+    count = a.count + b.count
+    same_chan = (a.chan_lo is not None and b.chan_lo is not None and a.chan_axis == b.chan_axis
+                 and len(a.chan_lo) == len(b.chan_lo))
+    # subsample: at most RESERVOIR values, each side in proportion to how many values it stands for
+    total = float(RESERVOIR)   # the largest sample whose parts are in proportion and available
+    for smp, c in ((a.sample, a.count), (b.sample, b.count)):
+        if c:
+            total = min(total, len(smp) * count / c)
+    take_a = min(len(a.sample), int(round(total * a.count / max(count, 1))))
+    take_b = min(len(b.sample), int(round(total * b.count / max(count, 1))))
+    ia = np.sort(rng.choice(len(a.sample), take_a, replace=False)) if take_a < len(a.sample) else np.arange(len(a.sample))
+    ib = np.sort(rng.choice(len(b.sample), take_b, replace=False)) if take_b < len(b.sample) else np.arange(len(b.sample))
+    sample = np.concatenate([a.sample[ia], b.sample[ib]]).astype(np.float32)
+    sample_chan = (np.concatenate([a.sample_chan[ia], b.sample_chan[ib]])
+                   if same_chan and a.sample_chan is not None and b.sample_chan is not None else None)
+    top, tch = None, None
+    if a.top_abs is not None and b.top_abs is not None:
+        top = np.concatenate([a.top_abs, b.top_abs])
+        tch = np.concatenate([a.top_chan, b.top_chan]) if same_chan and a.top_chan is not None and b.top_chan is not None else None
+        order = np.argsort(-top, kind="stable")[:TOPK]
+        top, tch = top[order], (tch[order] if tch is not None else None)
+    if same_chan:
+        ra, rb = a.count / max(len(a.chan_lo), 1), b.count / max(len(b.chan_lo), 1)   # rows per channel
+        ms = (a.chan_ms * ra + b.chan_ms * rb) / max(ra + rb, 1) if a.chan_ms is not None and b.chan_ms is not None else None
+        return TensorStats(min(a.lo, b.lo), max(a.hi, b.hi), sample, np.minimum(a.chan_lo, b.chan_lo),
+                           np.maximum(a.chan_hi, b.chan_hi), sample_chan, ms, top, tch, count, a.chan_axis)
+    return TensorStats(min(a.lo, b.lo), max(a.hi, b.hi), sample, None, None, None, None, top, None, count, -1)
+
+
 def canonical_order(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """The samples sorted by a hash of their contents (every input's values of that sample), so the
     statistics (the random subsample included) do not depend on the order of the files in a

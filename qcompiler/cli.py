@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default=None, help=".npz keyed by input names, or a folder of them (which axis holds the samples: README, --calib)")
     c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"])
     c.add_argument("--batch", type=int, default=1, help="batch size the library is compiled for (default 1)")
+    c.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="input dims: 1..32 keeps a dim symbolic over that range (one library for every size), "
+                        "a number fixes it, ? as declared; e.g. input_ids=1..32x1..256 (repeatable)")
     c.add_argument("--io", default="float", choices=["float", "int"],
                    help="float: quantize/dequantize inside the library (default); int: integer inputs/outputs")
     c.add_argument("--softmax", default="iexp", choices=["iexp", "shift"], help="integer softmax: I-BERT i-exp or I-ViT Shiftmax")
@@ -66,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time a library with the TVM runtime")
     b.add_argument("library")
     b.add_argument("--batch", type=int, default=None, help="must equal the compiled batch (recompile otherwise)")
+    b.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="a library with symbolic dims: time random inputs of this shape (e.g. input_ids=4x128)")
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--inputs", default=None, help=".npz of inputs (default: random)")
     b.add_argument("--threads", type=int, default=None,
@@ -106,6 +111,8 @@ def _costmodel_parsers(sub) -> None:
     pr.add_argument("--precision", default="int8", help="int8 (default)")
     pr.add_argument("--calib", default=None, help="as in qc compile (default: random data of the input shapes)")
     pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                    help="predict at these input shapes (e.g. input_ids=1x128; random data of that shape)")
     pr.add_argument("--cost-model", default=None, metavar="FILE",
                     help="model file (default costmodels/<device>.json; none: roofline estimate)")
     pr.add_argument("--json", action="store_true", help='print {"total_ms": ..., "layers": [...], ...}')
@@ -166,7 +173,8 @@ def cmd_compile(a) -> int:
     spec = parse_target(a.target, a.arch)
     opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
                           softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels,
-                          dump_dir=a.dump, allow_float=a.allow_float, mixed=mixed_options(a))
+                          dump_dir=a.dump, allow_float=a.allow_float, mixed=mixed_options(a),
+                          shapes=tuple(a.shape))
     meta = compile_model(a.model, a.output, a.calib, opts)
     summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
                "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
@@ -236,6 +244,9 @@ def cmd_inspect(a) -> int:
         for e in rep[side]:
             sc = f" scale={e['scale']:.6g} ({e.get('quant_dtype')})" if "scale" in e else ""
             print(f"{side[:-1]:<12} {e['name']}: {e['dtype']}{e['shape']}{sc}")
+    for name, r in (rep.get("symbolic_dims") or {}).items():
+        print(f"symbolic dim {name}: {r['min']}..{r['max']} (calibrated at {r['calibrated']}; "
+              + ", ".join(f"{i} axis {ax}" for i, ax in r["where"]) + ")")
     print(f"integer-only {'yes' if rep['integer_only'] else 'NO'}  ({rep['kernels']} kernels scanned, "
           f"{rep['float_kernels_between_boundaries']} with float ops between the entry quantize and exit dequantize)")
     if rep["float_kernels"]:
@@ -265,6 +276,10 @@ def cmd_bench(a) -> int:
         raise InputError(f"{a.library} is compiled for batch {lib.batch}; recompile with --batch {a.batch} "
                          "to time that batch")
     inputs = _load_npz(a.inputs) if a.inputs else None
+    if a.shape:
+        if inputs is not None:
+            raise InputError("give --inputs or --shape, not both")
+        inputs = lib.example_inputs(shapes=_bench_shapes(a.shape))
     if a.profile:
         from .bench_profile import format_table, profile
 
@@ -280,6 +295,17 @@ def cmd_bench(a) -> int:
               f"{r['repeats']} repeats, batch {r['batch']}, {r['device']}"
               + (f", {r['threads']} thread{'s' * (r['threads'] > 1)})" if r.get("threads") else ")"))
     return 0
+
+
+def _bench_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    from .shape_spec import DimRange, parse
+
+    out = {}
+    for name, dims in parse(specs).items():
+        if any(d is None or isinstance(d, DimRange) for d in dims):
+            raise InputError(f"--shape {name}: give every dim a size to time (e.g. {name}=4x128)")
+        out[name] = tuple(dims)
+    return out
 
 
 def cmd_costmodel(a) -> int:

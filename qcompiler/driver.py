@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, artifact, calibrate, frontend, progress
-from .errors import CalibrationError, ModelError, TargetError, UnsupportedOpError, at_node, stage
+from .errors import CalibrationError, ModelError, QCError, TargetError, UnsupportedOpError, at_node, stage
 from .graph import Graph
 from .mixed.plan import MixedOptions
 from .targets import TargetSpec
@@ -47,6 +47,8 @@ class CompileOptions:
     tune_log: str | None = None    # tuning log dir (None: $QC_TUNE_LOG or autotune_logs/<device>/; "off": none)
     allow_float: bool = False      # keep nodes without an integer form in float islands (not integer-only)
     mixed: MixedOptions | None = None  # pins, budgets, rounding of --precision w4a8|mixed (qcompiler/mixed/)
+    shapes: tuple = ()             # --shape NAME=DIMS (qcompiler/shape_spec.py): fixed dims, symbolic ranges
+    fuse_epilogue: bool = True     # residual adds / hard-swish into the conv / dense node (passes/fuse_epilogue.py)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -77,6 +79,10 @@ class Prepared:
     batch_axes: dict = field(default_factory=dict)  # input name -> its batch axis (None: it has none)
     mixed: dict | None = None       # the per-layer precision plan and how it was chosen (model.json)
     state: QuantState | None = None  # what quantization started from (re-quantize with another plan)
+    calib_stats: dict | None = None  # calibration statistics before smoothing (retrace at other shapes)
+    qcfg: object = None              # the QuantConfig the integer graph was made with (plan included)
+    input_shapes: dict = field(default_factory=dict)  # compiled input shapes
+    sym_vars: list = field(default_factory=list)      # dims kept symbolic (qcompiler/symbolic.SymVar)
 
 
 @dataclass
@@ -130,8 +136,17 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
                                "which axis holds the samples: see qcompiler/calibrate.py); a data-free mode is "
                                "not available yet")
     with stage("reading calibration data"):
-        data = calibrate.calibration_set(calibrate.load_calibration(calib), specs, opts.batch)
+        from .shape_spec import parse, resolve
+
+        varied = set(resolve(specs, parse(list(opts.shapes))).ranges)  # symbolic dims: samples may differ in them
+        groups = calibrate.calibration_groups(calibrate.load_calibration(calib), specs, opts.batch, varied)
+        data = groups[0]
     batch = data.batch
+    with stage("input shapes"):
+        sym_vars = symbolic_vars(specs, opts.shapes, data.shapes)
+    if sym_vars and opts.target.kind != "cpu":
+        raise TargetError(f"symbolic dims ({', '.join(v.name for v in sym_vars)}: --shape ranges) are CPU-only for now; "
+                          f"for --target {opts.target.kind} fix each dim with --shape NAME=DIMS (one size)")
     with rep.timed("reading and folding the model"), stage("frontend"):
         fr = frontend.load(model_path, batch=batch, shapes=data.shapes, samples=data)
     t["frontend"] = time.perf_counter() - t0
@@ -159,9 +174,17 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
     with stage("calibration"):
         stats = calibrate.collect(fr.model, data, tensors, batch)
+        for g in groups[1:]:  # samples of other sizes of the symbolic dims, each run at its own shape
+            rep.stage(f"calibrating on {g.n} samples of shape(s) " + ", ".join(f"{k} {tuple(v)}" for k, v in g.shapes.items()))
+            fr_g = frontend.load(model_path, batch=batch, shapes=g.shapes, samples=g)
+            more = calibrate.collect(fr_g.model, g, [t for t in tensors if t in fr_g.graph.shapes], batch)
+            merge_rng = np.random.default_rng(0)
+            stats = {t: calibrate.merge_stats(st, more[t], merge_rng) if t in more else st for t, st in stats.items()}
+            n += g.n
         from passes.shared_steps import share_step_ranges
 
         stats = share_step_ranges(stats)  # unrolled recurrences: one range per role over the steps
+    calib_stats = stats
     from passes.smooth import smooth
 
     with stage("smooth"):
@@ -184,10 +207,164 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
         from .mixed.plan import check_applied
 
         check_applied(ig, plan_report)
+    if opts.fuse_epilogue:
+        from passes.fuse_epilogue import fuse_epilogue
+
+        with stage("fuse epilogues"):
+            ig = fuse_epilogue(ig)
     with stage("overflow check"):
         intervals = check_overflow(ig)
     t["quantize"] = time.perf_counter() - t1 - t["calibrate"]
-    return Prepared(fr, fg, ig, intervals, n, t, batch, dict(data.axes), plan_report, state)
+    return Prepared(fr, fg, ig, intervals, n, t, batch, dict(data.axes), plan_report, state, calib_stats, cfg,
+                    dict(data.shapes), sym_vars)
+
+
+def symbolic_vars(specs, shape_args, calib_shapes: dict) -> list:
+    """The dims ``--shape`` keeps symbolic (``qcompiler/shape_spec.py``) as ``symbolic.SymVar`` s; a dim it
+    fixes must be the size the calibration samples (or --batch) give it."""
+    from .shape_spec import parse, resolve
+    from .symbolic import SymVar
+
+    res = resolve(specs, parse(list(shape_args)))
+    for inp, axes in res.fixed.items():
+        for ax, size in axes.items():
+            have = calib_shapes[inp][ax]
+            if have != size:
+                raise ModelError(f"--shape {inp}: dim {ax} = {size}, but the calibration samples (or --batch) give "
+                                 f"it {have}; give samples of that size (a range, {min(size, have)}..{max(size, have)},"
+                                 " keeps the dim symbolic)")
+    out = []
+    for var, r in res.ranges.items():
+        sizes = {calib_shapes[inp][ax] for inp, ax in res.where[var]}
+        if len(sizes) != 1:
+            raise ModelError(f"dim '{var}' has sizes {sorted(sizes)} in the calibration samples of "
+                             f"{sorted({i for i, _ in res.where[var]})}; they must agree")
+        size = sizes.pop()
+        if not r.lo <= size <= r.hi or size % r.step:
+            raise ModelError(f"--shape: dim '{var}' is {size} in the calibration samples, outside the range "
+                             f"{r.lo}..{r.hi}" + (f" or not a multiple of {r.step}" if r.step > 1 else "")
+                             + "; widen the range or calibrate inside it")
+        out.append(SymVar(var, r.lo, r.hi, list(res.where[var]), size, r.step))
+    return out
+
+
+def retrace(model_path: str | os.PathLike, prep: Prepared, opts: CompileOptions,
+            shapes: dict[str, tuple[int, ...]]) -> Graph:
+    """The integer graph of the same model at other input ``shapes``, quantized with the calibration
+    statistics of ``prep`` (scales are per tensor: the same at every shape; ``qcompiler/symbolic.py``)."""
+    from passes.quantize import quantize
+    from passes.sign import nonnegative
+    from passes.smooth import smooth
+
+    fr = frontend.load(model_path, batch=None, shapes=shapes, samples=None, reuse=True)
+    if fr.guards or prep.fr.guards:
+        from .symbolic import SymbolicError
+
+        raise SymbolicError("the model branches on its inputs (If specialized on the calibration data): its dims "
+                            "cannot stay symbolic; fix them with --shape")
+    fg = float_passes(fr.graph, opts.allow_float)
+    fg, stats = smooth(fg, prep.calib_stats, opts.smooth)
+    # (not epilogue-fused: the kernels with symbolic extents take no fused epilogue; both forms are
+    # the same integer function, passes/fuse_epilogue.py)
+    return quantize(fg, stats, nonnegative(fg), prep.qcfg, fr.model)
+
+
+def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileOptions, sym_vars: list) -> Graph:
+    """The integer graph with the dims of ``sym_vars`` symbolic (``qcompiler/symbolic.py``): traced at
+    a grid of sizes and fitted."""
+    from .symbolic import fit_graph, probe_points
+
+    def shapes_at(point):  # point: u per variable; a size is step * u
+        out = {k: list(v) for k, v in prep.input_shapes.items()}
+        for v in sym_vars:
+            for inp, ax in v.where:
+                out[inp][ax] = point[v.name] * v.step
+        return {k: tuple(v) for k, v in out.items()}
+
+    rep = progress.get()
+    points = probe_points(sym_vars)
+    traces = []
+    for p in rep.iterate(points, total=len(points), desc="tracing symbolic dims"):
+        try:
+            traces.append(retrace(model_path, prep, opts, shapes_at(p)))
+        except QCError as e:  # e.g. tensors the calibration never saw: steps of a recurrence unrolled over the dim
+            from .symbolic import SymbolicError
+
+            raise SymbolicError(f"the integer graph changes with {', '.join(repr(v.name) for v in sym_vars)} (traced at "
+                                + ", ".join(f"{k}={x}" for k, x in p.items()) + f": {str(e).splitlines()[0][:160]}): "
+                                "the model is unrolled or specialized over that dim; fix it with --shape") from None
+    # the largest sizes, for per-position constants; a batch dim at its largest probe size (what
+    # depends on the batch is a broadcast, and the whole model is run once at this shape)
+    hi = {v.name: (max(p[v.name] for p in points) if _is_batch_var(v, prep) else v.hi // v.step) for v in sym_vars}
+
+    def at_max_trace():
+        try:
+            return retrace(model_path, prep, opts, shapes_at(hi))
+        except QCError as e:
+            raise _model_bound(model_path, prep, opts, sym_vars, shapes_at, e) from None
+
+    def tabulate(name):  # every size of one variable, the others at their first grid value
+        from .symbolic import TABLE_MAX, SymbolicError
+
+        v = next(x for x in sym_vars if x.name == name)
+        us = range(-(-v.lo // v.step), v.hi // v.step + 1)
+        if len(us) > TABLE_MAX:
+            raise SymbolicError(f"a constant follows dim '{name}' in no polynomial way (e.g. the divisor of a mean over "
+                                f"it) and its range has {len(us)} sizes, more than the {TABLE_MAX} traced one by one; "
+                                "give --shape a smaller range (or a step) for it")
+        rep.stage(f"tabulating a constant over the {len(us)} sizes of '{name}'")
+        return [(u, retrace(model_path, prep, opts, shapes_at({**points[0], name: u}))) for u in us]
+
+    at_max = _Memo(lambda _: at_max_trace())
+    graph = fit_graph(traces, points, [v.name for v in sym_vars], lambda: at_max(0), _Memo(tabulate))
+    # overflow bounds grow with some sizes (a sum over the sequence): proven at the largest ones
+    from passes.overflow import check_overflow
+
+    with stage("overflow check (largest sizes)"):
+        check_overflow(at_max(0))
+    return graph
+
+
+class _Memo:
+    def __init__(self, f):
+        self.f, self.seen = f, {}
+
+    def __call__(self, key):
+        if key not in self.seen:
+            self.seen[key] = self.f(key)
+        return self.seen[key]
+
+
+def _is_batch_var(v, prep: Prepared) -> bool:
+    """Whether every occurrence of the symbolic dim ``v`` is an input's batch axis."""
+    return all(prep.batch_axes.get(inp) == ax for inp, ax in v.where)
+
+
+def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: list, shapes_at, err) -> ModelError:
+    """The model cannot be traced at the largest sizes: find, per variable, the largest size it takes
+    (a position-embedding table of 512 rows bounds the sequence at 512) and name it."""
+    base = {v.name: v.calibrated // v.step for v in sym_vars}
+    for v in sym_vars:
+        ok, bad = v.calibrated // v.step, v.hi // v.step
+        try:
+            retrace(model_path, prep, opts, shapes_at({**base, v.name: bad}))
+            continue
+        except QCError:
+            pass
+        while bad - ok > 1:
+            mid = (ok + bad) // 2
+            try:
+                retrace(model_path, prep, opts, shapes_at({**base, v.name: mid}))
+                ok = mid
+            except QCError:
+                bad = mid
+        where = ", ".join(f"{i} axis {ax}" for i, ax in v.where)
+        ok, bad = ok * v.step, (ok + 1) * v.step
+        return ModelError(f"the model bounds dim '{v.name}' ({where}) at {ok}: at {bad} it fails "
+                          f"({str(err).splitlines()[0][:160]}); give --shape a range up to {ok}")
+    return ModelError(f"the model cannot be traced at the largest sizes of its symbolic dims "
+                      f"({', '.join(f'{k}={x}' for k, x in {v.name: v.hi for v in sym_vars}.items())}): "
+                      f"{str(err).splitlines()[0][:200]}; give --shape smaller ranges")
 
 
 def layer_table(ig: Graph) -> list[dict]:
@@ -271,12 +448,26 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     ig = prep.int_graph
     with stage("target setup"):
         target = opts.target.tvm_target()
-    t1 = time.perf_counter()
     from .tune.apply import activate
 
+    lower_graph, sg = ig, None
+    if prep.sym_vars:  # one library for every size of these dims (qcompiler/symbolic.py)
+        from .symbolic import tir_vars, to_tir
+
+        t_sym = time.perf_counter()
+        with rep.timed("tracing the symbolic dims"), stage("symbolic dims"):
+            sg = symbolic_graph(model_path, prep, opts, prep.sym_vars)
+        prep.timings["symbolic_dims"] = time.perf_counter() - t_sym
+        lower_graph = to_tir(sg, tir_vars([v.name for v in prep.sym_vars]))
+        lower_graph.dim_ranges = {v.name: (v.lo, v.hi, v.step) for v in prep.sym_vars}
+    from .symbolic import tir_name
+    from .tune.workload import rows_at
+
+    t1 = time.perf_counter()
     with stage("lowering and build"):
-        with activate(opts.target, opts.tune_log) as tuned:
-            res = build(ig, target, use_kernels=opts.use_kernels, allow_float=opts.allow_float)
+        with activate(opts.target, opts.tune_log) as tuned, rows_at({tir_name(v.name): v.calibrated // v.step
+                                                                      for v in prep.sym_vars}):
+            res = build(lower_graph, target, use_kernels=opts.use_kernels, allow_float=opts.allow_float)
     t_build = time.perf_counter() - t1
     from .tir_scan import module_to_text
 
@@ -312,6 +503,8 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
             "tir": artifact.encode_text(tir_text),
         }
+        if sg is not None:
+            _symbolic_meta(meta, sg, prep.sym_vars)
         meta["weight_bytes"] = int(sum(r["weight_bytes"] for r in meta["layers"]))  # conv/dense weights
         for inp in meta["inputs"]:
             rng = _int_input_range(ig, inp["name"])
@@ -329,6 +522,33 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             artifact.write_json(tmp_json, artifact.seal(meta, tmp_so))  # model.so's SHA-256, ISA
     meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+def _symbolic_meta(meta: dict, sg: Graph, sym_vars: list) -> None:
+    """model.json of a library with symbolic dims: ``symbolic_dims`` and the inputs' / outputs' shapes
+    naming them (``qcompiler/shape_spec.py``)."""
+    meta["symbolic_dims"] = {v.name: {"min": v.lo, "max": v.hi, "calibrated": v.calibrated,
+                                      "where": [list(w) for w in v.where], **({"step": v.step} if v.step > 1 else {})}
+                             for v in sym_vars}
+    steps = {v.name: v.step for v in sym_vars}
+
+    def dim(d):  # a Poly in u = size / step, written in the sizes: 16*W_u with step 4 -> "4*W"
+        if isinstance(d, (int, np.integer)):
+            return int(d)
+        parts = []
+        for m, c in d.terms:
+            div = int(np.prod([steps[v] for v in m])) if m else 1
+            names = "*".join(sorted(m))
+            if not m:
+                parts.append(str(c))
+            elif c % div == 0:
+                parts.append(names if c == div else f"{c // div}*{names}")
+            else:
+                parts.append(f"{names}/{div}" if c == 1 else f"{c}*{names}/{div}")
+        return " + ".join(parts).replace("+ -", "- ")
+    for e in meta["inputs"] + meta["outputs"]:
+        if e["name"] in sg.shapes:
+            e["shape"] = [dim(d) for d in sg.shapes[e["name"]]]
 
 
 def _int_input_range(ig: Graph, name: str):

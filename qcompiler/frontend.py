@@ -547,15 +547,32 @@ def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
     return {k: v for k, v in out.items() if k not in inits}
 
 
+_CHECKED: dict = {}   # (path, mtime, size) -> (opset, the checked, upgraded model): load(reuse=True)
+
+
 def load(path: str | os.PathLike, batch: int | None = 1,
-         shapes: dict[str, tuple[int, ...]] | None = None, samples=None) -> FrontendResult:
+         shapes: dict[str, tuple[int, ...]] | None = None, samples=None, reuse: bool = False) -> FrontendResult:
     """Read, check, upgrade, freeze (``batch`` for the batch axis; ``shapes`` for the rest),
     fold and describe the model.  ``samples`` (the calibration set) lets an If whose condition took
-    one value on every sample be specialized (``passes/specialize_if.py``)."""
-    model = read_model(path)
-    opset = model_opset(model)
-    model = upgrade(model, str(path))
-    check_weights(model, str(path))
+    one value on every sample be specialized (``passes/specialize_if.py``).  ``reuse``: the file's
+    read / checks / upgrade of an earlier ``reuse`` call (the same file unchanged), as the traces of
+    symbolic dims load one model at several shapes (``driver.symbolic_graph``)."""
+    st = os.stat(path) if reuse and os.path.isfile(path) else None
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size) if st is not None else None
+    if key is not None and key in _CHECKED:
+        opset, checked = _CHECKED[key]
+        model = onnx.ModelProto()
+        model.CopyFrom(checked)
+    else:
+        model = read_model(path)
+        opset = model_opset(model)
+        model = upgrade(model, str(path))
+        check_weights(model, str(path))
+        if key is not None:
+            _CHECKED.clear()  # one model at a time
+            kept = onnx.ModelProto()
+            kept.CopyFrom(model)
+            _CHECKED[key] = (opset, kept)
     specs = input_specs(model)
     check_input_specs(specs, str(path))
     conc = concrete_shapes(specs, batch, shapes or {})

@@ -46,6 +46,8 @@ class Graph:
     opset: int = 17     # the ONNX default-domain opset the float nodes follow (constant folding runs them)
     # integer graphs: how each integer tensor represents real values (qcompiler.qtypes.QParams)
     qparams: dict[str, Any] = field(default_factory=dict)
+    # symbolic dims of a graph fitted over sizes (qcompiler/symbolic.py): name -> (min, max)
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     # ---- queries -------------------------------------------------------------------------
     def producers(self) -> dict[str, Node]:
@@ -75,6 +77,7 @@ class Graph:
                    for n in self.nodes],
             inputs=list(self.inputs), outputs=list(self.outputs), shapes=dict(self.shapes),
             dtypes=dict(self.dtypes), consts=dict(self.consts), qparams=dict(self.qparams),
+            dim_ranges=dict(self.dim_ranges),
         )
 
     # ---- edits ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def inspect_library(path) -> dict:
         "library_sha256": meta.get("library", {}).get("sha256"),  # checked against the file by read_metadata
         "model": meta.get("model"), "calibration": meta.get("calibration"),
         "inputs": meta["inputs"], "outputs": meta["outputs"], "layers": meta["layers"],
+        "symbolic_dims": meta.get("symbolic_dims"),
         "integer_only": bool(scan.integer_only),
         "float_islands": list(meta.get("float_islands", [])),
         "kernels": scan.num_functions,

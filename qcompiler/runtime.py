@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from . import guards
+from . import guards, shape_spec
 from .artifact import check_host, read_metadata
 from .errors import InputError
 
@@ -113,6 +113,9 @@ class Library:
                     raise InputError(f"input '{spec['name']}' has values {bad} outside the valid range "
                                      f"[{rng[0]}, {rng[1]}] (e.g. token ids beyond the embedding table)")
                 a = a.astype(want)
+            feeds[spec["name"]] = a
+            if self.symbolic:  # checked below, all inputs together (qcompiler/shape_spec.py)
+                continue
             shape = tuple(spec["shape"])
             ax = self._batch_axis(spec)
             rest = [d for k, d in enumerate(shape) if k != ax]
@@ -121,10 +124,19 @@ class Library:
                                  f"{shape}" + (f" (any size along axis {ax}, the batch)" if ax is not None else
                                               " (it has no batch axis)"))
             feeds[spec["name"]] = a
+        if self.symbolic:
+            shape_spec.check_feeds(self.meta, feeds)
+            return feeds
         sizes = {feeds[s["name"]].shape[self._batch_axis(s)] for s in self.inputs if self._batch_axis(s) is not None}
         if len(sizes) > 1:
             raise InputError(f"inputs disagree in batch size: {sorted(sizes)}")
         return feeds
+
+    @property
+    def symbolic(self) -> bool:
+        """Whether the library has symbolic dims (one library for a range of shapes, model.json
+        ``symbolic_dims``): it runs any shape in range as it is, never in chunks."""
+        return bool(self.meta.get("symbolic_dims"))
 
     @staticmethod
     def _batch_axis(spec: dict):
@@ -142,6 +154,8 @@ class Library:
 
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         feeds = self._feeds(args, kwargs)
+        if self.symbolic:
+            return self._named(self._run_exact(feeds))
         axes = {s["name"]: self._batch_axis(s) for s in self.inputs}
         batched = [k for k, ax in axes.items() if ax is not None]
         n = feeds[batched[0]].shape[axes[batched[0]]] if batched else self.batch
@@ -158,11 +172,15 @@ class Library:
                 parts.append(self._named(self._run_exact({k: (v[idx] if k in batched else v) for k, v in feeds.items()})))
             return {k: np.concatenate([p[k] for p in parts])[:n] for k in self.output_names}
 
-    def example_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+    def example_inputs(self, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
+        """Random inputs at the compiled shapes (symbolic dims at their calibrated size) or ``shapes``."""
         rng = np.random.default_rng(seed)
+        sym = self.meta.get("symbolic_dims") or {}
         out = {}
         for spec in self.inputs:
-            shape = tuple(spec["shape"])
+            shape = tuple(sym[d]["calibrated"] if isinstance(d, str) else d for d in spec["shape"])
+            if shapes and spec["name"] in shapes:
+                shape = tuple(shapes[spec["name"]])
             if spec["dtype"].startswith("float"):
                 out[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
             else:
@@ -174,7 +192,7 @@ class Library:
               warmup: int = 3) -> dict:
         """Median and spread of the library's latency at its compiled batch (TVM time_evaluator)."""
         feeds = self._feeds((), inputs) if inputs else self.example_inputs()
-        axes = {spec["name"]: self._batch_axis(spec) for spec in self.inputs}
+        axes = {spec["name"]: (None if self.symbolic else self._batch_axis(spec)) for spec in self.inputs}
         feeds = {k: (v if axes.get(k) is None else  # the compiled batch along each input's batch axis
                      np.take(v, np.arange(self.batch) % max(v.shape[axes[k]], 1), axis=axes[k]))
                  for k, v in feeds.items()}

@@ -182,3 +182,30 @@ def small_cnn(rng, in_shape, oc: int, n_out: int, pool: bool) -> onnx.ModelProto
         inits += [tensor("W2", (rng.standard_normal((oc * H * W, n_out)) * 0.05).astype(np.float32)),
                   tensor("B2", np.zeros(n_out, np.float32))]
     return make_model(nodes, [("x", list(in_shape))], [("y", None)], inits)
+
+
+def attention_and_mean_pool(q: str) -> list:
+    """The nodes of one attention head group over projections ``q`` / ``k0`` / ``v0`` (reshaped by
+    ``shp4``, back by ``shp3``), the additive mask ``madd`` on the scores, the residual ``x`` and a
+    masked mean pooling by ``mask`` (``pm*``): outputs ``res`` and ``pooled``.  Constants the caller
+    provides: shp4, shp3, sqrtd, ax1, axm1, eps (the transformer tests' encoders)."""
+    return [
+        helper.make_node("Reshape", [q, "shp4"], ["q2"]), helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k0", "shp4"], ["k2"]), helper.make_node("Transpose", ["k2"], ["kT"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v0", "shp4"], ["v2"]), helper.make_node("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q", "kT"], ["s0"]), helper.make_node("Div", ["s0", "sqrtd"], ["s1"]),
+        helper.make_node("Add", ["s1", "madd"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o0"]), helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["o1", "shp3"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["res"]),
+        # masked mean pooling
+        helper.make_node("Unsqueeze", ["mask", "axm1"], ["pm1"]),
+        helper.make_node("Expand", ["pm1", "shp3"], ["pm2"]),
+        helper.make_node("Cast", ["pm2"], ["pmf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["res", "pmf"], ["rm"]),
+        helper.make_node("ReduceSum", ["rm", "ax1"], ["rs"], keepdims=0),
+        helper.make_node("ReduceSum", ["pmf", "ax1"], ["cnt0"], keepdims=0),
+        helper.make_node("Clip", ["cnt0", "eps"], ["cnt"]),
+        helper.make_node("Div", ["rs", "cnt"], ["pooled"]),
+    ]

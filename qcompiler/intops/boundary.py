@@ -32,7 +32,9 @@ OPAQUE = 8
 def boundary_func(kind: str, shape, in_dtype: str, out_dtype: str, compute) -> tirx.PrimFunc:
     """One PrimFunc ``y[i] = compute(x[i])`` over ``shape``, marked as the ``kind`` boundary
     (``"quantize"`` / ``"dequantize"``) and opaque to FuseOps."""
-    shape = [tirx.IntImm("int64", int(d)) for d in shape]
+    # a symbolic dim: a variable of the function's own (bound from x's shape; the dim may be an expression)
+    shape = [tirx.IntImm("int64", int(d)) if isinstance(d, (int, np.integer)) else tirx.Var(f"d{k}", "int64")
+             for k, d in enumerate(shape)]
     x = te.placeholder(shape, in_dtype, "x")
     y = te.compute(shape, lambda *i: compute(x(*i)), name=f"qc_{kind}")
     func = te.create_prim_func([x, y]).without_attr("global_symbol")

@@ -20,6 +20,7 @@ from qcompiler.graph import Node
 from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import dyadic
+from qcompiler.symbolic import AffineMap
 
 from .registry import Example, IntOp, register, rule
 
@@ -294,8 +295,12 @@ class GatherOp(_Move):
     @staticmethod
     def lower(lw, n, x):
         a = n.attrs
-        idx = np.asarray(a["indices"], np.int64)
         shape = lw.ig.shapes[n.outputs[0]]
+        if isinstance(a["indices"], AffineMap):  # a symbolic dim's index map (qcompiler/symbolic.py)
+            x = lw.logical(x)
+            e = lw.affine_take(x.expr, a["indices"], a["axis"])
+            return Value(e, L.identity(len(shape)), shape, x.dtype)
+        idx = np.asarray(a["indices"], np.int64)
         if idx.ndim == 1:
             ax = L.inverse(x.perm)[a["axis"]]
             e = lw.emit(relax.op.take(x.expr, const(idx.astype(np.int32), "int32"), axis=ax))

@@ -612,6 +612,20 @@ def _work(sch, loops) -> int | None:
     return total
 
 
+def _rep_work(sch, loops) -> int | None:
+    """The work of loops with symbolic extents at the dims' representative (calibrated) sizes
+    (``tune/workload.rows_bucket``), or None when a size is unknown."""
+    from qcompiler.tune.workload import rows_bucket
+
+    total = 1
+    for lp in loops:
+        try:
+            total *= rows_bucket(sch.get(lp).extent)
+        except (ValueError, TypeError):
+            return None
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # rules
 # --------------------------------------------------------------------------------------------
@@ -762,7 +776,9 @@ def _rule_parallel(sch, options) -> bool:
             if k != tirx.IterVar.DataPar:
                 break
             lead.append(lp)
-        if lead and work is not None and work >= options.min_parallel_work * 16:
+        if work is None:  # symbolic extents: judged at the representative sizes (unknown: assume large)
+            work = _rep_work(sch, loops)
+        if lead and (work is None or work >= options.min_parallel_work * 16):
             sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
         else:
             _mark(sch, loops[0], "serial")
@@ -777,12 +793,38 @@ def _rule_outer(sch, options) -> bool:
     return True
 
 
+def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
+    """A block with symbolic extents.  An elementwise block (every loop data-parallel) large at the
+    dims' representative sizes: the loops outside the innermost fused and run in parallel, the
+    innermost left serial for LLVM's loop vectorizer (a trip count known at run time); MiniLM's
+    softmax at sequence 512 ran serial before.  Anything else (a reduction inside: a pooling window)
+    stays serial, its inner loops to LLVM (parallel over the outer loops with the reduction innermost
+    made a max-pool 200x slower)."""
+    kinds = [k for _, k in _loop_iter_map(sch, block_rv, loops)]
+    work = _rep_work(sch, loops)
+    elementwise = len(kinds) == len(loops) and all(k == tirx.IterVar.DataPar for k in kinds)
+    if (not elementwise or len(loops) < 2
+            or (options is not None and work is not None and work < options.min_parallel_work * 16)):
+        _mark(sch, loops[0], "serial")
+        return
+    lead = loops[:-1]
+    _mark(sch, loops[-1], "llvm_vectorize")
+    if lead:
+        try:
+            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+        except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
+            _mark(sch, lead[0], "serial")
+
+
 def _schedule_outer(sch, block_rv, options) -> None:
     loops = sch.get_loops(block_rv)
     if not loops:
         return
     work = _work(sch, loops)
-    if work is None or work < options.min_parallel_work * 16:
+    if work is None:
+        _schedule_symbolic(sch, block_rv, loops, options)
+        return
+    if work < options.min_parallel_work * 16:
         _mark(sch, loops[0], "serial")  # too little work to parallelize: serial on purpose
         return
     try:
@@ -837,8 +879,8 @@ def _schedule_spatial(sch, block_rv, options) -> None:
     loops = sch.get_loops(block_rv)
     block = sch.get(block_rv)
     work = _work(sch, loops)
-    if work is None:  # symbolic shapes: parallel only
-        _schedule_outer(sch, block_rv, options)
+    if work is None:  # symbolic extents (qcompiler/symbolic.py): the work is unknown, assume it is large
+        _schedule_symbolic(sch, block_rv, loops, options)
         return
     lanes = _lanes(options, block) if options.vectorize else 1
     k, vec = _vector_suffix(sch, block_rv, loops, lanes)

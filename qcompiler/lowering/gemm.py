@@ -29,7 +29,24 @@ def conv_out_hw(H, W, a):
     kh, kw = a["weight"].shape[2:]
     (sh, sw), (dh, dw) = a["strides"], a["dilations"]
     pt, pl, pb, pr = a["pads"]
-    return (H + pt + pb - dh * (kh - 1) - 1) // sh + 1, (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return (simplify((H + pt + pb - dh * (kh - 1) - 1) // sh + 1),
+            simplify((W + pl + pr - dw * (kw - 1) - 1) // sw + 1))
+
+
+def _provably_equal(a, b) -> bool:
+    from tvm.sym import Analyzer
+
+    return Analyzer().can_prove_equal(a, b)
+
+
+def simplify(d):
+    """A dim: an int as it is, a symbolic one (a TIR expression) in its simplest form -- 2*u for
+    (4*u + 2 - 3) // 2 + 1 -- so that shapes computed by different ops compare and bind as one."""
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    from tvm.sym import Analyzer
+
+    return Analyzer().simplify(d)
 
 
 class GenericGemm:
@@ -94,16 +111,18 @@ class BatchMatmul:
         """The plan for ONNX MatMul of a [..., M, K] and b [..., K, N], or why there is none."""
         if len(a_shape) < 2 or len(b_shape) < 2:
             return "a 1-D matmul operand"
+        from qcompiler.symbolic import is_static, same_shape, shape_prod
+
         (M, K), (K2, N) = a_shape[-2:], b_shape[-2:]
-        assert K == K2, (a_shape, b_shape)
+        assert same_shape((K,), (K2,)), (a_shape, b_shape)
         la, lb = tuple(a_shape[:-2]), tuple(b_shape[:-2])
-        if all(d == 1 for d in lb) and len(lb) <= len(la):
-            return BatchMatmul(1, int(np.prod(la, dtype=np.int64)) * M, N, K, True)
+        if all(is_static(d) and d == 1 for d in lb) and len(lb) <= len(la):
+            return BatchMatmul(1, shape_prod(la) * M, N, K, True)
         r = max(len(la), len(lb))
         la, lb = (1,) * (r - len(la)) + la, (1,) * (r - len(lb)) + lb
-        if la != lb:
+        if not same_shape(la, lb):
             return f"broadcast batch dims {tuple(a_shape)} x {tuple(b_shape)}"
-        return BatchMatmul(int(np.prod(la, dtype=np.int64)), M, N, K, False)
+        return BatchMatmul(shape_prod(la), M, N, K, False)
 
     def operands(self, lw, a: Value, b: Value, b_trans: bool) -> tuple[relax.Expr, relax.Expr]:
         """a as [batch, M, K] and b as [batch, K, N] (``b_trans``: [batch, N, K]), copying only
@@ -146,10 +165,51 @@ class KernelGemm(GenericGemm):
         progress.get().warn(f"layer '{n.name}' uses the generic schedule ({why})")
 
     def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
-        """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it."""
+        """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it.
+
+        A kernel with a symbolic row count (attribute ``qc.row_tile`` = mr, ``cpu_vnni.dense``)
+        writes whole row tiles: it gets the tile count ceil(M / mr) as an int32 argument after the
+        tensors and an output of ceil(M / mr) * mr rows, of which the first M are kept."""
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)
         self.kernels[name] = self.kernels.get(name, 0) + 1
-        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
+        tile = func.attrs.get("qc.row_tile") if func.attrs is not None else None
+        col = func.attrs.get("qc.col_tile") if func.attrs is not None else None
+        from tvm import te, tirx
+
+        if col is not None:  # whole column tiles of an NHWC output (cpu_vnni.depthwise_conv2d_nhwc): keep OW
+            tw = int(col)
+            owt = simplify(tirx.floordiv(shape[2] + (tw - 1), tw))
+            padded = simplify(owt * tw)
+            y = lw.emit(relax.call_tir(gv, [*args, relax.prim_value(tirx.Cast("int32", owt))],
+                                       relax.TensorType(shape=(shape[0], shape[1], padded, shape[3]), dtype=dtype)),
+                        name)
+            if _provably_equal(padded, shape[2]):  # a width in whole tiles (a step): nothing to drop
+                return y
+            return lw.bb.emit_te(lambda t: te.compute(tuple(shape), lambda *i: t(*i), name="cols"), y,
+                                 primfunc_name_hint="cols")
+        if tile is None:
+            return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
+
+        from qcompiler.symbolic import shape_prod
+
+        mr = int(tile)
+        M = shape_prod(shape[:-1])  # the GEMM rows: (n, oh, ow) of a conv, the leading dims of a dense
+        mt = simplify(tirx.floordiv(M + (mr - 1), mr))
+        padded = simplify(mt * mr)
+        y = lw.emit(relax.call_tir(gv, [*args, relax.prim_value(tirx.Cast("int32", mt))],
+                                   relax.TensorType(shape=(padded, shape[-1]), dtype=dtype)), name)
+        if _provably_equal(padded, M):  # the rows are whole tiles (a size in steps): a reshape, no copy
+            return lw.emit(relax.op.reshape(y, tuple(shape)))
+
+        def keep(t):
+            def at(*i):
+                row = i[0]
+                for k in range(1, len(i) - 1):
+                    row = row * shape[k] + i[k]
+                return t[row, i[-1]]
+            return te.compute(tuple(shape), at, name="rows")
+
+        return lw.bb.emit_te(keep, y, primfunc_name_hint="rows")
 
 
 def gemm_for(target, use_kernels: bool = True) -> GenericGemm:

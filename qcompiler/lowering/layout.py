@@ -30,7 +30,16 @@ def inverse(perm) -> tuple[int, ...]:
 
 
 def physical_shape(logical_shape, perm) -> tuple[int, ...]:
-    return tuple(int(logical_shape[p]) for p in perm)
+    """Dims in storage order (ints stay ints; symbolic dims, TIR expressions, stay as they are)."""
+    return tuple(_dim(logical_shape[p]) for p in perm)
+
+
+def _dim(d):
+    return int(d) if isinstance(d, (int, np.integer)) else d
+
+
+def _is_one(d) -> bool:
+    return isinstance(d, (int, np.integer)) and int(d) == 1   # a symbolic dim may be > 1
 
 
 def move_axes(cur: tuple[int, ...], want: tuple[int, ...]) -> tuple[int, ...]:
@@ -41,8 +50,8 @@ def move_axes(cur: tuple[int, ...], want: tuple[int, ...]) -> tuple[int, ...]:
 
 def is_pure_reshape(logical_shape, cur, want) -> bool:
     """True when the non-unit axes keep their relative order (the bytes are the same)."""
-    a = [p for p in cur if logical_shape[p] != 1]
-    b = [p for p in want if logical_shape[p] != 1]
+    a = [p for p in cur if not _is_one(logical_shape[p])]
+    b = [p for p in want if not _is_one(logical_shape[p])]
     return a == b
 
 

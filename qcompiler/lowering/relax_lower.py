@@ -16,6 +16,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from qcompiler.graph import Graph, Node
+from qcompiler.symbolic import SymArray, SymTable, same_shape, sym_data, tir_name
 
 from . import layout as L
 
@@ -66,16 +67,63 @@ class Lowering:
         return self.emit(relax.op.astype(e, dtype))
 
     def c(self, arr, dtype, v: Value) -> relax.Expr:
-        """A logical-order broadcast constant laid out for ``v``."""
-        return const(L.const_for(np.asarray(arr), v.rank, v.perm), dtype)
+        """A logical-order broadcast constant laid out for ``v``.  A ``SymArray`` (a constant whose
+        extent follows a symbolic dim, ``qcompiler/symbolic.py``) is stored at its largest size and
+        sliced to the run's size."""
+        if isinstance(arr, SymTable):
+            return self._table_row(arr, dtype, v)
+        sizes = {}
+        if isinstance(arr, SymArray):
+            arr, sizes = arr.data, arr.sizes
+        arr = np.asarray(arr)
+        e = const(L.const_for(arr, v.rank, v.perm), dtype)
+        if sizes:
+            lead = v.rank - arr.ndim if 0 < arr.ndim < v.rank else 0
+            phys = L.inverse(v.perm) if arr.ndim else ()
+            shape = list(L.const_for(arr, v.rank, v.perm).shape)
+            for ax in sorted(sizes):
+                shape[int(phys[lead + ax])] = sizes[ax]
+            # the leading part (a TE copy: its output shape names the symbolic size, which a
+            # strided_slice's inferred shape would not)
+            e = self.bb.emit_te(lambda t: te.compute(shape, lambda *i: t(*i), name="sym_prefix"), e,
+                                primfunc_name_hint="sym_prefix")
+        return e
+
+    def _table_row(self, t, dtype: str, v: Value) -> relax.Expr:
+        """The row of a ``SymTable`` for this run's size (u - lo), laid out for ``v`` like ``c``."""
+        rows = np.asarray(t.data)
+        one = L.const_for(rows[0], v.rank, v.perm)  # the layout of one row (a per-tensor constant: all 1s)
+        if rows.ndim > 1 and rows[0].ndim and one.shape != rows[0].shape:
+            rows = np.stack([L.const_for(r, v.rank, v.perm) for r in rows])
+        elif rows.ndim > 1 and rows[0].ndim < v.rank and rows[0].ndim:
+            rows = rows.reshape((len(rows),) + one.shape)
+        param, ax, st = self._size_of[t.var.name]   # the size variable of an input: u = size / step
+        size, lo = param.ty.shape[ax], int(t.lo)
+        # u as a tensor's extent (a variable in an output shape is passed to the kernel; one only in its
+        # body is not), then u - lo from that extent
+        probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
+                                                   name="size_probe"), primfunc_name_hint="size_probe")
+        idx = self.bb.emit_te(lambda p: te.compute((1,), lambda i: p.shape[0] - lo, name="size_row"), probe,
+                              primfunc_name_hint="size_row")
+        row = self.emit(relax.op.take(const(rows, dtype), idx, axis=0))
+        return self.emit(relax.op.reshape(row, tuple(rows.shape[1:])))
 
     def requant_expr(self, t64, v: Value, mult, shift, add, lo, hi, dtype):
         """clip((t64 * mult + add + 2^(shift-1)) >> shift, lo, hi) -> dtype, with t64 int64."""
-        shift = np.asarray(shift, np.int64)
+        table = next((x for x in (mult, shift, add) if isinstance(x, SymTable)), None)
+        shift_t = shift
+        shift = sym_data(shift).astype(np.int64)
         rnd = np.left_shift(np.int64(1), shift - 1)
         e = self.emit(relax.op.multiply(t64, self.c(mult, "int64", v)))
         if add is not None:
-            rnd = rnd + np.asarray(add, np.int64)
+            rnd = rnd + sym_data(add).astype(np.int64)
+            if isinstance(add, SymArray):
+                rnd = SymArray(rnd, add.sizes)
+        if table is not None:  # rows per size of a symbolic dim (qcompiler/symbolic.py SymTable)
+            if not isinstance(shift_t, SymTable):
+                shift = np.broadcast_to(shift, (len(table.data),) + shift.shape)
+                rnd = np.broadcast_to(rnd, shift.shape)
+            rnd, shift = SymTable(table.var, table.lo, np.ascontiguousarray(rnd)), SymTable(table.var, table.lo, shift)
         e = self.emit(relax.op.add(e, self.c(rnd, "int64", v)))
         e = self.emit(relax.op.right_shift(e, self.c(shift, "int64", v)))
         e = self.emit(relax.op.clip(e, int(lo), int(hi)))
@@ -85,12 +133,35 @@ class Lowering:
     def build(self, io_dtypes: dict[str, str] | None = None) -> tvm.IRModule:
         ig = self.ig
         params = []
+        # a symbolic dim with a step (sizes step * u, qcompiler/symbolic.py): the graph's dims are in u,
+        # which Relax cannot bind from an input's size; the input takes a variable of its own, u is
+        # bound from it below (match_cast) and the input is cast to its dims in u
+        stepped = {self._tvar(n): (st, tirx.Var(tir_name(n) + "_size", "int64"))
+                   for n, (_, _, st) in ig.dim_ranges.items() if st > 1}
+        self._size_of: dict = {}   # symbolic dim name -> (input parameter, axis, step): where its size is read
         for t in ig.inputs:
-            var = relax.Var(_hint(t), relax.TensorType(shape=ig.shapes[t], dtype=ig.dtypes[t]))
-            params.append(var)
-        with self.bb.function("main", params):
+            shape = [self._raw(d, stepped) for d in ig.shapes[t]]
+            params.append(relax.Var(_hint(t), relax.TensorType(shape=shape, dtype=ig.dtypes[t])))
+            for ax, (d, r) in enumerate(zip(ig.shapes[t], shape)):
+                if isinstance(r, tirx.Var):
+                    name = next((u.name for u, (st, size) in stepped.items() if size.same_as(r)), r.name)
+                    self._size_of.setdefault(name, (params[-1], ax, stepped.get(self._tvar(name), (1,))[0]))
+        # symbolic dims: their largest sizes let Relax plan the memory once, for every shape in range
+        bounds = {}
+        for k, (_, hi, st) in ig.dim_ranges.items():
+            bounds[tir_name(k)] = hi // st
+            if st > 1:
+                bounds[tir_name(k) + "_size"] = hi
+        attrs = {"tir_var_upper_bound": bounds} if bounds else None
+        with self.bb.function("main", params, attrs=attrs):
             with self.bb.dataflow():
+                for u, (st, size) in stepped.items():
+                    probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
+                                                               name="size_in_steps"), primfunc_name_hint="size_in_steps")
+                    self.bb.match_cast(probe, relax.TensorType(shape=[u], dtype="int8"))
                 for t, var in zip(ig.inputs, params):
+                    if stepped and any(not _is_int(d) for d in ig.shapes[t]):  # checks size == step * u at run time
+                        var = self.bb.match_cast(var, relax.TensorType(shape=list(ig.shapes[t]), dtype=ig.dtypes[t]))
                     self.env[t] = Value(var, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
                 for t, arr in ig.consts.items():  # integer constants (e.g. a quantized class token)
                     arr = np.asarray(arr)
@@ -99,12 +170,34 @@ class Lowering:
 
                 for n in ig.nodes:
                     v = intops.get(n.op).lower(self, n, *[self.env[i] for i in n.inputs])
-                    assert tuple(v.shape) == tuple(ig.shapes[n.outputs[0]]), (n, v.shape, ig.shapes[n.outputs[0]])
+                    assert same_shape(v.shape, ig.shapes[n.outputs[0]]), (n, v.shape, ig.shapes[n.outputs[0]])
                     self.env[n.outputs[0]] = v
                 outs = [self.logical(self.env[o]).expr for o in ig.outputs]
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else outs[0])
             self.bb.emit_func_output(res)
         return self.bb.get()
+
+    def _tvar(self, name: str):
+        """The TIR variable of the symbolic dim ``name`` in the graph's shapes."""
+        for shp in self.ig.shapes.values():
+            for d in shp:
+                if not _is_int(d):
+                    for v in _free_vars(d):
+                        if v.name == tir_name(name):
+                            return v
+        return tirx.Var(tir_name(name), "int64")
+
+    @staticmethod
+    def _raw(d, stepped: dict):
+        """An input dim as the Relax parameter declares it: step * u -> the size's own variable."""
+        if _is_int(d):
+            return d
+        from tvm.sym import Analyzer
+
+        for u, (st, size) in stepped.items():
+            if Analyzer().can_prove_equal(d, u * st):
+                return size
+        return d
 
     # ---- helpers of the op lowerings (qcompiler/intops/) -----------------------------------------
     def same_perm(self, a: Value, b: Value) -> tuple[Value, Value]:
@@ -114,6 +207,21 @@ class Lowering:
         elif a.rank != b.rank:
             a, b = self.logical(a), self.logical(b)
         return a, b
+
+    def affine_take(self, x: relax.Expr, m, axis: int) -> relax.Expr:
+        """take(x, idx, axis) for an index map idx(p) = c0 + sum_i coef_i * p_i over an output of
+        ``m.shape`` (``qcompiler.symbolic.AffineMap``; sizes and coefficients may be symbolic)."""
+        k = len(m.shape)
+
+        def f(xt):
+            def body(*p):
+                i = m.c0 + sum((c * p[axis + j] for j, c in enumerate(m.coef) if not (_is_int(c) and int(c) == 0)),
+                               tirx.const(0, "int64"))
+                return xt[(*p[:axis], i, *p[axis + k:])]
+            shape = (*xt.shape[:axis], *m.shape, *xt.shape[axis + 1:])
+            return te.compute(shape, body, name="affine_take")
+
+        return self.bb.emit_te(f, x, primfunc_name_hint="affine_take")
 
     def out_value(self, n, e, ref: Value) -> Value:
         """The Value of node ``n``'s output ``e``, laid out like ``ref`` where the ranks agree."""
@@ -145,6 +253,16 @@ class Lowering:
         return Value(e, perm, self.ig.shapes[n.outputs[0]], "int32" if kind == "sum" else x.dtype)
 
 
+def _free_vars(e) -> list:
+    from tvm.tirx.analysis import undefined_vars
+
+    return list(undefined_vars(e))
+
+
+def _is_int(d) -> bool:
+    return isinstance(d, (int, np.integer)) or isinstance(d, tirx.IntImm)
+
+
 def _hint(name: str) -> str:
     s = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
     return s if s and not s[0].isdigit() else "t_" + s
@@ -159,16 +277,19 @@ def _te_pool(kind, kernel, strides, pads, dilations, nhwc: bool, dtype: str):
     pt, pl, pb, pr = pads
 
     def f(x):
+        dims = [d if not _is_int(d) else int(d) for d in x.shape]  # symbolic dims stay symbolic
         if nhwc:
-            N, H, W, C = (int(d) for d in x.shape)
+            N, H, W, C = dims
         else:
-            N, C, H, W = (int(d) for d in x.shape)
-        OH = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1
-        OW = (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
+            N, C, H, W = dims
+        from .gemm import simplify
+
+        OH = simplify((H + pt + pb - dh * (kh - 1) - 1) // sh + 1)
+        OW = simplify((W + pl + pr - dw * (kw - 1) - 1) // sw + 1)
         fill = tvm.tirx.min_value(x.dtype) if kind == "max" else tirx.const(0, x.dtype)
 
         def at(n, c, h, w):
-            ok = tirx.all(h >= 0, h < H, w >= 0, w < W)
+            ok = tirx.all(h >= 0, h < H, w >= 0, w < W)  # (symbolic H / W: clamped below, so never out of bounds)
             hh = tirx.max(tirx.min(h, H - 1), 0)
             ww = tirx.max(tirx.min(w, W - 1), 0)
             v = x[n, hh, ww, c] if nhwc else x[n, c, hh, ww]

@@ -193,14 +193,16 @@ def resolve_cost_model(arg, target: dict):
 
 
 # ---- models -> tasks -----------------------------------------------------------------------------
-def random_calibration(model_path: str, batch: int = 1, samples: int = 4, seed: int = 0) -> dict:
+def random_calibration(model_path: str, batch: int = 1, samples: int = 4, seed: int = 0,
+                       shapes: dict | None = None) -> dict:
     """Calibration data of the model's input shapes (random floats, zero integers): scales do not
-    change kernel speed, and the kernels' shapes and dtypes do not depend on the values."""
+    change kernel speed, and the kernels' shapes and dtypes do not depend on the values.  ``shapes``:
+    complete input shapes for the dims the model leaves symbolic (``qc predict --shape``)."""
     from qcompiler import frontend
 
     model = frontend.read_model(model_path)
     specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
-    shapes = frontend.concrete_shapes(specs, batch, {})
+    shapes = frontend.concrete_shapes(specs, batch, shapes or {})
     rng = np.random.default_rng(seed)
     data = {}
     for s in specs:

@@ -17,6 +17,7 @@ point is valid when the dataclass accepts it and the generator does not raise ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -29,6 +30,43 @@ from qcompiler.kernels import backends as _backends
 
 CPU_BACKENDS = _backends.cpu_names()   # the x86 backends, in selection order (TVM-free registry)
 BACKENDS = (*CPU_BACKENDS, "cuda_mma")
+
+
+REP_ROWS: dict = {}
+"""Symbolic dim name -> the size a kernel with that dim is tuned and predicted at (the calibration
+size; set by the lowering of a library with symbolic dims, ``qcompiler/symbolic.py``)."""
+
+
+@contextlib.contextmanager
+def rows_at(sizes: dict):
+    """``REP_ROWS`` = ``sizes`` while a library with symbolic dims is lowered."""
+    old = dict(REP_ROWS)
+    REP_ROWS.clear()
+    REP_ROWS.update(sizes)
+    try:
+        yield
+    finally:
+        REP_ROWS.clear()
+        REP_ROWS.update(old)
+
+
+def rows_bucket(d) -> int:
+    """A dim of a kernel's workload: itself when static; a symbolic one (a TIR expression) at the
+    representative sizes ``REP_ROWS``: tuning records and cost-model predictions are per bucket."""
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    from tvm import tirx
+    from tvm.sym import Analyzer
+    from tvm.tirx.analysis import undefined_vars
+
+    free = list(undefined_vars(d))
+    missing = [v.name for v in free if v.name not in REP_ROWS]
+    if missing:
+        raise ValueError(f"no representative size for symbolic dim(s) {missing}")
+    an = Analyzer()
+    for v in free:
+        an.bind(v, tirx.const(REP_ROWS[v.name], "int64"))
+    return int(an.simplify(d))
 
 
 @dataclass(frozen=True)

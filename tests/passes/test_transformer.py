@@ -9,7 +9,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from qcompiler import reference
-from tests.helpers import check_pipeline, make_model, tensor
+from tests.helpers import attention_and_mean_pool, check_pipeline, make_model, tensor
 
 R = np.random.default_rng(7)
 B, S, D, H = 2, 8, 16, 2
@@ -30,27 +30,10 @@ def _attention_model():
         helper.make_node("MatMul", ["x", "Wq"], ["q0"]), helper.make_node("Add", ["bq", "q0"], ["q1"]),
         helper.make_node("MatMul", ["x", "Wk"], ["k0"]),
         helper.make_node("MatMul", ["x", "Wv"], ["v0"]),
-        helper.make_node("Reshape", ["q1", "shp4"], ["q2"]), helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["k0", "shp4"], ["k2"]), helper.make_node("Transpose", ["k2"], ["kT"], perm=[0, 2, 3, 1]),
-        helper.make_node("Reshape", ["v0", "shp4"], ["v2"]), helper.make_node("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["q", "kT"], ["s0"]), helper.make_node("Div", ["s0", "sqrtd"], ["s1"]),
         helper.make_node("Unsqueeze", ["mask", "ax1"], ["m1"]), helper.make_node("Unsqueeze", ["m1", "ax1"], ["m2"]),
         helper.make_node("Cast", ["m2"], ["mf"], to=TensorProto.FLOAT),
         helper.make_node("Sub", ["one", "mf"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["madd"]),
-        helper.make_node("Add", ["s1", "madd"], ["s2"]),
-        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["o0"]), helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["o1", "shp3"], ["o"]),
-        helper.make_node("Add", ["o", "x"], ["res"]),
-        # masked mean pooling
-        helper.make_node("Unsqueeze", ["mask", "axm1"], ["pm1"]),
-        helper.make_node("Expand", ["pm1", "shp3"], ["pm2"]),
-        helper.make_node("Cast", ["pm2"], ["pmf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["res", "pmf"], ["rm"]),
-        helper.make_node("ReduceSum", ["rm", "ax1"], ["rs"], keepdims=0),
-        helper.make_node("ReduceSum", ["pmf", "ax1"], ["cnt0"], keepdims=0),
-        helper.make_node("Clip", ["cnt0", "eps"], ["cnt"]),
-        helper.make_node("Div", ["rs", "cnt"], ["pooled"]),
+        *attention_and_mean_pool("q1"),
     ]
     f = np.float32
     inits = [tensor("table", R.standard_normal((50, D)).astype(f)), tensor("pos", (0.1 * R.standard_normal((1, S, D))).astype(f)),
