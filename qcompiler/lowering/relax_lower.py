@@ -91,21 +91,19 @@ class Lowering:
 
     def _table_row(self, t, dtype: str, v: Value) -> relax.Expr:
         """The row of a ``SymTable`` for this run's size (u - lo), laid out for ``v`` like ``c``."""
-        rows = np.asarray(t.data)
-        one = L.const_for(rows[0], v.rank, v.perm)  # the layout of one row (a per-tensor constant: all 1s)
-        if rows.ndim > 1 and rows[0].ndim and one.shape != rows[0].shape:
-            rows = np.stack([L.const_for(r, v.rank, v.perm) for r in rows])
-        elif rows.ndim > 1 and rows[0].ndim < v.rank and rows[0].ndim:
-            rows = rows.reshape((len(rows),) + one.shape)
-        param, ax, st = self._size_of[t.var.name]   # the size variable of an input: u = size / step
-        size, lo = param.ty.shape[ax], int(t.lo)
-        # u as a tensor's extent (a variable in an output shape is passed to the kernel; one only in its
-        # body is not), then u - lo from that extent
-        probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
-                                                   name="size_probe"), primfunc_name_hint="size_probe")
-        idx = self.bb.emit_te(lambda p: te.compute((1,), lambda i: p.shape[0] - lo, name="size_row"), probe,
-                              primfunc_name_hint="size_row")
-        row = self.emit(relax.op.take(const(rows, dtype), idx, axis=0))
+        rows = np.stack([L.const_for(r, v.rank, v.perm) for r in np.asarray(t.data)])  # each row laid out as c()
+        key = (t.var.name, int(t.lo))
+        if key not in self._table_rows:  # the row index of this run: once per dim
+            param, ax, st = self._size_of[t.var.name]   # the size variable of an input: u = size / step
+            size, lo = param.ty.shape[ax], int(t.lo)
+            # u as a tensor's extent (a variable in an output shape is passed to the kernel; one only
+            # in its body is not), then u - lo from that extent
+            probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
+                                                       name="size_probe"), primfunc_name_hint="size_probe")
+            self._table_rows[key] = self.bb.emit_te(lambda p: te.compute((1,), lambda i: p.shape[0] - lo,
+                                                                         name="size_row"),
+                                                    probe, primfunc_name_hint="size_row")
+        row = self.emit(relax.op.take(const(rows, dtype), self._table_rows[key], axis=0))
         return self.emit(relax.op.reshape(row, tuple(rows.shape[1:])))
 
     def requant_expr(self, t64, v: Value, mult, shift, add, lo, hi, dtype):
@@ -139,6 +137,7 @@ class Lowering:
         stepped = {self._tvar(n): (st, tirx.Var(tir_name(n) + "_size", "int64"))
                    for n, (_, _, st) in ig.dim_ranges.items() if st > 1}
         self._size_of: dict = {}   # symbolic dim name -> (input parameter, axis, step): where its size is read
+        self._table_rows: dict = {}  # (dim name, lo) -> the [u - lo] tensor SymTable rows are picked by
         for t in ig.inputs:
             shape = [self._raw(d, stepped) for d in ig.shapes[t]]
             params.append(relax.Var(_hint(t), relax.TensorType(shape=shape, dtype=ig.dtypes[t])))
