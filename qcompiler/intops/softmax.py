@@ -153,8 +153,19 @@ class SoftmaxOp(IntOp):
         diff = lw.emit(relax.op.subtract(xi, mx))
         d = lw.emit(relax.op.left_shift(diff, i64(a["u"])) if a["u"] >= 0 else
                     relax.op.right_shift(diff, i64(-a["u"])))  # arithmetic: floor
-        neg = lw.emit(relax.op.negative(d))
-        if a["variant"] == "iexp":
+        q = int(a["q_ln2"]) if a["variant"] == "iexp" else 0
+        if a["variant"] == "iexp" and a["q_c"] >= 0 and a["q_b"] >= q and 40 * q < 2**31:
+            # the exp step in int32 (twice the vector lanes, no 64-bit division / multiplies): d is
+            # clamped at -32 q_ln2 first, which changes no e -- for d <= -31 q_ln2, z >= 31 and
+            # e = L2 >> 31 = 0 as 0 < L2 <= e_max < 2^30 (q_c >= 0, q_b >= q_ln2: p + q_b in (0, q_b])
+            i32 = lambda v: const(v, "int32")  # noqa: E731
+            d32 = lw.cast(lw.emit(relax.op.maximum(d, i64(-32 * q))), "int32")
+            z = lw.emit(relax.op.floor_divide(lw.emit(relax.op.negative(d32)), i32(q)))
+            pb = lw.emit(relax.op.add(lw.emit(relax.op.add(d32, lw.emit(relax.op.multiply(z, i32(q))))), i32(a["q_b"])))
+            L2 = lw.emit(relax.op.add(lw.emit(relax.op.multiply(pb, pb)), i32(a["q_c"])))
+            e = lw.cast(lw.emit(relax.op.right_shift(L2, lw.emit(relax.op.minimum(z, i32(31))))), "int64")
+        elif a["variant"] == "iexp":
+            neg = lw.emit(relax.op.negative(d))
             z = lw.emit(relax.op.floor_divide(neg, i64(a["q_ln2"])))
             p = lw.emit(relax.op.add(d, lw.emit(relax.op.multiply(z, i64(a["q_ln2"])))))
             pb = lw.emit(relax.op.add(p, i64(a["q_b"])))
