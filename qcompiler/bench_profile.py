@@ -73,7 +73,7 @@ def _macs(layer: dict) -> int:
     if layer["op"] == "conv" and w:
         return out * int(np.prod(w[1:]))          # each output: C/g * KH * KW MACs
     if layer["op"] == "dense" and w:
-        return out * int(w[1] if len(w) > 1 else w[0])
+        return out * int(w[0])                     # weights [K, N]: each output K MACs
     k = layer["in_shape"][-1]                      # matmul of two activations: the contracted dim
     return out * int(k)
 

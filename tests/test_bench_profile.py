@@ -63,3 +63,13 @@ def test_cli_profile_json(library):
     text = subprocess.run([sys.executable, "-m", "qcompiler.cli", "bench", library, "--profile", "--repeats", "5"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "VM call overhead" in text.stdout and "gemm/conv" in text.stdout
+
+
+def test_macs_of_a_dense_layer_count_its_reduction():
+    """A dense layer's weights are [K, N]: M x N outputs of K MACs each (the FFN's 384 -> 1536)."""
+    from qcompiler.bench_profile import _macs
+
+    assert _macs({"op": "dense", "out_shape": [128, 1536], "weight_shape": [384, 1536], "in_shape": [128, 384]}) \
+        == 128 * 1536 * 384
+    assert _macs({"op": "conv", "out_shape": [1, 8, 4, 4], "weight_shape": [8, 3, 3, 3], "in_shape": [1, 3, 4, 4]}) \
+        == 8 * 16 * 27
