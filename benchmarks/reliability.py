@@ -30,13 +30,11 @@ import datetime
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,9 +42,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.helpers import call_concurrently  # noqa: E402
+from tests.test_reliability import stable_view  # noqa: E402  (fields named time/date/host/path dropped)
 QC = [sys.executable, "-m", "qcompiler.cli", "-q"]
 THIRD_PARTY_TMP = {".ses"}  # onnxruntime's session id file (tests/test_fuzz.py)
-VOLATILE = re.compile(r"time|timing|date|host|path", re.I)
 
 
 def _model(d: Path, hw: int = 16, oc: int = 16) -> Path:
@@ -273,23 +273,7 @@ def threads(n: int, nthreads: int = 8, calls: int = 100) -> dict:
             r = np.random.default_rng(rnd)
             xs = [(r.standard_normal((1, 8, 16, 16)) * (0.5 + k % 7)).astype(np.float32) for k in range(nthreads * calls)]
             want = [m(x=x)["y"] for x in xs]
-            got = [None] * len(xs)
-            errs = []
-            bar = threading.Barrier(nthreads)
-
-            def worker(t):
-                try:
-                    bar.wait()
-                    for k in range(t, len(xs), nthreads):
-                        got[k] = m(x=xs[k])["y"]
-                except BaseException as e:  # noqa: BLE001 - counted
-                    errs.append(repr(e))
-
-            ths = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
+            got, errs = call_concurrently(lambda x: m(x=x)["y"], xs, nthreads)
             c.add("rounds")
             c.add("calls", len(xs))
             c.add("errors", len(errs))
@@ -328,14 +312,6 @@ def append(n: int, per: int = 100) -> dict:
     return {**c, "processes": 2, "records_per_process": per}
 
 
-def _stable(obj):
-    if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if not VOLATILE.search(k)}
-    if isinstance(obj, list):
-        return [_stable(v) for v in obj]
-    return obj
-
-
 def repro(n: int) -> dict:
     c = Counts(rounds=0, so_mismatches=0, json_mismatches=0, failed_compiles=0)
     work = Path(tempfile.mkdtemp(prefix="qc_rel_rep_"))
@@ -353,7 +329,7 @@ def repro(n: int) -> dict:
             if r.returncode != 0:
                 c.add("failed_compiles")
                 continue
-            got = ((d / "out.so").read_bytes(), _stable(json.loads((d / "out.json").read_text())))
+            got = ((d / "out.so").read_bytes(), stable_view(json.loads((d / "out.json").read_text())))
             if first is None:
                 first = got
             else:

@@ -209,3 +209,28 @@ def attention_and_mean_pool(q: str) -> list:
         helper.make_node("Clip", ["cnt0", "eps"], ["cnt"]),
         helper.make_node("Div", ["rs", "cnt"], ["pooled"]),
     ]
+
+
+def call_concurrently(f, items: list, nthreads: int) -> tuple[list, list]:
+    """``f(item)`` for every item, ``nthreads`` threads at once (thread t takes items t, t + n, ...,
+    all starting together): (results in item order, None where a call failed; the errors' reprs)."""
+    import threading
+
+    got: list = [None] * len(items)
+    errors: list = []
+    start = threading.Barrier(nthreads)
+
+    def worker(t):
+        try:
+            start.wait()
+            for k in range(t, len(items), nthreads):
+                got[k] = f(items[k])
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return got, errors

@@ -12,7 +12,7 @@ import pytest
 
 import qcompiler
 from qcompiler.cli import main
-from tests.helpers import small_cnn
+from tests.helpers import call_concurrently, small_cnn
 
 THREADS = 8
 CALLS = 100  # per thread; distinct inputs per call so a result given to the wrong caller is seen
@@ -34,23 +34,7 @@ def test_eight_threads_equal_single_threaded(lib):
     xs = [(r.standard_normal((1, 3, 16, 16)) * (0.5 + k % 5)).astype(np.float32) for k in range(THREADS * CALLS)]
     want = [m(x=x)["y"] for x in xs]
     assert len({w.tobytes() for w in want}) > THREADS * CALLS // 4  # the inputs really give different outputs
-    got: list = [None] * len(xs)
-    errors: list = []
-    start = threading.Barrier(THREADS)
-
-    def worker(t):
-        try:
-            start.wait()
-            for k in range(t, len(xs), THREADS):
-                got[k] = m(x=xs[k])["y"]
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    got, errors = call_concurrently(lambda x: m(x=x)["y"], xs, THREADS)
     assert not errors, errors[:3]
     bad = [k for k in range(len(xs)) if got[k] is None or got[k].shape != want[k].shape
            or not np.array_equal(got[k], want[k])]
