@@ -105,11 +105,12 @@ def roofline_gemm(workload: dict, target: dict) -> tuple[float, float, float]:
 # the x86 GEMM backends' tile model: qcompiler/kernels/tile_model.py through the backend registry
 # (qcompiler/kernels/backends/), the same model ``cpu_vnni.default_config`` picks tiles with
 def _cpu_backend(name):
-    """The CPU GEMM backend of a workload's backend name, None for others (cuda_mma)."""
+    """The CPU GEMM backend of a workload's backend name, None for others (the CUDA ones)."""
     try:
-        return _backends.get(name)
+        be = _backends.get(name)
     except KeyError:
         return None
+    return be if be.kind == "cpu" else None
 
 
 def _isa(backend) -> _tm.Isa:
@@ -119,10 +120,12 @@ def _isa(backend) -> _tm.Isa:
 
 
 def weight_bits(workload: dict) -> int:
-    if workload["kind"] == "w4a8":
+    if workload["kind"] == "w4a8":  # the older name of a CUDA W4A8 dense workload
         return 4
-    be = _cpu_backend(workload.get("backend"))
-    return be.weight_bits if be is not None else 8
+    try:
+        return _backends.get(workload.get("backend")).weight_bits
+    except KeyError:
+        return 8
 
 
 def _vnni_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int,

@@ -19,6 +19,7 @@ Kernels (all ``mma.sync`` + ``ldmatrix``; see ``_cuda_intrin.py`` for the fragme
                registers to int8 (16 * w per byte: two LOP per register, no emulation) and fed to
                the s8 mma; the int32 sum is divided by 16 (exact) before the bias.  The path for
                sm_90, which has no INT4 tensor cores: half the weight bytes of INT8.
+  conv2d_nhwc_w4a8  the implicit-GEMM conv with ``dense_w4a8``'s packed weights and unpack.
   dense_int4   A and W int4, both packed ``linear`` [rows, ceil(K/8)] int32; native
                ``mma.m16n8k64.s4`` (sm_80/86/89), ``mma.m8n8k32.s4`` (sm_75).  Not on sm_90
                (ptxas emulates s4 mma there with a CALL per instruction: ``supports`` says no).
@@ -82,9 +83,10 @@ from .int4_pack import packed_cols
 
 __all__ = [
     "MmaConfig", "KernelUnsupported", "default_config", "dense", "batch_matmul", "conv2d_nhwc", "dense_w4a8",
+    "conv2d_nhwc_w4a8",
     "dense_int4", "supports", "sass_of", "cuda_source", "cuda_sources", "compile_cubin", "cuda_target",
     "build", "ensure_cuda_jit", "conv_output_hw",
-    "KINDS", "ARCHS", "MAX_K_W4A8",
+    "KINDS", "ARCHS", "MAX_K_W4A8", "config_points",
 ]
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
@@ -264,6 +266,36 @@ def default_config(M: int, N: int, K: int, arch, kind: str = "dense", batch: int
     while c.smem_bytes(a_bits, b_bits) > min(_smem_limit(sm), 96 * 1024) and c.stages > 2:
         c = MmaConfig(**{**c.__dict__, "stages": c.stages - 1})
     return c
+
+
+def config_points(M: int, N: int, K: int, arch, kind: str = "dense"):
+    """The MmaConfig grid of an M x N x K problem of ``kind`` (dicts): CTA tiles up to the next power
+    of two of M / N, K tiles in the kind's multiples (32 int8, 64 for the 4-bit kernels), 1-4 warps
+    per axis, 2-5 stages, the ring within the arch's shared memory.  The generator may still reject
+    some (split-K partial sums, ``KernelUnsupported``)."""
+    sm = _arch_num(arch)
+    smem = _smem_limit(sm)
+    bits = _KIND_BITS[kind]
+    k_mult = 64 if kind in ("w4a8", "int4") else 32
+    cap_m = max(16, 1 << max(0, (M - 1)).bit_length())      # no CTA tile beyond the next power of 2
+    cap_n = max(16, 1 << max(0, (N - 1)).bit_length())
+    cap_k = max(k_mult, 1 << max(0, (K - 1)).bit_length())
+    for bm in (16, 32, 64, 128, 256):
+        for bn in (16, 32, 64, 128, 256):
+            for bk in (32, 64, 128, 256, 512):
+                if bm > cap_m or bn > cap_n or bk % k_mult or bk > cap_k:
+                    continue
+                for wm in (1, 2, 4):
+                    for wn in (1, 2, 4):
+                        for wk in (1, 2, 4):
+                            for st in (2, 3, 4, 5):
+                                kw = dict(bm=bm, bn=bn, bk=bk, warps_m=wm, warps_n=wn, warps_k=wk, stages=st)
+                                try:
+                                    c = MmaConfig(**kw)
+                                except ValueError:
+                                    continue
+                                if c.smem_bytes(*bits) <= smem:
+                                    yield kw
 
 
 # ---- problem description ---------------------------------------------------------------------
@@ -913,6 +945,33 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     bias int32 [OC], mult int64 [OC], shift int64 [OC], Out out_dtype [N, OH, OW, OC].
     pads = (top, left, bottom, right); zero padding.
     """
+    return _conv(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi, arch, config, a_dtype, 8)
+
+
+def conv2d_nhwc_w4a8(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
+                     out_dtype: str, lo: int, hi: int, arch, config: MmaConfig | None = None,
+                     a_dtype: str = "int8") -> tvm.tirx.PrimFunc:
+    """W4A8 NHWC convolution: the implicit GEMM of ``conv2d_nhwc`` with ``dense_w4a8``'s weights.
+
+    Arguments: X a_dtype [N, H, W, C], W int32 [OC, ceil(K/32)*4] = ``pack_int4(wk, order="mma_k32")``
+    of the int8 matrix wk [OC, K] (values in [-8, 7]) with K = KH*KW*C and k = (kh*KW + kw)*C + c,
+    bias int32 [OC], mult int64 [OC], shift int64 [OC], Out out_dtype [N, OH, OW, OC].
+
+    A is gathered as in ``conv2d_nhwc`` (row m = (n, oh, ow), zero-filled padding and ragged tiles);
+    each packed weight word is unpacked in registers into the two int8x4 B registers holding
+    16 * w (``_cuda_intrin.unpack_w4_mma_k32``) of an s8 ``mma.m16n8k32``, so the accumulator is
+    16 * sum_k X*w, divided by 16 (an exact arithmetic shift) before the bias:
+
+        acc = (sum_k (16 * w[oc, k]) * x[m, k]) >> 4 + bias[oc]
+
+    hence K <= MAX_K_W4A8.  Packed rows are zero past K (the pad adds nothing).  Any arch with
+    integer mma (sm_75+); the 4-bit layers' path on sm_90, which has no INT4 tensor cores.
+    """
+    return _conv(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi, arch, config, a_dtype, 4)
+
+
+def _conv(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi, arch, config, a_dtype,
+          w_bits: int) -> tvm.tirx.PrimFunc:
     N, H, W, C, OC, KH, KW = _check_dims(N=N, H=H, W=W, C=C, OC=OC, KH=KH, KW=KW)
     strides, pads, dilations = tuple(int(s) for s in strides), tuple(int(s) for s in pads), tuple(int(s) for s in dilations)
     if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
@@ -921,7 +980,8 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     if min(strides) < 1 or min(dilations) < 1 or min(pads) < 0:
         raise KernelUnsupported(f"conv2d_nhwc: bad strides {strides}, pads {pads} or dilations {dilations}")
     lo, hi = _check_epilogue(out_dtype, lo, hi)
-    sm = _kernel_sm(arch, "conv2d")
+    kind = "w4a8" if w_bits == 4 else "conv2d"
+    sm = _kernel_sm(arch, kind)
     a_type = _a_type(a_dtype, _INT8_A)
     OH, OW = conv_output_hw(H, W, KH, KW, strides, pads, dilations)
     if OH <= 0 or OW <= 0:
@@ -930,12 +990,20 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     _check_dims(M=M, K=K)
     if N * H * W * C >= 2**31:
         raise KernelUnsupported("conv2d_nhwc: input does not fit int32 indexing")
-    cfg = _finish_config(config, M, OC, K, sm, "conv2d")
+    if w_bits == 4 and K > MAX_K_W4A8:
+        raise KernelUnsupported(f"W4A8: K={K} > {MAX_K_W4A8} may overflow the int32 accumulator of 16*sum")
+    cfg = _finish_config(config, M, OC, K, sm, kind)
     geom = _Conv(N, H, W, C, KH, KW, OH, OW, strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1])
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a, extra=C), conv=geom)
-    b = _Operand(OC, K, 1, _widest_vec(K, cfg.vec_b))
-    p = _Problem("s8", M, OC, K, a_type, out_dtype, lo, hi, a, b, (N, H, W, C), a_dtype, (OC, K), "int8",
-                 (N, OH, OW, OC))
+    if w_bits == 4:
+        kw = packed_cols(K, "mma_k32")
+        b = _Operand(OC, 4 * kw, 4, _widest_vec(4 * kw, cfg.vec_b))
+        w_shape, w_dtype = (OC, kw), "int32"
+    else:
+        b = _Operand(OC, K, 1, _widest_vec(K, cfg.vec_b))
+        w_shape, w_dtype = (OC, K), "int8"
+    p = _Problem("w4a8" if w_bits == 4 else "s8", M, OC, K, a_type, out_dtype, lo, hi, a, b, (N, H, W, C), a_dtype,
+                 w_shape, w_dtype, (N, OH, OW, OC))
     return _gemm(p, cfg, sm)
 
 

@@ -4,12 +4,17 @@ Each quantized layer becomes one ``call_tir`` of a scheduled ``mma.sync`` kernel
 
     acc = sum_k A*W + bias  (int32);   y = clip((int64(acc) * mult + 2^(shift-1)) >> shift, lo, hi)
 
-(the reference's ``conv`` / ``dense`` exactly).  Weight layouts are made at compile time:
+(the reference's ``conv`` / ``dense`` exactly).  Conv and dense layers go through the CUDA GEMM
+backends of ``qcompiler/kernels/backends/`` (``select_cuda(arch, weight bits, activation bits)``:
+``cuda_int4`` native s4 where the arch has it and the activations are 4-bit, ``cuda_w4a8`` for
+4-bit weights, ``cuda_int8``); a backend whose kernel rejects the layer hands it to the next wider
+one (``cuda_fallbacks``: exact, 4-bit codes are int8 values), with a warning.  The backend gives
+the tuning workload, the TIR builder and the stored weight operand of the GEMM's W [N, K]:
 
-  dense    W int8 [N, K]  (the graph stores [K, N]: transposed)
-  conv     W int8 [OC, KH*KW*C] with k = (kh*KW + kw)*C + c  (ONNX [OC, C, KH, KW] -> OHWI, flattened)
-  W4A8     a dense/conv layer quantized to 4-bit weights (``weight_bits`` == 4) on sm_90 uses
-           ``dense_w4a8`` with ``pack_int4(w, order="mma_k32")`` (no native INT4 mma there)
+  dense    W [N, K] = the graph's [K, N] transposed
+  conv     W [OC, KH*KW*C] with k = (kh*KW + kw)*C + c  (ONNX [OC, C, KH, KW] -> OHWI, flattened)
+  stored   int8 (``cuda_int8``), ``pack_int4(W, "mma_k32")`` int32 words (``cuda_w4a8``: unpacked in
+           registers into the int8 mma; every arch, the 4-bit path of sm_90 which has no s4 mma)
   matmul   two activations (attention): ``batch_matmul`` with B as [batch, N, K], made by the
            layout tracking (``BatchMatmul.operands``): a transposed K in Q.K^T is stored with K
            innermost already (at most a permute of the batch / head axes, no copy if none); a B
@@ -28,11 +33,11 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
+from qcompiler import progress
 from qcompiler.graph import Node
+from qcompiler.kernels import backends as KB
 from qcompiler.kernels import cuda_mma as K
-from qcompiler.kernels.int4_pack import pack_int4
 from qcompiler.tune import apply as tuned
-from qcompiler.tune import workload as tw
 
 from .gemm import BatchMatmul, KernelGemm, conv_out_hw, scalar_requant
 from .relax_lower import Value, const
@@ -50,6 +55,37 @@ class CudaGemm(KernelGemm):
         return [const(np.asarray(a["bias"], np.int32), "int32"), const(np.asarray(a["mult"], np.int64), "int64"),
                 const(np.asarray(a["shift"], np.int64), "int64")]
 
+    def _backends(self, n: Node, x_dtype: str):
+        """The layer's backend and its exact fallbacks (``backends.select_cuda`` by the layer's weight
+        bits and activation bits, then ``cuda_fallbacks``), or ([], why)."""
+        bits = int(n.attrs.get("weight_bits", 8) or 8)
+        a_bits = KB.a_bits_of(x_dtype)
+        be = KB.select_cuda(self.arch, bits, a_bits) if a_bits is not None else None
+        if be is None:
+            why = (f"activation dtype must be one of ('int8', 'uint8'), got {x_dtype!r}" if a_bits is None
+                   else f"no tensor-core kernel for {bits}-bit weights x {a_bits}-bit activations on {self.arch}")
+            return [], why
+        return [b for b in (be, *KB.cuda_fallbacks(be, self.arch)) if x_dtype in b.a_dtypes], None
+
+    def _gemm(self, lw, n: Node, x, x_dtype: str, shape, out_shape, op: str, build, pack) -> relax.Expr | None:
+        """One call_tir of the first backend whose kernel takes the layer (a 4-bit layer that its
+        4-bit kernel rejects runs on the next wider backend, warned); None when none does."""
+        cands, why = self._backends(n, x_dtype)
+        a = n.attrs
+        for i, be in enumerate(cands):
+            try:
+                wl = be.workload(self.arch, n, x_dtype, shape)
+                f = tuned.generate(wl, n.name, lambda cfg, be=be: build(be, cfg))
+                wk, wdt = pack(be)
+            except (K.KernelUnsupported, ValueError) as e:
+                why = f"{be.name}: {e}"
+                if i + 1 < len(cands):
+                    progress.get().warn(f"layer '{n.name}' runs on {cands[i + 1].name} ({why})")
+                continue
+            return self._call(lw, f, f"{op}_{be.tag}", [x, const(wk, wdt), *self._epi(a)], out_shape, a["dtype"])
+        self._fallback(n, why or "no tensor-core backend")
+        return None
+
     def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
         a = n.attrs
         w = np.asarray(a["weight"])  # [OC, C/g, KH, KW]
@@ -58,40 +94,26 @@ class CudaGemm(KernelGemm):
         if int(a["group"]) != 1:
             self._fallback(n, f"grouped convolution (group={a['group']}) has no tensor-core kernel")
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
-        try:
-            geo, lo, hi = (a["strides"], a["pads"], a["dilations"]), int(a["lo"]), int(a["hi"])
-            wl = tw.cuda_conv(self.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi)
-            f = tuned.generate(wl, n.name, lambda cfg: K.conv2d_nhwc(N, H, W, C, OC, KH, KW, *geo, a["dtype"], lo, hi,
-                                                                     self.arch, config=cfg, a_dtype=x_dtype))
-        except K.KernelUnsupported as e:
-            self._fallback(n, str(e))
-            return super().conv(lw, n, x, x_dtype, nhwc_shape)
-        wk = np.ascontiguousarray(np.transpose(w, (0, 2, 3, 1)).reshape(OC, -1)).astype(np.int8)
+        geo, lo, hi = (a["strides"], a["pads"], a["dilations"]), int(a["lo"]), int(a["hi"])
         OH, OW = conv_out_hw(H, W, a)
-        return self._call(lw, f, "conv_mma", [x, const(wk, "int8"), *self._epi(a)], (N, OH, OW, OC), a["dtype"])
+
+        def build(be, cfg):
+            return be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, self.arch, config=cfg)
+
+        y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), (N, OH, OW, OC), "conv", build, lambda be: be.pack_conv(w))
+        return y if y is not None else super().conv(lw, n, x, x_dtype, nhwc_shape)
 
     def dense(self, lw, n: Node, x, x_dtype: str, M: int, Kd: int) -> relax.Expr:
         a = n.attrs
         w = np.asarray(a["weight"])  # [K, N]
         N = int(w.shape[1])
-        four = int(a.get("weight_bits", 8) or 8) == 4
-        try:
-            lo, hi = int(a["lo"]), int(a["hi"])
-            wl = tw.cuda_dense(self.arch, M, N, Kd, x_dtype, a["dtype"], lo, hi, w4a8=four)
-            if four:
-                f = tuned.generate(wl, n.name, lambda cfg: K.dense_w4a8(M, N, Kd, a["dtype"], lo, hi, self.arch,
-                                                                        config=cfg, a_dtype=x_dtype))
-                wk = const(pack_int4(np.ascontiguousarray(w.T), order="mma_k32"), "int32")
-                name = "dense_w4a8"
-            else:
-                f = tuned.generate(wl, n.name, lambda cfg: K.dense(M, N, Kd, a["dtype"], lo, hi, self.arch,
-                                                                   config=cfg, a_dtype=x_dtype))
-                wk = const(np.ascontiguousarray(w.T).astype(np.int8), "int8")
-                name = "dense_mma"
-        except K.KernelUnsupported as e:
-            self._fallback(n, str(e))
-            return super().dense(lw, n, x, x_dtype, M, Kd)
-        return self._call(lw, f, name, [x, wk, *self._epi(a)], (M, N), a["dtype"])
+        lo, hi = int(a["lo"]), int(a["hi"])
+
+        def build(be, cfg):
+            return be.dense(M, N, Kd, x_dtype, a["dtype"], lo, hi, self.arch, config=cfg)
+
+        y = self._gemm(lw, n, x, x_dtype, (M, Kd), (M, N), "dense", build, lambda be: be.pack_dense(w))
+        return y if y is not None else super().dense(lw, n, x, x_dtype, M, Kd)
 
     def matmul(self, lw, n: Node, a: Value, b: Value) -> relax.Expr:
         at = n.attrs

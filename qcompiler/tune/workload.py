@@ -130,8 +130,13 @@ class Workload:
         """The CPU ISA (``tile_model.Isa``) of a CPU backend."""
         return self.gemm_backend.isa
 
+    def _registered(self) -> bool:
+        """A backend of ``qcompiler.kernels.backends`` (every CPU one, and the CUDA ones for the kinds
+        their workloads have: dense / conv2d; ``cuda_mma.w4a8`` is the older name of a W4A8 dense)."""
+        return self.backend in CPU_BACKENDS or (self.kind != "w4a8" and self.backend in _backends.cuda_names())
+
     def config_class(self):
-        if self.backend in CPU_BACKENDS:
+        if self._registered():
             return self.gemm_backend.config_class()
         from qcompiler.kernels.cuda_mma import MmaConfig
 
@@ -143,8 +148,8 @@ class Workload:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def default_config(self):
-        if self.backend in CPU_BACKENDS:
-            return self.gemm_backend.default_config(*self._gemm_mnk())
+        if self._registered():
+            return self.gemm_backend.default_for(self)
         from qcompiler.kernels import cuda_mma as K
 
         M, N, Kd = self._gemm_mnk()
@@ -164,7 +169,7 @@ class Workload:
         """Every config the dataclass accepts for this workload (the generator may still reject some)."""
         cls = self.config_class()
         out, seen = [], set()
-        for kw in (self.gemm_backend.config_points(self) if self.backend in CPU_BACKENDS else _cuda_points(self)):
+        for kw in (self.gemm_backend.config_points(self) if self._registered() else _cuda_points(self)):
             try:
                 c = cls(**kw)
             except ValueError:
@@ -177,7 +182,7 @@ class Workload:
 
     def make_func(self, config=None):
         """The scheduled PrimFunc (args as the adapters pass them); raises ValueError / KernelUnsupported."""
-        if self.backend in CPU_BACKENDS:
+        if self._registered():
             return self.gemm_backend.make_func(self, config)
         from qcompiler.kernels import cuda_mma as K
 
@@ -341,6 +346,16 @@ def cuda_dense(arch, M, N, K, a_dtype, out_dtype, lo, hi, w4a8: bool = False) ->
                     int(lo), int(hi), f"cuda:{arch}")
 
 
+def _cuda_workload(arch, n, bits: int, x_dtype: str, shape) -> Workload | None:
+    """The workload of the CUDA backend the lowering picks first for the layer
+    (``lowering/gemm_cuda.py``: ``backends.select_cuda`` by weight and activation bits)."""
+    a_bits = _backends.a_bits_of(x_dtype)
+    be = _backends.select_cuda(arch, bits, a_bits) if a_bits is not None else None
+    if be is None or x_dtype not in be.a_dtypes:
+        return None
+    return be.workload(arch, n, x_dtype, shape)
+
+
 @dataclass
 class Task:
     workload: Workload
@@ -376,7 +391,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
                 if be is not None and od in _OUT_DTYPES:
                     wl = be.workload(target, n, x_dtype, (N, H, W, C))
             else:
-                wl = cuda_conv(spec.arch, N, H, W, C, OC, KH, KW, *geo, x_dtype, od, lo, hi)
+                wl = _cuda_workload(spec.arch, n, bits, x_dtype, (N, H, W, C))
         else:
             shp = ig.shapes[n.inputs[0]]
             M, K = int(np.prod(shp[:-1])), int(shp[-1])
@@ -385,7 +400,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
                 if be is not None and od in _OUT_DTYPES:
                     wl = be.workload(target, n, x_dtype, (M, K))
             else:
-                wl = cuda_dense(spec.arch, M, int(w.shape[1]), K, x_dtype, od, lo, hi, bits == 4)
+                wl = _cuda_workload(spec.arch, n, bits, x_dtype, (M, K))
         if wl is None:
             continue
         t = found.setdefault(wl.key, Task(wl, []))

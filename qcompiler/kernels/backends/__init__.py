@@ -29,6 +29,8 @@ from ..tile_model import Isa
 
 # registration order = selection priority: the widest ISA first, then the fewer weight bits
 CPU_ORDER = ("vnni_w4a8", "vnni_int8", "vnni_w8a16", "avx2_w4a8", "avx2_int8", "avx2_w8a16")
+# CUDA (tensor cores, ``qcompiler/kernels/cuda_mma.py``): native s4 first, then W4A8, then INT8
+CUDA_ORDER = ("cuda_int4", "cuda_w4a8", "cuda_int8")
 
 _REGISTRY: dict[str, "GemmBackend"] = {}
 
@@ -53,6 +55,10 @@ class GemmBackend:
 
     def make_func(self, workload, config=None):
         raise NotImplementedError
+
+    def default_for(self, workload):
+        """The default config of a tuning workload (``qcompiler.tune.workload.Workload``)."""
+        return self.default_config(*workload._gemm_mnk())
 
 
 class CpuGemmBackend(GemmBackend):
@@ -200,6 +206,145 @@ class CpuGemmBackend(GemmBackend):
         return "uint8" if self.weight_bits == 4 else "int8"
 
 
+class CudaGemmBackend(GemmBackend):
+    """A tensor-core GEMM backend on the kernels of ``qcompiler.kernels.cuda_mma``.
+
+    name          the tuning workloads' backend (``cuda_mma``: INT8, ``cuda_mma_w4``, ``cuda_mma_s4``)
+    weight_bits   4 or 8; ``a_bits`` 4 or 8 (the layer's activation codes)
+    mma_kind      the ``cuda_mma.supports`` / ``default_config`` kind of its dense kernel
+                  ("dense", "w4a8", "int4"); ``conv_kind`` that of its conv kernel (None: no conv)
+    tag           kernel names in the library: ``dense_<tag>``, ``conv_<tag>``
+    builders      names of the ``cuda_mma`` functions building its dense / conv kernels
+    pack          how its weight operand is stored: the int8 matrix W [rows, K] of the GEMM as it
+                  is ("int8"), or ``int4_pack.pack_int4(W, order)`` words ("mma_k32", "linear")
+
+    The weight matrix of the GEMM is [N, K] (dense: the graph's [K, N] transposed; conv: ONNX
+    [OC, C, KH, KW] -> OHWI flattened, k = (kh*KW + kw)*C + c), so every backend computes
+
+        acc[m, n] = sum_k A[m, k] * W[n, k] + bias[n];  y = clip((acc * mult + 2^(shift-1)) >> shift)
+
+    exactly; they differ in how W (and, for s4, A) is stored and which mma consumes it.
+    """
+
+    kind = "cuda"
+
+    def __init__(self, name: str, weight_bits: int, a_bits: int, mma_kind: str, conv_kind: str | None, tag: str,
+                 dense_builder: str, conv_builder: str | None, pack: str, a_dtypes: tuple, doc: str = ""):
+        self.name, self.weight_bits, self.a_bits = name, weight_bits, a_bits
+        self.mma_kind, self.conv_kind, self.tag = mma_kind, conv_kind, tag
+        self.dense_builder, self.conv_builder, self.pack = dense_builder, conv_builder, pack
+        self.a_dtypes = tuple(a_dtypes)
+        self.__doc__ = doc or self.__doc__
+
+    def __repr__(self) -> str:
+        return f"CudaGemmBackend({self.name})"
+
+    # ---- routing -------------------------------------------------------------------------------
+    def takes(self, weight_bits: int, a_bits: int) -> bool:
+        """Exact for the layer: 4-bit weights / activations are values an 8-bit operand holds, so a
+        wider backend takes narrower codes (the caller tries the narrowest first)."""
+        return weight_bits <= self.weight_bits and a_bits <= self.a_bits
+
+    def available(self, arch) -> bool:
+        from .. import cuda_mma as cm
+
+        return cm.supports(arch, self.mma_kind)
+
+    def kernel_kind(self, op: str) -> str | None:
+        """The ``cuda_mma`` kind of this backend's kernel for a graph op ("conv" / "dense")."""
+        return self.conv_kind if op in ("conv", "conv2d") else self.mma_kind
+
+    # ---- config ---------------------------------------------------------------------------------
+    def config_class(self):
+        from ..cuda_mma import MmaConfig
+
+        return MmaConfig
+
+    def default_config(self, M: int, N: int, K: int, batch: int = 1, arch="sm_80", op: str = "dense"):
+        from .. import cuda_mma as cm
+
+        return cm.default_config(M, N, K, arch, self.kernel_kind(op) or self.mma_kind, batch=batch)
+
+    def default_for(self, workload):
+        M, N, K = workload._gemm_mnk()
+        return self.default_config(M, N, K, arch=workload.arch, op=workload.kind)
+
+    def gemm_k(self, C: int, KH: int, KW: int) -> int:
+        return KH * KW * C
+
+    def config_points(self, workload):
+        from .. import cuda_mma as cm
+
+        M, N, K = workload._gemm_mnk()
+        yield from cm.config_points(M, N, K, workload.arch, self.kernel_kind(workload.kind) or self.mma_kind)
+
+    # ---- workloads -------------------------------------------------------------------------------
+    def workload(self, arch, node, x_dtype: str, shape):
+        """The tuning workload of a conv (``shape`` = the input's N, H, W, C) or dense (M, K) node;
+        backend = this backend's name, kind "conv2d" / "dense", target ``cuda:<arch>``."""
+        from qcompiler.tune.workload import Workload
+
+        a = node.attrs
+        lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
+        w = a["weight"]
+        if node.op == "conv":
+            OC, _, KH, KW = w.shape
+            N, H, W, C = (int(d) for d in shape)
+            return Workload(self.name, "conv2d", (N, H, W, C, int(OC), int(KH), int(KW)), x_dtype, od, lo, hi,
+                            f"cuda:{arch}", tuple(map(int, a["strides"])), tuple(map(int, a["pads"])),
+                            tuple(map(int, a["dilations"])))
+        M, K = (int(d) for d in shape)
+        return Workload(self.name, "dense", (M, int(w.shape[1]), K), x_dtype, od, lo, hi, f"cuda:{arch}")
+
+    # ---- TIR builders and packing ---------------------------------------------------------------
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, arch, config=None):
+        from .. import cuda_mma as cm
+
+        return getattr(cm, self.dense_builder)(M, N, K, out_dtype, lo, hi, arch, config=config, a_dtype=a_dtype)
+
+    def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, arch,
+               config=None):
+        from .. import cuda_mma as cm
+
+        if self.conv_builder is None:
+            raise cm.KernelUnsupported(f"{self.name} has no convolution kernel")
+        return getattr(cm, self.conv_builder)(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi,
+                                              arch, config=config, a_dtype=a_dtype)
+
+    def make_func(self, workload, config=None):
+        w = workload
+        if w.kind == "dense":
+            M, N, K = w.shape
+            return self.dense(M, N, K, w.a_dtype, w.out_dtype, w.lo, w.hi, w.arch, config)
+        N, H, W, C, OC, KH, KW = w.shape
+        return self.conv2d(N, H, W, C, OC, KH, KW, w.strides, w.pads, w.dilations, w.a_dtype, w.out_dtype, w.lo,
+                           w.hi, w.arch, config)
+
+    def pack_gemm(self, wk):
+        """The stored weight operand of the GEMM's int8 matrix wk [N, K]: (array, dtype)."""
+        import numpy as np
+
+        wk = np.ascontiguousarray(wk)
+        if self.pack == "int8":
+            return wk.astype(np.int8), "int8"
+        from ..int4_pack import pack_int4
+
+        return pack_int4(wk, order=self.pack), "int32"
+
+    def pack_dense(self, w):
+        """Graph weight [K, N] -> stored operand."""
+        import numpy as np
+
+        return self.pack_gemm(np.asarray(w).T)
+
+    def pack_conv(self, w):
+        """ONNX weight [OC, C, KH, KW] -> stored operand of W [OC, KH*KW*C] (OHWI flattened)."""
+        import numpy as np
+
+        w = np.asarray(w)
+        return self.pack_gemm(np.transpose(w, (0, 2, 3, 1)).reshape(w.shape[0], -1))
+
+
 def target_has(target, features, host_flag: str) -> bool:
     """LLVM's answer for the target's mcpu / mattr (any CPU it knows); the host's /proc/cpuinfo flag
     when the target names no CPU."""
@@ -219,7 +364,7 @@ def register(backend: GemmBackend) -> GemmBackend:
 
 
 def _load() -> None:
-    for m in CPU_ORDER:
+    for m in (*CPU_ORDER, *CUDA_ORDER):
         importlib.import_module(f"{__name__}.{m}")
 
 
@@ -273,3 +418,38 @@ def int8_twin(backend: CpuGemmBackend) -> CpuGemmBackend | None:
 
 def replace_isa(isa: Isa, **kw) -> Isa:
     return dataclasses.replace(isa, **kw)
+
+
+# ---- CUDA -----------------------------------------------------------------------------------------
+def cuda_backends() -> list[CudaGemmBackend]:
+    """The tensor-core backends in selection order (:data:`CUDA_ORDER`)."""
+    return [importlib.import_module(f"{__name__}.{m}").BACKEND for m in CUDA_ORDER]
+
+
+def cuda_names() -> tuple[str, ...]:
+    """The tuning-workload backend names of the CUDA backends (``cuda_mma``, ``cuda_mma_w4``, ...)."""
+    return tuple(b.name for b in cuda_backends())
+
+
+def a_bits_of(a_dtype: str) -> int | None:
+    """Activation bits of a conv / dense input dtype the CUDA kernels read (None: none of them)."""
+    return {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4}.get(a_dtype)
+
+
+def select_cuda(arch, weight_bits: int, a_bits: int) -> CudaGemmBackend | None:
+    """The first backend (in :data:`CUDA_ORDER`: native s4, W4A8, INT8) that exists on ``arch`` and
+    takes a layer of these weight / activation bits exactly; None (generic lowering) if none does
+    (16-bit activations, archs without integer mma)."""
+    for b in cuda_backends():
+        if b.takes(weight_bits, a_bits) and b.available(arch):
+            return b
+    return None
+
+
+def cuda_fallbacks(backend: CudaGemmBackend, arch) -> list[CudaGemmBackend]:
+    """The wider backends after ``backend`` that also exist on ``arch`` (what a layer runs on when a
+    backend's kernel rejects its shape: s4 -> W4A8 -> INT8, each exact for the narrower codes)."""
+    order = cuda_backends()
+    i = order.index(backend)
+    return [b for b in order[i + 1:] if b.weight_bits >= backend.weight_bits and b.a_bits >= backend.a_bits
+            and b.available(arch)]
