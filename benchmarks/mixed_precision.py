@@ -165,6 +165,139 @@ def at_budget(ctx, frac: float) -> dict:
     return res
 
 
+# ---- measured latency of compiled mixed libraries (issue 18, item 3) ------------------------------
+def _fidelity(name: str, outs: dict, ref: list, feeds: dict) -> dict:
+    """Top-1 agreement and mean KL vs FP32 (classifiers) or mean embedding cosine (MiniLM)."""
+    s_q = zoo.scores(name, outs, feeds)
+    s_f = zoo.scores(name, ref, feeds)
+    if zoo.get(name).kind == "embedding":
+        return {"embedding_cosine": float(np.mean(zoo.cosine(s_f, s_q))),
+                "embedding_cosine_min": float(np.min(zoo.cosine(s_f, s_q)))}
+    p = np.clip(np.asarray(s_f, np.float64), 1e-8, None)
+    q = np.clip(np.asarray(s_q, np.float64), 1e-8, None)
+    p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    return {"top1_agreement": zoo.top1_agreement(s_f, s_q),
+            "kl": float(np.mean(np.sum(p * (np.log(p) - np.log(q)), -1)))}
+
+
+def _bench_interleaved(libs: dict, rounds: int, repeats: int) -> dict:
+    """Median over ``rounds`` of each library's ``qc bench`` median, the libraries taking turns in
+    every round (same process, same threads): load on a shared machine hits all of them alike."""
+    per = {k: [] for k in libs}
+    for _ in range(rounds):
+        for k, lib in libs.items():
+            per[k].append(lib.bench(None, repeats=repeats, min_repeat_ms=20)["median_ms"])
+    return {k: {"median_ms": float(np.median(v)), "rounds_ms": [round(x, 4) for x in v]} for k, v in per.items()}
+
+
+def measured_libraries(name: str, arch: str | None = None, budgets=(0.75, 0.9, 1.0), samples: int = 16,
+                       n_eval: int = 64, rounds: int = 7, repeats: int = 10, build_dir: str | None = None) -> dict:
+    """All-INT8, all-W4A8 and ``--precision mixed`` at each latency budget (fraction of the all-INT8
+    prediction; an infeasible one is replaced by the smallest achievable fraction x 1.001), compiled
+    for ``arch`` (None: this host; e.g. ``znver2``: the AVX2 kernels), with predicted and measured
+    latency (:func:`_bench_interleaved`) and fidelity of the compiled library on ``n_eval`` held-out
+    samples against ONNX Runtime FP32."""
+    from dataclasses import replace
+
+    from qcompiler.driver import CompileOptions, compile_model
+    from qcompiler.mixed import pareto as P
+    from qcompiler.mixed.plan import CHOICES, MixedOptions
+    from qcompiler.runtime import Library
+    from qcompiler.targets import parse_target
+
+    spec = parse_target("cpu", arch)
+    mo = MixedOptions(samples=samples)
+    opts = CompileOptions(target=spec, mixed=mo)
+    calib = zoo.calibration_inputs(name, 32)
+    path = str(zoo.model_path(name))
+    t0 = time.time()
+    ctx = P.setup(path, calib, opts, mo=mo)
+    lat = ctx.lat
+    configs, notes = {"all-int8": tuple([P.W8] * len(ctx.names)), "all-w4a8": P.uniform(ctx, P.W4)}, {}
+    for b in budgets:
+        ch = P.ilp_point(ctx, b * lat.int8_total_ms)
+        if ch is None:
+            small = ((ilp.smallest(ctx.problem(), "latency") or 0.0) + lat.const_ms) / lat.int8_total_ms
+            notes[f"mixed@{b}"] = {"infeasible": True, "smallest_fraction": small}
+            ch = P.ilp_point(ctx, small * 1.001 * lat.int8_total_ms)
+        configs[f"mixed@{b}"] = ch
+    feeds, _ = zoo.eval_set(name, n_eval)
+    ref = zoo.run_fp32(name, feeds)
+    keys = list(CHOICES)
+    bd = Path(build_dir or tempfile.mkdtemp(prefix="qc_mp_"))
+    libs, out = {}, {}
+    built: dict[tuple, str] = {}
+    for k, ch in configs.items():
+        ch = tuple(int(c) for c in ch)
+        row = {"predicted_ms": lat.total(ch), "predicted_fraction": lat.total(ch) / lat.int8_total_ms,
+               "counts": {c: int(sum(1 for x in ch if x == i)) for i, c in enumerate(keys)},
+               "weight_bytes": float(ctx.problem().evaluate(ch)["size"]), **notes.get(k, {})}
+        if ch in built:  # the same configuration as an earlier row: one library
+            row["same_as"] = built[ch]
+            out[k] = row
+            continue
+        built[ch] = k
+        pins = tuple(f"{m}={'4' if keys[c] == 'w4a8' else 'a16'}" for m, c in zip(ctx.names, ch) if c != P.W8)
+        lib = bd / f"{name}-{arch or 'host'}-{k}.so"
+        compile_model(path, str(lib), calib, replace(opts, precision="int8", mixed=replace(mo, pins=pins)))
+        libs[k] = Library(str(lib))
+        row.update(_fidelity(name, libs[k](**feeds), ref, feeds))
+        row["choice"] = [keys[c] for c in ch]
+        out[k] = row
+    times = _bench_interleaved(libs, rounds, repeats)
+    base = times["all-int8"]["median_ms"]
+    for k, row in out.items():
+        t = times[row.get("same_as", k)]
+        if "same_as" in row:
+            row.update({f: out[row["same_as"]][f] for f in ("top1_agreement", "kl", "embedding_cosine",
+                                                           "embedding_cosine_min", "choice") if f in out[row["same_as"]]})
+        row["measured_ms"] = t["median_ms"]
+        row["measured_rounds_ms"] = t["rounds_ms"]
+        row["measured_fraction"] = t["median_ms"] / base
+    from qcompiler.runtime import cpu_threads
+
+    return {"arch": arch or spec.arch, "latency_source": lat.source, "int8_predicted_ms": lat.int8_total_ms,
+            "threads": cpu_threads(), "eval_samples": n_eval, "sensitivity_samples": samples,
+            "rounds": rounds, "configs": out, "seconds": round(time.time() - t0, 1)}
+
+
+def main_measure(a) -> int:
+    """``--measure-libraries``: :func:`measured_libraries` for each model (and ``--arch`` list)."""
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    os.environ.setdefault("QC_CACHE_DIR", str(Path(tempfile.gettempdir()) / "qc-mp-bench-cache"))
+    from qcompiler import progress
+
+    progress.set_reporter(progress.Reporter())
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    ml = res.setdefault("measured_libraries", {})
+    ml["date"] = datetime.date.today().isoformat()
+    ml["cpu"] = _cpu()
+    ml["note"] = ("predicted = the ILP's total (qcompiler/mixed/latency.py: the device's cost model predicts "
+                  "each layer's W8A8 / W4A8 / W8A16 kernel; a target without a model: roofline ratio); measured = "
+                  "median over interleaved rounds of qc bench medians, same process, TVM_NUM_THREADS threads; "
+                  "fidelity of the compiled libraries vs ONNX Runtime FP32 on held-out zoo samples")
+    for arch in a.arch.split(","):
+        arch = None if arch in ("", "host") else arch
+        for name in a.models.split(","):
+            if not zoo.available(name):
+                print(f"skip {name}: not installed", flush=True)
+                continue
+            big = name == "open-nsfw"
+            r = measured_libraries(name, arch, samples=4 if big else a.samples, n_eval=16 if big else a.eval,
+                                   rounds=a.rounds)
+            ml.setdefault(r["arch"], {})[name] = r
+            print(name, r["arch"], json.dumps({k: {x: v.get(x) for x in ("predicted_fraction", "measured_fraction",
+                                                                            "measured_ms", "top1_agreement",
+                                                                            "embedding_cosine", "counts")}
+                                               for k, v in r["configs"].items()}, default=float), flush=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1, default=float))
+            os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(CNNS))
@@ -175,7 +308,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mixed_precision.json"))
     ap.add_argument("--quick", action="store_true", help="small sample counts (smoke run)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' entries of an existing --out file")
+    ap.add_argument("--measure-libraries", action="store_true",
+                    help="only compile and time all-INT8 / all-W4A8 / mixed at budgets 0.75, 0.9, 1.0 (key "
+                         "measured_libraries of --out; the rest of the file is kept)")
+    ap.add_argument("--arch", default="host", help="with --measure-libraries: comma list of LLVM CPUs (host = this one)")
+    ap.add_argument("--rounds", type=int, default=7, help="with --measure-libraries: interleaved timing rounds")
     a = ap.parse_args(argv)
+    if a.measure_libraries:
+        if a.models == ",".join(CNNS):
+            a.models = ",".join(CNNS + ["minilm"])
+        return main_measure(a)
     if a.quick:
         a.samples, a.eval, a.configs = 4, 8, 12
     os.environ.setdefault("QC_CACHE_DIR", str(Path(tempfile.gettempdir()) / "qc-mp-bench-cache"))

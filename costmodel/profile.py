@@ -1,6 +1,7 @@
 """Profile records: every kernel of a compiled library timed inside the running model.
 
-``python -m costmodel.profile [--models all|zoo|synth|a,b] [--runs 30] [--out autotune_logs/<device>/profiles.jsonl]``
+``python -m costmodel.profile [--models all|zoo|synth|a,b] [--precision int8,w4a8] [--runs 30]
+[--out autotune_logs/<device>/profiles.jsonl]``
 compiles the zoo models and the synthetic encoders of ``costmodel.synth_models`` (tuned configs of
 the device's log applied, as ``qc compile`` does),
 runs each library with the Relax VM instrument hook (``vm.set_instrument(f)``: ``f`` is called
@@ -140,13 +141,15 @@ def _target(meta: dict) -> dict:
     return describe(parse_target(t.get("kind", "cpu"), t.get("arch") if t.get("kind") == "cuda" else None))
 
 
-def workload_keys(model_path: str, calib) -> list[str]:
+def workload_keys(model_path: str, calib, precision: str = "int8") -> list[str]:
     from qcompiler.driver import CompileOptions, prepare
+    from qcompiler.mixed.plan import MixedOptions
     from qcompiler.targets import parse_target
     from qcompiler.tune.workload import tasks_from_graph
 
     spec = parse_target("cpu", None)
-    prep = prepare(model_path, calib, CompileOptions(target=spec))
+    prep = prepare(model_path, calib, CompileOptions(target=spec, precision=precision,
+                                                     mixed=MixedOptions(rounding="rtn")))
     return sorted(t.workload.key for t in tasks_from_graph(prep.int_graph, spec))
 
 
@@ -192,11 +195,16 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--build-dir", default=None)
+    ap.add_argument("--precision", default="int8",
+                    help="comma list of qc compile precisions (int8, w4a8); a model compiled at another "
+                         "precision than int8 is recorded as NAME@PRECISION")
     a = ap.parse_args(argv)
     progress.set_reporter(progress.ConsoleReporter(bars=False))
     spec = parse_target("cpu", None)
     out = Path(a.out or os.path.join(default_log_dir(spec), "profiles.jsonl"))
-    names = model_names(a.models)
+    precs = [p.strip() for p in a.precision.split(",") if p.strip()]
+    runs = [(n, p) for n in model_names(a.models) for p in precs]
+    names = [n if p == "int8" else f"{n}@{p}" for n, p in runs]
     keep, old, tir_lines, done = [], [], {}, set()
     if out.is_file():
         for ln in out.read_text().splitlines():
@@ -213,13 +221,16 @@ def main(argv=None) -> int:
     bd = Path(a.build_dir or tempfile.mkdtemp(prefix="qc_prof_"))
     bd.mkdir(parents=True, exist_ok=True)
     new, n = [], 0
-    for name in names:
-        path, calib = model_source(name, bd)
+    from qcompiler.mixed.plan import MixedOptions
+
+    for name, (base, prec) in zip(names, runs):
+        path, calib = model_source(base, bd)
         lib = bd / f"{name}.so"
-        if not lib.is_file():
-            compile_model(path, str(lib), calib, CompileOptions(target=spec))
+        if not lib.is_file():   # 4-bit weights rounded to nearest: kernel speed does not depend on values
+            compile_model(path, str(lib), calib, CompileOptions(target=spec, precision=prec,
+                                                                mixed=MixedOptions(rounding="rtn")))
         recs, tirs = profile_library(str(lib), name, a.runs)
-        recs[0]["workload_keys"] = workload_keys(path, calib)
+        recs[0]["workload_keys"] = workload_keys(path, calib, prec)
         recs[0]["library"] = str(lib)
         for sha, text in tirs.items():
             tir_lines.setdefault(sha, {"schema": PROFILE_SCHEMA, "type": "tir", "tir_sha256": sha,

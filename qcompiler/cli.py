@@ -108,7 +108,7 @@ def _costmodel_parsers(sub) -> None:
     pr.add_argument("model", help="the .onnx file")
     pr.add_argument("--target", default="cpu", help="cpu or cuda")
     pr.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90; for --target cpu an LLVM CPU name (default: this host's)")
-    pr.add_argument("--precision", default="int8", help="int8 (default)")
+    pr.add_argument("--precision", default="int8", help="int8 (default), w4a8 or mixed, as in qc compile")
     pr.add_argument("--calib", default=None, help="as in qc compile (default: random data of the input shapes)")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
@@ -126,7 +126,8 @@ def _tune_parsers(sub) -> None:
     t.add_argument("models", nargs="*", help=".onnx files (their distinct kernels are the tasks)")
     t.add_argument("--target", default="cpu", help="cpu (this host) or cuda")
     t.add_argument("--arch", default=None, help="CUDA arch: sm_75, sm_80, sm_86, sm_89, sm_90; for --target cpu an LLVM CPU name (default: this host's)")
-    t.add_argument("--precision", default="int8", help="int8 (default)")
+    t.add_argument("--precision", default="int8",
+                   help="int8 (default), w4a8, w8a16 (every layer at that choice) or mixed (all three kernels of every layer)")
     t.add_argument("--calib", default=None, help="as in qc compile (default: random data; scales do not change speed)")
     t.add_argument("--batch", type=int, default=1, help="batch size the models are compiled for (default 1)")
     t.add_argument("--trials", type=int, default=200, help="total measured configs over all tasks, old records included")

@@ -70,7 +70,7 @@ def setup(model_path, calib, opts, eval_data=None, mo: MixedOptions | None = Non
                             fp32_outputs(st.fr.model, efeeds, list(st.fg.outputs)), hessians=ev.hessians)
     else:
         ev_eval = ev
-    lat = predict_layers(ev.ig8, opts.target, opts.tune_log, mo.cost_model)
+    lat = predict_layers(ev.ig8, opts.target, opts.tune_log, mo.cost_model, src=ev, fuse=opts.fuse_epilogue)
     return Context(st, names, ties, sens, lat, mo, ev, ev_eval)
 
 

@@ -219,7 +219,7 @@ def _solve(ev, names, ties, pins, fr, feeds, cfg, mo, opts, model_path):
     rep = progress.get()
     sens, key = sensitivity_for(ev, names, ties, model_path, feeds, replace(cfg, rounding=mo.rounding), mo)
     rep.stage("mixed precision: per-layer latency of each choice (cost model)")
-    lat = predict_layers(ev.ig8, opts.target, opts.tune_log, mo.cost_model)
+    lat = predict_layers(ev.ig8, opts.target, opts.tune_log, mo.cost_model, src=ev, fuse=opts.fuse_epilogue)
     if lat.names != names:
         raise PlanError("internal: the lowered layers do not match the graph's conv/dense nodes; please report")
     prob = build_problem(ev.ig8, names, sens, lat, ties, pins, mo)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qcompiler import progress
-from qcompiler.errors import ModelError, QCError, TargetError
+from qcompiler.errors import InputError, ModelError, QCError, TargetError
 
 from . import records as R
 from .workload import Task, Workload, config_key, distinct_configs, normalize_config, tir_hash
@@ -214,12 +214,33 @@ def random_calibration(model_path: str, batch: int = 1, samples: int = 4, seed: 
     return data
 
 
+TUNE_PRECISIONS = {"int8": ("w8a8",), "w4a8": ("w4a8",), "w8a16": ("w8a16",), "mixed": ("w8a8", "w4a8", "w8a16")}
+"""``qc tune --precision``: the per-layer choices (``qcompiler/mixed/plan.py`` CHOICES) whose kernels are
+tuned.  ``mixed`` tunes every choice a ``--precision mixed`` compile may give each layer (the ILP's
+latency of a choice is the cost model's prediction of that choice's kernel, ``qcompiler/mixed/latency.py``)."""
+
+
+def _choice_graphs(prep, precision: str) -> list:
+    """The integer graphs whose kernels ``precision`` tunes: the compiled INT8 graph for ``int8``, else
+    one uniform-plan graph per choice (``qcompiler.mixed.latency.uniform_graph``: every layer at the
+    choice where it can take it, round-to-nearest weights: kernel speed does not depend on values)."""
+    from qcompiler.mixed.latency import uniform_graph
+
+    if precision == "int8":
+        return [prep.int_graph]
+    return [prep.int_graph if c == "w8a8" else uniform_graph(prep.state, c) for c in TUNE_PRECISIONS[precision]]
+
+
 def extract_tasks(models: list[str], spec, calib=None, batch: int = 1, precision: str = "int8") -> list[Task]:
+    """The distinct tunable kernels of ``models`` compiled at ``precision`` (:data:`TUNE_PRECISIONS`)."""
     from pathlib import Path
 
     from qcompiler.driver import CompileOptions, prepare
 
     from .workload import tasks_from_graph
+
+    if precision not in TUNE_PRECISIONS:
+        raise InputError(f"qc tune --precision {precision}: choose from {', '.join(TUNE_PRECISIONS)}")
 
     rep = progress.get()
     merged: dict[str, Task] = {}
@@ -227,13 +248,14 @@ def extract_tasks(models: list[str], spec, calib=None, batch: int = 1, precision
         if not Path(m).is_file():
             raise ModelError(f"{m}: no such file (give the path of an .onnx model)")
         data = calib if calib is not None else random_calibration(m, batch)
-        prep = prepare(m, data, CompileOptions(target=spec, precision=precision, batch=batch))
-        for t in tasks_from_graph(prep.int_graph, spec, model=Path(m).name):
-            if t.workload.key in merged:
-                merged[t.workload.key].layers += t.layers
-                merged[t.workload.key].uses += t.uses
-            else:
-                merged[t.workload.key] = t
+        prep = prepare(m, data, CompileOptions(target=spec, precision="int8", batch=batch))
+        for ig in _choice_graphs(prep, precision):
+            for t in tasks_from_graph(ig, spec, model=Path(m).name):
+                if t.workload.key in merged:
+                    merged[t.workload.key].layers += t.layers
+                    merged[t.workload.key].uses += t.uses
+                else:
+                    merged[t.workload.key] = t
         rep.stage(f"{m}: {len(merged)} distinct tunable kernel(s) so far")
     if not merged:
         raise ModelError("no tunable conv/dense kernels in " + ", ".join(models) +
