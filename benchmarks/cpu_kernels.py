@@ -19,7 +19,10 @@ script also measures the running clock (a chain of dependent 1-cycle adds, compi
 compiler when there is one) and the register-only ``vpdpbusd`` throughput (16 independent
 accumulators on every core: the real roofline).  The per-cycle rate is derived from those two.
 
-Prints a table and writes benchmarks/results/cpu_kernels.json.
+Prints a table and writes benchmarks/results/cpu_kernels.json.  Depthwise convs run both kernels,
+interleaved, bit-compared: the one the lowering takes on a VNNI CPU (``depthwise_conv2d_taps``,
+``vpdpbusd`` over kernel rows) and the int32-lane one (``depthwise_conv2d_nhwc``); ``--direct-only``
+runs just the peak and those (-> benchmarks/results/cpu_kernels_direct.json).
 
 ``--lowbit`` (issue 18) instead compares the low-bit backends of ``qcompiler/kernels/backends/``
 with the INT8 kernel of the same ISA, for every ISA the machine has (AVX-512 VNNI: the host's LLVM
@@ -87,9 +90,17 @@ BATCH_MATMULS = [  # name, batch, M, N, K, A dtype, B stored transposed ([batch,
     ("minilm seq128 Q.K^T 12x128x128x32", 12, 128, 128, 32, "int8", True),
     ("minilm seq128 P.V 12x128x32x128", 12, 128, 32, 128, "uint8", False),
 ]
-DIRECT = [  # name, kind, (N, H, W, C, OC, KH, KW, strides, pads, dilations, groups)
+DIRECT = [  # name, kind, (N, H, W, C, OC, KH, KW, strides, pads, dilations, groups)[, input dtype (uint8)]
     ("dw 112x112x32 3x3", "dw", (1, 112, 112, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32)),
+    ("dw 112x112x32 3x3/2 int8", "dw", (1, 112, 112, 32, 32, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 32), "int8"),
+    ("dw 112x112x64 3x3/2", "dw", (1, 112, 112, 64, 64, 3, 3, (2, 2), (0, 0, 1, 1), (1, 1), 64)),
+    ("dw 56x56x64 3x3 int8", "dw", (1, 56, 56, 64, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 64), "int8"),
+    ("dw 56x56x128 3x3", "dw", (1, 56, 56, 128, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 128)),
     ("dw 56x56x144 3x3/2", "dw", (1, 56, 56, 144, 144, 3, 3, (2, 2), (0, 0, 1, 1), (1, 1), 144)),
+    ("dw 56x56x256 3x3 int8", "dw", (1, 56, 56, 256, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 256), "int8"),
+    ("dw 56x56x256 3x3/2", "dw", (1, 56, 56, 256, 256, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 256)),
+    ("dw 28x28x72 3x3 (C % 16 = 8)", "dw", (1, 28, 28, 72, 72, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 72)),
+    ("dw 14x14x256 5x5", "dw", (1, 14, 14, 256, 256, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 256)),
     ("dw 14x14x960 5x5", "dw", (1, 14, 14, 960, 960, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 960)),
     ("grouped 56x56x128 g32 3x3 (ResNeXt)", "grp", (1, 56, 56, 128, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32)),
     ("grouped 56x56x64 g4 3x3", "grp", (1, 56, 56, 64, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4)),
@@ -273,23 +284,57 @@ def bench_convs(target, convs, repeats, mrm, rng, baseline):
 
 
 def bench_direct(target, cases, repeats, mrm, rng):
+    """Depthwise / grouped convs.  A depthwise case runs the kernel the lowering takes on this target
+    (``depthwise_conv2d_taps``: vpdpbusd over kernel rows) as "int8" and the int32-lane kernel
+    (``depthwise_conv2d_nhwc``, the one before; int16 inputs, a symbolic height / width and C % 8 != 0
+    still take it) as
+    "int8_lanes", interleaved (``repeats`` rounds of one ``time_evaluator`` each, so both see the same
+    load), with their outputs compared bit for bit."""
     rows = []
-    for name, kind, (N, H, W, C, OC, KH, KW, s, p, d, g) in cases:
-        t = time.perf_counter()
-        if kind == "dw":
-            func = cv.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, s, p, d, "uint8", "int8", -128, 127)
-            w = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
-        else:
-            func = cv.grouped_conv2d_nhwc(N, H, W, C, OC, KH, KW, s, p, d, g, "uint8", "int8", -128, 127)
-            w = rng.integers(-128, 128, (OC, C // g, KH, KW)).astype(np.int8)
-        gen_s = time.perf_counter() - t
-        lib, build_s = build(func, target)
+    for name, kind, (N, H, W, C, OC, KH, KW, s, p, d, g), *dt in cases:
+        a_dtype = dt[0] if dt else "uint8"
+        lo = -128 if a_dtype == "int8" else 0
+        x = rng.integers(lo, lo + 256, (N, H, W, C)).astype(a_dtype)
         OH, OW = cv._out_shape(H, W, KH, KW, s, p, d)
         bias, mult, shift = requant_args(rng, OC)
-        args = tensors(rng.integers(0, 256, (N, H, W, C)).astype(np.uint8), w, bias, mult, shift,
-                       np.zeros((N, OH, OW, OC), np.int8))
         ops = 2.0 * N * OH * OW * OC * (C // g) * KH * KW
-        rows.append({"name": name, "gen_s": gen_s, "build_s": build_s, "int8": time_lib(lib, args, ops, repeats, mrm)})
+        t = time.perf_counter()
+        peers = {}
+        if kind == "dw":
+            w = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
+            peers["int8_lanes"] = (cv.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, s, p, d, a_dtype, "int8", -128, 127),
+                                   [x, w, bias, mult, shift])
+            if cv.depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype, cv.VNNI):
+                w4, rc = cv.pack_depthwise_taps(w, bias, a_dtype == "int8", mult, shift)
+                peers["int8"] = (cv.depthwise_conv2d_taps(N, H, W, C, KH, KW, s, p, d, a_dtype, "int8", -128, 127),
+                                 [x, w4, rc, mult, shift])
+        else:
+            w = rng.integers(-128, 128, (OC, C // g, KH, KW)).astype(np.int8)
+            peers["int8"] = (cv.grouped_conv2d_nhwc(N, H, W, C, OC, KH, KW, s, p, d, g, a_dtype, "int8", -128, 127),
+                             [x, w, bias, mult, shift])
+        gen_s = time.perf_counter() - t
+        row = {"name": name, "a_dtype": a_dtype, "gen_s": gen_s, "build_s": 0.0}
+        evs, outs = {}, {}
+        for key, (func, arrays) in peers.items():
+            lib, b_s = build(func, target)
+            row["build_s"] += b_s
+            args = tensors(*arrays, np.zeros((N, OH, OW, OC), np.int8))
+            lib(*args)
+            outs[key] = args[-1].numpy()
+            ev = lib.time_evaluator(lib.entry_name if hasattr(lib, "entry_name") else "main", tvm.cpu(), number=1,
+                                    repeat=1, min_repeat_ms=mrm)
+            evs[key] = (ev, args, [])
+        for _ in range(repeats):
+            for ev, args, times in evs.values():
+                times.append(float(ev(*args).results[0]))
+        for key, (_, _, times) in evs.items():
+            row[key] = stats(times, ops)
+        if "int8" not in row:
+            row["int8"] = row["int8_lanes"]
+        if len(outs) == 2:
+            row["bit_equal"] = bool(np.array_equal(outs["int8"], outs["int8_lanes"]))
+            row["taps_over_lanes"] = row["int8"]["gops_median"] / row["int8_lanes"]["gops_median"]
+        rows.append(row)
     return rows
 
 
@@ -577,17 +622,22 @@ def main() -> None:
     ap.add_argument("--lowbit", action="store_true", help="W4A8 / W8A16 backends vs INT8, per ISA (issue 18)")
     ap.add_argument("--isa", action="append", choices=list(LOWBIT_ISAS), help="--lowbit: only this ISA")
     ap.add_argument("--rounds", type=int, default=7, help="--lowbit: interleaved timing rounds per peer")
+    ap.add_argument("--direct-only", action="store_true",
+                    help="only the peak and the depthwise / grouped convs (-> cpu_kernels_direct.json)")
     args = ap.parse_args()
     if args.lowbit:
         args.out = args.out or str(ROOT / "benchmarks" / "results" / "cpu_kernels_lowbit.json")
         return main_lowbit(args)
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / "cpu_kernels.json")
+    args.out = args.out or str(ROOT / "benchmarks" / "results" /
+                               ("cpu_kernels_direct.json" if args.direct_only else "cpu_kernels.json"))
     if not cv.host_has_vnni():
         sys.exit("this CPU has no AVX-512 VNNI: nothing to benchmark")
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     rng = np.random.default_rng(0)
     reps, mrm = (3, 50) if args.quick else (args.repeats, args.min_repeat_ms)
     gemms, convs, direct = (GEMMS[::4], CONVS[::4], DIRECT[::3]) if args.quick else (GEMMS, CONVS, DIRECT)
+    if args.direct_only:
+        gemms, convs = [], []
 
     load_start = os.getloadavg()
     baseline = numpy_baselines(gemms, convs, reps, mrm)
@@ -596,7 +646,7 @@ def main() -> None:
            "numpy": np.__version__, "target": str(target), "repeats": reps, "min_repeat_ms": mrm,
            "machine": mach, "gemm": bench_gemms(target, gemms, reps, mrm, rng, baseline),
            "conv": bench_convs(target, convs, reps, mrm, rng, baseline),
-           "batch_matmul": bench_batch_matmuls(target, BATCH_MATMULS, reps, mrm, rng),
+           "batch_matmul": [] if args.direct_only else bench_batch_matmuls(target, BATCH_MATMULS, reps, mrm, rng),
            "direct": bench_direct(target, direct, reps, mrm, rng)}
     # other work on this shared machine shows up as load: recorded so a noisy run can be recognized
     res["loadavg_1_5_15_start"], res["loadavg_1_5_15_end"] = load_start, os.getloadavg()
@@ -625,6 +675,13 @@ def main() -> None:
         k, g = r["kernel"], r["generic"]
         print(f"{r['name']:40s} {k['gops_median']:8.1f} [{k['gops_worst']:7.1f}..{k['gops_best']:7.1f}] "
               f"{g['gops_median']:17.2f} {k['gops_median'] / g['gops_median']:9.1f} {str(r['bit_equal']):>6s}")
+    print(f"\n{'depthwise: taps vs int32 lanes (interleaved)':40s} {'taps GOPS %peak':>16s} {'lanes GOPS %peak':>17s} "
+          f"{'x lanes':>8s} {'equal':>6s}")
+    for r in res["direct"]:
+        if "int8_lanes" in r and "taps_over_lanes" in r:
+            t, ln = r["int8"]["gops_median"], r["int8_lanes"]["gops_median"]
+            print(f"{r['name']:40s} {t:9.1f} {100 * t / peak:5.1f}% {ln:10.1f} {100 * ln / peak:5.1f}% "
+                  f"{r['taps_over_lanes']:8.2f} {str(r['bit_equal']):>6s}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

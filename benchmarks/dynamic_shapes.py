@@ -113,9 +113,11 @@ def main(argv=None) -> int:
     from qcompiler.tune.device import cpu_model_name, device_name
 
     rows = []
+    load = [os.getloadavg()[0]]  # the machine's load (shared hosts: timings scale with it)
     with tempfile.TemporaryDirectory() as d:
         for name in a.models.split(","):
             rows += bench(name, a.repeats, d)
+    load.append(os.getloadavg()[0])
     print(f"\n{'model':<11}{'shape':>10}{'dynamic':>9}{'static':>9}{'ORT fp32':>9}{'ORT int8':>9}   dyn/static  "
           "vs ORT int8  equal  compile s (dyn / static)")
     for r in rows:
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
               f"{r['dynamic_vs_ort_int8']:>10.2f}x  {str(r['dynamic_equals_static']):>5}  "
               f"{r['compile_s_dynamic']} / {r['compile_s_static']}")
     out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "device": device_name(parse_target("cpu")),
-           "threads": host_cores(),
+           "threads": host_cores(), "load_avg_1min_start_end": [round(x, 2) for x in load],
            "note": "median ms per call; static = a library compiled for that exact shape (the same calibration "
                    "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
                    "quantize_static QDQ (open-nsfw)", "results": rows}

@@ -58,8 +58,10 @@ class CompileOptions:
             if self.target.kind == "cpu" or self.target.arch == "sm_90":
                 raise TargetError(f"--precision int4 (4-bit weights and activations) needs native s4 tensor cores "
                                   f"and {where}; use --precision w4a8 (4-bit weights, 8-bit activations)")
-            raise TargetError(f"--precision int4 (W4A4) on {self.target.arch} is not available yet; use --precision w4a8 "
-                              "(4-bit weights, 8-bit activations)")
+            # the s4 kernels exist (qcompiler/kernels/backends/cuda_int4.py) but passes/quantize.py emits
+            # no 4-bit activation codes yet
+            raise TargetError(f"--precision int4 (W4A4) on {self.target.arch} is not available yet: the quantizer "
+                              "produces no 4-bit activations; use --precision w4a8 (4-bit weights, 8-bit activations)")
         if self.batch < 1:
             raise ModelError(f"batch must be >= 1, got {self.batch}")
         if self.method not in calibrate.METHODS:
@@ -264,9 +266,12 @@ def retrace(model_path: str | os.PathLike, prep: Prepared, opts: CompileOptions,
                             "cannot stay symbolic; fix them with --shape")
     fg = float_passes(fr.graph, opts.allow_float)
     fg, stats = smooth(fg, prep.calib_stats, opts.smooth)
-    # (not epilogue-fused: the kernels with symbolic extents take no fused epilogue; both forms are
-    # the same integer function, passes/fuse_epilogue.py)
-    return quantize(fg, stats, nonnegative(fg), prep.qcfg, fr.model)
+    ig = quantize(fg, stats, nonnegative(fg), prep.qcfg, fr.model)
+    if opts.fuse_epilogue:  # as prepare(): the dense kernels over a symbolic row count take the fused
+        from passes.fuse_epilogue import fuse_epilogue  # steps (cpu_vnni.dense; convs lower them apart)
+
+        ig = fuse_epilogue(ig)
+    return ig
 
 
 def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileOptions, sym_vars: list) -> Graph:

@@ -34,6 +34,17 @@ the kernels' TE compute calls the same helpers, :func:`w4_lo16` etc., and tensor
   <= 2^23; int32 sums wrap modulo 2^32 and are exact whenever the true sum is an int32 (the
   kernel contract).
 
+Lane-wise (no broadcast), for the depthwise kernel (``cpu_vnni.depthwise_conv2d_taps``):
+
+* ``avx512vnni_lanes``, L = 16, kp = 4: ``C[i] += sum_{k<4} byte_k(A[i]) * B[i, k]`` with A uint32[16]
+  (each word 4 unsigned bytes, little endian: :func:`word_byte`) and B int8[16, 4]: one ``vpdpbusd
+  zmm`` reading A as its 64 bytes.  Every lane has its own 4 activation bytes (4 kernel rows of one
+  channel), so the 16 lanes are 16 independent channels.  ``avx512vnni_lanes8``: the same on 8 lanes,
+  one ``vpdpbusd ymm`` (AVX512-VL), for channel counts that are multiples of 8 but not of 16.
+* ``avx2_lanes``, L = 8, kp = 2: ``C[i] += sum_{k<2} half_k(A[i]) * B[i, k]`` with A uint32[8] (each
+  word two int16, :func:`word_half`) and B int8[8, 2] sign-extended (``vpmovsxbw``): one ``vpmaddwd
+  ymm`` + ``vpaddd``.  Exact: |a| <= 255, |b| <= 128, a pair sums to at most 2 * 255 * 128.
+
 They are registered under names of our own (:data:`INTRIN`), from this module, so nothing here
 imports ``tvm.s_tir.tensor_intrin`` (whose ``__init__`` takes 30-40 s).  :func:`register` is
 idempotent and cheap after the first call.
@@ -46,7 +57,9 @@ from tvm.script import tirx as T
 
 INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2",
           "avx512vnni_w4": "qc_dot_16x8_u8i4i32_vnni", "avx2_w4": "qc_dot_8x32_u8i4i32_avx2",
-          "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2"}
+          "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2",
+          "avx512vnni_lanes": "qc_dot_16x4_u8wi8i32_vnni", "avx512vnni_lanes8": "qc_dot_8x4_u8wi8i32_vnni",
+          "avx2_lanes": "qc_dot_8x2_i16wi8i32_avx2"}
 from .backends.avx2_w4a8 import AVX2_W4_GROUPS  # noqa: E402  (G of ``avx2_w4``)
 
 
@@ -267,6 +280,106 @@ def _dot_8x2_a16_avx2_impl(
         )
 
 
+def word_half(a, k):
+    """Half ``k`` (0 = least significant) of the uint32 word ``a``, as a signed int16 value in int32."""
+    return T.Cast("int32", T.Cast("int16", (a >> T.Cast("uint32", k * 16)) & T.uint32(65535)))
+
+
+def word_byte(a, k):
+    """Byte ``k`` (0 = least significant) of the uint32 word ``a``, as int32 (the unsigned operand)."""
+    return T.Cast("int32", (a >> T.Cast("uint32", k * 8)) & T.uint32(255))
+
+
+def _dot_lanes_desc_of(L: int):
+    """C[i] += sum_{k<4} byte_k(A[i]) * B[i, k] on ``L`` lanes (the lane-wise VNNI intrinsics)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((L,), "uint32", offset_factor=1),
+        B: T.Buffer((L, 4), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:L], B[0:L, 0:4])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + word_byte(A[vi], vk) * T.Cast("int32", B[vi, vk])
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _dot_lanes8_vnni_impl(
+    A: T.Buffer((8,), "uint32", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8], B[0:8, 0:4])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+            C.vload([0], dtype="int32x8"),
+            T.reinterpret(A.vload([0], dtype="uint32x8"), dtype="int8x32"),
+            B.vload([0, 0], dtype="int8x32"),
+            dtype="int32x8",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_lanes_vnni_impl(
+    A: T.Buffer((16,), "uint32", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(A.vload([0], dtype="uint32x16"), dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_lanes_avx2_desc(
+    A: T.Buffer((8,), "uint32", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + word_half(A[vi], vk) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _dot_lanes_avx2_impl(
+    A: T.Buffer((8,), "uint32", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8], B[0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(A.vload([0], dtype="uint32x8"), dtype="int16x16"),
+            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
+            dtype="int32x8",
+        )
+
+
 _DEFS = {
     "avx512vnni": (lambda: _dot_desc(16, 4), _dot_16x4_vnni_impl),
     "avx2": (lambda: _dot_desc(8, 2), _dot_8x2_avx2_impl),
@@ -274,6 +387,9 @@ _DEFS = {
     "avx2_w4": (lambda: _w4_desc(8, AVX2_W4_GROUPS, w4_lo_b, w4_hi_b), _dot_8x32_w4_avx2_impl),
     "avx512vnni_a16": (lambda: _dot_desc(16, 2, "int16"), _dot_16x2_a16_vnni_impl),
     "avx2_a16": (lambda: _dot_desc(8, 2, "int16"), _dot_8x2_a16_avx2_impl),
+    "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl),
+    "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes8_vnni_impl),
+    "avx2_lanes": (lambda: _dot_lanes_avx2_desc, _dot_lanes_avx2_impl),
 }
 
 

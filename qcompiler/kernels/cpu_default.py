@@ -225,6 +225,7 @@ def schedule_cpu_default_report(
     options = options or CPUScheduleOptions.for_target(target)
     applied, skipped, failed, warnings, notes = [], [], [], [], []
     updates = {}
+    bounds = _upper_bounds(mod)
     for gvar, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -232,7 +233,8 @@ def schedule_cpu_default_report(
         if is_scheduled(func) or not _is_s_tir(func):
             skipped.append(name)
             continue
-        new_func, rule, func_warnings = _schedule_func(name, func, options, target)
+        branched = _size_branch(name, func, options, target, bounds) if bounds else None
+        new_func, rule, func_warnings = branched or _schedule_func(name, func, options, target)
         warnings.extend(func_warnings)
         if rule is not None and rule.endswith(".novector"):
             notes.append(f"{name}: TVM would scalarize its vector loop; left to LLVM ({rule})")
@@ -257,6 +259,75 @@ def schedule_cpu_default_report(
         warnings=tuple(warnings),
         notes=tuple(notes),
     )
+
+
+def _upper_bounds(mod: IRModule) -> dict[str, int]:
+    """Symbolic dim name -> its largest size, from the Relax functions' ``tir_var_upper_bound``
+    (a library with symbolic dims, qcompiler/lowering/relax_lower.py)."""
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    out: dict[str, int] = {}
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function) and f.attrs is not None and "tir_var_upper_bound" in f.attrs:
+            out.update({str(k): int(v) for k, v in f.attrs["tir_var_upper_bound"].items()})
+    return out
+
+
+def _size_branch(name, func, options, target, bounds: dict):
+    """A function over symbolic dims, scheduled for its whole range (qcompiler/symbolic.py).
+
+    Its blocks' serial / parallel choices depend on their work, which the schedule judges at the
+    dims' representative sizes (``_rep_work``): one choice for every size of the range, a parallel
+    launch per call at the small sizes (several us: more than a small kernel) or serial loops at
+    the large ones (half the speed on 2 cores).  When its largest buffer (the output, or a
+    reduction's input) holds at least ``16 * min_parallel_work`` elements at the range's largest
+    sizes, the function is scheduled at the smallest sizes (every dim 1: serial) and at the
+    largest, and if the two differ they are
+    joined under a run-time test of that buffer's size against that threshold
+    (``kernels/branch.py``): a static kernel of each size would have
+    made the same choice (``_schedule_symbolic``).  Both bodies compute the same function.
+    Returns (function, rule, warnings) as ``_schedule_func``, or None where this does not apply.
+    """
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+    from tvm.tirx.analysis import undefined_vars  # pylint: disable=import-outside-toplevel
+
+    from qcompiler.tune.workload import REP_ROWS, rows_at, rows_bucket  # pylint: disable=import-outside-toplevel
+
+    if relax.analysis.has_reshape_pattern(func):
+        return None  # (a reshape becomes a view, RewriteDataflowReshape: it must stay recognizable)
+    threshold = options.min_parallel_work * 16
+    size, hi = None, -1  # the largest buffer's elements (a reduction's input, else the output), symbolic
+    for p in func.params:
+        shape = list(getattr(p.ty, "shape", None) or [])
+        free = {v.name for d in shape if not isinstance(d, tirx.IntImm) for v in undefined_vars(d)}
+        if not free:
+            continue
+        if not free <= set(bounds):
+            return None
+        n = tirx.const(1, "int64")
+        for d in shape:
+            n = n * tirx.Cast("int64", d)
+        n = tvm.sym.Analyzer().simplify(n)
+        try:
+            with rows_at({**REP_ROWS, **bounds}):
+                at_hi = rows_bucket(n)
+        except (ValueError, TypeError):
+            return None
+        if at_hi > hi:
+            size, hi = n, at_hi
+    if size is None or hi < threshold:
+        return None
+    with rows_at({**REP_ROWS, **{k: 1 for k in bounds}}):
+        small, rule_s, _ = _schedule_func(name, func, options, target)
+    with rows_at({**REP_ROWS, **bounds}):
+        large, rule_l, warn_l = _schedule_func(name, func, options, target)
+    if rule_s is None or rule_l is None:
+        return None
+    if tvm_ffi.structural_equal(small, large):
+        return large, rule_l, warn_l
+    from .branch import join_schedules  # pylint: disable=import-outside-toplevel
+
+    return join_schedules(size < tirx.const(threshold, "int64"), small, large), rule_l, warn_l
 
 
 @tvm.transform.module_pass(opt_level=0, name="qc.CPUDefaultSchedule")
@@ -803,6 +874,21 @@ def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
     kinds = [k for _, k in _loop_iter_map(sch, block_rv, loops)]
     work = _rep_work(sch, loops)
     elementwise = len(kinds) == len(loops) and all(k == tirx.IterVar.DataPar for k in kinds)
+    n_sp = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar), len(kinds))
+    if (not elementwise and 0 < n_sp < len(loops) and len(kinds) == len(loops)
+            and all(k == tirx.IterVar.CommReduce for k in kinds[n_sp:])
+            and any(_int_extent(sch, lp) is None for lp in loops[n_sp:])
+            and options is not None and work is not None and work >= options.min_parallel_work * 16):
+        # a reduction along a symbolic axis (a softmax row's max / sum over the sequence): its
+        # spatial loops in parallel, the reduction inside each, its innermost loop to LLVM (a
+        # pooling window, a short static reduction, stays serial: see above)
+        _mark(sch, loops[-1], "llvm_vectorize")
+        lead = loops[:n_sp]
+        try:
+            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+        except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
+            _mark(sch, lead[0], "serial")
+        return
     if (not elementwise or len(loops) < 2
             or (options is not None and work is not None and work < options.min_parallel_work * 16)):
         _mark(sch, loops[0], "serial")

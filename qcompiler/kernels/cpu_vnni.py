@@ -57,8 +57,14 @@ Schedules (no search at compile time; ``VnniConfig`` holds the tunable parameter
     the parallel tile loop; B is packed to the VNNI layout inside the kernel, and for int8 A the
     +128 offset is taken back through column sums of B computed in the kernel (a one-row vpdpbusd
     GEMM) that initialize the accumulators (no bias; one mult / shift for the tensor).
-  * depthwise: direct convolution, int32 accumulators vectorized over channels, a register tile of
-    output columns x channels, parallel over (n, oh).
+  * depthwise (``depthwise_conv2d_taps``: int8 / uint8 input, static height / width, C a multiple
+    of 8): ``vpdpbusd`` with its 4-byte dot products over kernel rows (a per-output-row buffer of the
+    input rows interleaved byte-wise, weights ``[G, KW, C, 4]``), 16 (or 8) channels per
+    instruction, a register tile of output columns, the requantization with the bias folded into
+    its rounding term, parallel over (n, oh); on AVX2 the same with int16 row pairs and
+    ``vpmaddwd``.  Otherwise (int16 input, a symbolic height / width, other C;
+    ``depthwise_conv2d_nhwc``): direct convolution, int32 accumulators vectorized over channels, a
+    register tile of output columns x channels, parallel over (n, oh).
   * grouped: direct convolution vectorized over the output channels of a group (weights transposed
     in the kernel), parallel over (n, oh).
 The direct convolutions (and their input copies and weight transposes), B packing and column sums
@@ -423,14 +429,20 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), (col,) when mr == 1, () for 1 x 1
     if len(inner) == 2 and int(sch.get(inner[-1]).extent) % L == 0:
         oc0, oc1 = sch.split(inner[-1], [None, L])
-        sch.reorder(oc0, inner[0], oc1)
+        # a symbolic row count (``_dense``) leaves the rows' predicate (row < M) in a form reorder
+        # rejects (no affine binding): the rows stay outside
+        if all(isinstance(iv.dom.extent, tirx.IntImm) for iv in sch.get(out).iter_vars):
+            sch.reorder(oc0, inner[0], oc1)
         sch.vectorize(oc1)
     elif inner:
         _vectorize_inner(sch, inner[-1], L)
     if prep_vec_dims is not None:
         pl = sch.get_loops(sch.get_sblock("prep"))
         par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
-        if cfg.parallel:
+        # a symbolic inner extent (a depth over a symbolic dim, qcompiler/symbolic.py) is left to LLVM's
+        # loop vectorizer, which needs the buffers' noalias facts that TVM's parallel closure drops
+        # (the attention P.V prep at sequence 512: 3.3 ms in parallel on one thread, 0.7 ms serial)
+        if cfg.parallel and all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in pl[len(pl) - prep_vec_dims:]):
             sch.parallel(par)
         vec = sch.fuse(*pl[len(pl) - prep_vec_dims:]) if prep_vec_dims > 1 else pl[-1]
         _vectorize_inner(sch, vec, isa.vbytes)
@@ -505,27 +517,46 @@ def _gemm_sum(isa: Isa, a_at, Wp, j, red: list, kofs):
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
           config: VnniConfig | None = None, isa: Isa = VNNI, post: Post | None = None) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out); with a fused
-    ``post`` (A, Wp, bias_eff, mult, shift, *extras [M, N], consts, Out)."""
+    ``post`` (A, Wp, bias_eff, mult, shift, *extras [M, N], consts, Out).
+
+    A symbolic ``M`` (qcompiler/symbolic.py: a TIR expression) gives a kernel over any row count,
+    bound from A's shape at the call: ``config`` (default: at the representative size,
+    ``tune/workload.rows_bucket``) for large M, a serial variant for the row counts whose GEMM costs
+    under :data:`SERIAL_CYCLES`."""
     _check_io(a_dtype, out_dtype, lo, hi, isa)
     if isa.a_operand == "uint8":
         _check_k(K, "dense")
-    sym = not isinstance(M, (int, np.integer))  # a symbolic row count (qcompiler/symbolic.py): see below
-    if config is None:
+    if not isinstance(M, (int, np.integer)):
         from qcompiler.tune.workload import rows_bucket
 
-        config = default_config(rows_bucket(M), N, K, isa=isa)  # symbolic M: at its representative size
-    cfg = config
+        cfg = config or default_config(rows_bucket(M), N, K, isa=isa)
+        key = (N, K, a_dtype, out_dtype, int(lo), int(hi), cfg, isa.name, isa.w_bits, isa.a_operand)
+        if post is None and key in _SYM_CACHE:  # the same kernel for every layer of this shape
+            return _SYM_CACHE[key]
+        Mv = tirx.Var("M", "int32")  # the kernel's own variable (int32 like the static loops)
+        f = _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, cfg, isa, post,
+                   _serial_rows(lambda m: gemm_cycles(m, N, K, isa=isa)) if cfg.parallel else 0)
+        if post is None:
+            if len(_SYM_CACHE) >= 256:
+                _SYM_CACHE.clear()
+            _SYM_CACHE[key] = f
+        return f
+    return _dense(int(M), N, K, a_dtype, out_dtype, lo, hi, config or default_config(M, N, K, isa=isa), isa, post)
+
+
+def _dense(M, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int, cfg: VnniConfig, isa: Isa,
+           post: Post | None, serial_rows: int = 0) -> tirx.PrimFunc:
+    """``dense`` with ``M`` an int or an int32 variable (the GEMM then runs over ceil(M / mr) whole row
+    tiles, the last one reading the clamped last row; only the M valid rows are stored); with
+    ``serial_rows`` > 0 serial up to that many rows (``_par_branch``)."""
     L, kp = isa.lanes, isa.kpack
     nb = _ceil(N, L)
     _check_tile(cfg, isa, nb, "dense")
     offset = isa.a_operand == "uint8" and a_dtype == "int8"
     kr = max(4, kp)
-    if sym and post is not None:
-        raise ValueError("a fused epilogue with a symbolic row count")
-    Mt = tirx.Var("Mt", "int32") if sym else None  # int32 like the static loops (a blockizable binding)
-    if sym:
-        M = tirx.Var("M", "int64")  # the kernel's own variable, bound from A's shape at the call
-    Kp, Np, Mp = _ceil(K, kr) * kr, nb * L, (Mt * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr)
+    sym = not isinstance(M, int)
+    Kp, Np = _ceil(K, kr) * kr, nb * L
+    Mp = tirx.floordiv(M + (cfg.mr - 1), cfg.mr) * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((M, K), a_dtype, name="A")
     wshape, wdt = _wp_shape(N, Kp, isa)
     Wp = te.placeholder(wshape, wdt, name="Wp")
@@ -546,15 +577,48 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
     C = te.compute((Mp, Np), lambda i, j: _gemm_sum(isa, lambda k: Ap[row(i), k], Wp, j, red, lambda b: b),
                    name="gemm")
     extras, consts = _post_args(post, (M, N))
-    # symbolic M: the kernel writes whole row tiles, Out[Mt * mr, N] (Mt = ceil(M / mr), an int32
-    # argument before the output, which Relax's call_tir passes as a PrimValue); the caller keeps M rows
-    out = _epilogue((Mp if sym else M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j),
+    out = _epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j),
                     isa.acc_shift, post, (extras, consts))
-    sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, *_post_list(extras, consts),
-                                        *([Mt] if sym else []), out]))
-    _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=1 if has_prep else None, isa=isa)
-    f = _finish(sch)
-    return f.with_attr("qc.row_tile", cfg.mr) if sym else f
+    func = te.create_prim_func([A, Wp, bias, mult, shift, *_post_list(extras, consts), out])
+
+    def schedule(c):
+        sch = Schedule(func)
+        _schedule_gemm(sch, c, n_red=len(red), prep_vec_dims=1 if has_prep else None, isa=isa)
+        return _finish(sch)
+
+    if serial_rows > 0:
+        return _par_branch(schedule, cfg, M <= serial_rows).with_attr("qc.rows_serial_max", int(serial_rows))
+    return schedule(cfg)
+
+
+_SYM_CACHE: dict = {}  # dense over a symbolic M without epilogue, by its parameters (PrimFuncs are immutable)
+
+
+def _serial_rows(cycles, limit: int = 1 << 20) -> int:
+    """The largest row count m whose GEMM costs under :data:`SERIAL_CYCLES` (``cycles(m)``, single
+    core, non-decreasing in m up to the tile rounding); 0 when even one row does not."""
+    if cycles(1) >= SERIAL_CYCLES:
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cycles(mid) < SERIAL_CYCLES else (lo, mid - 1)
+    return lo
+
+
+def _par_branch(schedule, cfg: VnniConfig, serial) -> tirx.PrimFunc:
+    """One GEMM kernel over symbolic dims, serial where ``serial`` (an expression of its size variables)
+    holds, else with ``cfg``.
+
+    A parallel ``cfg`` costs a thread-pool launch per call (~3-10 us on the 2-core hosts,
+    docs/design.md §5), more than the whole GEMM at a few rows, which a static kernel of that size
+    avoids (``default_config``: serial under SERIAL_CYCLES).  ``schedule(config)`` schedules the one
+    unscheduled function with a config; the kernel runs ``schedule(cfg serial)``'s loop nest when
+    ``serial`` holds, else ``schedule(cfg)``'s: the same tiles, buffers and arithmetic, so the result
+    does not depend on the branch (``kernels/branch.py``)."""
+    from .branch import join_schedules
+
+    return join_schedules(serial, schedule(dataclasses.replace(cfg, parallel=False)), schedule(cfg))
 
 
 def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
@@ -566,31 +630,42 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     with a fused ``post`` (X, Wp, bias_eff, mult, shift, *extras [N,OH,OW,OC], consts, Out).
     """
     _check_io(a_dtype, out_dtype, lo, hi, isa)
-    # symbolic N / H / W (qcompiler/symbolic.py): whole row tiles, as dense() (below)
-    sym = not all(isinstance(d, (int, np.integer)) for d in (N, H, W))
-    if sym and post is not None:
+    Kp = KH * KW * _ceil(C, isa.kround) * isa.kround
+    if isa.a_operand == "uint8":
+        _check_k(Kp, "conv2d_nhwc")
+    if all(isinstance(d, (int, np.integer)) for d in (N, H, W)):
+        return _conv2d(int(N), int(H), int(W), C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
+                       config, isa, post)
+    # symbolic N / H / W (qcompiler/symbolic.py): the kernel's own variables, bound from X's shape at the
+    # call; whole row tiles, their count Mt an int32 argument after the tensors, Out[Mt * mr, OC] (the
+    # rows of (n, oh, ow)); the caller keeps N * OH * OW of them (lowering/gemm.py ``qc.row_tile``)
+    if post is not None:
         raise ValueError("a fused epilogue with symbolic dims")
-    if sym and config is None:
-        from qcompiler.tune.workload import rows_bucket
+    from qcompiler.tune.workload import rows_bucket
 
+    if config is None:
         rep = [rows_bucket(d) for d in (N, H, W)]
         _, _, _, _, _, _, rOH, rOW, _, _ = _conv_geometry(rep[1], rep[2], KH, KW, strides, pads, dilations)
-        config = default_config(rep[0] * rOH * rOW, OC, _ceil(C, isa.kround) * isa.kround * KH * KW, isa=isa)
-    if sym:  # the kernel's own variables, bound from X's shape at the call
-        N, H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64")
-                   for d, nm in ((N, "N"), (H, "H"), (W, "W")))
+        config = default_config(rep[0] * rOH * rOW, OC, Kp, isa=isa)
+    N, H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64")
+               for d, nm in ((N, "N"), (H, "H"), (W, "W")))
+    return _conv2d(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config, isa, None)
+
+
+def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations, a_dtype: str, out_dtype: str,
+            lo: int, hi: int, config: VnniConfig | None, isa: Isa, post: Post | None) -> tirx.PrimFunc:
+    """``conv2d_nhwc`` with N / H / W ints or int64 variables (then whole row tiles: ``conv2d_nhwc``)."""
+    sym = not all(isinstance(d, int) for d in (N, H, W))
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     Cp = _ceil(C, isa.kround) * isa.kround
     Kp = KH * KW * Cp
-    if isa.a_operand == "uint8":
-        _check_k(Kp, "conv2d_nhwc")
     M = N * OH * OW
     cfg = config or default_config(M, OC, Kp, isa=isa)
     L, kp = isa.lanes, isa.kpack
     nb = _ceil(OC, L)
     _check_tile(cfg, isa, nb, "conv2d_nhwc")
     offset = isa.a_operand == "uint8" and a_dtype == "int8"
-    Mt = tirx.Var("Mt", "int32") if sym else None
+    Mt = tirx.Var("Mt", "int32") if sym else None  # int32 like the static loops (a blockizable binding)
     Mp = Mt * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
     wshape, wdt = _wp_shape(OC, Kp, isa)
@@ -662,9 +737,10 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
     if b_dtype != "int8":
         raise ValueError(f"batch_matmul: the VNNI kernel needs an int8 right operand, got {b_dtype}")
     # symbolic dims (qcompiler/symbolic.py): int32 variables of the kernel's own, bound from the
-    # operands' shapes; a symbolic M / N / K is processed in whole tiles whose counts Mt / Nt / Kt are
-    # int32 arguments after the tensors (``sym_tiles``); the output then has Mt*mr rows and Nt*nr*L
-    # columns, of which the caller keeps M x N (lowering/gemm_cpu.py)
+    # operands' shapes; a symbolic M / N / K is processed in whole tiles (Mt = ceil(M / mr), Nt =
+    # ceil(N / (nr L)), Kt = ceil(K / 4), computed in the kernel); the M valid rows are stored (the
+    # last tile's extra rows read the clamped last row), a symbolic N is stored padded to Nt*nr*L
+    # columns (``sym_tiles``: the caller keeps N; a predicated column store would not vectorize)
     dyn = {d: not isinstance(v, (int, np.integer)) for d, v in (("batch", batch), ("M", M), ("N", N), ("K", K))}
     if any(dyn.values()):
         from qcompiler.tune.workload import rows_bucket
@@ -681,8 +757,24 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
         if min(batch, M, N, K) < 1:
             raise ValueError(f"batch_matmul: empty problem {batch}x{M}x{N}x{K}")
     cfg = config or default_config(M, N, K, batch, isa=isa)
+    if not any(dyn.values()):
+        return _batch_matmul(batch, M, N, K, a_dtype, out_dtype, lo, hi, cfg, b_trans, isa, dyn)
+    # the serial / parallel run-time branch of ``_par_branch``, on the multiply-accumulates: serial up to
+    # those of the largest row count whose GEMM (at the other dims' representative sizes) costs under
+    # SERIAL_CYCLES; both variants with one tile, so one output shape
+    m_s = _serial_rows(lambda m: gemm_cycles(m, rep[1], rep[2], rep[3], isa=isa))
+    return _batch_matmul(batch, M, N, K, a_dtype, out_dtype, lo, hi, dataclasses.replace(cfg, parallel=True), b_trans,
+                         isa, dyn, m_s * rep[1] * rep[2] * rep[3])
+
+
+def _batch_matmul(batch, M, N, K, a_dtype: str, out_dtype: str, lo: int, hi: int, cfg: VnniConfig, b_trans: bool,
+                  isa: Isa, dyn: dict, serial_macs: int = 0) -> tirx.PrimFunc:
+    """``batch_matmul`` with its dims ints or (``dyn``) int32 variables, with one config; with
+    ``serial_macs`` > 0 serial up to that many multiply-accumulates (``_par_branch``)."""
     L, kp = isa.lanes, isa.kpack
-    tiles = {d: tirx.Var(f"{d}t", "int32") for d in ("M", "N", "K") if dyn[d]}
+    step = {"M": cfg.mr, "N": cfg.nr * L, "K": 4}
+    tiles = {d: tirx.floordiv({"M": M, "N": N, "K": K}[d] + (step[d] - 1), step[d])
+             for d in ("M", "N", "K") if dyn[d]}
     nb = tiles["N"] * cfg.nr if dyn["N"] else _ceil(N, L)
     if not dyn["N"]:
         _check_tile(cfg, isa, nb, "batch_matmul")
@@ -722,22 +814,31 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str, b_dtype: str 
         init=cs[b, j] if signed else None), name="gemm")
     # (create_prim_func drops that init but keeps "colsum" in the function; _with_init sets -cs)
     # mult through int32 (|mult| < 2^31, the contract): a 32 x 32 -> 64-bit multiply (vpmuldq)
-    oshape = (batch, Mp if dyn["M"] else M, nb * L if dyn["N"] else N)
+    oshape = (batch, M, nb * L if dyn["N"] else N)
     out = te.compute(oshape, lambda b, i, j: _requant(
         C[b, i, j].astype("int64"), mult[0].astype("int32").astype("int64"), shift[0], lo, hi, out_dtype),
         name="out")
-    func = te.create_prim_func([A, B, mult, shift, *tiles.values(), out])
+    func = te.create_prim_func([A, B, mult, shift, out])
     if signed:
         func = _with_init(func, "gemm", "colsum")
-    sch = Schedule(func)
-    _schedule_bpack(sch)
-    if signed:
-        _schedule_colsum(sch, isa)
-    _schedule_gemm(sch, cfg, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1, isa=isa)
-    f = _finish(sch)
-    if tiles:  # the tile of each symbolic dim, in argument order (lowering/gemm_cpu.py)
-        size = {"M": cfg.mr, "N": cfg.nr * L, "K": 4}
-        f = f.with_attr("qc.sym_tiles", [[d, size[d]] for d in tiles])
+
+    def schedule(c):
+        sch = Schedule(func)
+        _schedule_bpack(sch)
+        if signed:
+            _schedule_colsum(sch, isa)
+        _schedule_gemm(sch, c, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1, isa=isa)
+        return _finish(sch)
+
+    if serial_macs > 0:
+        macs = tirx.const(1, "int64")
+        for d in (batch, M, N, K):
+            macs = macs * (tirx.Cast("int64", d) if not isinstance(d, int) else tirx.const(d, "int64"))
+        f = _par_branch(schedule, cfg, macs <= tirx.const(serial_macs, "int64"))
+    else:
+        f = schedule(cfg)
+    if dyn["N"]:  # the output's columns in whole tiles of this size (lowering/gemm_cpu.py keeps N)
+        f = f.with_attr("qc.sym_tiles", [["N", step["N"]]])
     return f
 
 
@@ -928,6 +1029,213 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     _schedule_direct(sch, n_red=2, tw=tw, vec=vec, has_prep=not in_place, parallel=par)
     f = _finish(sch)
     return f.with_attr("qc.col_tile", tw) if sym_hw else f
+
+
+DW_LANES = 16  # channels per vpdpbusd zmm of the tap-interleaved depthwise kernel (8: ymm, vpmaddwd on AVX2)
+
+
+def _taps_isa(isa: Isa, C: int) -> tuple[int, int, int, str]:
+    """(kernel rows per 32-bit word P, channel lanes L, bits per row, intrinsic) of the depthwise
+    kernel on ``isa`` for C channels: VNNI 4 bytes (``vpdpbusd``, u8 x s8) on 16 lanes, or 8 (ymm)
+    when C is a multiple of 8 but not of 16; AVX2 2 int16 (``vpmaddwd``, s16 x s16) on 8 lanes.  C
+    must be a multiple of L (``depthwise_taps_ok``; other channel counts take depthwise_conv2d_nhwc)."""
+    if isa.name == VNNI.name:
+        P, L, bits, intrin = (4, DW_LANES, 8, "avx512vnni_lanes") if C % DW_LANES == 0 else \
+            (4, 8, 8, "avx512vnni_lanes8")
+    elif isa.name == AVX2.name:
+        P, L, bits, intrin = 2, 8, 16, "avx2_lanes"
+    else:
+        raise ValueError(f"depthwise_conv2d_taps: no kernel for {isa.name}")
+    if C % L:
+        raise ValueError(f"depthwise_conv2d_taps: {C} channels are not a multiple of {L}")
+    return P, L, bits, intrin
+
+
+def folded_round(bias: np.ndarray, mult: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """rc = bias * mult + 2^(shift-1) (int64, computed at compile time), the bias and rounding term of
+    :func:`_requant_folded`; ``bias`` unwrapped (int64: an offset-corrected depthwise bias is below
+    2^31 + 128 * 128 * KH*KW <= 2^31 + 2^26 for KH*KW <= MAX_K / 16, so |rc| < 2^62.1 + 2^61 < 2^63)."""
+    b, m, s = (np.asarray(a, np.int64) for a in (bias, mult, shift))
+    return b * m + (np.int64(1) << (s - 1))
+
+
+def _requant_folded(acc32, rc, mult, shift, lo: int, hi: int, out_dtype: str, post=None, at=None):
+    """:func:`_requant` of ``acc32 + bias`` with the bias folded into the rounding term ``rc`` of
+    :func:`folded_round` (passed as an argument: the simplifier would factor ``acc*m + bias*m`` back):
+
+        (acc + bias) * mult + 2^(shift-1) = acc * mult + (bias * mult + 2^(shift-1))
+
+    exact in int64: both terms fit (|acc * mult| < 2^62, rc above) and their sum is the contract's
+    ``(acc + bias) * mult + 2^(shift-1)``, an int64 (int64 addition is exact modulo 2^64).  Each output
+    costs one multiply of sign-extended int32 values (``vpmuldq``; ``mult`` read as its int32 value,
+    which it is: |mult| < 2^31) and one add.  The tail (clip, ``post``) is :func:`_requant`'s."""
+    t = (acc32.astype("int64") * mult.astype("int32").astype("int64") + rc) >> shift
+    t = tirx.max(tirx.min(t, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
+    if post is None:
+        return t.astype(out_dtype)
+    extras, consts, i = at
+    return post(t, [e[tuple(i)].astype("int64") for e in extras], lambda k: consts[k]).astype(post.out_dtype)
+
+
+def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_signed: bool, mult: np.ndarray,
+                        shift: np.ndarray, isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
+    """wd int8 [KH, KW, C] -> (W4 int8 [G, KW, C, P], rc int64 [C]) for :func:`depthwise_conv2d_taps`.
+
+    ``W4[g, kw, c, j] = wd[P*g + j, kw, c]`` (0 for P*g + j >= KH), G = ceil(KH / P) (VNNI: P = 4;
+    AVX2: P = 2, ``_taps_isa``): the P products a lane sums are P kernel rows of one channel.
+    ``rc = folded_round(bias_eff, mult, shift)`` with ``bias_eff = bias - 128 * sum_{kh,kw} wd[kh, kw, c]``
+    for int8 inputs on VNNI (the +128 offset, module docstring; AVX2 multiplies int16 as they are), in
+    int64.
+    """
+    _check_weight(wd, 3, "pack_depthwise_taps")
+    KH, KW, C = wd.shape
+    P = _taps_isa(isa, C)[0]
+    G = _ceil(KH, P)
+    w4 = np.zeros((G * P, KW, C), np.int8)
+    w4[:KH] = wd
+    w4 = np.ascontiguousarray(w4.reshape(G, P, KW, C).transpose(0, 2, 3, 1))
+    b = np.zeros(C, np.int64) if bias is None else np.asarray(bias, np.int64)
+    if a_signed and P == 4:
+        b = b - 128 * wd.astype(np.int64).sum(axis=(0, 1))
+    return w4, folded_round(b, mult, shift)
+
+
+def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool:
+    """Whether :func:`depthwise_conv2d_taps` takes the layer: static H, W, C (N may be symbolic), int8 /
+    uint8 input, a VNNI or AVX2 target, C a multiple of 8 (a ragged channel tail would need masked or
+    gathered loads: the int32-lane kernel is faster there), at least 2 kernel rows (one row would
+    leave the other products of a lane idle) and KH * KW <= MAX_K / 16 (the offset accumulator
+    bound: |acc| <= KH*KW*255*128)."""
+    static = all(isinstance(d, (int, np.integer)) for d in (H, W, C))
+    return (static and isa is not None and isa.name in (VNNI.name, AVX2.name) and a_dtype in ACT_DTYPES
+            and int(C) % 8 == 0 and KH >= 2 and KH * KW * 16 <= MAX_K)
+
+
+def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
+                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None,
+                          tw: int | None = None, isa: Isa = VNNI) -> tirx.PrimFunc:
+    """Depthwise conv on ``vpdpbusd`` with the 4-byte dot products over kernel rows (AVX-512 VNNI), or
+    on ``vpmaddwd`` with its int16 pairs over kernel rows (``isa=AVX2``).
+
+    args (X[N,H,W,C] int8/uint8, W4 int8 [G, KW, C, P] and rc int64 [C] of :func:`pack_depthwise_taps`,
+    mult int64[C], shift int64[C], [post's extras, consts], Out[N,OH,OW,C]).
+
+    For each output row (n, oh) (the parallel loop) a row-band buffer of uint32 words holds the
+    input rows that row reads, interleaved by kernel row (little endian, byte j of the word):
+
+        X4[g, w, c] byte j = u8(Xp[n, oh*sh + (4g + j)*dh, w, c])     (0 for 4g + j >= KH)
+
+    with ``Xp`` the zero-padded input in padded coordinates and u8 the ``vpdpbusd`` operand (x + 128
+    for int8: padding is the byte 128, the real value 0; x for uint8).  Then, 16 channels per lane
+    vector, one ``vpdpbusd`` per (g, kw) and output column (a 3x3 kernel: 3 instructions per 16
+    outputs, 9 of their 12 byte products useful):
+
+        acc[ow, c] = sum_{g, kw} sum_{j<4} byte_j(X4[g, ow*sw + kw*dw, c]) * W4[g, kw, c, j]
+                   = sum_{kh, kw} u8(Xp[...]) * wd[kh, kw, c]
+
+    and ``acc + bias_eff`` is the true accumulator (the offset taken back as in the GEMMs; exact in
+    int32 for KH*KW*255*128 < 2^31).  The buffer costs one 64-byte store per 16 channels and padded
+    input column per output row (~1 per 16 outputs at stride 1), built from 16-byte row loads
+    zero-extended to words, shifted and or-ed (vectorized over channels).  The epilogue (bias,
+    requantization, clip, fused ``post``) runs on each finished ``tw x 16`` tile.  C a multiple of 16
+    (of 8: ``vpdpbusd ymm``, 8 channels per instruction), static H, W, C (``depthwise_taps_ok``); a
+    symbolic batch N (qcompiler/symbolic.py) is the kernel's own variable, bound from X's shape.
+
+    AVX2 (no VNNI): the same with P = 2 kernel rows per word as two int16 (the input sign- or
+    zero-extended, no offset: ``vpmaddwd`` multiplies signed int16, padding is 0), 8 channels per
+    ``vpmaddwd`` + ``vpaddd``, G = ceil(KH / 2) groups (a 3x3 kernel: 6 of each per 8 outputs,
+    9 of 12 products useful), against 9 ``vpmulld`` + 9 ``vpaddd`` of the int32-lane kernel.
+    """
+    _check_io(a_dtype, out_dtype, lo, hi)
+    if not all(isinstance(d, (int, np.integer)) for d in (H, W, C)):
+        raise ValueError("depthwise_conv2d_taps: a symbolic height / width takes depthwise_conv2d_nhwc")
+    if KH * KW * 16 > MAX_K:
+        raise ValueError(f"depthwise_conv2d_taps: a {KH}x{KW} kernel overflows the offset accumulator")
+    sym_n = not isinstance(N, (int, np.integer))
+    N = tirx.Var("N", "int64") if sym_n else int(N)
+    H, W, C = int(H), int(W), int(C)
+    sh, sw, dh, dw, pt, pl, OH, OW, _, _ = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
+    P, L, bits, intrin = _taps_isa(isa, C)
+    G = _ceil(KH, P)
+    if tw is None:
+        tw = max(1, min(8, OW))
+        tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
+    OWp = _ceil(OW, tw) * tw
+    Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
+    signed = a_dtype == "int8"
+    X = te.placeholder((N, H, W, C), a_dtype, name="X")
+    W4 = te.placeholder((G, KW, C, P), "int8", name="W4")
+    rc = te.placeholder((C,), "int64", name="rc")
+    mult = te.placeholder((C,), "int64", name="mult")
+    shift = te.placeholder((C,), "int64", name="shift")
+
+    rows, ones = min(P, KH), (1 << bits) - 1
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    # VNNI int8: byte j of the word is (x xor 0x80) = x + 128, and 0 xor 0x80 = 128 the padding (module
+    # docstring); AVX2: the int16 halves hold x itself (sign-extended), 0 the padding
+    flip = u32(sum(128 << (8 * j) for j in range(rows))) if signed and P == 4 else None
+
+    def x4(n, oh, g, w, c):
+        """The bits of Xp[n, h_j, w, c] for the P rows h_j in bytes / halves j, from loads at clamped
+        positions and-ed with one word mask that zeroes the parts of rows / columns outside the input
+        (scalar conditions over the vector of channels: no branch; rows past the kernel (weight 0)
+        need no mask)."""
+        word, mask = None, None
+        ww = w - pl
+        for j in range(rows):
+            hh = oh * sh + (g * P + j) * dh - pt
+            v = X[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), c]
+            b = (v.astype("uint8") if P == 4 else v.astype("int16").astype("uint16")).astype("uint32")
+            b = b << u32(bits * j) if j else b
+            word = b if word is None else word | b
+            conds = [hh >= 0, hh < H, ww >= 0, ww < W]
+            m = tirx.Select(tirx.all(*conds), u32(ones << (bits * j)), u32(0))
+            mask = m if mask is None else mask | m
+        word = word & mask
+        return word ^ flip if flip is not None else word
+
+    X4 = te.compute((N, OH, G, Wx, C), x4, name="x4")
+    from ._x86_intrin import register, word_byte, word_half
+
+    part = word_byte if P == 4 else word_half
+    j = te.reduce_axis((0, P), name="j")
+    red = (([te.reduce_axis((0, G), name="g")] if G > 1 else [])
+           + ([te.reduce_axis((0, KW), name="kw")] if KW > 1 else []))  # TE drops unit reduction axes
+    gk = (red[0] if G > 1 else 0), (red[-1] if KW > 1 else 0)
+    acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
+        part(X4[n, oh, gk[0], ow * sw + gk[1] * dw, c], j) * W4[gk[0], gk[1], c, j].astype("int32"),
+        axis=[*red, j]), name="acc")
+    extras, consts = _post_args(post, (N, OH, OW, C))
+    out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant_folded(
+        acc[n, oh, ow, c], rc[c], mult[c], shift[c], lo, hi, out_dtype, post,
+        (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
+    sch = Schedule(te.create_prim_func([X, W4, rc, mult, shift, *_post_list(extras, consts), out]))
+    blk = sch.get_sblock("acc")
+    n, oh, ow, c, *rl = sch.get_loops(blk)
+    jl, rl = rl[-1], rl[:-1]
+    ow0, ow1 = sch.split(ow, [None, tw])
+    c0, c1 = sch.split(c, [None, L])
+    sch.reorder(ow0, c0, *rl, ow1, c1, jl)
+    # a symbolic batch: (n, oh) not fused (a fused loop of symbolic extent defeats the tensorize's
+    # blockize), the rows of each image in parallel
+    row = oh if sym_n else sch.fuse(n, oh)
+    ob = sch.get_sblock("out")
+    sch.reverse_compute_at(ob, c0)
+    xb = sch.get_sblock("x4")
+    sch.compute_at(xb, row)
+    if sym_n:
+        _parallel_if_worth(sch, row, "acc", L * 4, symbolic=True)
+    else:
+        _parallel_if_worth(sch, row, "acc", L * 4)
+    xl = sch.get_loops(xb)[1:]
+    xc0, xc1 = sch.split(xl[-1], [None, L])
+    sch.vectorize(xc1)
+    sch.unroll(ow1)
+    sch.vectorize(sch.get_loops(ob)[-1])
+    init = sch.decompose_reduction(blk, rl[0] if rl else ow1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(c1, register(intrin))
+    return _finish(sch)
 
 
 def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,

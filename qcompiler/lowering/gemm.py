@@ -167,13 +167,14 @@ class KernelGemm(GenericGemm):
     def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
         """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it.
 
-        A kernel with a symbolic row count (attribute ``qc.row_tile`` = mr, ``cpu_vnni.dense``)
+        A conv kernel over symbolic dims (attribute ``qc.row_tile`` = mr, ``cpu_vnni.conv2d_nhwc``)
         writes whole row tiles: it gets the tile count ceil(M / mr) as an int32 argument after the
-        tensors and an output of ceil(M / mr) * mr rows, of which the first M are kept."""
+        tensors and an output of ceil(M / mr) * mr rows, of which the first M are kept.  (The dense and
+        matmul kernels over symbolic dims store exactly their valid rows.)"""
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)
         self.kernels[name] = self.kernels.get(name, 0) + 1
-        tile = func.attrs.get("qc.row_tile") if func.attrs is not None else None
         col = func.attrs.get("qc.col_tile") if func.attrs is not None else None
+        tile = func.attrs.get("qc.row_tile") if func.attrs is not None else None
         from tvm import te, tirx
 
         if col is not None:  # whole column tiles of an NHWC output (cpu_vnni.depthwise_conv2d_nhwc): keep OW
@@ -193,7 +194,7 @@ class KernelGemm(GenericGemm):
         from qcompiler.symbolic import shape_prod
 
         mr = int(tile)
-        M = shape_prod(shape[:-1])  # the GEMM rows: (n, oh, ow) of a conv, the leading dims of a dense
+        M = shape_prod(shape[:-1])  # the GEMM rows: (n, oh, ow) of a conv
         mt = simplify(tirx.floordiv(M + (mr - 1), mr))
         padded = simplify(mt * mr)
         y = lw.emit(relax.call_tir(gv, [*args, relax.prim_value(tirx.Cast("int32", mt))],

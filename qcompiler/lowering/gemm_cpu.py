@@ -19,7 +19,12 @@ by the backend (``pack_conv`` / ``pack_dense``: [N/L, Kp/kp, L, kp] int8 or the 
 Routing by layer:
 
   group == 1                       -> the backend's conv2d (implicit GEMM)
-  group == C == OC (depthwise)     -> depthwise_conv2d_nhwc (direct, int32 vectors; int8/uint8/int16 input)
+  group == C == OC (depthwise)     -> depthwise_conv2d_taps (vpdpbusd over 4 kernel rows on VNNI,
+                                      vpmaddwd over 2 on AVX2; static height / width, int8/uint8
+                                      input, C a multiple of 8, >= 2 kernel rows), else
+                                      depthwise_conv2d_nhwc (direct, int32 vectors; int16 input, a
+                                      symbolic height / width, other C); QC_DEPTHWISE=lanes forces
+                                      the latter (A/B measurements)
   other groups                     -> grouped_conv2d_nhwc
   dense (M x K @ K x N)            -> the backend's dense
   matmul of two activations        -> batch_matmul of the INT8 ISA (B packed in the kernel; [batch, N, K]
@@ -41,6 +46,8 @@ The dense / group-1 conv kernels take the best tuned
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from tvm import relax
@@ -160,6 +167,8 @@ class CpuGemm(KernelGemm):
         if g == 1:
             if epilogue is not None and self._backend(n, x_dtype)[0] is None:
                 return None
+            if epilogue is not None and not all(isinstance(d, int) for d in (N, H, W)):
+                return None  # the conv kernel over symbolic dims takes no fused epilogue (cpu_vnni.conv2d_nhwc)
             y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), out_shape,
                            lambda be, cfg, post: be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi,
                                                            cfg, post=post),
@@ -184,8 +193,17 @@ class CpuGemm(KernelGemm):
             if depthwise:
                 wd = np.ascontiguousarray(np.transpose(w[:, 0], (1, 2, 0)))  # [KH, KW, C]
                 post = epilogue[0] if epilogue is not None else None
-                f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post)
-                args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
+                if V.depthwise_taps_ok(N, H, W, C, KH, KW, x_dtype, self.isa) and \
+                        os.environ.get("QC_DEPTHWISE") != "lanes":  # vpdpbusd over kernel rows
+                    m64, s64 = (np.broadcast_to(np.asarray(a[k], np.int64), (C,)) for k in ("mult", "shift"))
+                    w4, rc = V.pack_depthwise_taps(wd, bias, x_dtype == "int8", m64, s64, isa=self.isa)
+                    f = V.depthwise_conv2d_taps(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post,
+                                                isa=self.isa)
+                    args = [x, const(w4, "int8"), const(rc, "int64"), const(np.ascontiguousarray(m64), "int64"),
+                            const(np.ascontiguousarray(s64), "int64")]
+                else:  # int16 input (W8A16), symbolic H / W, C % 8 != 0, 1-row kernels: int32 lanes
+                    f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post)
+                    args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
                 if post is None:
                     return self._call(lw, f, "dwconv_cpu", args, out_shape, a["dtype"])
                 args += [*epilogue[1], const(post.consts, "int64")]
@@ -249,7 +267,7 @@ class CpuGemm(KernelGemm):
         a3, b3 = plan.operands(lw, a, b, b_trans)
         args = [a3, b3, const(rq[0], "int64"), const(rq[1], "int64")]
         tiles = f.attrs.get("qc.sym_tiles") if f.attrs is not None else None
-        if tiles:  # symbolic M / N / K: whole tiles, their counts as arguments; keep M x N (cpu_vnni.batch_matmul)
+        if tiles:  # a symbolic N: whole column tiles, keep N (cpu_vnni.batch_matmul)
             y = self._call_tiled(lw, f, f"matmul_{self.tag}", args, plan, tiles, at["dtype"])
         else:
             y = self._call(lw, f, f"matmul_{self.tag}", args, (plan.batch, plan.M, plan.N), at["dtype"])
@@ -258,16 +276,10 @@ class CpuGemm(KernelGemm):
     def _call_tiled(self, lw, f, name: str, args, plan, tiles, dtype) -> relax.Expr:
         from tvm import te, tirx
 
-        ext = {"M": plan.M, "N": plan.N, "K": plan.K}
-        counts = {str(d): tirx.floordiv(ext[str(d)] + (int(t) - 1), int(t)) for d, t in tiles}
-        size = {str(d): int(t) for d, t in tiles}
+        size = {str(d): int(t) for d, t in tiles}  # {"N": columns per tile}: the output's padded columns
         gv = lw.bb.add_func(f.with_attr("op_pattern", 8), name)
         self.kernels[name] = self.kernels.get(name, 0) + 1
-        oshape = (plan.batch, counts["M"] * size["M"] if "M" in counts else plan.M,
-                  counts["N"] * size["N"] if "N" in counts else plan.N)
-        y = lw.emit(relax.call_tir(gv, [*args, *(relax.prim_value(tirx.Cast("int32", c)) for c in counts.values())],
-                                   relax.TensorType(shape=oshape, dtype=dtype)), name)
-        if "M" not in counts and "N" not in counts:
-            return y
+        oshape = (plan.batch, plan.M, tirx.floordiv(plan.N + (size["N"] - 1), size["N"]) * size["N"])
+        y = lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=oshape, dtype=dtype)), name)
         shape = (plan.batch, plan.M, plan.N)
         return lw.bb.emit_te(lambda t: te.compute(shape, lambda *i: t(*i), name="keep"), y, primfunc_name_hint="keep")

@@ -1,0 +1,201 @@
+"""The tap-interleaved depthwise kernel (qcompiler/kernels/cpu_vnni.py ``depthwise_conv2d_taps``:
+``vpdpbusd`` with its 4-byte dot products over kernel rows; on AVX2 ``vpmaddwd`` over pairs of rows,
+compiled for ``znver2`` so that no AVX-512 instruction is used) against the NumPy reference, element for
+element: random and worst-case inputs (all -128 / 127 / 0 / 255, extreme weights and multipliers),
+strides 1 / 2, asymmetric padding, dilation, odd widths, C a multiple of 8 but not of 16 (``vpdpbusd
+ymm``), kernels of 2..7 rows
+(one or two groups of 4 rows), with and without a fused epilogue; and that the lowering routes
+int8 / uint8 depthwise convs to it while int16 inputs and channel counts that are not a multiple of 8
+keep the int32-lane kernel.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import tirx  # noqa: E402
+
+from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
+from qcompiler.targets import host_has_avx2  # noqa: E402
+
+from .test_cpu_vnni import RANGES, build, conv_acc_ref, rand_act, rand_requant, requant_ref  # noqa: E402
+from .test_cpu_vnni import target  # noqa: E402,F401  (fixture)
+
+needs_vnni = pytest.mark.skipif(not cv.host_has_vnni(), reason="CPU without AVX-512 VNNI: the kernel cannot run here")
+needs_avx2 = pytest.mark.skipif(not host_has_avx2(), reason="CPU without AVX2: the kernel cannot run here")
+
+
+@pytest.fixture(params=[pytest.param("vnni", marks=needs_vnni), pytest.param("avx2", marks=needs_avx2)])
+def isa_target(request):
+    """(Isa, target): VNNI on the host's CPU; AVX2 as compiled for a Zen 2 (AVX2, no AVX-512)."""
+    if request.param == "vnni":
+        return cv.VNNI, tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return cv.AVX2, tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
+
+CASES = [  # N, H, W, C, KH, KW, strides, pads, dilations
+    (1, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 9, 11, 24, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1)),    # C % 16 = 8, asymmetric pads, odd width
+    (1, 12, 13, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # C < 16
+    (1, 10, 10, 72, 5, 5, (1, 1), (2, 2, 2, 2), (2, 2)),    # two row groups, dilation 2
+    (1, 14, 15, 64, 5, 5, (2, 2), (2, 2, 2, 2), (1, 1)),
+    (1, 8, 8, 32, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1)),      # no padding
+    (1, 11, 9, 48, 2, 2, (1, 1), (0, 0, 1, 1), (1, 1)),     # 2 rows
+    (1, 9, 9, 16, 4, 3, (1, 2), (2, 1, 1, 1), (1, 1)),      # 4 rows: one full group
+    (1, 13, 12, 40, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1)),    # 7 rows: 4 + 3, C % 16 = 8
+    (1, 40, 41, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),    # large enough to run in parallel
+    (1, 23, 21, 144, 3, 3, (2, 2), (0, 0, 1, 1), (1, 1)),
+]
+
+
+def _run(isa_target, x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi, post=None, extras=(),
+         consts=None):
+    isa, target = isa_target
+    N, H, W, C = x.shape
+    KH, KW, _ = wd.shape
+    w4, rc = cv.pack_depthwise_taps(wd, bias, x.dtype == np.int8, mult, shift, isa=isa)
+    f = cv.depthwise_conv2d_taps(N, H, W, C, KH, KW, strides, pads, dil, str(x.dtype), out_dtype, lo, hi, post=post,
+                                 isa=isa)
+    OH, OW = cv._out_shape(H, W, KH, KW, strides, pads, dil)
+    dev = tvm.cpu()
+    odt = post.out_dtype if post is not None else out_dtype
+    out = tvm.runtime.tensor(np.zeros((N, OH, OW, C), odt), dev)
+    args = [x, w4, rc, mult, shift, *extras] + ([consts] if consts is not None else [])
+    build(f, target)(*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], out)
+    return out.numpy()
+
+
+def _want(x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi):
+    w = np.ascontiguousarray(wd.transpose(2, 0, 1))[:, None]  # [C, 1, KH, KW]
+    acc = conv_acc_ref(x, w, strides, pads, dil, groups=x.shape[3]) + bias
+    return requant_ref(acc, mult, shift, lo, hi, out_dtype)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_random(isa_target, case, a_dtype):
+    N, H, W, C, KH, KW, strides, pads, dil = case
+    rng = np.random.default_rng(zlib.crc32(repr((case, a_dtype)).encode()))
+    out_dtype = str(rng.choice(["int8", "uint8", "int16", "int32"]))
+    lo, hi = RANGES[out_dtype][rng.integers(len(RANGES[out_dtype]))]
+    x = rand_act(rng, (N, H, W, C), a_dtype)
+    wd = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    got = _run(isa_target, x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi)
+    np.testing.assert_array_equal(got, _want(x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi))
+
+
+@pytest.mark.parametrize("a_dtype,fill", [("int8", -128), ("int8", 127), ("int8", 0), ("uint8", 255), ("uint8", 0)])
+@pytest.mark.parametrize("wfill", [-128, 127])
+def test_worst_case(isa_target, a_dtype, fill, wfill):
+    """Constant extreme inputs and weights (the largest offset sums: 255 * -128 per tap, padding rows
+    and columns contributing 128 * w under the offset), the widest int32 output, extreme multipliers
+    (|mult| = 2^31 - 1, shifts 1 and 62) and biases."""
+    N, H, W, C, KH, KW, strides, pads, dil = (1, 9, 10, 40, 5, 5, (1, 1), (2, 1, 2, 3), (1, 1))
+    x = np.full((N, H, W, C), fill, a_dtype)
+    wd = np.full((KH, KW, C), wfill, np.int8)
+    wd[:, :, 1] = -wfill - (wfill < 0)  # the opposite sign in one channel
+    rng = np.random.default_rng(5)
+    bias = rng.integers(-(2**30), 2**30, C).astype(np.int32)
+    bias[:4] = [2**31 - 1 - 5 * 5 * 255 * 128, -(2**31) + 5 * 5 * 255 * 128, 0, -1]
+    mult = np.where(np.arange(C) % 2, 2**31 - 1, -(2**31) + 1).astype(np.int64)
+    shift = np.where(np.arange(C) % 3 == 0, 62, np.where(np.arange(C) % 3 == 1, 1, 40)).astype(np.int64)
+    for out_dtype in ("int32", "int8"):
+        lo, hi = RANGES[out_dtype][0]
+        got = _run(isa_target, x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi)
+        np.testing.assert_array_equal(got, _want(x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi))
+
+
+class AddClip:
+    """A fused epilogue (``cpu_vnni.Post``): clip(y + r * c0, -128, 127) with one int8 extra input."""
+
+    extra_dtypes = ("int8",)
+    n_consts = 1
+    out_dtype = "int8"
+
+    def __call__(self, y, extras, k):
+        t = y + extras[0] * k(0)
+        return tirx.max(tirx.min(t, tirx.const(127, "int64")), tirx.const(-128, "int64"))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[9]])
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_fused_post(isa_target, case, a_dtype):
+    N, H, W, C, KH, KW, strides, pads, dil = case
+    rng = np.random.default_rng(zlib.crc32(repr(("post", case, a_dtype)).encode()))
+    x = rand_act(rng, (N, H, W, C), a_dtype)
+    wd = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    OH, OW = cv._out_shape(H, W, KH, KW, strides, pads, dil)
+    r = rng.integers(-128, 128, (N, OH, OW, C)).astype(np.int8)
+    c0 = np.array([-3], np.int64)
+    got = _run(isa_target, x, wd, bias, mult, shift, strides, pads, dil, "int16", -300, 300, post=AddClip(),
+               extras=(r,), consts=c0)
+    y = _want(x, wd, bias, mult, shift, strides, pads, dil, "int16", -300, 300).astype(np.int64)
+    np.testing.assert_array_equal(got, np.clip(y + r.astype(np.int64) * c0[0], -128, 127).astype(np.int8))
+
+
+@pytest.mark.parametrize("isa,mcpu,instr,absent", [(cv.VNNI, "icelake-server", "vpdpbusd", None),
+                                                    (cv.AVX2, "znver2", "vpmaddwd", "zmm")])
+def test_asm_without_running(isa, mcpu, instr, absent):
+    t = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    f = cv.depthwise_conv2d_taps(1, 16, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int8", -128, 127, isa=isa)
+    lib = build(f, t)
+    asm = lib.inspect_source("s") if hasattr(lib, "inspect_source") else lib.get_source("asm")
+    assert instr in asm and (absent is None or absent not in asm)
+
+
+def test_pack_layout_and_offset():
+    rng = np.random.default_rng(0)
+    wd = rng.integers(-128, 128, (5, 3, 24)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, 24).astype(np.int32)
+    mult, shift = np.full(24, 3, np.int64), np.full(24, 4, np.int64)
+    w4, rc = cv.pack_depthwise_taps(wd, bias, True, mult, shift)
+    assert w4.shape == (2, 3, 24, 4) and w4.dtype == np.int8
+    assert w4[1, 2, 7, 0] == wd[4, 2, 7] and w4[0, 1, 3, 2] == wd[2, 1, 3] and (w4[1, :, :, 1:] == 0).all()
+    beff = bias.astype(np.int64) - 128 * wd.astype(np.int64).sum(axis=(0, 1))
+    np.testing.assert_array_equal(rc, beff * 3 + 8)
+    w2, rc2 = cv.pack_depthwise_taps(wd, bias, True, mult, shift, isa=cv.AVX2)  # int16 pairs: no offset
+    assert w2.shape == (3, 3, 24, 2) and w2[2, 1, 5, 0] == wd[4, 1, 5] and (w2[2, :, :, 1] == 0).all()
+    np.testing.assert_array_equal(rc2, bias.astype(np.int64) * 3 + 8)
+
+
+def test_routing():
+    """int8 / uint8 input with a static height / width and C a multiple of 8 on a VNNI or AVX2 target
+    takes the new kernel (a symbolic batch too); int16 input, a symbolic height, no ISA, C % 8 != 0
+    and one-row kernels keep depthwise_conv2d_nhwc."""
+    ok = cv.depthwise_taps_ok
+    assert ok(1, 56, 56, 64, 3, 3, "int8", cv.VNNI) and ok(1, 56, 56, 64, 3, 3, "uint8", cv.VNNI)
+    assert ok(1, 56, 56, 64, 3, 3, "int8", cv.AVX2)
+    assert not ok(1, 56, 56, 64, 3, 3, "int16", cv.VNNI)
+    assert ok(tirx.Var("n", "int64"), 56, 56, 64, 3, 3, "int8", cv.VNNI)  # a symbolic batch: yes
+    assert not ok(1, tirx.Var("h", "int64"), 56, 64, 3, 3, "int8", cv.VNNI)  # a symbolic height: no
+    assert not ok(1, 56, 56, 64, 3, 3, "int8", None) and not ok(1, 56, 56, 64, 1, 3, "int8", cv.VNNI)
+    assert ok(1, 28, 28, 72, 3, 3, "int8", cv.VNNI) and not ok(1, 28, 28, 20, 3, 3, "int8", cv.VNNI)
+    with pytest.raises(ValueError):
+        cv.depthwise_conv2d_taps(1, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int16", "int8", -128, 127)
+    with pytest.raises(ValueError):
+        cv.depthwise_conv2d_taps(1, 8, 8, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int8", -128, 127)
+
+
+@needs_vnni
+def test_symbolic_batch(target):
+    """A symbolic batch N (qcompiler/symbolic.py): the kernel's own variable, one library for every N."""
+    H, W, C, KH, KW, strides, pads, dil = 9, 10, 24, 3, 3, (2, 1), (1, 1, 1, 1), (1, 1)
+    rng = np.random.default_rng(7)
+    wd = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    w4, rc = cv.pack_depthwise_taps(wd, bias, True, mult, shift)
+    f = cv.depthwise_conv2d_taps(tirx.Var("n", "int64"), H, W, C, KH, KW, strides, pads, dil, "int8", "int8", -128, 127)
+    assert "T.parallel" in f.script()
+    lib = build(f, target)
+    dev = tvm.cpu()
+    for N in (1, 3):
+        x = rand_act(rng, (N, H, W, C), "int8")
+        want = _want(x, wd, bias, mult, shift, strides, pads, dil, "int8", -128, 127)
+        out = tvm.runtime.tensor(np.zeros(want.shape, np.int8), dev)
+        lib(*[tvm.runtime.tensor(a, dev) for a in (x, w4, rc, mult, shift)], out)
+        np.testing.assert_array_equal(out.numpy(), want)

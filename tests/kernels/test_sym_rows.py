@@ -1,0 +1,203 @@
+"""Kernels over symbolic dims, bit-exact to the NumPy reference at every size tried, on both sides of
+their run-time serial / parallel branch (qcompiler/kernels/branch.py):
+
+* the GEMM kernels of qcompiler/kernels/cpu_vnni.py over a symbolic row count: ``dense`` and
+  ``batch_matmul`` (symbolic batch / M / N / K) store exactly the valid rows and branch serial /
+  parallel at run time (``_par_branch``), ``dense`` with and without a fused epilogue;
+  ``conv2d_nhwc`` over a symbolic batch / width writes whole row tiles (the caller keeps the rows);
+* the default schedule's size branch (qcompiler/kernels/cpu_default.py ``_size_branch``): an
+  elementwise kernel and a row reduction over a symbolic axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import tirx  # noqa: E402
+
+from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
+from qcompiler.tune.workload import rows_at  # noqa: E402
+
+from .test_cpu_vnni import build, dense_acc_ref, isa, rand_requant, requant_ref, target  # noqa: E402,F401
+
+
+class AddClip:
+    """A fused epilogue (``cpu_vnni.Post``): clip(y + r * c0, -128, 127) with one int8 extra input."""
+
+    extra_dtypes = ("int8",)
+    n_consts = 1
+    out_dtype = "int8"
+
+    def __call__(self, y, extras, k):
+        t = y + extras[0] * k(0)
+        return tirx.max(tirx.min(t, tirx.const(127, "int64")), tirx.const(-128, "int64"))
+
+
+def _rows(M, N, K, a_dtype, out_dtype, lo, hi, isa, post=None, rep=64):
+    Ms = tirx.Var("s", "int64")
+    with rows_at({"s": rep}):
+        f = cv.dense(Ms * 1, N, K, a_dtype, out_dtype, lo, hi, isa=isa, post=post)
+    return f
+
+
+@pytest.mark.parametrize("N,K", [(64, 48), (384, 384)])
+def test_dense_symbolic_rows_every_size(target, isa, N, K):
+    rng = np.random.default_rng(N + K)
+    f = _rows(None, N, K, "int8", "int8", -128, 127, isa)
+    m_s = f.attrs.get("qc.rows_serial_max") if f.attrs is not None else None
+    lib = build(f, target)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, N)
+    wp, be = cv.pack_dense(w, bias, a_signed=True, isa=isa)
+    sizes = {1, 2, 7, 13, 64, 97}
+    if m_s:  # both sides of the serial / parallel branch
+        sizes |= {int(m_s), int(m_s) + 1}
+    for M in sorted(sizes):
+        a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((M, N), np.int8))
+        lib(*[tvm.runtime.tensor(x) for x in (a, wp, be, mult, shift)], out)
+        want = requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8")
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"dense M={M} (serial up to {m_s})")
+
+
+def test_dense_symbolic_rows_fused_epilogue(target, isa):
+    rng = np.random.default_rng(7)
+    N, K = 128, 96
+    f = _rows(None, N, K, "uint8", "int8", -100, 100, isa, post=AddClip())
+    lib = build(f, target)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, N)
+    wp, be = cv.pack_dense(w, bias, a_signed=False, isa=isa)
+    c = np.asarray([3], np.int64)
+    m_s = int(f.attrs.get("qc.rows_serial_max") or 0) if f.attrs is not None else 0
+    for M in sorted({1, 5, 31, m_s, m_s + 1} - {0}):
+        a = rng.integers(0, 256, (M, K)).astype(np.uint8)
+        r = rng.integers(-128, 128, (M, N)).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((M, N), np.int8))
+        lib(*[tvm.runtime.tensor(x) for x in (a, wp, be, mult, shift, r, c)], out)
+        y = requant_ref(dense_acc_ref(a, w, bias), mult, shift, -100, 100, "int64")
+        want = np.clip(y + r.astype(np.int64) * 3, -128, 127).astype(np.int8)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"dense + epilogue M={M}")
+
+
+def test_serial_rows_threshold():
+    cyc = lambda m: cv.gemm_cycles(m, 384, 384)  # noqa: E731
+    m_s = cv._serial_rows(cyc)
+    assert m_s >= 1 and cyc(m_s) < cv.SERIAL_CYCLES <= cyc(m_s + 1)
+    assert cv._serial_rows(lambda m: cv.SERIAL_CYCLES) == 0
+
+
+@pytest.mark.parametrize("b_trans", [False, True])
+def test_batch_matmul_symbolic_dims(target, isa, b_trans):
+    """Attention-like [b*h, s, d] x [b*h, d, s] (and P.V: [b*h, s, s] x [b*h, s, d]) with symbolic b
+    and s: exact rows; symbolic columns padded to whole tiles (the caller keeps N)."""
+    rng = np.random.default_rng(3)
+    b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    with rows_at({"b": 2, "s": 24}):
+        qk = cv.batch_matmul(b * 4, s, s, 32, "int8", "int8", "int8", -128, 127, b_trans=b_trans, isa=isa)
+        pv = cv.batch_matmul(b * 4, s, 32, s, "uint8", "int8", "int8", -128, 127, b_trans=b_trans, isa=isa)
+    assert [list(map(str, t)) for t in qk.attrs["qc.sym_tiles"]][0][0] == "N"
+    assert pv.attrs is None or "qc.sym_tiles" not in pv.attrs  # static N: the exact output
+    tile = int(qk.attrs["qc.sym_tiles"][0][1])
+    lqk, lpv = build(qk, target), build(pv, target)
+    mult, shift = np.asarray([1 << 20], np.int64), np.asarray([26], np.int64)
+    for bb, ss in [(1, 1), (1, 7), (3, 13), (2, 40), (1, 300)]:  # the last past the serial branch
+        B = 4 * bb
+        for lib, (M, N, K), adt in ((lqk, (ss, ss, 32), "int8"), (lpv, (ss, 32, ss), "uint8")):
+            a = (rng.integers(-128, 128, (B, M, K)) if adt == "int8" else rng.integers(0, 256, (B, M, K))).astype(adt)
+            w = rng.integers(-128, 128, (B, K, N)).astype(np.int8)
+            wt = np.ascontiguousarray(w.transpose(0, 2, 1)) if b_trans else w
+            cols = -(-N // tile) * tile if lib is lqk else N
+            out = tvm.runtime.tensor(np.zeros((B, M, cols), np.int8))
+            lib(*[tvm.runtime.tensor(x) for x in (a, wt, mult, shift)], out)
+            acc = np.einsum("bmk,bkn->bmn", a.astype(np.int64), w.astype(np.int64))
+            want = requant_ref(acc, mult, shift, -128, 127, "int8")
+            np.testing.assert_array_equal(out.numpy()[:, :, :N], want, err_msg=f"batch_matmul {B}x{M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("geo", [((1, 1), (0, 0, 0, 0), 1), ((2, 2), (1, 1, 1, 1), 3)])
+def test_conv_symbolic_batch_and_width(target, isa, geo):
+    """A conv over symbolic N and W (rows N * OH * OW in whole row tiles, their count an argument)."""
+    from .test_cpu_vnni import conv_acc_ref
+
+    strides, pads, k = geo
+    rng = np.random.default_rng(11)
+    n, w_ = tirx.Var("n", "int64"), tirx.Var("w", "int64")
+    C, OC, H = 8, 32, 6
+    with rows_at({"n": 2, "w": 8}):
+        f = cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa)
+        with pytest.raises(ValueError, match="fused epilogue"):
+            cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa,
+                           post=AddClip())
+    mr = int(f.attrs["qc.row_tile"])
+    lib = build(f, target)
+    w = rng.integers(-128, 128, (OC, C, k, k)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, OC)
+    wp, be = cv.pack_conv(w, bias, a_signed=True, isa=isa)
+    for N, W in [(1, 2), (1, 14), (3, 6), (2, 26)]:
+        x = rng.integers(-128, 128, (N, H, W, C)).astype(np.int8)
+        want = requant_ref(conv_acc_ref(x, w, strides, pads, (1, 1)) + bias, mult, shift, -128, 127, "int8")
+        rows = want.size // OC
+        mt = -(-rows // mr)
+        out = tvm.runtime.tensor(np.zeros((mt * mr, OC), np.int8))
+        lib(*[tvm.runtime.tensor(a) for a in (x, wp, be, mult, shift)], mt, out)
+        np.testing.assert_array_equal(out.numpy()[:rows].reshape(want.shape), want, err_msg=f"conv N={N} W={W} {geo}")
+
+
+def test_default_schedule_branches_on_size(target):
+    """An elementwise kernel over a symbolic dim whose range spans the serial / parallel threshold
+    (qcompiler/kernels/cpu_default.py ``_size_branch``): one function, both loop nests, exact on
+    both sides."""
+    from tvm import relax
+
+    from qcompiler.kernels.cpu_default import schedule_cpu_default
+
+    s = tirx.Var("s", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([s, 1024], "int32"))
+    with bb.function("main", [x], attrs={"tir_var_upper_bound": {"s": 4096}}):
+        with bb.dataflow():
+            t = bb.emit(relax.op.right_shift(relax.op.add(relax.op.multiply(
+                x, relax.const(3, "int32")), relax.const(5, "int32")), relax.const(2, "int32")))
+            y = bb.emit_output(relax.op.astype(relax.op.clip(t, -128, 127), "int8"))
+        bb.emit_func_output(y)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+    with rows_at({"s": 8}):
+        mod = schedule_cpu_default(mod, target)
+    kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and "T.parallel" in kernels[0].script() and "if " in kernels[0].script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 255, 256, 3001):  # 256 x 1024 = the threshold (16 * min_parallel_work)
+        a = rng.integers(-2000, 2000, (n, 1024)).astype(np.int32)
+        want = np.clip((a * 3 + 5) >> 2, -128, 127).astype(np.int8)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), want, err_msg=f"s={n}")
+
+
+def test_default_schedule_row_reduction_over_symbolic_axis(target):
+    """A softmax row's max over a symbolic axis: spatial loops parallel at the large sizes, exact."""
+    from tvm import relax
+
+    from qcompiler.kernels.cpu_default import schedule_cpu_default
+
+    s = tirx.Var("s", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([12, s, s], "int64"))
+    with bb.function("main", [x], attrs={"tir_var_upper_bound": {"s": 512}}):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.max(x, axis=[2], keepdims=True))
+        bb.emit_func_output(y)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+    with rows_at({"s": 16}):
+        mod = schedule_cpu_default(mod, target)
+    (f,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert "T.parallel" in f.script() and "if " in f.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    rng = np.random.default_rng(9)
+    for n in (1, 13, 200):
+        a = rng.integers(-(2**40), 2**40, (12, n, n)).astype(np.int64)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), a.max(axis=2, keepdims=True))
