@@ -286,36 +286,12 @@ def _cpu_points(w: Workload):
 
 
 def _cuda_points(w: Workload):
+    """The MmaConfig grid of a CUDA workload of the older ``cuda_mma.w4a8`` kind (``cuda_mma.config_points``;
+    the registered CUDA backends give theirs through the backend)."""
     from qcompiler.kernels import cuda_mma as K
 
     M, N, Kd = w._gemm_mnk()
-    sm = int(w.arch[3:].rstrip("af"))
-    smem = K._smem_limit(sm)
-    bits = K._KIND_BITS[w.kind]
-    k_mult = 64 if w.kind in ("w4a8", "int4") else 32
-    cap_m = max(16, 1 << max(0, (M - 1)).bit_length())      # no CTA tile beyond the next power of 2
-    cap_n = max(16, 1 << max(0, (N - 1)).bit_length())
-    cap_k = max(k_mult, 1 << max(0, (Kd - 1)).bit_length())
-    for bm in (16, 32, 64, 128, 256):
-        if bm > cap_m:
-            continue
-        for bn in (16, 32, 64, 128, 256):
-            if bn > cap_n:
-                continue
-            for bk in (32, 64, 128, 256, 512):
-                if bk % k_mult or bk > max(cap_k, k_mult):
-                    continue
-                for wm in (1, 2, 4):
-                    for wn in (1, 2, 4):
-                        for wk in (1, 2, 4):
-                            for st in (2, 3, 4, 5):
-                                kw = dict(bm=bm, bn=bn, bk=bk, warps_m=wm, warps_n=wn, warps_k=wk, stages=st)
-                                try:
-                                    c = K.MmaConfig(**kw)
-                                except ValueError:
-                                    continue
-                                if c.smem_bytes(*bits) <= smem:
-                                    yield kw
+    yield from K.config_points(M, N, Kd, w.arch, w.kind)
 
 
 # ---- workloads of the adapters (compile time) and of the integer graph (tuning) ----------------
@@ -374,16 +350,13 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             continue
         a = n.attrs
         x_dtype = ig.dtypes[n.inputs[0]]
-        w = np.asarray(a["weight"])
-        lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
+        od = a["dtype"]
         bits = int(a.get("weight_bits", 8) or 8)
         wl = None
         if n.op == "conv":
             N, C, H, W = (int(d) for d in ig.shapes[n.inputs[0]])
-            OC, _, KH, KW = w.shape
             if int(a["group"]) != 1:
                 continue  # depthwise / grouped kernels have no config space
-            geo = (a["strides"], a["pads"], a["dilations"])
             if spec.kind == "cpu":
                 be = _backends.select_cpu(tvm_target, bits, x_dtype)
                 if be is not None and be.reject_conv(C):  # the lowering runs it on the INT8 kernel
