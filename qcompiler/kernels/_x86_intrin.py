@@ -311,40 +311,28 @@ def _dot_lanes_desc_of(L: int):
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _dot_lanes8_vnni_impl(
-    A: T.Buffer((8,), "uint32", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8], B[0:8, 0:4])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-            C.vload([0], dtype="int32x8"),
-            T.reinterpret(A.vload([0], dtype="uint32x8"), dtype="int8x32"),
-            B.vload([0, 0], dtype="int8x32"),
-            dtype="int32x8",
-        )
+def _dot_lanes_vnni_impl_of(L: int):
+    """``vpdpbusd`` on ``L`` int32 lanes (16: zmm, 8: ymm), A's words as the unsigned bytes."""
+    intrin = f"llvm.x86.avx512.vpdpbusd.{32 * L}"
 
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((L,), "uint32", offset_factor=1),
+        B: T.Buffer((L, 4), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:L], B[0:L, 0:4])
+            T.writes(C[0:L])
+            C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrin),
+                C.vload([0], dtype=f"int32x{L}"),
+                T.reinterpret(A.vload([0], dtype=f"uint32x{L}"), dtype=f"int8x{4 * L}"),
+                B.vload([0, 0], dtype=f"int8x{4 * L}"),
+                dtype=f"int32x{L}",
+            )
 
-@T.prim_func(s_tir=True)
-def _dot_lanes_vnni_impl(
-    A: T.Buffer((16,), "uint32", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:16], B[0:16, 0:4])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            T.reinterpret(A.vload([0], dtype="uint32x16"), dtype="int8x64"),
-            B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -387,8 +375,8 @@ _DEFS = {
     "avx2_w4": (lambda: _w4_desc(8, AVX2_W4_GROUPS, w4_lo_b, w4_hi_b), _dot_8x32_w4_avx2_impl),
     "avx512vnni_a16": (lambda: _dot_desc(16, 2, "int16"), _dot_16x2_a16_vnni_impl),
     "avx2_a16": (lambda: _dot_desc(8, 2, "int16"), _dot_8x2_a16_avx2_impl),
-    "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl),
-    "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes8_vnni_impl),
+    "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl_of(16)),
+    "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes_vnni_impl_of(8)),
     "avx2_lanes": (lambda: _dot_lanes_avx2_desc, _dot_lanes_avx2_impl),
 }
 
