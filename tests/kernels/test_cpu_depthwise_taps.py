@@ -22,7 +22,7 @@ from tvm import tirx  # noqa: E402
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
 from qcompiler.targets import host_has_avx2  # noqa: E402
 
-from .test_cpu_vnni import RANGES, build, conv_acc_ref, rand_act, rand_requant, requant_ref  # noqa: E402
+from .test_cpu_vnni import RANGES, AddClip, build, conv_acc_ref, rand_act, rand_requant, requant_ref  # noqa: E402
 from .test_cpu_vnni import target  # noqa: E402,F401  (fixture)
 
 needs_vnni = pytest.mark.skipif(not cv.host_has_vnni(), reason="CPU without AVX-512 VNNI: the kernel cannot run here")
@@ -107,18 +107,6 @@ def test_worst_case(isa_target, a_dtype, fill, wfill):
         lo, hi = RANGES[out_dtype][0]
         got = _run(isa_target, x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi)
         np.testing.assert_array_equal(got, _want(x, wd, bias, mult, shift, strides, pads, dil, out_dtype, lo, hi))
-
-
-class AddClip:
-    """A fused epilogue (``cpu_vnni.Post``): clip(y + r * c0, -128, 127) with one int8 extra input."""
-
-    extra_dtypes = ("int8",)
-    n_consts = 1
-    out_dtype = "int8"
-
-    def __call__(self, y, extras, k):
-        t = y + extras[0] * k(0)
-        return tirx.max(tirx.min(t, tirx.const(127, "int64")), tirx.const(-128, "int64"))
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[9]])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from tvm import relax  # noqa: E402
+from tvm import relax, tirx  # noqa: E402
 
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
 from qcompiler.targets import host_has_avx2  # noqa: E402
@@ -72,6 +72,18 @@ def conv_acc_ref(x, w, strides, pads, dilations, groups=1):
 def rand_act(rng, shape, dtype):
     lo, hi = (-128, 128) if dtype == "int8" else (0, 256)
     return rng.integers(lo, hi, shape).astype(dtype)
+
+
+class AddClip:
+    """A fused epilogue (``cpu_vnni.Post``): (shared by the depthwise and symbolic-row tests) clip(y + r * c0, -128, 127) with one int8 extra input."""
+
+    extra_dtypes = ("int8",)
+    n_consts = 1
+    out_dtype = "int8"
+
+    def __call__(self, y, extras, k):
+        t = y + extras[0] * k(0)
+        return tirx.max(tirx.min(t, tirx.const(127, "int64")), tirx.const(-128, "int64"))
 
 
 def rand_requant(rng, n, big_acc=True):

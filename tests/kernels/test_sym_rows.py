@@ -20,19 +20,7 @@ from tvm import tirx  # noqa: E402
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
 from qcompiler.tune.workload import rows_at  # noqa: E402
 
-from .test_cpu_vnni import build, dense_acc_ref, isa, rand_requant, requant_ref, target  # noqa: E402,F401
-
-
-class AddClip:
-    """A fused epilogue (``cpu_vnni.Post``): clip(y + r * c0, -128, 127) with one int8 extra input."""
-
-    extra_dtypes = ("int8",)
-    n_consts = 1
-    out_dtype = "int8"
-
-    def __call__(self, y, extras, k):
-        t = y + extras[0] * k(0)
-        return tirx.max(tirx.min(t, tirx.const(127, "int64")), tirx.const(-128, "int64"))
+from .test_cpu_vnni import AddClip, build, dense_acc_ref, isa, rand_requant, requant_ref, target  # noqa: E402,F401
 
 
 def _rows(M, N, K, a_dtype, out_dtype, lo, hi, isa, post=None, rep=64):
