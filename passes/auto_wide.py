@@ -40,6 +40,7 @@ from qcompiler.calibrate import clip_range
 from qcompiler.graph import Graph
 
 REL_NOISE = 0.1
+LOG_FACTOR = 0.1      # layers a log reads (feeds_log): threshold REL_NOISE * LOG_FACTOR on the worst channel
 DIRECT_FACTOR = 0.1   # depthwise / grouped convs: threshold REL_NOISE * DIRECT_FACTOR (int16 costs little there)
 
 
@@ -56,7 +57,7 @@ def _layer_weights(fg: Graph, n):
     return None
 
 
-def layer_noise(fg: Graph, n, st, nonneg: bool, cfg) -> float | None:
+def layer_noise(fg: Graph, n, st, nonneg: bool, cfg, out_st=None, worst: bool = False) -> float | None:
     """Mean relative noise power of ``n``'s output channels from its 8-bit input (see the module
     docstring), or None where the statistics do not say (no per-channel mean squares, another axis)."""
     lw = _layer_weights(fg, n)
@@ -83,11 +84,32 @@ def layer_noise(fg: Graph, n, st, nonneg: bool, cfg) -> float | None:
     ms = ms.reshape(groups, Cg)
     w2 = (w ** 2).sum(axis=2).reshape(groups, O // groups, Cg)          # [g, O/g, Cg]
     signal = np.einsum("goc,gc->go", w2, ms).ravel()
+    measured = _out_ms(fg, n, out_st, O) if worst else None
+    if measured is not None:
+        # correlated inputs (a DFT of band-limited audio) put less power in some outputs than the
+        # independent-input estimate: the calibrated output says how much (only where the worst
+        # channel decides; the mean's thresholds were set with the estimate)
+        signal = np.minimum(signal, measured)
     noise = s * s / 12.0 * w2.sum(axis=2).ravel()
     live = signal > 0
     if not live.any():
         return None
-    return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
+    rel = np.minimum(noise[live] / signal[live], 1.0)
+    return float(np.max(rel) if worst else np.mean(rel))
+
+
+def _out_ms(fg: Graph, n, out_st, O: int) -> np.ndarray | None:
+    """Per output channel mean square of ``n``'s calibrated output (its bias included: an upper bound
+    of the signal power), or None where the statistics describe another axis."""
+    if out_st is None:
+        return None
+    rank = len(fg.shape(n.outputs[0]))
+    want = 1 if n.op == "Conv" else rank - 1
+    if rank == 3 and want == 1 and out_st.ms_axis1 is not None and len(out_st.ms_axis1) == O:
+        return np.asarray(out_st.ms_axis1, np.float64)   # a 1-D conv's NCW output
+    if out_st.chan_ms is None or len(out_st.chan_ms) != O or (out_st.chan_axis % rank if rank else 0) != want:
+        return None
+    return np.asarray(out_st.chan_ms, np.float64)
 
 
 def _acc_fits(fg: Graph, n, st, wbits: int) -> bool:
@@ -111,6 +133,35 @@ def _acc_fits(fg: Graph, n, st, wbits: int) -> bool:
     return float(np.max((32768 + 128) * colsum + bias)) < 0.9 * 2**31
 
 
+LOG_DOMAIN = {"Log"}
+LINEAR_PATH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad", "Concat", "Mul", "Add", "Sub",
+               "ReduceSum", "ReduceSumSquare", "ReduceMean", "Pow", "Dense", "Conv", "Abs", "Where", "Affine"}
+
+
+def feeds_log(fg: Graph, t: str, hops: int = 12) -> bool:
+    """Whether tensor ``t`` reaches a Log through at most ``hops`` linear / power ops (an STFT -> power
+    -> mel filter bank -> log front end): a log reads every output channel's *relative* error, so a
+    quiet channel (a high frequency bin of speech) counts as much as a loud one."""
+    cons: dict[str, list] = {}
+    for m in fg.nodes:
+        for i in m.inputs:
+            cons.setdefault(i, []).append(m)
+    frontier, seen = [t], {t}
+    for _ in range(hops):
+        nxt = []
+        for x in frontier:
+            for u in cons.get(x, []):
+                if u.op in LOG_DOMAIN:
+                    return True
+                if u.op in LINEAR_PATH:
+                    for o in u.outputs:
+                        if o not in seen:
+                            seen.add(o)
+                            nxt.append(o)
+        frontier = nxt
+    return False
+
+
 def _direct(fg: Graph, n) -> bool:
     """A grouped / depthwise conv: a direct kernel that widens its input to int32 anyway
     (``qcompiler/kernels/cpu_vnni.py`` DIRECT_ACT_DTYPES), so a 16-bit input costs only its bytes; a
@@ -128,9 +179,13 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
         if n.op not in ("Conv", "Dense") or n.name in have or not n.inputs:
             continue
         st = stats.get(n.inputs[0])
-        r = layer_noise(fg, n, st, n.inputs[0] in nonneg, cfg)
+        # a layer whose output a log reads: its worst channel, not the mean (``feeds_log``)
+        logd = feeds_log(fg, n.outputs[0])
+        r = layer_noise(fg, n, st, n.inputs[0] in nonneg, cfg, stats.get(n.outputs[0]), logd)
         wbits = cfg.layer_bits(n.name)[0]
         if r is not None and wbits == 8:
+            if logd:   # a log's input: 20 dB on its worst channel, as cheap layers get (LOG_FACTOR)
+                r = r / LOG_FACTOR
             cand.append((n, st, r))
     if not any(r > cfg.auto_wide for _, _, r in cand):
         return ()  # no layer loses its small channels: the moderate ones cost more than they repair

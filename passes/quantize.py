@@ -103,7 +103,7 @@ class QuantConfig:
 
 
 # ops whose integer forms take 16-bit inputs as cheaply as 8-bit ones (int64 arithmetic inside)
-WIDE_CONSUMERS = {"Affine", "Add", "Sub", "Log", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div",
+WIDE_CONSUMERS = {"Affine", "Add", "Sub", "Mul", "Where", "Log", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div",
                   "ReduceSum", "ReduceMean"}
 
 PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Pad"}
@@ -248,6 +248,9 @@ class Quantizer:
         for u in users:
             if u.op in PASSTHROUGH:  # data movement keeps the dtype: look at its consumers
                 if u.inputs[0] != float_name or not self.wide_ok(u.outputs[0]):
+                    return False
+            elif u.op == "Concat":  # its inputs take the output's dtype (requantized into one scale)
+                if not self.wide_ok(u.outputs[0]):
                     return False
             elif u.op in FOLLOW_WIDE and u.name not in self.islands:
                 if u.inputs[0] != float_name or not self._feeds_a16(u.outputs[0]) or not self.wide_ok(u.outputs[0]):

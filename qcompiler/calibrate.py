@@ -57,6 +57,7 @@ class TensorStats:
     top_chan: np.ndarray | None = None    # their channels (rank >= 2)
     count: int = 0                        # number of values seen
     chan_axis: int = -1                   # the axis the chan_* fields describe: 1 for NCHW (rank 4), else last
+    ms_axis1: np.ndarray | None = None    # rank 3 (NCW: what a 1-D conv reads and writes): mean x^2 per index of axis 1
 
     def scaled(self, f: np.ndarray) -> "TensorStats":
         """The stats of x / f (f > 0 per channel of ``chan_axis``), exactly from the recorded ones."""
@@ -413,8 +414,16 @@ def merge_stats(a: TensorStats, b: TensorStats, rng: np.random.Generator) -> Ten
         ra, rb = a.count / max(len(a.chan_lo), 1), b.count / max(len(b.chan_lo), 1)   # rows per channel
         ms = (a.chan_ms * ra + b.chan_ms * rb) / max(ra + rb, 1) if a.chan_ms is not None and b.chan_ms is not None else None
         return TensorStats(min(a.lo, b.lo), max(a.hi, b.hi), sample, np.minimum(a.chan_lo, b.chan_lo),
-                           np.maximum(a.chan_hi, b.chan_hi), sample_chan, ms, top, tch, count, a.chan_axis)
-    return TensorStats(min(a.lo, b.lo), max(a.hi, b.hi), sample, None, None, None, None, top, None, count, -1)
+                           np.maximum(a.chan_hi, b.chan_hi), sample_chan, ms, top, tch, count, a.chan_axis,
+                           _merge_ms1(a, b))
+    return TensorStats(min(a.lo, b.lo), max(a.hi, b.hi), sample, None, None, None, None, top, None, count, -1,
+                       _merge_ms1(a, b))
+
+
+def _merge_ms1(a: TensorStats, b: TensorStats) -> np.ndarray | None:
+    if a.ms_axis1 is None or b.ms_axis1 is None or len(a.ms_axis1) != len(b.ms_axis1):
+        return None
+    return (a.ms_axis1 * a.count + b.ms_axis1 * b.count) / max(a.count + b.count, 1)
 
 
 def canonical_order(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -538,6 +547,7 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
     chi: dict[str, np.ndarray] = {}
     csq: dict[str, np.ndarray] = {}
     crows: dict[str, int] = {}
+    ms1: dict[str, np.ndarray | None] = {}   # rank 3: sum of x^2 per index of axis 1 (ms_axis1)
     tops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     count: dict[str, int] = {}
     chunks = range(0, n, batch)
@@ -577,6 +587,9 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
                 sq = np.square(vc.reshape(-1, c), dtype=np.float64).sum(axis=0)
                 csq[t] = csq[t] + sq if t in csq else sq
                 crows[t] = crows.get(t, 0) + v.size // c
+            if v.ndim == 3 and ms1.get(t, 0) is not None:
+                s1 = np.square(v, dtype=np.float64).sum(axis=(0, 2))
+                ms1[t] = s1 if t not in ms1 else (ms1[t] + s1 if len(ms1[t]) == len(s1) else None)
             flat = v.reshape(-1)
             a = np.abs(flat.astype(np.float64))
             k = min(TOPK, a.size)
@@ -603,7 +616,8 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
                              smp_chan if per else None,
                              csq[t] / max(crows[t], 1) if per else None,
                              tops[t][0] if t in tops else None, tops[t][1] if (t in tops and per) else None,
-                             count.get(t, 0), channel_axis(rank) if per else -1)
+                             count.get(t, 0), channel_axis(rank) if per else -1,
+                             ms1[t] * len(ms1[t]) / max(count.get(t, 0), 1) if ms1.get(t) is not None else None)
     return out
 
 
