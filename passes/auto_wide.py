@@ -116,13 +116,20 @@ def _acc_fits(fg: Graph, n, st, wbits: int) -> bool:
     """Whether the int32 accumulator of ``n`` provably holds with a 16-bit input: the bound of
     ``qcompiler/intops/gemm.py`` ``_check_gemm`` (max|x| + 128) * sum|W_q| + |bias_q| < 2^31, with the
     weights quantized per output channel as the rule will, the bias at the 16-bit input scale."""
+    from qcompiler.qtypes import weight_qmax
+
     w, groups = _layer_weights(fg, n)
     O = w.shape[0]
     wf = w.reshape(O, -1)
-    qmax = 2 ** (wbits - 1) - 1
-    sw = np.abs(wf).max(axis=1) / qmax
+    sw = np.abs(wf).max(axis=1) / weight_qmax(wbits)
     sw = np.where(sw > 0, sw, 1.0)
     colsum = np.abs(np.round(wf / sw[:, None])).sum(axis=1)
+    if wbits == 16:   # two int8 halves (intops/gemm.py split_w16), no bias in either: the larger half
+        from qcompiler.intops.gemm import split_w16
+
+        q = np.round(wf / sw[:, None]).astype(np.int64)
+        return float(max(np.abs(h.astype(np.int64)).sum(axis=1).max() for h in split_w16(q))) * (32768 + 128) \
+            < 0.9 * 2**31
     b = n.attrs.get("bias")
     if b is None and n.op == "Conv" and len(n.inputs) > 2 and n.inputs[2] in fg.consts:
         b = fg.consts[n.inputs[2]]
@@ -173,7 +180,8 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
     """The plan entries ``(name, weight bits, 16)`` this pass adds to ``cfg.plan``."""
     if cfg.bits >= 16 or not cfg.wide_bits or not cfg.auto_wide:
         return ()
-    have = {name for name, _, _ in cfg.plan}
+    # explicit plan entries stay as they are, except 16-bit weights (w16a8), whose input may widen too
+    have = {name for name, wb, _ in cfg.plan if int(wb) != 16}
     cand = []
     for n in fg.nodes:
         if n.op not in ("Conv", "Dense") or n.name in have or not n.inputs:
@@ -183,11 +191,12 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
         logd = feeds_log(fg, n.outputs[0])
         r = layer_noise(fg, n, st, n.inputs[0] in nonneg, cfg, stats.get(n.outputs[0]), logd)
         wbits = cfg.layer_bits(n.name)[0]
-        if r is not None and wbits == 8:
+        if r is not None and wbits in (8, 16):
             if logd:   # a log's input: 20 dB on its worst channel, as cheap layers get (LOG_FACTOR)
                 r = r / LOG_FACTOR
             cand.append((n, st, r))
     if not any(r > cfg.auto_wide for _, _, r in cand):
         return ()  # no layer loses its small channels: the moderate ones cost more than they repair
-    return tuple((n.name, 8, 16) for n, st, r in cand
-                 if r > cfg.auto_wide * (DIRECT_FACTOR if _direct(fg, n) else 1.0) and _acc_fits(fg, n, st, 8))
+    return tuple((n.name, cfg.layer_bits(n.name)[0], 16) for n, st, r in cand
+                 if r > cfg.auto_wide * (DIRECT_FACTOR if _direct(fg, n) else 1.0)
+                 and _acc_fits(fg, n, st, cfg.layer_bits(n.name)[0]))

@@ -85,8 +85,8 @@ class QuantConfig:
             raise ValueError(f"rounding must be 'gptq' or 'rtn', not {self.rounding}")
         for entry in self.plan:
             name, wb, ab = entry
-            if not 2 <= int(wb) <= 8 or int(ab) not in (self.bits, 16):
-                raise ValueError(f"plan entry {entry}: weight bits in 2..8, activation bits {self.bits} or 16")
+            if not (2 <= int(wb) <= 8 or int(wb) == 16) or int(ab) not in (self.bits, 16):
+                raise ValueError(f"plan entry {entry}: weight bits in 2..8 or 16, activation bits {self.bits} or 16")
 
     def layer_bits(self, name: str) -> tuple[int, int]:
         """(weight bits, activation bits) of the Conv/Dense node ``name``."""
@@ -393,7 +393,8 @@ def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: Qu
 
         extra = auto_wide_plan(fg, stats, nonneg, cfg)
         if extra:
-            cfg = replace(cfg, plan=tuple(cfg.plan) + extra)
+            wide = {e[0] for e in extra}   # a w16a8 entry the pass widens becomes w16a16
+            cfg = replace(cfg, plan=tuple(e for e in cfg.plan if e[0] not in wide) + extra)
     ig = Quantizer(fg, stats, nonneg, cfg, onnx_model, islands).run()
     verify_scales(ig)
     return ig

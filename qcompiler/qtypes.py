@@ -147,13 +147,21 @@ def requant_ref(x: np.ndarray, mult: np.ndarray, shift: np.ndarray, add: np.ndar
     return t >> shift.astype(np.int64)
 
 
+W16_QMAX = 127 * 256 + 127   # 16-bit weights: q = 256 * hi + lo with hi, lo both int8 (intops/gemm.py)
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest weight magnitude at ``bits``: 2^(b-1) - 1, and ``W16_QMAX`` at 16 bits."""
+    return W16_QMAX if bits == 16 else 2 ** (bits - 1) - 1
+
+
 def quantize_weights(w: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel symmetric weights: (q int8, S_w float64 per channel along ``axis``)."""
-    qmax = 2 ** (bits - 1) - 1
+    """Per-channel symmetric weights: (q int8, or int16 at 16 bits; S_w float64 per channel along ``axis``)."""
+    qmax = weight_qmax(bits)
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w.astype(np.float64)), axis=red) if red else np.abs(w.astype(np.float64))
     scale = np.where(amax > 0, amax / qmax, 1.0)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax - 1, qmax).astype(np.int16 if bits > 8 else np.int8)
     return q, scale

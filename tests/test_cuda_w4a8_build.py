@@ -115,6 +115,16 @@ def test_mixed_cuda_build_routes_each_layer(model):
     _check_w4a8_kernels(funcs, "sm_80", four)
 
 
+def test_w16_cuda_build_runs_two_int8_mma_kernels(model):
+    """--pin NODE=16 on CUDA: the 16-bit-weight layer runs the INT8 tensor-core kernel twice (its
+    halves, qcompiler/intops/gemm.py lower_w16), no generic fallback."""
+    meta, funcs = _compile(model, "w16_sm_80", "--arch", "sm_80", "--pin", "Conv_0=16")
+    bits = {lay["name"]: lay["weight_bits"] for lay in meta["layers"]}
+    assert bits["Conv_0"] == 16
+    assert meta["kernels"]["generic_fallbacks"] == []
+    assert meta["kernels"]["gemm_kernels"].get("conv_mma", 0) >= 2, meta["kernels"]
+
+
 @pytest.mark.parametrize("arch,needle", [("sm_90", "sm_90 has none"), ("sm_80", "no 4-bit activations")])
 def test_int4_refused_in_one_line_naming_w4a8(model, tmp_path, capsys, arch, needle):
     rc = main(["compile", str(model / "m.onnx"), "-o", str(tmp_path / "x.so"), "--calib", str(model / "calib.npz"),

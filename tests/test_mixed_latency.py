@@ -110,6 +110,9 @@ def test_variant_columns_are_the_variant_kernels(small, fake_model):
     lat = predict_layers(prep.int_graph, parse_target("cpu"), src=prep.state)
     assert lat.source == "model" and lat.names == ["conv_a", "conv_b", "fc1", "fc2"]
     for ci, c in enumerate(CHOICES):
+        if c == "w16a8":   # two INT8 kernels per layer: the INT8 prediction x the roofline ratio
+            assert np.all(lat.ms[:, ci] > lat.ms[:, 0])
+            continue
         g = uniform_graph(prep.state, c)
         res = _qc_predict_graph(g)
         gemm = [layer["predicted_ms"] for layer in res["layers"]

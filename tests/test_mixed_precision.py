@@ -118,7 +118,7 @@ def test_sensitivity_cache(small, tmp_path, monkeypatch):
     mo = P.MixedOptions()
     s1, key = P.sensitivity_for(ev, names, [], str(small / "m.onnx"), feeds, st.cfg, mo)
     assert not s1.cached and (tmp_path / f"sensitivity-{key}.json").is_file()
-    assert s1.omega.shape == (3, 3) and np.all(s1.omega[:, 0] == 0) and np.all(s1.omega_int8[:, 1] > 0)
+    assert s1.omega.shape == (3, 4) and np.all(s1.omega[:, 0] == 0) and np.all(s1.omega_int8[:, 1] > 0)
     s2, key2 = P.sensitivity_for(ev, names, [], str(small / "m.onnx"), feeds, st.cfg, mo)
     assert key2 == key and s2.cached and np.array_equal(s1.omega, s2.omega)
     assert np.array_equal(s1.available, s2.available)
@@ -150,6 +150,34 @@ def test_compile_w4a8_and_pins_json(small, tmp_path, capsys, monkeypatch):
     assert "weights      " in text and "int4" in text
 
 
+def test_compile_pin_16_bit_weights(small, tmp_path, capsys, monkeypatch):
+    """--pin NODE=16: that layer's weights at 16 bits (two INT8 kernels, intops/gemm.py); model.json
+    lists 16-bit weights at 2 bytes each and the library runs equal to the reference."""
+    from qcompiler import reference
+    from qcompiler.runtime import Library
+
+    monkeypatch.setenv("QC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "w16.so"
+    assert main(["-q", "compile", str(small / "m.onnx"), "-o", str(out), "--calib", str(small / "calib.npz"),
+                 "--pin", "conv_b=16"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    bits = {r["name"]: (r["weight_bits"], r["act_bits"]) for r in meta["layers"]}
+    assert bits["conv_b"] == (16, 8) and bits["conv_a"] == (8, 8)
+    assert meta["weight_bytes"] == 16 * 27 + 32 * 144 * 2 + 32 * 5
+    x = dict(np.load(small / "calib.npz"))
+    feed = {k: v[:1] for k, v in x.items()}
+    got = Library(str(out))(feed)
+    st = _state(small)
+    from dataclasses import replace
+
+    from passes.quantize import quantize
+
+    ig = quantize(st.fg, st.stats, st.nonneg, replace(st.cfg, plan=(("conv_b", 16, 8),)), st.fr.model)
+    want = reference.execute(ig, feed)
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), v)
+
+
 def test_compile_mixed_with_budget(small, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("QC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "mx.so"
@@ -167,7 +195,7 @@ def test_compile_mixed_with_budget(small, tmp_path, capsys, monkeypatch):
     (["--precision", "int4"], "w4a8"),
     (["--precision", "int4", "--target", "cuda", "--arch", "sm_90"], "w4a8"),
     (["--pin", "conv_bb=4"], "near matches: conv_b"),
-    (["--pin", "conv_b=3"], "NODE=8, NODE=4 or NODE=a16"),
+    (["--pin", "conv_b=3"], "NODE=8, NODE=4, NODE=16"),
     (["--latency-budget", "0.8"], "applies to --precision mixed"),
     (["--precision", "mixed", "--latency-budget", "0.5"], "smallest achievable"),
     (["--precision", "mixed", "--size-budget", "0.1"], "smallest achievable"),

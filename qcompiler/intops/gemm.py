@@ -9,6 +9,15 @@ For y = act(x * W + b) with x at scale S_x, weights per output channel oc:
     y_q     = clip((int64(sum x_q * W_q + b_q) * mult + 2^(shift-1)) >> shift, lo, hi)
 with [lo, hi] the output dtype's range intersected with the fused activation (ReLU: lo = 0).
 MatMul of two activations (attention) uses per-tensor M = S_a * S_b / S_y.
+
+16-bit weights (``weight_bits`` 16, the ``w16a8`` choice of a mixed-precision plan: layers whose
+8-bit weights lose the model's accuracy, e.g. an OCR recogniser's BN-folded depthwise filters):
+    S_w[oc] = max|W[oc]| / 32639,   W_q = 256 * W_hi + W_lo   (W_hi, W_lo in [-128, 127])
+    acc     = 256 * sum x_q * W_hi + sum x_q * W_lo + b_q     (each partial sum an int32 of an INT8
+                                                              GEMM; the combination and b_q in int64)
+and the multiplier narrowed (``narrow_dyadic``) so that |acc| * mult < 2^62.  The lowering runs the
+layer's INT8 kernel twice (W_hi, W_lo: int32 outputs) and combines in one elementwise kernel
+(``lower_w16``): exact, at about twice the INT8 layer's cost.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from qcompiler.errors import QuantizationError
 from qcompiler.graph import Node
 from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value
-from qcompiler.qtypes import dyadic, int_range, quantize_weights, requant_ref
+from qcompiler.qtypes import dyadic, int_range, quantize_weights, requant_ref, weight_qmax
 from qcompiler.symbolic import shape_prod
 
 from .registry import I32, Example, IntOp, check_requant, get, mag, register, rule
@@ -32,6 +41,7 @@ if TYPE_CHECKING:
 
 
 BIAS_LIMIT = 2**26  # |b_q| budget: leaves int32 headroom for the products' sum
+BIAS_LIMIT_W16 = 2**40   # 16-bit weights: b_q is added in int64 (``lower_w16``)
 
 
 def _weights_and_bias(W, b, s_in, axis, bits, name, hessian=None):
@@ -42,8 +52,9 @@ def _weights_and_bias(W, b, s_in, axis, bits, name, hessian=None):
     ``docs/mixed_precision.md``); the op's semantics do not change."""
     wq, sw = quantize_weights(W, axis=axis, bits=bits)
     raised = False
+    limit = BIAS_LIMIT_W16 if bits == 16 else BIAS_LIMIT
     if b is not None:
-        need = np.abs(b.astype(np.float64)) / (s_in * BIAS_LIMIT)
+        need = np.abs(b.astype(np.float64)) / (s_in * limit)
         if np.any(need > sw):
             sw = np.maximum(sw, need)
             raised = True
@@ -54,15 +65,39 @@ def _weights_and_bias(W, b, s_in, axis, bits, name, hessian=None):
     elif raised:
         shape = [1] * W.ndim
         shape[axis] = -1
-        qmax = 2 ** (bits - 1) - 1
-        wq = np.clip(np.round(W / sw.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
+        qmax = weight_qmax(bits)
+        wq = np.clip(np.round(W / sw.reshape(shape)), -qmax - 1, qmax).astype(wq.dtype)
+    bdt = np.int64 if bits == 16 else np.int32
     if b is None:
-        return wq, sw, np.zeros(len(sw), np.int32)
+        return wq, sw, np.zeros(len(sw), bdt)
     b = b.astype(np.float64)
     q = np.round(b / (s_in * sw))
-    if np.any(np.abs(q) > BIAS_LIMIT):
+    if np.any(np.abs(q) > limit):
         raise QuantizationError(f"node '{name}': the bias does not fit int32 at scale S_x*S_w")
-    return wq, sw, q.astype(np.int32)
+    return wq, sw, q.astype(bdt)
+
+
+def split_w16(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """16-bit weights as two int8 arrays: wq = 256 * hi + lo, lo in [-128, 127]."""
+    w = wq.astype(np.int64)
+    lo = (w + 128) % 256 - 128
+    return ((w - lo) // 256).astype(np.int8), lo.astype(np.int8)
+
+
+def narrow_dyadic(dy, qx, wq, bq, axis: int):
+    """(mult, shift) of a 16-bit-weight layer with the multiplier's low bits dropped where needed so
+    that |acc| * mult + 2^(shift-1) < 2^62 (acc <= (max|x| + 128) * sum|W_q| + |b_q| per channel)."""
+    red = tuple(i for i in range(wq.ndim) if i != axis)
+    colsum = np.abs(wq.astype(np.float64)).sum(axis=red)
+    xm = max(abs(qx.qmin), abs(qx.qmax)) + 128
+    # the overflow proof (passes/overflow.py) pairs the largest accumulator with the largest multiplier
+    acc = float((xm * colsum + np.abs(bq.astype(np.float64))).max()) + 1
+    room = int(np.floor(62 - np.log2(acc)))                        # bits the multiplier may take
+    mult, shift = np.asarray(dy.mult, np.int64), np.asarray(dy.shift, np.int64)
+    drop = np.clip(np.ceil(np.log2(np.maximum(np.abs(mult), 1) + 1)).astype(np.int64) - room, 0, None)
+    drop = np.minimum(drop, np.maximum(shift - 1, 0))
+    mult = np.where(drop > 0, np.floor(mult / np.exp2(drop) + 0.5).astype(np.int64), mult)
+    return mult, shift - drop
 
 
 def _conv_check(g, n):
@@ -110,6 +145,8 @@ def conv(qz: Quantizer, n):
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
+    if wbits == 16:
+        dy = type(dy)(*narrow_dyadic(dy, qx, wq, bq, 0))
     xi = qz.iname(x)
     out_shape = g.shape(out)
     if nd == 1:  # 1-D conv as a 2-D conv over [N, C, 1, L]
@@ -142,6 +179,8 @@ def dense(qz: Quantizer, n):
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")
+    if wbits == 16:
+        dy = type(dy)(*narrow_dyadic(dy, qx, wq, bq, 1))
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult,
              "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "weight_bits": wbits}
     qz.emit("dense", [qz.iname(x)], out, attrs, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
@@ -206,7 +245,23 @@ def _check_gemm(ctx, n, x, colsum):
     check_requant(ctx, n, float((xm * colsum + bias).max()), a)
 
 
-_GEMM_ATTRS = {"weight": "int8 weights (values within weight_bits)", "bias": "int32 bias at scale S_x*S_w",
+def _check_gemm_w16(ctx, n, x, axis: int):
+    """16-bit weights: each INT8 half (W_hi, W_lo, no bias) holds in its int32 accumulator, and the
+    int64 combination 256 * acc_hi + acc_lo + b_q through the dyadic step."""
+    a = n.attrs
+    red = tuple(i for i in range(a["weight"].ndim) if i != axis)
+    xm = mag(x)
+    xm_vnni = xm + (128 if x[0] < 0 else 0)
+    for half in split_w16(a["weight"]):
+        acc = float(xm_vnni * np.abs(half.astype(np.int64)).sum(axis=red).max())
+        if acc > I32:
+            ctx.fail(n, "the int32 accumulator of a 16-bit weight half", acc, I32)
+    colsum = np.abs(a["weight"].astype(np.int64)).sum(axis=red)
+    check_requant(ctx, n, float((xm * colsum + np.abs(a["bias"].astype(np.int64))).max()), a)
+
+
+_GEMM_ATTRS = {"weight": "int8 weights (values within weight_bits; int16 at 16)",
+               "bias": "int32 bias at scale S_x*S_w (int64 at 16-bit weights)",
                "mult": "int64 per-output-channel multipliers", "shift": "per-output-channel shifts",
                "lo": "clamp minimum", "hi": "clamp maximum",
                "dtype": "integer dtype of the requantized result (the output's without an epilogue)",
@@ -349,6 +404,31 @@ def _gemm_example_attrs(rng, oc, k, dtype="int8", lo=-128, hi=127):
             "lo": lo, "hi": hi, "dtype": dtype, "weight_bits": 8}
 
 
+def lower_w16(lw, n, x, extras, lower, chan_shape):
+    """A 16-bit-weight conv / dense: the layer's own INT8 lowering run on W_hi and on W_lo (no bias,
+    identity requant: mult 2, shift 1, int32 out), then in int64 256 * acc_hi + acc_lo + b_q, the
+    layer's dyadic step and clamp, and its fused epilogue steps (``epilogue_relax``)."""
+    a = n.attrs
+    N = int(a["weight"].shape[0 if n.op == "conv" else 1])
+    accs = []
+    for tag, half in zip(("hi", "lo"), split_w16(a["weight"])):
+        h = Node(n.op, f"{n.name}/w16{tag}", list(n.inputs[:1]), list(n.outputs),
+                 {**{k: v for k, v in a.items() if k != "epilogue"}, "weight": half, "weight_bits": 8,
+                  "bias": np.zeros(N, np.int32), "mult": np.full(N, 2, np.int64), "shift": np.ones(N, np.int64),
+                  "lo": -(2**31), "hi": 2**31 - 1, "dtype": "int32"})
+        accs.append(lower(lw, h, x))
+    hi, lo = accs
+    lo = lw.to_perm(lo, hi.perm)
+    t = lw.emit(relax.op.add(lw.emit(relax.op.multiply(lw.cast(hi.expr, "int64"), relax.const(256, "int64"))),
+                             lw.cast(lo.expr, "int64")))
+    ref = Value(t, hi.perm, hi.shape, "int64")
+    t = lw.emit(relax.op.add(t, lw.c(np.asarray(a["bias"], np.int64).reshape(chan_shape), "int64", ref)))
+    rs = lambda v: np.asarray(v, np.int64).reshape(chan_shape)
+    e = lw.requant_expr(t, ref, rs(a["mult"]), rs(a["shift"]), None, a["lo"], a["hi"], a["dtype"])
+    y = Value(e, hi.perm, hi.shape, a["dtype"])
+    return epilogue_relax(lw, n, y, list(extras)) if a.get("epilogue") else y
+
+
 @register
 class ConvOp(IntOp):
     """2-D convolution (NCHW logical, NHWC physical), int32 accumulation with bias, per-channel
@@ -372,6 +452,8 @@ class ConvOp(IntOp):
 
     @staticmethod
     def lower(lw, n, x, *extras):
+        if int(n.attrs.get("weight_bits", 8)) == 16:
+            return lower_w16(lw, n, x, extras, ConvOp.lower, (1, -1, 1, 1))
         x = lw.to_perm(x, L.NHWC)
         shape = lw.ig.shapes[n.outputs[0]]
         phys = L.physical_shape(x.shape, L.NHWC)
@@ -389,6 +471,9 @@ class ConvOp(IntOp):
 
     @staticmethod
     def bound(ctx, n, x, *extras):
+        if int(n.attrs.get("weight_bits", 8)) == 16:
+            _check_gemm_w16(ctx, n, x, 0)
+            return epilogue_bound(ctx, n, extras)
         w = np.abs(n.attrs["weight"].astype(np.int64))
         _check_gemm(ctx, n, x, w.reshape(w.shape[0], -1).sum(axis=1))
         return epilogue_bound(ctx, n, extras)
@@ -440,6 +525,8 @@ class DenseOp(IntOp):
 
     @staticmethod
     def lower(lw, n, x, *extras):
+        if int(n.attrs.get("weight_bits", 8)) == 16:
+            return lower_w16(lw, n, x, extras, DenseOp.lower, (-1,))
         x = lw.logical(x)
         K = x.shape[-1]
         M = shape_prod(x.shape[:-1])  # symbolic when a dim is (qcompiler/symbolic.py)
@@ -466,6 +553,9 @@ class DenseOp(IntOp):
 
     @staticmethod
     def bound(ctx, n, x, *extras):
+        if int(n.attrs.get("weight_bits", 8)) == 16:
+            _check_gemm_w16(ctx, n, x, 1)
+            return epilogue_bound(ctx, n, extras)
         _check_gemm(ctx, n, x, np.abs(n.attrs["weight"].astype(np.int64)).sum(axis=0))
         return epilogue_bound(ctx, n, extras)
 

@@ -126,13 +126,13 @@ def run(a) -> int:
     print(f"{a.model}: all-INT8 predicted {ctx.lat.int8_total_ms:.4g} ms ({ctx.lat.source}); "
           f"D = divergence from FP32 on the {res['evaluated_on']}")
     print(f"  {'kind':<22} {'budget':>8} {'pred ms':>9} {'frac':>6} {'MB':>8} {'sum Omega':>11} {'D fp32':>10} "
-          f"{'top-1':>6}  W4A8/W8A16")
+          f"{'top-1':>6}  W4A8/W8A16/W16A8")
     for p in pts:
         t1 = "-" if p["top1_agreement"] is None else f"{p['top1_agreement']:.3f}"
         b = "-" if p["budget"] is None else f"{p['budget']:.4g}"
         print(f"  {p['kind']:<22} {b:>8} {p['predicted_ms']:>9.4g} {p['predicted_fraction']:>6.3f} "
               f"{p['weight_bytes'] / 1e6:>8.4g} {p['omega_sum']:>11.4g} {p['d_fp32']:>10.4g} {t1:>6}  "
-              f"{p['counts']['w4a8']}/{p['counts']['w8a16']}" + (f"  measured {p['measured_ms']:.4g} ms"
+              f"{p['counts']['w4a8']}/{p['counts']['w8a16']}/{p['counts'].get('w16a8', 0)}" + (f"  measured {p['measured_ms']:.4g} ms"
                                                                  if "measured_ms" in p else ""))
     return 0
 
@@ -146,7 +146,8 @@ def _measure(a, ctx, pts, opts) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate(pts):
-            pins = tuple(f"{m}={'4' if c == 'w4a8' else 'a16'}" for m, c in zip(ctx.names, p["choice"]) if c != "w8a8")
+            pin = {"w4a8": "4", "w8a16": "a16", "w16a8": "16"}
+            pins = tuple(f"{m}={pin[c]}" for m, c in zip(ctx.names, p["choice"]) if c != "w8a8")
             o = replace(opts, precision="int8", mixed=replace(ctx.mo, pins=pins))
             out = Path(d) / f"p{i}.so"
             compile_model(a.model, out, a.calib, o)

@@ -90,7 +90,8 @@ def variant_ratio(ig, node, choice: str, target: dict) -> float:
     t = target_info(target)
     wb, ab = CHOICES[choice]
     ob = 16 if node.attrs["dtype"].endswith("16") else 8
-    cf = 2.0 if (ab > 8 and target.get("kind") == "cpu") else 1.0
+    # W8A16 on CPUs: half the multiply rate; W16A8: two INT8 GEMMs (intops/gemm.py lower_w16)
+    cf = 2.0 if (ab > 8 and target.get("kind") == "cpu") or wb == 16 else 1.0
 
     def roof(w_bits, a_bits, f):
         comp = f * 2.0 * M * N * K / (t["peak_gops"] * 1e9)
@@ -147,7 +148,7 @@ def predict_layers(ig, spec, tune_log=None, cost_model=None, src=None, fuse: boo
         if c == "w8a8":
             ms[:, ci] = int8
             continue
-        if direct:
+        if direct and CHOICES[c][0] <= 8:   # a W16A8 layer runs two INT8 kernels: the roofline ratio
             var, _, _, (dts, tuned) = gemm_ms(uniform_graph(src, c, fuse))
             for li, n in enumerate(nodes):
                 # W8A16 is predicted directly where it runs a GEMM backend's kernel (cpu_*_a16); a layer

@@ -5,6 +5,8 @@ Choices per conv/dense layer (weight bits, activation bits of its input):
     w4a8   4-bit weights in [-8, 7] (per-output-channel scales, GPTQ rounding), int8 activations
     w8a16  int8 weights, int16 input activations (where its producer can emit int16 and the int32
            accumulator bound holds)
+    w16a8  16-bit weights (two int8 halves, two INT8 kernels, ``qcompiler/intops/gemm.py``), int8
+           activations: for layers whose 8-bit weights lose accuracy (about twice the INT8 cost)
 
 ``make_plan`` turns ``--precision`` / ``--pin`` / budgets into a ``QuantConfig`` with the plan:
 int8 (pins only), w4a8 (every layer 4-bit unless pinned), mixed (the ILP of ``ilp.py`` over the
@@ -21,8 +23,12 @@ import numpy as np
 
 from qcompiler.errors import QCError
 
-CHOICES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a16": (8, 16)}
-PIN_VALUES = {"8": "w8a8", "4": "w4a8", "a16": "w8a16", "w8a8": "w8a8", "w4a8": "w4a8", "w8a16": "w8a16"}
+CHOICES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a16": (8, 16), "w16a8": (16, 8)}
+PIN_VALUES = {"8": "w8a8", "4": "w4a8", "a16": "w8a16", "16": "w16a8", "w8a8": "w8a8", "w4a8": "w4a8",
+              "w8a16": "w8a16", "w16a8": "w16a8"}
+# choices that spend latency on precision: their omega is the change of the distance to FP32
+# (negative where the layer's extra bits help; ``sensitivity.py``)
+SPEND = ("w8a16", "w16a8")
 TIE_KEY = tuple(ab for _, ab in CHOICES.values())   # tied layers share their activation bits
 PASSTHROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
 
@@ -46,7 +52,7 @@ class MixedOptions:
 def parse_pin(text: str) -> tuple[str, str]:
     name, sep, val = str(text).rpartition("=")
     if not sep or not name or val.lower() not in PIN_VALUES:
-        raise PlanError(f"--pin {text}: give NODE=8, NODE=4 or NODE=a16 (weight bits, or 16-bit activations)")
+        raise PlanError(f"--pin {text}: give NODE=8, NODE=4, NODE=16 (weight bits) or NODE=a16 (16-bit activations)")
     return name, PIN_VALUES[val.lower()]
 
 

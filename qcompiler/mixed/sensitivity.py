@@ -13,7 +13,7 @@ sum (out - ref)^2 / sum ref^2; several outputs add.  Two measures per layer i an
     omega_int8[i, c] = D(M_8, M_i(c))                         (vs the all-INT8 model)
     omega[i, c]      = what the ILP minimises:
                        W4A8:  omega_int8[i, c]
-                       W8A16: D(FP32, M_i(c)) - D(FP32, M_8)  (negative where it helps)
+                       W8A16, W16A8: D(FP32, M_i(c)) - D(FP32, M_8)  (negative where it helps)
 
 Why two forms: with e the INT8 model's output error and d_i the change layer i's choice makes,
 ||e + sum d_i||^2 ~ ||e||^2 + sum_i (||d_i||^2 + 2 e.d_i) when the layers' changes are
@@ -41,7 +41,7 @@ import numpy as np
 
 from .plan import CHOICES
 
-VERSION = 3
+VERSION = 4
 EPS = 1e-8
 
 
@@ -244,6 +244,8 @@ def measure(ev: Evaluator, names: list[str], ties: list[tuple[int, ...]], progre
                 continue
             outs = ev.run(ig)
             om8[li, cidx[c]] = omega[li, cidx[c]] = ev.d_int8(outs)
+            if wb > 8 and ev.fp32 is not None:   # 16-bit weights remove the layer's share of the error
+                omega[li, cidx[c]] = ev.d_fp32(outs) - ev.d8_fp32
         if progress:
             progress(li + 1, L)
     grouped = {i for g in ties for i in g}

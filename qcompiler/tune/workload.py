@@ -352,6 +352,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
         x_dtype = ig.dtypes[n.inputs[0]]
         od = a["dtype"]
         bits = int(a.get("weight_bits", 8) or 8)
+        bits = 8 if bits == 16 else bits   # 16-bit weights run the INT8 kernel twice (intops/gemm.py lower_w16)
         wl = None
         if n.op == "conv":
             N, C, H, W = (int(d) for d in ig.shapes[n.inputs[0]])

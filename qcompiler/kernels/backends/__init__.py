@@ -85,8 +85,9 @@ class CpuGemmBackend(GemmBackend):
         if a_dtype not in self.a_dtypes:
             return False
         # 4-bit weights run on a 4-bit backend where there is one, else on an 8-bit one (exact:
-        # the int8 array holds them); 8-bit weights only on an 8-bit backend
-        return self.weight_bits == 8 or weight_bits == 4
+        # the int8 array holds them); 8-bit weights only on an 8-bit backend; 16-bit weights on none
+        # (they run as two 8-bit halves, qcompiler/intops/gemm.py lower_w16)
+        return weight_bits in (4, 8) and (self.weight_bits == 8 or weight_bits == 4)
 
     def available(self, target) -> bool:
         return target_has(target, self.llvm_features, self.host_flag)
