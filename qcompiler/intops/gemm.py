@@ -495,7 +495,17 @@ class ConvOp(IntOp):
             return e
 
         dw = ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8")
+
+        def w16(e):   # 16-bit weights (lower_w16), an int64 bias, the multiplier narrowed by 8 bits
+            a = e.attrs
+            a.update(weight=rng.integers(-32640, 32640, a["weight"].shape).astype(np.int16), weight_bits=16,
+                     bias=rng.integers(-2**36, 2**36, len(a["bias"])).astype(np.int64), mult=a["mult"] >> 8)
+            return e
+
         return [ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1), ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8"),
+                w16(ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1)), w16(ex(8, 8, 8, 3, 2, (1, 0, 1, 2), 1, "uint8")),
+                fused(w16(ex(16, 32, 1, 3, 1, (1, 1, 1, 1), 1, "uint8")), _ex_add(("y", "in1"), "uint8", 0, 255),
+                      ["int8"]),
                 ex(12, 6, 3, 3, 1, (2, 2, 2, 2), 2),
                 # fused epilogues (passes/fuse_epilogue.py): residual add + ReLU (the GEMM result as
                 # either operand), hard-swish on a depthwise conv, a W4A8 conv with an add and a clip
@@ -573,7 +583,11 @@ class DenseOp(IntOp):
             e.out_dtype = steps[-1]["attrs"]["dtype"]
             return e
 
-        return [ex((4, 64), 48, "int8"), ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767),
+        w16 = ex((3, 40), 24, "uint8")   # 16-bit weights (lower_w16): two INT8 kernels + the int64 combine
+        w16.attrs.update(weight=rng.integers(-32640, 32640, (40, 24)).astype(np.int16), weight_bits=16,
+                         bias=rng.integers(-2**36, 2**36, 24).astype(np.int64),
+                         mult=w16.attrs["mult"] >> 8, shift=w16.attrs["shift"])
+        return [ex((4, 64), 48, "int8"), ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767), w16,
                 # fused residual add (transformer: int16 stream), also on W8A16 (int16 input); hard-swish
                 fused(ex((2, 3, 40), 17, "uint8", "int16", -32768, 32767),
                       _ex_add(("y", "in1"), "int16", -32768, 32767), ["int16"]),
