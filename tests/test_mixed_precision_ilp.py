@@ -88,3 +88,21 @@ def test_pins_contradicting_ties():
     with pytest.raises(ilp.Infeasible) as ei:
         ilp.solve(p)
     assert ei.value.resource is None
+
+
+def test_cuda_offers_no_w8a16_to_the_ilp():
+    """On CUDA no tensor-core kernel takes 16-bit activations: the ILP is not offered W8A16 there
+    (qcompiler/mixed/plan.py ``for_target``); on CPUs it is."""
+    import numpy as np
+
+    from qcompiler.mixed.plan import CHOICES, for_target
+    from qcompiler.mixed.sensitivity import Sensitivity
+    from qcompiler.targets import parse_target
+
+    L, C = 3, len(CHOICES)
+    s = Sensitivity(["a", "b", "c"], np.zeros((L, C)), np.zeros((L, C)), np.ones((L, C), bool))
+    ci = list(CHOICES).index("w8a16")
+    cu = for_target(s, parse_target("cuda", arch="sm_80"))
+    assert not cu.available[:, ci].any() and cu.available[:, [i for i in range(C) if i != ci]].all()
+    assert "16-bit activations" in cu.reasons["a/w8a16"]
+    assert for_target(s, parse_target("cpu")).available.all() and s.available.all()

@@ -228,6 +228,7 @@ def _solve(ev, names, ties, pins, fr, feeds, cfg, mo, opts, model_path):
     lat = predict_layers(ev.ig8, opts.target, opts.tune_log, mo.cost_model, src=ev, fuse=opts.fuse_epilogue)
     if lat.names != names:
         raise PlanError("internal: the lowered layers do not match the graph's conv/dense nodes; please report")
+    sens = for_target(sens, opts.target)
     prob = build_problem(ev.ig8, names, sens, lat, ties, pins, mo)
     try:
         sol = ilp.solve(prob)
@@ -240,6 +241,27 @@ def _solve(ev, names, ties, pins, fr, feeds, cfg, mo, opts, model_path):
                     "sensitivity": {"cache_key": key, "evaluator": sens.evaluator, "samples": sens.samples,
                                     "d_fp32_int8": sens.base_fp32},
                     "budgets": {k: v for k, v in prob.budgets.items()}}
+
+
+# choices a target runs only on generic (unscheduled Relax) kernels: not offered to the ILP there
+# (the roofline ratio would price them as if a tuned kernel ran them)
+NO_KERNEL = {"cuda": {"w8a16": "no tensor-core kernel takes 16-bit activations (qcompiler/kernels/cuda_mma.py)"}}
+
+
+def for_target(sens, target):
+    """``sens`` with the choices ``target`` has no kernel for marked unavailable (``NO_KERNEL``)."""
+    from dataclasses import replace as _replace
+
+    missing = NO_KERNEL.get(getattr(target, "kind", None), {})
+    if not missing:
+        return sens
+    avail, reasons = sens.available.copy(), dict(sens.reasons)
+    for c, why in missing.items():
+        ci = list(CHOICES).index(c)
+        avail[:, ci] = False
+        for m in sens.names:
+            reasons[f"{m}/{c}"] = why
+    return _replace(sens, available=avail, reasons=reasons)
 
 
 def build_problem(ig8, names, sens, lat, ties, pins, mo: MixedOptions):
