@@ -52,6 +52,7 @@ idempotent and cheap after the first call.
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -387,4 +388,109 @@ def register(isa: str = "avx512vnni") -> str:
     if TensorIntrin.get(name, allow_missing=True) is None:
         desc, impl = _DEFS[isa]
         TensorIntrin.register(name, desc(), impl)
+    return name
+
+
+# ---- depthwise requantization epilogue on int32 lanes (``cpu_vnni.depthwise_conv2d_taps``) ----------
+def dw_requant(a, b, mf, s2, rc, mult, shift, lo: int, hi: int, out_dtype: str):
+    """One output of the depthwise epilogue from the int32 accumulator ``a`` (the semantics of
+    :func:`register_dw_requant`, also the kernel's TE compute): where ``s2 >= 0`` (the fast form)
+
+        clip(int32((int64(a) * mf + b) >> 32) >> s2, lo, hi)
+
+    else the int64 form ``clip((int64(a) * mult + rc) >> shift, lo, hi)``.  All parameters int64
+    (``cpu_vnni.pack_depthwise_taps`` makes the two equal, bit for bit, and ``mf`` an int32 value)."""
+    i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
+    fast = ((tirx.Cast("int64", a) * mf + b) >> i64(32)).astype("int32") >> s2.astype("int32")
+    fast = tirx.max(tirx.min(fast, tirx.const(hi, "int32")), tirx.const(lo, "int32")).astype(out_dtype)
+    slow = (tirx.Cast("int64", a) * tirx.Cast("int64", tirx.Cast("int32", mult)) + rc) >> shift
+    slow = tirx.max(tirx.min(slow, i64(hi)), i64(lo)).astype(out_dtype)
+    return tirx.if_then_else(s2 >= i64(0), fast, slow)
+
+
+def _dw_fast_vec(A, R, lo: int, hi: int, out_dtype: str, L: int):
+    """:func:`dw_requant`'s fast form on ``L`` lanes: the 64-bit products of the even and of the odd
+    lanes (``vpmuldq``: int32 x int32 -> int64 of the low dwords, the odd accumulators shifted down
+    by 32 first), plus ``b`` (two L/2 x int64 halves, de-interleaved by a shuffle of one load), the
+    high dwords gathered back in lane order by one two-source shuffle (``vpermt2d``), then L-lane
+    int32 ops: the variable shift ``s2`` (``vpsravd``), the clip and the narrowing (``vpmovsdb``).
+    The parameter loads and shuffles are loop-invariant: LLVM hoists them out of a tile's columns."""
+    H = L // 2
+
+    def half(x, parity):
+        return tirx.Shuffle([x], [tirx.const(i, "int32") for i in range(parity, L, 2)])
+
+    c32 = tirx.Broadcast(tirx.const(32, "int64"), H)
+    a64 = tirx.reinterpret(f"int64x{H}", A.vload([0], dtype=f"int32x{L}"))
+    b, mf = R.vload([0, 0], dtype=f"int64x{L}"), R.vload([1, 0], dtype=f"int64x{L}")
+    sx = lambda v: tirx.Cast(f"int64x{H}", tirx.Cast(f"int32x{H}", v))  # noqa: E731  (int32 values: vpmuldq)
+    even = ((a64 << c32) >> c32) * sx(half(mf, 0)) + half(b, 0)
+    odd = (a64 >> c32) * sx(half(mf, 1)) + half(b, 1)
+    # lane 2j: dword 2j + 1 (the high one) of the even products, lane 2j + 1: that of the odd ones
+    hi32 = tirx.Shuffle([tirx.reinterpret(f"int32x{L}", even), tirx.reinterpret(f"int32x{L}", odd)],
+                        [tirx.const(i + 1 + (L - 1) * (i % 2), "int32") for i in range(L)])
+    y = hi32 >> tirx.Cast(f"int32x{L}", R.vload([2, 0], dtype=f"int64x{L}"))
+    y = tirx.max(tirx.min(y, tirx.Broadcast(tirx.const(hi, "int32"), L)), tirx.Broadcast(tirx.const(lo, "int32"), L))
+    return tirx.Cast(f"{out_dtype}x{L}", y)
+
+
+def _dw_slow_vec(A, R, M, S, lo: int, hi: int, out_dtype: str, L: int):
+    """:func:`dw_requant`'s int64 form on ``L`` lanes (what the vectorized TE compute gives)."""
+    x = (tirx.Cast(f"int64x{L}", A.vload([0], dtype=f"int32x{L}"))
+         * tirx.Cast(f"int64x{L}", tirx.Cast(f"int32x{L}", M.vload([0], dtype=f"int64x{L}")))
+         + R.vload([3, 0], dtype=f"int64x{L}"))
+    y = x >> S.vload([0], dtype=f"int64x{L}")
+    y = tirx.max(tirx.min(y, tirx.Broadcast(tirx.const(hi, "int64"), L)), tirx.Broadcast(tirx.const(lo, "int64"), L))
+    return tirx.Cast(f"{out_dtype}x{L}", y)
+
+
+def register_dw_requant(lo: int, hi: int, out_dtype: str, L: int = 16) -> str:
+    """The ``L``-lane depthwise epilogue ``O[i] = dw_requant(A[i], R[0, i], R[1, i], R[2, i], R[3, i],
+    M[i], S[i])`` (:func:`dw_requant`) for one output range, registered once; returns its name.
+
+    R is the [4, L] slice of ``cpu_vnni.pack_depthwise_taps``'s [4, C] parameters for L channels
+    (b, mf, s2, rc rows), M / S the multipliers / shifts.  The implementation branches once on
+    ``R[2, 0] >= 0``: the packing gives the L channels of a group one form (``s2 >= 0`` for all, or
+    ``-1`` for all), so the branch is the lane-wise selection of the semantics (LLVM unswitches it
+    out of a tile's columns).  Fast form (:func:`_dw_fast_vec`): 2 ``vpmuldq`` + 2 ``vpaddq`` on
+    the 64-bit products and L-lane int32 ops after one shuffle, against the 64-bit shifts, clips and
+    narrowings of both halves of the int64 form (on AVX2, without ``vpsravq`` / ``vpminsq``,
+    emulated)."""
+    name = f"qc_dw_requant{L}_{out_dtype}_{lo}_{hi}".replace("-", "m")
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(r: T.handle, a: T.handle, m: T.handle, s: T.handle, o: T.handle) -> None:
+        rs = T.int32()
+        R = T.match_buffer(r, (4, L), "int64", offset_factor=1, strides=[rs, 1])
+        A = T.match_buffer(a, (L,), "int32", offset_factor=1)
+        M = T.match_buffer(m, (L,), "int64", offset_factor=1)
+        S = T.match_buffer(s, (L,), "int64", offset_factor=1)
+        O = T.match_buffer(o, (L,), out_dtype, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(R[0:4, 0:L], A[0:L], M[0:L], S[0:L])
+            T.writes(O[0:L])
+            for i in T.serial(0, L):
+                with T.sblock("update"):
+                    vi = T.axis.remap("S", [i])
+                    O[vi] = dw_requant(A[vi], R[0, vi], R[1, vi], R[2, vi], R[3, vi], M[vi], S[vi], lo, hi, out_dtype)
+
+    @T.prim_func(s_tir=True)
+    def impl(r: T.handle, a: T.handle, m: T.handle, s: T.handle, o: T.handle) -> None:
+        rs = T.int32()
+        R = T.match_buffer(r, (4, L), "int64", offset_factor=1, strides=[rs, 1])
+        A = T.match_buffer(a, (L,), "int32", offset_factor=1)
+        M = T.match_buffer(m, (L,), "int64", offset_factor=1)
+        S = T.match_buffer(s, (L,), "int64", offset_factor=1)
+        O = T.match_buffer(o, (L,), out_dtype, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(R[0:4, 0:L], A[0:L], M[0:L], S[0:L])
+            T.writes(O[0:L])
+            if R[2, 0] >= T.int64(0):
+                O[T.ramp(T.int32(0), 1, L)] = _dw_fast_vec(A, R, lo, hi, out_dtype, L)
+            else:
+                O[T.ramp(T.int32(0), 1, L)] = _dw_slow_vec(A, R, M, S, lo, hi, out_dtype, L)
+
+    TensorIntrin.register(name, desc, impl)
     return name

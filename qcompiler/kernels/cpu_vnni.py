@@ -1079,13 +1079,14 @@ def _requant_folded(acc32, rc, mult, shift, lo: int, hi: int, out_dtype: str, po
 
 def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_signed: bool, mult: np.ndarray,
                         shift: np.ndarray, isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
-    """wd int8 [KH, KW, C] -> (W4 int8 [G, KW, C, P], rc int64 [C]) for :func:`depthwise_conv2d_taps`.
+    """wd int8 [KH, KW, C] -> (W4 int8 [G, KW, C, P], R int64 [4, C]) for :func:`depthwise_conv2d_taps`.
 
     ``W4[g, kw, c, j] = wd[P*g + j, kw, c]`` (0 for P*g + j >= KH), G = ceil(KH / P) (VNNI: P = 4;
     AVX2: P = 2, ``_taps_isa``): the P products a lane sums are P kernel rows of one channel.
     ``rc = folded_round(bias_eff, mult, shift)`` with ``bias_eff = bias - 128 * sum_{kh,kw} wd[kh, kw, c]``
     for int8 inputs on VNNI (the +128 offset, module docstring; AVX2 multiplies int16 as they are), in
-    int64.
+    int64, is R's last row; R = :func:`dw_fast_params` (rc, mult, shift) adds the parameters of the
+    int32-lane epilogue (``_x86_intrin.dw_requant``) for groups of the kernel's L channels.
     """
     _check_weight(wd, 3, "pack_depthwise_taps")
     KH, KW, C = wd.shape
@@ -1097,7 +1098,49 @@ def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_signed: bool,
     b = np.zeros(C, np.int64) if bias is None else np.asarray(bias, np.int64)
     if a_signed and P == 4:
         b = b - 128 * wd.astype(np.int64).sum(axis=(0, 1))
-    return w4, folded_round(b, mult, shift)
+    rc = folded_round(b, mult, shift)
+    return w4, dw_fast_params(rc, mult, shift, KH * KW * 255 * 128, _taps_isa(isa, C)[1])
+
+
+def dw_fast_params(rc: np.ndarray, mult: np.ndarray, shift: np.ndarray, amax: int, group: int = DW_LANES) -> np.ndarray:
+    """[4, C] int64 rows (b, mf, s2, rc) of the int32-lane depthwise epilogue
+    (``_x86_intrin.dw_requant``) for accumulators ``|a| <= amax``: per channel
+
+        clip((a * mult + rc) >> shift)  =  clip(int32((a * mf + b) >> 32) >> s2)     (s2 >= 0)
+
+    * shift >= 32: mf = mult, b = rc, s2 = shift - 32.  Exact for every int64 ``a * mult + rc``
+      (wrapping as the int64 form does): an arithmetic shift by ``shift`` is one by 32 (the high
+      dword, an int32) then one by ``shift - 32`` <= 30, and the result of a shift by >= 32 is
+      already an int32, so clipping it in int32 is clipping it in int64.
+    * shift < 32 (k = 32 - shift): mf = mult * 2^k, b = rc * 2^k, s2 = 0, when mf is an int32 and
+      ``(amax * |mult| + |rc|) * 2^k < 2^63`` (no int64 overflow for any ``a``): then the scaled sum is
+      exactly ``2^k (a * mult + rc)`` and its high dword ``floor((a * mult + rc) / 2^shift)``.
+    * otherwise (also outside the Dyadic contract |mult| < 2^31, 1 <= shift <= 62, or when another
+      channel of its ``group`` -- the kernel's L lanes -- is) s2 = -1: the int64 form, which reads
+      only the rc row (mf = b = 0).  The kernel branches once per L channels
+      on the first one's s2, so a group never mixes the two forms.
+    ``amax`` bounds the kernel's raw accumulator (KH * KW * 255 * 128: u8 x s8 products on VNNI, s16
+    x s8 on AVX2).
+    """
+    rc, mult, shift = (np.asarray(x, np.int64).reshape(-1) for x in (rc, mult, shift))
+    C = rc.shape[0]
+    mult, shift = np.broadcast_to(mult, (C,)), np.broadcast_to(shift, (C,))
+    out = np.zeros((4, C), np.int64)
+    out[3] = rc
+    ok = np.zeros(C, bool)
+    for c in range(C):  # Python integers: the bounds exactly
+        m, s, r = int(mult[c]), int(shift[c]), int(rc[c])
+        if not (-(2**31) <= m < 2**31 and 1 <= s <= 62):  # outside the Dyadic contract: the int64 form
+            continue
+        if s >= 32:
+            out[0, c], out[1, c], out[2, c], ok[c] = r, m, s - 32, True
+        else:
+            k = 32 - s
+            if abs(m << k) < 2**31 and (amax * abs(m) + abs(r)) << k < 2**63:
+                out[0, c], out[1, c], out[2, c], ok[c] = r << k, m << k, 0, True
+    ok = np.repeat(ok.reshape(-1, group).all(axis=1), group) if C % group == 0 else np.zeros(C, bool)
+    out[:3, ~ok] = [[0], [0], [-1]]
+    return out
 
 
 def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool:
@@ -1113,11 +1156,12 @@ def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool
 
 def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
                           a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None,
-                          tw: int | None = None, isa: Isa = VNNI) -> tirx.PrimFunc:
+                          tw: int | None = None, isa: Isa = VNNI, int32_epilogue: bool = True,
+                          share_rows: bool = True) -> tirx.PrimFunc:
     """Depthwise conv on ``vpdpbusd`` with the 4-byte dot products over kernel rows (AVX-512 VNNI), or
     on ``vpmaddwd`` with its int16 pairs over kernel rows (``isa=AVX2``).
 
-    args (X[N,H,W,C] int8/uint8, W4 int8 [G, KW, C, P] and rc int64 [C] of :func:`pack_depthwise_taps`,
+    args (X[N,H,W,C] int8/uint8, W4 int8 [G, KW, C, P] and R int64 [4, C] of :func:`pack_depthwise_taps`,
     mult int64[C], shift int64[C], [post's extras, consts], Out[N,OH,OW,C]).
 
     For each output row (n, oh) (the parallel loop) a row-band buffer of uint32 words holds the
@@ -1136,8 +1180,17 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     and ``acc + bias_eff`` is the true accumulator (the offset taken back as in the GEMMs; exact in
     int32 for KH*KW*255*128 < 2^31).  The buffer costs one 64-byte store per 16 channels and padded
     input column per output row (~1 per 16 outputs at stride 1), built from 16-byte row loads
-    zero-extended to words, shifted and or-ed (vectorized over channels).  The epilogue (bias,
-    requantization, clip, fused ``post``) runs on each finished ``tw x 16`` tile.  C a multiple of 16
+    zero-extended to words, shifted and or-ed (vectorized over channels).  At stride and dilation 1
+    with an even output height, when KH + 1 rows take no more groups than KH (KH = 2, 3, 5, 6, 7 on
+    VNNI, odd KH on AVX2), one buffer of KH + 1 rows serves two
+    output rows (``share_rows``): row 2i + r reads the band's rows r .. r + KH - 1, i.e. the same
+    words with the weights shifted by r slots (``w4s``, built once per call), so the buffer costs half
+    as much per output and a 3x3 kernel uses all 4 bytes of each word.  The epilogue (bias,
+    requantization, clip, fused ``post``) runs on each finished ``tw x 16`` tile, with whole column
+    tiles in int32 lanes where R allows it (``dw_fast_params``, the intrinsic of
+    ``_x86_intrin.register_dw_requant``: 8 vector instructions per 16 outputs instead of 13 in int64;
+    a fused ``post`` then runs on that clipped int32 tile; ``int32_epilogue=False`` keeps the int64
+    form, ``share_rows=False`` one buffer per output row, for A/B timings).  C a multiple of 16
     (of 8: ``vpdpbusd ymm``, 8 channels per instruction), static H, W, C (``depthwise_taps_ok``); a
     symbolic batch N (qcompiler/symbolic.py) is the kernel's own variable, bound from X's shape.
 
@@ -1165,11 +1218,15 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     signed = a_dtype == "int8"
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
     W4 = te.placeholder((G, KW, C, P), "int8", name="W4")
-    rc = te.placeholder((C,), "int64", name="rc")
+    rc = te.placeholder((4, C), "int64", name="rc")  # dw_fast_params' rows (b, mf, s2, rc)
     mult = te.placeholder((C,), "int64", name="mult")
     shift = te.placeholder((C,), "int64", name="shift")
 
-    rows, ones = min(P, KH), (1 << bits) - 1
+    # two output rows per row band where that costs no more groups (stride and dilation 1, an even
+    # height): rows 2i and 2i + 1 read input rows 2i - pt + t, t < KH + 1, so one band of KH + 1 rows
+    # serves both, with the weights shifted by one row for the second (W4s below)
+    R2 = 2 if (share_rows and sh == 1 and dh == 1 and OH % 2 == 0 and _ceil(KH + 1, P) == G) else 1
+    rows, ones = min(P, KH + R2 - 1), (1 << bits) - 1
     u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
     # VNNI int8: byte j of the word is (x xor 0x80) = x + 128, and 0 xor 0x80 = 128 the padding (module
     # docstring); AVX2: the int16 halves hold x itself (sign-extended), 0 the padding
@@ -1194,31 +1251,61 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
         word = word & mask
         return word ^ flip if flip is not None else word
 
-    X4 = te.compute((N, OH, G, Wx, C), x4, name="x4")
-    from ._x86_intrin import register, word_byte, word_half
+    X4 = te.compute((N, OH // R2, G, Wx, C), lambda n, i, g, w, c: x4(n, i * R2, g, w, c), name="x4")
+    from ._x86_intrin import dw_requant, register, register_dw_requant, word_byte, word_half
 
     part = word_byte if P == 4 else word_half
     j = te.reduce_axis((0, P), name="j")
     red = (([te.reduce_axis((0, G), name="g")] if G > 1 else [])
            + ([te.reduce_axis((0, KW), name="kw")] if KW > 1 else []))  # TE drops unit reduction axes
     gk = (red[0] if G > 1 else 0), (red[-1] if KW > 1 else 0)
-    acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
-        part(X4[n, oh, gk[0], ow * sw + gk[1] * dw, c], j) * W4[gk[0], gk[1], c, j].astype("int32"),
-        axis=[*red, j]), name="acc")
+    if R2 == 1:
+        acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
+            part(X4[n, oh, gk[0], ow * sw + gk[1] * dw, c], j) * W4[gk[0], gk[1], c, j].astype("int32"),
+            axis=[*red, j]), name="acc")
+    else:  # W4s[r] holds kernel row t - r in slot t = g*P + j (zero for t < r): row 2i + r's weights
+        def w4s(r, g, kw, c, jj):
+            t = g * P + jj - r
+            tc = tirx.max(t, 0)
+            return tirx.if_then_else(t >= 0, W4[tc // P, kw, c, tc % P], tirx.const(0, "int8"))
+
+        W4s = te.compute((R2, G, KW, C, P), w4s, name="w4s")
+        acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
+            part(X4[n, oh // R2, gk[0], ow * sw + gk[1] * dw, c], j)
+            * W4s[oh % R2, gk[0], gk[1], c, j].astype("int32"), axis=[*red, j]), name="acc")
     extras, consts = _post_args(post, (N, OH, OW, C))
-    out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant_folded(
-        acc[n, oh, ow, c], rc[c], mult[c], shift[c], lo, hi, out_dtype, post,
-        (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
+    # the int32-lane epilogue, tensorized below (register_dw_requant), on whole column tiles (the
+    # predicate of a ragged last tile defeats the tensorize; that width keeps the int64 form); with a
+    # fused post, the clipped int32 requantized tile ("yq") then post of it, vectorized
+    fast_epi = OW % tw == 0 and int32_epilogue
+    if fast_epi:
+        yq = te.compute((N, OH, OW, C), lambda n, oh, ow, c: dw_requant(
+            acc[n, oh, ow, c], rc[0, c], rc[1, c], rc[2, c], rc[3, c], mult[c], shift[c], lo, hi,
+            out_dtype if post is None else "int32"), name="out" if post is None else "yq")
+        out = yq if post is None else te.compute((N, OH, OW, C), lambda n, oh, ow, c: post(
+            yq[n, oh, ow, c].astype("int64"), [e[n, oh, ow, c].astype("int64") for e in extras],
+            lambda k: consts[k]).astype(post.out_dtype), name="out")
+    else:
+        out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant_folded(
+            acc[n, oh, ow, c], rc[3, c], mult[c], shift[c], lo, hi, out_dtype, post,
+            (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
     sch = Schedule(te.create_prim_func([X, W4, rc, mult, shift, *_post_list(extras, consts), out]))
     blk = sch.get_sblock("acc")
     n, oh, ow, c, *rl = sch.get_loops(blk)
     jl, rl = rl[-1], rl[:-1]
     ow0, ow1 = sch.split(ow, [None, tw])
     c0, c1 = sch.split(c, [None, L])
-    sch.reorder(ow0, c0, *rl, ow1, c1, jl)
+    if R2 > 1:  # the band's two rows one after the other inside the parallel loop
+        oh, r2 = sch.split(oh, [None, R2])
+        sch.reorder(r2, ow0, c0, *rl, ow1, c1, jl)
+    else:
+        sch.reorder(ow0, c0, *rl, ow1, c1, jl)
     # a symbolic batch: (n, oh) not fused (a fused loop of symbolic extent defeats the tensorize's
     # blockize), the rows of each image in parallel
     row = oh if sym_n else sch.fuse(n, oh)
+    if fast_epi and post is not None:
+        yb = sch.get_sblock("yq")
+        sch.reverse_compute_at(yb, c0)
     ob = sch.get_sblock("out")
     sch.reverse_compute_at(ob, c0)
     xb = sch.get_sblock("x4")
@@ -1231,7 +1318,12 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     xc0, xc1 = sch.split(xl[-1], [None, L])
     sch.vectorize(xc1)
     sch.unroll(ow1)
-    sch.vectorize(sch.get_loops(ob)[-1])
+    if fast_epi and post is None:
+        sch.tensorize(sch.get_loops(ob)[-1], register_dw_requant(lo, hi, out_dtype, L))
+    else:
+        if fast_epi:
+            sch.tensorize(sch.get_loops(yb)[-1], register_dw_requant(lo, hi, "int32", L))
+        sch.vectorize(sch.get_loops(ob)[-1])
     init = sch.decompose_reduction(blk, rl[0] if rl else ow1)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(c1, register(intrin))

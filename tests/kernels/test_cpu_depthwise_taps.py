@@ -145,10 +145,13 @@ def test_pack_layout_and_offset():
     assert w4.shape == (2, 3, 24, 4) and w4.dtype == np.int8
     assert w4[1, 2, 7, 0] == wd[4, 2, 7] and w4[0, 1, 3, 2] == wd[2, 1, 3] and (w4[1, :, :, 1:] == 0).all()
     beff = bias.astype(np.int64) - 128 * wd.astype(np.int64).sum(axis=(0, 1))
-    np.testing.assert_array_equal(rc, beff * 3 + 8)
+    # rows (b, mf, s2, rc) of dw_fast_params: shift 4 < 32, scaled by 2^28 into the int32-lane form
+    assert rc.shape == (4, 24) and rc.dtype == np.int64
+    np.testing.assert_array_equal(rc[3], beff * 3 + 8)
+    np.testing.assert_array_equal(rc[:3], [(beff * 3 + 8) << 28, np.full(24, 3 << 28), np.zeros(24)])
     w2, rc2 = cv.pack_depthwise_taps(wd, bias, True, mult, shift, isa=cv.AVX2)  # int16 pairs: no offset
     assert w2.shape == (3, 3, 24, 2) and w2[2, 1, 5, 0] == wd[4, 1, 5] and (w2[2, :, :, 1] == 0).all()
-    np.testing.assert_array_equal(rc2, bias.astype(np.int64) * 3 + 8)
+    np.testing.assert_array_equal(rc2[3], bias.astype(np.int64) * 3 + 8)
 
 
 def test_routing():
