@@ -205,8 +205,11 @@ def main(argv=None) -> int:
                 mp = None
         if mp:
             lay = mp.get("layers", {})
-            row["counts"] = {c: sum(1 for v in lay.values() if v == c) for c in ("w8a8", "w4a8", "w8a16")}
+            from qcompiler.mixed.plan import CHOICES
+
+            row["counts"] = {c: sum(1 for v in lay.values() if v == c) for c in CHOICES}
             row["w8a16_layers"] = [k for k, v in lay.items() if v == "w8a16"]
+            row["w16a8_layers"] = [k for k, v in lay.items() if v == "w16a8"]
             row["predicted_ms"], row["int8_predicted_ms"] = mp.get("predicted_ms"), mp.get("int8_predicted_ms")
             row["latency_source"] = mp.get("latency_source")
         for c in a.conf.split(","):
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
         row["bench_ms"] = lib.bench(None, repeats=10)["median_ms"]
         res["configs"][key] = row
         print(key, json.dumps({k: (v if not isinstance(v, dict) else {x: y for x, y in v.items() if x != "per_page"})
-                               for k, v in row.items() if k != "w8a16_layers"}, default=float), flush=True)
+                               for k, v in row.items() if not k.endswith("_layers")}, default=float), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=float))

@@ -234,6 +234,39 @@ def box_fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarr
     return {"boxes_matched": round(got / tot, 4), "fp32_boxes": tot} if tot else {"fp32_boxes": 0}
 
 
+DB_THRESH = 0.3   # PaddleOCR's DBPostProcess binarization threshold of the text probability map
+
+
+def _mask(entry: corpus.Entry, a: np.ndarray) -> np.ndarray | None:
+    """The task's mask of one output: text detectors (DB) the probability map > ``DB_THRESH``;
+    segmentation maps with a small class axis last, the argmax class (rank >= 3)."""
+    if entry.task == "ocr-det":
+        return a > DB_THRESH
+    if entry.task == "segmentation" and a.ndim >= 3 and 2 <= a.shape[-1] <= 32:
+        return np.argmax(a, axis=-1)
+    return None
+
+
+def mask_fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarray]], q: dict) -> dict:
+    """Text detectors and segmenters: IoU of the library's mask with FP32's (``_mask``), over all
+    samples (per class for a class map, the mean over classes present in FP32)."""
+    j = entry.score_output or 0
+    inter, union = collections.Counter(), collections.Counter()
+    for i, sample in enumerate(fp32):
+        b = q.get(f"{names[j]}\t{i}")
+        if b is None or np.shape(b) != np.shape(sample[j]):
+            continue
+        ma, mb = _mask(entry, np.asarray(sample[j])), _mask(entry, np.asarray(b))
+        if ma is None:
+            return {}
+        for c in ([True] if ma.dtype == bool else np.unique(ma)):
+            x, y = ma == c, mb == c
+            inter[c] += int(np.sum(x & y))
+            union[c] += int(np.sum(x | y))
+    ious = [inter[c] / union[c] for c in union if union[c]]
+    return {"mask_iou": round(float(np.mean(ious)), 4)} if ious else {}
+
+
 def fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarray]], q: dict) -> dict:
     """fp32[i][j]: output j of sample i (ORT, one sample at a time); q["name\\ti"]: the library's.
     CTC recognisers (``entry.ctc``): ``ctc_lines_equal``, the fraction of lines whose greedy decode
@@ -251,6 +284,7 @@ def fidelity(entry: corpus.Entry, names: list[str], fp32: list[list[np.ndarray]]
             out["ctc_lines"] = len(eq)
     if entry.boxes is not None:
         out.update(box_fidelity(entry, names, fp32, q))
+    out.update(mask_fidelity(entry, names, fp32, q))
     coss, top1, ints, mism = [], [], collections.defaultdict(list), set()
     for i, sample in enumerate(fp32):
         for j, (o, a) in enumerate(zip(names, sample)):
@@ -446,6 +480,8 @@ def table(rows: list[dict]) -> str:
             fs.append(f"CTC strings = FP32 {round(fid['ctc_lines_equal'] * fid['ctc_lines'])}/{fid['ctc_lines']}")
         if "boxes_matched" in fid:
             fs.append(f"FP32 boxes matched {round(fid['boxes_matched'] * fid['fp32_boxes'])}/{fid['fp32_boxes']}")
+        if "mask_iou" in fid:
+            fs.append(f"mask IoU {fid['mask_iou']:.3f}")
         if "cos_mean" in fid:
             fs.append(f"cos {fid['cos_mean']:.4f} (min {fid['cos_min']:.4f})")
         if "int_outputs_equal" in fid:
