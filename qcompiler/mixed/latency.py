@@ -90,14 +90,17 @@ def variant_ratio(ig, node, choice: str, target: dict) -> float:
     t = target_info(target)
     wb, ab = CHOICES[choice]
     ob = 16 if node.attrs["dtype"].endswith("16") else 8
-    # W8A16 on CPUs: half the multiply rate; W16A8: two INT8 GEMMs (intops/gemm.py lower_w16)
-    cf = 2.0 if (ab > 8 and target.get("kind") == "cpu") or wb == 16 else 1.0
+    # W8A16 on CPUs: half the multiply rate
+    cf = 2.0 if (ab > 8 and target.get("kind") == "cpu") else 1.0
 
-    def roof(w_bits, a_bits, f):
+    def roof(w_bits, a_bits, f, o_bits=ob):
         comp = f * 2.0 * M * N * K / (t["peak_gops"] * 1e9)
-        mem = (M * K * a_bits + N * K * w_bits + M * N * ob) / 8 / (t["bw_gbs"] * 1e9)
+        mem = (M * K * a_bits + N * K * w_bits + M * N * o_bits) / 8 / (t["bw_gbs"] * 1e9)
         return max(comp, mem) + t["launch_s"]
 
+    if wb == 16:   # two INT8 GEMMs with int32 outputs, then the int64 combine reading both (lower_w16)
+        combine = M * N * (2 * 32 + ob) / 8 / (t["bw_gbs"] * 1e9) + t["launch_s"]
+        return (2 * roof(8, ab, cf, 32) + combine) / roof(8, 8, 1.0)
     return roof(wb, ab, cf) / roof(8, 8, 1.0)
 
 
