@@ -130,8 +130,8 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     with stage("frontend"):
-        model = frontend.read_model(model_path)
-        specs = frontend.input_specs(frontend.upgrade(model, str(model_path)))
+        # read once per compile: the load(reuse=True) calls below take this read's model
+        specs = frontend.input_specs(frontend.read_upgraded(model_path))
         frontend.check_input_specs(specs, str(model_path))
     if calib is None:
         raise CalibrationError("calibration data is required: pass --calib data.npz (keys = input names; "
@@ -150,7 +150,9 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
         raise TargetError(f"symbolic dims ({', '.join(v.name for v in sym_vars)}: --shape ranges) are CPU-only for now; "
                           f"for --target {opts.target.kind} fix each dim with --shape NAME=DIMS (one size)")
     with rep.timed("reading and folding the model"), stage("frontend"):
-        fr = frontend.load(model_path, batch=batch, shapes=data.shapes, samples=data)
+        # reuse: the read above, and its checks serve the loads at other shapes below (calibration
+        # groups, the traces of symbolic dims: driver.retrace)
+        fr = frontend.load(model_path, batch=batch, shapes=data.shapes, samples=data, reuse=True)
     t["frontend"] = time.perf_counter() - t0
     try:
         fg = float_passes(fr.graph, opts.allow_float)
@@ -178,7 +180,7 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
         stats = calibrate.collect(fr.model, data, tensors, batch)
         for g in groups[1:]:  # samples of other sizes of the symbolic dims, each run at its own shape
             rep.stage(f"calibrating on {g.n} samples of shape(s) " + ", ".join(f"{k} {tuple(v)}" for k, v in g.shapes.items()))
-            fr_g = frontend.load(model_path, batch=batch, shapes=g.shapes, samples=g)
+            fr_g = frontend.load(model_path, batch=batch, shapes=g.shapes, samples=g, reuse=True)
             more = calibrate.collect(fr_g.model, g, [t for t in tensors if t in fr_g.graph.shapes], batch)
             merge_rng = np.random.default_rng(0)
             stats = {t: calibrate.merge_stats(st, more[t], merge_rng) if t in more else st for t, st in stats.items()}
@@ -288,10 +290,18 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
 
     rep = progress.get()
     points = probe_points(sym_vars)
+    traced: dict = {}
+
+    def trace(point):  # one retrace per point: a table's sizes include the grid's and the largest ones
+        key = tuple(sorted(point.items()))
+        if key not in traced:
+            traced[key] = retrace(model_path, prep, opts, shapes_at(point))
+        return traced[key]
+
     traces = []
     for p in rep.iterate(points, total=len(points), desc="tracing symbolic dims"):
         try:
-            traces.append(retrace(model_path, prep, opts, shapes_at(p)))
+            traces.append(trace(p))
         except QCError as e:  # e.g. tensors the calibration never saw: steps of a recurrence unrolled over the dim
             from .symbolic import SymbolicError
 
@@ -304,7 +314,7 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
 
     def at_max_trace():
         try:
-            return retrace(model_path, prep, opts, shapes_at(hi))
+            return trace(hi)
         except QCError as e:
             raise _model_bound(model_path, prep, opts, sym_vars, shapes_at, e) from None
 
@@ -318,7 +328,7 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
                                 f"it) and its range has {len(us)} sizes, more than the {TABLE_MAX} traced one by one; "
                                 "give --shape a smaller range (or a step) for it")
         rep.stage(f"tabulating a constant over the {len(us)} sizes of '{name}'")
-        return [(u, retrace(model_path, prep, opts, shapes_at({**points[0], name: u}))) for u in us]
+        return [(u, trace({**points[0], name: u})) for u in us]
 
     at_max = _Memo(lambda _: at_max_trace())
     graph = fit_graph(traces, points, [v.name for v in sym_vars], lambda: at_max(0), _Memo(tabulate))

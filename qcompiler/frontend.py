@@ -288,16 +288,81 @@ def is_ort_error(e: BaseException) -> bool:
     return type(e).__module__.startswith("onnxruntime")
 
 
-def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Shapes and dtypes of every tensor: ONNX shape inference, completed by one onnxruntime run."""
+SKELETON_MIN = 1024
+"""Initializers of a weight dtype (``_WEIGHT_TYPES``) with at least this many elements are left out
+of the models that shape inference and the sizing run see (``_skeleton``)."""
+_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+def _copy_message(src, dst, skip: str) -> None:
+    """Every set field of the protobuf message ``src`` into ``dst`` except the field ``skip``."""
+    from google.protobuf.message import Message
+
+    for fd, v in src.ListFields():
+        if fd.name == skip:
+            continue
+        if isinstance(v, Message):
+            getattr(dst, fd.name).CopyFrom(v)
+        elif isinstance(v, (str, bytes, int, float, bool)):
+            setattr(dst, fd.name, v)
+        else:  # a repeated field
+            getattr(dst, fd.name).extend(v)
+
+
+def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto], set[str]]:
+    """``model`` without its weights, for the work that reads only their types and shapes (ONNX shape
+    inference, the onnxruntime run that sizes what inference left unknown): each initializer of a
+    weight dtype with at least ``SKELETON_MIN`` elements becomes a graph input of its type and shape
+    (its value fed to a run), and its data is not copied.  Inference and onnxruntime serialize the
+    model they get, which was most of a frontend load for a model with large weights (a 70 MB text
+    encoder: ~0.1 s per copy, three copies per load, and the traces of symbolic dims load the model
+    once per traced shape, ``driver.symbolic_graph``).  Shape computations read only small integer
+    tensors (Reshape / Expand / Slice / Pad arguments) and a few float scales, never such a
+    tensor's values, so inference sizes the same tensors.  Returns (the skeleton, the initializers
+    left out, the names that became graph inputs); ``model`` itself and no initializers when it has
+    no such weights."""
+    g = model.graph
+    heavy = [i for i in g.initializer if i.data_type in _WEIGHT_TYPES and int(np.prod(i.dims)) >= SKELETON_MIN]
+    if not heavy:
+        return model, [], set()
+    names = {i.name for i in heavy}
+    sg = onnx.GraphProto()
+    _copy_message(g, sg, "initializer")
+    sg.initializer.extend(i for i in g.initializer if i.name not in names)
+    declared = {vi.name for vi in g.input}  # IR < 4: initializers are listed as inputs too
+    added = set()
+    for i in heavy:
+        if i.name not in declared:
+            sg.input.append(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
+            added.add(i.name)
+    sk = onnx.ModelProto()
+    _copy_message(model, sk, "graph")
+    sk.graph.CopyFrom(sg)
+    return sk, heavy, added
+
+
+def _infer(model: onnx.ModelProto) -> onnx.GraphProto:
+    """ONNX shape inference (with data propagation) of ``model``; its own graph where inference fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:
+        return model.graph
+
+
+def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                     consts: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Shapes and dtypes of every tensor: ONNX shape inference, completed by one onnxruntime run.
+    Both see the weightless ``_skeleton`` of ``model``; the run is fed the weights (their arrays
+    are left in ``consts``, for the caller's graph) and falls back to the whole model if the
+    skeleton does not run, so the result and any error are those of the whole model."""
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        inferred = model
-    g = inferred.graph
+    skel, heavy, added = _skeleton(model)
+    g = _infer(skel)
     for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.name in added:  # a weight: with the initializers below, in their order
+            continue
         tt = vi.type.tensor_type
         if not tt.HasField("elem_type"):
             continue
@@ -306,15 +371,17 @@ def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tu
             dtypes[vi.name] = dt
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-    for init in g.initializer:
+    for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
         dtypes[init.name] = _ONNX_TO_NP.get(init.data_type, "unknown")
-    missing = [o for n in g.node for o in n.output if o and (o not in shapes or o not in dtypes)]
+    missing = [o for n in model.graph.node for o in n.output if o and (o not in shapes or o not in dtypes)]
     # one run at the frozen shapes: sizes what inference left unknown, and proves the model runs at all
     # (a weight whose shape contradicts its node often passes inference and fails only here)
     names = missing or [o.name for o in model.graph.output]
+    vals = _run_skeleton(skel, heavy, g, feeds, names, consts) if heavy else None
     try:
-        vals = run_ort(model, feeds, names)
+        if vals is None:
+            vals = run_ort(model, feeds, names)
     except Exception as e:
         if not is_ort_error(e):
             raise
@@ -326,6 +393,38 @@ def _all_value_types(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tu
         shapes[k] = tuple(v.shape)
         dtypes[k] = str(v.dtype)
     return shapes, dtypes
+
+
+def _run_skeleton(skel: onnx.ModelProto, heavy: list[onnx.TensorProto], inferred: onnx.GraphProto,
+                  feeds: dict[str, np.ndarray], names: list[str], consts: dict | None) -> dict[str, np.ndarray] | None:
+    """The sizing run of ``_all_value_types`` on the ``_skeleton`` ``skel`` (changed in place):
+    ``names`` exposed as outputs, typed from ``inferred`` as ``ort_util.expose`` types them, and the
+    weights ``heavy`` fed as inputs (their arrays also left in ``consts``).  None where it fails:
+    the caller then runs the whole model, whose result or error is the one to report."""
+    import onnxruntime as ort
+
+    from .ort_util import session
+
+    types: dict[str, int] = {}
+    for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        if vi.type.tensor_type.elem_type:
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    have = {o.name for o in skel.graph.output}
+    for n in names:
+        if n not in have:
+            skel.graph.output.append(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+            have.add(n)
+    try:
+        weights = {i.name: initializer_array(i) for i in heavy}
+        sess = session(skel)
+        ro = ort.RunOptions()
+        ro.log_severity_level = 4
+        vals = dict(zip(names, sess.run(names, {**feeds, **weights}, ro)))
+    except Exception:
+        return None
+    if consts is not None:
+        consts.update(weights)
+    return vals
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -342,11 +441,12 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
 
 
 def to_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Graph:
-    shapes, dtypes = _all_value_types(model, feeds)
+    weights: dict[str, np.ndarray] = {}  # the arrays of the weights the sizing run was fed
+    shapes, dtypes = _all_value_types(model, feeds, weights)
     g = Graph(nodes=[], inputs=[], outputs=[o.name for o in model.graph.output], shapes=shapes, dtypes=dtypes,
               name=model.graph.name or "model", opset=model_opset(model))
     for init in model.graph.initializer:
-        g.add_const(init.name, initializer_array(init))
+        g.add_const(init.name, weights[init.name] if init.name in weights else initializer_array(init))
     inits = set(g.consts)
     g.inputs = [vi.name for vi in model.graph.input if vi.name not in inits]
     for k, n in enumerate(model.graph.node):
@@ -533,21 +633,47 @@ def tensor_bytes(shape, dtype: str) -> int:
 
 
 def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of every tensor ONNX shape inference can size, without running anything."""
-    try:
-        g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    except Exception:
-        g = model.graph
+    """Bytes of every tensor ONNX shape inference can size, without running anything (inference of
+    the weightless ``_skeleton``: the weights are initializers, left out below)."""
+    g = _infer(_skeleton(model)[0])
     out = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             out[vi.name] = tensor_bytes([d.dim_value for d in tt.shape.dim], _ONNX_TO_NP.get(tt.elem_type, "float32"))
-    inits = {i.name for i in g.initializer}
+    inits = {i.name for i in model.graph.initializer}
     return {k: v for k, v in out.items() if k not in inits}
 
 
-_CHECKED: dict = {}   # (path, mtime, size) -> (opset, the checked, upgraded model): load(reuse=True)
+_CHECKED: dict = {}   # (path, mtime, size) -> [opset, the upgraded model, weights checked]: _read(reuse=True)
+
+
+def _read(path: str | os.PathLike, check: bool, reuse: bool) -> tuple[int, onnx.ModelProto]:
+    """The file read (``read_model``: the checker), its opset and the model upgraded (``upgrade``),
+    and with ``check`` its weights checked (``check_weights``).  ``reuse``: kept for later ``reuse``
+    calls while the file is unchanged (path, mtime, size; one model at a time), which then neither
+    read nor check it again.  The model returned is shared: read it, copy before changing it."""
+    st = os.stat(path) if reuse and os.path.isfile(path) else None
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size) if st is not None else None
+    kept = _CHECKED.get(key) if key is not None else None
+    if kept is None:
+        model = read_model(path)
+        opset = model_opset(model)
+        kept = [opset, upgrade(model, str(path)), False]
+        if key is not None:
+            _CHECKED.clear()
+            _CHECKED[key] = kept
+    if check and not kept[2]:
+        check_weights(kept[1], str(path))
+        kept[2] = True
+    return kept[0], kept[1]
+
+
+def read_upgraded(path: str | os.PathLike) -> onnx.ModelProto:
+    """``read_model`` then ``upgrade`` (the input declarations the compile driver reads first), kept
+    for the ``load(reuse=True)`` calls that follow: the file is read and checked once per compile.
+    Shared: do not change it."""
+    return _read(path, check=False, reuse=True)[1]
 
 
 def load(path: str | os.PathLike, batch: int | None = 1,
@@ -555,24 +681,10 @@ def load(path: str | os.PathLike, batch: int | None = 1,
     """Read, check, upgrade, freeze (``batch`` for the batch axis; ``shapes`` for the rest),
     fold and describe the model.  ``samples`` (the calibration set) lets an If whose condition took
     one value on every sample be specialized (``passes/specialize_if.py``).  ``reuse``: the file's
-    read / checks / upgrade of an earlier ``reuse`` call (the same file unchanged), as the traces of
-    symbolic dims load one model at several shapes (``driver.symbolic_graph``)."""
-    st = os.stat(path) if reuse and os.path.isfile(path) else None
-    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size) if st is not None else None
-    if key is not None and key in _CHECKED:
-        opset, checked = _CHECKED[key]
-        model = onnx.ModelProto()
-        model.CopyFrom(checked)
-    else:
-        model = read_model(path)
-        opset = model_opset(model)
-        model = upgrade(model, str(path))
-        check_weights(model, str(path))
-        if key is not None:
-            _CHECKED.clear()  # one model at a time
-            kept = onnx.ModelProto()
-            kept.CopyFrom(model)
-            _CHECKED[key] = (opset, kept)
+    read / checks / upgrade of an earlier ``reuse`` call or ``read_upgraded`` (the same file
+    unchanged), as a compile reads the model's inputs first and the traces of symbolic dims load
+    one model at several shapes (``driver.symbolic_graph``)."""
+    opset, model = _read(path, check=True, reuse=reuse)  # shared, never changed here: freeze() copies it
     specs = input_specs(model)
     check_input_specs(specs, str(path))
     conc = concrete_shapes(specs, batch, shapes or {})

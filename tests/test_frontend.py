@@ -91,3 +91,71 @@ def test_outer_scope_inputs_of_subgraphs():
                               helper.make_tensor_value_info("v2", TensorProto.FLOAT, [2])])
     assert frontend.outer_scope_inputs({"body": body}) == {"outer"}
     assert frontend.outer_scope_inputs({"axis": 1}) == set()
+
+
+def _described(fr):
+    """What a frontend load gives the pipeline, comparable with ==."""
+    g = fr.graph
+    return (list(g.shapes.items()), list(g.dtypes.items()), g.inputs, g.outputs,
+            [(n.op, n.name, n.inputs, n.outputs, repr(n.attrs)) for n in g.nodes],
+            [(k, v.dtype, v.shape, v.tobytes()) for k, v in g.consts.items()],
+            fr.model.SerializeToString(deterministic=True))
+
+
+def _weights_model(ir3: bool = False):
+    """A heavy weight (a 2048-element MatMul weight), a small one, a shape chain and a tensor that shape
+    inference cannot size (NonZero: sized by the onnxruntime run)."""
+    W = R.standard_normal((32, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["a"]),
+             helper.make_node("Shape", ["a"], ["sh"]),
+             helper.make_node("Reshape", ["a", "sh"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"]),
+             helper.make_node("NonZero", ["x"], ["nz"])]
+    m = make_model(nodes, [("x", ["N", 32])], [("y", None), ("nz", None, TensorProto.INT64)],
+                   [tensor("W", W), tensor("b", R.standard_normal(64).astype(np.float32))])
+    if ir3:  # initializers listed as graph inputs too (IR < 4 exporters)
+        m.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 64]))
+    return m
+
+
+@pytest.mark.parametrize("ir3", [False, True])
+def test_weightless_inference_equals_whole_model(tmp_path, monkeypatch, ir3):
+    """Shape inference and the sizing run see the model without its weights (``frontend._skeleton``):
+    the load equals that of the whole model (every tensor's shape and dtype, in the same order, the
+    constants, the folded model) and the skeleton ran (no fallback)."""
+    onnx.save(_weights_model(ir3), tmp_path / "m.onnx")
+    ran = []
+    run = frontend._run_skeleton
+    monkeypatch.setattr(frontend, "_run_skeleton", lambda *a: ran.append(run(*a)) or ran[-1])
+    sk, heavy, added = frontend._skeleton(frontend.read_model(tmp_path / "m.onnx"))
+    assert [i.name for i in heavy] == ["W"] and added == (set() if ir3 else {"W"})
+    assert [i.name for i in sk.graph.initializer] == ["b"]
+    frozen = frontend.freeze(frontend.read_model(tmp_path / "m.onnx"), {"x": (3, 32)})
+    got = _described(frontend.load(tmp_path / "m.onnx", batch=3)), frontend._static_sizes(frozen)
+    assert ran and all(r is not None for r in ran)
+    monkeypatch.setattr(frontend, "SKELETON_MIN", 1 << 62)  # no weight left out: the whole model
+    ran.clear()
+    assert (_described(frontend.load(tmp_path / "m.onnx", batch=3)), frontend._static_sizes(frozen)) == got
+    assert not ran
+
+
+def test_weightless_run_failure_reports_the_whole_models_error(tmp_path, monkeypatch):
+    """A model that fails only when run (an index beyond a weight table's rows): the skeleton's run
+    fails, the whole model is run and its error reported, as without the skeleton."""
+    T = R.standard_normal((32, 64)).astype(np.float32)
+    nodes = [helper.make_node("Add", ["ids", "off"], ["i2"]),
+             helper.make_node("Gather", ["T", "i2"], ["y"], axis=0)]
+    m = make_model(nodes, [("ids", [1, 4], TensorProto.INT64)], [("y", None)],
+                   [tensor("T", T), tensor("off", np.array(40, np.int64))])
+    onnx.save(m, tmp_path / "m.onnx")
+    errors, ran = [], []
+    run = frontend._run_skeleton
+    monkeypatch.setattr(frontend, "_run_skeleton", lambda *a: ran.append(run(*a)) or ran[-1])
+    for lo in (frontend.SKELETON_MIN, 1 << 62):
+        monkeypatch.setattr(frontend, "SKELETON_MIN", lo)
+        with pytest.raises(ModelError, match="onnxruntime cannot run the model") as e:
+            frontend.load(tmp_path / "m.onnx")
+        errors.append(str(e.value))
+    assert ran == [None]  # the skeleton failed once (then the whole model); not tried without weights left out
+    assert errors[0] == errors[1]

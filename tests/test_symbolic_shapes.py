@@ -318,3 +318,28 @@ def test_zoo_cnn_dynamic_batch_with_depthwise_convs(tmp_path, name, spec):
     meta = json.loads(out.with_suffix(".json").read_text())
     kernels = meta["kernels"]["gemm_kernels"]  # the depthwise kernels, some with a fused epilogue
     assert any(k.startswith("dwconv_cpu") for k in kernels) and not meta["kernels"]["generic_fallbacks"]
+
+
+def test_each_shape_is_traced_once_and_the_file_read_once(tmp_path, monkeypatch):
+    """The compile reads (and checks) the file once, whatever the number of traced shapes
+    (``frontend.load(reuse=True)``); no shape is traced twice (a batch dim's largest size is a probe
+    point, a table's sizes include the grid's: ``driver.symbolic_graph``)."""
+    from qcompiler import frontend
+
+    reads, traced = [], []
+    read, retrace = frontend.read_model, driver.retrace
+    monkeypatch.setattr(frontend, "read_model", lambda p: reads.append(p) or read(p))
+    monkeypatch.setattr(driver, "retrace", lambda p, prep, o, s: traced.append(tuple(sorted(s.items())))
+                        or retrace(p, prep, o, s))
+    onnx.save(_encoder(), tmp_path / "enc.onnx")
+    onnx.save(small_cnn(R, ["N", 3, 16, 16], 8, 4, pool=True), tmp_path / "cnn.onnx")
+    for name, calib, spec, n in (("enc", _text_feeds(6, 12, np.random.default_rng(0)), "ids=1..4x1..32", 6),
+                                 ("cnn", {"x": R.standard_normal((6, 3, 16, 16)).astype(np.float32)},
+                                  "x=1..32x3x16x16", 3)):
+        reads.clear()
+        traced.clear()
+        opts = driver.CompileOptions(target=parse_target("cpu"), shapes=(spec,))
+        prep = driver.prepare(tmp_path / f"{name}.onnx", calib, opts)
+        driver.symbolic_graph(tmp_path / f"{name}.onnx", prep, opts, prep.sym_vars)
+        assert len(reads) == 1, name
+        assert len(traced) == len(set(traced)) == n, (name, traced)  # the grid, the check point, the largest sizes
