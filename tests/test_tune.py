@@ -392,3 +392,23 @@ def test_host_cores_ignores_the_pinned_thread():
         assert host_cores() == before >= len(mask)
     finally:
         os.sched_setaffinity(0, mask)
+
+
+def test_tuned_serial_kernel_runs_parallel_where_its_default_does(monkeypatch):
+    """qcompiler/tune/apply.py ``parallel_as_default``: a record's serial choice (timed alone, where a
+    parallel kernel pays the pool's wake-up) becomes parallel where the workload's default is
+    parallel; kept where the default is serial too, or with QC_TUNED_PARALLEL=record."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from qcompiler.kernels.cpu_vnni import VnniConfig
+    from qcompiler.tune.apply import parallel_as_default
+
+    serial = VnniConfig(mr=4, nr=2, kc=0, n_outer=True, parallel=False)
+    big = SimpleNamespace(default_config=lambda: dataclasses.replace(serial, parallel=True))
+    small = SimpleNamespace(default_config=lambda: serial)
+    assert parallel_as_default(big, serial).parallel is True
+    assert parallel_as_default(small, serial).parallel is False
+    assert parallel_as_default(big, dataclasses.replace(serial, parallel=True)).parallel is True
+    monkeypatch.setenv("QC_TUNED_PARALLEL", "record")
+    assert parallel_as_default(big, serial).parallel is False

@@ -38,6 +38,29 @@ OFF = ("off", "none", "0", "")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def parallel_as_default(workload, cfg):
+    """``cfg`` with ``parallel`` as the workload's default config has it (serial only below
+    ``cpu_vnni.SERIAL_CYCLES``), not as the record has it; ``QC_TUNED_PARALLEL=record`` keeps the
+    record's.  Why: the tuner times each kernel alone, and alone a parallel kernel pays the thread
+    pool's wake-up and cold caches that it does not pay between the model's kernels (``qc bench
+    --profile``: conv + add kernels 1.7-2.9x slower alone than in the model), so the records favour
+    serial kernels the model runs faster in parallel.  Measured 2026-12-06 on the 2-core Zen 5,
+    open-nsfw, the libraries alternating in one process: the records' choices (59 of 237 workloads
+    >= 40 us serial after ``benchmarks/costmodel_search.py twins``) 2.33 / 2.99 ms at 2 threads,
+    every kernel parallel 1.61 / 2.39 ms (two runs), equal at 1 thread."""
+    if os.environ.get("QC_TUNED_PARALLEL") == "record" or getattr(cfg, "parallel", True):
+        return cfg
+    try:
+        want = bool(getattr(workload.default_config(), "parallel", False))
+    except Exception:  # noqa: BLE001 - no default for this workload: keep the record's
+        return cfg
+    if not want:
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, parallel=True)
+
+
 class TunedConfigs:
     def __init__(self, log: str | None, target: dict):
         import tvm
@@ -63,9 +86,10 @@ class TunedConfigs:
         if rec is None:
             return None, None
         try:
-            return workload.config_from_dict(rec["config"]), rec
+            cfg = workload.config_from_dict(rec["config"])
         except (TypeError, ValueError):
             return None, None
+        return parallel_as_default(workload, cfg), rec
 
     def summary(self) -> dict:
         return {"log": str(R.log_file(self.log)) if self.log else None, "workloads_in_log": len(self.best),
