@@ -299,22 +299,29 @@ def _time_into_log(jobs: list, spec, target: dict, done_word: str = "timed") -> 
                 log(f"{done}/{len(jobs)} {done_word}, {(time.time() - t0) / done * (len(jobs) - done) / 60:.0f} min left")
 
 
+def _records_by_workload(target: dict, keep=lambda r: True) -> dict[str, list]:
+    """The log's error-free records of ``target`` that ``keep`` accepts, by workload key."""
+    from qcompiler.tune import records as R
+
+    by_w: dict[str, list] = {}
+    for r in R.read(LOG, target).records:
+        if r.get("error") is None and keep(r):
+            by_w.setdefault(r["workload_key"], []).append(r)
+    return by_w
+
+
 def serial(top: int = 4) -> None:
     """Records for ``VnniConfig.parallel`` (added after the log was made): for every workload of the
     log whose space has serial configs (``SERIAL_SPACE_CYCLES``), time its ``top`` fastest configs
     run serially and its default config (serial below ``SERIAL_CYCLES``), skipping configs measured
     already (a one-tile config is the same kernel either way).  Appended one by one (resumable)."""
     from qcompiler.targets import parse_target
-    from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
     from qcompiler.tune.workload import Workload, config_key, normalize_config, tries_serial
 
     spec = parse_target("cpu", None)
     target = describe(spec)
-    by_w: dict[str, list] = {}
-    for r in R.read(LOG, target).records:
-        if r.get("error") is None:
-            by_w.setdefault(r["workload_key"], []).append(r)
+    by_w = _records_by_workload(target)
     jobs = []
     for key in sorted(by_w):
         w = Workload.from_fields(by_w[key][0]["workload"])
@@ -346,16 +353,12 @@ def twins(min_s: float = 10e-6) -> None:
     2-core Zen 5, 2026-12-06: 2.33 ms with the log's choices, 1.61 ms with every kernel parallel).
     The new records are appended (the lookup takes each config's fastest record)."""
     from qcompiler.targets import parse_target
-    from qcompiler.tune import records as R
     from qcompiler.tune.device import describe
     from qcompiler.tune.workload import Workload, config_key, normalize_config
 
     spec = parse_target("cpu", None)
     target = describe(spec)
-    by_w: dict[str, list] = {}
-    for r in R.read(LOG, target).records:
-        if r.get("error") is None and "parallel" in (r.get("config") or {}):
-            by_w.setdefault(r["workload_key"], []).append(r)
+    by_w = _records_by_workload(target, lambda r: "parallel" in (r.get("config") or {}))
     jobs = []
     for key in sorted(by_w):
         rs = sorted(by_w[key], key=lambda r: r["median_s"])

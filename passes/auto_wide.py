@@ -145,14 +145,12 @@ LINEAR_PATH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice
                "ReduceSum", "ReduceSumSquare", "ReduceMean", "Pow", "Dense", "Conv", "Abs", "Where", "Affine"}
 
 
-def feeds_log(fg: Graph, t: str, hops: int = 12) -> bool:
+def feeds_log(fg: Graph, t: str, hops: int = 12, cons: dict | None = None) -> bool:
     """Whether tensor ``t`` reaches a Log through at most ``hops`` linear / power ops (an STFT -> power
     -> mel filter bank -> log front end): a log reads every output channel's *relative* error, so a
-    quiet channel (a high frequency bin of speech) counts as much as a loud one."""
-    cons: dict[str, list] = {}
-    for m in fg.nodes:
-        for i in m.inputs:
-            cons.setdefault(i, []).append(m)
+    quiet channel (a high frequency bin of speech) counts as much as a loud one.  ``cons``: the
+    graph's ``consumers()``, when the caller asks for many tensors."""
+    cons = fg.consumers() if cons is None else cons
     frontier, seen = [t], {t}
     for _ in range(hops):
         nxt = []
@@ -183,12 +181,13 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
     # explicit plan entries stay as they are, except 16-bit weights (w16a8), whose input may widen too
     have = {name for name, wb, _ in cfg.plan if int(wb) != 16}
     cand = []
+    cons = fg.consumers()
     for n in fg.nodes:
         if n.op not in ("Conv", "Dense") or n.name in have or not n.inputs:
             continue
         st = stats.get(n.inputs[0])
         # a layer whose output a log reads: its worst channel, not the mean (``feeds_log``)
-        logd = feeds_log(fg, n.outputs[0])
+        logd = feeds_log(fg, n.outputs[0], cons=cons)
         r = layer_noise(fg, n, st, n.inputs[0] in nonneg, cfg, stats.get(n.outputs[0]), logd)
         wbits = cfg.layer_bits(n.name)[0]
         if r is not None and wbits in (8, 16):

@@ -232,13 +232,18 @@ def conv_acc(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group) -> n
     return out.astype(np.int64)
 
 
+def _x_mags(x):
+    """(max|x|, max|x| + 128 where x can be negative: the VNNI kernels add 128 to signed activations)."""
+    xm = mag(x)
+    return xm, xm + (128 if x[0] < 0 else 0)
+
+
 def _check_gemm(ctx, n, x, colsum):
     """int32 accumulator: max|x| * sum_k |W[k, n]| + |bias[n]| < 2^31 for every channel n, also with
     max|x| + 128 (the VNNI kernels add 128 to signed activations); then the int64 dyadic step."""
     a = n.attrs
     bias = np.abs(a["bias"].astype(np.int64))
-    xm = mag(x)
-    xm_vnni = xm + (128 if x[0] < 0 else 0)
+    xm, xm_vnni = _x_mags(x)
     acc = float((xm_vnni * colsum + bias).max())
     if acc > I32:
         ctx.fail(n, "the int32 accumulator", acc, I32)
@@ -250,8 +255,7 @@ def _check_gemm_w16(ctx, n, x, axis: int):
     int64 combination 256 * acc_hi + acc_lo + b_q through the dyadic step."""
     a = n.attrs
     red = tuple(i for i in range(a["weight"].ndim) if i != axis)
-    xm = mag(x)
-    xm_vnni = xm + (128 if x[0] < 0 else 0)
+    xm, xm_vnni = _x_mags(x)
     for half in split_w16(a["weight"]):
         acc = float(xm_vnni * np.abs(half.astype(np.int64)).sum(axis=red).max())
         if acc > I32:
