@@ -28,7 +28,11 @@ class TargetSpec:
         import tvm
 
         if self.kind == "cpu":
-            return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": host_cores()})
+            t = {"kind": "llvm", "mcpu": self.arch, "num-cores": host_cores()}
+            if self.arch == host_cpu() and host_amx_usable():
+                # LLVM may not know the host as an AMX CPU (a VM reporting another model): say so
+                t["mattr"] = ["+amx-tile", "+amx-int8"]
+            return tvm.target.Target(t)
         props = _CUDA_PROPS[self.arch]
         return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_threads_per_block": 1024,
                                   "thread_warp_size": 32, **props})
@@ -78,6 +82,23 @@ def host_has_vnni() -> bool:
 
 def host_has_avx2() -> bool:
     return _host_flag("avx2")
+
+
+@functools.lru_cache(maxsize=None)
+def host_amx_usable() -> bool:
+    """This CPU has AMX-INT8 tiles and Linux lets this process use them (``arch_prctl(
+    ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, what every AMX kernel asks on entry,
+    qcompiler/kernels/_amx_intrin.py).  ``QC_AMX=0`` turns the AMX kernels off (the VNNI ones run)."""
+    import ctypes
+    import os
+
+    if os.environ.get("QC_AMX", "1") == "0" or not (_host_flag("amx_int8") and _host_flag("amx_tile")):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except (OSError, AttributeError):
+        return False
 
 
 def parse_target(kind: str, arch: str | None = None) -> TargetSpec:

@@ -70,7 +70,7 @@ def target_has_vnni(target) -> bool:
 
 def target_isa(target) -> V.Isa | None:
     """The ISA of the INT8 GEMM kernels for ``target``: VNNI, else AVX2 (haswell .. znver3), else None."""
-    be = KB.select_cpu(target, 8, "int8")
+    be = KB.select_cpu(target, 8, "int8", vector_only=True)
     return be.isa if be is not None else None
 
 
@@ -91,14 +91,15 @@ class CpuGemm(KernelGemm):
     def _epi(a):
         return (const(np.asarray(a["mult"], np.int64), "int64"), const(np.asarray(a["shift"], np.int64), "int64"))
 
-    def _backend(self, n: Node, x_dtype: str):
-        """(backend, None) for a conv / dense layer, or (None, why)."""
+    def _backend(self, n: Node, x_dtype: str, shape=None):
+        """(backend, None) for a conv / dense layer (input ``shape``: N, H, W, C or M, K), or (None, why)."""
         if self.isa is None:
             return None, _NO_ISA
         if n.attrs["dtype"] not in V.OUT_DTYPES:
             return None, f"output dtype {n.attrs['dtype']} has no CPU GEMM kernel"
         bits = int(n.attrs.get("weight_bits", 8) or 8)
-        be = KB.select_cpu(self.target, bits, x_dtype)
+        layer = (n.op, tuple(shape) if shape is not None else None, np.asarray(n.attrs["weight"]))
+        be = KB.select_cpu(self.target, bits, x_dtype, layer)
         if be is None:
             return None, f"activation dtype {x_dtype} (weights {bits}-bit) has no CPU GEMM kernel"
         return be, None
@@ -108,7 +109,7 @@ class CpuGemm(KernelGemm):
         INT8 kernel of the same ISA; None when no kernel takes it (the caller falls back, warned).
         ``epilogue`` = (Epilogue, extra input exprs): fused into the kernel (``build(be, cfg, post)``);
         the tuning workload stays the plain kernel's (the epilogue is not part of the key)."""
-        be, why = self._backend(n, x_dtype)
+        be, why = self._backend(n, x_dtype, shape)
         if be is None:
             self._fallback(n, why)
             return None

@@ -359,7 +359,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             if int(a["group"]) != 1:
                 continue  # depthwise / grouped kernels have no config space
             if spec.kind == "cpu":
-                be = _backends.select_cpu(tvm_target, bits, x_dtype)
+                be = _backends.select_cpu(tvm_target, bits, x_dtype, ("conv", (N, H, W, C), np.asarray(a["weight"])))
                 if be is not None and be.reject_conv(C):  # the lowering runs it on the INT8 kernel
                     be = _backends.int8_twin(be)
                 if be is not None and od in _OUT_DTYPES:
@@ -370,7 +370,7 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             shp = ig.shapes[n.inputs[0]]
             M, K = int(np.prod(shp[:-1])), int(shp[-1])
             if spec.kind == "cpu":
-                be = _backends.select_cpu(tvm_target, bits, x_dtype)
+                be = _backends.select_cpu(tvm_target, bits, x_dtype, ("dense", (M, K), np.asarray(a["weight"])))
                 if be is not None and od in _OUT_DTYPES:
                     wl = be.workload(target, n, x_dtype, (M, K))
             else:

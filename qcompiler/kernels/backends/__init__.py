@@ -27,8 +27,9 @@ import importlib
 
 from ..tile_model import Isa
 
-# registration order = selection priority: the widest ISA first, then the fewer weight bits
-CPU_ORDER = ("vnni_w4a8", "vnni_int8", "vnni_w8a16", "avx2_w4a8", "avx2_int8", "avx2_w8a16")
+# registration order = selection priority: the widest ISA first (AMX tiles, then AVX-512 VNNI, AVX2),
+# then the fewer weight bits
+CPU_ORDER = ("amx_int8", "vnni_w4a8", "vnni_int8", "vnni_w8a16", "avx2_w4a8", "avx2_int8", "avx2_w8a16")
 # CUDA (tensor cores, ``qcompiler/kernels/cuda_mma.py``): native s4 first, then W4A8, then INT8
 CUDA_ORDER = ("cuda_int4", "cuda_w4a8", "cuda_int8")
 
@@ -43,6 +44,12 @@ class GemmBackend:
     weight_bits: int = 8
     a_dtypes: tuple = ()
     kind: str = "cpu"
+    vector = True  # a vector ISA (the direct depthwise / grouped kernels use its Isa)
+
+    def declines(self, op: str, shape, weight) -> str | None:
+        """Why this backend does not take a conv / dense layer it otherwise would (None: it takes it):
+        ``shape`` = the input's (N, H, W, C) or (M, K), ints or symbolic; ``weight`` the graph's."""
+        return None
 
     def config_class(self):
         raise NotImplementedError
@@ -400,10 +407,15 @@ def isa_of(name: str) -> Isa | None:
     return b.isa
 
 
-def select_cpu(target, weight_bits: int, a_dtype: str) -> CpuGemmBackend | None:
-    """The backend a conv / dense layer with these weight bits and activation dtype runs on."""
+def select_cpu(target, weight_bits: int, a_dtype: str, layer=None,
+               vector_only: bool = False) -> CpuGemmBackend | None:
+    """The backend a conv / dense layer with these weight bits and activation dtype runs on;
+    ``layer`` = (op, input shape, weight) lets a backend decline it (``declines``); ``vector_only``:
+    the vector ISAs only (what the direct depthwise / grouped kernels are generated for)."""
     for b in cpu_backends():
-        if b.takes(weight_bits, a_dtype) and b.available(target):
+        if vector_only and not b.vector:
+            continue
+        if b.takes(weight_bits, a_dtype) and b.available(target) and not (layer and b.declines(*layer)):
             return b
     return None
 

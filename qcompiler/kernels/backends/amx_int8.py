@@ -1,0 +1,77 @@
+"""INT8 (u8 x s8) GEMM backend on Intel AMX: ``tdpbusd`` on 16 x 64-byte tiles (``cpu_amx.py``).
+
+Taken before the vector ISAs where the CPU has AMX-INT8 and Linux grants the process its tile state
+(``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): shapes
+over symbolic dims (its kernels take static ones) and convs with fewer than
+``cpu_amx.MIN_CONV_CHANNELS`` channels per tap (their padding to 64 would at least double the work).
+8-bit weights only: a 4-bit layer keeps its W4A8 vector kernel.
+"""
+
+from ..tile_model import Isa
+from . import CpuGemmBackend, register
+
+# the tile model is the vector backends' (lanes of 16 columns, a 64-deep step); the AMX kernels'
+# own block model is ``cpu_amx.block_cycles``
+ISA = Isa("amx", "cpu_amx", lanes=16, kpack=64, vregs=64, vbytes=64, kround=64, workspace_cycles=0,
+          step=("max", 0.25, 0.5, 0.5))
+
+
+class AmxGemmBackend(CpuGemmBackend):
+    vector = False  # not a vector ISA: the depthwise / grouped kernels never run on it
+
+    def takes(self, weight_bits: int, a_dtype: str) -> bool:
+        return weight_bits == 8 and a_dtype in self.a_dtypes
+
+    def available(self, target) -> bool:
+        from qcompiler.targets import host_amx_usable
+
+        return super().available(target) and host_amx_usable()
+
+    def declines(self, op: str, shape, weight) -> str | None:
+        from .. import cpu_amx
+
+        if shape is not None and not all(isinstance(d, int) for d in shape):
+            return "symbolic dims (the AMX kernels take static shapes)"
+        if op == "conv" and weight is not None and weight.shape[1] < cpu_amx.MIN_CONV_CHANNELS:
+            return f"{weight.shape[1]} channels per tap (padded to 64 for AMX)"
+        return None
+
+    def config_class(self):
+        from ..cpu_amx import AmxConfig
+
+        return AmxConfig
+
+    def default_config(self, M: int, N: int, K: int, batch: int = 1):
+        from ..cpu_amx import default_config
+
+        return default_config(M * batch, N, K)
+
+    def config_points(self, workload):
+        from ..cpu_amx import config_points
+
+        yield from config_points(*workload._gemm_mnk())
+
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None):
+        from .. import cpu_amx
+
+        return cpu_amx.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, post=post)
+
+    def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config=None,
+               post=None):
+        from .. import cpu_amx
+
+        return cpu_amx.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
+                                   config, post=post)
+
+    def pack_dense(self, w, bias, a_dtype: str):
+        from .. import cpu_amx
+
+        return cpu_amx.pack_dense(w, bias, a_dtype == "int8")
+
+    def pack_conv(self, w, bias, a_dtype: str):
+        from .. import cpu_amx
+
+        return cpu_amx.pack_conv(w, bias, a_dtype == "int8")
+
+
+BACKEND = register(AmxGemmBackend(ISA, ("amx-int8", "amx-tile"), "amx_int8", __doc__))

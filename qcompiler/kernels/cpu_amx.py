@@ -1,0 +1,257 @@
+"""INT8 dense and NHWC convolution kernels on Intel AMX (``TDPBUSD`` tiles, ``_amx_intrin.py``).
+
+They compute the kernel contract of ``cpu_vnni.py`` (``acc = A @ W + bias``, dyadic requantization,
+clip, optional fused elementwise epilogue) with the same operand conventions: activations read as
+uint8 (int8 offset by +128, taken back through ``bias_eff``), weights in the VNNI layout
+``Wp[N/16, Kp/4, 16, 4]``, which is also AMX's B-tile layout (16 rows of 64 bytes per 16 columns and
+64 reduction steps).  What differs is the reduction padding and the operand copy:
+
+* the reduction is padded to a multiple of 64 (an A tile row).  Dense: Kp = K rounded up to 64.
+  Conv: each tap's channels are padded to Cp = C rounded up to 64 (k = tap * Cp + c, the layout of
+  ``cpu_vnni._conv_kn(w, 64)``), so every 64-deep step lies inside one tap;
+* the A operand is a row-major [Mp, Kp] uint8 matrix, rows = output pixels (n, oh, ow) for a conv
+  (an im2col copy, "prep"), Mp = M rounded up to the block rows; rows past M repeat the last row and
+  are never stored.  Dense reads A in place when it already is that matrix (uint8, K % 64 == 0,
+  M % block rows == 0).  Zero padding of a conv is the byte of the real value 0 (128 under the
+  offset), so ``bias_eff`` removes it with the rest, exactly as in ``cpu_vnni``.
+
+Schedule: blocks of ``16 mt x 16 nt`` outputs (``AmxConfig``), the block loop fused and parallel,
+one intrinsic call per block over ``kc`` (0: the whole reduction, so the C tiles stay in tile
+registers from the first to the last step), the requantization epilogue on the finished block from
+its ``local`` int32 buffer.  Shapes over symbolic dims and convs with fewer than
+:data:`MIN_CONV_CHANNELS` channels per tap are not taken (``AmxBackend.declines``): the VNNI kernels
+run them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from . import _amx_intrin as X
+from . import cpu_vnni as V
+
+KROUND = 64
+MIN_CONV_CHANNELS = 32   # below, padding each tap's channels to 64 at least doubles the work
+
+
+@dataclass(frozen=True)
+class AmxConfig:
+    """Tunable parameters of the AMX GEMM schedule.
+
+    mr       rows of a block: 16 * mt, mt in 1..3
+    nr       column blocks of 16 (nt), 1..3, dividing ceil(N/16); mt * nt + mt + nt <= 8 tiles
+    kc       reduction per intrinsic call, a multiple of 64 dividing Kp (0: the whole reduction)
+    n_outer  block loop order: column blocks outside row blocks
+    parallel the block loop runs in parallel
+    (The field names are VnniConfig's, so the cost model's features read both.)
+    """
+
+    mr: int = 32
+    nr: int = 2
+    kc: int = 0
+    n_outer: bool = False
+    parallel: bool = True
+
+    def __post_init__(self):
+        if self.mr % 16 or (self.mr // 16, self.nr) not in X.SHAPES:
+            raise ValueError(f"AmxConfig: a {self.mr}x{16 * self.nr} block is not one of the tile shapes "
+                             f"{[(16 * a, 16 * b) for a, b in X.SHAPES]}")
+        if self.kc < 0 or self.kc % KROUND:
+            raise ValueError(f"AmxConfig: kc must be 0 or a positive multiple of {KROUND}, got {self.kc}")
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_cycles(M: int, N: int, K: int, mr: int, nr: int, units: int = 2) -> float:
+    """Modelled cycles of an mr x 16nr blocking on ``units`` cores: per 64-deep step
+    max(16 * mt * nt, 8 * (mt + nt)) + 10 (tdpbusd at 16 cycles, tile loads ~8), per block ~150 for
+    the tile configuration, ~40 per C tile in / out and 2 per 16 outputs of epilogue."""
+    mt = mr // 16
+    steps = _ceil(K, KROUND)
+    per_step = max(16 * mt * nr, 8 * (mt + nr)) + 10
+    per_block = steps * per_step + 150 + 40 * mt * nr + 2 * mt * 16 * nr
+    blocks = _ceil(M, mr) * max(1, _ceil(N, 16) // nr)
+    return per_block * _ceil(blocks, units)
+
+
+def default_config(M: int, N: int, K: int) -> AmxConfig:
+    """The cheapest block of :func:`block_cycles` (whole reduction per call, row blocks outer);
+    serial when the GEMM is one block or under ``cpu_vnni.SERIAL_CYCLES``."""
+    nb = _ceil(N, 16)
+    best = None
+    for mt, nt in X.SHAPES:
+        if nb % nt or (mt > 1 and M <= 16 * (mt - 1)):
+            continue
+        c = block_cycles(M, N, K, 16 * mt, nt)
+        if best is None or c < best[0]:
+            best = (c, mt, nt)
+    _, mt, nt = best
+    blocks = _ceil(M, 16 * mt) * (nb // nt)
+    return AmxConfig(mr=16 * mt, nr=nt, kc=0, n_outer=False,
+                     parallel=blocks > 1 and block_cycles(M, N, K, 16 * mt, nt, units=1) >= V.SERIAL_CYCLES)
+
+
+def config_points(M: int, N: int, K: int):
+    """The tuning space: every tile shape that divides the columns, kc in {whole, 256, 512}, both loop
+    orders, serial twins for small GEMMs."""
+    nb = _ceil(N, 16)
+    Kp = _ceil(K, KROUND) * KROUND
+    kcs = [0] + [k for k in (256, 512) if k < Kp and Kp % k == 0]
+    for mt, nt in X.SHAPES:
+        if nb % nt or (mt > 1 and M <= 16 * (mt - 1)):
+            continue
+        for kc in kcs:
+            for n_outer in (False, True):
+                for par in (True, False):
+                    yield dict(mr=16 * mt, nr=nt, kc=kc, n_outer=n_outer, parallel=par)
+
+
+# ---- weight packing ---------------------------------------------------------------------------
+def pack_dense(w: np.ndarray, bias, a_signed: bool):
+    """w int8 [K, N] -> (Wp int8 [ceil(N/16), Kp/4, 16, 4] with Kp = K rounded up to 64, bias_eff)."""
+    V._check_weight(w, 2, "pack_dense")
+    K, N = w.shape
+    wk = np.zeros((_ceil(K, KROUND) * KROUND, N), np.int8)
+    wk[:K] = w
+    return V._pack_kn(wk, V.VNNI), V._bias_eff(w, bias, a_signed)
+
+
+def pack_conv(w: np.ndarray, bias, a_signed: bool):
+    """w int8 [OC, C, KH, KW] -> (Wp [ceil(OC/16), KH*KW*Cp/4, 16, 4], Cp = C rounded up to 64; bias_eff)."""
+    V._check_weight(w, 4, "pack_conv")
+    wk = V._conv_kn(w, KROUND)
+    return V._pack_kn(wk, V.VNNI), V._bias_eff(wk, bias, a_signed)
+
+
+# ---- kernels ----------------------------------------------------------------------------------------
+def _placeholders(N: int, Kp: int):
+    Wp = te.placeholder((_ceil(N, 16), Kp // 4, 16, 4), "int8", name="Wp")
+    return (Wp, te.placeholder((N,), "int32", name="bias"), te.placeholder((N,), "int64", name="mult"),
+            te.placeholder((N,), "int64", name="shift"))
+
+
+def _gemm(Ap, Wp, Mp: int, Np: int, Kp: int):
+    k = te.reduce_axis((0, Kp), name="k")
+    return te.compute((Mp, Np), lambda i, j: te.sum(
+        Ap[i, k].astype("int32") * Wp[j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k), name="gemm")
+
+
+def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec: int) -> tirx.PrimFunc:
+    """Blocks "prep" (optional: its last loop vectorized by ``prep_vec``), "gemm" (i, j, k), "out"."""
+    mt, nt = cfg.mr // 16, cfg.nr
+    kc = cfg.kc if cfg.kc and Kp % cfg.kc == 0 else Kp
+    gemm = sch.get_sblock("gemm")
+    i, j, k = sch.get_loops(gemm)
+    m0, m1 = sch.split(i, [None, cfg.mr])
+    n0, n1 = sch.split(j, [None, 16 * nt])
+    k0, k1 = sch.split(k, [None, kc])
+    outer = [n0, m0] if cfg.n_outer else [m0, n0]
+    sch.reorder(*outer, k0, m1, n1, k1)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, outer[-1])
+    tile = sch.fuse(*outer)
+    if cfg.parallel:
+        sch.parallel(tile)
+    rows_cols = sch.get_loops(out)[1:]
+    if len(rows_cols) == 2 and int(sch.get(rows_cols[-1]).extent) % 16 == 0:
+        c0, c1 = sch.split(rows_cols[-1], [None, 16])
+        sch.reorder(c0, rows_cols[0], c1)
+        sch.vectorize(c1)
+    elif rows_cols:
+        V._vectorize_inner(sch, rows_cols[-1], 16)
+    sch.set_scope(gemm, 0, "local")
+    init = sch.decompose_reduction(gemm, k0)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(m1, X.register(mt, nt, kc // 64))
+    if prep is not None:
+        pl = sch.get_loops(sch.get_sblock(prep))
+        par = sch.fuse(*pl[:-1]) if len(pl) > 1 else None
+        if par is not None and cfg.parallel:
+            sch.parallel(par)
+        V._vectorize_inner(sch, pl[-1], prep_vec)
+    func = V._finish(sch)
+    return func.with_body(tirx.SeqStmt([X.request_permission_stmt(), func.body]))
+
+
+def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
+          config: AmxConfig | None = None, post: V.Post | None = None) -> tirx.PrimFunc:
+    """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, [*extras, consts,] Out)
+    with Wp from :func:`pack_dense`.  Static M only."""
+    V._check_io(a_dtype, out_dtype, lo, hi)
+    V._check_k(K, "dense")
+    if not isinstance(M, (int, np.integer)):
+        raise ValueError("the AMX dense kernel takes a static row count")
+    M = int(M)
+    cfg = config or default_config(M, N, K)
+    nb = _ceil(N, 16)
+    if nb % cfg.nr:
+        raise ValueError(f"dense: nr={cfg.nr} does not divide ceil(N/16)={nb}")
+    Kp, Np, Mp = _ceil(K, KROUND) * KROUND, nb * 16, _ceil(M, cfg.mr) * cfg.mr
+    A = te.placeholder((M, K), a_dtype, name="A")
+    Wp, bias, mult, shift = _placeholders(N, Kp)
+    offset = a_dtype == "int8"
+    in_place = not offset and Kp == K and Mp == M
+    if in_place:
+        Ap = A
+    else:
+        Ap = te.compute((Mp, Kp), lambda i, k: tirx.if_then_else(
+            k < K, V._as_u8(A[tirx.min(i, M - 1), tirx.min(k, K - 1)], offset), tirx.const(0, "uint8")),
+            name="prep")
+    C = _gemm(Ap, Wp, Mp, Np, Kp)
+    extras, consts = V._post_args(post, (M, N))
+    out = V._epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), 0, post,
+                      (extras, consts))
+    sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, *V._post_list(extras, consts), out]))
+    return _schedule(sch, cfg, Kp, None if in_place else "prep", 64)
+
+
+def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
+                a_dtype: str, out_dtype: str, lo: int, hi: int, config: AmxConfig | None = None,
+                post: V.Post | None = None) -> tirx.PrimFunc:
+    """Out[N, OH, OW, OC] = requant(conv(X[N, H, W, C], W) + bias) as an implicit GEMM over an im2col
+    copy; args (X, Wp, bias_eff, mult, shift, [*extras, consts,] Out), Wp from :func:`pack_conv`."""
+    V._check_io(a_dtype, out_dtype, lo, hi)
+    if not all(isinstance(d, (int, np.integer)) for d in (N, H, W)):
+        raise ValueError("the AMX conv kernel takes static dims")
+    N, H, W = int(N), int(H), int(W)
+    sh, sw, dh, dw, pt, pl, OH, OW, _, _ = V._conv_geometry(H, W, KH, KW, strides, pads, dilations)
+    Cp = _ceil(C, KROUND) * KROUND
+    T_ = KH * KW
+    Kp = T_ * Cp
+    V._check_k(Kp, "conv2d_nhwc")
+    M = N * OH * OW
+    cfg = config or default_config(M, OC, Kp)
+    nb = _ceil(OC, 16)
+    if nb % cfg.nr:
+        raise ValueError(f"conv2d_nhwc: nr={cfg.nr} does not divide ceil(OC/16)={nb}")
+    Mp, Np = _ceil(M, cfg.mr) * cfg.mr, nb * 16
+    offset = a_dtype == "int8"
+    Xt = te.placeholder((N, H, W, C), a_dtype, name="X")
+    Wp, bias, mult, shift = _placeholders(OC, Kp)
+    pad_val = tirx.const(128 if offset else 0, "uint8")
+
+    def prep(i, k):
+        r = tirx.min(i, M - 1)
+        n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
+        t, c = k // Cp, k % Cp
+        hh, ww = oh * sh + (t // KW) * dh - pt, ow * sw + (t % KW) * dw - pl
+        inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W, c < C)
+        v = Xt[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
+        return tirx.if_then_else(inside, V._as_u8(v, offset), pad_val)
+
+    Ap = te.compute((Mp, Kp), prep, name="prep")
+    Cacc = _gemm(Ap, Wp, Mp, Np, Kp)
+    extras, consts = V._post_args(post, (N, OH, OW, OC))
+    out = V._epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
+                      lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), 0, post, (extras, consts))
+    sch = Schedule(te.create_prim_func([Xt, Wp, bias, mult, shift, *V._post_list(extras, consts), out]))
+    V._prepare_conv_epilogue(sch, OH, OW)
+    # the copy iterates (row, tap, channel): one index computation per tap, channels vectorized
+    sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // Cp, k % Cp))
+    return _schedule(sch, cfg, Kp, "prep", 64)
