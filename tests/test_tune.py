@@ -18,13 +18,15 @@ import onnx
 import pytest
 
 from qcompiler.cli import main
-from qcompiler.targets import host_has_avx2, host_has_vnni
+from qcompiler.targets import host_amx_usable, host_has_avx2, host_has_vnni
 from qcompiler.tune import records as R
 from tests.helpers import small_cnn
 
 pytestmark = pytest.mark.skipif(not (host_has_vnni() or host_has_avx2()),
                                 reason="the tuned CPU kernels need AVX-512 VNNI or AVX2")
 BACKEND = "cpu_vnni" if host_has_vnni() else "cpu_avx2"
+# the 8-bit layers of a static model run on AMX where the host has it (its small convs stay on BACKEND)
+BACKENDS = {BACKEND, "cpu_amx"} if host_amx_usable() else {BACKEND}
 ROOT = Path(__file__).resolve().parents[1]
 QC = [sys.executable, "-m", "qcompiler.cli"]
 
@@ -70,7 +72,7 @@ def test_records_valid(tuned):
         assert r["schema"] == R.SCHEMA and r["error"] is None and len(r["latencies_s"]) == 3
         assert r["median_s"] == sorted(r["latencies_s"])[1]
         assert r["target"]["kind"] == "cpu" and r["target"]["cores"] >= 1 and r["target"]["device"]
-        assert r["workload"]["backend"] == BACKEND and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
+        assert r["workload"]["backend"] in BACKENDS and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
         assert set(r["config"]) == {"mr", "nr", "kc", "n_outer", "parallel"}
     keys = {r["workload_key"] for r in recs}
     # the tasks are the VNNI conv/dense kernels of the quantized graph (a layer whose dtypes have no VNNI
@@ -105,14 +107,15 @@ def test_compile_uses_best_config(model, tuned, tmp_path, monkeypatch):
     with R.RecordWriter(log2) as w:
         for key, b in best.items():
             base = next(r for r in recs if r["workload_key"] == key)
-            cfg = {"mr": 2, "nr": 1, "kc": 0, "n_outer": False}
+            cfg = {"mr": 16 if key.startswith("cpu_amx.") else 2, "nr": 1, "kc": 0, "n_outer": False}
             w.append({**base, "config": cfg, "is_default": False, "median_s": 1e-9, "latencies_s": [1e-9]})
     spec = parse_target("cpu")
     calib = dict(np.load(model / "calib.npz"))
     prep = prepare(str(model / "m.onnx"), calib, CompileOptions(target=spec))
     with activate(spec, str(log2)) as tc:
         res = build(prep.int_graph, spec.tvm_target())
-    assert len(tc.used) == len(best) and all(u["config"]["mr"] == 2 for u in tc.used)
+    assert len(tc.used) == len(best) and all(u["config"]["mr"] == (16 if u["workload_key"].startswith("cpu_amx.") else 2)
+                                             for u in tc.used)
     test = {"x": calib["x"][:1]}
     tv, ref = run_tvm(res.executable, prep.int_graph, test), reference.execute(prep.int_graph, test)
     for o in prep.int_graph.outputs:

@@ -77,6 +77,11 @@ def target_isa(target) -> V.Isa | None:
 _NO_ISA = "the target CPU has neither AVX-512 VNNI nor AVX2"
 
 
+def _pointwise(a) -> bool:
+    """Stride 1, no padding, no dilation (with a 1x1 kernel: a GEMM over the pixels as they are)."""
+    return (tuple(a["strides"]) == (1, 1) and not any(a["pads"]) and tuple(a["dilations"]) == (1, 1))
+
+
 class CpuGemm(KernelGemm):
     name = "cpu_vnni"
 
@@ -168,6 +173,10 @@ class CpuGemm(KernelGemm):
         if g == 1:
             if epilogue is not None and self._backend(n, x_dtype)[0] is None:
                 return None
+            be = self._backend(n, x_dtype, (N, H, W, C))[0]
+            if be is not None and be.pointwise_as_dense and KH == KW == 1 and _pointwise(a) and \
+                    all(isinstance(d, int) for d in (N, H, W)):
+                return self._pointwise(lw, n, x, x_dtype, (N, H, W, C), OC, epilogue)
             if epilogue is not None and not all(isinstance(d, int) for d in (N, H, W)):
                 return None  # the conv kernel over symbolic dims takes no fused epilogue (cpu_vnni.conv2d_nhwc)
             y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), out_shape,
@@ -218,6 +227,27 @@ class CpuGemm(KernelGemm):
                 return None
             self._fallback(n, str(e))
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
+
+    def _pointwise(self, lw, n: Node, x, x_dtype: str, nhwc, OC: int, epilogue=None):
+        """A 1x1 / stride-1 / unpadded conv as the dense kernel of its backend over the input viewed as
+        [N*H*W, C] (a reshape, no copy; ``GemmBackend.pointwise_as_dense``: the AMX kernels then read
+        the activations in place).  Same packing as the conv (k = c), same workload (the conv's)."""
+        a = n.attrs
+        N, H, W, C = nhwc
+        M = N * H * W
+        w = np.asarray(a["weight"])
+        lo, hi = int(a["lo"]), int(a["hi"])
+        bias = np.asarray(a["bias"], np.int32)
+        x2 = lw.emit(relax.op.reshape(x, (M, C)))
+        ep = None
+        if epilogue is not None:
+            ep = (epilogue[0], [lw.emit(relax.op.reshape(e, (M, OC))) for e in epilogue[1]])
+        y = self._gemm(lw, n, x2, x_dtype, nhwc, (M, OC),
+                       lambda be, cfg, post: be.dense(M, OC, C, x_dtype, a["dtype"], lo, hi, cfg, post=post),
+                       lambda be: be.pack_conv(w, bias, x_dtype), "conv", ep)
+        if y is None:
+            return None if epilogue is not None else super().conv(lw, n, x, x_dtype, nhwc)
+        return lw.emit(relax.op.reshape(y, (N, H, W, OC)))
 
     def dense(self, lw, n: Node, x, x_dtype: str, M: int, K: int, epilogue=None):
         """As :meth:`conv`: with ``epilogue`` (extra inputs [M, N]) returns (expr, fused)."""

@@ -20,7 +20,7 @@ tvm = pytest.importorskip("tvm")
 from qcompiler.kernels import backends as KB  # noqa: E402
 from qcompiler.kernels import cpu_vnni as cv  # noqa: E402
 from qcompiler.kernels import int4_pack, tile_model  # noqa: E402
-from qcompiler.targets import host_has_avx2, host_has_vnni  # noqa: E402
+from qcompiler.targets import host_amx_usable, host_has_avx2, host_has_vnni  # noqa: E402
 from tests.kernels.test_cpu_vnni import (RANGES, build, conv_acc_ref, dense_acc_ref, rand_requant,  # noqa: E402
                                          requant_ref, run)
 
@@ -101,7 +101,7 @@ def identity_requant(N):
 # ---- registry, packing, tile model -----------------------------------------------------------------
 def test_registry_and_selection():
     names = KB.cpu_names()
-    assert set(LOWBIT) | {"cpu_vnni", "cpu_avx2"} == set(names)
+    assert set(LOWBIT) | {"cpu_amx", "cpu_vnni", "cpu_avx2"} == set(names)
     vnni = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
     old = tvm.target.Target({"kind": "llvm", "mcpu": "nehalem"})
@@ -165,7 +165,7 @@ def test_shared_tile_model_matches_the_int8_features():
                            for a in range(1, min(16, M) + 1) if a * b + b + 1 <= vregs)
             assert F._vnni_best(M, N, K, units, backend) == old_best
     # the default config is the tile model's best default tile, for every backend
-    for be in KB.cpu_backends():
+    for be in (b for b in KB.cpu_backends() if b.vector):   # AMX has its own block model (cpu_amx)
         mr, nr, _ = tile_model.best_default_tile(300, 200, 512, 1, be.isa)
         cfg = be.default_config(300, 200, 512)
         assert (cfg.mr, cfg.nr) == (mr, nr) and be.isa.fits(mr, nr)
@@ -370,7 +370,8 @@ def test_model_with_16bit_activations(tmp_path):
     ig.dtypes[q.outputs[0]] = "int16"
     conv.attrs["shift"] = np.asarray(conv.attrs["shift"]) + 7
     tag = "vnni" if host_has_vnni() else "avx2"
-    _build_and_compare(ig, data, opts, [f"conv_{tag}_a16", f"conv_{tag}", f"dense_{tag}"])
+    dense = "amx" if host_amx_usable() else tag   # the 8-bit dense runs on AMX where there is AMX
+    _build_and_compare(ig, data, opts, [f"conv_{tag}_a16", f"conv_{tag}", f"dense_{dense}"])
 
 
 # ---- tuner and cost model -------------------------------------------------------------------------

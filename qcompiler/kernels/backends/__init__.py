@@ -45,6 +45,7 @@ class GemmBackend:
     a_dtypes: tuple = ()
     kind: str = "cpu"
     vector = True  # a vector ISA (the direct depthwise / grouped kernels use its Isa)
+    pointwise_as_dense = False  # lower 1x1 / stride-1 / unpadded convs as its dense kernel on [N*H*W, C]
 
     def declines(self, op: str, shape, weight) -> str | None:
         """Why this backend does not take a conv / dense layer it otherwise would (None: it takes it):

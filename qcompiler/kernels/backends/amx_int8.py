@@ -18,6 +18,7 @@ ISA = Isa("amx", "cpu_amx", lanes=16, kpack=64, vregs=64, vbytes=64, kround=64, 
 
 class AmxGemmBackend(CpuGemmBackend):
     vector = False  # not a vector ISA: the depthwise / grouped kernels never run on it
+    pointwise_as_dense = True  # its dense kernel reads [N*H*W, C] in place (uint8, C % 64 == 0): no copy
 
     def takes(self, weight_bits: int, a_dtype: str) -> bool:
         return weight_bits == 8 and a_dtype in self.a_dtypes
@@ -62,6 +63,17 @@ class AmxGemmBackend(CpuGemmBackend):
 
         return cpu_amx.conv2d_nhwc(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
                                    config, post=post)
+
+    def make_func(self, workload, config=None):
+        """The kernel a workload's layer runs: a pointwise conv runs the dense kernel over its pixels
+        (``pointwise_as_dense``), so that is what the tuner measures for it."""
+        w = workload
+        if w.kind == "conv2d":
+            N, H, W, C, OC, KH, KW = w.shape
+            if (KH, KW) == (1, 1) and tuple(w.strides) == (1, 1) and not any(w.pads) and \
+                    tuple(w.dilations) == (1, 1):
+                return self.dense(N * H * W, OC, C, w.a_dtype, w.out_dtype, w.lo, w.hi, config)
+        return super().make_func(workload, config)
 
     def pack_dense(self, w, bias, a_dtype: str):
         from .. import cpu_amx
