@@ -45,10 +45,45 @@ def name(mt: int, nt: int, q: int) -> str:
     return f"qc_amx_tdpbusd_{mt}x{nt}x{q}"
 
 
-def register(mt: int, nt: int, q: int) -> str:
-    """Register the (mt, nt, q) intrinsic unless it already is; return its name."""
+def register_zero(mt: int, nt: int) -> str:
+    """The init of a block whose one update call starts from zero tiles (``register(..., zero=True)``):
+    C = 0 described, nothing done (the update's ``tilezero`` is the init)."""
+    MR, NR = 16 * mt, 16 * nt
+    nm = f"qc_amx_zero_{mt}x{nt}"
+    if TensorIntrin.get(nm, allow_missing=True) is not None:
+        return nm
+
+    @T.prim_func(s_tir=True)
+    def desc(c: T.handle) -> None:
+        sc = T.int32()
+        C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:MR, 0:NR])
+            for i, j in T.grid(MR, NR):
+                with T.sblock("init"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    C[vi, vj] = T.int32(0)
+
+    @T.prim_func(s_tir=True)
+    def impl(c: T.handle) -> None:
+        sc = T.int32()
+        C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:MR, 0:NR])
+            T.evaluate(0)
+
+    TensorIntrin.register(nm, desc, impl)
+    return nm
+
+
+def register(mt: int, nt: int, q: int, zero: bool = False) -> str:
+    """Register the (mt, nt, q) intrinsic unless it already is; return its name.  ``zero``: the C tiles
+    start from ``tilezero``, not from memory -- only for the one call of a block that covers its whole
+    reduction, after the no-op init of :func:`register_zero` (together: C = A B)."""
     _tile_regs(mt, nt)
-    nm = name(mt, nt, q)
+    nm = name(mt, nt, q) + ("_z" if zero else "")
     if TensorIntrin.get(nm, allow_missing=True) is not None:
         return nm
     MR, NR, KC, KQ = 16 * mt, 16 * nt, 64 * q, 16 * q
@@ -88,8 +123,11 @@ def register(mt: int, nt: int, q: int) -> str:
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
             for ti in T.unroll(mt):
                 for tj in T.unroll(nt):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(ti * nt + tj),
-                                                  T.address_of(C[ti * 16, tj * 16]), T.int64(sc * 4)))
+                    if zero:
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(ti * nt + tj)))
+                    else:
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(ti * nt + tj),
+                                                      T.address_of(C[ti * 16, tj * 16]), T.int64(sc * 4)))
             for kb in range(q):
                 # A tile, then (first row of tiles only) its B tiles, each tdpbusd right after its operands
                 for ti in T.unroll(mt):

@@ -190,8 +190,12 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
         V._vectorize_inner(sch, rows_cols[-1], 16)
     sch.set_scope(gemm, 0, "local")
     init = sch.decompose_reduction(gemm, k0)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(m1, X.register(mt, nt, kc // 64))
+    if kc == Kp:  # one call per block: it starts from tilezero, the init writes nothing
+        sch.tensorize(sch.get_loops(init)[-2], X.register_zero(mt, nt))
+        sch.tensorize(m1, X.register(mt, nt, kc // 64, zero=True))
+    else:
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(m1, X.register(mt, nt, kc // 64))
     if prep is not None:
         pl = sch.get_loops(sch.get_sblock(prep))
         if per_row_block:
