@@ -170,7 +170,7 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
     sch.reorder(*outer, k0, m1, n1, k1)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[-1])
-    per_row_block = prep is not None and not cfg.n_outer
+    per_row_block = prep is not None and not cfg.n_outer and int(sch.get(m0).extent) > 1
     if per_row_block:
         # the operand copy of one row block right before its column blocks: it stays in L1 / L2 (an
         # im2col of a 3x3 conv is 9x its input) instead of a whole-matrix pass through memory

@@ -130,6 +130,14 @@ def test_dense_configs(target, config):
 
 
 @needs_amx
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_dense_one_row_block_configs(target, M):
+    """A GEMM of one row block with row blocks outer (a tuned record may ask for it)."""
+    for cfg in (A.AmxConfig(16, 1), A.AmxConfig(32, 2, n_outer=False, parallel=False)):
+        check_dense(target, np.random.default_rng(M), M, 32, 576, "uint8", "int16", -32768, 32767, cfg)
+
+
+@needs_amx
 def test_dense_fused_epilogue(target):
     check_dense(target, np.random.default_rng(3), 70, 64, 130, "int8", "int16", -300, 300, post=AddClip())
 
