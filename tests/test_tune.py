@@ -73,7 +73,8 @@ def test_records_valid(tuned):
         assert r["median_s"] == sorted(r["latencies_s"])[1]
         assert r["target"]["kind"] == "cpu" and r["target"]["cores"] >= 1 and r["target"]["device"]
         assert r["workload"]["backend"] in BACKENDS and r["workload_key"].endswith("cpu:" + r["target"]["arch"])
-        assert set(r["config"]) == {"mr", "nr", "kc", "n_outer", "parallel"}
+        amx = r["workload"]["backend"] == "cpu_amx"   # AmxConfig adds ng (column blocks per call)
+        assert set(r["config"]) == {"mr", "nr", "kc", "n_outer", "parallel"} | ({"ng"} if amx else set())
     keys = {r["workload_key"] for r in recs}
     # the tasks are the VNNI conv/dense kernels of the quantized graph (a layer whose dtypes have no VNNI
     # kernel is lowered generically and is no task)

@@ -45,11 +45,11 @@ def name(mt: int, nt: int, q: int) -> str:
     return f"qc_amx_tdpbusd_{mt}x{nt}x{q}"
 
 
-def register_zero(mt: int, nt: int) -> str:
+def register_zero(mt: int, nt: int, ng: int = 1) -> str:
     """The init of a block whose one update call starts from zero tiles (``register(..., zero=True)``):
     C = 0 described, nothing done (the update's ``tilezero`` is the init)."""
-    MR, NR = 16 * mt, 16 * nt
-    nm = f"qc_amx_zero_{mt}x{nt}"
+    MR, NR = 16 * mt, 16 * nt * ng
+    nm = f"qc_amx_zero_{mt}x{nt}" + (f"_g{ng}" if ng > 1 else "")
     if TensorIntrin.get(nm, allow_missing=True) is not None:
         return nm
 
@@ -78,15 +78,20 @@ def register_zero(mt: int, nt: int) -> str:
     return nm
 
 
-def register(mt: int, nt: int, q: int, zero: bool = False) -> str:
+def register(mt: int, nt: int, q: int, zero: bool = False, ng: int = 1) -> str:
     """Register the (mt, nt, q) intrinsic unless it already is; return its name.  ``zero``: the C tiles
     start from ``tilezero``, not from memory -- only for the one call of a block that covers its whole
-    reduction, after the no-op init of :func:`register_zero` (together: C = A B)."""
+    reduction, after the no-op init of :func:`register_zero` (together: C = A B).  ``ng`` > 1 (with
+    ``zero``): the call computes ``ng`` column blocks of 16 nt one after the other (C is
+    [16 mt, 16 nt ng], B [nt ng, ...]), loading the tile configuration once for all of them."""
     _tile_regs(mt, nt)
-    nm = name(mt, nt, q) + ("_z" if zero else "")
+    if ng > 1 and not zero:
+        raise ValueError("several column blocks per AMX call need the zero-start form")
+    nm = name(mt, nt, q) + ("_z" if zero else "") + (f"_g{ng}" if ng > 1 else "")
     if TensorIntrin.get(nm, allow_missing=True) is not None:
         return nm
-    MR, NR, KC, KQ = 16 * mt, 16 * nt, 64 * q, 16 * q
+    MR, NR, KC, KQ = 16 * mt, 16 * nt * ng, 64 * q, 16 * q
+    NT = nt * ng
     _A0, _B0 = mt * nt, mt * nt + mt  # tile registers: C 0 .. mt*nt - 1, then the A tiles, then B
 
     @T.prim_func(s_tir=True)
@@ -94,10 +99,10 @@ def register(mt: int, nt: int, q: int, zero: bool = False) -> str:
         sa = T.int32()
         sc = T.int32()
         A = T.match_buffer(a, (MR, KC), "uint8", strides=(sa, 1), offset_factor=1)
-        B = T.match_buffer(b, (nt, KQ, 16, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (NT, KQ, 16, 4), "int8", offset_factor=1)
         C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:MR, 0:NR], A[0:MR, 0:KC], B[0:nt, 0:KQ, 0:16, 0:4])
+            T.reads(C[0:MR, 0:NR], A[0:MR, 0:KC], B[0:NT, 0:KQ, 0:16, 0:4])
             T.writes(C[0:MR, 0:NR])
             for i, j, k in T.grid(MR, NR, KC):
                 with T.sblock("update"):
@@ -110,10 +115,10 @@ def register(mt: int, nt: int, q: int, zero: bool = False) -> str:
         sa = T.int32()
         sc = T.int32()
         A = T.match_buffer(a, (MR, KC), "uint8", strides=(sa, 1), offset_factor=1)
-        B = T.match_buffer(b, (nt, KQ, 16, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (NT, KQ, 16, 4), "int8", offset_factor=1)
         C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:MR, 0:NR], A[0:MR, 0:KC], B[0:nt, 0:KQ, 0:16, 0:4])
+            T.reads(C[0:MR, 0:NR], A[0:MR, 0:KC], B[0:NT, 0:KQ, 0:16, 0:4])
             T.writes(C[0:MR, 0:NR])
             # palette 1; registers 0..7: 16 rows of 64 bytes (bytes 16..31: colsb, 48..55: rows)
             cfg = T.alloc_buffer((16,), "int32", scope="local")
@@ -121,28 +126,31 @@ def register(mt: int, nt: int, q: int, zero: bool = False) -> str:
                 cfg[w] = T.if_then_else(w == 0, 1, T.if_then_else(
                     4 <= w and w < 8, 64 | (64 << 16), T.if_then_else(12 <= w and w < 14, 0x10101010, 0)))
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
-            for ti in T.unroll(mt):
-                for tj in T.unroll(nt):
-                    if zero:
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(ti * nt + tj)))
-                    else:
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(ti * nt + tj),
-                                                      T.address_of(C[ti * 16, tj * 16]), T.int64(sc * 4)))
-            for kb in range(q):
-                # A tile, then (first row of tiles only) its B tiles, each tdpbusd right after its operands
+            for jg in range(ng):
                 for ti in T.unroll(mt):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(_A0 + ti),
-                                                  T.address_of(A[ti * 16, kb * 64]), T.int64(sa)))
                     for tj in T.unroll(nt):
-                        if ti == 0:
-                            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(_B0 + tj),
-                                                          T.address_of(B[tj, kb * 16, 0, 0]), T.int64(64)))
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(ti * nt + tj),
-                                                      T.int8(_A0 + ti), T.int8(_B0 + tj)))
-            for ti in T.unroll(mt):
-                for tj in T.unroll(nt):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(ti * nt + tj),
-                                                  T.address_of(C[ti * 16, tj * 16]), T.int64(sc * 4)))
+                        if zero:
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(ti * nt + tj)))
+                        else:
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(ti * nt + tj),
+                                                          T.address_of(C[ti * 16, tj * 16]), T.int64(sc * 4)))
+                for kb in range(q):
+                    # A tile, then (first row of tiles only) its B tiles, each tdpbusd right after its operands
+                    for ti in T.unroll(mt):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(_A0 + ti),
+                                                      T.address_of(A[ti * 16, kb * 64]), T.int64(sa)))
+                        for tj in T.unroll(nt):
+                            if ti == 0:
+                                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(_B0 + tj),
+                                                              T.address_of(B[jg * nt + tj, kb * 16, 0, 0]),
+                                                              T.int64(64)))
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(ti * nt + tj),
+                                                          T.int8(_A0 + ti), T.int8(_B0 + tj)))
+                for ti in T.unroll(mt):
+                    for tj in T.unroll(nt):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(ti * nt + tj),
+                                                      T.address_of(C[ti * 16, jg * NR // ng + tj * 16]),
+                                                      T.int64(sc * 4)))
 
     TensorIntrin.register(nm, desc, impl)
     return nm

@@ -52,7 +52,9 @@ class AmxConfig:
     kc       reduction per intrinsic call, a multiple of 64 dividing Kp (0: the whole reduction)
     n_outer  block loop order: column blocks outside row blocks
     parallel the block loop runs in parallel
-    (The field names are VnniConfig's, so the cost model's features read both.)
+    ng       column blocks per intrinsic call (dividing their count; with kc = 0 only): the tile
+             configuration is loaded once for ng blocks, whose C tiles go to one [mr, 16 nr ng] buffer
+    (The first five field names are VnniConfig's, so the cost model's features read both.)
     """
 
     mr: int = 32
@@ -60,6 +62,7 @@ class AmxConfig:
     kc: int = 0
     n_outer: bool = False
     parallel: bool = True
+    ng: int = 1
 
     def __post_init__(self):
         if self.mr % 16 or (self.mr // 16, self.nr) not in X.SHAPES:
@@ -67,6 +70,8 @@ class AmxConfig:
                              f"{[(16 * a, 16 * b) for a, b in X.SHAPES]}")
         if self.kc < 0 or self.kc % KROUND:
             raise ValueError(f"AmxConfig: kc must be 0 or a positive multiple of {KROUND}, got {self.kc}")
+        if self.ng < 1 or (self.ng > 1 and self.kc):
+            raise ValueError(f"AmxConfig: ng must be >= 1, and 1 unless kc = 0; got ng={self.ng}, kc={self.kc}")
 
 
 def _ceil(a: int, b: int) -> int:
@@ -104,7 +109,21 @@ def default_config(M: int, N: int, K: int) -> AmxConfig:
     # work (each core reads its half of the weights, which dominate at a few rows)
     few_rows = _ceil(M, 16 * mt) < 2 * DEFAULT_UNITS
     return AmxConfig(mr=16 * mt, nr=nt, kc=0, n_outer=few_rows,
-                     parallel=blocks > 1 and block_cycles(M, N, K, 16 * mt, nt, units=1) >= V.SERIAL_CYCLES)
+                     parallel=blocks > 1 and block_cycles(M, N, K, 16 * mt, nt, units=1) >= V.SERIAL_CYCLES,
+                     ng=default_ng(16 * mt, nt, nb // nt, K))
+
+
+PANEL_BYTES = 8192  # the int32 C panel of one call: measured best at 8 KB (K = 64, 3136 x 256: -15%)
+NG_MAX_K = 256      # above, a call's tdpbusd steps dwarf its tile configuration (and a 3x3 conv, K = 576,
+                    # ran 1.3-2x slower with 2 column blocks per call)
+
+
+def default_ng(mr: int, nr: int, col_blocks: int, K: int) -> int:
+    """The most column blocks per call (a divisor of ``col_blocks``) whose C panel fits PANEL_BYTES, for
+    a reduction of at most NG_MAX_K; else 1."""
+    if K > NG_MAX_K:
+        return 1
+    return max(g for g in range(1, col_blocks + 1) if col_blocks % g == 0 and mr * 16 * nr * g * 4 <= PANEL_BYTES)
 
 
 def config_points(M: int, N: int, K: int):
@@ -117,9 +136,11 @@ def config_points(M: int, N: int, K: int):
         if nb % nt or (mt > 1 and M <= 16 * (mt - 1)):
             continue
         for kc in kcs:
+            ngs = [g for g in (1, 2, 4, 8) if (nb // nt) % g == 0] if kc == 0 else [1]
             for n_outer in (False, True):
                 for par in (True, False):
-                    yield dict(mr=16 * mt, nr=nt, kc=kc, n_outer=n_outer, parallel=par)
+                    for ng in ngs:
+                        yield dict(mr=16 * mt, nr=nt, kc=kc, n_outer=n_outer, parallel=par, ng=ng)
 
 
 # ---- weight packing ---------------------------------------------------------------------------
@@ -163,8 +184,10 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
     kc = cfg.kc if cfg.kc and Kp % cfg.kc == 0 else Kp
     gemm = sch.get_sblock("gemm")
     i, j, k = sch.get_loops(gemm)
+    nblk = int(sch.get(j).extent) // (16 * nt)
+    ng = cfg.ng if kc == Kp and nblk % cfg.ng == 0 else 1
     m0, m1 = sch.split(i, [None, cfg.mr])
-    n0, n1 = sch.split(j, [None, 16 * nt])
+    n0, n1 = sch.split(j, [None, 16 * nt * ng])
     k0, k1 = sch.split(k, [None, kc])
     outer = [n0, m0] if cfg.n_outer else [m0, n0]
     sch.reorder(*outer, k0, m1, n1, k1)
@@ -191,8 +214,8 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
     sch.set_scope(gemm, 0, "local")
     init = sch.decompose_reduction(gemm, k0)
     if kc == Kp:  # one call per block: it starts from tilezero, the init writes nothing
-        sch.tensorize(sch.get_loops(init)[-2], X.register_zero(mt, nt))
-        sch.tensorize(m1, X.register(mt, nt, kc // 64, zero=True))
+        sch.tensorize(sch.get_loops(init)[-2], X.register_zero(mt, nt, ng))
+        sch.tensorize(m1, X.register(mt, nt, kc // 64, zero=True, ng=ng))
     else:
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(m1, X.register(mt, nt, kc // 64))

@@ -70,6 +70,10 @@ def test_config_validation_and_default():
     assert c.nr == 3 and not c.parallel
     pts = list(A.config_points(128, 64, 512))
     assert {(p["mr"], p["nr"]) for p in pts} == {(16, 1), (16, 2), (32, 1), (32, 2), (48, 1)}
+    assert {p["ng"] for p in pts if p["kc"]} == {1} and {p["ng"] for p in pts if (p["mr"], p["nr"]) == (16, 1)} == {1, 2, 4}
+    with pytest.raises(ValueError, match="ng"):
+        A.AmxConfig(kc=128, ng=2)
+    assert A.default_config(3136, 256, 64).ng == 2     # 32 x 64 int32 = 8 KB per call
 
 
 def test_pack_pads_the_reduction_to_64():
@@ -123,7 +127,8 @@ def test_dense_random_shapes(target, seed):
 @needs_amx
 @pytest.mark.parametrize("config", [A.AmxConfig(16, 1), A.AmxConfig(16, 2, kc=128), A.AmxConfig(32, 1, n_outer=True),
                                     A.AmxConfig(32, 2, kc=64, parallel=False), A.AmxConfig(48, 1),
-                                    A.AmxConfig(16, 3, n_outer=True)])
+                                    A.AmxConfig(16, 3, n_outer=True), A.AmxConfig(16, 1, ng=6),
+                                    A.AmxConfig(32, 1, ng=3, n_outer=True), A.AmxConfig(16, 2, ng=3, parallel=False)])
 def test_dense_configs(target, config):
     check_dense(target, np.random.default_rng(7), 100, 96, 256, "int8", "int8", -128, 127, config)
     check_dense(target, np.random.default_rng(8), 96, 96, 192, "uint8", "uint8", 0, 255, config)  # in place
@@ -188,7 +193,8 @@ def test_conv2d_signed_padding_is_real_zero(target):
 
 
 @needs_amx
-@pytest.mark.parametrize("config", [A.AmxConfig(16, 1), A.AmxConfig(32, 2, kc=128), A.AmxConfig(48, 1, n_outer=True)])
+@pytest.mark.parametrize("config", [A.AmxConfig(16, 1), A.AmxConfig(32, 2, kc=128), A.AmxConfig(48, 1, n_outer=True),
+                                    A.AmxConfig(32, 2, ng=2)])
 def test_conv2d_configs(target, config):
     check_conv(target, np.random.default_rng(11), 1, 9, 9, 64, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8",
                "uint8", 0, 255, config)
