@@ -8,7 +8,8 @@ uint8 (int8 offset by +128, taken back through ``bias_eff``), weights in the VNN
 
 * the reduction is padded to a multiple of 64 (an A tile row).  Dense: Kp = K rounded up to 64.
   Conv: each tap's channels are padded to Cp = C rounded up to 64 (k = tap * Cp + c, the layout of
-  ``cpu_vnni._conv_kn(w, 64)``), so every 64-deep step lies inside one tap;
+  ``cpu_vnni._conv_kn(w, 64)``), so every 64-deep step lies inside one tap; a narrow conv (C < 32:
+  an image's first layer) pads to 4 channels and its kernel to a (KHp, KWp) grid (``conv_layout``);
 * the A operand is a row-major [Mp, Kp] uint8 matrix, rows = output pixels (n, oh, ow) for a conv
   (an im2col copy, "prep"), Mp = M rounded up to the block rows; rows past M repeat the last row and
   are never stored.  Dense reads A in place when it already is that matrix (uint8, K % 64 == 0,
@@ -39,6 +40,7 @@ from . import _amx_intrin as X
 from . import cpu_vnni as V
 
 KROUND = 64
+NARROW_CHANNELS = 32     # below, a conv's channels per tap are padded to 4, not 64 (conv_layout)
 DEFAULT_UNITS = 2        # cores the default config is chosen for (the project's machines)
 MIN_CONV_CHANNELS = 32   # below, padding each tap's channels to 64 at least doubles the work
 
@@ -154,9 +156,14 @@ def pack_dense(w: np.ndarray, bias, a_signed: bool):
 
 
 def pack_conv(w: np.ndarray, bias, a_signed: bool):
-    """w int8 [OC, C, KH, KW] -> (Wp [ceil(OC/16), KH*KW*Cp/4, 16, 4], Cp = C rounded up to 64; bias_eff)."""
+    """w int8 [OC, C, KH, KW] -> (Wp [ceil(OC/16), Kp/4, 16, 4], bias_eff) over the (KHp, KWp, Cp) grid of
+    :func:`conv_layout`: k = (kh * KWp + kw) * Cp + c, zero rows past the kernel and the channels."""
     V._check_weight(w, 4, "pack_conv")
-    wk = V._conv_kn(w, KROUND)
+    OC, C, KH, KW = w.shape
+    KHp, KWp, Cp = conv_layout(C, KH, KW)
+    g = np.zeros((KHp, KWp, Cp, OC), np.int8)
+    g[:KH, :KW, :C] = w.transpose(2, 3, 1, 0)
+    wk = g.reshape(KHp * KWp * Cp, OC)
     return V._pack_kn(wk, V.VNNI), V._bias_eff(wk, bias, a_signed)
 
 
@@ -268,15 +275,20 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
                 a_dtype: str, out_dtype: str, lo: int, hi: int, config: AmxConfig | None = None,
                 post: V.Post | None = None) -> tirx.PrimFunc:
     """Out[N, OH, OW, OC] = requant(conv(X[N, H, W, C], W) + bias) as an implicit GEMM over an im2col
-    copy; args (X, Wp, bias_eff, mult, shift, [*extras, consts,] Out), Wp from :func:`pack_conv`."""
+    copy; args (X, Wp, bias_eff, mult, shift, [*extras, consts,] Out), Wp from :func:`pack_conv`.
+
+    The im2col row of an output pixel is the (KHp, KWp, Cp) grid of :func:`conv_layout`, kh / kw /
+    channels past the kernel's being padding (zero weights).  Wide convs (Cp = C rounded up to 64)
+    read the input directly, one bounds test per tap and 64 channels vectorized.  Narrow convs read a
+    zero-padded copy of the input with Cp channels (``xpad``: every grid point in bounds), so a
+    kernel row of the grid is KWp * Cp contiguous bytes, one vectorized copy."""
     V._check_io(a_dtype, out_dtype, lo, hi)
     if not all(isinstance(d, (int, np.integer)) for d in (N, H, W)):
         raise ValueError("the AMX conv kernel takes static dims")
     N, H, W = int(N), int(H), int(W)
     sh, sw, dh, dw, pt, pl, OH, OW, _, _ = V._conv_geometry(H, W, KH, KW, strides, pads, dilations)
-    Cp = _ceil(C, KROUND) * KROUND
-    T_ = KH * KW
-    Kp = T_ * Cp
+    KHp, KWp, Cp = conv_layout(C, KH, KW)
+    Kp = KHp * KWp * Cp
     V._check_k(Kp, "conv2d_nhwc")
     M = N * OH * OW
     cfg = config or default_config(M, OC, Kp)
@@ -287,16 +299,40 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     offset = a_dtype == "int8"
     Xt = te.placeholder((N, H, W, C), a_dtype, name="X")
     Wp, bias, mult, shift = _placeholders(OC, Kp)
-    def prep(i, k):
-        r = tirx.min(i, M - 1)
-        n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
-        t, c = k // Cp, k % Cp
-        hh, ww = oh * sh + (t // KW) * dh - pt, ow * sw + (t % KW) * dw - pl
-        inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W, c < C)
-        v = Xt[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
-        # select the raw value (padding: the real 0), then flip the sign bit of the whole vector
-        return _u8(tirx.if_then_else(inside, v, tirx.const(0, a_dtype)), offset)
+    zero = tirx.const(0, a_dtype)
 
+    def pixel(i):
+        r = tirx.min(i, M - 1)
+        return r // (OH * OW), (r // OW) % OH, r % OW
+
+    if KHp == KH and KWp == KW:  # wide: taps of Cp = 64k channels, read in place
+        def prep(i, k):
+            n, oh, ow = pixel(i)
+            t, c = k // Cp, k % Cp
+            hh, ww = oh * sh + (t // KW) * dh - pt, ow * sw + (t % KW) * dw - pl
+            inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W, c < C)
+            v = Xt[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
+            # select the raw value (padding: the real 0), then flip the sign bit of the whole vector
+            return _u8(tirx.if_then_else(inside, v, zero), offset)
+
+        stages = ["prep"]
+    else:  # narrow: a padded copy whose every grid point is in bounds, then contiguous kernel rows
+        Hx, Wx = (OH - 1) * sh + (KHp - 1) * dh + 1, (OW - 1) * sw + (KWp - 1) * dw + 1
+
+        def pad(n, h, w, c):
+            hh, ww = h - pt, w - pl
+            inside = tirx.all(hh >= 0, hh < H, ww >= 0, ww < W, c < C)
+            v = Xt[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
+            return _u8(tirx.if_then_else(inside, v, zero), offset)
+
+        xpad = te.compute((N, Hx, Wx, Cp), pad, name="xpad")
+
+        def prep(i, k):
+            n, oh, ow = pixel(i)
+            kh, kw, c = k // (KWp * Cp), k // Cp % KWp, k % Cp
+            return xpad[n, oh * sh + kh * dh, ow * sw + kw * dw, c]
+
+        stages = ["xpad", "prep"]
     Ap = te.compute((Mp, Kp), prep, name="prep")
     Cacc = _gemm(Ap, Wp, Mp, Np, Kp)
     extras, consts = V._post_args(post, (N, OH, OW, OC))
@@ -304,6 +340,38 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
                       lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), 0, post, (extras, consts))
     sch = Schedule(te.create_prim_func([Xt, Wp, bias, mult, shift, *V._post_list(extras, consts), out]))
     V._prepare_conv_epilogue(sch, OH, OW)
-    # the copy iterates (row, kh, kw, channel): one index computation per tap, channels vectorized
-    sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // (KW * Cp), k // Cp % KW, k % Cp))
-    return _schedule(sch, cfg, Kp, "prep", 64)
+    if len(stages) == 1:
+        # the copy iterates (row, tap, channel): one index computation per tap, channels vectorized
+        sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // Cp, k % Cp))
+        return _schedule(sch, cfg, Kp, "prep", 64)
+    # (row, kh, kw * channel): a kernel row of the grid is one contiguous run of the padded copy
+    # (with dilation 1 along the width)
+    sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // (KWp * Cp), k % (KWp * Cp)))
+    xl = sch.get_loops(sch.get_sblock("xpad"))
+    par = sch.fuse(*xl[:2])
+    if cfg.parallel:
+        sch.parallel(par)
+    V._vectorize_inner(sch, sch.fuse(*xl[2:]), 64)
+    return _schedule(sch, cfg, Kp, "prep", KWp * Cp)
+
+
+def conv_layout(C: int, KH: int, KW: int) -> tuple[int, int, int]:
+    """(KHp, KWp, Cp): the im2col row of a conv is the grid kh < KHp, kw < KWp, c < Cp (k = (kh*KWp + kw)
+    * Cp + c; past the kernel and the channels, padding with zero weights), its size a multiple of 64.
+
+    Wide convs (C >= NARROW_CHANNELS): Cp = C rounded up to 64, the kernel's own KH x KW.  Narrow ones
+    (an image's first layer: padding 3 channels to 64 per tap would be 21x the work): Cp = C rounded
+    up to 4, KWp >= KW with KWp * Cp a multiple of 16 (a kernel row is whole 16-byte vectors), KHp >= KH
+    the least that makes the size a multiple of 64, the KWp among the first few that gives the least
+    size: 7x7x3 -> 8 x 8 x 4 = 256 (the real 147; 49 taps x 64 = 3136), 3x3x3 -> 4 x 4 x 4 = 64."""
+    if C >= NARROW_CHANNELS:
+        return KH, KW, _ceil(C, KROUND) * KROUND
+    Cp = _ceil(C, 4) * 4
+    best = None
+    for KWp in range(KW, KW + 17):
+        if KWp * Cp % 16:
+            continue
+        KHp = next(h for h in range(KH, KH + 65) if h * KWp * Cp % KROUND == 0)
+        if best is None or KHp * KWp < best[0] * best[1]:
+            best = (KHp, KWp)
+    return best[0], best[1], Cp

@@ -84,6 +84,12 @@ def test_pack_pads_the_reduction_to_64():
     np.testing.assert_array_equal(be, -128 * w.astype(np.int64).sum(0))
     wc, _ = A.pack_conv(np.ones((16, 40, 3, 3), np.int8), None, a_signed=False)
     assert wc.shape == (1, 9 * 64 // 4, 16, 4)                 # each tap's 40 channels padded to 64
+    w3 = np.arange(16 * 3 * 7 * 7).reshape(16, 3, 7, 7).astype(np.int8)
+    ws, _ = A.pack_conv(w3, None, a_signed=False)              # an 8 x 8 x 4 grid: 256
+    assert ws.shape == (1, 256 // 4, 16, 4) and A.conv_layout(3, 7, 7) == (8, 8, 4)
+    t = 1 * 8 + 2                                              # kh 1, kw 2
+    assert ws[0, t, 5, 1] == w3[5, 1, 1, 2] and not ws[0, t, :, 3].any() and not ws[0, 7].any()
+    assert not ws[0, 56:].any() and A.conv_layout(3, 3, 3) == (4, 4, 4) and A.conv_layout(64, 3, 3) == (3, 3, 64)
 
 
 def test_asm_has_tdpbusd_without_running():
@@ -101,7 +107,7 @@ def test_routing_static_layers_to_amx_others_to_vnni():
     w = np.zeros((64, 64), np.int8)
     assert amx.declines("dense", (128, 64), w) is None
     assert "symbolic" in amx.declines("dense", (tvm.tirx.Var("M", "int64"), 64), w)
-    assert "channels" in amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8))
+    assert amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8)) is None  # narrow layout
     assert not amx.takes(4, "int8") and amx.takes(8, "uint8") and not amx.takes(8, "int16")
     t = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": ["+amx-tile", "+amx-int8"]})
     if host_amx_usable():
@@ -173,6 +179,11 @@ CONVS = [  # N, H, W, C, OC, KH, KW, strides, pads, dilations
     (1, 10, 10, 96, 48, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2)),
     (1, 7, 7, 256, 80, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
     (1, 6, 5, 33, 16, 5, 3, (1, 2), (2, 1, 2, 1), (1, 1)),
+    # narrow convs: a padded copy, a (KHp, KWp, Cp) grid (cpu_amx.conv_layout)
+    (1, 23, 21, 3, 64, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1)),
+    (2, 9, 10, 5, 24, 3, 3, (1, 1), (1, 1, 1, 1), (2, 2)),
+    (1, 8, 8, 16, 32, 3, 3, (1, 2), (0, 1, 2, 1), (1, 1)),
+    (1, 5, 6, 1, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
 ]
 
 

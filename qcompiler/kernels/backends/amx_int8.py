@@ -2,8 +2,7 @@
 
 Taken before the vector ISAs where the CPU has AMX-INT8 and Linux grants the process its tile state
 (``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): shapes
-over symbolic dims (its kernels take static ones) and convs with fewer than
-``cpu_amx.MIN_CONV_CHANNELS`` channels per tap (their padding to 64 would at least double the work).
+over symbolic dims (its kernels take static ones).
 8-bit weights only: a 4-bit layer keeps its W4A8 vector kernel.
 """
 
@@ -29,13 +28,23 @@ class AmxGemmBackend(CpuGemmBackend):
         return super().available(target) and host_amx_usable()
 
     def declines(self, op: str, shape, weight) -> str | None:
-        from .. import cpu_amx
-
         if shape is not None and not all(isinstance(d, int) for d in shape):
             return "symbolic dims (the AMX kernels take static shapes)"
-        if op == "conv" and weight is not None and weight.shape[1] < cpu_amx.MIN_CONV_CHANNELS:
-            return f"{weight.shape[1]} channels per tap (padded to 64 for AMX)"
         return None
+
+    def pad_k(self, k: int) -> int:
+        from .. import cpu_amx
+
+        return -(-k // cpu_amx.KROUND) * cpu_amx.KROUND
+
+    def red_ext(self, workload) -> int:
+        return workload._gemm_mnk()[2] if workload.kind == "conv2d" else self.pad_k(workload.shape[2])
+
+    def gemm_k(self, C: int, KH: int, KW: int) -> int:
+        from .. import cpu_amx
+
+        KHp, KWp, Cp = cpu_amx.conv_layout(C, KH, KW)
+        return KHp * KWp * Cp
 
     def config_class(self):
         from ..cpu_amx import AmxConfig
