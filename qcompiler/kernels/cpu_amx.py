@@ -200,7 +200,9 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
     sch.reorder(*outer, k0, m1, n1, k1)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[-1])
-    per_row_block = prep is not None and not cfg.n_outer and int(sch.get(m0).extent) > 1
+    m0_ext = sch.get(m0).extent
+    sym = not isinstance(m0_ext, tirx.IntImm)
+    per_row_block = prep is not None and not cfg.n_outer and (sym or int(m0_ext) > 1)
     if per_row_block:
         # the operand copy of one row block right before its column blocks: it stays in L1 / L2 (an
         # im2col of a 3x3 conv is 9x its input) instead of a whole-matrix pass through memory
@@ -212,7 +214,8 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
         if cfg.parallel:
             sch.parallel(tile)
     rows_cols = sch.get_loops(out)[1:]
-    if len(rows_cols) == 2 and int(sch.get(rows_cols[-1]).extent) % 16 == 0:
+    # (a symbolic row count leaves the rows' predicate in a form reorder rejects: rows stay outside)
+    if len(rows_cols) == 2 and int(sch.get(rows_cols[-1]).extent) % 16 == 0 and not sym:
         c0, c1 = sch.split(rows_cols[-1], [None, 16])
         sch.reorder(c0, rows_cols[0], c1)
         sch.vectorize(c1)
@@ -235,28 +238,43 @@ def _schedule(sch: Schedule, cfg: AmxConfig, Kp: int, prep: str | None, prep_vec
             if par is not None and cfg.parallel:
                 sch.parallel(par)
             V._vectorize_inner(sch, pl[-1], prep_vec)
-    func = V._finish(sch)
+    return V._finish(sch)
+
+
+def _with_permission(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The kernel asking Linux for the AMX tile state on entry (``_amx_intrin.request_permission_stmt``)."""
     return func.with_body(tirx.SeqStmt([X.request_permission_stmt(), func.body]))
 
 
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
           config: AmxConfig | None = None, post: V.Post | None = None) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, [*extras, consts,] Out)
-    with Wp from :func:`pack_dense`.  Static M only."""
+    with Wp from :func:`pack_dense`.
+
+    A symbolic ``M`` (a TIR expression, qcompiler/symbolic.py) gives one kernel for every row count,
+    bound from A's shape at the call (its own int32 variable): the row blocks of a copy padded to
+    whole blocks, only the M valid rows stored; the config is the default at the representative size
+    (``tune/workload.rows_bucket``) unless given."""
     V._check_io(a_dtype, out_dtype, lo, hi)
     V._check_k(K, "dense")
-    if not isinstance(M, (int, np.integer)):
-        raise ValueError("the AMX dense kernel takes a static row count")
-    M = int(M)
-    cfg = config or default_config(M, N, K)
+    sym = not isinstance(M, (int, np.integer))
+    if sym:
+        from qcompiler.tune.workload import rows_bucket
+
+        cfg = config or default_config(rows_bucket(M), N, K)
+        M = tirx.Var("M", "int32")
+    else:
+        M = int(M)
+        cfg = config or default_config(M, N, K)
     nb = _ceil(N, 16)
     if nb % cfg.nr:
         raise ValueError(f"dense: nr={cfg.nr} does not divide ceil(N/16)={nb}")
-    Kp, Np, Mp = _ceil(K, KROUND) * KROUND, nb * 16, _ceil(M, cfg.mr) * cfg.mr
+    Kp, Np = _ceil(K, KROUND) * KROUND, nb * 16
+    Mp = tirx.floordiv(M + (cfg.mr - 1), cfg.mr) * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr
     A = te.placeholder((M, K), a_dtype, name="A")
     Wp, bias, mult, shift = _placeholders(N, Kp)
     offset = a_dtype == "int8"
-    in_place = not offset and Kp == K and Mp == M
+    in_place = not sym and not offset and Kp == K and Mp == M
     if in_place:
         Ap = A
     else:
@@ -267,8 +285,18 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
     extras, consts = V._post_args(post, (M, N))
     out = V._epilogue((M, N), C, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), 0, post,
                       (extras, consts))
-    sch = Schedule(te.create_prim_func([A, Wp, bias, mult, shift, *V._post_list(extras, consts), out]))
-    return _schedule(sch, cfg, Kp, None if in_place else "prep", 64)
+    func = te.create_prim_func([A, Wp, bias, mult, shift, *V._post_list(extras, consts), out])
+
+    def schedule(c):
+        return _schedule(Schedule(func), c, Kp, None if in_place else "prep", 64)
+
+    if sym and cfg.parallel:
+        # serial at the row counts whose GEMM costs under cpu_vnni.SERIAL_CYCLES (a parallel launch
+        # costs more there), the same blocks either way (cpu_vnni._par_branch)
+        rows = V._serial_rows(lambda m: block_cycles(m, N, K, cfg.mr, cfg.nr, units=1))
+        if rows > 0:
+            return _with_permission(V._par_branch(schedule, cfg, M <= rows)).with_attr("qc.rows_serial_max", rows)
+    return _with_permission(schedule(cfg))
 
 
 def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,
@@ -343,7 +371,7 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     if len(stages) == 1:
         # the copy iterates (row, tap, channel): one index computation per tap, channels vectorized
         sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // Cp, k % Cp))
-        return _schedule(sch, cfg, Kp, "prep", 64)
+        return _with_permission(_schedule(sch, cfg, Kp, "prep", 64))
     # (row, kh, kw * channel): a kernel row of the grid is one contiguous run of the padded copy
     # (with dilation 1 along the width)
     sch.transform_block_layout(sch.get_sblock("prep"), lambda i, k: (i, k // (KWp * Cp), k % (KWp * Cp)))
@@ -352,7 +380,7 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
     if cfg.parallel:
         sch.parallel(par)
     V._vectorize_inner(sch, sch.fuse(*xl[2:]), 64)
-    return _schedule(sch, cfg, Kp, "prep", KWp * Cp)
+    return _with_permission(_schedule(sch, cfg, Kp, "prep", KWp * Cp))
 
 
 def conv_layout(C: int, KH: int, KW: int) -> tuple[int, int, int]:

@@ -106,13 +106,14 @@ def test_routing_static_layers_to_amx_others_to_vnni():
     amx = KB.get("cpu_amx")
     w = np.zeros((64, 64), np.int8)
     assert amx.declines("dense", (128, 64), w) is None
-    assert "symbolic" in amx.declines("dense", (tvm.tirx.Var("M", "int64"), 64), w)
+    assert amx.declines("dense", (tvm.tirx.Var("M", "int64"), 64), w) is None
+    assert "symbolic" in amx.declines("conv", (tvm.tirx.Var("N", "int64"), 8, 8, 64), w)
     assert amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8)) is None  # narrow layout
     assert not amx.takes(4, "int8") and amx.takes(8, "uint8") and not amx.takes(8, "int16")
     t = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": ["+amx-tile", "+amx-int8"]})
     if host_amx_usable():
         assert KB.select_cpu(t, 8, "int8", ("dense", (128, 64), w)) is amx
-        assert KB.select_cpu(t, 8, "int8", ("dense", (tvm.tirx.Var("M", "int64"), 64), w)) is not amx
+        assert KB.select_cpu(t, 8, "int8", ("conv", (tvm.tirx.Var("N", "int64"), 8, 8, 64), w)) is not amx
     from qcompiler.lowering.gemm_cpu import target_isa
 
     assert target_isa(t) is None or target_isa(t).name != "amx"
@@ -146,6 +147,29 @@ def test_dense_one_row_block_configs(target, M):
     """A GEMM of one row block with row blocks outer (a tuned record may ask for it)."""
     for cfg in (A.AmxConfig(16, 1), A.AmxConfig(32, 2, n_outer=False, parallel=False)):
         check_dense(target, np.random.default_rng(M), M, 32, 576, "uint8", "int16", -32768, 32767, cfg)
+
+
+@needs_amx
+@pytest.mark.parametrize("a_dtype,N,K", [("int8", 384, 384), ("uint8", 48, 100)])
+def test_dense_symbolic_rows(target, a_dtype, N, K):
+    """One kernel over a symbolic row count (serial below its threshold, parallel above): every size
+    equals the reference, the range's small end, ragged blocks and a prime among them."""
+    from qcompiler.tune.workload import rows_at
+
+    rng = np.random.default_rng(N)
+    with rows_at({"s": 128}):
+        f = A.dense(tvm.tirx.Var("s", "int64") * 1, N, K, a_dtype, "int8", -128, 127)
+    m_s = int(f.attrs.get("qc.rows_serial_max") or 0)
+    lib = build(f, target)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, N)
+    wp, be = A.pack_dense(w, bias, a_signed=a_dtype == "int8")
+    for M in sorted({1, 5, 31, 32, 33, 97, 257, m_s, m_s + 1} - {0}):
+        a = rand_act(rng, (M, K), a_dtype)
+        out = tvm.runtime.tensor(np.zeros((M, N), np.int8))
+        lib(*[tvm.runtime.tensor(x) for x in (a, wp, be, mult, shift)], out)
+        want = requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8")
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"M={M}")
 
 
 @needs_amx

@@ -1,8 +1,8 @@
 """INT8 (u8 x s8) GEMM backend on Intel AMX: ``tdpbusd`` on 16 x 64-byte tiles (``cpu_amx.py``).
 
 Taken before the vector ISAs where the CPU has AMX-INT8 and Linux grants the process its tile state
-(``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): shapes
-over symbolic dims (its kernels take static ones).
+(``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): convs
+over symbolic dims (its conv kernel takes static shapes; its dense kernel takes a symbolic row count).
 8-bit weights only: a 4-bit layer keeps its W4A8 vector kernel.
 """
 
@@ -28,8 +28,8 @@ class AmxGemmBackend(CpuGemmBackend):
         return super().available(target) and host_amx_usable()
 
     def declines(self, op: str, shape, weight) -> str | None:
-        if shape is not None and not all(isinstance(d, int) for d in shape):
-            return "symbolic dims (the AMX kernels take static shapes)"
+        if op == "conv" and shape is not None and not all(isinstance(d, int) for d in shape):
+            return "a conv over symbolic dims (the AMX conv kernel takes static shapes)"
         return None
 
     def pad_k(self, k: int) -> int:
