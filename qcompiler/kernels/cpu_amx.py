@@ -40,6 +40,7 @@ from . import _amx_intrin as X
 from . import cpu_vnni as V
 
 KROUND = 64
+MIN_MACS = 1 << 20       # smaller GEMMs stay on the vector kernels (AmxGemmBackend.declines)
 NARROW_CHANNELS = 32     # below, a conv's channels per tap are padded to 4, not 64 (conv_layout)
 DEFAULT_UNITS = 2        # cores the default config is chosen for (the project's machines)
 MIN_CONV_CHANNELS = 32   # below, padding each tap's channels to 64 at least doubles the work
@@ -392,7 +393,7 @@ def conv_layout(C: int, KH: int, KW: int) -> tuple[int, int, int]:
     up to 4, KWp >= KW with KWp * Cp a multiple of 16 (a kernel row is whole 16-byte vectors), KHp >= KH
     the least that makes the size a multiple of 64, the KWp among the first few that gives the least
     size: 7x7x3 -> 8 x 8 x 4 = 256 (the real 147; 49 taps x 64 = 3136), 3x3x3 -> 4 x 4 x 4 = 64."""
-    if C >= NARROW_CHANNELS:
+    if C >= NARROW_CHANNELS or KH * KW == 1:   # (a 1x1 conv: the dense layout, pointwise_as_dense)
         return KH, KW, _ceil(C, KROUND) * KROUND
     Cp = _ceil(C, 4) * 4
     best = None

@@ -105,14 +105,16 @@ def test_routing_static_layers_to_amx_others_to_vnni():
     depthwise kernels' ISA is never AMX."""
     amx = KB.get("cpu_amx")
     w = np.zeros((64, 64), np.int8)
-    assert amx.declines("dense", (128, 64), w) is None
+    assert amx.declines("dense", (256, 64), w) is None
+    assert "small" in amx.declines("dense", (16, 64), w)       # 64K MACs: the vector kernels
     assert amx.declines("dense", (tvm.tirx.Var("M", "int64"), 64), w) is None
     assert "symbolic" in amx.declines("conv", (tvm.tirx.Var("N", "int64"), 8, 8, 64), w)
-    assert amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8)) is None  # narrow layout
+    assert amx.declines("conv", (1, 224, 224, 3), np.zeros((64, 3, 7, 7), np.int8)) is None  # a stem
+    assert "small" in amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8))
     assert not amx.takes(4, "int8") and amx.takes(8, "uint8") and not amx.takes(8, "int16")
     t = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": ["+amx-tile", "+amx-int8"]})
     if host_amx_usable():
-        assert KB.select_cpu(t, 8, "int8", ("dense", (128, 64), w)) is amx
+        assert KB.select_cpu(t, 8, "int8", ("dense", (256, 64), w)) is amx
         assert KB.select_cpu(t, 8, "int8", ("conv", (tvm.tirx.Var("N", "int64"), 8, 8, 64), w)) is not amx
     from qcompiler.lowering.gemm_cpu import target_isa
 

@@ -2,7 +2,8 @@
 
 Taken before the vector ISAs where the CPU has AMX-INT8 and Linux grants the process its tile state
 (``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): convs
-over symbolic dims (its conv kernel takes static shapes; its dense kernel takes a symbolic row count).
+over symbolic dims (its conv kernel takes static shapes; its dense kernel takes a symbolic row count)
+and GEMMs under ``cpu_amx.MIN_MACS`` multiply-adds (per-block fixed costs dominate them).
 8-bit weights only: a 4-bit layer keeps its W4A8 vector kernel.
 """
 
@@ -28,8 +29,24 @@ class AmxGemmBackend(CpuGemmBackend):
         return super().available(target) and host_amx_usable()
 
     def declines(self, op: str, shape, weight) -> str | None:
-        if op == "conv" and shape is not None and not all(isinstance(d, int) for d in shape):
+        from .. import cpu_amx
+
+        if shape is None:
+            return None
+        static = all(isinstance(d, int) for d in shape)
+        if op == "conv" and not static:
             return "a conv over symbolic dims (the AMX conv kernel takes static shapes)"
+        if static and weight is not None:
+            # a small GEMM is the AMX blocks' fixed costs (tile configuration, tile stores: ~1000
+            # cycles per 32x32 block), which the vector kernels do not pay
+            if op == "conv":
+                N, H, W, C = shape
+                rows, cols, red = N * H * W, weight.shape[0], weight.shape[1] * weight.shape[2] * weight.shape[3]
+            else:
+                rows, red = shape
+                cols = weight.shape[1]
+            if rows * cols * red < cpu_amx.MIN_MACS:
+                return f"a small GEMM ({rows}x{cols}x{red} < {cpu_amx.MIN_MACS} MACs)"
         return None
 
     def pad_k(self, k: int) -> int:
