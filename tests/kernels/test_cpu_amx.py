@@ -109,8 +109,9 @@ def test_routing_static_layers_to_amx_others_to_vnni():
     assert "small" in amx.declines("dense", (16, 64), w)       # 64K MACs: the vector kernels
     assert amx.declines("dense", (tvm.tirx.Var("M", "int64"), 64), w) is None
     assert "symbolic" in amx.declines("conv", (tvm.tirx.Var("N", "int64"), 8, 8, 64), w)
-    assert amx.declines("conv", (1, 224, 224, 3), np.zeros((64, 3, 7, 7), np.int8)) is None  # a stem
-    assert "small" in amx.declines("conv", (1, 8, 8, 3), np.zeros((16, 3, 3, 3), np.int8))
+    assert "narrow" in amx.declines("conv", (1, 224, 224, 3), np.zeros((64, 3, 7, 7), np.int8))  # a stem
+    assert amx.declines("conv", (1, 56, 56, 16), np.zeros((64, 16, 1, 1), np.int8)) is None    # 1x1: dense
+    assert "small" in amx.declines("conv", (1, 8, 8, 64), np.zeros((16, 64, 3, 3), np.int8))
     assert not amx.takes(4, "int8") and amx.takes(8, "uint8") and not amx.takes(8, "int16")
     t = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": ["+amx-tile", "+amx-int8"]})
     if host_amx_usable():

