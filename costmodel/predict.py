@@ -28,6 +28,26 @@ class CostModelError(QCError):
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+UNLEARNED_LEGACY = {"cpu_amx"}  # backends no model without a "trained.backends" list has seen
+
+
+def analytic_seconds(workload: dict, config: dict | None, target: dict) -> float | None:
+    """A kernel model's estimate for a GEMM backend the cost model never learned (None: no model for
+    it): AMX, ``cpu_amx.block_cycles`` of its config at the target's nominal clock."""
+    if workload.get("backend") != "cpu_amx":
+        return None
+    from qcompiler.kernels import cpu_amx
+
+    M, N, K = F.gemm_mnk(workload)
+    cfg = cpu_amx.AmxConfig(**{k: v for k, v in (config or {}).items() if k in cpu_amx.AmxConfig.__dataclass_fields__}) \
+        if config else cpu_amx.default_config(M, N, K)
+    t = F.target_info(target)
+    units = t["units"] if cfg.parallel else 1
+    cycles = cpu_amx.block_cycles(M, N, K, cfg.mr, cfg.nr, units=units)
+    shape = workload.get("shape") or []
+    if workload.get("kind") == "conv2d" and len(shape) == 7 and shape[5] * shape[6] > 1:
+        cycles += M * shape[5] * shape[6] * 10 / units   # the im2col copy: ~10 cycles per row and tap
+    return cycles / (t["clock_ghz"] * 1e9) + t["launch_s"]
 
 
 def same_target(a: dict, b: dict) -> bool:
@@ -74,7 +94,16 @@ class CostModel:
         self.cols = F.columns(self.families)
         self.boosters = {k: booster_from_json(v) for k, v in doc["boosters"].items()}
         self.per_call_ms = float(doc.get("calibration", {}).get("per_call_ms", 0.0))
+        # the GEMM backends whose kernels the model learned (models trained before the list was
+        # recorded never saw the AMX kernels, which came later)
+        self.backends = set(doc.get("trained", {}).get("backends") or ()) or None
         self.band_margin = float(doc.get("band", {}).get("margin_log", 0.0))
+
+    def knows(self, backend: str | None) -> bool:
+        """Whether the model learned kernels of this GEMM backend (None: a non-GEMM kernel, always)."""
+        if backend is None:
+            return True
+        return backend in self.backends if self.backends is not None else backend not in UNLEARNED_LEGACY
 
     # ---- MetaSchedule-style interface ---------------------------------------------------------
     @classmethod

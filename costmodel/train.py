@@ -193,6 +193,8 @@ def train(samples: list[dict], X: np.ndarray, y: np.ndarray, families=None, targ
     return {"schema": MODEL_SCHEMA, "feature_schema": FEATURE_SCHEMA, "features": F.schema(), "families": families,
             "target": target or target_of(samples),
             "trained": {"samples": len(samples), "tuning_samples": int(tune.sum()),
+                        "backends": sorted({s_["workload"]["backend"] for s_ in samples
+                                            if isinstance(s_.get("workload"), dict) and s_["workload"].get("backend")}),
                         "profile_samples": int((~tune).sum()), "workloads": len({s["group"] for s in samples}),
                         "xgboost": xgboost.__version__, "params": {k: v for k, v in (params or PARAMS).items()},
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

@@ -380,3 +380,35 @@ def test_other_cpu_finds_its_records_and_model_by_arch(trained, tmp_path, monkey
     if host_has_vnni() or host_has_avx2():
         with pytest.raises(TargetError, match="measures on this machine"):
             check_target(spec)
+
+
+def test_unlearned_backend_gets_its_analytic_model(trained):
+    """A model records the GEMM backends it learned; a kernel of another one (AMX, for a model trained
+    on VNNI records) is predicted by that backend's analytic model and labelled "analytic"."""
+    from costmodel.predict import analytic_seconds
+    from costmodel.whole import predict_kernels
+
+    samples, X, y, doc, path = trained
+    assert doc["trained"]["backends"] and "cpu_amx" not in doc["trained"]["backends"]
+    cm = CostModel(doc)
+    assert cm.knows(doc["trained"]["backends"][0]) and not cm.knows("cpu_amx") and cm.knows(None)
+    legacy = {k: v for k, v in doc.items() if k != "trained"}
+    assert not CostModel({**legacy, "trained": {}}).knows("cpu_amx") and CostModel({**legacy, "trained": {}}).knows("cpu_vnni")
+    t = _target()
+    w = {"backend": "cpu_amx", "kind": "dense", "shape": [3136, 256, 64], "a_dtype": "uint8", "out_dtype": "int8"}
+    small = analytic_seconds(w, {"mr": 32, "nr": 2, "kc": 0, "n_outer": False, "parallel": True, "ng": 2}, t)
+    big = analytic_seconds({**w, "shape": [3136, 256, 576]}, None, t)
+    conv = analytic_seconds({**w, "kind": "conv2d", "shape": [1, 56, 56, 64, 256, 3, 3], "strides": [1, 1],
+                             "pads": [1, 1, 1, 1], "dilations": [1, 1]}, None, t)
+    assert 0 < small < big < conv and analytic_seconds({**w, "backend": "cpu_vnni"}, None, t) is None
+    from qcompiler.kernels import cpu_amx
+
+    f = cpu_amx.dense(3136, 256, 64, "uint8", "int8", -128, 127)
+    from qcompiler.tune.apply import tag
+    from qcompiler.tune.workload import Workload
+
+    wl = Workload("cpu_amx", "dense", (3136, 256, 64), "uint8", "int8", -128, 127, "cpu:" + t["arch"])
+    f = tag(f, wl, None)
+    out = predict_kernels([{"name": "dense_amx", "text": "", "func": f, "inputs": [((3136, 64), "uint8")],
+                            "output": ((3136, 256), "int8")}], t, cm)
+    assert out["layers"][0]["source"] == "analytic" and out["layers"][0]["predicted_ms"] > 0
