@@ -66,8 +66,8 @@ def test_config_validation_and_default():
         A.AmxConfig(kc=96)
     c = A.default_config(3136, 256, 576)
     assert (c.mr, c.nr, c.parallel) == (32, 2, True)
-    c = A.default_config(4, 48, 64)   # one small block: serial, 3 column tiles (48 = 3 x 16)
-    assert c.nr == 3 and not c.parallel
+    c = A.default_config(4, 48, 64)   # one small block: serial, the 3 column tiles (48 = 3 x 16) in one call
+    assert c.nr * c.ng == 3 and not c.parallel
     pts = list(A.config_points(128, 64, 512))
     assert {(p["mr"], p["nr"]) for p in pts} == {(16, 1), (16, 2), (32, 1), (32, 2), (48, 1)}
     assert {p["ng"] for p in pts if p["kc"]} == {1} and {p["ng"] for p in pts if (p["mr"], p["nr"]) == (16, 1)} == {1, 2, 4}
