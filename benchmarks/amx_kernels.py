@@ -35,7 +35,8 @@ from tvm.script import tirx as T  # noqa: E402
 
 from qcompiler.kernels import cpu_amx as A  # noqa: E402
 from qcompiler.kernels import cpu_vnni as V  # noqa: E402
-from qcompiler.targets import host_amx_usable, parse_target  # noqa: E402
+from qcompiler.targets import (ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA,  # noqa: E402
+                               host_amx_usable, parse_target)
 from qcompiler.tune.device import cpu_model_name  # noqa: E402
 
 SHAPES = [  # (kind, shape, where)
@@ -55,7 +56,8 @@ def _peak_kernel(cores: int, iters: int):
     @T.prim_func
     def peak(A_: T.Buffer((64, 64), "uint8"), C: T.Buffer((cores, 16, 16), "int32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        T.evaluate(T.call_extern("int64", "syscall", T.int64(158), T.int64(0x1023), T.int64(18)))
+        T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
+                                 T.int64(XFEATURE_XTILEDATA)))
         for t in T.parallel(cores):
             cfg = T.alloc_buffer((16,), "int32", scope="local")
             for w in range(16):

@@ -84,6 +84,10 @@ def host_has_avx2() -> bool:
     return _host_flag("avx2")
 
 
+# arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): Linux's grant of the AMX tile state (x86-64)
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
 @functools.lru_cache(maxsize=None)
 def host_amx_usable() -> bool:
     """This CPU has AMX-INT8 tiles and Linux lets this process use them (``arch_prctl(
@@ -96,7 +100,7 @@ def host_amx_usable() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
     except (OSError, AttributeError):
         return False
 

@@ -171,9 +171,9 @@ class CpuGemm(KernelGemm):
         if epilogue is not None and epilogue[0].out_dtype not in V.OUT_DTYPES:
             return None
         if g == 1:
-            if epilogue is not None and self._backend(n, x_dtype)[0] is None:
-                return None
             be = self._backend(n, x_dtype, (N, H, W, C))[0]
+            if epilogue is not None and be is None:
+                return None
             if be is not None and be.pointwise_as_dense and KH == KW == 1 and _pointwise(a) and \
                     all(isinstance(d, int) for d in (N, H, W)):
                 return self._pointwise(lw, n, x, x_dtype, (N, H, W, C), OC, epilogue)
