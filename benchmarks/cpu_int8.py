@@ -139,7 +139,7 @@ def qc_library(name: str, batch: int, calib: dict, d: str) -> str:
     from qcompiler.driver import CompileOptions, compile_model
 
     path = os.path.join(d, f"{name}.int8.b{batch}.so")
-    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch))
+    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch, dims="static"))
     return path
 
 

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                     path = pathlib.Path(d) / f"{name}_{batch}_{tag}.so"
                     with _taps_options(**TAPS.get(tag, {})):
                         driver.compile_model(str(corpus.model_path(name)), path, calib,
-                                             driver.CompileOptions(target=parse_target("cpu"), batch=batch))
+                                             driver.CompileOptions(target=parse_target("cpu"), batch=batch, dims="static"))
                     libs[tag] = Library(str(path))
                 os.environ.pop("QC_DEPTHWISE", None)
                 ref = next(iter(libs))

@@ -100,7 +100,7 @@ def _compile_batch(name, path, calib, batch):
     from qcompiler.driver import CompileOptions, compile_model
 
     t = time.perf_counter()
-    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch))
+    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch, dims="static"))
     return time.perf_counter() - t
 
 

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             libs, metas = {}, {}
             for side, fuse in (("before", False), ("after", True)):
                 path = pathlib.Path(d) / f"{side}.so"
-                opts = driver.CompileOptions(target=parse_target("cpu"), fuse_epilogue=fuse)
+                opts = driver.CompileOptions(target=parse_target("cpu"), fuse_epilogue=fuse, dims="static")
                 metas[side] = driver.compile_model(str(corpus.model_path(name)), path, calib, opts)
                 libs[side] = Library(str(path))
             ms = {"before": [], "after": []}

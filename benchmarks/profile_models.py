@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             lib_path = pathlib.Path(d) / "m.so"
             driver.compile_model(str(corpus.model_path(name)), lib_path, calib,
                                  driver.CompileOptions(target=parse_target("cpu"),
-                                                       fuse_epilogue=not a.no_fuse_epilogue))
+                                                       fuse_epilogue=not a.no_fuse_epilogue, dims="static"))
             lib = Library(str(lib_path))
             p = profile(lib, runs=a.runs)
         p["library"] = name

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             for key, log in (("default", "off"), ("tuned", a.log)):
                 path = os.path.join(d, f"{name}.{key}.so")
                 meta = compile_model(zoo.model_path(name), path, calib,
-                                     CompileOptions(target=parse_target("cpu"), batch=a.batch, tune_log=log))
+                                     CompileOptions(target=parse_target("cpu"), batch=a.batch, tune_log=log, dims="static"))
                 r = Library(path).bench(repeats=a.repeats, min_repeat_ms=20)
                 tuned = meta.get("tuning", {}).get("tuned_layers", [])
                 row[key] = {"median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],

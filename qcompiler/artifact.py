@@ -143,15 +143,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def cpu_features(arch: str | None) -> list[str]:
-    """The checked vector-ISA features (LLVM names) of code generated for LLVM CPU ``arch``."""
+def cpu_features(arch: str | None, mattr=()) -> list[str]:
+    """The checked vector-ISA features (LLVM names) of code generated for LLVM CPU ``arch`` with the
+    feature changes ``mattr`` (``targets.host_mattr``)."""
     if not arch:
         return []
     try:
         import tvm
         from tvm.target import codegen
 
-        feats = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": arch}))
+        t = {"kind": "llvm", "mcpu": arch, **({"mattr": list(mattr)} if mattr else {})}
+        feats = codegen.llvm_get_cpu_features(tvm.target.Target(t))
     except Exception:  # noqa: BLE001 - an LLVM without this CPU (or no LLVM): nothing to check
         return []
     return sorted(f for f in feats if f in _X86_FLAGS)
@@ -163,7 +165,7 @@ def seal(meta: dict, lib_file: str | os.PathLike) -> dict:
     meta["library"] = {"sha256": file_sha256(lib_file), "size": os.path.getsize(lib_file)}
     t = meta.get("target", {})
     if t.get("kind") in ("cpu", "llvm"):
-        t["isa"] = cpu_features(t.get("arch"))
+        t["isa"] = cpu_features(t.get("arch"), t.get("mattr", ()))
     return meta
 
 
@@ -267,7 +269,7 @@ def check_host(lib: str | os.PathLike, m: dict, dev=None, host_flags: set[str] |
     if t.get("kind") in ("cpu", "llvm"):
         feats = t.get("isa")
         if feats is None:
-            feats = cpu_features(t.get("arch"))
+            feats = cpu_features(t.get("arch"), t.get("mattr", ()))
         miss = missing_cpu_features(feats, host_flags)
         if miss:
             raise ArtifactError(f"{lib}: built for CPU '{t.get('arch')}', whose instructions this CPU lacks "

@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1, help="batch size the library is compiled for (default 1)")
     c.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
                    help="input dims: 1..32 keeps a dim symbolic over that range (one library for every size), "
-                        "a number fixes it, ? as declared; e.g. input_ids=1..32x1..256 (repeatable)")
+                        "a number fixes it, ? as declared; e.g. input_ids=1..32x1..256 (repeatable). Without it, "
+                        "dims the model declares symbolic (other than the batch) stay symbolic over 1..2048 or the "
+                        "bound the model sets, where they can")
+    c.add_argument("--static-shapes", action="store_true",
+                   help="fix every dim --shape leaves open at its size in the calibration samples (one shape)")
     c.add_argument("--io", default="float", choices=["float", "int"],
                    help="float: quantize/dequantize inside the library (default); int: integer inputs/outputs")
     c.add_argument("--softmax", default="iexp", choices=["iexp", "shift"], help="integer softmax: I-BERT i-exp or I-ViT Shiftmax")
@@ -175,13 +179,14 @@ def cmd_compile(a) -> int:
     opts = CompileOptions(target=spec, precision=a.precision, batch=a.batch, method=a.calib_method, io=a.io,
                           softmax=a.softmax, gelu=a.gelu, smooth=a.smooth, use_kernels=not a.no_kernels,
                           dump_dir=a.dump, allow_float=a.allow_float, mixed=mixed_options(a),
-                          shapes=tuple(a.shape))
+                          shapes=tuple(a.shape), dims="static" if a.static_shapes else "auto")
     meta = compile_model(a.model, a.output, a.calib, opts)
     summary = {"library": str(a.output), "metadata": str(Path(a.output).with_suffix(".json")),
                "target": meta["target"], "layers": len(meta["layers"]), "kernels": meta["kernels"]["count"],
                "integer_only": meta["integer_only"], "float_islands": meta["float_islands"],
                "precision": meta["precision"], "weight_bytes": meta["weight_bytes"],
-               "mixed_precision": meta.get("mixed_precision"), "timings_s": meta["timings_s"]}
+               "mixed_precision": meta.get("mixed_precision"), "symbolic_dims": meta.get("symbolic_dims"),
+               "fixed_dims": meta.get("fixed_dims"), "timings_s": meta["timings_s"]}
     if a.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -191,6 +196,8 @@ def cmd_compile(a) -> int:
         print(f"wrote {a.output} ({meta['kernels']['count']} kernels, {len(meta['layers'])} GEMM/conv layers, "
               + precision_summary(meta)
               + (f"{len(islands)} float island(s), " if islands else "")
+              + "".join(f"dim {k} {r['min']}..{r['max']}, " for k, r in (meta.get("symbolic_dims") or {}).items())
+              + "".join(f"dim {k} fixed at {r['size']}, " for k, r in (meta.get("fixed_dims") or {}).items())
               + f"{meta['timings_s']['total']:.1f} s)")
     return 0
 
@@ -248,6 +255,9 @@ def cmd_inspect(a) -> int:
     for name, r in (rep.get("symbolic_dims") or {}).items():
         print(f"symbolic dim {name}: {r['min']}..{r['max']} (calibrated at {r['calibrated']}; "
               + ", ".join(f"{i} axis {ax}" for i, ax in r["where"]) + ")")
+    for name, r in (rep.get("fixed_dims") or {}).items():
+        print(f"fixed dim    {name} = {r['size']} (declared symbolic; " + ", ".join(f"{i} axis {ax}" for i, ax in r["where"])
+              + f"): {r['reason']}")
     print(f"integer-only {'yes' if rep['integer_only'] else 'NO'}  ({rep['kernels']} kernels scanned, "
           f"{rep['float_kernels_between_boundaries']} with float ops between the entry quantize and exit dequantize)")
     if rep["float_kernels"]:

@@ -12,6 +12,7 @@ not integer-only, and model.json says so (``integer_only``, ``float_islands``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, artifact, calibrate, frontend, progress
-from .errors import CalibrationError, ModelError, QCError, TargetError, UnsupportedOpError, at_node, stage
+from .errors import (CalibrationError, ModelError, QCError, QuantizationError, TargetError, UnsupportedOpError, at_node,
+                     stage)
 from .graph import Graph
 from .mixed.plan import MixedOptions
 from .targets import TargetSpec
@@ -48,6 +50,8 @@ class CompileOptions:
     allow_float: bool = False      # keep nodes without an integer form in float islands (not integer-only)
     mixed: MixedOptions | None = None  # pins, budgets, rounding of --precision w4a8|mixed (qcompiler/mixed/)
     shapes: tuple = ()             # --shape NAME=DIMS (qcompiler/shape_spec.py): fixed dims, symbolic ranges
+    dims: str = "auto"             # auto: declared-symbolic dims stay symbolic where they can (shape_spec.add_declared);
+                                   # static: every dim at its calibration size (--static-shapes)
     fuse_epilogue: bool = True     # residual adds / hard-swish into the conv / dense node (passes/fuse_epilogue.py)
 
     def __post_init__(self):
@@ -64,6 +68,8 @@ class CompileOptions:
                               "produces no 4-bit activations; use --precision w4a8 (4-bit weights, 8-bit activations)")
         if self.batch < 1:
             raise ModelError(f"batch must be >= 1, got {self.batch}")
+        if self.dims not in ("auto", "static"):
+            raise ModelError(f"dims must be 'auto' or 'static', got '{self.dims}'")
         if self.method not in calibrate.METHODS:
             raise CalibrationError(f"unknown calibration method '{self.method}'; choose from {', '.join(calibrate.METHODS)}")
 
@@ -85,6 +91,7 @@ class Prepared:
     qcfg: object = None              # the QuantConfig the integer graph was made with (plan included)
     input_shapes: dict = field(default_factory=dict)  # compiled input shapes
     sym_vars: list = field(default_factory=list)      # dims kept symbolic (qcompiler/symbolic.SymVar)
+    traces: dict | None = None      # retraces by input shapes, while keep_symbolic runs (each shape traced once)
 
 
 @dataclass
@@ -138,14 +145,15 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
                                "which axis holds the samples: see qcompiler/calibrate.py); a data-free mode is "
                                "not available yet")
     with stage("reading calibration data"):
-        from .shape_spec import parse, resolve
-
-        varied = set(resolve(specs, parse(list(opts.shapes))).ranges)  # symbolic dims: samples may differ in them
+        shape_res = resolve_shapes(specs, opts)
+        varied = set(shape_res.ranges)  # symbolic dims: samples may differ in them
         groups = calibrate.calibration_groups(calibrate.load_calibration(calib), specs, opts.batch, varied)
         data = groups[0]
     batch = data.batch
     with stage("input shapes"):
-        sym_vars = symbolic_vars(specs, opts.shapes, data.shapes)
+        sym_vars = symbolic_vars(shape_res, data.shapes)
+    if opts.target.kind != "cpu":  # the dims kept symbolic by default stay at their calibration sizes
+        sym_vars = [v for v in sym_vars if not v.auto]
     if sym_vars and opts.target.kind != "cpu":
         raise TargetError(f"symbolic dims ({', '.join(v.name for v in sym_vars)}: --shape ranges) are CPU-only for now; "
                           f"for --target {opts.target.kind} fix each dim with --shape NAME=DIMS (one size)")
@@ -223,13 +231,21 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
                     dict(data.shapes), sym_vars)
 
 
-def symbolic_vars(specs, shape_args, calib_shapes: dict) -> list:
-    """The dims ``--shape`` keeps symbolic (``qcompiler/shape_spec.py``) as ``symbolic.SymVar`` s; a dim it
-    fixes must be the size the calibration samples (or --batch) give it."""
-    from .shape_spec import parse, resolve
+def resolve_shapes(specs, opts: CompileOptions):
+    """``--shape`` checked against the model's inputs, plus (``dims="auto"``) the declared-symbolic
+    dims it leaves open (``shape_spec.add_declared``)."""
+    from .shape_spec import add_declared, parse, resolve
+
+    res = resolve(specs, parse(list(opts.shapes)))
+    return add_declared(specs, res) if opts.dims == "auto" else res
+
+
+def symbolic_vars(res, calib_shapes: dict) -> list:
+    """The dims kept symbolic (``--shape`` ranges and, by default, the declared ones; ``resolve_shapes``)
+    as ``symbolic.SymVar`` s; a dim ``--shape`` fixes must be the size the calibration samples (or
+    --batch) give it."""
     from .symbolic import SymVar
 
-    res = resolve(specs, parse(list(shape_args)))
     for inp, axes in res.fixed.items():
         for ax, size in axes.items():
             have = calib_shapes[inp][ax]
@@ -240,10 +256,15 @@ def symbolic_vars(specs, shape_args, calib_shapes: dict) -> list:
     out = []
     for var, r in res.ranges.items():
         sizes = {calib_shapes[inp][ax] for inp, ax in res.where[var]}
+        if var in res.auto and (len(sizes) != 1 or min(sizes) < 1):
+            continue  # a default dim the samples do not size consistently stays as they give it
         if len(sizes) != 1:
             raise ModelError(f"dim '{var}' has sizes {sorted(sizes)} in the calibration samples of "
                              f"{sorted({i for i, _ in res.where[var]})}; they must agree")
         size = sizes.pop()
+        if var in res.auto:
+            out.append(SymVar(var, r.lo, max(r.hi, size), list(res.where[var]), size, r.step, auto=True))
+            continue
         if not r.lo <= size <= r.hi or size % r.step:
             raise ModelError(f"--shape: dim '{var}' is {size} in the calibration samples, outside the range "
                              f"{r.lo}..{r.hi}" + (f" or not a multiple of {r.step}" if r.step > 1 else "")
@@ -255,7 +276,23 @@ def symbolic_vars(specs, shape_args, calib_shapes: dict) -> list:
 def retrace(model_path: str | os.PathLike, prep: Prepared, opts: CompileOptions,
             shapes: dict[str, tuple[int, ...]]) -> Graph:
     """The integer graph of the same model at other input ``shapes``, quantized with the calibration
-    statistics of ``prep`` (scales are per tensor: the same at every shape; ``qcompiler/symbolic.py``)."""
+    statistics of ``prep`` (scales are per tensor: the same at every shape; ``qcompiler/symbolic.py``).
+    While ``prep.traces`` is a dict (``keep_symbolic``) each shape is traced once, its failure too."""
+    if prep.traces is None:
+        return _retrace(model_path, prep, opts, shapes)
+    key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+    if key not in prep.traces:
+        try:
+            prep.traces[key] = _retrace(model_path, prep, opts, shapes)
+        except QCError as e:
+            prep.traces[key] = e
+    got = prep.traces[key]
+    if isinstance(got, QCError):
+        raise got
+    return got
+
+
+def _retrace(model_path, prep: Prepared, opts: CompileOptions, shapes) -> Graph:
     from passes.quantize import quantize
     from passes.sign import nonnegative
     from passes.smooth import smooth
@@ -336,7 +373,10 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
     from passes.overflow import check_overflow
 
     with stage("overflow check (largest sizes)"):
-        check_overflow(at_max(0))
+        try:
+            check_overflow(at_max(0))
+        except QuantizationError as e:  # a sum over the dim outgrows int32: the largest size that fits
+            raise _model_bound(model_path, prep, opts, sym_vars, shapes_at, e, overflow=True) from None
     return graph
 
 
@@ -355,31 +395,124 @@ def _is_batch_var(v, prep: Prepared) -> bool:
     return all(prep.batch_axes.get(inp) == ax for inp, ax in v.where)
 
 
-def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: list, shapes_at, err) -> ModelError:
-    """The model cannot be traced at the largest sizes: find, per variable, the largest size it takes
-    (a position-embedding table of 512 rows bounds the sequence at 512) and name it."""
+class DimBoundError(ModelError):
+    """A symbolic dim's range reaches past what the model allows (``var`` is good up to ``bound``)."""
+
+    def __init__(self, message: str, var: str, bound: int):
+        super().__init__(message)
+        self.var, self.bound = var, bound
+
+
+def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: list, shapes_at, err,
+                 overflow: bool = False) -> ModelError:
+    """The model cannot be traced (``overflow``: its int32 bounds cannot be proven) at the largest
+    sizes: find, per variable, the largest size it takes (a position-embedding table of 512 rows
+    bounds the sequence at 512) and name it (``DimBoundError``)."""
+    from passes.overflow import check_overflow
+
+    def works(point) -> bool:
+        try:
+            g = retrace(model_path, prep, opts, shapes_at(point))
+            if overflow:
+                check_overflow(g)
+            return True
+        except QCError:
+            return False
+
+    def loads(point) -> bool:  # the frontend alone (shape inference, folding): where most bounds show
+        try:
+            frontend.load(model_path, batch=None, shapes=shapes_at(point), samples=None, reuse=True)
+            return True
+        except QCError:
+            return False
+
+    def largest(test, ok, bad):  # test(ok) holds, test(bad) fails
+        while bad - ok > 1:
+            mid = (ok + bad) // 2
+            ok, bad = (mid, bad) if test(mid) else (ok, mid)
+        return ok, bad
+
     base = {v.name: v.calibrated // v.step for v in sym_vars}
     for v in sym_vars:
         ok, bad = v.calibrated // v.step, v.hi // v.step
-        try:
-            retrace(model_path, prep, opts, shapes_at({**base, v.name: bad}))
+        at = lambda u, f: f({**base, v.name: u})  # noqa: E731
+        if works({**base, v.name: bad}):
             continue
-        except QCError:
-            pass
-        while bad - ok > 1:
-            mid = (ok + bad) // 2
-            try:
-                retrace(model_path, prep, opts, shapes_at({**base, v.name: mid}))
-                ok = mid
-            except QCError:
-                bad = mid
+        if not overflow and not loads({**base, v.name: bad}):
+            # bisect on the cheap test, then confirm with whole traces (a bound from a later pass)
+            ok2, bad = largest(lambda u: at(u, loads), ok, bad)
+            if works({**base, v.name: ok2}):
+                ok = ok2
+            else:
+                bad = ok2
+        ok, bad = largest(lambda u: at(u, works), ok, bad)
         where = ", ".join(f"{i} axis {ax}" for i, ax in v.where)
         ok, bad = ok * v.step, (ok + 1) * v.step
-        return ModelError(f"the model bounds dim '{v.name}' ({where}) at {ok}: at {bad} it fails "
-                          f"({str(err).splitlines()[0][:160]}); give --shape a range up to {ok}")
+        who = "its int32 accumulators bound" if overflow else "the model bounds"
+        return DimBoundError(f"{who} dim '{v.name}' ({where}) at {ok}: at {bad} it fails "
+                             f"({str(err).splitlines()[0][:160]}); give --shape a range up to {ok}", v.name, ok)
     return ModelError(f"the model cannot be traced at the largest sizes of its symbolic dims "
                       f"({', '.join(f'{k}={x}' for k, x in {v.name: v.hi for v in sym_vars}.items())}): "
                       f"{str(err).splitlines()[0][:200]}; give --shape smaller ranges")
+
+
+def keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
+    """The symbolic graph of ``prep.sym_vars`` -> (graph or None, the variables kept, the ones fixed).
+
+    The dims ``--shape`` asks for stay symbolic or the compile fails (one line).  The dims kept
+    symbolic by default (``SymVar.auto``) narrow to the bound the model sets (a position table) and,
+    where they cannot stay symbolic at all (an image dim through a strided conv: no polynomial; a
+    recurrence unrolled over time), stay at their calibration size: ``fixed`` is [(SymVar, reason)].
+    Several such dims are tried together, then one by one."""
+    prep.traces = {}
+    try:
+        return _keep_symbolic(model_path, prep, opts)
+    finally:
+        prep.traces = None
+
+
+def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
+    user = [v for v in prep.sym_vars if not v.auto]
+    auto = [v for v in prep.sym_vars if v.auto]
+    fixed: list = []
+
+    def attempt(vs):
+        while True:
+            try:
+                return symbolic_graph(model_path, prep, opts, vs), vs
+            except DimBoundError as e:
+                v = next((x for x in vs if x.name == e.var), None)
+                if v is None or not v.auto or e.bound >= v.hi or e.bound < v.calibrated:
+                    raise
+                progress.get().stage(f"dim '{v.name}' stays symbolic up to {e.bound}, the bound the model sets")
+                vs = [dataclasses.replace(x, hi=e.bound) if x is v else x for x in vs]
+
+    def reason(e: BaseException) -> str:
+        return str(e).splitlines()[0][:200] if isinstance(e, QCError) else f"internal error ({type(e).__name__}: {e})"[:200]
+
+    try:
+        return (*attempt(user + auto), fixed)
+    except Exception as e:  # noqa: BLE001 -- a default dim falls back to its calibration size, said in a warning
+        if not auto:
+            raise
+        first = e
+    ok = []
+    for v in auto if len(auto) > 1 else []:
+        try:
+            _, vs = attempt(user + [v])
+            ok.append(next(x for x in vs if x.name == v.name))
+        except Exception as e:  # noqa: BLE001
+            fixed.append((v, reason(e)))
+    if len(auto) == 1:
+        fixed.append((auto[0], reason(first)))
+    if ok:
+        try:
+            return (*attempt(user + ok), fixed)
+        except Exception as e:  # noqa: BLE001
+            fixed += [(v, reason(e)) for v in ok]
+    if user:
+        return (*attempt(user), fixed)
+    return None, [], fixed
 
 
 def layer_table(ig: Graph) -> list[dict]:
@@ -465,14 +598,17 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
         target = opts.target.tvm_target()
     from .tune.apply import activate
 
-    lower_graph, sg = ig, None
+    lower_graph, sg, fixed = ig, None, []
     if prep.sym_vars:  # one library for every size of these dims (qcompiler/symbolic.py)
         from .symbolic import tir_vars, to_tir
 
         t_sym = time.perf_counter()
         with rep.timed("tracing the symbolic dims"), stage("symbolic dims"):
-            sg = symbolic_graph(model_path, prep, opts, prep.sym_vars)
+            sg, prep.sym_vars, fixed = keep_symbolic(model_path, prep, opts)
         prep.timings["symbolic_dims"] = time.perf_counter() - t_sym
+        for v, why in fixed:
+            rep.warn(fixed_dim_warning(v, why))
+    if sg is not None:
         lower_graph = to_tir(sg, tir_vars([v.name for v in prep.sym_vars]))
         lower_graph.dim_ranges = {v.name: (v.lo, v.hi, v.step) for v in prep.sym_vars}
     from .symbolic import tir_name
@@ -514,12 +650,15 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "kernels": {"count": len(res.tir.functions), "generic_fallbacks": res.fallbacks,
                         "gemm": res.gemm_name, "gemm_kernels": res.gemm_kernels},
             "tuning": tuned.summary(),
-            "warnings": res.warnings,
+            "warnings": [fixed_dim_warning(v, why) for v, why in fixed] + list(res.warnings),
             "timings_s": {**{k: round(v, 3) for k, v in prep.timings.items()}, "build": round(t_build, 3)},
             "tir": artifact.encode_text(tir_text),
         }
         if sg is not None:
             _symbolic_meta(meta, sg, prep.sym_vars)
+        if fixed:  # declared symbolic, kept at the calibration size (keep_symbolic)
+            meta["fixed_dims"] = {v.name: {"size": v.calibrated, "where": [list(w) for w in v.where], "reason": why}
+                                  for v, why in fixed}
         meta["weight_bytes"] = int(sum(r["weight_bytes"] for r in meta["layers"]))  # conv/dense weights
         for inp in meta["inputs"]:
             rng = _int_input_range(ig, inp["name"])
@@ -537,6 +676,15 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             artifact.write_json(tmp_json, artifact.seal(meta, tmp_so))  # model.so's SHA-256, ISA
     meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+def fixed_dim_warning(v, why: str) -> str:
+    """One line: a dim the model declares symbolic that the library fixes at its calibration size."""
+    where = ", ".join(f"{i} axis {ax}" for i, ax in v.where)
+    first = v.where[0][0]
+    return (f"dim '{v.name}' ({where}) is fixed at {v.calibrated}, its calibration size: it cannot stay symbolic "
+            f"({why}); --shape {first}=... with a range and a step (e.g. 32..1280:32 for an image width) may keep "
+            "it, a size fixes it without this warning")
 
 
 def _symbolic_meta(meta: dict, sg: Graph, sym_vars: list) -> None:

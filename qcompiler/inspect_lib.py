@@ -40,6 +40,7 @@ def inspect_library(path) -> dict:
         "model": meta.get("model"), "calibration": meta.get("calibration"),
         "inputs": meta["inputs"], "outputs": meta["outputs"], "layers": meta["layers"],
         "symbolic_dims": meta.get("symbolic_dims"),
+        "fixed_dims": meta.get("fixed_dims"),
         "integer_only": bool(scan.integer_only),
         "float_islands": list(meta.get("float_islands", [])),
         "kernels": scan.num_functions,

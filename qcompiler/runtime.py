@@ -124,10 +124,11 @@ class Library:
                                  f"{shape}" + (f" (any size along axis {ax}, the batch)" if ax is not None else
                                               " (it has no batch axis)"))
             feeds[spec["name"]] = a
-        if self.symbolic:
-            shape_spec.check_feeds(self.meta, feeds)
+        if self.symbolic:  # a fixed batch axis takes any size (run in chunks, __call__)
+            shape_spec.check_feeds(self.meta, feeds, skip=self._chunk_axes())
+        if self.symbolic and not self._chunk_axes():
             return feeds
-        sizes = {feeds[s["name"]].shape[self._batch_axis(s)] for s in self.inputs if self._batch_axis(s) is not None}
+        sizes = {feeds[k].shape[ax] for k, ax in self._chunk_axes().items()}
         if len(sizes) > 1:
             raise InputError(f"inputs disagree in batch size: {sorted(sizes)}")
         return feeds
@@ -137,6 +138,17 @@ class Library:
         """Whether the library has symbolic dims (one library for a range of shapes, model.json
         ``symbolic_dims``): it runs any shape in range as it is, never in chunks."""
         return bool(self.meta.get("symbolic_dims"))
+
+    def _chunk_axes(self) -> dict:
+        """The inputs' batch axes along which a request is run in chunks of the compiled batch: every
+        batch axis of a static library; those of a symbolic library whose batch stays fixed (only its
+        other dims symbolic: ``shape_spec.add_declared``)."""
+        out = {}
+        for s in self.inputs:
+            ax = self._batch_axis(s)
+            if ax is not None and (not self.symbolic or isinstance(s["shape"][ax], int)):
+                out[s["name"]] = ax
+        return out
 
     @staticmethod
     def _batch_axis(spec: dict):
@@ -154,10 +166,10 @@ class Library:
 
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         feeds = self._feeds(args, kwargs)
-        if self.symbolic:
+        axes = self._chunk_axes()
+        if self.symbolic and not axes:
             return self._named(self._run_exact(feeds))
-        axes = {s["name"]: self._batch_axis(s) for s in self.inputs}
-        batched = [k for k, ax in axes.items() if ax is not None]
+        batched = list(axes)
         n = feeds[batched[0]].shape[axes[batched[0]]] if batched else self.batch
         b = self.batch
         if n == b:

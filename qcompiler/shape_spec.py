@@ -67,6 +67,7 @@ class Resolved:
     fixed: dict = field(default_factory=dict)     # input -> {axis: size} fixed by --shape
     ranges: dict = field(default_factory=dict)    # variable name -> DimRange
     where: dict = field(default_factory=dict)     # variable name -> [(input, axis)]
+    auto: set = field(default_factory=set)        # variables kept symbolic by default (``add_declared``)
 
 
 def resolve(specs, given: dict[str, list]) -> Resolved:
@@ -112,6 +113,39 @@ def resolve(specs, given: dict[str, list]) -> Resolved:
     return res
 
 
+AUTO_MAX = 2048
+"""The default upper end of a declared-symbolic dim that ``--shape`` leaves open (a bound the model
+sets, a 512-row position table, narrows it: ``driver.symbolic_graph``)."""
+
+
+def add_declared(specs, res: Resolved) -> Resolved:
+    """Keep every dim the model declares symbolic (a dim_param or an unnamed dim) symbolic by default,
+    over ``1..AUTO_MAX``, unless ``--shape`` fixes or bounds it or it is a batch axis (the batch stays
+    ``--batch``: a library of that many samples that ``qcompiler.load`` runs in chunks).  Such
+    variables are marked ``auto``: one the compiler cannot keep symbolic (an image dim through a
+    strided conv, a recurrence unrolled over time) falls back to its calibration size, said in one
+    warning, instead of failing the compile (``driver.compile_model``)."""
+    from .frontend import batch_axis, batch_dim_names
+
+    bnames = batch_dim_names(specs)
+    fixed = {(i, ax) for i, axes in res.fixed.items() for ax in axes}
+    occ: dict[str, list] = {}
+    for s in specs:
+        bax = batch_axis(s, bnames)
+        for ax, decl in enumerate(s.shape):
+            if not isinstance(decl, str):
+                continue
+            var = decl if decl != "?" else f"{s.name}_{ax}"
+            occ.setdefault(var, []).append((s.name, ax, ax == bax or decl in bnames))
+    for var, where in occ.items():
+        if var in res.ranges or any(b or (i, ax) in fixed for i, ax, b in where):
+            continue
+        res.ranges[var] = DimRange(1, AUTO_MAX)
+        res.where[var] = [(i, ax) for i, ax, _ in where]
+        res.auto.add(var)
+    return res
+
+
 def _text(dims) -> str:
     return "x".join((f"{d.lo}..{d.hi}" + (f":{d.step}" if d.step > 1 else "")) if isinstance(d, DimRange) else str(d)
                     for d in dims)
@@ -124,9 +158,10 @@ def input_dims(meta: dict, spec: dict) -> list:
     return list(spec["shape"])
 
 
-def check_feeds(meta: dict, feeds: dict) -> None:
+def check_feeds(meta: dict, feeds: dict, skip: dict | None = None) -> None:
     """Each input's shape against the library's dims: fixed dims equal, symbolic ones in range and
-    equal wherever one variable occurs.  Raises ``InputError`` (one line)."""
+    equal wherever one variable occurs.  Raises ``InputError`` (one line).  ``skip``: input -> an axis
+    not checked (a fixed batch axis the caller runs in chunks)."""
     sym = meta.get("symbolic_dims") or {}
     seen: dict[str, tuple[int, str]] = {}
     for spec in meta["inputs"]:
@@ -137,6 +172,8 @@ def check_feeds(meta: dict, feeds: dict) -> None:
             raise InputError(f"input '{name}' has shape {tuple(a.shape)}; the library takes rank {len(dims)} "
                              f"({_describe(dims, sym)})")
         for ax, (d, got) in enumerate(zip(dims, a.shape)):
+            if skip and skip.get(name) == ax:
+                continue
             if isinstance(d, str):
                 r = sym[d]
                 if not r["min"] <= got <= r["max"]:

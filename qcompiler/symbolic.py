@@ -185,6 +185,8 @@ class SymVar:
     where: list = field(default_factory=list)   # [(input name, axis)]
     calibrated: int = 0                          # its size in the calibration samples (tuning bucket)
     step: int = 1                                # sizes are step * u; the graph is fitted in u
+    auto: bool = False                           # kept symbolic by default, not by --shape: falls back to
+                                                 # its calibrated size where it cannot stay symbolic
 
 
 def probe_values(var: SymVar, taken: set[int]) -> list[int]:

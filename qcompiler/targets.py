@@ -29,16 +29,20 @@ class TargetSpec:
 
         if self.kind == "cpu":
             t = {"kind": "llvm", "mcpu": self.arch, "num-cores": host_cores()}
-            if self.arch == host_cpu() and host_amx_usable():
-                # LLVM may not know the host as an AMX CPU (a VM reporting another model): say so
-                t["mattr"] = ["+amx-tile", "+amx-int8"]
+            if self.mattr:
+                t["mattr"] = list(self.mattr)
             return tvm.target.Target(t)
         props = _CUDA_PROPS[self.arch]
         return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_threads_per_block": 1024,
                                   "thread_warp_size": 32, **props})
 
+    @property
+    def mattr(self) -> tuple[str, ...]:
+        """LLVM feature changes for the host CPU (``host_mattr``); none for another CPU named by --arch."""
+        return host_mattr() if self.kind == "cpu" and self.arch == host_cpu() else ()
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "arch": self.arch}
+        return {"kind": self.kind, "arch": self.arch, **({"mattr": list(self.mattr)} if self.mattr else {})}
 
 
 def host_cpu() -> str:
@@ -82,6 +86,27 @@ def host_has_vnni() -> bool:
 
 def host_has_avx2() -> bool:
     return _host_flag("avx2")
+
+
+@functools.lru_cache(maxsize=None)
+def host_mattr() -> tuple[str, ...]:
+    """The host's LLVM CPU name is read from its model number, but a VM may hide features that model
+    has (an Emerald Rapids guest without the AMX tile state): turn off each checked vector-ISA feature
+    of the CPU name that /proc/cpuinfo lacks (else the library would claim, and check_host refuse, an
+    ISA the host does not run), and turn AMX on where the host has it but LLVM does not know the CPU
+    as an AMX one (``host_amx_usable``)."""
+    from tvm.target import Target, codegen
+
+    from .artifact import _X86_FLAGS, host_cpu_flags
+
+    flags = host_cpu_flags()
+    try:
+        feats = set(codegen.llvm_get_cpu_features(Target({"kind": "llvm", "mcpu": host_cpu()})))
+    except Exception:  # noqa: BLE001 - an LLVM without this CPU: nothing to change
+        feats = set()
+    off = [f"-{f}" for f in sorted(feats) if flags and f in _X86_FLAGS and _X86_FLAGS[f] not in flags]
+    on = [f"+{f}" for f in ("amx-tile", "amx-int8") if f not in feats] if host_amx_usable() else []
+    return tuple(on + off)
 
 
 # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): Linux's grant of the AMX tile state (x86-64)

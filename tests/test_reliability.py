@@ -67,7 +67,8 @@ def test_metadata_records_checksum_and_versions(lib):
     assert meta["library"]["sha256"] == artifact.file_sha256(lib / "m.so")
     assert meta["library"]["size"] == os.path.getsize(lib / "m.so")
     assert meta["qcompiler_version"] == qcompiler.__version__ and meta["tvm_version"] == tvm.__version__
-    assert meta["target"]["kind"] == "cpu" and meta["target"]["isa"] == artifact.cpu_features(meta["target"]["arch"])
+    assert meta["target"]["kind"] == "cpu" and meta["target"]["isa"] == artifact.cpu_features(meta["target"]["arch"],
+                                                                                   meta["target"].get("mattr", ()))
     assert qcompiler.load(str(lib / "m.so"))(x=np.zeros((2, 3, 12, 12), np.float32))["y"].shape == (2, 4)
 
 

@@ -70,6 +70,8 @@ def export_candidates(tasks, spec, log_dir, out_dir, count: int, repeats: int = 
     out = Path(out_dir)
     _ready_dir(out)
     target = describe(spec, probe_gpu=False) if spec.kind == "cuda" else describe(spec)
+    if spec.kind == "cpu" and spec.mattr:  # the host's feature changes (targets.host_mattr): qc measure checks them
+        target = {**target, "mattr": list(spec.mattr)}
     states, rr = load_states(tasks, log_dir, target, cost_model)
     pending = {id(s): set() for s in states}
     chosen = []
@@ -221,7 +223,7 @@ def measure_dir(d, repeats: int | None = None, number: int = 1) -> dict:
 
         from .device import ISA_FEATURES
 
-        miss = missing_cpu_features(cpu_features(man["target"].get("arch"))  # runtime only: no LLVM to ask
+        miss = missing_cpu_features(cpu_features(man["target"].get("arch"), man["target"].get("mattr", ()))
                                     or ISA_FEATURES.get(man["target"].get("isa"), []))
         if miss:
             raise InputError(f"{d} was built for CPU '{man['target'].get('arch')}', whose instructions this CPU "

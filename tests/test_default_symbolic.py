@@ -1,0 +1,172 @@
+"""Issue 17: the dims an ONNX model declares symbolic stay symbolic by default.
+
+Without ``--shape`` a declared-symbolic dim other than the batch stays symbolic over 1..AUTO_MAX, or
+up to the bound the model sets (a position table), found and stated (``shape_spec.add_declared``,
+``driver.keep_symbolic``); a dim that cannot stay symbolic (an image width through strided convs, a
+recurrence unrolled over time) stays at its calibration size with one warning naming it and the
+flag that keeps it; ``--static-shapes`` fixes every dim.  The batch stays ``--batch``: requests of
+other sizes run in chunks.  At every shape the library equals the NumPy reference of that shape
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import qcompiler
+from qcompiler import driver, reference
+from qcompiler.cli import main
+from qcompiler.errors import InputError
+from qcompiler.shape_spec import AUTO_MAX
+from qcompiler.targets import parse_target
+from tests.helpers import make_model, tensor
+from tests.test_symbolic_shapes import MAXPOS, R, _cnn_with_strides, _encoder, _text_feeds
+
+
+def _compile(tmp_path, model, calib, name, *extra, quiet=True):
+    onnx.save(model, tmp_path / f"{name}.onnx")
+    if isinstance(calib, dict):
+        np.savez(tmp_path / f"{name}.npz", **calib)
+        calib_path = tmp_path / f"{name}.npz"
+    else:
+        calib_path = calib
+    out = tmp_path / f"{name}.so"
+    assert main(["-q"] * quiet + ["compile", str(tmp_path / f"{name}.onnx"), "-o", str(out), "--calib",
+                                  str(calib_path), *extra]) == 0
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def _against_reference(path, calib, lib, feeds_list):
+    """The library at each feed's shape equals the integer graph retraced at that shape."""
+    opts = driver.CompileOptions(target=parse_target("cpu"))
+    prep = driver.prepare(str(path), calib, opts)
+    for feeds in feeds_list:
+        g = driver.retrace(str(path), prep, opts, {k: v.shape for k, v in feeds.items()})
+        ref = reference.execute(g, feeds)
+        got = lib(feeds)
+        for k in got:
+            assert got[k].dtype == ref[k].dtype and np.array_equal(got[k], ref[k]), (k, {n: v.shape for n, v in feeds.items()})
+
+
+def test_sequence_stays_symbolic_up_to_the_models_bound(tmp_path):
+    """The encoder's sequence is symbolic without --shape, bounded at its 40-row position table; the
+    batch stays 1 and a batch of 3 runs as three calls."""
+    calib = _text_feeds(2, 12, np.random.default_rng(1))
+    out, meta = _compile(tmp_path, _encoder(), calib, "enc")
+    assert meta["symbolic_dims"] == {"seq": {"min": 1, "max": MAXPOS, "calibrated": 12,
+                                             "where": [["ids", 1], ["mask", 1]]}}
+    assert meta["inputs"][0]["shape"] == [1, "seq"] and not meta.get("fixed_dims")
+    lib = qcompiler.load(str(out))
+    rng = np.random.default_rng(3)
+    _against_reference(tmp_path / "enc.onnx", calib, lib, [_text_feeds(1, s, rng) for s in (1, 7, 12, 29, MAXPOS)])
+    three = _text_feeds(3, 9, rng)
+    got = lib(three)
+    for i in range(3):
+        one = lib({k: v[i:i + 1] for k, v in three.items()})
+        assert all(np.array_equal(got[k][i:i + 1], one[k]) for k in one)
+    with pytest.raises(InputError, match=f"must be in 1..{MAXPOS}") as e:
+        lib(_text_feeds(1, MAXPOS + 1, rng))
+    assert "\n" not in str(e.value)
+
+
+def test_static_shapes_fixes_every_dim(tmp_path):
+    calib = _text_feeds(2, 12, np.random.default_rng(1))
+    out, meta = _compile(tmp_path, _encoder(), calib, "enc", "--static-shapes")
+    assert not meta.get("symbolic_dims") and meta["inputs"][0]["shape"] == [1, 12]
+    with pytest.raises(InputError, match="compiled for"):
+        qcompiler.load(str(out))(_text_feeds(1, 13, np.random.default_rng(0)))
+
+
+def test_an_image_width_through_strided_convs_stays_at_its_calibration_size(tmp_path, capsys):
+    """No polynomial in W: the width is fixed at 32 with one warning naming it and --shape; the library
+    is the one --static-shapes gives."""
+    calib = {"x": R.standard_normal((6, 3, 16, 32)).astype(np.float32)}
+    model = _cnn_with_strides()  # weights drawn once: both compiles below take this model
+    capsys.readouterr()
+    out, meta = _compile(tmp_path, model, calib, "cnnw", quiet=False)
+    err = capsys.readouterr().err
+    warn = [ln for ln in err.splitlines() if "dim 'W'" in ln]
+    assert len(warn) == 1 and "fixed at 32" in warn[0] and "--shape x=" in warn[0] and "Traceback" not in err
+    assert not meta.get("symbolic_dims") and meta["fixed_dims"]["W"]["size"] == 32
+    assert meta["inputs"][0]["shape"] == [1, 3, 16, 32] and any("dim 'W'" in w for w in meta["warnings"])
+    static, _ = _compile(tmp_path, model, calib, "cnnw_static", "--static-shapes")
+    x = R.standard_normal((2, 3, 16, 32)).astype(np.float32)
+    a, b = qcompiler.load(str(out))(x=x), qcompiler.load(str(static))(x=x)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["inspect", str(out)]) == 0
+    assert "fixed dim    W = 32" in capsys.readouterr().out
+
+
+def _lstm_model():
+    hid, feat = 3, 4
+    w = (R.standard_normal((1, 4 * hid, feat)) * 0.3).astype(np.float32)
+    r = (R.standard_normal((1, 4 * hid, hid)) * 0.3).astype(np.float32)
+    return make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hid)],
+                      [("x", ["T", 1, feat])], [("y", None)], [tensor("W", w), tensor("R", r)])
+
+
+def test_a_recurrence_over_time_stays_at_its_calibration_length(tmp_path):
+    out, meta = _compile(tmp_path, _lstm_model(), {"x": R.standard_normal((6, 1, 4)).astype(np.float32)}, "lstm")
+    assert meta["fixed_dims"]["T"]["size"] == 6 and "changes with 'T'" in meta["fixed_dims"]["T"]["reason"]
+    assert qcompiler.load(str(out))(x=np.zeros((6, 1, 4), np.float32))["y"].shape[0] == 6
+
+
+def _two_inputs():
+    """A sequence through a MatMul (symbolic) and an image width through a strided conv (not): the
+    two are tried together, then one by one."""
+    f = np.float32
+    nodes = [helper.make_node("MatMul", ["s", "Wm"], ["m"]), helper.make_node("Relu", ["m"], ["y1"]),
+             helper.make_node("Conv", ["x", "Wc"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["y2"])]
+    inits = [tensor("Wm", (R.standard_normal((8, 4)) * 0.3).astype(f)),
+             tensor("Wc", (R.standard_normal((4, 3, 3, 3)) * 0.3).astype(f))]
+    return make_model(nodes, [("s", ["N", "L", 8]), ("x", ["N", 3, 9, "W"])], [("y1", None), ("y2", None)], inits)
+
+
+def test_of_two_default_dims_the_one_that_can_stays_symbolic(tmp_path):
+    calib = {"s": R.standard_normal((4, 6, 8)).astype(np.float32), "x": R.standard_normal((4, 3, 9, 15)).astype(np.float32)}
+    out, meta = _compile(tmp_path, _two_inputs(), calib, "two")
+    assert meta["symbolic_dims"]["L"]["max"] == AUTO_MAX and list(meta["fixed_dims"]) == ["W"]
+    lib = qcompiler.load(str(out))
+    x = R.standard_normal((1, 3, 9, 15)).astype(np.float32)
+    feeds = [{"s": R.standard_normal((1, n, 8)).astype(np.float32), "x": x} for n in (1, 6, 13, 300)]
+    _against_reference(tmp_path / "two.onnx", calib, lib, feeds)
+
+
+def test_calibration_files_of_different_lengths_need_no_flag(tmp_path):
+    """A folder of .npz files of different sequence lengths is normal input; the library is
+    calibrated at the largest group's length and takes every length."""
+    rng = np.random.default_rng(5)
+    (tmp_path / "calib").mkdir()
+    for i, (b, s) in enumerate(((2, 10), (1, 14), (2, 14))):
+        np.savez(tmp_path / "calib" / f"{i}.npz", **_text_feeds(b, s, rng))
+    out, meta = _compile(tmp_path, _encoder(), tmp_path / "calib", "encv")
+    assert meta["symbolic_dims"]["seq"]["calibrated"] == 14 and meta["calibration"]["samples"] == 5
+    got = qcompiler.load(str(out))(_text_feeds(1, 10, rng))
+    assert got["res"].shape == (1, 10, 16)
+
+
+def test_cuda_keeps_default_dims_at_their_calibration_size(tmp_path):
+    """Symbolic dims are CPU-only: for --target cuda the default ones are fixed (no error)."""
+    onnx.save(_encoder(), tmp_path / "enc.onnx")
+    calib = _text_feeds(2, 12, np.random.default_rng(1))
+    prep = driver.prepare(str(tmp_path / "enc.onnx"), calib,
+                          driver.CompileOptions(target=parse_target("cuda", "sm_80")))
+    assert prep.sym_vars == [] and prep.input_shapes["ids"] == (1, 12)
+    cpu = driver.prepare(str(tmp_path / "enc.onnx"), calib, driver.CompileOptions(target=parse_target("cpu")))
+    assert [(v.name, v.auto) for v in cpu.sym_vars] == [("seq", True)]
+
+
+def test_host_target_claims_only_features_the_host_has():
+    """A VM may hide features of its CPU model (an Emerald Rapids guest without AMX): the host target
+    turns them off, so a library built here is never refused here (artifact.check_host)."""
+    from qcompiler import artifact, targets
+
+    spec = parse_target("cpu")
+    assert artifact.missing_cpu_features(artifact.cpu_features(spec.arch, spec.mattr)) == []
+    assert spec.describe().get("mattr", []) == list(targets.host_mattr())
