@@ -824,7 +824,7 @@ def _batch_matmul(batch, M, N, K, a_dtype: str, out_dtype: str, lo: int, hi: int
 
     def schedule(c):
         sch = Schedule(func)
-        _schedule_bpack(sch)
+        _schedule_bpack(sch, unroll=not any(dyn.values()))
         if signed:
             _schedule_colsum(sch, isa)
         _schedule_gemm(sch, c, n_red=1, prep_vec_dims=1 if has_prep else None, n_batch=1, isa=isa)
@@ -842,15 +842,18 @@ def _batch_matmul(batch, M, N, K, a_dtype: str, out_dtype: str, lo: int, hi: int
     return f
 
 
-def _schedule_bpack(sch: Schedule) -> None:
+def _schedule_bpack(sch: Schedule, unroll: bool = True) -> None:
     """Pack B per (batch, L-column block) in parallel, each L x kp group unrolled.
 
     Unrolled byte moves measured faster than vectorizing the group (a byte gather / scatter that
     TVM scalarizes): MiniLM Q.K^T 12x128x128x32 97 -> 71 us, P.V 12x128x32x128 45 -> 37 us.
+    Over symbolic dims only the kp bytes are unrolled (each move carries bounds tests on the
+    symbolic extents, LLVM's time grows with the unrolled copies of them).
     """
     b, nbi, kb, i, j = sch.get_loops(sch.get_sblock("bpack"))
     _parallel_if_worth(sch, sch.fuse(b, nbi), "bpack", 16)
-    sch.unroll(i)
+    if unroll:
+        sch.unroll(i)
     sch.unroll(j)
 
 
