@@ -614,11 +614,24 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     from .symbolic import tir_name
     from .tune.workload import rows_at
 
+    def lower_and_build(graph):
+        with stage("lowering and build"):
+            with activate(opts.target, opts.tune_log) as tuned, rows_at({tir_name(v.name): v.calibrated // v.step
+                                                                          for v in prep.sym_vars}):
+                return build(graph, target, use_kernels=opts.use_kernels, allow_float=opts.allow_float), tuned
+
     t1 = time.perf_counter()
-    with stage("lowering and build"):
-        with activate(opts.target, opts.tune_log) as tuned, rows_at({tir_name(v.name): v.calibrated // v.step
-                                                                      for v in prep.sym_vars}):
-            res = build(lower_graph, target, use_kernels=opts.use_kernels, allow_float=opts.allow_float)
+    try:
+        res, tuned = lower_and_build(lower_graph)
+    except Exception as e:  # noqa: BLE001 -- dims kept symbolic only by default fall back to their sizes
+        if sg is None or not all(v.auto for v in prep.sym_vars):
+            raise
+        why = f"the symbolic build failed: {str(e).splitlines()[0][:160]}"
+        for v in prep.sym_vars:
+            fixed.append((v, why))
+            rep.warn(fixed_dim_warning(v, why))
+        prep.sym_vars, sg = [], None
+        res, tuned = lower_and_build(ig)
     t_build = time.perf_counter() - t1
     from .tir_scan import module_to_text
 

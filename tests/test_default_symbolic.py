@@ -170,3 +170,61 @@ def test_host_target_claims_only_features_the_host_has():
     spec = parse_target("cpu")
     assert artifact.missing_cpu_features(artifact.cpu_features(spec.arch, spec.mattr)) == []
     assert spec.describe().get("mattr", []) == list(targets.host_mattr())
+
+
+def _last_token_and_masked_fill():
+    """The last time step (Gather at Shape - 1: a size only in the index map's constant, no dim of
+    its kernel's buffers) and a masked_fill (Where of a constant Expanded to the input's shape: a
+    graph constant of symbolic shape) -- two forms that once failed to build symbolic."""
+    f, i64 = np.float32, np.int64
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Gather", ["sh", "i1"], ["t"], axis=0),
+             helper.make_node("Sub", ["t", "one"], ["last"]),
+             helper.make_node("Gather", ["x", "last"], ["xl"], axis=1),            # [N, 8]
+             helper.make_node("MatMul", ["xl", "W"], ["y1"]),
+             helper.make_node("Shape", ["m"], ["msh"]),
+             helper.make_node("Expand", ["fill", "msh"], ["fillx"]),
+             helper.make_node("Equal", ["m", "zero"], ["pad"]),
+             helper.make_node("Where", ["pad", "fillx", "s"], ["sm"]),
+             helper.make_node("Softmax", ["sm"], ["y2"], axis=-1)]
+    inits = [tensor("i1", np.array(1, i64)), tensor("one", np.array(1, i64)), tensor("zero", np.array(0, i64)),
+             tensor("W", (R.standard_normal((8, 4)) * 0.3).astype(f)), tensor("fill", np.array([-30.0], f))]
+    return make_model(nodes, [("x", ["N", "T", 8]), ("m", ["N", "T"], onnx.TensorProto.INT64), ("s", ["N", "T"])],
+                      [("y1", None), ("y2", None)], inits)
+
+
+def test_a_size_only_in_an_index_and_a_constant_of_symbolic_shape_build(tmp_path):
+    rng = np.random.default_rng(8)
+
+    def feeds(n):
+        m = np.ones((1, n), np.int64)
+        m[0, rng.integers(1, n + 1):] = 0
+        return {"x": rng.standard_normal((1, n, 8)).astype(np.float32), "m": m,
+                "s": rng.standard_normal((1, n)).astype(np.float32)}
+
+    calib = {k: np.concatenate([feeds(9)[k] for _ in range(4)]) for k in ("x", "m", "s")}
+    out, meta = _compile(tmp_path, _last_token_and_masked_fill(), calib, "lt")
+    assert "T" in meta["symbolic_dims"] and not meta.get("fixed_dims"), meta.get("fixed_dims")
+    _against_reference(tmp_path / "lt.onnx", calib, qcompiler.load(str(out)), [feeds(n) for n in (1, 2, 9, 17, 60)])
+
+
+def test_a_failed_symbolic_build_falls_back_to_the_calibration_size(tmp_path, monkeypatch):
+    """Dims symbolic only by default: a lowering / build failure of the symbolic graph rebuilds the
+    static one (each dim named in model.json's fixed_dims); with --shape it stays an error."""
+    from qcompiler.lowering import build as B
+
+    real = B.build
+
+    def build(graph, *a, **k):
+        if getattr(graph, "dim_ranges", None):
+            raise RuntimeError("no symbolic kernel for this op")
+        return real(graph, *a, **k)
+
+    monkeypatch.setattr(B, "build", build)
+    calib = _text_feeds(2, 12, np.random.default_rng(1))
+    out, meta = _compile(tmp_path, _encoder(), calib, "enc")
+    assert not meta.get("symbolic_dims") and "no symbolic kernel" in meta["fixed_dims"]["seq"]["reason"]
+    assert meta["inputs"][0]["shape"] == [1, 12]
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["-q", "compile", str(tmp_path / "enc.onnx"), "-o", str(tmp_path / "x.so"), "--calib",
+                 str(tmp_path / "c.npz"), "--shape", "ids=1x1..20"]) == 2
+    assert not (tmp_path / "x.so").exists()

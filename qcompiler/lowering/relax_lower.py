@@ -89,6 +89,19 @@ class Lowering:
                                 primfunc_name_hint="sym_prefix")
         return e
 
+    def _sym_const(self, arr: SymArray, shape: tuple) -> Value:
+        """A graph constant of symbolic shape ``shape`` (``qcompiler/symbolic.py``): its stored data
+        (at the largest size along ``arr.sizes``, extent 1 along broadcast axes) sliced to the run's
+        sizes and broadcast to ``shape`` by one TE copy (its output shape names the sizes)."""
+        data = np.asarray(arr.data)
+        dtype = str(data.dtype)
+        e = const(data, dtype)
+        if tuple(data.shape) != tuple(shape) or arr.sizes:
+            bcast = [ax not in arr.sizes and int(n) == 1 for ax, n in enumerate(data.shape)]
+            e = self.bb.emit_te(lambda c: te.compute(shape, lambda *i: c(*[0 if b else x for b, x in zip(bcast, i)]),
+                                                     name="sym_const"), e, primfunc_name_hint="sym_const")
+        return Value(e, L.identity(len(shape)), shape, dtype)
+
     def _table_row(self, t, dtype: str, v: Value) -> relax.Expr:
         """The row of a ``SymTable`` for this run's size (u - lo), laid out for ``v`` like ``c``."""
         rows = np.stack([L.const_for(r, v.rank, v.perm) for r in np.asarray(t.data)])  # each row laid out as c()
@@ -163,6 +176,9 @@ class Lowering:
                         var = self.bb.match_cast(var, relax.TensorType(shape=list(ig.shapes[t]), dtype=ig.dtypes[t]))
                     self.env[t] = Value(var, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
                 for t, arr in ig.consts.items():  # integer constants (e.g. a quantized class token)
+                    if isinstance(arr, SymArray):  # one whose extent follows a symbolic dim
+                        self.env[t] = self._sym_const(arr, tuple(ig.shapes[t]))
+                        continue
                     arr = np.asarray(arr)
                     self.env[t] = Value(const(arr, str(arr.dtype)), L.identity(arr.ndim), tuple(arr.shape), str(arr.dtype))
                 from qcompiler import intops
@@ -211,16 +227,24 @@ class Lowering:
         """take(x, idx, axis) for an index map idx(p) = c0 + sum_i coef_i * p_i over an output of
         ``m.shape`` (``qcompiler.symbolic.AffineMap``; sizes and coefficients may be symbolic)."""
         k = len(m.shape)
+        # the symbolic coefficients go to emit_te as arguments: it maps their size variables onto the
+        # kernel's own (a size only in the coefficients, a target length indexing its last token,
+        # would otherwise be undefined in the kernel)
+        sym = [e for e in (m.c0, *m.coef) if not _is_int(e)]
 
-        def f(xt):
+        def f(xt, *ex):
+            it = iter(ex)
+            c0 = m.c0 if _is_int(m.c0) else next(it)
+            coef = [c if _is_int(c) else next(it) for c in m.coef]
+
             def body(*p):
-                i = m.c0 + sum((c * p[axis + j] for j, c in enumerate(m.coef) if not (_is_int(c) and int(c) == 0)),
-                               tirx.const(0, "int64"))
+                i = c0 + sum((c * p[axis + j] for j, c in enumerate(coef) if not (_is_int(c) and int(c) == 0)),
+                             tirx.const(0, "int64"))
                 return xt[(*p[:axis], i, *p[axis + k:])]
             shape = (*xt.shape[:axis], *m.shape, *xt.shape[axis + 1:])
             return te.compute(shape, body, name="affine_take")
 
-        return self.bb.emit_te(f, x, primfunc_name_hint="affine_take")
+        return self.bb.emit_te(f, x, *sym, primfunc_name_hint="affine_take")
 
     def out_value(self, n, e, ref: Value) -> Value:
         """The Value of node ``n``'s output ``e``, laid out like ``ref`` where the ranks agree."""
