@@ -435,17 +435,16 @@ def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: lis
     base = {v.name: v.calibrated // v.step for v in sym_vars}
     for v in sym_vars:
         ok, bad = v.calibrated // v.step, v.hi // v.step
-        at = lambda u, f: f({**base, v.name: u})  # noqa: E731
-        if works({**base, v.name: bad}):
+
+        def at(test, name=v.name):  # the test at u for this variable, the others at their calibrated sizes
+            return lambda u: test({**base, name: u})
+        if at(works)(bad):
             continue
-        if not overflow and not loads({**base, v.name: bad}):
+        if not overflow and not at(loads)(bad):
             # bisect on the cheap test, then confirm with whole traces (a bound from a later pass)
-            ok2, bad = largest(lambda u: at(u, loads), ok, bad)
-            if works({**base, v.name: ok2}):
-                ok = ok2
-            else:
-                bad = ok2
-        ok, bad = largest(lambda u: at(u, works), ok, bad)
+            ok2, bad = largest(at(loads), ok, bad)
+            ok, bad = (ok2, bad) if at(works)(ok2) else (ok, ok2)
+        ok, bad = largest(at(works), ok, bad)
         where = ", ".join(f"{i} axis {ax}" for i, ax in v.where)
         ok, bad = ok * v.step, (ok + 1) * v.step
         who = "its int32 accumulators bound" if overflow else "the model bounds"

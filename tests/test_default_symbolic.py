@@ -19,13 +19,13 @@ import pytest
 from onnx import helper
 
 import qcompiler
-from qcompiler import driver, reference
+from qcompiler import driver
 from qcompiler.cli import main
 from qcompiler.errors import InputError
 from qcompiler.shape_spec import AUTO_MAX
 from qcompiler.targets import parse_target
 from tests.helpers import make_model, tensor
-from tests.test_symbolic_shapes import MAXPOS, R, _cnn_with_strides, _encoder, _text_feeds
+from tests.test_symbolic_shapes import MAXPOS, R, _cnn_with_strides, _encoder, _text_feeds, against_reference
 
 
 def _compile(tmp_path, model, calib, name, *extra, quiet=True):
@@ -41,18 +41,6 @@ def _compile(tmp_path, model, calib, name, *extra, quiet=True):
     return out, json.loads(out.with_suffix(".json").read_text())
 
 
-def _against_reference(path, calib, lib, feeds_list):
-    """The library at each feed's shape equals the integer graph retraced at that shape."""
-    opts = driver.CompileOptions(target=parse_target("cpu"))
-    prep = driver.prepare(str(path), calib, opts)
-    for feeds in feeds_list:
-        g = driver.retrace(str(path), prep, opts, {k: v.shape for k, v in feeds.items()})
-        ref = reference.execute(g, feeds)
-        got = lib(feeds)
-        for k in got:
-            assert got[k].dtype == ref[k].dtype and np.array_equal(got[k], ref[k]), (k, {n: v.shape for n, v in feeds.items()})
-
-
 def test_sequence_stays_symbolic_up_to_the_models_bound(tmp_path):
     """The encoder's sequence is symbolic without --shape, bounded at its 40-row position table; the
     batch stays 1 and a batch of 3 runs as three calls."""
@@ -63,7 +51,7 @@ def test_sequence_stays_symbolic_up_to_the_models_bound(tmp_path):
     assert meta["inputs"][0]["shape"] == [1, "seq"] and not meta.get("fixed_dims")
     lib = qcompiler.load(str(out))
     rng = np.random.default_rng(3)
-    _against_reference(tmp_path / "enc.onnx", calib, lib, [_text_feeds(1, s, rng) for s in (1, 7, 12, 29, MAXPOS)])
+    against_reference(tmp_path / "enc.onnx", calib, lib, [_text_feeds(1, s, rng) for s in (1, 7, 12, 29, MAXPOS)])
     three = _text_feeds(3, 9, rng)
     got = lib(three)
     for i in range(3):
@@ -135,7 +123,7 @@ def test_of_two_default_dims_the_one_that_can_stays_symbolic(tmp_path):
     lib = qcompiler.load(str(out))
     x = R.standard_normal((1, 3, 9, 15)).astype(np.float32)
     feeds = [{"s": R.standard_normal((1, n, 8)).astype(np.float32), "x": x} for n in (1, 6, 13, 300)]
-    _against_reference(tmp_path / "two.onnx", calib, lib, feeds)
+    against_reference(tmp_path / "two.onnx", calib, lib, feeds)
 
 
 def test_calibration_files_of_different_lengths_need_no_flag(tmp_path):
@@ -204,7 +192,7 @@ def test_a_size_only_in_an_index_and_a_constant_of_symbolic_shape_build(tmp_path
     calib = {k: np.concatenate([feeds(9)[k] for _ in range(4)]) for k in ("x", "m", "s")}
     out, meta = _compile(tmp_path, _last_token_and_masked_fill(), calib, "lt")
     assert "T" in meta["symbolic_dims"] and not meta.get("fixed_dims"), meta.get("fixed_dims")
-    _against_reference(tmp_path / "lt.onnx", calib, qcompiler.load(str(out)), [feeds(n) for n in (1, 2, 9, 17, 60)])
+    against_reference(tmp_path / "lt.onnx", calib, qcompiler.load(str(out)), [feeds(n) for n in (1, 2, 9, 17, 60)])
 
 
 def test_a_failed_symbolic_build_falls_back_to_the_calibration_size(tmp_path, monkeypatch):

@@ -80,6 +80,12 @@ def _check_dynamic(path, calib, shape_args, feeds_list, tmp_path, name):
     assert main(["-q", "compile", str(path), "-o", str(out), "--calib", str(tmp_path / f"{name}.npz"),
                  *sum((["--shape", s] for s in shape_args), [])]) == 0
     lib = qcompiler.load(str(out))
+    against_reference(path, calib, lib, feeds_list, shape_args)
+    return lib, out
+
+
+def against_reference(path, calib, lib, feeds_list, shape_args=()):
+    """The library at each feed's shape equals the integer graph retraced at that shape, bit for bit."""
     opts = driver.CompileOptions(target=parse_target("cpu"), shapes=tuple(shape_args))
     prep = driver.prepare(str(path), calib, opts)
     for feeds in feeds_list:
@@ -89,7 +95,6 @@ def _check_dynamic(path, calib, shape_args, feeds_list, tmp_path, name):
         for k in got:
             assert got[k].shape == ref[k].shape and got[k].dtype == ref[k].dtype, (k, {n: v.shape for n, v in feeds.items()})
             assert np.array_equal(got[k], ref[k]), (k, {n: v.shape for n, v in feeds.items()})
-    return lib, out
 
 
 def test_encoder_dynamic_batch_and_sequence(tmp_path):
