@@ -318,12 +318,8 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
     a grid of sizes and fitted."""
     from .symbolic import fit_graph, probe_points
 
-    def shapes_at(point):  # point: u per variable; a size is step * u
-        out = {k: list(v) for k, v in prep.input_shapes.items()}
-        for v in sym_vars:
-            for inp, ax in v.where:
-                out[inp][ax] = point[v.name] * v.step
-        return {k: tuple(v) for k, v in out.items()}
+    def shapes_at(point):
+        return _shapes_at(prep, sym_vars, point)
 
     rep = progress.get()
     points = probe_points(sym_vars)
@@ -378,6 +374,42 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
         except QuantizationError as e:  # a sum over the dim outgrows int32: the largest size that fits
             raise _model_bound(model_path, prep, opts, sym_vars, shapes_at, e, overflow=True) from None
     return graph
+
+
+def _shapes_at(prep: Prepared, sym_vars: list, point: dict) -> dict:
+    """The input shapes at ``point`` (u per variable; a size is step * u), the other dims as compiled."""
+    out = {k: list(v) for k, v in prep.input_shapes.items()}
+    for v in sym_vars:
+        for inp, ax in v.where:
+            out[inp][ax] = point[v.name] * v.step
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _shapes_fit(model_path, prep: Prepared, sym_vars: list) -> None:
+    """Fail fast (``SymbolicError``) where a tensor dim of the float graph follows the variables in no
+    polynomial way (a strided conv's output width): the frontend alone at the probe points costs a
+    fraction of the full traces, which would fail the same way later (an image dim kept symbolic
+    by default).  A point the frontend cannot load is left to the full trace to explain."""
+    from .symbolic import SymbolicError, fit_int, probe_points
+
+    points = probe_points(sym_vars)
+    shapes = []
+    for p in points:
+        try:
+            shapes.append(frontend.load(model_path, batch=None, shapes=_shapes_at(prep, sym_vars, p), samples=None,
+                                        reuse=True).graph.shapes)
+        except QCError:
+            return
+    names = [v.name for v in sym_vars]
+    for t, shp in shapes[0].items():
+        if any(len(g.get(t, ())) != len(shp) for g in shapes):
+            continue
+        for ax in range(len(shp)):
+            vals = [g[t][ax] for g in shapes]
+            if all(isinstance(x, (int, np.integer)) for x in vals) and fit_int(vals, points, names) is None:
+                raise SymbolicError(f"dim {ax} of tensor '{t}' takes sizes {vals} at "
+                                    + "; ".join(", ".join(f"{k}={x}" for k, x in p.items()) for p in points)
+                                    + f": no polynomial in {', '.join(repr(n) for n in names)}")
 
 
 class _Memo:
@@ -476,6 +508,8 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
     fixed: list = []
 
     def attempt(vs):
+        if any(v.auto for v in vs):
+            _shapes_fit(model_path, prep, vs)
         while True:
             try:
                 return symbolic_graph(model_path, prep, opts, vs), vs

@@ -136,7 +136,8 @@ def add_declared(specs, res: Resolved) -> Resolved:
             if not isinstance(decl, str):
                 continue
             var = decl if decl != "?" else f"{s.name}_{ax}"
-            occ.setdefault(var, []).append((s.name, ax, ax == bax or decl in bnames))
+            # (an unnamed dim is the batch only as the input's batch axis: "?" names no variable)
+            occ.setdefault(var, []).append((s.name, ax, ax == bax or (decl != "?" and decl in bnames)))
     for var, where in occ.items():
         if var in res.ranges or any(b or (i, ax) in fixed for i, ax, b in where):
             continue

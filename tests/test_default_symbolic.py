@@ -216,3 +216,18 @@ def test_a_failed_symbolic_build_falls_back_to_the_calibration_size(tmp_path, mo
     assert main(["-q", "compile", str(tmp_path / "enc.onnx"), "-o", str(tmp_path / "x.so"), "--calib",
                  str(tmp_path / "c.npz"), "--shape", "ids=1x1..20"]) == 2
     assert not (tmp_path / "x.so").exists()
+
+
+def test_unnamed_dims_are_candidates_and_an_image_dim_fails_fast(tmp_path, monkeypatch):
+    """Exporters leave dims unnamed ("?"): the first is the batch, the others are default candidates
+    like named ones (each its own variable, '<input>_<axis>'); an image width through strided convs
+    is refused from the frontend's shapes alone, before any full trace (``driver._shapes_fit``)."""
+    model = _cnn_with_strides()
+    for d in model.graph.input[0].type.tensor_type.shape.dim:
+        if d.dim_param:
+            d.Clear()   # neither a size nor a name
+    calls, real = [], driver.retrace
+    monkeypatch.setattr(driver, "retrace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, meta = _compile(tmp_path, model, {"x": R.standard_normal((4, 3, 16, 32)).astype(np.float32)}, "unnamed")
+    assert list(meta["fixed_dims"]) == ["x_3"] and "no polynomial" in meta["fixed_dims"]["x_3"]["reason"]
+    assert meta["inputs"][0]["shape"] == [1, 3, 16, 32] and not calls
