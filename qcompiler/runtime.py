@@ -204,8 +204,8 @@ class Library:
               warmup: int = 3) -> dict:
         """Median and spread of the library's latency at its compiled batch (TVM time_evaluator)."""
         feeds = self._feeds((), inputs) if inputs else self.example_inputs()
-        axes = {spec["name"]: (None if self.symbolic else self._batch_axis(spec)) for spec in self.inputs}
-        feeds = {k: (v if axes.get(k) is None else  # the compiled batch along each input's batch axis
+        axes = self._chunk_axes()
+        feeds = {k: (v if axes.get(k) is None else  # the compiled batch along each fixed batch axis
                      np.take(v, np.arange(self.batch) % max(v.shape[axes[k]], 1), axis=axes[k]))
                  for k, v in feeds.items()}
         tvm = self._tvm

@@ -95,16 +95,10 @@ def host_mattr() -> tuple[str, ...]:
     of the CPU name that /proc/cpuinfo lacks (else the library would claim, and check_host refuse, an
     ISA the host does not run), and turn AMX on where the host has it but LLVM does not know the CPU
     as an AMX one (``host_amx_usable``)."""
-    from tvm.target import Target, codegen
+    from .artifact import cpu_features, missing_cpu_features
 
-    from .artifact import _X86_FLAGS, host_cpu_flags
-
-    flags = host_cpu_flags()
-    try:
-        feats = set(codegen.llvm_get_cpu_features(Target({"kind": "llvm", "mcpu": host_cpu()})))
-    except Exception:  # noqa: BLE001 - an LLVM without this CPU: nothing to change
-        feats = set()
-    off = [f"-{f}" for f in sorted(feats) if flags and f in _X86_FLAGS and _X86_FLAGS[f] not in flags]
+    feats = cpu_features(host_cpu())  # the checked features of the CPU name (none without LLVM)
+    off = [f"-{f}" for f in missing_cpu_features(feats)]
     on = [f"+{f}" for f in ("amx-tile", "amx-int8") if f not in feats] if host_amx_usable() else []
     return tuple(on + off)
 

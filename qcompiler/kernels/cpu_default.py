@@ -867,6 +867,15 @@ def _rule_outer(sch, options) -> bool:
     return True
 
 
+def _parallel_or_serial(sch, lead) -> None:
+    """The loops ``lead`` fused and run in parallel; serial (marked) where TVM cannot rule out a
+    dependence."""
+    try:
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+    except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
+        _mark(sch, lead[0], "serial")
+
+
 def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
     """A block with symbolic extents.  An elementwise block (every loop data-parallel) large at the
     dims' representative sizes: the loops outside the innermost fused and run in parallel, the
@@ -886,11 +895,7 @@ def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
         # spatial loops in parallel, the reduction inside each, its innermost loop to LLVM (a
         # pooling window, a short static reduction, stays serial: see above)
         _mark(sch, loops[-1], "llvm_vectorize")
-        lead = loops[:n_sp]
-        try:
-            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
-        except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
-            _mark(sch, lead[0], "serial")
+        _parallel_or_serial(sch, loops[:n_sp])
         return
     if (not elementwise or len(loops) < 2
             or (options is not None and work is not None and work < options.min_parallel_work * 16)):
@@ -899,10 +904,7 @@ def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
     lead = loops[:-1]
     _mark(sch, loops[-1], "llvm_vectorize")
     if lead:
-        try:
-            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
-        except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
-            _mark(sch, lead[0], "serial")
+        _parallel_or_serial(sch, lead)
 
 
 def _schedule_outer(sch, block_rv, options) -> None:
@@ -1007,10 +1009,7 @@ def _symbolic_vector(sch, block_rv, loops, options) -> bool:
     if work is not None and work // vec < options.min_parallel_work:  # as _parallel_outer
         _mark(sch, lead[0], "serial")
         return True
-    try:
-        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
-    except Exception:  # pylint: disable=broad-except - a dependence TVM cannot rule out: serial
-        _mark(sch, lead[0], "serial")
+    _parallel_or_serial(sch, lead)
     return True
 
 
