@@ -395,11 +395,11 @@ def _apply(rule, func, options):
     return sch.mod["main"]
 
 
-def _loop_names(func, kinds=None) -> set[str]:
+def _loop_names(func, kinds=None, annotation: str | None = None) -> set[str]:
     names = set()
 
     def _visit(node):
-        if kinds is None or node.kind in kinds:
+        if (kinds is None or node.kind in kinds) and (annotation is None or annotation in node.annotations):
             names.add(str(node.loop_var.name))
 
     tvm_ffi.structural_walk(func.body, (tirx.For, _visit))
@@ -413,7 +413,18 @@ def _scalarized(func: tirx.PrimFunc, lowered: IRModule) -> bool:
     if not vec:
         return False
     after = _loop_names(lowered["main"])
-    return any(n + ".s" in after or n + "_s" in after for n in vec)
+    tails = _loop_names(func, (tirx.ForKind.VECTORIZED,), TAIL_VECTOR)
+    scalar = {n for n in vec if n + ".s" in after or n + "_s" in after}
+    if scalar & tails:  # a tail loop is scalar by design; its whole vectors must not be
+        counts: dict[str, int] = {}
+
+        def _count(node):
+            counts[str(node.loop_var.name)] = counts.get(str(node.loop_var.name), 0) + 1
+
+        tvm_ffi.structural_walk(lowered["main"].body, (tirx.For, _count))
+        if any(counts.get(n + "_s", 0) + counts.get(n + ".s", 0) > 1 for n in tails):
+            return True
+    return bool(scalar - tails)
 
 
 _VALIDATE_PASSES = None
@@ -434,6 +445,7 @@ def _validate(func: tirx.PrimFunc, target: Target) -> IRModule:
                 s_tir.transform.LowerOpaqueBlock(),
                 tirx.transform.FlattenBuffer(),
                 tirx.transform.NarrowDataType(32),
+                s_tir.transform.LoopPartition(),  # as TVM's pipeline (_tail_vector)
                 tirx.transform.VectorizeLoop(True),
             ]
         )
@@ -902,9 +914,41 @@ def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
         _mark(sch, loops[0], "serial")
         return
     lead = loops[:-1]
-    _mark(sch, loops[-1], "llvm_vectorize")
+    if not (options is not None and _tail_vector(sch, block_rv, loops[-1], options)):
+        _mark(sch, loops[-1], "llvm_vectorize")
     if lead:
         _parallel_or_serial(sch, lead)
+
+
+TAIL_VECTOR = "qc.vector_tail"
+"""Annotation of a vector loop split off a symbolic innermost loop (``_tail_vector``): its last
+partial vector runs as a scalar tail loop, which ``_scalarized`` expects."""
+
+
+def _tail_vector(sch, block_rv, loop, options) -> bool:
+    """A symbolic innermost loop walking every access contiguously (the key axis of attention
+    scores [heads, rows, sequence]): split into vectors of one register plus a scalar tail.  The
+    split's predicate ``outer * lanes + inner < n`` would make TVM scalarize the whole loop; the
+    outer loop's ``pragma_loop_partition_hint`` lets ``LoopPartition`` (before ``VectorizeLoop``
+    in TVM's pipeline) cut it into the whole vectors, with no test, and the last partial one.
+    Left to LLVM's loop vectorizer instead, MiniLM's i-exp over 12 x 512 x 512 scores ran 1.4x
+    the time of the static kernel's (1.85 vs 1.32 ms, 2-core Xeon, 2026-12-07).  False: the loop
+    does not walk its accesses contiguously (a transpose, a gather), or vectors are off."""
+    if not options.vectorize or _int_extent(sch, loop) is not None:
+        return False
+    block = sch.get(block_rv)
+    accesses = _accesses(block)
+    var = _loop_iter_map(sch, block_rv, [loop])[0][0]
+    if accesses is None or var is None or not _suffix_ok(accesses, [var], [1], _condition_vars(block)):
+        return False
+    lanes = _lanes(options, block)
+    if lanes < 2:
+        return False
+    outer, inner = sch.split(loop, factors=[None, lanes])
+    sch.vectorize(inner)
+    sch.annotate(inner, TAIL_VECTOR, 1)
+    sch.annotate(outer, "pragma_loop_partition_hint", 1)
+    return True
 
 
 def _schedule_outer(sch, block_rv, options) -> None:

@@ -189,3 +189,38 @@ def test_default_schedule_row_reduction_over_symbolic_axis(target):
     for n in (1, 13, 200):
         a = rng.integers(-(2**40), 2**40, (12, n, n)).astype(np.int64)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), a.max(axis=2, keepdims=True))
+
+
+def test_default_schedule_vectorizes_a_symbolic_innermost_axis(target):
+    """An elementwise kernel over attention-score shapes [12, s, s] (the innermost axis symbolic):
+    whole vectors of one register plus a scalar tail (cpu_default ``_tail_vector``), exact at sizes
+    below, at and between whole vectors."""
+    from tvm import relax
+
+    from qcompiler.kernels.cpu_default import TAIL_VECTOR, schedule_cpu_default
+
+    s = tirx.Var("s", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([12, s, s], "int32"))
+    m = relax.Var("m", relax.TensorType([12, s, 1], "int32"))
+    with bb.function("main", [x, m], attrs={"tir_var_upper_bound": {"s": 512}}):
+        with bb.dataflow():
+            d = bb.emit(relax.op.astype(relax.op.subtract(x, m), "int64"))
+            t = bb.emit(relax.op.right_shift(relax.op.add(relax.op.multiply(
+                d, relax.const(1234567, "int64")), relax.const(1 << 20, "int64")), relax.const(21, "int64")))
+            y = bb.emit_output(relax.op.astype(relax.op.clip(t, -32768, 32767), "int16"))
+        bb.emit_func_output(y)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+    with rows_at({"s": 128}):
+        mod = schedule_cpu_default(mod, target)
+    (f,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert TAIL_VECTOR in f.script() and "T.vectorized" in f.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    rng = np.random.default_rng(11)
+    for n in (1, 7, 8, 9, 64, 509):
+        a = rng.integers(-40000, 40000, (12, n, n)).astype(np.int32)
+        b = rng.integers(-40000, 40000, (12, n, 1)).astype(np.int32)
+        want = np.clip(((a.astype(np.int64) - b) * 1234567 + (1 << 20)) >> 21, -32768, 32767).astype(np.int16)
+        got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"s={n}")
