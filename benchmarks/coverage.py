@@ -169,15 +169,21 @@ def worker(d: pathlib.Path, model_path: str, bit_exact_limit_s: float) -> None:
         return
     try:
         from qcompiler import reference
-        from qcompiler.driver import prepare
-        prep = prepare(model_path, calib, CompileOptions(target=parse_target("cpu"), **dict(attempts)[mode]))
+        from qcompiler.driver import prepare, retrace
+        opts = CompileOptions(target=parse_target("cpu"), **dict(attempts)[mode])
+        prep = prepare(model_path, calib, opts)
         qz = np.load(d / "q.npz")
         keys = json.loads((d / "q_keys.json").read_text())
         q = {k: qz[f"q{j}"] for j, k in enumerate(keys)}
         batched = json.loads((d / "batched.json").read_text())
         exact = True
+        symbolic = bool(json.loads(pathlib.Path(lib_path).with_suffix(".json").read_text()).get("symbolic_dims"))
         for i in range(min(2, len(feeds[batched[0]]) if batched else 1)):
-            r = reference.execute(prep.int_graph, {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()})
+            fi = {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()}
+            # a library with symbolic dims: the integer graph traced at this shape (a recurrence is
+            # then one loop with one range per role, not the unrolled steps, qcompiler/intops/recurrent.py)
+            g = retrace(model_path, prep, opts, {k: v.shape for k, v in fi.items()}) if symbolic else prep.int_graph
+            r = reference.execute(g, fi)
             for o in res["q_outputs"]:
                 exact &= bool(np.array_equal(np.asarray(r[o]), q[f"{o}\t{i}"]))
         res["bit_exact_vs_reference"] = exact

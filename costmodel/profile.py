@@ -42,6 +42,11 @@ def split_functions(module_text: str) -> dict[str, str]:
     return dict(_prim_func_chunks(module_text))
 
 
+RELAX_CALLS = ("rec_run_", "rec_step_")
+"""Relax functions a model's ``main`` calls (a loop over a symbolic time axis,
+qcompiler/lowering/relax_loop.py): the instrument sees their calls around their kernels' own."""
+
+
 def time_calls(lib, runs: int = 30, warmup: int = 3, feeds: dict | None = None) -> list[tuple[str, list[float], list]]:
     """(name, per-run seconds inside the running model, the call's arguments) of every packed call
     of ``main`` in execution order, on ``feeds`` (default: the library's example inputs).  The
@@ -54,18 +59,22 @@ def time_calls(lib, runs: int = 30, warmup: int = 3, feeds: dict | None = None) 
     feeds = feeds or lib.example_inputs()
     args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), lib.dev) for n in lib.input_names]
     calls: list[list] = []
-    state = {"t": 0, "i": 0, "rec": False}
+    state = {"i": 0, "rec": False}
+    open_calls: list = []  # (index or None, start): the VM's calls of Relax functions nest kernel calls
 
     def instrument(func, name, before_run, ret, *a):
         if before_run:
-            if state["rec"] and state["i"] >= len(calls):
-                calls.append([str(name), [], list(a)])
-            state["t"] = time.perf_counter_ns()
-        else:
-            dt = (time.perf_counter_ns() - state["t"]) * 1e-9
-            if state["rec"]:
-                calls[state["i"]][1].append(dt)
+            k = None
+            if not str(name).startswith(RELAX_CALLS):  # a kernel or builtin (a loop's functions: their kernels)
+                k = state["i"]
                 state["i"] += 1
+                if state["rec"] and k >= len(calls):
+                    calls.append([str(name), [], list(a)])
+            open_calls.append((k, time.perf_counter_ns()))
+        else:
+            k, t0 = open_calls.pop()
+            if state["rec"] and k is not None:
+                calls[k][1].append((time.perf_counter_ns() - t0) * 1e-9)
         return 0
 
     vm.set_instrument(instrument)

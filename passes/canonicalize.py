@@ -41,7 +41,8 @@ _INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDe
 # ops that pass canonicalization unchanged (their attribute forms are already canonical)
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
          "HardSigmoid", "HardSwish", "LayerNormalization", "Equal", "Less", "Greater", "LessOrEqual",
-         "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where", "Mod", "Abs"} | _ELEMENTWISE_FLOAT_UNARY
+         "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where", "Mod", "Abs",
+         "Scan"} | _ELEMENTWISE_FLOAT_UNARY  # Scan: a recurrence over a symbolic time axis (intops/recurrent.py)
 
 
 ISLAND_MARK = "qc.float_island"   # attribute of a node kept for a float island (qcompiler/intops/island.py)

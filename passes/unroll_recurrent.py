@@ -78,7 +78,8 @@ def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tuple[list, list]:
+def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int, loop: bool = False,
+            Bsz: int = 1) -> tuple[list, list]:
     op = node.op_type
     b = _Builder(node, k)
     a = _attrs(node)
@@ -123,74 +124,50 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         al = [alphas[d * nacts + i] if d * nacts + i < len(alphas) else None for i in range(nacts)]
         be = [betas[d * nacts + i] if d * nacts + i < len(betas) else None for i in range(nacts)]
 
-        def f(i, v):
+        def f(bld, i, v, fns=fns, al=al, be=be):
             if clip is not None and fns[i] != "Relu":
-                v = b.op("Clip", [v, b.const("lo", np.float32(-clip)), b.const("hi", np.float32(clip))], "clip")
-            return b.act(fns[i], v, al[i], be[i])
+                v = bld.op("Clip", [v, bld.const("lo", np.float32(-clip)), bld.const("hi", np.float32(clip))], "clip")
+            return bld.act(fns[i], v, al[i], be[i])
 
         Wb, Rb = B[d, :G * H], B[d, G * H:]
         if op == "GRU" and lbr:  # Rb_h stays inside the reset product
             xb = Wb + np.concatenate([Rb[:2 * H], np.zeros(H, Rb.dtype)])
         else:
             xb = Wb + Rb
-        XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw")
-        XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb")
+        XW = b.op("MatMul", [x, b.const("WT", np.ascontiguousarray(W[d].T))], "xw", out=f"{b.prefix}/xw_d{d}")
+        XW = b.op("Add", [XW, b.const("xb", xb.astype(W.dtype))], "xwb", out=f"{b.prefix}/xwb_d{d}")
         RT = np.ascontiguousarray(R[d].T)
+        once: dict[str, str] = {}
+
+        def shared(bld, what, arr):  # one initializer per direction, read by every step (not T copies)
+            if (id(bld), what) not in once:
+                once[(id(bld), what)] = bld.const(what, arr)
+            return once[(id(bld), what)]
+
+        h = _state(b, model, h0, d, layout, "h0")
+        c = _state(b, model, c0, d, layout, "c0")
+        reverse = not (direction == "forward" or (direction == "bidirectional" and d == 0))
+        cell = _Cell(op, H, f, shared, RT, Rb, P[d] if P is not None else None, lbr)
+        if loop:  # one Scan over the time axis, its body one step (module docstring)
+            y, h, c = _scan(b, cell, XW, h, c, d, reverse, Bsz, W.dtype)
+            Ys.append(y)
+            Hs.append(b.op("Squeeze", [b.op("Slice", [y, b.const("s", np.array([0 if reverse else -1], np.int64)),
+                                                      b.const("e", np.array([1 if reverse else T], np.int64)),
+                                                      b.const("a", np.array([0], np.int64))], "y_last"),
+                                       b.const("ax", np.array([0], np.int64))], "h_last"))
+            Cs.append(None)
+            continue
         # XW[t] for every t from one Split (one kernel): a Slice per step would fuse with the step's
         # first ops into a kernel of its own per step, where the steps are otherwise identical
         xs = [f"{b.prefix}/xw_split_{t}_{d}" for t in range(T)]
         b.nodes.append(helper.make_node("Split", [XW, b.const("split", np.ones(T, np.int64))], xs,
                                         name=b.name("Split"), axis=0))
-        once: dict[str, str] = {}
-
-        def shared(what, arr):  # one initializer per direction, read by every step (not T copies)
-            if what not in once:
-                once[what] = b.const(what, arr)
-            return once[what]
-
-        h = _state(b, model, h0, d, layout, "h0")
-        c = _state(b, model, c0, d, layout, "c0")
-        steps = range(T) if direction == "forward" or (direction == "bidirectional" and d == 0) else range(T - 1, -1, -1)
+        steps = range(T - 1, -1, -1) if reverse else range(T)
         outs = {}
         for t in steps:
             b.scope, b._occ = f"d{d}/step{t}", {}
             g = b.op("Squeeze", [xs[t], b.const("ax", np.array([0], np.int64))], "x_t")
-            if op == "LSTM":
-                if h is not None:
-                    g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
-                gi, go, gf, gc = (b.slice_last(g, j * H, H, w) for j, w in enumerate("iofc"))
-                if P is not None and c is not None:
-                    gi = b.op("Add", [gi, b.op("Mul", [c, shared("pi", P[d, :H])], "pc")], "gi")
-                    gf = b.op("Add", [gf, b.op("Mul", [c, shared("pf", P[d, 2 * H:])], "pc")], "gf")
-                i_, f_, cc = f(0, gi), f(0, gf), f(1, gc)
-                ic = b.op("Mul", [i_, cc], "ic")
-                c = ic if c is None else b.op("Add", [b.op("Mul", [f_, c], "fc"), ic], "c")
-                if P is not None:
-                    go = b.op("Add", [go, b.op("Mul", [c, shared("po", P[d, H:2 * H])], "pc")], "go")
-                h = b.op("Mul", [f(0, go), f(2, c)], "h")
-            elif op == "GRU":
-                gz, gr, gh = (b.slice_last(g, j * H, H, w) for j, w in enumerate("zrh"))
-                if h is not None:
-                    hzr = b.op("MatMul", [h, shared("RzrT", np.ascontiguousarray(RT[:, :2 * H]))], "hzr")
-                    gz = b.op("Add", [gz, b.slice_last(hzr, 0, H, "hz")], "gz")
-                    gr = b.op("Add", [gr, b.slice_last(hzr, H, H, "hr")], "gr")
-                z, r = f(0, gz), f(0, gr)
-                RhT = shared("RhT", np.ascontiguousarray(RT[:, 2 * H:]))
-                if lbr:      # h~ = f2(XW_h + r * (H R_h^T + Rb_h))
-                    hr_ = shared("Rbh", Rb[2 * H:]) if h is None else \
-                        b.op("Add", [b.op("MatMul", [h, RhT], "hRh"), shared("Rbh", Rb[2 * H:])], "hRhb")
-                    gh = b.op("Add", [gh, b.op("Mul", [r, hr_], "rhr")], "gh")
-                elif h is not None:   # h~ = f2(XW_h + Rb_h + (r * H) R_h^T)  (Rb_h is in XW)
-                    gh = b.op("Add", [gh, b.op("MatMul", [b.op("Mul", [r, h], "rh"), RhT], "rhR")], "gh")
-                ht = f(1, gh)
-                if h is None:   # H = (1 - z) * h~
-                    h = b.op("Sub", [ht, b.op("Mul", [z, ht], "zh")], "h")
-                else:           # H = h~ + z * (H - h~)
-                    h = b.op("Add", [ht, b.op("Mul", [z, b.op("Sub", [h, ht], "dh")], "zdh")], "h")
-            else:
-                if h is not None:
-                    g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
-                h = f(0, g)
+            h, c = cell(b, g, h, c)
             outs[t] = h
         b.scope = None
         Ys.append(b.op("Concat", [b.unsqueeze(outs[t], 0) for t in range(T)], "y", axis=0))
@@ -203,7 +180,8 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
         if len(src_list) == 1:
             src = b.unsqueeze(src_list[0], axis)
         else:
-            src = b.op("Concat", [b.unsqueeze(s, axis) for s in src_list], what, axis=axis)
+            # (named apart from the builder's count: the same tensor, calibrated by name, unrolled or as Scans)
+            src = b.op("Concat", [b.unsqueeze(s, axis) for s in src_list], what, out=f"{b.prefix}/{what}_dirs", axis=axis)
         if layout == 1:
             perm = [2, 0, 1, 3] if what == "Y" else [1, 0, 2]
             src = b.op("Transpose", [src], what + "T", perm=perm)
@@ -218,6 +196,93 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int) -> tup
     return b.nodes + final, b.inits
 
 
+class _Cell:
+    """One time step of direction d: ``cell(b, g, h, c) -> (h, c)`` with ``g`` = XW[t] (gates' input
+    projection and biases) and h / c the previous states (None: zero, their terms left out)."""
+
+    def __init__(self, op, H, f, shared, RT, Rb, P, lbr):
+        self.op, self.H, self.f, self.shared, self.RT, self.Rb, self.P, self.lbr = op, H, f, shared, RT, Rb, P, lbr
+
+    def __call__(self, b, g, h, c):
+        op, H, f, RT, Rb, P, lbr = self.op, self.H, self.f, self.RT, self.Rb, self.P, self.lbr
+
+        def shared(what, arr):
+            return self.shared(b, what, arr)
+
+        if op == "LSTM":
+            if h is not None:
+                g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
+            gi, go, gf, gc = (b.slice_last(g, j * H, H, w) for j, w in enumerate("iofc"))
+            if P is not None and c is not None:
+                gi = b.op("Add", [gi, b.op("Mul", [c, shared("pi", P[:H])], "pc")], "gi")
+                gf = b.op("Add", [gf, b.op("Mul", [c, shared("pf", P[2 * H:])], "pc")], "gf")
+            i_, f_, cc = f(b, 0, gi), f(b, 0, gf), f(b, 1, gc)
+            ic = b.op("Mul", [i_, cc], "ic")
+            c = ic if c is None else b.op("Add", [b.op("Mul", [f_, c], "fc"), ic], "c")
+            if P is not None:
+                go = b.op("Add", [go, b.op("Mul", [c, shared("po", P[H:2 * H])], "pc")], "go")
+            h = b.op("Mul", [f(b, 0, go), f(b, 2, c)], "h")
+        elif op == "GRU":
+            gz, gr, gh = (b.slice_last(g, j * H, H, w) for j, w in enumerate("zrh"))
+            if h is not None:
+                hzr = b.op("MatMul", [h, shared("RzrT", np.ascontiguousarray(RT[:, :2 * H]))], "hzr")
+                gz = b.op("Add", [gz, b.slice_last(hzr, 0, H, "hz")], "gz")
+                gr = b.op("Add", [gr, b.slice_last(hzr, H, H, "hr")], "gr")
+            z, r = f(b, 0, gz), f(b, 0, gr)
+            RhT = shared("RhT", np.ascontiguousarray(RT[:, 2 * H:]))
+            if lbr:      # h~ = f2(XW_h + r * (H R_h^T + Rb_h))
+                hr_ = shared("Rbh", Rb[2 * H:]) if h is None else \
+                    b.op("Add", [b.op("MatMul", [h, RhT], "hRh"), shared("Rbh", Rb[2 * H:])], "hRhb")
+                gh = b.op("Add", [gh, b.op("Mul", [r, hr_], "rhr")], "gh")
+            elif h is not None:   # h~ = f2(XW_h + Rb_h + (r * H) R_h^T)  (Rb_h is in XW)
+                gh = b.op("Add", [gh, b.op("MatMul", [b.op("Mul", [r, h], "rh"), RhT], "rhR")], "gh")
+            ht = f(b, 1, gh)
+            if h is None:   # H = (1 - z) * h~
+                h = b.op("Sub", [ht, b.op("Mul", [z, ht], "zh")], "h")
+            else:           # H = h~ + z * (H - h~)
+                h = b.op("Add", [ht, b.op("Mul", [z, b.op("Sub", [h, ht], "dh")], "zdh")], "h")
+        else:
+            if h is not None:
+                g = b.op("Add", [g, b.op("MatMul", [h, shared("RT", RT)], "hr")], "g")
+            h = f(b, 0, g)
+        return h, c
+
+
+def _scan(b: _Builder, cell: _Cell, XW: str, h, c, d: int, reverse: bool, batch: int, dtype) -> tuple[str, str, str]:
+    """Direction d as one ONNX Scan over XW's time axis (loop mode): its body is one step of the
+    recurrence with the names of an unrolled step but ``step*`` for ``step<t>`` (the roles of
+    ``passes/shared_steps.py``: calibrated on the unrolled model, each body tensor takes the range
+    of its role over every step); zero initial states are explicit zeros (every step runs the same
+    body).  Returns (Y_d [T, batch, H], the final h, the final c or '')."""
+    H = cell.H
+    body = _Builder.__new__(_Builder)
+    body.prefix, body.nodes, body.inits, body.count = b.prefix, [], [], 0
+    body.scope, body._occ = f"d{d}/step*", {}
+    lstm = cell.op == "LSTM"
+    names = [f"{b.prefix}/d{d}/step*/h_prev"] + ([f"{b.prefix}/d{d}/step*/c_prev"] if lstm else [])
+    x_t = f"{b.prefix}/d{d}/step*/x_t_1"
+    hn, cn = cell(body, x_t, names[0], names[1] if lstm else None)
+    y = body.op("Identity", [hn], "y")
+    outs = [hn] + ([cn] if lstm else []) + [y]
+    ft = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(body.nodes, f"{b.prefix}_d{d}_step",
+                              [helper.make_tensor_value_info(n, ft, [batch, H]) for n in names]
+                              + [helper.make_tensor_value_info(x_t, ft, [batch, cell_width(cell)])],
+                              [helper.make_tensor_value_info(o, ft, [batch, H]) for o in outs], body.inits)
+    zeros = np.zeros((batch, H), dtype)
+    init = [h if h is not None else b.const("h0z", zeros)]
+    if lstm:
+        init.append(c if c is not None else b.const("c0z", zeros))
+    res = [b.name("h_fin")] + ([b.name("c_fin")] if lstm else []) + [b.name("y_scan")]
+    b.nodes.append(helper.make_node("Scan", init + [XW], res, name=b.name("Scan"), body=graph, num_scan_inputs=1,
+                                    scan_input_directions=[int(reverse)], scan_output_directions=[int(reverse)]))
+    return res[-1], res[0], res[1] if lstm else ""
+
+
+def cell_width(cell: _Cell) -> int:
+    return GATES[cell.op] * cell.H
+
+
 def _state(b: _Builder, model, name: str, d: int, layout: int, what: str) -> str | None:
     """The initial state of direction d: None when absent or all zero (its terms are left out), a
     constant slice when constant, else a Slice of the activation."""
@@ -230,6 +295,17 @@ def _state(b: _Builder, model, name: str, d: int, layout: int, what: str) -> str
     return None if not np.any(v[d]) else b.const(what, np.ascontiguousarray(v[d]))
 
 
+def _used(model: onnx.ModelProto, name: str) -> bool:
+    return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
+
+
+def _batch(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    layout = int(_attrs(node).get("layout", 0))
+    vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    d = vi[node.input[0]].type.tensor_type.shape.dim[0 if layout == 1 else 1]
+    return int(d.dim_value)
+
+
 def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
     layout = int(_attrs(node).get("layout", 0))
     vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
@@ -240,13 +316,18 @@ def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
     return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
 
 
-def unroll_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
+def unroll_recurrent(model: onnx.ModelProto, loop: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` with every LSTM / GRU / RNN unrolled (module docstring); the model must
-    have static shapes (the frontend freezes them first).  Returns ``model`` itself if it has none."""
+    have static shapes (the frontend freezes them first).  Returns ``model`` itself if it has none.
+    ``loop``: each direction becomes one ONNX Scan whose body is one step (``_scan``), the form
+    whose integer graph is the same at every sequence length (a symbolic time axis,
+    ``qcompiler/intops/recurrent.py``)."""
     def expand(m, n, k):
         T = _seq_len(m, n)
         if T is None:
             raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
-        return _unroll(m, n, k, T)
+        if loop and n.op_type == "LSTM" and len(n.output) > 2 and n.output[2] and _used(m, n.output[2]):
+            raise UnsupportedOpError([(n.op_type, n.name, "the final cell state Y_c of a loop over a symbolic time axis")])
+        return _unroll(m, n, k, T, loop, _batch(m, n))
 
     return replace_nodes(model, GATES, expand)

@@ -297,7 +297,7 @@ def _retrace(model_path, prep: Prepared, opts: CompileOptions, shapes) -> Graph:
     from passes.sign import nonnegative
     from passes.smooth import smooth
 
-    fr = frontend.load(model_path, batch=None, shapes=shapes, samples=None, reuse=True)
+    fr = frontend.load(model_path, batch=None, shapes=shapes, samples=None, reuse=True, loop_recurrent=True)
     if fr.guards or prep.fr.guards:
         from .symbolic import SymbolicError
 
@@ -397,7 +397,7 @@ def _shapes_fit(model_path, prep: Prepared, sym_vars: list) -> None:
     for p in points:
         try:
             shapes.append(frontend.load(model_path, batch=None, shapes=_shapes_at(prep, sym_vars, p), samples=None,
-                                        reuse=True).graph.shapes)
+                                        reuse=True, loop_recurrent=True).graph.shapes)
         except QCError:
             return
     names = [v.name for v in sym_vars]
@@ -453,7 +453,7 @@ def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: lis
 
     def loads(point) -> bool:  # the frontend alone (shape inference, folding): where most bounds show
         try:
-            frontend.load(model_path, batch=None, shapes=shapes_at(point), samples=None, reuse=True)
+            frontend.load(model_path, batch=None, shapes=shapes_at(point), samples=None, reuse=True, loop_recurrent=True)
             return True
         except QCError:
             return False

@@ -677,13 +677,16 @@ def read_upgraded(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def load(path: str | os.PathLike, batch: int | None = 1,
-         shapes: dict[str, tuple[int, ...]] | None = None, samples=None, reuse: bool = False) -> FrontendResult:
+         shapes: dict[str, tuple[int, ...]] | None = None, samples=None, reuse: bool = False,
+         loop_recurrent: bool = False) -> FrontendResult:
     """Read, check, upgrade, freeze (``batch`` for the batch axis; ``shapes`` for the rest),
     fold and describe the model.  ``samples`` (the calibration set) lets an If whose condition took
     one value on every sample be specialized (``passes/specialize_if.py``).  ``reuse``: the file's
     read / checks / upgrade of an earlier ``reuse`` call or ``read_upgraded`` (the same file
     unchanged), as a compile reads the model's inputs first and the traces of symbolic dims load
-    one model at several shapes (``driver.symbolic_graph``)."""
+    one model at several shapes (``driver.symbolic_graph``).  ``loop_recurrent``: LSTM / GRU / RNN
+    become one Scan over time each, not unrolled (``passes/unroll_recurrent.py``; the traces of a
+    symbolic time axis)."""
     opset, model = _read(path, check=True, reuse=reuse)  # shared, never changed here: freeze() copies it
     specs = input_specs(model)
     check_input_specs(specs, str(path))
@@ -715,7 +718,7 @@ def load(path: str | os.PathLike, batch: int | None = 1,
                 break
 
     # before calibration, so every tensor they create is calibrated by name
-    model = decompose(unroll_recurrent(model))  # LSTM / GRU / RNN unrolled; InstanceNorm, ReduceL2, ... decomposed
+    model = decompose(unroll_recurrent(model, loop_recurrent))  # LSTM / GRU / RNN unrolled; InstanceNorm, ReduceL2, ... decomposed
     feeds = {s.name: np.zeros(conc[s.name], dtype=s.dtype) for s in specs}
     graph = to_graph(model, feeds)
     return FrontendResult(model=model, graph=graph, input_specs=specs, opset=opset, guards=guards)

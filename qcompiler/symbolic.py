@@ -333,6 +333,10 @@ def _fit_leaf(v, vals, points, names, node, attr, at_max, acc=None):
     if isinstance(v, dict):
         return {k: _fit_leaf(x, [o[k] for o in vals], points, names, node, f"{attr}.{k}",
                              _sub(at_max, k), (lambda g, k=k: acc(g)[k]) if acc else None) for k, x in v.items()}
+    if isinstance(v, Graph):  # a loop's body: the same step at every size (qcompiler/intops/recurrent.py)
+        if all(_same(o, v) for o in vals):
+            return v
+        raise SymbolicError(f"{where} (the loop body) changes with {_names(names)}")
     if isinstance(v, (list, tuple)) and not (v and hasattr(v[0], "op") and hasattr(v[0], "attrs")):
         if any(not isinstance(o, (list, tuple)) or len(o) != len(v) for o in vals):
             raise SymbolicError(f"{where} changes length with {_names(names)}")
@@ -382,6 +386,20 @@ def _sub(at_max, key):
 
 
 def _same(a, b) -> bool:
+    """Deep equality: arrays element for element, graphs (a ``loop`` body) field by field."""
+    if isinstance(a, Graph) or isinstance(b, Graph):
+        return isinstance(a, Graph) and isinstance(b, Graph) and all(
+            _same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Graph))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and np.array_equal(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(_same(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001

@@ -13,4 +13,4 @@ registers all of them.
 
 from .registry import CHECKS, FLOAT_REFS, REGISTRY, RULES, Example, IntOp, float_ref, get, register, rule  # noqa: F401
 
-from . import boundary, compare, elementwise, gemm, intdata, interp_table, island, nonlinear, pool, resample, shape, softmax, tables, transformer  # noqa: E402,F401
+from . import boundary, compare, elementwise, gemm, intdata, interp_table, island, nonlinear, pool, recurrent, resample, shape, softmax, tables, transformer  # noqa: E402,F401

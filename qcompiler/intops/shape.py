@@ -266,6 +266,8 @@ class SliceOp(_Move):
         piece = _split_piece(lw, n, x)
         if piece is not None:
             return Value(piece, x.perm, shape, x.dtype)
+        if not all(isinstance(v, (int, np.integer)) for v in a["starts"]):
+            return _symbolic_slice(lw, n, x, shape)
         axes, begins, ends, strides = [], [], [], []
         for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
             axes.append(inv[ax])
@@ -279,6 +281,27 @@ class SliceOp(_Move):
     def examples(rng):
         return [Example([("int8", (2, 7, 9))], {"starts": [1, 8], "ends": [6, None], "axes": [1, 2],
                                                 "steps": [2, -3]}, "int8")]
+
+
+def _symbolic_slice(lw, n, x, shape) -> Value:
+    """A slice whose start follows a symbolic dim (the last step of a loop's output, x[T-1:T]): one
+    TE copy, y[i] = x[start + step * i] along the sliced axes (the starts are passed to emit_te as
+    arguments, so their size variables become the kernel's own)."""
+    from tvm import te
+
+    a = n.attrs
+    inv = L.inverse(x.perm)
+    phys = L.physical_shape(shape, x.perm)
+    starts = list(a["starts"])
+
+    def f(xt, *st):
+        begin = dict(zip((inv[ax] for ax in a["axes"]), zip(st, a["steps"])))
+
+        def body(*i):
+            return xt[tuple(begin[k][0] + int(begin[k][1]) * v if k in begin else v for k, v in enumerate(i))]
+        return te.compute(phys, body, name="sym_slice")
+
+    return Value(lw.bb.emit_te(f, x.expr, *starts, primfunc_name_hint="sym_slice"), x.perm, shape, x.dtype)
 
 
 @register

@@ -165,6 +165,10 @@ class Lowering:
             if st > 1:
                 bounds[tir_name(k) + "_size"] = hi
         attrs = {"tir_var_upper_bound": bounds} if bounds else None
+        if any(n.op == "loop" for n in ig.nodes):  # their functions first (qcompiler/lowering/relax_loop.py)
+            from .relax_loop import prebuild_loops
+
+            prebuild_loops(self)
         with self.bb.function("main", params, attrs=attrs):
             with self.bb.dataflow():
                 for u, (st, size) in stepped.items():
@@ -175,22 +179,47 @@ class Lowering:
                     if stepped and any(not _is_int(d) for d in ig.shapes[t]):  # checks size == step * u at run time
                         var = self.bb.match_cast(var, relax.TensorType(shape=list(ig.shapes[t]), dtype=ig.dtypes[t]))
                     self.env[t] = Value(var, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
-                for t, arr in ig.consts.items():  # integer constants (e.g. a quantized class token)
-                    if isinstance(arr, SymArray):  # one whose extent follows a symbolic dim
-                        self.env[t] = self._sym_const(arr, tuple(ig.shapes[t]))
-                        continue
-                    arr = np.asarray(arr)
-                    self.env[t] = Value(const(arr, str(arr.dtype)), L.identity(arr.ndim), tuple(arr.shape), str(arr.dtype))
-                from qcompiler import intops
-
-                for n in ig.nodes:
-                    v = intops.get(n.op).lower(self, n, *[self.env[i] for i in n.inputs])
-                    assert same_shape(v.shape, ig.shapes[n.outputs[0]]), (n, v.shape, ig.shapes[n.outputs[0]])
-                    self.env[n.outputs[0]] = v
+                self._lower_nodes()
                 outs = [self.logical(self.env[o]).expr for o in ig.outputs]
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else outs[0])
             self.bb.emit_func_output(res)
-        return self.bb.get()
+        from .relax_loop import drop_loop_bodies
+
+        return drop_loop_bodies(self.bb.get())
+
+    def _lower_nodes(self) -> None:
+        """The graph's constants and nodes into ``self.env``, each node through its op contract."""
+        ig = self.ig
+        for t, arr in ig.consts.items():  # integer constants (e.g. a quantized class token)
+            if isinstance(arr, SymArray):  # one whose extent follows a symbolic dim
+                self.env[t] = self._sym_const(arr, tuple(ig.shapes[t]))
+                continue
+            arr = np.asarray(arr)
+            self.env[t] = Value(const(arr, str(arr.dtype)), L.identity(arr.ndim), tuple(arr.shape), str(arr.dtype))
+        from qcompiler import intops
+
+        for n in ig.nodes:
+            v = intops.get(n.op).lower(self, n, *[self.env[i] for i in n.inputs])
+            assert same_shape(v.shape, ig.shapes[n.outputs[0]]), (n, v.shape, ig.shapes[n.outputs[0]])
+            self.env[n.outputs[0]] = v
+
+    def lower_body(self, params: list) -> relax.Expr:
+        """The body of a ``loop`` (``qcompiler/lowering/relax_loop.py``), in the caller's dataflow
+        block: ``params`` = its states then its step input flattened; returns the tuple (states...,
+        step output flattened)."""
+        ig = self.ig
+        ns = len(params) - 1
+        self._size_of, self._table_rows = {}, {}
+        for t, p in zip(ig.inputs[:ns], params[:ns]):
+            self.env[t] = Value(p, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
+        x = ig.inputs[ns]
+        self.env[x] = Value(self.emit(relax.op.reshape(params[ns], list(ig.shapes[x]))), L.identity(len(ig.shapes[x])),
+                            ig.shapes[x], ig.dtypes[x])
+        self._lower_nodes()
+        outs = [self.logical(self.env[o]).expr for o in ig.outputs[:ns]]
+        y = self.logical(self.env[ig.outputs[ns]])
+        outs.append(self.emit(relax.op.reshape(y.expr, [int(np.prod([int(d) for d in y.shape]))])))
+        return self.bb.emit_output(relax.Tuple(outs))
 
     def _tvar(self, name: str):
         """The TIR variable of the symbolic dim ``name`` in the graph's shapes."""

@@ -1,0 +1,242 @@
+"""Recurrences over a symbolic time axis: an ONNX Scan quantized as one integer ``loop``.
+
+Unrolled over a fixed time axis (``passes/unroll_recurrent.py``), a recurrence is ordinary ops, one
+copy per step.  Over a symbolic one the number of steps is known only at run time, so the frontend
+writes each LSTM / GRU / RNN direction as an ONNX Scan (``unroll_recurrent(loop=True)``) whose body
+is one step, named as an unrolled step but ``step*`` for ``step<t>``.  This module quantizes it:
+
+  * the body (a small ONNX graph) through the same frontend, float passes and quantization rules as
+    any model; each body tensor takes the calibrated range of its role over every step of the
+    unrolled calibration model (``passes/shared_steps.py`` ``role``; one range for all steps, as
+    ONNX Runtime's and TFLite's integer LSTMs have), a state input the range of the state output
+    that feeds it, so every step is the same integer function;
+  * the body's entry quantizes and exit dequantizes are taken off: its inputs and outputs are the
+    integer states and the step's input / output; a state output whose QParams differ from its
+    input's is requantized to them inside the body (one dyadic step), so the state that goes round
+    the loop has one representation;
+  * the integer ``loop`` node runs the body once per step along axis 0 of its scan input (reversed
+    for ``reverse``) from the initial states, and stacks the step outputs along axis 0.
+
+Semantics (``LoopOp.reference``), with S the states and x the scan input of T steps:
+    for t in (0..T-1, or T-1..0):  S, y_t = body(S, x[t])        Y = stack(y_t), in time order
+The lowering (``qcompiler/lowering/relax_loop.py``) calls the body's Relax function once per step.
+Overflow: the body's own ops carry their bounds (``check_overflow`` of the body, over whole dtype
+ranges of its inputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.errors import QuantizationError
+
+from .registry import Example, IntOp, register, rule
+
+
+def _check(fg, n) -> str | None:
+    a = n.attrs
+    k = int(a.get("num_scan_inputs", 0))
+    if k != 1:
+        return "a Scan with other than one scan input"
+    if len(n.outputs) - (len(n.inputs) - k) != 1:
+        return "a Scan with other than one scan output"
+    if any(int(v) != int(a.get("scan_input_directions", [0])[0]) for v in a.get("scan_output_directions", [0])):
+        return "a Scan whose output runs in the other direction from its input"
+    if any(int(v) != 0 for key in ("scan_input_axes", "scan_output_axes") for v in a.get(key, [])):
+        return "a Scan along an axis other than 0"
+    return None
+
+
+def _role_stats(qz) -> dict:
+    """Role name (``step*``) -> the merged statistics of its tensors over every step (cached)."""
+    cache = getattr(qz, "_role_stats", None)
+    if cache is None:
+        from collections import defaultdict
+
+        from passes.shared_steps import merge, role
+
+        groups = defaultdict(list)
+        for name, st in qz.stats.items():
+            r = role(name)
+            if r is not None:
+                groups[r].append(st)
+        cache = {r: merge(v) for r, v in groups.items()}
+        qz._role_stats = cache
+    return cache
+
+
+def _body_float_graph(qz, n, ns: int):
+    """The Scan body as a float Graph through the frontend's conversion and the float passes."""
+    import onnx
+    from onnx import helper
+
+    from qcompiler.driver import float_passes
+    from qcompiler.frontend import to_graph
+
+    body = n.attrs["body"]
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", qz.fg.opset)])
+    model.ir_version = min(model.ir_version, 8)
+    feeds = {}
+    for vi in body.input:
+        shape = [int(d.dim_value) for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = np.zeros(shape, np.float32)
+    g = to_graph(onnx.shape_inference.infer_shapes(model), feeds)
+    return float_passes(g, qz.cfg.allow_float)
+
+
+def _body_stats(qz, bg, n, ns: int) -> dict:
+    roles = _role_stats(qz)
+    stats = {}
+    for name in bg.shapes:
+        if name in qz.stats:
+            stats[name] = qz.stats[name]
+        elif name in roles:
+            stats[name] = roles[name]
+    from passes.shared_steps import merge
+
+    for k in range(ns):  # a state input: the range of the state output that feeds it (and the initial state's)
+        out = bg.outputs[k]
+        if out not in stats:
+            raise QuantizationError(f"Scan '{n.name}': no calibrated range for its state '{out}'")
+        init = qz.stats.get(n.inputs[k])
+        stats[bg.inputs[k]] = merge([stats[out], init]) if init is not None else stats[out]
+    return stats
+
+
+def _strip_boundary(ig, ns: int):
+    """Take the body's entry quantizes and exit dequantizes off (module docstring)."""
+    ins, outs = {}, {}
+    keep = []
+    for node in ig.nodes:
+        if node.op == "quantize" and node.inputs[0] in ig.inputs:
+            ins[node.inputs[0]] = node.outputs[0]
+        elif node.op == "dequantize" and node.outputs[0] in ig.outputs:
+            outs[node.outputs[0]] = node.inputs[0]
+        else:
+            keep.append(node)
+    if set(ins) != set(ig.inputs) or set(outs) != set(ig.outputs):
+        raise QuantizationError("Scan body: its inputs and outputs must be float tensors quantized at its boundary")
+    ig.nodes = keep
+    for src in outs.values():  # an output dequantize writes the name of its integer source
+        ig.dtypes[src] = ig.qparams[src].dtype
+    for t in ig.inputs:
+        ig.shapes.pop(t, None)
+        ig.dtypes.pop(t, None)
+    ig.inputs = [ins[t] for t in ig.inputs]
+    ig.outputs = [outs[t] for t in ig.outputs]
+    return ig
+
+
+def _to_qparams(qz, g, src: str, qp, where: str, shape):
+    """``src`` (an integer tensor of ``g``) in QParams ``qp``: itself, or one requant."""
+    from qcompiler.qtypes import dyadic
+
+    have = g.qparams[src]
+    if have == qp:
+        return src
+    dy = dyadic(np.asarray(have.scale / qp.scale), where)
+    from qcompiler.graph import Node
+
+    out = f"{src}/loop_rq"
+    g.nodes.append(Node("requant", out, [src], [out], {"mult": dy.mult, "shift": dy.shift, "lo": qp.qmin,
+                                                        "hi": qp.qmax, "dtype": qp.dtype,
+                                                        "in_scales": (have.scale,), "out_scale": qp.scale}))
+    g.shapes[out], g.dtypes[out], g.qparams[out] = tuple(shape), qp.dtype, qp
+    return out
+
+
+@rule("Scan", check=_check)
+def scan_rule(qz, n):
+    from dataclasses import replace
+
+    from passes.overflow import check_overflow
+    from passes.quantize import quantize
+    from passes.sign import nonnegative
+
+    a = n.attrs
+    ns = len(n.inputs) - 1
+    bg = _body_float_graph(qz, n, ns)
+    stats = _body_stats(qz, bg, n, ns)
+    body = quantize(bg, stats, nonnegative(bg), replace(qz.cfg, io="float", allow_float=False, auto_wide=0.0))
+    body = _strip_boundary(body, ns)
+    for k in range(ns):  # the state round the loop in one representation
+        body.outputs[k] = _to_qparams(qz, body, body.outputs[k], body.qparams[body.inputs[k]],
+                                      f"Scan '{n.name}' state {k}", body.shapes[body.inputs[k]])
+    check_overflow(body)
+    ins = []
+    for k, t in enumerate(n.inputs):
+        want = body.qparams[body.inputs[k]]
+        if t in qz.fg.consts:  # a constant initial state (zeros when the model gives none)
+            c = np.clip(np.round(qz.fg.consts[t].astype(np.float64) / want.scale), want.qmin, want.qmax)
+            name = qz.fresh(f"{t}/q")
+            qz.ig.add_const(name, c.astype(want.dtype))
+            qz.ig.qparams[name] = want
+            ins.append(name)
+            continue
+        src = qz.iname(t)
+        if qz.ig.qparams.get(src) != want:
+            from qcompiler.qtypes import dyadic
+
+            dy = dyadic(np.asarray(qz.ig.qparams[src].scale / want.scale), f"Scan '{n.name}' input {k}")
+            src = qz.emit("requant", [src], qz.fresh(f"{t}/loop_in"), {"mult": dy.mult, "shift": dy.shift,
+                                                                         "lo": want.qmin, "hi": want.qmax,
+                                                                         "dtype": want.dtype},
+                          want.dtype, qz.fg.shape(t), want, node_name=f"{n.name}/requant_{k}")
+        ins.append(src)
+    y = body.outputs[ns]
+    qy = body.qparams[y]
+    out = n.outputs[-1]
+    reverse = bool(int(a.get("scan_input_directions", [0])[0]))
+    qz.emit("loop", ins, out, {"body": body, "n_states": ns, "reverse": reverse}, qy.dtype, qz.fg.shape(out), qy,
+            out, node_name=n.name)
+
+
+@register
+class LoopOp(IntOp):
+    """Y = stack(y_t) with (S, y_t) = body(S, x[t]) over the steps of axis 0 of the scan input x, from
+    the initial states S (module docstring).  Bound: the body's own (``check_overflow`` of it)."""
+    name = "loop"
+    attrs = {"body": "the step: an integer Graph, inputs [states..., x_t], outputs [states..., y_t]",
+             "n_states": "how many of the inputs / outputs are states",
+             "reverse": "run t from T-1 down to 0 (Y stays in time order)"}
+
+    @staticmethod
+    def reference(*args):
+        from qcompiler.reference import execute
+
+        *vals, a = args
+        body, ns = a["body"], int(a["n_states"])
+        states, xs = list(vals[:ns]), vals[ns]
+        T = xs.shape[0]
+        ys = [None] * T
+        for t in (range(T - 1, -1, -1) if a["reverse"] else range(T)):
+            out = execute(body, {**dict(zip(body.inputs[:ns], states)), body.inputs[ns]: xs[t]})
+            states = [out[o] for o in body.outputs[:ns]]
+            ys[t] = out[body.outputs[ns]]
+        return np.stack(ys)
+
+    @staticmethod
+    def lower(lw, n, *vals):
+        from qcompiler.lowering.relax_loop import lower_loop
+
+        return lower_loop(lw, n, *vals)
+
+    @staticmethod
+    def bound(ctx, n, *ins):
+        from passes.overflow import check_overflow
+
+        check_overflow(n.attrs["body"])
+        return None
+
+    @staticmethod
+    def examples(rng):
+        from qcompiler.graph import Graph, Node
+
+        # h' = clip(rq(h * mult_a + x * mult_b)), y = h': an accumulating recurrence
+        body = Graph([Node("add", "acc", ["h", "x"], ["h2"], {"mult_a": np.int64(1 << 29), "mult_b": np.int64(3 << 28),
+                                                             "shift": np.int64(30), "lo": -128, "hi": 127,
+                                                             "dtype": "int8"})],
+                     ["h", "x"], ["h2", "h2"], {"h": (2, 3), "x": (2, 3), "h2": (2, 3)},
+                     {"h": "int8", "x": "int8", "h2": "int8"})
+        return [Example([("int8", (2, 3)), ("int8", (5, 2, 3))], {"body": body, "n_states": 1, "reverse": False}, "int8"),
+                Example([("int8", (2, 3)), ("int8", (1, 2, 3))], {"body": body, "n_states": 1, "reverse": True}, "int8")]

@@ -1,0 +1,126 @@
+"""Issue 17: LSTM / GRU / RNN over a symbolic time axis, one library for every sequence length.
+
+The frontend writes each direction as an ONNX Scan whose body is one step
+(``passes/unroll_recurrent.py`` loop mode); the quantizer turns it into one integer ``loop`` with
+the body quantized once (``qcompiler/intops/recurrent.py``); the lowering runs the body's Relax
+function once per step (``qcompiler/lowering/relax_loop.py``).  At every length tried -- 1, a prime,
+the range's end -- the library equals the NumPy reference of the integer graph at that length bit
+for bit, and reads close to onnxruntime's float model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import qcompiler
+from qcompiler.cli import main
+from tests.helpers import cosine, make_model, tensor
+from tests.test_symbolic_shapes import against_reference
+
+MAX_T = 40
+
+
+def _model(op, direction="forward", init=False, layout=0, lbr=0, N=1, I=5, H=4, stacked=False, seed=0):
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+
+    def weights(k, inp):
+        return [tensor(f"W{k}", (rng.standard_normal((dirs, G * H, inp)) * 0.5).astype(np.float32)),
+                tensor(f"R{k}", (rng.standard_normal((dirs, G * H, H)) * 0.5).astype(np.float32)),
+                tensor(f"B{k}", (rng.standard_normal((dirs, 2 * G * H)) * 0.3).astype(np.float32))]
+
+    attrs = dict(hidden_size=H, direction=direction, **({"layout": 1} if layout else {}),
+                 **({"linear_before_reset": lbr} if op == "GRU" else {}))
+    xshape = [N, "T", I] if layout else ["T", N, I]
+    ins = [("x", xshape)]
+    node_in = ["x", "W0", "R0", "B0", ""]
+    if init:
+        ins.append(("h0", [N, dirs, H] if layout else [dirs, N, H]))
+        node_in.append("h0")
+    nodes = [helper.make_node(op, node_in, ["y", "yh"], **attrs)]
+    inits = weights(0, I)
+    out = "y"
+    if stacked:  # a second layer reading the first one's output ([T, dirs, N, H] -> [T, N, dirs * H])
+        nodes += [helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["yt", "shp"], ["y1"]),
+                  helper.make_node(op, ["y1", "W1", "R1", "B1"], ["y2"], **{k: v for k, v in attrs.items() if k != "layout"})]
+        inits += weights(1, dirs * H) + [tensor("shp", np.array([0, N, dirs * H], np.int64))]
+        out = "y2"
+    nodes.append(helper.make_node("Relu", [out], ["out"]))
+    return make_model(nodes, ins, [("out", None), ("yh", None)], inits, opset=14)
+
+
+def _feeds(m, T, rng, n=1):
+    out = {}
+    for vi in m.graph.input:
+        shape = [T if d.dim_param == "T" else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = rng.standard_normal([n * shape[0]] + shape[1:]).astype(np.float32)
+    return out
+
+
+CASES = {
+    "lstm": dict(op="LSTM"),
+    "lstm-bi-init": dict(op="LSTM", direction="bidirectional", init=True),
+    "gru-lbr-reverse": dict(op="GRU", lbr=1, direction="reverse"),
+    "gru-batch2": dict(op="GRU", N=2),
+    "rnn-stacked": dict(op="RNN", stacked=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_symbolic_time_bit_exact_at_every_length(tmp_path, case):
+    m = _model(**CASES[case])
+    onnx.save(m, tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    calib = _feeds(m, 8, rng, n=4)
+    np.savez(tmp_path / "c.npz", **calib)
+    spec = f"x=1..{MAX_T}x{CASES[case].get('N', 1)}x5"
+    out = tmp_path / "m.so"
+    assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz"),
+                 "--shape", spec]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["symbolic_dims"]["T"]["max"] == MAX_T and not meta.get("fixed_dims") and meta["integer_only"]
+    lib = qcompiler.load(str(out))
+    feeds = [_feeds(m, T, rng) for T in (1, 2, 7, 23, MAX_T)]   # length 1, a prime, the range's end
+    against_reference(tmp_path / "m.onnx", calib, lib, feeds, [spec])
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    f = _feeds(m, 8, rng)
+    for want, got in zip(sess.run(None, f), (lib(f)["out"], lib(f)["yh"])):
+        assert cosine(want, got) > 0.97, case
+
+
+def test_default_dims_keep_a_recurrences_time_symbolic(tmp_path):
+    """Without --shape: the declared-symbolic time axis stays symbolic (1..AUTO_MAX)."""
+    from qcompiler.shape_spec import AUTO_MAX
+
+    m = _model("LSTM")
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **_feeds(m, 6, np.random.default_rng(2), n=2))
+    out = tmp_path / "m.so"
+    assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz")]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["symbolic_dims"]["T"]["max"] == AUTO_MAX
+    assert qcompiler.load(str(out))(x=np.zeros((AUTO_MAX, 1, 5), np.float32))["out"].shape == (AUTO_MAX, 1, 1, 4)
+
+
+def test_final_cell_state_keeps_time_fixed(tmp_path):
+    """A model that reads Y_c (the cell state after the last step, which the loop does not carry
+    out) keeps its time axis at the calibration length, with the reason."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((1, 16, 5)) * 0.5).astype(np.float32)
+    r = (rng.standard_normal((1, 16, 4)) * 0.5).astype(np.float32)
+    m = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y", "", "yc"], hidden_size=4)],
+                   [("x", ["T", 1, 5])], [("yc", None)], [tensor("W", w), tensor("R", r)])
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((6, 1, 5)).astype(np.float32))
+    out = tmp_path / "m.so"
+    assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz")]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["fixed_dims"]["T"]["size"] == 6 and "Y_c" in meta["fixed_dims"]["T"]["reason"]
