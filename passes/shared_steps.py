@@ -19,10 +19,12 @@ import numpy as np
 
 from qcompiler.calibrate import TOPK, TensorStats
 
-STEP = re.compile(r"/step\d+/")
+STEP = re.compile(r"/step(\d+|\*)/")
 
 
 def role(name: str) -> str | None:
+    """``.../step<t>/...`` -> ``.../step*/...``; a loop body's own names (``step*``,
+    ``qcompiler/intops/recurrent.py``) are their role; None outside a step."""
     return STEP.sub("/step*/", name) if "/step" in name and STEP.search(name) else None
 
 

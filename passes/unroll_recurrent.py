@@ -191,7 +191,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int, loop: 
         emit(outputs[0], Ys, 1, "Y")
     if outputs[1]:
         emit(outputs[1], Hs, 0, "Y_h")
-    if op == "LSTM" and outputs[2]:
+    if op == "LSTM" and outputs[2] and not loop:  # (loop: refused in unroll_recurrent where it is read)
         emit(outputs[2], Cs, 0, "Y_c")
     return b.nodes + final, b.inits
 

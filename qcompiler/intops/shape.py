@@ -289,19 +289,40 @@ def _symbolic_slice(lw, n, x, shape) -> Value:
     arguments, so their size variables become the kernel's own)."""
     from tvm import te
 
+    from tvm.sym import Analyzer
+    from tvm import tirx
+
     a = n.attrs
     inv = L.inverse(x.perm)
     phys = L.physical_shape(shape, x.perm)
-    starts = list(a["starts"])
+    in_shape = lw.ig.shapes[n.inputs[0]]
+    # a start at a fixed distance from the end of its axis (x[T-1:T]) is read from the input's
+    # extent inside the kernel: an expression passed as an argument would stop FuseTIR from fusing
+    # the copy (it takes single variables only)
+    from_end, args = {}, []
+    for st, ax in zip(a["starts"], a["axes"]):
+        if isinstance(st, (int, np.integer)):
+            continue
+        d = Analyzer().simplify(st - in_shape[ax])
+        if isinstance(d, tirx.IntImm):
+            from_end[ax] = int(d)
+        else:
+            args.append(st)
 
-    def f(xt, *st):
-        begin = dict(zip((inv[ax] for ax in a["axes"]), zip(st, a["steps"])))
+    def f(xt, *ex):
+        it = iter(ex)
+        begin = {}
+        for st, ax, sp in zip(a["starts"], a["axes"], a["steps"]):
+            k = inv[ax]
+            b = (xt.shape[k] + from_end[ax] if ax in from_end
+                 else (st if isinstance(st, (int, np.integer)) else next(it)))
+            begin[k] = (b, int(sp))
 
         def body(*i):
-            return xt[tuple(begin[k][0] + int(begin[k][1]) * v if k in begin else v for k, v in enumerate(i))]
+            return xt[tuple(begin[k][0] + begin[k][1] * v if k in begin else v for k, v in enumerate(i))]
         return te.compute(phys, body, name="sym_slice")
 
-    return Value(lw.bb.emit_te(f, x.expr, *starts, primfunc_name_hint="sym_slice"), x.perm, shape, x.dtype)
+    return Value(lw.bb.emit_te(f, x.expr, *args, primfunc_name_hint="sym_slice"), x.perm, shape, x.dtype)
 
 
 @register

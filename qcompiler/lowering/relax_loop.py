@@ -28,7 +28,7 @@ from tvm import relax, tirx
 _ROW_TIR = '''
 @T.prim_func(private=True)
 def take(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
-    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True}})
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
@@ -38,7 +38,7 @@ def take(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
 _PUT_TIR = '''
 @T.prim_func(private=True)
 def put(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
-    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True}})
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
@@ -48,11 +48,27 @@ def put(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
 _SIZE_TIR = '''
 @T.prim_func(private=True)
 def size(X: T.handle, o: T.Buffer((), "int64")):
-    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True}})
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     o[()] = n
 '''
+
+
+_ZEROS_TIR = '''
+@T.prim_func(private=True)
+def zeros(X: T.handle, Y: T.handle):
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
+    n = T.int64()
+    Xb = T.match_buffer(X, (n, {F}), "{dt}")
+    Yb = T.match_buffer(Y, (n, {FY}), "{dy}")
+    for i in T.serial(n, annotations={{"qc.loop": "serial"}}):
+        for j in T.serial({FY}):
+            Yb[i, j] = T.{dy}(0)
+'''
+"""(Y's rows start as zeros: a kernel of its own, as the others, never fused: FuseTIR takes a
+kernel whose extents are single variables only, and T is an expression of the model's dims, e.g.
+8 * the width in steps of an OCR recogniser)"""
 
 
 def _tir(src: str, **kw) -> tirx.PrimFunc:
@@ -78,7 +94,7 @@ def prebuild_loops(lw) -> None:
     """Build the functions of every ``loop`` node of ``lw.ig`` (before ``main``: a function scope of
     the BlockBuilder cannot open inside another).  ``lw._loops[node name]`` = (rec_run gvar, size
     gvar)."""
-    lw._loops = {}
+    lw._loops, lw._loop_vars = {}, []
     for k, n in enumerate(x for x in lw.ig.nodes if x.op == "loop"):
         lw._loops[n.name] = _build_loop(lw, n, k)
 
@@ -105,6 +121,7 @@ def _build_loop(lw, n, k: int):
     take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx), f"rec_take_{k}")
     put = bb.add_func(_tir(_PUT_TIR, F=fy, dt=dy), f"rec_put_{k}")
     size = bb.add_func(_tir(_SIZE_TIR, F=fx, dt=dx), f"rec_size_{k}")
+    zeros = bb.add_func(_tir(_ZEROS_TIR, F=fx, dt=dx, FY=fy, dy=dy), f"rec_zeros_{k}")
 
     def run_params():
         t = tirx.Var("T", "int64")
@@ -139,7 +156,7 @@ def _build_loop(lw, n, k: int):
         out = bb.emit(relax.If(leaf, then, other))
         full = bb.emit_func_output(out)
     bb.update_func(run, bb.get()[full])
-    return run, size
+    return run, size, zeros
 
 
 def drop_loop_bodies(mod: tvm.IRModule) -> tvm.IRModule:
@@ -154,18 +171,29 @@ def lower_loop(lw, n, *vals):
     """The ``loop`` node in ``main``: one call of its rec_run function (module docstring)."""
     from .relax_lower import Value
 
-    run, size = lw._loops[n.name]
+    run, size, zeros = lw._loops[n.name]
     body, ns = n.attrs["body"], int(n.attrs["n_states"])
     xs = lw.logical(vals[ns])
     T = xs.shape[0]
     fx, fy = _flat(xs.shape[1:]), _flat(body.shapes[body.outputs[ns]])
     x2 = lw.emit(relax.op.reshape(xs.expr, [T, fx]))
+    if not isinstance(T, (int, tirx.IntImm)) and not isinstance(T, tirx.Var):
+        # the steps as a variable of their own (T is an expression of the model's dims, 8 * the
+        # width in steps of an OCR recogniser): FuseTIR passes only single variables to kernels
+        tv = tirx.Var(f"steps_{len(lw._loop_vars)}", "int64")
+        lw._loop_vars.append(tv)
+        x2 = lw.bb.match_cast(x2, _tensor((tv, fx), xs.dtype))
+        T_loop = tv
+    else:
+        T_loop = T
     nt = lw.emit(relax.call_tir(size, [x2], _tensor((), "int64")))
     y_dtype = body.dtypes[body.outputs[ns]]
-    y0 = lw.emit(relax.op.zeros(relax.ShapeExpr([T, fy]), y_dtype))
+    y0 = lw.emit(relax.call_tir(zeros, [x2], _tensor((T_loop, fy), y_dtype)))
     states = [lw.logical(v).expr for v in vals[:ns]]
     r = lw.emit(relax.Call(run, [_i64(0), nt, nt, x2, *states, y0]))
     y = lw.emit(relax.TupleGetItem(r, ns))
     shape = lw.ig.shapes[n.outputs[0]]
+    if T_loop is not T:  # back in the model's dims (a run-time check that they agree)
+        y = lw.bb.match_cast(y, _tensor((T, fy), y_dtype))
     y = lw.emit(relax.op.reshape(y, list(shape)))
     return Value(y, tuple(range(len(shape))), shape, y_dtype)
