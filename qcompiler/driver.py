@@ -548,9 +548,13 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
     return None, [], fixed
 
 
-def layer_table(ig: Graph) -> list[dict]:
+def layer_table(ig: Graph, loop: str | None = None) -> list[dict]:
+    """The GEMM-like layers; those of a loop's body (a recurrence over a symbolic dim) once, with
+    ``loop`` naming the loop (they run once per step)."""
     rows = []
     for n in ig.nodes:
+        if n.op == "loop":
+            rows += layer_table(n.attrs["body"], n.name)
         if n.op in ("conv", "dense", "matmul"):
             w = n.attrs.get("weight")
             with at_node(n):
@@ -561,7 +565,8 @@ def layer_table(ig: Graph) -> list[dict]:
                              "weight_bytes": (int(np.asarray(w).size) * wb + 7) // 8 if w is not None else 0,
                              "output_dtype": n.attrs["dtype"],
                              "in_shape": list(ig.shapes[n.inputs[0]]), "out_shape": list(ig.shapes[n.outputs[0]]),
-                             "weight_shape": list(w.shape) if w is not None else None})
+                             "weight_shape": list(w.shape) if w is not None else None,
+                             **({"loop": loop} if loop else {})})
     return rows
 
 
@@ -666,6 +671,9 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
         prep.sym_vars, sg = [], None
         res, tuned = lower_and_build(ig)
     t_build = time.perf_counter() - t1
+    layer_graph = ig  # a library whose recurrences are loops: its layers are the loop bodies'
+    if sg is not None and any(n.op == "loop" for n in sg.nodes):
+        layer_graph = retrace(model_path, prep, opts, {t: ig.shapes[t] for t in ig.inputs})
     from .tir_scan import module_to_text
 
     with stage("TIR scan"):
@@ -688,7 +696,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "inputs": [{**e, "batch_axis": prep.batch_axes.get(e["name"])}
                        for e in _io_entries(ig, ig.inputs, prep.fr.graph.dtypes, opts, "input")],
             "outputs": _io_entries(ig, ig.outputs, prep.fr.graph.dtypes, opts, "output"),
-            "layers": layer_table(ig),
+            "layers": layer_table(layer_graph),
             "mixed_precision": prep.mixed,
             "integer_only": bool(res.scan.integer_only) if res.scan is not None else not res.float_islands,
             "float_islands": float_island_table(ig, res),
