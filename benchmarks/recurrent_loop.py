@@ -6,8 +6,8 @@ ONNX Runtime FP32 at the same lengths, side by side in one process.
 
 Corpus models (bash scripts/install_corpus.sh): tashkeel-bilstm (a 2-layer BiLSTM tagger, shipped
 as ONNX Runtime dynamic int8, read back to float), ar-romanizer-enc (a bidirectional GRU encoder).
-Both libraries are calibrated on the same token sequences at the corpus length; the static one is
-compiled at each timed length (``dims="static"``: its recurrence unrolled, a few scales per role);
+Both libraries are calibrated on the same token sequences (the dynamic one at the corpus length, the
+static one repeated / cut to each timed length, at which it is compiled (``dims="static"``: its recurrence unrolled, a few scales per role);
 the dynamic one once, with the default dims (the time axis symbolic, one scale per role).  Also:
 each library's cosine to FP32 at that length, and the compile times.  Writes
 benchmarks/results/recurrent_loop.json (machine, date) and prints the table.
@@ -72,7 +72,9 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     for L in CASES[name]:
         feeds = _feeds(name, L, rng)
         st_path = os.path.join(d, f"{name}.st{L}.so")
-        st_s = _compile(name, st_path, calib, dims="static", shapes=tuple(f"{k}=1x{L}" for k in feeds))
+        # the same token streams, repeated / cut to this length (a static library calibrates at its own)
+        st_calib = {k: np.concatenate([v] * -(-L // v.shape[1]), axis=1)[:, :L] for k, v in calib.items()}
+        st_s = _compile(name, st_path, st_calib, dims="static")
         st = Library(st_path)
         ref = corpus.run_fp32(name, feeds)
         r = {"model": name, "length": L, "symbolic_dims": meta.get("symbolic_dims"),

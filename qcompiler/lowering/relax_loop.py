@@ -25,6 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+# row t of X, or row n - 1 - t (a reversed direction: {row})
 _ROW_TIR = '''
 @T.prim_func(private=True)
 def take(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
@@ -32,7 +33,7 @@ def take(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
-        Y[j] = Xb[t[()], j]
+        Y[j] = Xb[{row}, j]
 '''
 
 _PUT_TIR = '''
@@ -42,7 +43,22 @@ def put(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
-        Xb[t[()], j] = Y[j]
+        Xb[{row}, j] = Y[j]
+'''
+
+# the recursion's arithmetic, one kernel each (Relax ops on scalar tensors were two kernels each)
+_LEAF_TIR = '''
+@T.prim_func(private=True)
+def leaf(lo: T.Buffer((), "int64"), hi: T.Buffer((), "int64"), o: T.Buffer((), "bool")):
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
+    o[()] = hi[()] - lo[()] == T.int64(1)
+'''
+
+_MID_TIR = '''
+@T.prim_func(private=True)
+def mid(lo: T.Buffer((), "int64"), hi: T.Buffer((), "int64"), o: T.Buffer((), "int64")):
+    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
+    o[()] = (lo[()] + hi[()]) // T.int64(2)
 '''
 
 _SIZE_TIR = '''
@@ -118,8 +134,11 @@ def _build_loop(lw, n, k: int):
             res = sub.lower_body(params)
         step = bb.emit_func_output(res)  # (an identical body of another loop: that one's function)
 
-    take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx), f"rec_take_{k}")
-    put = bb.add_func(_tir(_PUT_TIR, F=fy, dt=dy), f"rec_put_{k}")
+    row = "n - T.int64(1) - t[()]" if reverse else "t[()]"
+    take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx, row=row), f"rec_take_{k}")
+    put = bb.add_func(_tir(_PUT_TIR, F=fy, dt=dy, row=row), f"rec_put_{k}")
+    leaf_f = bb.add_func(_tir(_LEAF_TIR), "rec_leaf")
+    mid_f = bb.add_func(_tir(_MID_TIR), "rec_mid")
     size = bb.add_func(_tir(_SIZE_TIR, F=fx, dt=dx), f"rec_size_{k}")
     zeros = bb.add_func(_tir(_ZEROS_TIR, F=fx, dt=dx, FY=fy, dy=dy), f"rec_zeros_{k}")
 
@@ -139,9 +158,9 @@ def _build_loop(lw, n, k: int):
     lo, hi, nt, xs, *rest = ps
     states, ys = rest[:ns], rest[ns]
     with bb.function(f"rec_run_{k}_body", ps, private=True):
-        leaf = bb.emit(relax.op.equal(relax.op.subtract(hi, lo), _i64(1)))
+        leaf = bb.emit(relax.call_tir(leaf_f, [lo, hi], _tensor((), "bool")))
         bb._begin_binding_block()
-        idx = bb.emit(relax.op.subtract(relax.op.subtract(nt, _i64(1)), lo)) if reverse else lo
+        idx = lo  # (a reversed direction: the take / put kernels read row T - 1 - lo)
         x_t = bb.emit(relax.call_tir(take, [xs, idx], _tensor((fx,), dx)))
         r = bb.emit(relax.Call(step, [*states, x_t]))
         y_t = bb.emit(relax.TupleGetItem(r, ns))
@@ -149,7 +168,7 @@ def _build_loop(lw, n, k: int):
         done = bb.emit(relax.Tuple([*[relax.TupleGetItem(r, j) for j in range(ns)], ys2]))
         then = relax.SeqExpr([bb._end_block()], done)
         bb._begin_binding_block()
-        mid = bb.emit(relax.op.floor_divide(relax.op.add(lo, hi), _i64(2)))
+        mid = bb.emit(relax.call_tir(mid_f, [lo, hi], _tensor((), "int64")))
         a = bb.emit(relax.Call(run, [lo, mid, nt, xs, *states, ys]))
         b = bb.emit(relax.Call(run, [mid, hi, nt, xs, *[relax.TupleGetItem(a, j) for j in range(ns + 1)]]))
         other = relax.SeqExpr([bb._end_block()], b)
