@@ -65,7 +65,7 @@ def _role_stats(qz) -> dict:
     return cache
 
 
-def _body_float_graph(qz, n, ns: int):
+def _body_float_graph(qz, n):
     """The Scan body as a float Graph through the frontend's conversion and the float passes."""
     import onnx
     from onnx import helper
@@ -103,7 +103,7 @@ def _body_stats(qz, bg, n, ns: int) -> dict:
     return stats
 
 
-def _strip_boundary(ig, ns: int):
+def _strip_boundary(ig):
     """Take the body's entry quantizes and exit dequantizes off (module docstring)."""
     ins, outs = {}, {}
     keep = []
@@ -127,21 +127,25 @@ def _strip_boundary(ig, ns: int):
     return ig
 
 
-def _to_qparams(qz, g, src: str, qp, where: str, shape):
-    """``src`` (an integer tensor of ``g``) in QParams ``qp``: itself, or one requant."""
+def _requant_attrs(have, want, where: str) -> dict:
+    """The ``requant`` from QParams ``have`` to ``want`` (the same zero point, 0)."""
     from qcompiler.qtypes import dyadic
+
+    dy = dyadic(np.asarray(have.scale / want.scale), where)
+    return {"mult": dy.mult, "shift": dy.shift, "lo": want.qmin, "hi": want.qmax, "dtype": want.dtype}
+
+
+def _to_qparams(g, src: str, qp, where: str):
+    """``src`` (an integer tensor of the body ``g``) in QParams ``qp``: itself, or one requant."""
+    from qcompiler.graph import Node
 
     have = g.qparams[src]
     if have == qp:
         return src
-    dy = dyadic(np.asarray(have.scale / qp.scale), where)
-    from qcompiler.graph import Node
-
     out = f"{src}/loop_rq"
-    g.nodes.append(Node("requant", out, [src], [out], {"mult": dy.mult, "shift": dy.shift, "lo": qp.qmin,
-                                                        "hi": qp.qmax, "dtype": qp.dtype,
+    g.nodes.append(Node("requant", out, [src], [out], {**_requant_attrs(have, qp, where),
                                                         "in_scales": (have.scale,), "out_scale": qp.scale}))
-    g.shapes[out], g.dtypes[out], g.qparams[out] = tuple(shape), qp.dtype, qp
+    g.shapes[out], g.dtypes[out], g.qparams[out] = g.shapes[src], qp.dtype, qp
     return out
 
 
@@ -155,13 +159,12 @@ def scan_rule(qz, n):
 
     a = n.attrs
     ns = len(n.inputs) - 1
-    bg = _body_float_graph(qz, n, ns)
+    bg = _body_float_graph(qz, n)
     stats = _body_stats(qz, bg, n, ns)
     body = quantize(bg, stats, nonnegative(bg), replace(qz.cfg, io="float", allow_float=False, auto_wide=0.0))
-    body = _strip_boundary(body, ns)
+    body = _strip_boundary(body)
     for k in range(ns):  # the state round the loop in one representation
-        body.outputs[k] = _to_qparams(qz, body, body.outputs[k], body.qparams[body.inputs[k]],
-                                      f"Scan '{n.name}' state {k}", body.shapes[body.inputs[k]])
+        body.outputs[k] = _to_qparams(body, body.outputs[k], body.qparams[body.inputs[k]], f"Scan '{n.name}' state {k}")
     check_overflow(body)
     ins = []
     for k, t in enumerate(n.inputs):
@@ -175,12 +178,8 @@ def scan_rule(qz, n):
             continue
         src = qz.iname(t)
         if qz.ig.qparams.get(src) != want:
-            from qcompiler.qtypes import dyadic
-
-            dy = dyadic(np.asarray(qz.ig.qparams[src].scale / want.scale), f"Scan '{n.name}' input {k}")
-            src = qz.emit("requant", [src], qz.fresh(f"{t}/loop_in"), {"mult": dy.mult, "shift": dy.shift,
-                                                                         "lo": want.qmin, "hi": want.qmax,
-                                                                         "dtype": want.dtype},
+            src = qz.emit("requant", [src], qz.fresh(f"{t}/loop_in"),
+                          _requant_attrs(qz.ig.qparams[src], want, f"Scan '{n.name}' input {k}"),
                           want.dtype, qz.fg.shape(t), want, node_name=f"{n.name}/requant_{k}")
         ins.append(src)
     y = body.outputs[ns]

@@ -7,16 +7,16 @@ the steps are split in halves instead: depth log2(T) + 1.
 
   rec_step_k(S..., x_t)                 the body, lowered as any integer graph (its kernels fused
                                         and scheduled like the model's): (S'..., y_t)
-  rec_run_k(lo, hi, n, X, S..., Y)      hi - lo == 1: t = lo (n - 1 - lo when reversed);
+  rec_run_k(lo, hi, X, S..., Y)         hi - lo == 1: t = lo (T - 1 - lo when reversed);
                                         (S, y) = rec_step_k(S, X[t]); Y[t] = y (in place)
                                         else: the halves [lo, mid) then [mid, hi) with the states
                                         of the first half
-  main                                  Y = rec_run_k(0, T, T, X, S0..., zeros)[-1]
+  main                                  Y = rec_run_k(0, T, X, S0..., zeros)[-1]
 
 X and Y travel as [T, features] (reshapes are views); X[t] is read by a small copy kernel, y is
-written into row t of Y by ``call_tir_inplace``.  Measured: ~5 us of VM work per step on top of the
-body's kernels (a 1000-step toy: 8.6 ms, 2-core Xeon 2026-12-07), the same call count as the
-unrolled steps, which run one kernel call per op and step too.
+written into row t of Y by ``call_tir_inplace``.  What a step costs beyond its kernels is the VM's
+work: ~280 packed calls per step of ar-romanizer-enc's GRU (allocations of the step's
+intermediates on every call, argument checks) around ~20 kernels (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -25,26 +25,17 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-# row t of X, or row n - 1 - t (a reversed direction: {row})
+# row t of X read into Y, or Y written into row t of X; row n - 1 - t for a reversed direction ({row})
 _ROW_TIR = '''
 @T.prim_func(private=True)
-def take(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
+def row(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
     T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
     for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
-        Y[j] = Xb[{row}, j]
+        {stmt}
 '''
-
-_PUT_TIR = '''
-@T.prim_func(private=True)
-def put(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
-    T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
-    n = T.int64()
-    Xb = T.match_buffer(X, (n, {F}), "{dt}")
-    for j in T.serial({F}, annotations={{"qc.loop": "serial"}}):
-        Xb[{row}, j] = Y[j]
-'''
+_TAKE, _PUT = "Y[j] = Xb[{row}, j]", "Xb[{row}, j] = Y[j]"
 
 # the recursion's arithmetic, one kernel each (Relax ops on scalar tensors were two kernels each)
 _LEAF_TIR = '''
@@ -135,8 +126,8 @@ def _build_loop(lw, n, k: int):
         step = bb.emit_func_output(res)  # (an identical body of another loop: that one's function)
 
     row = "n - T.int64(1) - t[()]" if reverse else "t[()]"
-    take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx, row=row), f"rec_take_{k}")
-    put = bb.add_func(_tir(_PUT_TIR, F=fy, dt=dy, row=row), f"rec_put_{k}")
+    take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx, stmt=_TAKE.format(row=row)), f"rec_take_{k}")
+    put = bb.add_func(_tir(_ROW_TIR, F=fy, dt=dy, stmt=_PUT.format(row=row)), f"rec_put_{k}")
     leaf_f = bb.add_func(_tir(_LEAF_TIR), "rec_leaf")
     mid_f = bb.add_func(_tir(_MID_TIR), "rec_mid")
     size = bb.add_func(_tir(_SIZE_TIR, F=fx, dt=dx), f"rec_size_{k}")
@@ -144,7 +135,7 @@ def _build_loop(lw, n, k: int):
 
     def run_params():
         t = tirx.Var("T", "int64")
-        ps = [relax.Var(v, _tensor((), "int64")) for v in ("lo", "hi", "n")]
+        ps = [relax.Var(v, _tensor((), "int64")) for v in ("lo", "hi")]
         ps += [relax.Var("xs", _tensor((t, fx), dx))]
         ps += [relax.Var(f"s{j}", ty) for j, ty in enumerate(state_ty)]
         ps += [relax.Var("ys", _tensor((t, fy), dy))]
@@ -152,10 +143,10 @@ def _build_loop(lw, n, k: int):
 
     ps, t = run_params()
     ret = relax.TupleType([*state_ty, _tensor((t, fy), dy)])
-    stub = relax.Function(ps, relax.Tuple(ps[4:]), ret_ty=ret).with_attr("qc.loop", k)  # (its body below;
+    stub = relax.Function(ps, relax.Tuple(ps[3:]), ret_ty=ret).with_attr("qc.loop", k)  # (its body below;
     run = bb.add_func(stub, f"rec_run_{k}")                                             # unique: the attr)
     ps, t = run_params()
-    lo, hi, nt, xs, *rest = ps
+    lo, hi, xs, *rest = ps
     states, ys = rest[:ns], rest[ns]
     with bb.function(f"rec_run_{k}_body", ps, private=True):
         leaf = bb.emit(relax.call_tir(leaf_f, [lo, hi], _tensor((), "bool")))
@@ -169,8 +160,8 @@ def _build_loop(lw, n, k: int):
         then = relax.SeqExpr([bb._end_block()], done)
         bb._begin_binding_block()
         mid = bb.emit(relax.call_tir(mid_f, [lo, hi], _tensor((), "int64")))
-        a = bb.emit(relax.Call(run, [lo, mid, nt, xs, *states, ys]))
-        b = bb.emit(relax.Call(run, [mid, hi, nt, xs, *[relax.TupleGetItem(a, j) for j in range(ns + 1)]]))
+        a = bb.emit(relax.Call(run, [lo, mid, xs, *states, ys]))
+        b = bb.emit(relax.Call(run, [mid, hi, xs, *[relax.TupleGetItem(a, j) for j in range(ns + 1)]]))
         other = relax.SeqExpr([bb._end_block()], b)
         out = bb.emit(relax.If(leaf, then, other))
         full = bb.emit_func_output(out)
@@ -209,7 +200,7 @@ def lower_loop(lw, n, *vals):
     y_dtype = body.dtypes[body.outputs[ns]]
     y0 = lw.emit(relax.call_tir(zeros, [x2], _tensor((T_loop, fy), y_dtype)))
     states = [lw.logical(v).expr for v in vals[:ns]]
-    r = lw.emit(relax.Call(run, [_i64(0), nt, nt, x2, *states, y0]))
+    r = lw.emit(relax.Call(run, [_i64(0), nt, x2, *states, y0]))
     y = lw.emit(relax.TupleGetItem(r, ns))
     shape = lw.ig.shapes[n.outputs[0]]
     if T_loop is not T:  # back in the model's dims (a run-time check that they agree)
