@@ -299,21 +299,16 @@ def _used(model: onnx.ModelProto, name: str) -> bool:
     return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
 
 
-def _batch(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
-    layout = int(_attrs(node).get("layout", 0))
-    vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    d = vi[node.input[0]].type.tensor_type.shape.dim[0 if layout == 1 else 1]
-    return int(d.dim_value)
-
-
-def _seq_len(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
+def _input_dims(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int | None, int | None]:
+    """(sequence length, batch) of the recurrence's input X from the model's shapes (None: unknown)."""
     layout = int(_attrs(node).get("layout", 0))
     vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     v = vi.get(node.input[0])
     if v is None or not v.type.tensor_type.HasField("shape"):
-        return None
-    d = v.type.tensor_type.shape.dim[1 if layout == 1 else 0]
-    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        return None, None
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in v.type.tensor_type.shape.dim]
+    return (dims[1], dims[0]) if layout == 1 else (dims[0], dims[1])
 
 
 def unroll_recurrent(model: onnx.ModelProto, loop: bool = False) -> onnx.ModelProto:
@@ -323,11 +318,11 @@ def unroll_recurrent(model: onnx.ModelProto, loop: bool = False) -> onnx.ModelPr
     whose integer graph is the same at every sequence length (a symbolic time axis,
     ``qcompiler/intops/recurrent.py``)."""
     def expand(m, n, k):
-        T = _seq_len(m, n)
+        T, batch = _input_dims(m, n)
         if T is None:
             raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
         if loop and n.op_type == "LSTM" and len(n.output) > 2 and n.output[2] and _used(m, n.output[2]):
             raise UnsupportedOpError([(n.op_type, n.name, "the final cell state Y_c of a loop over a symbolic time axis")])
-        return _unroll(m, n, k, T, loop, _batch(m, n))
+        return _unroll(m, n, k, T, loop, batch or 1)
 
     return replace_nodes(model, GATES, expand)

@@ -134,13 +134,23 @@ def test_conv_symbolic_batch_and_width(target, isa, geo):
         np.testing.assert_array_equal(out.numpy()[:rows].reshape(want.shape), want, err_msg=f"conv N={N} W={W} {geo}")
 
 
+def _fused_and_scheduled(mod, target, rows: dict):
+    """A Relax module legalized, fused and given the default CPU schedule at the dims' ``rows``."""
+    from tvm import relax
+
+    from qcompiler.kernels.cpu_default import schedule_cpu_default
+
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    with rows_at(rows):
+        return schedule_cpu_default(mod, target)
+
+
 def test_default_schedule_branches_on_size(target):
     """An elementwise kernel over a symbolic dim whose range spans the serial / parallel threshold
     (qcompiler/kernels/cpu_default.py ``_size_branch``): one function, both loop nests, exact on
     both sides."""
     from tvm import relax
-
-    from qcompiler.kernels.cpu_default import schedule_cpu_default
 
     s = tirx.Var("s", "int64")
     bb = relax.BlockBuilder()
@@ -151,10 +161,7 @@ def test_default_schedule_branches_on_size(target):
                 x, relax.const(3, "int32")), relax.const(5, "int32")), relax.const(2, "int32")))
             y = bb.emit_output(relax.op.astype(relax.op.clip(t, -128, 127), "int8"))
         bb.emit_func_output(y)
-    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
-    with rows_at({"s": 8}):
-        mod = schedule_cpu_default(mod, target)
+    mod = _fused_and_scheduled(bb.get(), target, {"s": 8})
     kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 1 and "T.parallel" in kernels[0].script() and "if " in kernels[0].script()
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
@@ -169,8 +176,6 @@ def test_default_schedule_row_reduction_over_symbolic_axis(target):
     """A softmax row's max over a symbolic axis: spatial loops parallel at the large sizes, exact."""
     from tvm import relax
 
-    from qcompiler.kernels.cpu_default import schedule_cpu_default
-
     s = tirx.Var("s", "int64")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([12, s, s], "int64"))
@@ -178,10 +183,7 @@ def test_default_schedule_row_reduction_over_symbolic_axis(target):
         with bb.dataflow():
             y = bb.emit_output(relax.op.max(x, axis=[2], keepdims=True))
         bb.emit_func_output(y)
-    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
-    with rows_at({"s": 16}):
-        mod = schedule_cpu_default(mod, target)
+    mod = _fused_and_scheduled(bb.get(), target, {"s": 16})
     (f,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert "T.parallel" in f.script() and "if " in f.script()
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
@@ -197,7 +199,7 @@ def test_default_schedule_vectorizes_a_symbolic_innermost_axis(target):
     below, at and between whole vectors."""
     from tvm import relax
 
-    from qcompiler.kernels.cpu_default import TAIL_VECTOR, schedule_cpu_default
+    from qcompiler.kernels.cpu_default import TAIL_VECTOR
 
     s = tirx.Var("s", "int64")
     bb = relax.BlockBuilder()
@@ -210,10 +212,7 @@ def test_default_schedule_vectorizes_a_symbolic_innermost_axis(target):
                 d, relax.const(1234567, "int64")), relax.const(1 << 20, "int64")), relax.const(21, "int64")))
             y = bb.emit_output(relax.op.astype(relax.op.clip(t, -32768, 32767), "int16"))
         bb.emit_func_output(y)
-    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
-    with rows_at({"s": 128}):
-        mod = schedule_cpu_default(mod, target)
+    mod = _fused_and_scheduled(bb.get(), target, {"s": 128})
     (f,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert TAIL_VECTOR in f.script() and "T.vectorized" in f.script()
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
