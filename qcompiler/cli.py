@@ -20,6 +20,11 @@ from . import progress
 from .errors import InputError, QCError, internal
 
 
+
+def _dim_range(r: dict) -> str:
+    """A symbolic dim's range as ``--shape`` writes it: lo..hi, with :step where sizes are multiples of a step."""
+    return f"{r['min']}..{r['max']}" + (f":{r['step']}" if r.get("step", 1) > 1 else "")
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qc", description="qcompiler: ONNX -> integer-only TVM libraries")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -196,7 +201,7 @@ def cmd_compile(a) -> int:
         print(f"wrote {a.output} ({meta['kernels']['count']} kernels, {len(meta['layers'])} GEMM/conv layers, "
               + precision_summary(meta)
               + (f"{len(islands)} float island(s), " if islands else "")
-              + "".join(f"dim {k} {r['min']}..{r['max']}, " for k, r in (meta.get("symbolic_dims") or {}).items())
+              + "".join(f"dim {k} {_dim_range(r)}, " for k, r in (meta.get("symbolic_dims") or {}).items())
               + "".join(f"dim {k} fixed at {r['size']}, " for k, r in (meta.get("fixed_dims") or {}).items())
               + f"{meta['timings_s']['total']:.1f} s)")
     return 0
@@ -253,7 +258,7 @@ def cmd_inspect(a) -> int:
             sc = f" scale={e['scale']:.6g} ({e.get('quant_dtype')})" if "scale" in e else ""
             print(f"{side[:-1]:<12} {e['name']}: {e['dtype']}{e['shape']}{sc}")
     for name, r in (rep.get("symbolic_dims") or {}).items():
-        print(f"symbolic dim {name}: {r['min']}..{r['max']} (calibrated at {r['calibrated']}; "
+        print(f"symbolic dim {name}: {_dim_range(r)} (calibrated at {r['calibrated']}; "
               + ", ".join(f"{i} axis {ax}" for i, ax in r["where"]) + ")")
     for name, r in (rep.get("fixed_dims") or {}).items():
         print(f"fixed dim    {name} = {r['size']} (declared symbolic; " + ", ".join(f"{i} axis {ax}" for i, ax in r["where"])

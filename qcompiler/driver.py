@@ -364,7 +364,7 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
         return [(u, trace({**points[0], name: u})) for u in us]
 
     at_max = _Memo(lambda _: at_max_trace())
-    graph = fit_graph(traces, points, [v.name for v in sym_vars], lambda: at_max(0), _Memo(tabulate))
+    graph = fit_graph(traces, points, [v.name for v in sym_vars], lambda: at_max(0), _Memo(tabulate), max_point=hi)
     # overflow bounds grow with some sizes (a sum over the sequence): proven at the largest ones
     from passes.overflow import check_overflow
 
@@ -385,12 +385,13 @@ def _shapes_at(prep: Prepared, sym_vars: list, point: dict) -> dict:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _shapes_fit(model_path, prep: Prepared, sym_vars: list) -> None:
-    """Fail fast (``SymbolicError``) where a tensor dim of the float graph follows the variables in no
+def _shapes_fit(model_path, prep: Prepared, sym_vars: list, loads: bool = False) -> bool:
+    """Fail fast (``StrideError``) where a tensor dim of the float graph follows the variables in no
     polynomial way (a strided conv's output width): the frontend alone at the probe points costs a
     fraction of the full traces, which would fail the same way later (an image dim kept symbolic
-    by default).  A point the frontend cannot load is left to the full trace to explain."""
-    from .symbolic import SymbolicError, fit_int, probe_points
+    by default).  A point the frontend cannot load is left to the full trace to explain (False;
+    ``loads``: the frontend's error is raised)."""
+    from .symbolic import StrideError, fit_int, probe_points
 
     points = probe_points(sym_vars)
     shapes = []
@@ -399,7 +400,9 @@ def _shapes_fit(model_path, prep: Prepared, sym_vars: list) -> None:
             shapes.append(frontend.load(model_path, batch=None, shapes=_shapes_at(prep, sym_vars, p), samples=None,
                                         reuse=True, loop_recurrent=True).graph.shapes)
         except QCError:
-            return
+            if loads:
+                raise
+            return False
     names = [v.name for v in sym_vars]
     for t, shp in shapes[0].items():
         if any(len(g.get(t, ())) != len(shp) for g in shapes):
@@ -407,9 +410,10 @@ def _shapes_fit(model_path, prep: Prepared, sym_vars: list) -> None:
         for ax in range(len(shp)):
             vals = [g[t][ax] for g in shapes]
             if all(isinstance(x, (int, np.integer)) for x in vals) and fit_int(vals, points, names) is None:
-                raise SymbolicError(f"dim {ax} of tensor '{t}' takes sizes {vals} at "
-                                    + "; ".join(", ".join(f"{k}={x}" for k, x in p.items()) for p in points)
-                                    + f": no polynomial in {', '.join(repr(n) for n in names)}")
+                raise StrideError(f"dim {ax} of tensor '{t}' takes sizes {vals} at "
+                                  + "; ".join(", ".join(f"{k}={x}" for k, x in p.items()) for p in points)
+                                  + f": no polynomial in {', '.join(repr(n) for n in names)}")
+    return True
 
 
 class _Memo:
@@ -503,6 +507,9 @@ def keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
 
 
 def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
+    from .shape_spec import AUTO_STEPS
+    from .symbolic import StrideError, SymbolicError
+
     user = [v for v in prep.sym_vars if not v.auto]
     auto = [v for v in prep.sym_vars if v.auto]
     fixed: list = []
@@ -521,7 +528,34 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
                 vs = [dataclasses.replace(x, hi=e.bound) if x is v else x for x in vs]
 
     def reason(e: BaseException) -> str:
+        if isinstance(e, StrideError):  # on_lattice found no step either
+            return str(e).splitlines()[0][:200] + f", nor in steps of {'/'.join(map(str, AUTO_STEPS))}"
         return str(e).splitlines()[0][:200] if isinstance(e, QCError) else f"internal error ({type(e).__name__}: {e})"[:200]
+
+    def on_lattice(v, e):
+        """``v`` kept symbolic in steps of the model's stride (an image width through strided convs:
+        sizes step * u), the smallest step that divides its calibration size and under which every
+        tensor dim is a polynomial in u; None if there is none (or ``e`` was not a stride failure)."""
+        if not isinstance(e, StrideError):
+            return None
+        for st in AUTO_STEPS:
+            if v.calibrated % st or v.hi // st < 16:
+                continue
+            w = dataclasses.replace(v, step=st, lo=st, hi=v.hi // st * st)
+            try:
+                _shapes_fit(model_path, prep, user + [w], loads=True)
+            except QCError:  # not polynomial in u, or the model does not run at the probe sizes (too small)
+                continue
+            try:
+                _, vs = attempt(user + [w])
+            except SymbolicError:  # e.g. more sizes than a per-size constant can be tabulated for: a larger step
+                continue
+            except Exception:  # noqa: BLE001 -- the dim stays at its calibration size
+                return None
+            progress.get().stage(f"dim '{v.name}' stays symbolic in steps of {st} ({w.lo}..{w.hi}: the model's "
+                                 f"stride); other sizes are refused at run time")
+            return next(x for x in vs if x.name == v.name)
+        return None
 
     try:
         return (*attempt(user + auto), fixed)
@@ -535,9 +569,17 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
             _, vs = attempt(user + [v])
             ok.append(next(x for x in vs if x.name == v.name))
         except Exception as e:  # noqa: BLE001
-            fixed.append((v, reason(e)))
+            w = on_lattice(v, e)
+            if w is not None:
+                ok.append(w)
+            else:
+                fixed.append((v, reason(e)))
     if len(auto) == 1:
-        fixed.append((auto[0], reason(first)))
+        w = on_lattice(auto[0], first)
+        if w is not None:
+            ok.append(w)
+        else:
+            fixed.append((auto[0], reason(first)))
     if ok:
         try:
             return (*attempt(user + ok), fixed)
@@ -737,8 +779,8 @@ def fixed_dim_warning(v, why: str) -> str:
     where = ", ".join(f"{i} axis {ax}" for i, ax in v.where)
     first = v.where[0][0]
     return (f"dim '{v.name}' ({where}) is fixed at {v.calibrated}, its calibration size: it cannot stay symbolic "
-            f"({why}); --shape {first}=... with a range and a step (e.g. 32..1280:32 for an image width) may keep "
-            "it, a size fixes it without this warning")
+            f"({why}); --shape {first}=... with a size fixes it without this warning (with a range, and a step "
+            "such as 32..1280:32 for an image width, asks for it to stay symbolic)")
 
 
 def _symbolic_meta(meta: dict, sg: Graph, sym_vars: list) -> None:

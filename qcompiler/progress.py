@@ -37,9 +37,15 @@ class ConsoleReporter(Reporter):
     """Stage lines and tqdm progress bars on stderr."""
 
     def __init__(self, stream=None, bars: bool = True):
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.bars = bars
         self.t0 = time.perf_counter()
+
+    @property
+    def stream(self):
+        """The given stream, else ``sys.stderr`` as it is now (the CLI points it elsewhere while native
+        code's stderr is held back: ``cli._native_stderr_held``)."""
+        return self._stream or sys.stderr
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[{time.perf_counter() - self.t0:6.1f}s] {text}\n")

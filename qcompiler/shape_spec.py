@@ -118,6 +118,12 @@ AUTO_MAX = 2048
 sets, a 512-row position table, narrows it: ``driver.symbolic_graph``)."""
 
 
+AUTO_STEPS = (2, 4, 8, 16, 32, 64)
+"""The steps tried, smallest first, for a declared-symbolic dim that follows a stride (an image width
+through strided convs): it stays symbolic over multiples of the first step under which the model's
+tensor dims are polynomials (``driver._keep_symbolic``), instead of falling back to its calibration size."""
+
+
 def add_declared(specs, res: Resolved) -> Resolved:
     """Keep every dim the model declares symbolic (a dim_param or an unnamed dim) symbolic by default,
     over ``1..AUTO_MAX``, unless ``--shape`` fixes or bounds it or it is a batch axis (the batch stays

@@ -41,6 +41,12 @@ class SymbolicError(ModelError):
     """A dim cannot stay symbolic (the message names the tensor / node, the variable and why)."""
 
 
+class StrideError(SymbolicError):
+    """A tensor dim follows a variable in no polynomial way at consecutive sizes (a strided conv's
+    floor((W + p - k) / s) + 1): the variable may still stay symbolic on a lattice of sizes, multiples
+    of the model's stride (``SymVar.step``)."""
+
+
 # ---- expressions -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -220,17 +226,24 @@ def probe_points(vars_: list[SymVar]) -> list[dict[str, int]]:
 # ---- fitting a graph -------------------------------------------------------------------------
 
 def fit_graph(traces: list[Graph], points: list[dict[str, int]], names: list[str], at_max=None,
-              tabulate=None) -> Graph:
+              tabulate=None, max_point: dict[str, int] | None = None) -> Graph:
     """The symbolic graph: ``traces[0]`` with every size-dependent integer replaced (module
-    docstring).  ``at_max()``: the graph traced at each variable's largest size, where per-position
-    constants are taken from (called only when a constant needs it).  ``tabulate(var)``: [(u, graph)]
-    for every u of ``var``'s range, the others at their first grid value (``SymTable``; only when an
-    integer follows one variable in no polynomial way)."""
+    docstring).  ``at_max()``: the graph traced at each variable's largest size, ``max_point``,
+    where per-position constants are taken from.  ``tabulate(var)``: [(u, graph)] for every u of
+    ``var``'s range, the others at their first grid value (``SymTable``; only when an integer follows
+    one variable in no polynomial way).
+
+    The probe points are close together, and an integer may follow a size in steps they do not
+    show: the shift of a mean's dyadic multiplier 1 / W is the same at W = 7, 11, 13 and grows by
+    one at each power of two.  So every integer fitted as a constant or a polynomial is checked
+    against the other traces there are -- the one at the largest sizes (given ``max_point``) and
+    those of a variable's table once one was made -- and tabulated (or refused) where it fails."""
     g0 = traces[0]
     if at_max is not None:
         at_max = _Lazy(at_max)
-    global _TABULATE
+    global _TABULATE, _CHECKS
     _TABULATE = tabulate
+    _CHECKS = _Checks(at_max if max_point is not None else None, max_point, tabulate, points[0])
     _check_structure(traces, names, points)
     out = g0.copy()
     for t, shp in g0.shapes.items():
@@ -260,6 +273,38 @@ def fit_graph(traces: list[Graph], points: list[dict[str, int]], names: list[str
 
 
 _TABULATE = None
+_CHECKS = None
+
+
+class _Checks:
+    """The traces a fitted integer is checked against beyond the probe points (``fit_graph``): the
+    largest sizes, and every size of a variable whose table was made (``_Memo.seen`` of ``tabulate``)."""
+
+    def __init__(self, at_max, max_point, tabulate, p0):
+        self.at_max, self.max_point, self.tabulate, self.p0 = at_max, max_point, tabulate, p0
+
+    def traces(self):
+        if self.at_max is not None:
+            yield self.max_point, self.at_max()
+        for var, rows in (getattr(self.tabulate, "seen", None) or {}).items():
+            for u, g in rows:
+                yield {**self.p0, var: u}, g
+
+
+def _holds(value_at, acc) -> bool:
+    """Whether the fitted leaf (``value_at(point)``, an int or an array) equals the traced one,
+    ``acc(graph)``, in every trace of ``_CHECKS``."""
+    if acc is None or _CHECKS is None:
+        return True
+    for point, g in _CHECKS.traces():
+        try:
+            want = np.asarray(acc(g))
+        except (IndexError, KeyError):  # a trace of another structure: the fit fails on it elsewhere
+            return False
+        got = np.asarray(value_at(point))
+        if want.shape != got.shape or not np.array_equal(want, got):
+            return False
+    return True
 
 
 def _variables_followed(vals, points, names) -> list[str]:
@@ -361,6 +406,8 @@ def _fit_leaf(v, vals, points, names, node, attr, at_max, acc=None):
         return v
     if isinstance(v, (int, np.integer)):
         p = fit_int([int(o) for o in vals], points, names)
+        if p is not None and not _holds(p, acc):  # follows a size in a way the probe points did not show
+            p = None
         if p is None:
             t = _table(vals, points, names, acc, where) if acc is not None else None
             if t is not None:
@@ -370,7 +417,10 @@ def _fit_leaf(v, vals, points, names, node, attr, at_max, acc=None):
         return p.value if p.is_const else p
     if isinstance(v, np.ndarray):
         try:
-            return _fit_array(v, vals, points, names, where, attr, at_max)
+            a = _fit_array(v, vals, points, names, where, attr, at_max)
+            if a is v and not _holds(lambda _: v, acc):
+                raise SymbolicError(f"{where} follows {_names(names)} beyond the traced sizes")
+            return a
         except SymbolicError:
             t = _table(vals, points, names, acc, where) if acc is not None else None
             if t is None:

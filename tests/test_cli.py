@@ -62,6 +62,26 @@ def test_bench_threads(small):
     assert json.loads(r.stdout)["threads"] == 1
 
 
+def test_compile_progress_is_live(small, tmp_path):
+    """The stage lines reach stderr while the compile runs: native code's stderr is held back during a
+    compile (``cli._native_stderr_held``), the progress lines must not be held with it.  Held, they
+    would all arrive in one write at the end; live, the first precedes the build's end by the build."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "qcompiler.cli", "compile", str(small / "m.onnx"), "-o",
+                          str(tmp_path / "m.so"), "--calib", str(small / "calib.npz"), "--target", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = [(time.perf_counter(), line) for line in p.stderr]
+        p.wait(timeout=300)
+    finally:
+        p.kill()
+    first = seen[0]
+    built = next(t for t, line in seen if "building for llvm: done" in line)
+    assert p.returncode == 0 and "reading and folding the model" in first[1]
+    assert built - first[0] > 0.2, seen
+
+
 def test_runtime_only_subprocess(small):
     """The library loads and runs with the TVM runtime alone (TVM_USE_RUNTIME_LIB=1)."""
     code = ("import numpy as np, qcompiler, tvm; assert tvm.base._RUNTIME_ONLY; "

@@ -70,24 +70,31 @@ def test_static_shapes_fixes_every_dim(tmp_path):
         qcompiler.load(str(out))(_text_feeds(1, 13, np.random.default_rng(0)))
 
 
-def test_an_image_width_through_strided_convs_stays_at_its_calibration_size(tmp_path, capsys):
-    """No polynomial in W: the width is fixed at 32 with one warning naming it and --shape; the library
-    is the one --static-shapes gives."""
+def test_an_image_width_through_strided_convs_stays_symbolic_on_its_stride_lattice(tmp_path, capsys):
+    """No polynomial in W, but one in W / 4: the width stays symbolic on a lattice found by tracing --
+    steps 4 and 8 give more sizes than the mean's per-size requantization constants are tabulated
+    for, so 16..2048:16 -- stated in the progress output; the library is bit-exact to the reference
+    at every width tried and equals the --static-shapes library at the calibration width."""
     calib = {"x": R.standard_normal((6, 3, 16, 32)).astype(np.float32)}
     model = _cnn_with_strides()  # weights drawn once: both compiles below take this model
     capsys.readouterr()
     out, meta = _compile(tmp_path, model, calib, "cnnw", quiet=False)
     err = capsys.readouterr().err
-    warn = [ln for ln in err.splitlines() if "dim 'W'" in ln]
-    assert len(warn) == 1 and "fixed at 32" in warn[0] and "--shape x=" in warn[0] and "Traceback" not in err
-    assert not meta.get("symbolic_dims") and meta["fixed_dims"]["W"]["size"] == 32
-    assert meta["inputs"][0]["shape"] == [1, 3, 16, 32] and any("dim 'W'" in w for w in meta["warnings"])
+    assert "dim 'W' stays symbolic in steps of 16" in err and "Traceback" not in err and "warning" not in err
+    assert meta["symbolic_dims"]["W"] == {"min": 16, "max": AUTO_MAX, "calibrated": 32, "where": [["x", 3]], "step": 16}
+    assert not meta.get("fixed_dims")
+    lib = qcompiler.load(str(out))
+    rng = np.random.default_rng(5)
+    against_reference(tmp_path / "cnnw.onnx", calib, lib,
+                      [{"x": rng.standard_normal((1, 3, 16, w)).astype(np.float32)} for w in (16, 32, 112, 208, AUTO_MAX)])
     static, _ = _compile(tmp_path, model, calib, "cnnw_static", "--static-shapes")
     x = R.standard_normal((2, 3, 16, 32)).astype(np.float32)
-    a, b = qcompiler.load(str(out))(x=x), qcompiler.load(str(static))(x=x)
+    a, b = lib(x=x), qcompiler.load(str(static))(x=x)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="multiple of 16"):
+        lib(x=np.zeros((1, 3, 16, 40), np.float32))
     assert main(["inspect", str(out)]) == 0
-    assert "fixed dim    W = 32" in capsys.readouterr().out
+    assert "symbolic dim W: 16..2048:16" in capsys.readouterr().out
 
 
 def _lstm_model():
@@ -223,13 +230,14 @@ def test_a_failed_symbolic_build_falls_back_to_the_calibration_size(tmp_path, mo
 def test_unnamed_dims_are_candidates_and_an_image_dim_fails_fast(tmp_path, monkeypatch):
     """Exporters leave dims unnamed ("?"): the first is the batch, the others are default candidates
     like named ones (each its own variable, '<input>_<axis>'); an image width through strided convs
-    is refused from the frontend's shapes alone, before any full trace (``driver._shapes_fit``)."""
+    is ruled out from the frontend's shapes alone at every step under which it is no polynomial
+    (1 and 2 here, ``driver._shapes_fit``): no full trace runs at a width off the stride's lattice."""
     model = _cnn_with_strides()
     for d in model.graph.input[0].type.tensor_type.shape.dim:
         if d.dim_param:
             d.Clear()   # neither a size nor a name
-    calls, real = [], driver.retrace
-    monkeypatch.setattr(driver, "retrace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    widths, real = [], driver.retrace
+    monkeypatch.setattr(driver, "retrace", lambda *a, **k: widths.append(a[3]["x"][3]) or real(*a, **k))
     out, meta = _compile(tmp_path, model, {"x": R.standard_normal((4, 3, 16, 32)).astype(np.float32)}, "unnamed")
-    assert list(meta["fixed_dims"]) == ["x_3"] and "no polynomial" in meta["fixed_dims"]["x_3"]["reason"]
-    assert meta["inputs"][0]["shape"] == [1, 3, 16, 32] and not calls
+    assert not meta.get("fixed_dims") and meta["symbolic_dims"]["x_3"]["step"] == 16
+    assert meta["inputs"][0]["shape"] == [1, 3, 16, "x_3"] and widths and all(w % 4 == 0 for w in widths)

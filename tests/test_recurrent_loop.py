@@ -20,6 +20,7 @@ from onnx import helper
 
 import qcompiler
 from qcompiler.cli import main
+from qcompiler.errors import InputError
 from tests.helpers import cosine, make_model, tensor
 from tests.test_symbolic_shapes import against_reference
 
@@ -124,3 +125,50 @@ def test_final_cell_state_keeps_time_fixed(tmp_path):
     assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz")]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["fixed_dims"]["T"]["size"] == 6 and "Y_c" in meta["fixed_dims"]["T"]["reason"]
+
+
+def _crnn(rows=8, I=6, H=4, seed=0):
+    """A CRNN in miniature: a conv striding over the width of an 8-row line image, the rows folded
+    away, a bidirectional LSTM over the width / stride columns (an OCR recogniser's shape)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], kernel_shape=[8, 3], strides=[8, 2], pads=[0, 1, 0, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Squeeze", ["r", "ax2"], ["s"]),
+             helper.make_node("Transpose", ["s"], ["t"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["t", "W", "R", "B"], ["y", "yh"], hidden_size=H, direction="bidirectional"),
+             helper.make_node("Relu", ["y"], ["out"])]
+    inits = [tensor("cw", (rng.standard_normal((I, 1, 8, 3)) * 0.3).astype(np.float32)),
+             tensor("cb", np.zeros(I, np.float32)), tensor("ax2", np.array([2], np.int64)),
+             tensor("W", (rng.standard_normal((2, 4 * H, I)) * 0.5).astype(np.float32)),
+             tensor("R", (rng.standard_normal((2, 4 * H, H)) * 0.5).astype(np.float32)),
+             tensor("B", (rng.standard_normal((2, 8 * H)) * 0.3).astype(np.float32))]
+    return make_model(nodes, [("x", [1, 1, rows, "W"])], [("out", None)], inits, opset=14)
+
+
+@pytest.mark.parametrize("shape", [None, "x=1x1x8x4..64:4"])
+def test_crnn_width_on_the_stride_lattice(tmp_path, shape):
+    """A recogniser's width through a strided conv into a recurrence over the columns: by default the
+    width stays symbolic on the lattice of the conv's stride (found, not asked for), with --shape
+    on the lattice asked for; the step variable reaches the loop and its kernels as a plain variable
+    (FuseTIR requires one), and every width on the lattice is bit-exact to the reference; a width
+    off the lattice is refused in one line.  The line's height, declared symbolic by default, is
+    folded away by the model (8 rows to 1): it stays at its calibration size, with the reason."""
+    m = _crnn("H" if shape is None else 8)
+    onnx.save(m, tmp_path / "m.onnx")
+    rng = np.random.default_rng(4)
+    calib = {"x": rng.standard_normal((4, 1, 8, 32)).astype(np.float32)}
+    np.savez(tmp_path / "c.npz", **calib)
+    out = tmp_path / "m.so"
+    args = ["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz")]
+    assert main(args + (["--shape", shape] if shape else [])) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    step, hi = (2, 2048) if shape is None else (4, 64)
+    assert meta["symbolic_dims"]["W"]["step"] == step and meta["symbolic_dims"]["W"]["max"] == hi
+    assert meta["integer_only"] and list(meta.get("fixed_dims") or {}) == (["H"] if shape is None else [])
+    lib = qcompiler.load(str(out))
+    widths = (step, 7 * step, 11 * step, 32, hi)        # length 1 (in steps), primes, the calibrated, the end
+    against_reference(tmp_path / "m.onnx", calib, lib,
+                      [{"x": rng.standard_normal((1, 1, 8, w)).astype(np.float32)} for w in widths],
+                      [shape] if shape else [])
+    with pytest.raises(InputError, match=f"multiple of {step}"):
+        lib(x=np.zeros((1, 1, 8, 33), np.float32))

@@ -212,6 +212,38 @@ def test_fit_and_spec_units():
         parse(["x"])
 
 
+def test_an_integer_constant_at_the_probe_points_is_checked_beyond_them():
+    """The shift of a mean's dyadic multiplier M / W is the same at the three probe sizes and grows
+    at each power of two: fitted as a constant from the probe points alone, the library would
+    requantize every other size with the wrong shift (an OCR recogniser's squeeze-excite means, off
+    by a factor 2 at width 320).  Checked against the largest size's trace and the variable's
+    table, it becomes a table itself; a constant that holds everywhere stays a constant."""
+    from qcompiler.graph import Graph, Node
+    from qcompiler.qtypes import dyadic
+    from qcompiler.symbolic import SymTable, fit_graph
+
+    def traced(u):
+        d = dyadic(0.99 * 7 / (256 * u))   # one octave from u = 7 to 13
+        n = Node("requant", "mean", ["s"], ["y"], {"mult": int(d.mult), "shift": int(d.shift), "lo": -128})
+        return Graph([n], ["s"], ["y"], {"s": (1, 8), "y": (1, 8)}, {"s": "int32", "y": "int8"})
+
+    var = SymVar("u", 1, 40)
+    pts = probe_points([var])
+    shifts = {int(traced(p["u"]).nodes[0].attrs["shift"]) for p in pts}
+    assert len(shifts) == 1 and int(traced(40).nodes[0].attrs["shift"]) not in shifts  # what the probes miss
+
+    def tabulate(name):
+        return [(u, traced(u)) for u in range(1, 41)]
+
+    tabulate.seen = {}
+    memo = lambda name: tabulate.seen.setdefault(name, tabulate(name))  # noqa: E731
+    memo.seen = tabulate.seen
+    g = fit_graph([traced(p["u"]) for p in pts], pts, ["u"], lambda: traced(40), memo, max_point={"u": 40})
+    a = g.nodes[0].attrs
+    assert isinstance(a["mult"], SymTable) and isinstance(a["shift"], SymTable) and a["lo"] == -128
+    assert [int(a["shift"].data[u - 1]) for u in (7, 20, 40)] == [int(traced(u).nodes[0].attrs["shift"]) for u in (7, 20, 40)]
+
+
 def test_model_bound_is_found_and_stated(tmp_path, capsys):
     """The position table has 40 rows: a range beyond is refused, naming the bound the model sets."""
     onnx.save(_encoder(), tmp_path / "enc.onnx")

@@ -499,7 +499,7 @@ class LutOp(IntOp):
     def lower(lw, n, x):
         a = n.attrs
         idx = lw.emit(relax.op.add(lw.cast(x.expr, "int32"), const(a["offset"], "int32")))
-        e = lw.emit(relax.op.take(const(a["table"], a["dtype"]), idx, axis=0))
+        e = lw.take(const(a["table"], a["dtype"]), idx, 0)
         return Value(e, x.perm, x.shape, a["dtype"])
 
     @staticmethod

@@ -76,8 +76,8 @@ class LutInterpOp(IntOp):
         u = lw.emit(relax.op.add(lw.cast(x.expr, "int32"), const(int(a["offset"]), "int32")))
         i = lw.emit(relax.op.right_shift(u, const(k, "int32")))
         r = lw.emit(relax.op.bitwise_and(u, const((1 << k) - 1, "int32")))   # u >= 0: u - (i << k)
-        t0 = lw.emit(relax.op.take(tab, i, axis=0))
-        t1 = lw.emit(relax.op.take(tab, relax.op.add(i, const(1, "int32")), axis=0))
+        t0 = lw.take(tab, i, 0)
+        t1 = lw.take(tab, lw.emit(relax.op.add(i, const(1, "int32"))), 0)
         s = lw.emit(relax.op.add(relax.op.multiply(t0, relax.op.subtract(const(1 << k, "int32"), r)),
                                  relax.op.multiply(t1, r)))
         y = lw.emit(relax.op.right_shift(relax.op.add(s, const(1 << (k - 1), "int32")), const(k, "int32")))

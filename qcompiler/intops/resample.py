@@ -109,7 +109,7 @@ class ResampleOp(IntOp):
             pax = inv[ax]
             terms = []
             for t in range(ii.shape[0]):
-                g = lw.emit(relax.op.take(acc, const(ii[t].astype(np.int32), "int32"), axis=pax))
+                g = lw.take(acc, const(ii[t].astype(np.int32), "int32"), pax)
                 terms.append(lw.emit(relax.op.multiply(g, const(_along(ww[t], pax, rank), "int64"))))
             acc = terms[0]
             for t in terms[1:]:
@@ -182,7 +182,7 @@ class GatherFillOp(IntOp):
         phys[ax] = 1
         xp = lw.emit(relax.op.concat([x.expr, const(np.zeros(phys), x.dtype)], axis=ax))
         idx = np.asarray(a["indices"], np.int64)
-        e = lw.emit(relax.op.take(xp, const(np.where(idx < 0, size, idx).astype(np.int32), "int32"), axis=ax))
+        e = lw.take(xp, const(np.where(idx < 0, size, idx).astype(np.int32), "int32"), ax)
         return Value(e, x.perm, lw.ig.shapes[n.outputs[0]], x.dtype)
 
     @staticmethod

@@ -347,10 +347,10 @@ class GatherOp(_Move):
         idx = np.asarray(a["indices"], np.int64)
         if idx.ndim == 1:
             ax = L.inverse(x.perm)[a["axis"]]
-            e = lw.emit(relax.op.take(x.expr, const(idx.astype(np.int32), "int32"), axis=ax))
+            e = lw.take(x.expr, const(idx.astype(np.int32), "int32"), ax)
             return Value(e, x.perm, shape, x.dtype)
         x = lw.logical(x)
-        e = lw.emit(relax.op.take(x.expr, const(idx.astype(np.int32), "int32"), axis=a["axis"]))
+        e = lw.take(x.expr, const(idx.astype(np.int32), "int32"), a["axis"])
         return Value(e, L.identity(len(shape)), shape, x.dtype)
 
     @staticmethod

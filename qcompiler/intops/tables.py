@@ -167,7 +167,7 @@ class ChannelLutOp(IntOp):
         t = a["table"]
         base = lw.c((_rows(t) + a["offset"]).astype(np.int32), "int32", x)
         idx = lw.emit(relax.op.add(lw.cast(x.expr, "int32"), base))
-        e = lw.emit(relax.op.take(const(t.reshape(-1), a["dtype"]), idx, axis=0))
+        e = lw.take(const(t.reshape(-1), a["dtype"]), idx, 0)
         shape = tuple(lw.ig.shapes[n.outputs[0]])  # (symbolic dims as the graph states them)
         perm = x.perm if len(shape) == x.rank else tuple(range(len(shape)))
         return Value(e, perm, shape, a["dtype"])

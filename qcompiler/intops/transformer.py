@@ -197,7 +197,7 @@ class EmbeddingOp(IntOp):
         ids = lw.logical(ids)
         i = lw.emit(relax.op.clip(lw.cast(ids.expr, "int64"), 0, int(t.shape[0]) - 1))
         i = lw.cast(i, "int32")
-        e = lw.emit(relax.op.take(const(t, str(t.dtype)), i, axis=0))
+        e = lw.take(const(t, str(t.dtype)), i, 0)
         shape = lw.ig.shapes[n.outputs[0]]
         return Value(e, L.identity(len(shape)), shape, str(t.dtype))
 

@@ -51,6 +51,24 @@ class Lowering:
     def emit(self, expr, name: str = "") -> relax.Expr:
         return self.bb.emit(expr, name_hint=_hint(name))
 
+    def take(self, x: relax.Expr, idx: relax.Expr, axis: int) -> relax.Expr:
+        """``x`` gathered along ``axis`` at ``idx`` (the index tensor's axes replace ``axis``), indices
+        in range by construction (clipped table indices, constant index maps), so unchecked: Relax's
+        ``take`` in its "fast" mode computes the same, but its legalization prints a warning for
+        every such op (thousands in a model of table lookups)."""
+        xs, ns = (list(self.bb.normalize(e).ty.shape) for e in (x, idx))
+        axis %= len(xs)
+
+        def f(a, i):
+            def body(*p):
+                j = p[axis:axis + len(ns)]
+                k = (i(*j) if j else i()).astype("int64")
+                return a[(*p[:axis], k, *p[axis + len(ns):])]
+
+            return te.compute((*xs[:axis], *ns, *xs[axis + 1:]), body, name="take")
+
+        return self.bb.emit_te(f, x, idx, primfunc_name_hint="take")
+
     def to_perm(self, v: Value, want: tuple[int, ...]) -> Value:
         if tuple(v.perm) == tuple(want):
             return v
@@ -106,17 +124,11 @@ class Lowering:
         """The row of a ``SymTable`` for this run's size (u - lo), laid out for ``v`` like ``c``."""
         rows = np.stack([L.const_for(r, v.rank, v.perm) for r in np.asarray(t.data)])  # each row laid out as c()
         key = (t.var.name, int(t.lo))
-        if key not in self._table_rows:  # the row index of this run: once per dim
-            param, ax, st = self._size_of[t.var.name]   # the size variable of an input: u = size / step
-            size, lo = param.ty.shape[ax], int(t.lo)
-            # u as a tensor's extent (a variable in an output shape is passed to the kernel; one only
-            # in its body is not), then u - lo from that extent
-            probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
-                                                       name="size_probe"), primfunc_name_hint="size_probe")
-            self._table_rows[key] = self.bb.emit_te(lambda p: te.compute((1,), lambda i: p.shape[0] - lo,
-                                                                         name="size_row"),
-                                                    probe, primfunc_name_hint="size_row")
-        row = self.emit(relax.op.take(const(rows, dtype), self._table_rows[key], axis=0))
+        if key not in self._table_rows:  # the row index of this run, u - lo: once per dim
+            lo = int(t.lo)  # (u: the dim's variable, bound in main from an input's size, / step where stepped)
+            self._table_rows[key] = self.bb.emit_te(lambda u: te.compute((1,), lambda i: u - lo, name="size_row"),
+                                                    t.var, primfunc_name_hint="size_row")
+        row = self.take(const(rows, dtype), self._table_rows[key], 0)
         return self.emit(relax.op.reshape(row, tuple(rows.shape[1:])))
 
     def requant_expr(self, t64, v: Value, mult, shift, add, lo, hi, dtype):
@@ -149,15 +161,10 @@ class Lowering:
         # bound from it below (match_cast) and the input is cast to its dims in u
         stepped = {self._tvar(n): (st, tirx.Var(tir_name(n) + "_size", "int64"))
                    for n, (_, _, st) in ig.dim_ranges.items() if st > 1}
-        self._size_of: dict = {}   # symbolic dim name -> (input parameter, axis, step): where its size is read
         self._table_rows: dict = {}  # (dim name, lo) -> the [u - lo] tensor SymTable rows are picked by
         for t in ig.inputs:
             shape = [self._raw(d, stepped) for d in ig.shapes[t]]
             params.append(relax.Var(_hint(t), relax.TensorType(shape=shape, dtype=ig.dtypes[t])))
-            for ax, (d, r) in enumerate(zip(ig.shapes[t], shape)):
-                if isinstance(r, tirx.Var):
-                    name = next((u.name for u, (st, size) in stepped.items() if size.same_as(r)), r.name)
-                    self._size_of.setdefault(name, (params[-1], ax, stepped.get(self._tvar(name), (1,))[0]))
         # symbolic dims: their largest sizes let Relax plan the memory once, for every shape in range
         bounds = {}
         for k, (_, hi, st) in ig.dim_ranges.items():
@@ -172,9 +179,14 @@ class Lowering:
         with self.bb.function("main", params, attrs=attrs):
             with self.bb.dataflow():
                 for u, (st, size) in stepped.items():
-                    probe = self.bb.emit_te(lambda: te.compute((tirx.floordiv(size, st),), lambda i: tirx.const(0, "int8"),
-                                                               name="size_in_steps"), primfunc_name_hint="size_in_steps")
-                    self.bb.match_cast(probe, relax.TensorType(shape=[u], dtype="int8"))
+                    # u = size // step, read at run time into a shape: a variable Relax knows only by
+                    # this binding (bound from an expression, FuseTIR's symbolic-argument rewriting
+                    # would pass fused kernels ``size // step`` where it requires a plain variable)
+                    probe = self.bb.emit_te(lambda n: te.compute((1,), lambda i: tirx.floordiv(n, st), name="size_in_steps"),
+                                            size, primfunc_name_hint="size_in_steps")
+                    shp = self.bb.emit(relax.op.call_pure_packed("vm.builtin.tensor_to_shape", probe,
+                                                                 ty_args=relax.ShapeType(ndim=1)))
+                    self.bb.match_cast(shp, relax.ShapeType([u]))
                 for t, var in zip(ig.inputs, params):
                     if stepped and any(not _is_int(d) for d in ig.shapes[t]):  # checks size == step * u at run time
                         var = self.bb.match_cast(var, relax.TensorType(shape=list(ig.shapes[t]), dtype=ig.dtypes[t]))
@@ -209,7 +221,7 @@ class Lowering:
         step output flattened)."""
         ig = self.ig
         ns = len(params) - 1
-        self._size_of, self._table_rows = {}, {}
+        self._table_rows = {}
         for t, p in zip(ig.inputs[:ns], params[:ns]):
             self.env[t] = Value(p, L.identity(len(ig.shapes[t])), ig.shapes[t], ig.dtypes[t])
         x = ig.inputs[ns]
