@@ -95,8 +95,9 @@ def ort_int8_dynamic(name: str, d: str) -> str:
     return out
 
 
-def ort_int8_model(name: str, calib: dict, d: str) -> str:
-    """ONNX Runtime's own static quantization (QDQ, per-channel int8 weights, u8 activations)."""
+def ort_int8_model(name: str, calib: dict, d: str, path: str | None = None) -> str:
+    """ONNX Runtime's own static quantization (QDQ, per-channel int8 weights, u8 activations) of the
+    zoo model ``name`` (or the model file ``path``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -113,7 +114,7 @@ def ort_int8_model(name: str, calib: dict, d: str) -> str:
     from qcompiler import frontend
 
     up = os.path.join(d, f"{name}.op13.onnx")  # per-channel QDQ needs opset >= 13
-    onnx.save(frontend.upgrade(frontend.read_model(zoo.model_path(name)), name), up)
+    onnx.save(frontend.upgrade(frontend.read_model(path or zoo.model_path(name)), name), up)
     pre = os.path.join(d, f"{name}.pre.onnx")
     out = os.path.join(d, f"{name}.int8.onnx")
     try:

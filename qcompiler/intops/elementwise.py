@@ -498,8 +498,7 @@ class LutOp(IntOp):
     @staticmethod
     def lower(lw, n, x):
         a = n.attrs
-        idx = lw.emit(relax.op.add(lw.cast(x.expr, "int32"), const(a["offset"], "int32")))
-        e = lw.take(const(a["table"], a["dtype"]), idx, 0)
+        e = lw.lut(x.expr, np.asarray(a["table"], a["dtype"]), int(a["offset"]))
         return Value(e, x.perm, x.shape, a["dtype"])
 
     @staticmethod

@@ -25,7 +25,7 @@ two knots, so it lies in [min T, max T].
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import te, tirx
 
 from qcompiler.lowering.relax_lower import Value, const
 
@@ -70,19 +70,27 @@ class LutInterpOp(IntOp):
 
     @staticmethod
     def lower(lw, n, x):
+        """One kernel: the index, both knot loads and the interpolation (as separate Relax ops the
+        two gathers of a data-dependent index stay kernels of their own, four or five per gate and
+        step of a recurrence, each a VM call with its allocation)."""
         a = n.attrs
-        k = int(a["k"])
-        tab = const(np.asarray(a["table"], np.int32), "int32")
-        u = lw.emit(relax.op.add(lw.cast(x.expr, "int32"), const(int(a["offset"]), "int32")))
-        i = lw.emit(relax.op.right_shift(u, const(k, "int32")))
-        r = lw.emit(relax.op.bitwise_and(u, const((1 << k) - 1, "int32")))   # u >= 0: u - (i << k)
-        t0 = lw.take(tab, i, 0)
-        t1 = lw.take(tab, lw.emit(relax.op.add(i, const(1, "int32"))), 0)
-        s = lw.emit(relax.op.add(relax.op.multiply(t0, relax.op.subtract(const(1 << k, "int32"), r)),
-                                 relax.op.multiply(t1, r)))
-        y = lw.emit(relax.op.right_shift(relax.op.add(s, const(1 << (k - 1), "int32")), const(k, "int32")))
-        y = lw.emit(relax.op.clip(y, int(a["lo"]), int(a["hi"])))
-        return Value(lw.cast(y, a["dtype"]), x.perm, x.shape, a["dtype"])
+        k, off, lo, hi, dt = int(a["k"]), int(a["offset"]), int(a["lo"]), int(a["hi"]), a["dtype"]
+
+        def f(xt, tab):
+            def body(*p):
+                u = xt(*p).astype("int32") + tirx.const(off, "int32")
+                i = u >> k
+                r = u & ((1 << k) - 1)   # u >= 0: u - (i << k)
+                s = tab[i] * ((1 << k) - r) + tab[i + 1] * r + (1 << (k - 1))
+                return tirx.max(tirx.min(s >> k, hi), lo).astype(dt)
+
+            return te.compute(xt.shape, body, name="lut_interp")
+
+        # injective for FuseOps (each output element from its own input element; the knots are a
+        # constant), so the gate slices before it and the cell arithmetic after it fuse with it
+        y = lw.bb.emit_te(f, x.expr, const(np.asarray(a["table"], np.int32), "int32"), primfunc_name_hint="lut_interp",
+                          primfunc_attrs={"op_pattern": 2})
+        return Value(y, x.perm, x.shape, dt)
 
     @staticmethod
     def bound(ctx, n, x):

@@ -69,6 +69,19 @@ class Lowering:
 
         return self.bb.emit_te(f, x, idx, primfunc_name_hint="take")
 
+    def lut(self, x: relax.Expr, table: np.ndarray, offset: int) -> relax.Expr:
+        """table[x + offset] elementwise (indices in range by construction: ``offset`` is the index of
+        code 0 and the table has an entry per code), as one kernel that FuseOps takes as injective --
+        each output element from its own input element, the table a constant -- so that it fuses
+        with the elementwise kernels around it (as an add and a gather it was two kernels, the gather
+        opaque to fusion)."""
+        def f(xt, tab):
+            return te.compute(xt.shape, lambda *p: tab[xt(*p).astype("int32") + tirx.const(int(offset), "int32")],
+                              name="lut")
+
+        return self.bb.emit_te(f, x, const(table, str(table.dtype)), primfunc_name_hint="lut",
+                               primfunc_attrs={"op_pattern": 2})
+
     def to_perm(self, v: Value, want: tuple[int, ...]) -> Value:
         if tuple(v.perm) == tuple(want):
             return v
