@@ -71,30 +71,30 @@ def test_static_shapes_fixes_every_dim(tmp_path):
 
 
 def test_an_image_width_through_strided_convs_stays_symbolic_on_its_stride_lattice(tmp_path, capsys):
-    """No polynomial in W, but one in W / 4: the width stays symbolic on a lattice found by tracing --
-    steps 4 and 8 give more sizes than the mean's per-size requantization constants are tabulated
-    for, so 16..2048:16 -- stated in the progress output; the library is bit-exact to the reference
-    at every width tried and equals the --static-shapes library at the calibration width."""
+    """No polynomial in W, but one in W / 4: the width stays symbolic on the lattice found by tracing,
+    4..2048:4 (step 2 is ruled out; the mean's count, (W / 4) * 4, is a polynomial of u and needs no
+    table: ``pool.MeanRequantOp``), stated in the progress output; the library is bit-exact to the
+    reference at every width tried and equals the --static-shapes library at the calibration width."""
     calib = {"x": R.standard_normal((6, 3, 16, 32)).astype(np.float32)}
     model = _cnn_with_strides()  # weights drawn once: both compiles below take this model
     capsys.readouterr()
     out, meta = _compile(tmp_path, model, calib, "cnnw", quiet=False)
     err = capsys.readouterr().err
-    assert "dim 'W' stays symbolic in steps of 16" in err and "Traceback" not in err and "warning" not in err
-    assert meta["symbolic_dims"]["W"] == {"min": 16, "max": AUTO_MAX, "calibrated": 32, "where": [["x", 3]], "step": 16}
+    assert "dim 'W' stays symbolic in steps of 4" in err and "Traceback" not in err and "warning" not in err
+    assert meta["symbolic_dims"]["W"] == {"min": 4, "max": AUTO_MAX, "calibrated": 32, "where": [["x", 3]], "step": 4}
     assert not meta.get("fixed_dims")
     lib = qcompiler.load(str(out))
     rng = np.random.default_rng(5)
     against_reference(tmp_path / "cnnw.onnx", calib, lib,
-                      [{"x": rng.standard_normal((1, 3, 16, w)).astype(np.float32)} for w in (16, 32, 112, 208, AUTO_MAX)])
+                      [{"x": rng.standard_normal((1, 3, 16, w)).astype(np.float32)} for w in (4, 32, 28, 52, 1500, AUTO_MAX)])
     static, _ = _compile(tmp_path, model, calib, "cnnw_static", "--static-shapes")
     x = R.standard_normal((2, 3, 16, 32)).astype(np.float32)
     a, b = lib(x=x), qcompiler.load(str(static))(x=x)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(InputError, match="multiple of 16"):
-        lib(x=np.zeros((1, 3, 16, 40), np.float32))
+    with pytest.raises(InputError, match="multiple of 4"):
+        lib(x=np.zeros((1, 3, 16, 42), np.float32))
     assert main(["inspect", str(out)]) == 0
-    assert "symbolic dim W: 16..2048:16" in capsys.readouterr().out
+    assert "symbolic dim W: 4..2048:4" in capsys.readouterr().out
 
 
 def _lstm_model():
@@ -239,5 +239,5 @@ def test_unnamed_dims_are_candidates_and_an_image_dim_fails_fast(tmp_path, monke
     widths, real = [], driver.retrace
     monkeypatch.setattr(driver, "retrace", lambda *a, **k: widths.append(a[3]["x"][3]) or real(*a, **k))
     out, meta = _compile(tmp_path, model, {"x": R.standard_normal((4, 3, 16, 32)).astype(np.float32)}, "unnamed")
-    assert not meta.get("fixed_dims") and meta["symbolic_dims"]["x_3"]["step"] == 16
+    assert not meta.get("fixed_dims") and meta["symbolic_dims"]["x_3"]["step"] == 4
     assert meta["inputs"][0]["shape"] == [1, 3, 16, "x_3"] and widths and all(w % 4 == 0 for w in widths)

@@ -1,12 +1,16 @@
-"""Pooling and reductions: integers only, no run-time division; rules and integer ops.
+"""Pooling and reductions: integers only; rules and integer ops.
 
-Integer ops: maxpool, sumpool, reduce_sum, reduce_max (classes below).  Quantization rules:
+Integer ops: maxpool, sumpool, reduce_sum, reduce_max, mean_requant (classes below).  Quantization rules:
 
 MaxPool / ReduceMax   max of integers on the input's own scale (padding = the dtype's minimum)
 AveragePool           s = window sum (int32);  y = rq(s; S_x / (S_y * count[p]))  with the ONNX
                       divisor count[p] of every output position p folded into per-position
                       dyadic constants at compile time (count_include_pad, ceil_mode handled)
-ReduceMean/Sum        s = sum over axes (int32);  y = rq(s; S_x / (S_y * n))  (n = 1 for Sum)
+ReduceSum             s = sum over axes (int32);  y = rq(s; S_x / S_y)
+ReduceMean            s = sum over n elements (int32);  y = round(rq(s; S_x / S_y) / n)  (``mean_requant``:
+                      the count n is an attribute of its own, not folded into the dyadic multiplier,
+                      so that it stays a polynomial of the dims -- H * W of a GlobalAveragePool --
+                      when they are symbolic; folded, the multiplier follows 1 / n in no polynomial way)
                       (GlobalAveragePool is ReduceMean over the spatial axes)
 """
 
@@ -17,9 +21,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qcompiler.qtypes import dyadic
+from qcompiler.lowering.relax_lower import Value
+from qcompiler.qtypes import dyadic, requant_ref
 
-from .registry import I32, Example, IntOp, float_ref, mag, register, rule
+from .registry import I32, Example, IntOp, dyadic_bound, float_ref, mag, register, rule
 
 if TYPE_CHECKING:
     from passes.quantize import Quantizer
@@ -59,10 +64,12 @@ def _reduce(qz: Quantizer, n, mean: bool):
                 qz.fg.shape(out), None, node_name=n.name + "/sum")
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
-    dy = dyadic(np.asarray(qx.scale / qy.scale / (count if mean else 1)), f"node '{n.name}'")
-    qz.emit("requant", [s], out, {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype,
-                                  "acc_scale": qx.scale},
-            qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+    dy = dyadic(np.asarray(qx.scale / qy.scale), f"node '{n.name}'")
+    a = {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "acc_scale": qx.scale}
+    if mean and count > 1:
+        qz.emit("mean_requant", [s], out, {**a, "count": count}, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
+    else:
+        qz.emit("requant", [s], out, a, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
 
 
 @rule("ReduceMean")
@@ -197,6 +204,59 @@ class ReduceSumOp(IntOp):
     @staticmethod
     def examples(rng):
         return [dataclasses.replace(e, out_dtype="int32") for e in _reduce_examples("int16")]
+
+
+@register
+class MeanRequantOp(IntOp):
+    """y = clip(floor((2t + n) / (2n)), lo, hi), t = (int64(s) * mult + 2^(shift-1)) >> shift: the sum
+    ``s`` of n elements rescaled by the dyadic (mult, shift) of S_x / S_y, then divided by the count
+    n with round half up (the mean; n an attribute, a polynomial of symbolic dims).  Two roundings:
+    |y - s S_x / (n S_y)| <= 1/2 + 1/(2n) before the clip.
+    Bound: |s| * |mult| + 2^(shift-1) < 2^62 (2t + n in int64)."""
+    name = "mean_requant"
+    attrs = {"mult": "int64 multiplier of S_x / S_y, |mult| < 2^31", "shift": "int64 shift in 1..62",
+             "count": "n, the number of elements summed (>= 1)", "lo": "clamp minimum", "hi": "clamp maximum",
+             "dtype": "output integer dtype"}
+
+    @staticmethod
+    def reference(x, a):
+        t = requant_ref(x, np.asarray(a["mult"]), np.asarray(a["shift"]))
+        c = np.int64(a["count"])
+        return np.clip(np.floor_divide(2 * t + c, 2 * c), a["lo"], a["hi"]).astype(a["dtype"])
+
+    @staticmethod
+    def lower(lw, n, x):
+        from tvm import te, tirx
+
+        a = n.attrs
+        m, sh, c = int(a["mult"]), int(a["shift"]), a["count"]
+        lo, hi, dt = int(a["lo"]), int(a["hi"]), a["dtype"]
+
+        def f(xt, *cn):
+            cnt = cn[0].astype("int64") if cn else tirx.const(int(c), "int64")
+
+            def body(*p):
+                t = (xt(*p).astype("int64") * m + (1 << (sh - 1))) >> sh
+                return tirx.max(tirx.min(tirx.floordiv(t * 2 + cnt, cnt * 2), hi), lo).astype(dt)
+
+            return te.compute(xt.shape, body, name="mean_requant")
+
+        args = [x.expr] + ([] if isinstance(c, (int, np.integer)) else [c])  # (a symbolic count: a scalar argument)
+        y = lw.bb.emit_te(f, *args, primfunc_name_hint="mean_requant")
+        return Value(y, x.perm, x.shape, dt)
+
+    @staticmethod
+    def bound(ctx, n, x):
+        b = dyadic_bound(float(mag(x)), n.attrs)
+        if b > 2.0 ** 62:
+            ctx.fail(n, "the int64 rescaled sum of the mean", b, 2 ** 62)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int32", (2, 6, 1, 1))], {"mult": np.int64(1518500250), "shift": np.int64(31), "count": 49,
+                                                    "lo": -128, "hi": 127, "dtype": "int8"}, "int8"),
+                Example([("int32", (1, 3, 5))], {"mult": np.int64(2 ** 30 + 12345), "shift": np.int64(40), "count": 7,
+                                                 "lo": 0, "hi": 255, "dtype": "uint8"}, "uint8")]
 
 
 @register
