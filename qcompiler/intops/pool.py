@@ -66,9 +66,12 @@ def _reduce(qz: Quantizer, n, mean: bool):
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(np.asarray(qx.scale / qy.scale), f"node '{n.name}'")
     a = {"mult": dy.mult, "shift": dy.shift, "lo": lo, "hi": hi, "dtype": qy.dtype, "acc_scale": qx.scale}
-    if mean and count > 1:
+    if mean and count > 1 and dy.mult.size == 1:  # (a per-channel input scale keeps the count in its multipliers)
         qz.emit("mean_requant", [s], out, {**a, "count": count}, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
     else:
+        if mean:
+            dy = dyadic(np.asarray(qx.scale / qy.scale / count), f"node '{n.name}'")
+            a.update(mult=dy.mult, shift=dy.shift)
         qz.emit("requant", [s], out, a, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
 
 
