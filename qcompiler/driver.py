@@ -552,8 +552,10 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
                 continue
             except Exception:  # noqa: BLE001 -- the dim stays at its calibration size
                 return None
+            first = v.where[0][0]
             progress.get().stage(f"dim '{v.name}' stays symbolic in steps of {st} ({w.lo}..{w.hi}: the model's "
-                                 f"stride); other sizes are refused at run time")
+                                 f"stride); other sizes are refused at run time (for one size, --shape {first}=... "
+                                 "with that size, or --static-shapes, builds the faster static library)")
             return next(x for x in vs if x.name == v.name)
         return None
 
