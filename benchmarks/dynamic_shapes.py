@@ -130,20 +130,34 @@ def _compile_batch(name, path, calib, shape):
     return time.perf_counter() - t
 
 
+def run_models(bench, models: list[str], repeats: int) -> tuple[list[dict], list[float]]:
+    """Every model's rows from ``bench(name, repeats, scratch dir)``, and the machine's 1-minute load
+    before and after (shared hosts: timings scale with it)."""
+    rows, load = [], [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as d:
+        for name in models:
+            rows += bench(name, repeats, d)
+    load.append(os.getloadavg()[0])
+    return rows, load
+
+
+def record(rows: list[dict], load: list[float], note: str) -> dict:
+    """The result file's content: the rows with the date, the machine and its load."""
+    from qcompiler.tune.device import cpu_model_name, device_name
+
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "device": device_name(parse_target("cpu")),
+            "threads": host_cores(), "load_avg_1min_start_end": [round(x, 2) for x in load], "note": note,
+            "results": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/dynamic_shapes.json"))
     a = ap.parse_args(argv)
-    from qcompiler.tune.device import cpu_model_name, device_name
 
-    rows = []
-    load = [os.getloadavg()[0]]  # the machine's load (shared hosts: timings scale with it)
-    with tempfile.TemporaryDirectory() as d:
-        for name in a.models.split(","):
-            rows += bench(name, a.repeats, d)
-    load.append(os.getloadavg()[0])
+    rows, load = run_models(bench, a.models.split(","), a.repeats)
     print(f"\n{'model':<11}{'shape':>10}{'dynamic':>9}{'static':>9}{'ORT fp32':>9}{'ORT int8':>9}   dyn/static  "
           "vs ORT int8  equal  compile s (dyn / static)")
     for r in rows:
@@ -151,11 +165,9 @@ def main(argv=None) -> int:
               f"{r['ort_fp32']:>9.2f}{r['ort_int8']:>9.2f}   {r['static'] / r['dynamic']:>9.2f}x  "
               f"{r['dynamic_vs_ort_int8']:>10.2f}x  {str(r['dynamic_equals_static']):>5}  "
               f"{r['compile_s_dynamic']} / {r['compile_s_static']}")
-    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "device": device_name(parse_target("cpu")),
-           "threads": host_cores(), "load_avg_1min_start_end": [round(x, 2) for x in load],
-           "note": "median ms per call; static = a library compiled for that exact shape (the same calibration "
-                   "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
-                   "quantize_static QDQ (open-nsfw)", "results": rows}
+    out = record(rows, load, "median ms per call; static = a library compiled for that exact shape (the same calibration "
+                             "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
+                             "quantize_static QDQ (open-nsfw)")
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
     return 0

@@ -16,11 +16,9 @@ benchmarks/results/recurrent_loop.json (machine, date) and prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import corpus  # noqa: E402
 from benchmarks.cpu_int8 import _ort_best  # noqa: E402
+from benchmarks.dynamic_shapes import record, run_models  # noqa: E402
 from qcompiler.targets import host_cores, parse_target  # noqa: E402
 
 CASES = {"tashkeel-bilstm": (8, 32, 128), "ar-romanizer-enc": (8, 16, 64)}
@@ -96,25 +95,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/recurrent_loop.json"))
     a = ap.parse_args(argv)
-    from qcompiler.tune.device import cpu_model_name, device_name
-
-    rows, load = [], [os.getloadavg()[0]]
-    with tempfile.TemporaryDirectory() as d:
-        for name in a.models.split(","):
-            rows += bench(name, a.repeats, d)
-    load.append(os.getloadavg()[0])
+    rows, load = run_models(bench, a.models.split(","), a.repeats)
     print(f"\n{'model':<18}{'T':>5}{'dynamic':>9}{'static':>9}{'ORT fp32':>9}   dyn/static   cos dyn / static"
           "   compile s (dyn / static)")
     for r in rows:
         print(f"{r['model']:<18}{r['length']:>5}{r['dynamic']:>9.3f}{r['static']:>9.3f}{r['ort_fp32']:>9.3f}"
               f"   {r['static'] / r['dynamic']:>9.2f}x   {r['cos_dynamic']:.4f} / {r['cos_static']:.4f}"
               f"   {r['compile_s_dynamic']} / {r['compile_s_static']}")
-    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model_name(), "device": device_name(parse_target("cpu")),
-           "threads": host_cores(), "load_avg_1min_start_end": [round(x, 2) for x in load],
-           "note": "median ms per call at batch 1; dynamic = one library, the time axis symbolic (an integer loop "
-                   "per direction); static = a library compiled for that length (the recurrence unrolled); both "
-                   "calibrated on the same samples; cos = cosine of the first output to ORT FP32",
-           "results": rows}
+    out = record(rows, load, "median ms per call at batch 1; dynamic = one library, the time axis symbolic (an integer "
+                             "loop per direction); static = a library compiled for that length (the recurrence unrolled); "
+                             "both calibrated on the same samples; cos = cosine of the first output to ORT FP32")
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
     return 0
