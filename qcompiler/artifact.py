@@ -85,6 +85,17 @@ def check_writable(out: str | os.PathLike) -> Path:
     return p
 
 
+def check_library_path(out: str | os.PathLike) -> Path:
+    """``check_writable`` for a library: the TVM runtime picks a module's loader by its file suffix
+    (``tvm.runtime.load_module``), so a library written as ``model`` or ``model.bin`` could not be
+    loaded back; refused before any work."""
+    p = check_writable(out)
+    if p.suffix != ".so":
+        raise ArtifactError(f"{p}: a library path must end in .so (e.g. {p.with_suffix('.so')}); "
+                            "the TVM runtime loads a shared library by its suffix")
+    return p
+
+
 @contextlib.contextmanager
 def atomic_paths(*finals: Path):
     """Yields temporary paths beside ``finals``; renames them into place only if the block succeeds."""

@@ -2,7 +2,8 @@
 
 Every packed call of the model's ``main`` is timed inside the running model (the Relax VM's
 instrument hook, ``costmodel/profile.py`` ``time_calls``) and, for the kernels, alone on the
-model's own arguments (``time_evaluator``, no hook in the way).  The table lists each call in
+model's own arguments just before the model calls them (``time_isolated_in_run``: ``time_evaluator``,
+no hook in the way).  The table lists each call in
 execution order with
 
   kernel     the PrimFunc (or VM builtin) name
@@ -86,25 +87,21 @@ def _macs(layer: dict) -> int:
 
 def profile(lib, feeds: dict | None = None, runs: int = 20, bench_repeats: int = 30) -> dict:
     """The per-call table and the time by category of ``lib`` (a ``qcompiler.runtime.Library``)."""
-    from costmodel.profile import time_calls, time_isolated
+    from costmodel.profile import time_calls, time_isolated_in_run
 
     feeds = feeds or lib.example_inputs()
     bench = lib.bench(feeds, repeats=bench_repeats)
     calls = time_calls(lib, runs=runs, feeds=feeds)
     hook = _hook_cost(lib, feeds)
+    isolated = time_isolated_in_run(lib, feeds, want=lambda name: categorize(name) != "vm-builtin", repeats=5,
+                                    min_repeat_ms=2)
     gemm_layers = list(lib.meta.get("layers", []))
-    isolated: dict[tuple, float] = {}
     rows, k_gemm = [], 0
-    for name, ts, args in calls:
+    for i, (name, ts, args) in enumerate(calls):
         cat = categorize(name)
         in_model = statistics.median(ts) if ts else 0.0
-        t = None
-        if cat != "vm-builtin":
-            key = (name, tuple(tuple(int(d) for d in getattr(a, "shape", ())) for a in args))
-            if key not in isolated:
-                r = time_isolated(lib, name, args, repeats=5, min_repeat_ms=2)
-                isolated[key] = statistics.median(r) if r else None
-            t = isolated[key]
+        r = isolated.get(i)
+        t = statistics.median(r) if r else None
         iso, how = t, "isolated"
         if t is None or in_model - hook >= IN_MODEL_MIN_S:
             t, how = max(in_model - hook, 0.0), "in-model"

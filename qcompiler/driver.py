@@ -672,7 +672,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
     from .lowering.build import build
 
     rep = progress.get()
-    out = artifact.check_writable(out_path)
+    out = artifact.check_library_path(out_path)
     t0 = time.perf_counter()
     prep = prepare(model_path, calib, opts)
     ig = prep.int_graph

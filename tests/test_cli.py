@@ -142,6 +142,9 @@ def test_bad_target_and_output(small, tmp_path, capsys):
     _bad(capsys, ["compile", m, "-o", out, "--calib", calib, "--target", "cpu", "--arch", "pentium9000"], "pentium9000",
          out=out)
     _bad(capsys, ["compile", m, "-o", str(tmp_path / "missing_dir" / "o.so"), "--calib", calib], "does not exist")
+    for name in ("model", "model.bin"):  # the runtime loads a library by its suffix: refused before any work
+        _bad(capsys, ["compile", m, "-o", str(tmp_path / name), "--calib", calib], "must end in .so",
+             out=str(tmp_path / name))
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

@@ -438,14 +438,25 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
         _vectorize_inner(sch, inner[-1], L)
     if prep_vec_dims is not None:
         pl = sch.get_loops(sch.get_sblock("prep"))
-        par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
-        # a symbolic inner extent (a depth over a symbolic dim, qcompiler/symbolic.py) is left to LLVM's
-        # loop vectorizer, which needs the buffers' noalias facts that TVM's parallel closure drops
-        # (the attention P.V prep at sequence 512: 3.3 ms in parallel on one thread, 0.7 ms serial)
-        if cfg.parallel and all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in pl[len(pl) - prep_vec_dims:]):
-            sch.parallel(par)
-        vec = sch.fuse(*pl[len(pl) - prep_vec_dims:]) if prep_vec_dims > 1 else pl[-1]
-        _vectorize_inner(sch, vec, isa.vbytes)
+        inner = pl[len(pl) - prep_vec_dims:]
+        static = [isinstance(sch.get(lp).extent, tirx.IntImm) for lp in inner]
+        if not all(static) and static[-1] and int(sch.get(inner[-1]).extent) % min(isa.vbytes, 16) == 0:
+            # a symbolic width over static channels (a conv over a symbolic width): channels vectorized
+            # by TVM, (n, h) in parallel, the width a loop between
+            par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
+            if cfg.parallel:
+                sch.parallel(par)
+            ext = int(sch.get(inner[-1]).extent)
+            _vectorize_inner(sch, inner[-1], next(v for v in (isa.vbytes, 32, 16) if ext % v == 0 or ext < v))
+        else:
+            par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
+            # a symbolic inner extent (a depth over a symbolic dim, qcompiler/symbolic.py) is left to
+            # LLVM's loop vectorizer, which needs the buffers' noalias facts that TVM's parallel closure
+            # drops (the attention P.V prep at sequence 512: 3.3 ms in parallel on one thread, 0.7 ms serial)
+            if cfg.parallel and all(static):
+                sch.parallel(par)
+            vec = sch.fuse(*inner) if prep_vec_dims > 1 else pl[-1]
+            _vectorize_inner(sch, vec, isa.vbytes)
     init = sch.decompose_reduction(gemm, red_loops[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(n2, intrin)
@@ -453,7 +464,7 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
 
 def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx, acc_shift: int = 0, post=None,
               post_at=None):
-    """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (row, n)`` maps output to GEMM indices.
+    """out[...] = requant(C[row, n] + bias[n]); ``idx(*i) -> (*row, n)`` maps output to GEMM indices.
 
     The bias is added in int32 (exact: see the module docstring).  ``acc_shift``: the GEMM summed
     ``2^acc_shift`` x the products (VNNI W4A8), shifted back first (exact: a multiple of it).
@@ -461,8 +472,8 @@ def _epilogue(shape, C, bias, mult, shift, lo, hi, out_dtype, idx, acc_shift: in
     """
 
     def f(*i):
-        r, n = idx(*i)
-        c = C[r, n] >> acc_shift if acc_shift else C[r, n]
+        *r, n = idx(*i)
+        c = C[(*r, n)] >> acc_shift if acc_shift else C[(*r, n)]
         at = (*post_at, i) if post is not None else None
         return _requant((c + bias[n]).astype("int64"), mult[n], shift[n], lo, hi, out_dtype, post, at)
 
@@ -628,6 +639,8 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
 
     args (X, Wp, bias_eff, mult, shift, Out); Wp/bias_eff from ``pack_conv``; pads = (t, l, b, r);
     with a fused ``post`` (X, Wp, bias_eff, mult, shift, *extras [N,OH,OW,OC], consts, Out).
+    Symbolic N / H / W (the kernel's attribute ``qc.ow_tiles`` = mr): OWt = ceil(OW / mr), the number of
+    row tiles per output row, as an int32 before Out; serial below :data:`SERIAL_CYCLES` (``_par_branch``).
     """
     _check_io(a_dtype, out_dtype, lo, hi, isa)
     Kp = KH * KW * _ceil(C, isa.kround) * isa.kround
@@ -637,24 +650,22 @@ def conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strid
         return _conv2d(int(N), int(H), int(W), C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi,
                        config, isa, post)
     # symbolic N / H / W (qcompiler/symbolic.py): the kernel's own variables, bound from X's shape at the
-    # call; whole row tiles, their count Mt an int32 argument after the tensors, Out[Mt * mr, OC] (the
-    # rows of (n, oh, ow)); the caller keeps N * OH * OW of them (lowering/gemm.py ``qc.row_tile``)
-    if post is not None:
-        raise ValueError("a fused epilogue with symbolic dims")
+    # call; the row tiles per output row OWt an int32 argument after the tensors (``_conv2d``)
     from qcompiler.tune.workload import rows_bucket
 
     if config is None:
         rep = [rows_bucket(d) for d in (N, H, W)]
         _, _, _, _, _, _, rOH, rOW, _, _ = _conv_geometry(rep[1], rep[2], KH, KW, strides, pads, dilations)
         config = default_config(rep[0] * rOH * rOW, OC, Kp, isa=isa)
-    N, H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64")
+    # int32 like a static kernel's loops (int64 ones defeat the intrinsic's blockize)
+    N, H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int32")
                for d, nm in ((N, "N"), (H, "H"), (W, "W")))
-    return _conv2d(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config, isa, None)
+    return _conv2d(N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config, isa, post)
 
 
 def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations, a_dtype: str, out_dtype: str,
             lo: int, hi: int, config: VnniConfig | None, isa: Isa, post: Post | None) -> tirx.PrimFunc:
-    """``conv2d_nhwc`` with N / H / W ints or int64 variables (then whole row tiles: ``conv2d_nhwc``)."""
+    """``conv2d_nhwc`` with N / H / W ints or int64 variables (then OWt an argument: ``conv2d_nhwc``)."""
     sym = not all(isinstance(d, int) for d in (N, H, W))
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     Cp = _ceil(C, isa.kround) * isa.kround
@@ -665,8 +676,11 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
     nb = _ceil(OC, L)
     _check_tile(cfg, isa, nb, "conv2d_nhwc")
     offset = isa.a_operand == "uint8" and a_dtype == "int8"
-    Mt = tirx.Var("Mt", "int32") if sym else None  # int32 like the static loops (a blockizable binding)
-    Mp = Mt * cfg.mr if sym else _ceil(M, cfg.mr) * cfg.mr
+    # over symbolic dims the GEMM rows are (n, oh, ow) with ow in whole tiles of mr, their count OWt an
+    # int32 argument: a row tile never crosses an output row, so a row's input address needs no division
+    # by the symbolic width (the flat row index's would cost 3 divisions per row and reduction step)
+    OWt = tirx.Var("OWt", "int32") if sym else None
+    Mp = None if sym else _ceil(M, cfg.mr) * cfg.mr
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
     wshape, wdt = _wp_shape(OC, Kp, isa)
     Wp = te.placeholder(wshape, wdt, name="Wp")
@@ -694,18 +708,35 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
     else:
         red = [kh, kw, te.reduce_axis((0, Cp), name="c")]
 
-    def gemm(i, j):
-        r = tirx.min(i, M - 1) if sym or Mp != M else i
-        n, oh, ow = r // (OH * OW), (r // OW) % OH, r % OW
+    def gemm_at(n, oh, ow, j):
         return _gemm_sum(isa, lambda c: Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c], Wp, j, red,
                          lambda b: (kh * KW + kw) * (Cp // kp) + b)
 
+    if sym:  # Out[N, OH, OW, OC]: only the valid columns of the last tile of a row stored
+        Cacc = te.compute((N, OH, OWt * cfg.mr, nb * L), lambda n, oh, i, j: gemm_at(
+            n, oh, tirx.min(i, OW - 1), j), name="gemm")
+        extras, consts = _post_args(post, (N, OH, OW, OC))
+        out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
+                        lambda n, oh, ow, j: (n, oh, ow, j), isa.acc_shift, post, (extras, consts))
+        func = te.create_prim_func([X, Wp, bias, mult, shift, *_post_list(extras, consts), OWt, out])
+
+        def schedule(c):
+            sch = Schedule(func)
+            _schedule_gemm(sch, c, n_red=len(red), prep_vec_dims=None if in_place else 2, n_batch=2, isa=isa)
+            return _finish(sch)
+
+        serial = _serial_rows(lambda m: gemm_cycles(m, OC, Kp, isa=isa)) if cfg.parallel else 0
+        rows = tirx.const(cfg.mr, "int64")
+        for d in (N, OH, OWt):
+            rows = rows * (tirx.const(d, "int64") if isinstance(d, int) else d.astype("int64"))
+        f = _par_branch(schedule, cfg, rows <= serial) if serial > 0 else schedule(cfg)
+        return f.with_attr("qc.ow_tiles", cfg.mr)
+
+    def gemm(i, j):
+        r = tirx.min(i, M - 1) if Mp != M else i
+        return gemm_at(r // (OH * OW), (r // OW) % OH, r % OW, j)
+
     Cacc = te.compute((Mp, nb * L), gemm, name="gemm")
-    if sym:  # Out[Mt * mr, OC], the rows of (n, oh, ow); the caller keeps N * OH * OW of them
-        out = _epilogue((Mp, OC), Cacc, bias, mult, shift, lo, hi, out_dtype, lambda i, j: (i, j), isa.acc_shift)
-        sch = Schedule(te.create_prim_func([X, Wp, bias, mult, shift, Mt, out]))
-        _schedule_gemm(sch, cfg, n_red=len(red), prep_vec_dims=None if in_place else 2, isa=isa)
-        return _finish(sch).with_attr("qc.row_tile", cfg.mr)
     extras, consts = _post_args(post, (N, OH, OW, OC))
     out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
                     lambda n, oh, ow, j: ((n * OH + oh) * OW + ow, j), isa.acc_shift, post, (extras, consts))
@@ -958,8 +989,12 @@ def _schedule_direct(sch: Schedule, n_red: int, tw: int, vec: int, has_prep: boo
     _vectorize_inner(sch, sch.get_loops(out)[-1], 16)
     if has_prep:
         pn, ph, pw, pc = sch.get_loops(sch.get_sblock("prep"))
-        _parallel_if_worth(sch, sch.fuse(pn, ph), "prep", 64)
-        _vectorize_inner(sch, sch.fuse(pw, pc), 64)
+        if isinstance(sch.get(pw).extent, tirx.IntImm):
+            _parallel_if_worth(sch, sch.fuse(pn, ph), "prep", 64)
+            _vectorize_inner(sch, sch.fuse(pw, pc), 64)
+        else:  # a symbolic width: the channels vectorized (a fused loop of symbolic extent stays scalar)
+            _parallel_if_worth(sch, sch.fuse(pn, ph), "prep", 64)
+            _vectorize_inner(sch, pc, next((v for v in (64, 32, 16, 8) if int(sch.get(pc).extent) % v == 0), 64))
     sch.decompose_reduction(acc, red[0])
 
 
@@ -971,8 +1006,15 @@ def _direct_tiles(OW: int, lanes: int) -> tuple[int, int, int]:
     return vec, tw, _ceil(OW, tw) * tw
 
 
+def direct_max_tw(C: int) -> int:
+    """The widest column tile of :func:`depthwise_conv2d_nhwc` over a symbolic width for C channels
+    (tw x vec int32 accumulators within 256, 16 zmm registers)."""
+    return max(1, min(8, 256 // _largest_divisor(C, (64, 32, 16, 8, 4, 2))))
+
+
 def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
-                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None) -> tirx.PrimFunc:
+                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None,
+                          tw: int | None = None) -> tirx.PrimFunc:
     """Depthwise conv (group == C, one output channel per input channel), direct, int32 vectorized.
 
     args (X[N,H,W,C], Wd int8[KH,KW,C], bias int32[C], mult int64[C], shift int64[C], Out[N,OH,OW,C]);
@@ -984,17 +1026,16 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sym = not all(isinstance(d, (int, np.integer)) for d in rep)
     if not isinstance(N, (int, np.integer)):  # a symbolic batch (qcompiler/symbolic.py): an outer loop,
         N = tirx.Var("N", "int64")            # the kernel's own variable, bound from X's shape
-    # a symbolic height / width: the kernel's own variables; whole column tiles of tw, their count OWt
-    # an int32 argument before the output, which has OWt * tw columns (the caller keeps OW of them)
+    # a symbolic height / width: the kernel's own variables; whole column tiles of tw (default: up to 8),
+    # their count OWt an int32 argument before the output, which has OWt * tw columns, as do a fused
+    # post's extras (the caller keeps OW of them, or all where OW is a multiple of tw)
     sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
     if sym_hw:
-        if post is not None:
-            raise ValueError("a fused epilogue with a symbolic height / width")
         H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64") for d, nm in ((H, "H"), (W, "W")))
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     if sym_hw:
         vec = _largest_divisor(C, (64, 32, 16, 8, 4, 2))
-        tw = max(1, min(8, 256 // vec))
+        tw = tw or direct_max_tw(C)
         OWt = tirx.Var("OWt", "int32")  # int32, as the row-tile counts (a PrimValue argument FuseTIR accepts)
         OWp = OWt * tw
         Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
@@ -1013,7 +1054,7 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
         Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32") * Wd[kh, kw, c].astype("int32"),
         axis=[kh, kw]), name="acc")
-    extras, consts = _post_args(post, (N, OH, OW, C))
+    extras, consts = _post_args(post, (N, OH, OWp if sym_hw else OW, C))
     out = te.compute((N, OH, OWp if sym_hw else OW, C), lambda n, oh, ow, c: _requant(
         (acc[n, oh, ow, c] + bias[c]).astype("int64"), mult[c], shift[c], lo, hi, out_dtype, post,
         (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
@@ -1147,12 +1188,12 @@ def dw_fast_params(rc: np.ndarray, mult: np.ndarray, shift: np.ndarray, amax: in
 
 
 def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool:
-    """Whether :func:`depthwise_conv2d_taps` takes the layer: static H, W, C (N may be symbolic), int8 /
+    """Whether :func:`depthwise_conv2d_taps` takes the layer: static C (N, H, W may be symbolic), int8 /
     uint8 input, a VNNI or AVX2 target, C a multiple of 8 (a ragged channel tail would need masked or
     gathered loads: the int32-lane kernel is faster there), at least 2 kernel rows (one row would
     leave the other products of a lane idle) and KH * KW <= MAX_K / 16 (the offset accumulator
     bound: |acc| <= KH*KW*255*128)."""
-    static = all(isinstance(d, (int, np.integer)) for d in (H, W, C))
+    static = isinstance(C, (int, np.integer))
     return (static and isa is not None and isa.name in (VNNI.name, AVX2.name) and a_dtype in ACT_DTYPES
             and int(C) % 8 == 0 and KH >= 2 and KH * KW * 16 <= MAX_K)
 
@@ -1194,8 +1235,9 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     ``_x86_intrin.register_dw_requant``: 8 vector instructions per 16 outputs instead of 13 in int64;
     a fused ``post`` then runs on that clipped int32 tile; ``int32_epilogue=False`` keeps the int64
     form, ``share_rows=False`` one buffer per output row, for A/B timings).  C a multiple of 16
-    (of 8: ``vpdpbusd ymm``, 8 channels per instruction), static H, W, C (``depthwise_taps_ok``); a
-    symbolic batch N (qcompiler/symbolic.py) is the kernel's own variable, bound from X's shape.
+    (of 8: ``vpdpbusd ymm``, 8 channels per instruction), static C (``depthwise_taps_ok``); a
+    symbolic batch N (qcompiler/symbolic.py) is the kernel's own variable, bound from X's shape; a
+    symbolic H / W too, the output then in whole column tiles (above).
 
     AVX2 (no VNNI): the same with P = 2 kernel rows per word as two int16 (the input sign- or
     zero-extended, no offset: ``vpmaddwd`` multiplies signed int16, padding is 0), 8 channels per
@@ -1203,20 +1245,32 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     9 of 12 products useful), against 9 ``vpmulld`` + 9 ``vpaddd`` of the int32-lane kernel.
     """
     _check_io(a_dtype, out_dtype, lo, hi)
-    if not all(isinstance(d, (int, np.integer)) for d in (H, W, C)):
-        raise ValueError("depthwise_conv2d_taps: a symbolic height / width takes depthwise_conv2d_nhwc")
+    if not isinstance(C, (int, np.integer)):
+        raise ValueError("depthwise_conv2d_taps: a symbolic channel count")
     if KH * KW * 16 > MAX_K:
         raise ValueError(f"depthwise_conv2d_taps: a {KH}x{KW} kernel overflows the offset accumulator")
     sym_n = not isinstance(N, (int, np.integer))
     N = tirx.Var("N", "int64") if sym_n else int(N)
-    H, W, C = int(H), int(W), int(C)
+    # a symbolic height / width: the kernel's own int32 variables (as a static kernel's loops: int64
+    # ones defeat the intrinsic's blockize); whole column tiles of tw (default 8), their count OWt an
+    # int32 argument before the output, which has OWt * tw columns (attribute ``qc.col_tile``: the
+    # caller keeps OW of them, or none is dropped where OW is a multiple of tw), as do a post's extras
+    sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
+    H, W = (int(d) if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int32") for d, nm in ((H, "H"), (W, "W")))
+    C = int(C)
     sh, sw, dh, dw, pt, pl, OH, OW, _, _ = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     P, L, bits, intrin = _taps_isa(isa, C)
     G = _ceil(KH, P)
-    if tw is None:
-        tw = max(1, min(8, OW))
-        tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
-    OWp = _ceil(OW, tw) * tw
+    OWt = None
+    if sym_hw:
+        tw = tw or 8
+        OWt = tirx.Var("OWt", "int32")
+        OWp = OWt * tw
+    else:
+        if tw is None:
+            tw = max(1, min(8, OW))
+            tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
+        OWp = _ceil(OW, tw) * tw
     Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
     signed = a_dtype == "int8"
     X = te.placeholder((N, H, W, C), a_dtype, name="X")
@@ -1228,7 +1282,8 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     # two output rows per row band where that costs no more groups (stride and dilation 1, an even
     # height): rows 2i and 2i + 1 read input rows 2i - pt + t, t < KH + 1, so one band of KH + 1 rows
     # serves both, with the weights shifted by one row for the second (W4s below)
-    R2 = 2 if (share_rows and sh == 1 and dh == 1 and OH % 2 == 0 and _ceil(KH + 1, P) == G) else 1
+    R2 = 2 if (share_rows and sh == 1 and dh == 1 and isinstance(OH, int) and OH % 2 == 0
+               and _ceil(KH + 1, P) == G) else 1
     rows, ones = min(P, KH + R2 - 1), (1 << bits) - 1
     u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
     # VNNI int8: byte j of the word is (x xor 0x80) = x + 128, and 0 xor 0x80 = 128 the padding (module
@@ -1276,23 +1331,25 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
         acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
             part(X4[n, oh // R2, gk[0], ow * sw + gk[1] * dw, c], j)
             * W4s[oh % R2, gk[0], gk[1], c, j].astype("int32"), axis=[*red, j]), name="acc")
-    extras, consts = _post_args(post, (N, OH, OW, C))
+    OWo = OWp if sym_hw else OW  # the output's columns
+    extras, consts = _post_args(post, (N, OH, OWo, C))
     # the int32-lane epilogue, tensorized below (register_dw_requant), on whole column tiles (the
     # predicate of a ragged last tile defeats the tensorize; that width keeps the int64 form); with a
     # fused post, the clipped int32 requantized tile ("yq") then post of it, vectorized
-    fast_epi = OW % tw == 0 and int32_epilogue
+    fast_epi = (sym_hw or OW % tw == 0) and int32_epilogue
     if fast_epi:
-        yq = te.compute((N, OH, OW, C), lambda n, oh, ow, c: dw_requant(
+        yq = te.compute((N, OH, OWo, C), lambda n, oh, ow, c: dw_requant(
             acc[n, oh, ow, c], rc[0, c], rc[1, c], rc[2, c], rc[3, c], mult[c], shift[c], lo, hi,
             out_dtype if post is None else "int32"), name="out" if post is None else "yq")
-        out = yq if post is None else te.compute((N, OH, OW, C), lambda n, oh, ow, c: post(
+        out = yq if post is None else te.compute((N, OH, OWo, C), lambda n, oh, ow, c: post(
             yq[n, oh, ow, c].astype("int64"), [e[n, oh, ow, c].astype("int64") for e in extras],
             lambda k: consts[k]).astype(post.out_dtype), name="out")
     else:
-        out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant_folded(
+        out = te.compute((N, OH, OWo, C), lambda n, oh, ow, c: _requant_folded(
             acc[n, oh, ow, c], rc[3, c], mult[c], shift[c], lo, hi, out_dtype, post,
             (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
-    sch = Schedule(te.create_prim_func([X, W4, rc, mult, shift, *_post_list(extras, consts), out]))
+    sch = Schedule(te.create_prim_func([X, W4, rc, mult, shift, *_post_list(extras, consts),
+                                        *([OWt] if sym_hw else []), out]))
     blk = sch.get_sblock("acc")
     n, oh, ow, c, *rl = sch.get_loops(blk)
     jl, rl = rl[-1], rl[:-1]
@@ -1303,9 +1360,10 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
         sch.reorder(r2, ow0, c0, *rl, ow1, c1, jl)
     else:
         sch.reorder(ow0, c0, *rl, ow1, c1, jl)
-    # a symbolic batch: (n, oh) not fused (a fused loop of symbolic extent defeats the tensorize's
-    # blockize), the rows of each image in parallel
-    row = oh if sym_n else sch.fuse(n, oh)
+    # a symbolic batch / height: (n, oh) not fused (a fused loop of symbolic extent defeats the
+    # tensorize's blockize), the rows of each image in parallel
+    sym_rows = sym_n or not isinstance(OH, int)
+    row = oh if sym_rows else sch.fuse(n, oh)
     if fast_epi and post is not None:
         yb = sch.get_sblock("yq")
         sch.reverse_compute_at(yb, c0)
@@ -1313,10 +1371,7 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sch.reverse_compute_at(ob, c0)
     xb = sch.get_sblock("x4")
     sch.compute_at(xb, row)
-    if sym_n:
-        _parallel_if_worth(sch, row, "acc", L * 4, symbolic=True)
-    else:
-        _parallel_if_worth(sch, row, "acc", L * 4)
+    _parallel_if_worth(sch, row, "acc", L * 4, symbolic=sym_rows or sym_hw)
     xl = sch.get_loops(xb)[1:]
     xc0, xc1 = sch.split(xl[-1], [None, L])
     sch.vectorize(xc1)
@@ -1330,7 +1385,8 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     init = sch.decompose_reduction(blk, rl[0] if rl else ow1)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(c1, register(intrin))
-    return _finish(sch)
+    f = _finish(sch)
+    return f.with_attr("qc.col_tile", tw) if sym_hw else f
 
 
 def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,

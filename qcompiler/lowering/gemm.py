@@ -167,14 +167,14 @@ class KernelGemm(GenericGemm):
     def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
         """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it.
 
-        A conv kernel over symbolic dims (attribute ``qc.row_tile`` = mr, ``cpu_vnni.conv2d_nhwc``)
-        writes whole row tiles: it gets the tile count ceil(M / mr) as an int32 argument after the
-        tensors and an output of ceil(M / mr) * mr rows, of which the first M are kept.  (The dense and
-        matmul kernels over symbolic dims store exactly their valid rows.)"""
+        A conv kernel over symbolic dims (attribute ``qc.ow_tiles`` = mr, ``cpu_vnni.conv2d_nhwc``)
+        gets the row tiles per output row ceil(OW / mr) as an int32 argument after the tensors and
+        writes the exact NHWC output.  (The dense and matmul kernels over symbolic dims store exactly
+        their valid rows.)"""
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)
         self.kernels[name] = self.kernels.get(name, 0) + 1
         col = func.attrs.get("qc.col_tile") if func.attrs is not None else None
-        tile = func.attrs.get("qc.row_tile") if func.attrs is not None else None
+        ow_tiles = func.attrs.get("qc.ow_tiles") if func.attrs is not None else None
         from tvm import te, tirx
 
         if col is not None:  # whole column tiles of an NHWC output (cpu_vnni.depthwise_conv2d_nhwc): keep OW
@@ -188,29 +188,10 @@ class KernelGemm(GenericGemm):
                 return y
             return lw.bb.emit_te(lambda t: te.compute(tuple(shape), lambda *i: t(*i), name="cols"), y,
                                  primfunc_name_hint="cols")
-        if tile is None:
-            return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
-
-        from qcompiler.symbolic import shape_prod
-
-        mr = int(tile)
-        M = shape_prod(shape[:-1])  # the GEMM rows: (n, oh, ow) of a conv
-        mt = simplify(tirx.floordiv(M + (mr - 1), mr))
-        padded = simplify(mt * mr)
-        y = lw.emit(relax.call_tir(gv, [*args, relax.prim_value(tirx.Cast("int32", mt))],
-                                   relax.TensorType(shape=(padded, shape[-1]), dtype=dtype)), name)
-        if _provably_equal(padded, M):  # the rows are whole tiles (a size in steps): a reshape, no copy
-            return lw.emit(relax.op.reshape(y, tuple(shape)))
-
-        def keep(t):
-            def at(*i):
-                row = i[0]
-                for k in range(1, len(i) - 1):
-                    row = row * shape[k] + i[k]
-                return t[row, i[-1]]
-            return te.compute(tuple(shape), at, name="rows")
-
-        return lw.bb.emit_te(keep, y, primfunc_name_hint="rows")
+        if ow_tiles is not None:
+            owt = simplify(tirx.floordiv(shape[2] + (int(ow_tiles) - 1), int(ow_tiles)))
+            args = [*args, relax.prim_value(tirx.Cast("int32", owt))]
+        return lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=tuple(shape), dtype=dtype)), name)
 
 
 def gemm_for(target, use_kernels: bool = True) -> GenericGemm:

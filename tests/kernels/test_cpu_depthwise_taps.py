@@ -163,7 +163,7 @@ def test_routing():
     assert ok(1, 56, 56, 64, 3, 3, "int8", cv.AVX2)
     assert not ok(1, 56, 56, 64, 3, 3, "int16", cv.VNNI)
     assert ok(tirx.Var("n", "int64"), 56, 56, 64, 3, 3, "int8", cv.VNNI)  # a symbolic batch: yes
-    assert not ok(1, tirx.Var("h", "int64"), 56, 64, 3, 3, "int8", cv.VNNI)  # a symbolic height: no
+    assert ok(1, tirx.Var("h", "int64"), tirx.Var("w", "int64"), 64, 3, 3, "int8", cv.VNNI)  # symbolic H / W too
     assert not ok(1, 56, 56, 64, 3, 3, "int8", None) and not ok(1, 56, 56, 64, 1, 3, "int8", cv.VNNI)
     assert ok(1, 28, 28, 72, 3, 3, "int8", cv.VNNI) and not ok(1, 28, 28, 20, 3, 3, "int8", cv.VNNI)
     with pytest.raises(ValueError):
@@ -190,3 +190,40 @@ def test_symbolic_batch(target):
         out = tvm.runtime.tensor(np.zeros(want.shape, np.int8), dev)
         lib(*[tvm.runtime.tensor(a, dev) for a in (x, w4, rc, mult, shift)], out)
         np.testing.assert_array_equal(out.numpy(), want)
+
+
+@pytest.mark.parametrize("geo", [((1, 1), (1, 1, 1, 1), (1, 1), 3), ((2, 2), (1, 0, 1, 2), (1, 1), 3),
+                                 ((1, 1), (2, 2, 2, 2), (2, 2), 5)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_symbolic_height_and_width(isa_target, geo, fused):
+    """A symbolic height and width: the kernel's own variables, whole column tiles of tw (their count
+    an argument, ``qc.col_tile``), the first OW columns equal to the reference at every size tried
+    (one column, widths that are not a multiple of the tile, odd heights); a fused epilogue reads
+    its extra input over the padded columns."""
+    isa, target = isa_target
+    strides, pads, dil, k = geo
+    C = 24 if isa is cv.VNNI else 16
+    rng = np.random.default_rng(sum(strides) + k + fused)
+    wd = rng.integers(-128, 128, (k, k, C)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    w4, rc = cv.pack_depthwise_taps(wd, bias, True, mult, shift, isa=isa)
+    post = AddClip() if fused else None
+    f = cv.depthwise_conv2d_taps(1, tirx.Var("h", "int64"), tirx.Var("w", "int64"), C, k, k, strides, pads, dil,
+                                 "int8", "int8", -128, 127, post=post, isa=isa)
+    tw = int(f.attrs["qc.col_tile"])
+    lib = build(f, target)
+    dev = tvm.cpu()
+    span = (k - 1) * dil[0] + 1 - pads[0] - pads[2]  # the smallest height / width with one output (about)
+    for H, W in [(max(span, 1) + 8, max(span, 1)), (span + 4, span + 8), (span + 7, span + 15), (span + 12, 40)]:
+        x = rand_act(rng, (1, H, W, C), "int8")
+        want = _want(x, wd, bias, mult, shift, strides, pads, dil, "int8", -128, 127)
+        OH, OW = want.shape[1:3]
+        owt = -(-OW // tw)
+        extra = []
+        if fused:
+            r = rng.integers(-128, 128, (1, OH, owt * tw, C)).astype(np.int8)
+            extra = [r, np.asarray([3], np.int64)]
+            want = np.clip(want.astype(np.int64) + r[:, :, :OW].astype(np.int64) * 3, -128, 127).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, OH, owt * tw, C), np.int8), dev)
+        lib(*[tvm.runtime.tensor(a, dev) for a in (x, w4, rc, mult, shift, *extra)], owt, out)
+        np.testing.assert_array_equal(out.numpy()[:, :, :OW], want, err_msg=f"H={H} W={W} {geo} fused={fused}")

@@ -4,7 +4,9 @@ their run-time serial / parallel branch (qcompiler/kernels/branch.py):
 * the GEMM kernels of qcompiler/kernels/cpu_vnni.py over a symbolic row count: ``dense`` and
   ``batch_matmul`` (symbolic batch / M / N / K) store exactly the valid rows and branch serial /
   parallel at run time (``_par_branch``), ``dense`` with and without a fused epilogue;
-  ``conv2d_nhwc`` over a symbolic batch / width writes whole row tiles (the caller keeps the rows);
+  ``conv2d_nhwc`` over a symbolic batch / width takes its row tiles per output row as an argument,
+  with and without a fused epilogue;
+* ``depthwise_conv2d_nhwc`` over a symbolic height / width, with and without a fused epilogue;
 * the default schedule's size branch (qcompiler/kernels/cpu_default.py ``_size_branch``): an
   elementwise kernel and a row reduction over a symbolic axis.
 """
@@ -106,32 +108,71 @@ def test_batch_matmul_symbolic_dims(target, isa, b_trans):
 
 
 @pytest.mark.parametrize("geo", [((1, 1), (0, 0, 0, 0), 1), ((2, 2), (1, 1, 1, 1), 3)])
-def test_conv_symbolic_batch_and_width(target, isa, geo):
-    """A conv over symbolic N and W (rows N * OH * OW in whole row tiles, their count an argument)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_conv_symbolic_batch_and_width(target, isa, geo, fused):
+    """A conv over symbolic N and W: whole row tiles per output row, their count OWt an argument,
+    the exact NHWC output, with and without a fused epilogue, on both sides of the serial branch."""
     from .test_cpu_vnni import conv_acc_ref
 
     strides, pads, k = geo
     rng = np.random.default_rng(11)
     n, w_ = tirx.Var("n", "int64"), tirx.Var("w", "int64")
     C, OC, H = 8, 32, 6
-    with rows_at({"n": 2, "w": 8}):
-        f = cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa)
-        with pytest.raises(ValueError, match="fused epilogue"):
-            cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa,
-                           post=AddClip())
-    mr = int(f.attrs["qc.row_tile"])
+    post = AddClip() if fused else None
+    with rows_at({"n": 2, "w": 64}):
+        f = cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa,
+                           post=post)
+    mr = int(f.attrs["qc.ow_tiles"])
     lib = build(f, target)
     w = rng.integers(-128, 128, (OC, C, k, k)).astype(np.int8)
     bias, mult, shift = rand_requant(rng, OC)
     wp, be = cv.pack_conv(w, bias, a_signed=True, isa=isa)
-    for N, W in [(1, 2), (1, 14), (3, 6), (2, 26)]:
+    for N, W in [(1, 2), (1, 14), (3, 6), (2, 26), (2, 250)]:  # the last past the serial branch
         x = rng.integers(-128, 128, (N, H, W, C)).astype(np.int8)
         want = requant_ref(conv_acc_ref(x, w, strides, pads, (1, 1)) + bias, mult, shift, -128, 127, "int8")
-        rows = want.size // OC
-        mt = -(-rows // mr)
-        out = tvm.runtime.tensor(np.zeros((mt * mr, OC), np.int8))
-        lib(*[tvm.runtime.tensor(a) for a in (x, wp, be, mult, shift)], mt, out)
-        np.testing.assert_array_equal(out.numpy()[:rows].reshape(want.shape), want, err_msg=f"conv N={N} W={W} {geo}")
+        extra = []
+        if fused:
+            r = rng.integers(-128, 128, want.shape).astype(np.int8)
+            extra = [r, np.asarray([3], np.int64)]
+            want = np.clip(want.astype(np.int64) + r.astype(np.int64) * 3, -128, 127).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros(want.shape, np.int8))
+        lib(*[tvm.runtime.tensor(a) for a in (x, wp, be, mult, shift, *extra)], -(-want.shape[2] // mr), out)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"conv N={N} W={W} {geo} fused={fused}")
+
+
+@pytest.mark.parametrize("a_dtype,C,k", [("int16", 24, 3), ("int16", 64, 5), ("int8", 20, 3)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_depthwise_lanes_symbolic_height_and_width(target, a_dtype, C, k, fused):
+    """The int32-lane depthwise kernel (int16 inputs, channel counts the tap kernel does not take)
+    over a symbolic height and width: whole column tiles (``qc.col_tile``, their count an argument),
+    the first OW columns equal to the reference, with and without a fused epilogue."""
+    from .test_cpu_vnni import conv_acc_ref
+
+    rng = np.random.default_rng(C + k + fused)
+    strides, pads, dil = (1, 1), (k // 2,) * 4, (1, 1)
+    w = rng.integers(-128, 128, (C, 1, k, k)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, C)
+    post = AddClip() if fused else None
+    with rows_at({"h": 12, "w": 80}):
+        f = cv.depthwise_conv2d_nhwc(1, tirx.Var("h", "int64"), tirx.Var("w", "int64"), C, k, k, strides, pads, dil,
+                                     a_dtype, "int8", -128, 127, post=post)
+    tw = int(f.attrs["qc.col_tile"])
+    assert tw == cv.direct_max_tw(C)
+    lib = build(f, target)
+    wd = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+    lo, hi = (-(2**15), 2**15) if a_dtype == "int16" else (-128, 128)
+    for H, W in [(1, 1), (5, 7), (12, 16), (7, 37)]:
+        x = rng.integers(lo, hi, (1, H, W, C)).astype(a_dtype)
+        want = requant_ref(conv_acc_ref(x, w, strides, pads, dil, groups=C) + bias, mult, shift, -128, 127, "int8")
+        owt = -(-W // tw)
+        extra = []
+        if fused:
+            r = rng.integers(-128, 128, (1, H, owt * tw, C)).astype(np.int8)
+            extra = [r, np.asarray([3], np.int64)]
+            want = np.clip(want.astype(np.int64) + r[:, :, :W].astype(np.int64) * 3, -128, 127).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, H, owt * tw, C), np.int8))
+        lib(*[tvm.runtime.tensor(a) for a in (x, wd, bias, mult, shift, *extra)], owt, out)
+        np.testing.assert_array_equal(out.numpy()[:, :, :W], want, err_msg=f"H={H} W={W} fused={fused}")
 
 
 def _fused_and_scheduled(mod, target, rows: dict):
