@@ -3,14 +3,15 @@
 Relax has no loop construct, and TIR cannot call our scheduled kernels from a loop; the VM runs
 functions that call each other, so a loop of T steps is a recursion.  A chain of T nested calls
 overflows the VM's native stack at a few thousand steps (a segfault at T = 2048, measured), so
-the steps are split in halves instead: depth log2(T) + 1.
+the steps are split in halves instead: depth about log2(T / LOOP_BLOCK) + 2.
 
   rec_step_k(S..., x_t)                 the body, lowered as any integer graph (its kernels fused
                                         and scheduled like the model's): (S'..., y_t)
   rec_run_k(lo, hi, X, S..., Y)         hi - lo == 1: t = lo (T - 1 - lo when reversed);
                                         (S, y) = rec_step_k(S, X[t]); Y[t] = y (in place)
-                                        else: the halves [lo, mid) then [mid, hi) with the states
-                                        of the first half
+                                        hi - lo == LOOP_BLOCK: those steps one after the other
+                                        else: [lo, mid) then [mid, hi) with the states of the
+                                        first part (mid: whole blocks on the left, ``_MID_TIR``)
   main                                  Y = rec_run_k(0, T, X, S0..., zeros)[-1]
 
 X and Y travel as [T, features] (reshapes are views); X[t] is read by a small copy kernel, y is
@@ -28,7 +29,7 @@ from tvm import relax, tirx
 # row t of X read into Y, or Y written into row t of X; row n - 1 - t for a reversed direction ({row})
 _ROW_TIR = '''
 @T.prim_func(private=True)
-def row(X: T.handle, t: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
+def row(X: T.handle, t: T.Buffer((), "int64"), o: T.Buffer((), "int64"), Y: T.Buffer(({F},), "{dt}")):
     T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
     n = T.int64()
     Xb = T.match_buffer(X, (n, {F}), "{dt}")
@@ -42,15 +43,24 @@ _LEAF_TIR = '''
 @T.prim_func(private=True)
 def leaf(lo: T.Buffer((), "int64"), hi: T.Buffer((), "int64"), o: T.Buffer((), "bool")):
     T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
-    o[()] = hi[()] - lo[()] == T.int64(1)
+    o[()] = hi[()] - lo[()] == T.int64({n})
 '''
 
+# the split point: a whole number of blocks of K steps on the left where the range holds two or more
+# (so that the recursion ends in blocks of K, one call each), else the middle
 _MID_TIR = '''
 @T.prim_func(private=True)
 def mid(lo: T.Buffer((), "int64"), hi: T.Buffer((), "int64"), o: T.Buffer((), "int64")):
     T.func_attr({{"qc.scheduled": True, "tirx.noalias": True, "op_pattern": 8}})
-    o[()] = (lo[()] + hi[()]) // T.int64(2)
+    n = hi[()] - lo[()]
+    o[()] = T.if_then_else(n > T.int64({K}), lo[()] + T.int64({K}) * T.max((n // T.int64({K})) // T.int64(2), T.int64(1)),
+                           (lo[()] + hi[()]) // T.int64(2))
 '''
+
+LOOP_BLOCK = 8
+"""Steps a leaf of the recursion runs one after the other (a range of exactly that many steps): the
+recursion's own calls (its tests, split points, the calls and their argument checks) are paid once
+per block instead of about twice per step."""
 
 _SIZE_TIR = '''
 @T.prim_func(private=True)
@@ -125,11 +135,13 @@ def _build_loop(lw, n, k: int):
             res = sub.lower_body(params)
         step = bb.emit_func_output(res)  # (an identical body of another loop: that one's function)
 
-    row = "n - T.int64(1) - t[()]" if reverse else "t[()]"
+    row = "n - T.int64(1) - t[()] - o[()]" if reverse else "t[()] + o[()]"
     take = bb.add_func(_tir(_ROW_TIR, F=fx, dt=dx, stmt=_TAKE.format(row=row)), f"rec_take_{k}")
     put = bb.add_func(_tir(_ROW_TIR, F=fy, dt=dy, stmt=_PUT.format(row=row)), f"rec_put_{k}")
-    leaf_f = bb.add_func(_tir(_LEAF_TIR), "rec_leaf")
-    mid_f = bb.add_func(_tir(_MID_TIR), "rec_mid")
+    K = LOOP_BLOCK
+    leaf_f = bb.add_func(_tir(_LEAF_TIR, n=1), "rec_leaf")
+    block_f = bb.add_func(_tir(_LEAF_TIR, n=K), "rec_block")
+    mid_f = bb.add_func(_tir(_MID_TIR, K=K), "rec_mid")
     size = bb.add_func(_tir(_SIZE_TIR, F=fx, dt=dx), f"rec_size_{k}")
     zeros = bb.add_func(_tir(_ZEROS_TIR, F=fx, dt=dx, FY=fy, dy=dy), f"rec_zeros_{k}")
 
@@ -148,22 +160,34 @@ def _build_loop(lw, n, k: int):
     ps, t = run_params()
     lo, hi, xs, *rest = ps
     states, ys = rest[:ns], rest[ns]
+    def steps(count: int) -> relax.SeqExpr:
+        """``count`` steps from row lo on (a reversed direction: the take / put kernels read row
+        T - 1 - lo - j)."""
+        bb._begin_binding_block()
+        ss, y = list(states), ys
+        for j in range(count):
+            x_t = bb.emit(relax.call_tir(take, [xs, lo, _i64(j)], _tensor((fx,), dx)))
+            r = bb.emit(relax.Call(step, [*ss, x_t]))
+            ss = [bb.emit(relax.TupleGetItem(r, i)) for i in range(ns)]
+            y = bb.emit(relax.call_tir_inplace(put, [y, lo, _i64(j), bb.emit(relax.TupleGetItem(r, ns))], [0],
+                                               _tensor((t, fy), dy)))
+        done = bb.emit(relax.Tuple([*ss, y]))
+        return relax.SeqExpr([bb._end_block()], done)
+
     with bb.function(f"rec_run_{k}_body", ps, private=True):
         leaf = bb.emit(relax.call_tir(leaf_f, [lo, hi], _tensor((), "bool")))
+        one = steps(1)
         bb._begin_binding_block()
-        idx = lo  # (a reversed direction: the take / put kernels read row T - 1 - lo)
-        x_t = bb.emit(relax.call_tir(take, [xs, idx], _tensor((fx,), dx)))
-        r = bb.emit(relax.Call(step, [*states, x_t]))
-        y_t = bb.emit(relax.TupleGetItem(r, ns))
-        ys2 = bb.emit(relax.call_tir_inplace(put, [ys, idx, y_t], [0], _tensor((t, fy), dy)))
-        done = bb.emit(relax.Tuple([*[relax.TupleGetItem(r, j) for j in range(ns)], ys2]))
-        then = relax.SeqExpr([bb._end_block()], done)
+        blk = bb.emit(relax.call_tir(block_f, [lo, hi], _tensor((), "bool")))
+        many = steps(K)
         bb._begin_binding_block()
         mid = bb.emit(relax.call_tir(mid_f, [lo, hi], _tensor((), "int64")))
         a = bb.emit(relax.Call(run, [lo, mid, xs, *states, ys]))
         b = bb.emit(relax.Call(run, [mid, hi, xs, *[relax.TupleGetItem(a, j) for j in range(ns + 1)]]))
-        other = relax.SeqExpr([bb._end_block()], b)
-        out = bb.emit(relax.If(leaf, then, other))
+        split = relax.SeqExpr([bb._end_block()], b)
+        inner = bb.emit(relax.If(blk, many, split))
+        other = relax.SeqExpr([bb._end_block()], inner)
+        out = bb.emit(relax.If(leaf, one, other))
         full = bb.emit_func_output(out)
     bb.update_func(run, bb.get()[full])
     return run, size, zeros
