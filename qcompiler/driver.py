@@ -339,7 +339,7 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
             from .symbolic import SymbolicError
 
             raise SymbolicError(f"the integer graph changes with {', '.join(repr(v.name) for v in sym_vars)} (traced at "
-                                + ", ".join(f"{k}={x}" for k, x in p.items()) + f": {str(e).splitlines()[0][:160]}): "
+                                + ", ".join(f"{k}={x}" for k, x in p.items()) + f": {_clip(str(e).splitlines()[0], 160)}): "
                                 "the model is unrolled or specialized over that dim; fix it with --shape") from None
     # the largest sizes, for per-position constants; a batch dim at its largest probe size (what
     # depends on the batch is a broadcast, and the whole model is run once at this shape)
@@ -374,6 +374,13 @@ def symbolic_graph(model_path: str | os.PathLike, prep: Prepared, opts: CompileO
         except QuantizationError as e:  # a sum over the dim outgrows int32: the largest size that fits
             raise _model_bound(model_path, prep, opts, sym_vars, shapes_at, e, overflow=True) from None
     return graph
+
+
+def _clip(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters at a word boundary, "..." marking the cut."""
+    if len(text) <= n:
+        return text
+    return text[: n - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
 
 
 def _shapes_at(prep: Prepared, sym_vars: list, point: dict) -> dict:
@@ -527,17 +534,30 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
                 progress.get().stage(f"dim '{v.name}' stays symbolic up to {e.bound}, the bound the model sets")
                 vs = [dataclasses.replace(x, hi=e.bound) if x is v else x for x in vs]
 
-    def reason(e: BaseException) -> str:
-        if isinstance(e, StrideError):  # on_lattice found no step either
-            return str(e).splitlines()[0][:200] + f", nor in steps of {'/'.join(map(str, AUTO_STEPS))}"
-        return str(e).splitlines()[0][:200] if isinstance(e, QCError) else f"internal error ({type(e).__name__}: {e})"[:200]
+    lattice_tried: set = set()
+
+    def reason(e: BaseException, v=None) -> str:
+        if isinstance(e, StrideError) or (v is not None and v.name in lattice_tried):  # on_lattice found no step
+            return _clip(str(e).splitlines()[0], 200) + f", nor in steps of {'/'.join(map(str, AUTO_STEPS))}"
+        return _clip(str(e).splitlines()[0], 200) if isinstance(e, QCError) else \
+            _clip(f"internal error ({type(e).__name__}: {e})", 200)
+
+    def runs_at_probes(v) -> bool:
+        try:
+            _shapes_fit(model_path, prep, user + [v], loads=True)
+            return True
+        except QCError:
+            return False
 
     def on_lattice(v, e):
         """``v`` kept symbolic in steps of the model's stride (an image width through strided convs:
         sizes step * u), the smallest step that divides its calibration size and under which every
-        tensor dim is a polynomial in u; None if there is none (or ``e`` was not a stride failure)."""
-        if not isinstance(e, StrideError):
+        tensor dim is a polynomial in u; None if there is none, or if ``e`` was neither a stride
+        failure nor one of a model that does not run at the probe sizes (a detector whose upsampled
+        features must match the strided ones: sizes in multiples of its total stride only)."""
+        if not isinstance(e, StrideError) and not (isinstance(e, SymbolicError) and not runs_at_probes(v)):
             return None
+        lattice_tried.add(v.name)
         for st in AUTO_STEPS:
             if v.calibrated % st or v.hi // st < 16:
                 continue
@@ -575,13 +595,13 @@ def _keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):
             if w is not None:
                 ok.append(w)
             else:
-                fixed.append((v, reason(e)))
+                fixed.append((v, reason(e, v)))
     if len(auto) == 1:
         w = on_lattice(auto[0], first)
         if w is not None:
             ok.append(w)
         else:
-            fixed.append((auto[0], reason(first)))
+            fixed.append((auto[0], reason(first, auto[0])))
     if ok:
         try:
             return (*attempt(user + ok), fixed)
@@ -805,7 +825,11 @@ def _symbolic_meta(meta: dict, sg: Graph, sym_vars: list) -> None:
             elif c % div == 0:
                 parts.append(names if c == div else f"{c // div}*{names}")
             else:
-                parts.append(f"{names}/{div}" if c == 1 else f"{c}*{names}/{div}")
+                from math import gcd
+
+                g = gcd(c, div)  # 2*W_u with step 4 -> "W/2"
+                c, dv = c // g, div // g
+                parts.append(f"{names}/{dv}" if c == 1 else f"{c}*{names}/{dv}")
         return " + ".join(parts).replace("+ -", "- ")
     for e in meta["inputs"] + meta["outputs"]:
         if e["name"] in sg.shapes:

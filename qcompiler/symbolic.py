@@ -15,12 +15,14 @@ coefficients in the variables (``Poly``: ``batch * seq``, ``12 * batch``, ``seq 
     the variable's largest size and sliced to the run's size, or stored with extent 1 where every
     slice along that axis is the same (a broadcast);
   * constant index maps of data-movement ops (``passes/index_map.py``: an Expand or Slice copied
-    through a gather) -- ``AffineMap``: flat index = c0 + sum_i c_i * coordinate_i, each ``c`` a
-    ``Poly``.
+    through a gather, a nearest-neighbour Resize by an integer factor) -- ``AffineMap``: flat index
+    = c0 + sum_i c_i * (coordinate_i // d_i), each ``c`` a ``Poly``, each ``d`` a constant (1 but
+    for the upsampled axes).
 
+Every fitted integer and index map is checked against the trace at the largest sizes too.
 Anything else (the number of nodes changes -- a recurrence unrolled over the dim --, a dim that is
-no multilinear polynomial -- a strided conv's floor((W + p - k) / s) + 1 --, an index map that is
-not affine -- Resize, Tile) cannot be made symbolic: ``SymbolicError`` names the tensor or node and
+no multilinear polynomial -- a strided conv's floor((W + p - k) / s) + 1 --, an index map of
+another form -- a Resize by a fractional factor, a Tile of a symbolic dim) cannot be made symbolic: ``SymbolicError`` names the tensor or node and
 the variable, and the caller fixes that variable (``--shape``).
 """
 
@@ -157,11 +159,25 @@ class SymArray:
 
 @dataclass
 class AffineMap:
-    """A constant index map: flat index into the source = c0 + sum_i coef[i] * coordinate_i over an
-    output of shape ``shape`` (each a Poly)."""
+    """A constant index map: flat index into the source = c0 + sum_i coef[i] * (coordinate_i // div[i])
+    over an output of shape ``shape`` (c0, coef, shape Polys; ``div`` constant positive ints, 1 for
+    an affine coordinate: a nearest-neighbour upsampling by an integer factor f reads input row
+    o // f, ``passes/index_map.py``)."""
     c0: Poly
     coef: tuple
     shape: tuple
+    div: tuple = ()
+
+    def divisors(self) -> tuple:
+        return self.div or (1,) * len(self.coef)
+
+    def at(self, point: dict) -> np.ndarray:
+        """The map's array at the variables' values ``point`` (int64)."""
+        ev = lambda p: p(point) if isinstance(p, Poly) else int(p)  # noqa: E731
+        shape = tuple(ev(d) for d in self.shape)
+        grids = np.indices(shape, dtype=np.int64)
+        return ev(self.c0) + sum((ev(c) * (grids[ax] // d) for ax, (c, d) in enumerate(zip(self.coef, self.divisors()))),
+                                 np.zeros(shape, np.int64))
 
 
 @dataclass
@@ -417,7 +433,7 @@ def _fit_leaf(v, vals, points, names, node, attr, at_max, acc=None):
         return p.value if p.is_const else p
     if isinstance(v, np.ndarray):
         try:
-            a = _fit_array(v, vals, points, names, where, attr, at_max)
+            a = _fit_array(v, vals, points, names, where, attr, at_max, acc)
             if a is v and not _holds(lambda _: v, acc):
                 raise SymbolicError(f"{where} follows {_names(names)} beyond the traced sizes")
             return a
@@ -456,7 +472,7 @@ def _same(a, b) -> bool:
         return a is b
 
 
-def _fit_array(v: np.ndarray, vals, points, names, where, attr, at_max):
+def _fit_array(v: np.ndarray, vals, points, names, where, attr, at_max, acc=None):
     if all(o.shape == v.shape and np.array_equal(o, v) for o in vals):
         return v
     if any(o.ndim != v.ndim for o in vals):
@@ -470,7 +486,7 @@ def _fit_array(v: np.ndarray, vals, points, names, where, attr, at_max):
     var_axes = [ax for ax, p in sizes.items() if not p.is_const]
     if attr.endswith("indices") and np.issubdtype(v.dtype, np.integer):
         m = _fit_affine(vals, points, names, sizes)
-        if m is not None:
+        if m is not None and (acc is None or _holds(m.at, acc)):
             return m
     # a broadcast along the varying axes: every slice equal to the first
     if var_axes and all(_broadcast_along(o, var_axes) for o in vals):
@@ -501,36 +517,48 @@ def _broadcast_along(a: np.ndarray, axes) -> bool:
 
 
 def _fit_affine(vals, points, names, sizes) -> AffineMap | None:
-    """idx = c0 + sum_i c_i * coord_i on every trace, the c's polynomials in the variables."""
+    """idx = c0 + sum_i c_i * (coord_i // d_i) on every trace, the c's polynomials in the variables,
+    each d_i the same positive integer in every trace (the first coordinate along axis i where the
+    index moves; 1: affine)."""
     per = []
     for o in vals:
         o = np.asarray(o, np.int64)
         if o.size == 0:
             return None
         c0 = int(o.reshape(-1)[0])
-        coef = []
+        coef, div = [], []
         for ax in range(o.ndim):
-            if o.shape[ax] == 1:
-                coef.append(0)
-                continue
-            idx = [0] * o.ndim
-            idx[ax] = 1
-            coef.append(int(o[tuple(idx)]) - c0)
+            line = np.take(o, np.arange(o.shape[ax]), axis=ax)[tuple(slice(None) if a == ax else 0
+                                                                     for a in range(o.ndim))] - c0
+            moved = np.flatnonzero(line)
+            d = int(moved[0]) if moved.size else 1
+            coef.append(int(line[d]) if moved.size else 0)
+            div.append(d)
         grids = np.indices(o.shape, dtype=np.int64)
-        pred = c0 + sum(c * grids[ax] for ax, c in enumerate(coef))
+        pred = c0 + sum(c * (grids[ax] // d) for ax, (c, d) in enumerate(zip(coef, div)))
         if not np.array_equal(pred, o):
             return None
-        per.append((c0, coef))
+        per.append((c0, coef, div))
     c0 = fit_int([p[0] for p in per], points, names)
     if c0 is None:
         return None
-    coefs = []
+    coefs, divs = [], []
     for ax in range(len(per[0][1])):
+        moving = [q for q in per if q[1][ax] != 0]
+        if not moving:  # the index never moves along this axis (a broadcast, or extent 1)
+            coefs.append(Poly.const(0))
+            divs.append(1)
+            continue
+        d = moving[0][2][ax]
+        if len(moving) != len(per) or any(q[2][ax] != d for q in per):
+            return None  # a step seen in some traces only, or a divisor that changes with the sizes
         p = fit_int([q[1][ax] for q in per], points, names)
         if p is None:
             return None
         coefs.append(p)
-    return AffineMap(c0, tuple(coefs), tuple(sizes[ax] for ax in sorted(sizes)))
+        divs.append(d)
+    return AffineMap(c0, tuple(coefs), tuple(sizes[ax] for ax in sorted(sizes)),
+                     tuple(divs) if any(d != 1 for d in divs) else ())
 
 
 # ---- to TIR ----------------------------------------------------------------------------------
@@ -560,7 +588,7 @@ def to_tir(sg: Graph, tvars: dict) -> Graph:
         if isinstance(v, SymArray):
             return SymArray(v.data, {ax: conv(p) for ax, p in v.sizes.items()})
         if isinstance(v, AffineMap):
-            return AffineMap(conv(v.c0), tuple(conv(c) for c in v.coef), tuple(conv(d) for d in v.shape))
+            return AffineMap(conv(v.c0), tuple(conv(c) for c in v.coef), tuple(conv(d) for d in v.shape), v.div)
         if isinstance(v, SymTable):
             return SymTable(tvars[v.var], v.lo, v.data)
         if isinstance(v, dict):

@@ -241,3 +241,66 @@ def test_unnamed_dims_are_candidates_and_an_image_dim_fails_fast(tmp_path, monke
     out, meta = _compile(tmp_path, model, {"x": R.standard_normal((4, 3, 16, 32)).astype(np.float32)}, "unnamed")
     assert not meta.get("fixed_dims") and meta["symbolic_dims"]["x_3"]["step"] == 4
     assert meta["inputs"][0]["shape"] == [1, 3, 16, "x_3"] and widths and all(w % 4 == 0 for w in widths)
+
+
+def _detector() -> onnx.ModelProto:
+    """A detector's neck in miniature: two stride-2 convs, the deeper map upsampled x2 (Resize,
+    nearest) and added to the shallower one, a 1x1 head.  It runs only at heights and widths in
+    multiples of 4 (the Add needs the upsampled map to match)."""
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Resize", ["r2", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Add", ["up", "r1"], ["s"]),
+             helper.make_node("Conv", ["s", "W3", "B3"], ["y"], kernel_shape=[1, 1])]
+    inits = [tensor("W1", (R.standard_normal((8, 3, 3, 3)) * 0.3).astype(f)), tensor("B1", (R.standard_normal(8) * 0.1).astype(f)),
+             tensor("W2", (R.standard_normal((8, 8, 3, 3)) * 0.2).astype(f)), tensor("B2", (R.standard_normal(8) * 0.1).astype(f)),
+             tensor("W3", (R.standard_normal((2, 8, 1, 1)) * 0.3).astype(f)), tensor("B3", (R.standard_normal(2) * 0.1).astype(f)),
+             tensor("scales", np.array([1, 1, 2, 2], f))]
+    return make_model(nodes, [("x", [1, 3, "H", "W"])], [("y", None)], inits)
+
+
+def test_a_detectors_image_dims_stay_symbolic_through_its_upsampling(tmp_path, capsys):
+    """A model that does not run at the probe sizes (7, 11, 13: its upsampled features would not
+    match the strided ones) is tried on the stride lattice too; the nearest Resize's index map,
+    o // 2 along each upsampled axis, is fitted (``symbolic.AffineMap`` with divisors) and checked
+    at the largest sizes.  Height and width stay symbolic in steps of 4, bit-exact at every size
+    tried (one step, non-square, the range's end) and equal to the static library at the
+    calibration size."""
+    calib = {"x": R.standard_normal((4, 3, 32, 48)).astype(np.float32)}
+    model = _detector()
+    capsys.readouterr()
+    out, meta = _compile(tmp_path, model, calib, "det", quiet=False)
+    err = capsys.readouterr().err
+    assert "dim 'H' stays symbolic in steps of 4" in err and "dim 'W' stays symbolic in steps of 4" in err
+    assert not meta.get("fixed_dims") and meta["symbolic_dims"]["W"]["step"] == 4
+    lib = qcompiler.load(str(out))
+    rng = np.random.default_rng(2)
+    against_reference(tmp_path / "det.onnx", calib, lib,
+                      [{"x": rng.standard_normal((1, 3, h, w)).astype(np.float32)}
+                       for h, w in ((4, 4), (32, 48), (28, 60), (8, AUTO_MAX), (52, 44))])
+    static, _ = _compile(tmp_path, model, calib, "det_static", "--static-shapes")
+    x = R.standard_normal((1, 3, 32, 48)).astype(np.float32)
+    a, b = lib(x=x), qcompiler.load(str(static))(x=x)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="multiple of 4"):
+        lib(x=np.zeros((1, 3, 32, 42), np.float32))
+
+
+def test_a_fractional_upsampling_stays_fixed_with_its_reason(tmp_path):
+    """Nearest upsampling by 1.5 (an index map 2o // 3, of no form c * (o // d)): the dims stay at
+    their calibration sizes, each with a reason, and the library runs there."""
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Resize", ["c1", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Conv", ["up", "W3", "B3"], ["y"], kernel_shape=[1, 1])]
+    inits = [tensor("W1", (R.standard_normal((8, 3, 3, 3)) * 0.3).astype(f)), tensor("B1", (R.standard_normal(8) * 0.1).astype(f)),
+             tensor("W3", (R.standard_normal((2, 8, 1, 1)) * 0.3).astype(f)), tensor("B3", (R.standard_normal(2) * 0.1).astype(f)),
+             tensor("scales", np.array([1, 1, 1.5, 1.5], f))]
+    model = make_model(nodes, [("x", [1, 3, "H", "W"])], [("y", None)], inits)
+    calib = {"x": R.standard_normal((4, 3, 32, 48)).astype(np.float32)}
+    out, meta = _compile(tmp_path, model, calib, "frac")
+    assert set(meta["fixed_dims"]) == {"H", "W"}
+    assert qcompiler.load(str(out))(x=calib["x"][:1])["y"].shape == (1, 2, 24, 36)

@@ -29,6 +29,7 @@ from tvm import relax
 
 from qcompiler.lowering import layout as L
 from qcompiler.lowering.relax_lower import Value, const
+from qcompiler.symbolic import SymArray
 
 from .registry import I64, Example, IntOp, float_ref, mag, register, rule
 
@@ -177,6 +178,8 @@ class GatherFillOp(IntOp):
     def lower(lw, n, x):
         a = n.attrs
         ax = L.inverse(x.perm)[a["axis"]]
+        if isinstance(a["indices"], SymArray):  # over a symbolic dim: stored at its largest size, read as a prefix
+            return GatherFillOp._lower_symbolic(lw, n, x, ax)
         phys = list(L.physical_shape(x.shape, x.perm))
         size = phys[ax]
         phys[ax] = 1
@@ -184,6 +187,27 @@ class GatherFillOp(IntOp):
         idx = np.asarray(a["indices"], np.int64)
         e = lw.take(xp, const(np.where(idx < 0, size, idx).astype(np.int32), "int32"), ax)
         return Value(e, x.perm, lw.ig.shapes[n.outputs[0]], x.dtype)
+
+    @staticmethod
+    def _lower_symbolic(lw, n, x, ax: int):
+        """The indices of a symbolic extent (``symbolic.SymArray``: ConvTranspose's spread over an image
+        width, every size's map a prefix of the largest one's): one TE kernel reads idx[o] and selects
+        x or 0."""
+        from tvm import te, tirx
+
+        idx = np.asarray(n.attrs["indices"].data, np.int64).reshape(-1)
+        shape = lw.ig.shapes[n.outputs[0]]
+        out_phys = tuple(L.physical_shape(shape, x.perm))
+
+        def f(xt, it):
+            def body(*p):
+                j = it[p[ax]].astype("int64")
+                src = (*p[:ax], tirx.max(j, tirx.const(0, "int64")), *p[ax + 1:])
+                return tirx.Select(j >= 0, xt[src], tirx.const(0, x.dtype))
+            return te.compute(out_phys, body, name="gather_fill")
+
+        y = lw.bb.emit_te(f, x.expr, const(idx.astype(np.int32), "int32"), primfunc_name_hint="gather_fill")
+        return Value(y, x.perm, shape, x.dtype)
 
     @staticmethod
     def bound(ctx, n, x):

@@ -278,7 +278,7 @@ class Lowering:
         return a, b
 
     def affine_take(self, x: relax.Expr, m, axis: int) -> relax.Expr:
-        """take(x, idx, axis) for an index map idx(p) = c0 + sum_i coef_i * p_i over an output of
+        """take(x, idx, axis) for an index map idx(p) = c0 + sum_i coef_i * (p_i // div_i) over an output of
         ``m.shape`` (``qcompiler.symbolic.AffineMap``; sizes and coefficients may be symbolic)."""
         k = len(m.shape)
         # the symbolic coefficients go to emit_te as arguments: it maps their size variables onto the
@@ -291,8 +291,11 @@ class Lowering:
             c0 = m.c0 if _is_int(m.c0) else next(it)
             coef = [c if _is_int(c) else next(it) for c in m.coef]
 
+            div = m.divisors()
+
             def body(*p):
-                i = c0 + sum((c * p[axis + j] for j, c in enumerate(coef) if not (_is_int(c) and int(c) == 0)),
+                i = c0 + sum((c * (p[axis + j] // div[j] if div[j] != 1 else p[axis + j])
+                              for j, c in enumerate(coef) if not (_is_int(c) and int(c) == 0)),
                              tirx.const(0, "int64"))
                 return xt[(*p[:axis], i, *p[axis + k:])]
             shape = (*xt.shape[:axis], *m.shape, *xt.shape[axis + 1:])
@@ -319,15 +322,15 @@ class Lowering:
         return Value(e, x.perm, out_shape, dtype)
 
     def reduce(self, n, x: Value, kind: str) -> Value:
-        """Sum (int32) or max over ``axes``, in the input's layout."""
+        """Sum (int64) or max over ``axes``, in the input's layout."""
         a = n.attrs
         inv = L.inverse(x.perm)
         axes = sorted(inv[ax] for ax in a["axes"])
-        src = self.cast(x.expr, "int32") if kind == "sum" else x.expr
+        src = self.cast(x.expr, "int64") if kind == "sum" else x.expr
         f = relax.op.sum if kind == "sum" else relax.op.max
         e = self.emit(f(src, axis=axes, keepdims=bool(a["keepdims"])))
         perm = L.reduced_perm(x.perm, set(a["axes"]), bool(a["keepdims"]))
-        return Value(e, perm, self.ig.shapes[n.outputs[0]], "int32" if kind == "sum" else x.dtype)
+        return Value(e, perm, self.ig.shapes[n.outputs[0]], "int64" if kind == "sum" else x.dtype)
 
 
 def _free_vars(e) -> list:
