@@ -493,9 +493,24 @@ def _model_bound(model_path, prep: Prepared, opts: CompileOptions, sym_vars: lis
         who = "its int32 accumulators bound" if overflow else "the model bounds"
         return DimBoundError(f"{who} dim '{v.name}' ({where}) at {ok}: at {bad} it fails "
                              f"({str(err).splitlines()[0][:160]}); give --shape a range up to {ok}", v.name, ok)
+    # no dim fails alone: the bound is on their product (an int32 bound over height x width); the
+    # largest dim narrowed first, the others at their largest sizes
+    tops = {v.name: v.hi // v.step for v in sym_vars}
+    for v in sorted(sym_vars, key=lambda x: -x.hi) if len(sym_vars) > 1 else []:
+        def jointly(u, name=v.name):
+            return works({**tops, name: u})
+        lo_u = v.calibrated // v.step
+        if not jointly(lo_u):
+            continue
+        ok, bad = largest(jointly, lo_u, v.hi // v.step)
+        others = ", ".join(f"'{x.name}'" for x in sym_vars if x is not v)
+        who = "its int32 accumulators bound" if overflow else "the model bounds"
+        return DimBoundError(f"{who} dim '{v.name}' at {ok * v.step} with {others} at their largest sizes: at "
+                             f"{bad * v.step} it fails ({_clip(str(err).splitlines()[0], 160)}); give --shape "
+                             "smaller ranges", v.name, ok * v.step)
     return ModelError(f"the model cannot be traced at the largest sizes of its symbolic dims "
                       f"({', '.join(f'{k}={x}' for k, x in {v.name: v.hi for v in sym_vars}.items())}): "
-                      f"{str(err).splitlines()[0][:200]}; give --shape smaller ranges")
+                      f"{_clip(str(err).splitlines()[0], 200)}; give --shape smaller ranges")
 
 
 def keep_symbolic(model_path, prep: Prepared, opts: CompileOptions):

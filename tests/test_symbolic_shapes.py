@@ -381,3 +381,30 @@ def test_each_shape_is_traced_once_and_the_file_read_once(tmp_path, monkeypatch)
         driver.symbolic_graph(tmp_path / f"{name}.onnx", prep, opts, prep.sym_vars)
         assert len(reads) == 1, name
         assert len(traced) == len(set(traced)) == n, (name, traced)  # the grid, the check point, the largest sizes
+
+
+def test_a_bound_on_the_product_of_two_dims_narrows_the_largest(monkeypatch):
+    """Neither dim fails alone (each at its largest with the other at its calibration size traces),
+    but both at their largest do (an int32 bound over height x width): the largest dim is narrowed
+    by bisection with the other at its largest, and the bound is named (``driver._model_bound``)."""
+    import types
+
+    import passes.overflow
+    from qcompiler.errors import QCError
+    from qcompiler.symbolic import SymVar
+
+    def fake_retrace(model_path, prep, opts, shapes):
+        h, w = shapes["x"][2], shapes["x"][3]
+        if h * w > 96 * 200:
+            raise QCError(f"overflow at {h}x{w}")
+        return object()
+
+    monkeypatch.setattr(driver, "retrace", fake_retrace)
+    monkeypatch.setattr(passes.overflow, "check_overflow", lambda g: None)
+    prep = types.SimpleNamespace(input_shapes={"x": (1, 3, 32, 48)})
+    hv = SymVar("H", 8, 128, [("x", 2)], calibrated=32, step=8, auto=True)
+    wv = SymVar("W", 8, 256, [("x", 3)], calibrated=48, step=8, auto=True)
+    e = driver._model_bound("m.onnx", prep, None, [hv, wv], lambda p: driver._shapes_at(prep, [hv, wv], p),
+                            QCError("overflow"), overflow=True)
+    assert isinstance(e, driver.DimBoundError) and e.var == "W" and e.bound == 144  # 128 x 144 <= 96 x 200 < 128 x 152
+    assert "with 'H' at their largest sizes" in str(e)

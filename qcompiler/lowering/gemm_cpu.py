@@ -229,7 +229,7 @@ class CpuGemm(KernelGemm):
                                                 isa=self.isa, tw=tw[0] if tw else None)
                     args = [x, const(w4, "int8"), const(rc, "int64"), const(np.ascontiguousarray(m64), "int64"),
                             const(np.ascontiguousarray(s64), "int64")]
-                else:  # int16 input (W8A16), symbolic H / W, C % 8 != 0, 1-row kernels: int32 lanes
+                else:  # int16 input (W8A16), C % 8 != 0, 1-row kernels: int32 lanes
                     f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post,
                                                 tw=tw[0] if tw else None)
                     args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
