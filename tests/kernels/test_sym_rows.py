@@ -7,7 +7,7 @@ their run-time serial / parallel branch (qcompiler/kernels/branch.py):
   ``conv2d_nhwc`` over a symbolic batch / width takes its row tiles per output row as an argument,
   with and without a fused epilogue;
 * ``depthwise_conv2d_nhwc`` over a symbolic height / width, with and without a fused epilogue;
-* the default schedule's size branch (qcompiler/kernels/cpu_default.py ``_size_branch``): an
+* the default schedule over symbolic extents: its size branch (qcompiler/kernels/cpu_default.py ``_size_branch``): an
   elementwise kernel and a row reduction over a symbolic axis.
 """
 
@@ -232,6 +232,32 @@ def test_default_schedule_row_reduction_over_symbolic_axis(target):
     for n in (1, 13, 200):
         a = rng.integers(-(2**40), 2**40, (12, n, n)).astype(np.int64)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), a.max(axis=2, keepdims=True))
+
+
+def test_default_schedule_sum_over_symbolic_height_and_width(target):
+    """A global pool's sum over an NHWC image of symbolic height and width (a squeeze-excite block
+    of a detector): the cast inlined into the sum (no int64 copy of the image), the channels
+    vector lanes inside the reduction loops, as for a static image; exact on both sides of the
+    size branch."""
+    from tvm import relax
+
+    h, w = tirx.Var("h", "int64"), tirx.Var("w", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, h, w, 96], "int16"))
+    with bb.function("main", [x], attrs={"tir_var_upper_bound": {"h": 2048, "w": 2048}}):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.sum(relax.op.astype(x, "int64"), axis=[1, 2], keepdims=True))
+        bb.emit_func_output(y)
+    mod = _fused_and_scheduled(bb.get(), target, {"h": 320, "w": 320})
+    (f,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = f.script()
+    assert "alloc_buffer" not in script and "T.vectorized" in script and "T.parallel" in script
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    rng = np.random.default_rng(4)
+    for hh, ww in ((1, 1), (3, 5), (640, 640)):
+        a = rng.integers(-(2**15), 2**15, (1, hh, ww, 96)).astype(np.int16)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(),
+                                      a.astype(np.int64).sum(axis=(1, 2), keepdims=True))
 
 
 def test_default_schedule_vectorizes_a_symbolic_innermost_axis(target):
