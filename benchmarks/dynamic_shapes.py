@@ -190,7 +190,7 @@ def main(argv=None) -> int:
               f"{r['compile_s_dynamic']} / {r['compile_s_static']}")
     out = record(rows, load, "median ms per call; static = a library compiled for that exact shape (the same calibration "
                              "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
-                             "quantize_static QDQ (open-nsfw)")
+                             "quantize_static QDQ (the CNNs and OCR models, same calibration samples)")
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
     return 0

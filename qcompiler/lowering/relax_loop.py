@@ -160,6 +160,7 @@ def _build_loop(lw, n, k: int):
     ps, t = run_params()
     lo, hi, xs, *rest = ps
     states, ys = rest[:ns], rest[ns]
+
     def steps(count: int) -> relax.SeqExpr:
         """``count`` steps from row lo on (a reversed direction: the take / put kernels read row
         T - 1 - lo - j)."""
