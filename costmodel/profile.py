@@ -24,6 +24,7 @@ measured; lines of other models are kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -77,17 +78,24 @@ def time_calls(lib, runs: int = 30, warmup: int = 3, feeds: dict | None = None) 
                 calls[k][1].append((time.perf_counter_ns() - t0) * 1e-9)
         return 0
 
-    vm.set_instrument(instrument)
-    try:
+    with _instrumented(vm, instrument):
         for r in range(warmup + runs):
             state["rec"], state["i"] = r >= warmup, 0
             vm["main"](*args)
+    return [(n, ts, a) for n, ts, a in calls]
+
+
+@contextlib.contextmanager
+def _instrumented(vm, instrument):
+    """``vm`` with the instrument hook ``instrument`` set for the block, then removed."""
+    vm.set_instrument(instrument)
+    try:
+        yield
     finally:
         try:
             vm.set_instrument(None)
         except Exception:  # noqa: BLE001 - this runtime wants a function: a pass-through one
             vm.set_instrument(lambda *a: 0)
-    return [(n, ts, a) for n, ts, a in calls]
 
 
 def time_isolated_in_run(lib, feeds: dict | None = None, want=lambda name: True, repeats: int = 10,
@@ -123,14 +131,8 @@ def time_isolated_in_run(lib, feeds: dict | None = None, want=lambda name: True,
                 out[k] = seen[key]
         return 0
 
-    vm.set_instrument(instrument)
-    try:
+    with _instrumented(vm, instrument):
         vm["main"](*args)
-    finally:
-        try:
-            vm.set_instrument(None)
-        except Exception:  # noqa: BLE001 - this runtime wants a function: a pass-through one
-            vm.set_instrument(lambda *a: 0)
     return out
 
 
