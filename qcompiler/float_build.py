@@ -21,6 +21,7 @@ def compile_float(model_path, out_path, spec: TargetSpec, batch: int = 1,
 
     from .lowering.build import _backend_stages, _schedule_pass
 
+    out = artifact.check_library_path(out_path)  # before any work
     fr = frontend.load(model_path, batch=batch, shapes=shapes or {})
     mod = from_onnx(fr.model, keep_params_in_input=False)
     target = spec.tvm_target()
@@ -46,7 +47,6 @@ def compile_float(model_path, out_path, spec: TargetSpec, batch: int = 1,
         "outputs": [{"name": o, "shape": list(g.shapes[o]), "dtype": g.dtypes[o]} for o in g.outputs],
         "layers": [], "kernels": {"count": 0}, "warnings": warnings,
     }
-    out = artifact.check_library_path(out_path)
     with artifact.atomic_paths(out, artifact.metadata_path(out)) as (tmp_so, tmp_json):
         ex.export_library(str(tmp_so))
         artifact.write_json(tmp_json, artifact.seal(meta, tmp_so))
