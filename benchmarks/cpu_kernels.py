@@ -305,7 +305,7 @@ def bench_direct(target, cases, repeats, mrm, rng):
             peers["int8_lanes"] = (cv.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, s, p, d, a_dtype, "int8", -128, 127),
                                    [x, w, bias, mult, shift])
             if cv.depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype, cv.VNNI):
-                w4, rc = cv.pack_depthwise_taps(w, bias, a_dtype == "int8", mult, shift)
+                w4, rc = cv.pack_depthwise_taps(w, bias, a_dtype, mult, shift)
                 peers["int8"] = (cv.depthwise_conv2d_taps(N, H, W, C, KH, KW, s, p, d, a_dtype, "int8", -128, 127),
                                  [x, w4, rc, mult, shift])
         else:

@@ -177,7 +177,7 @@ def kernels_ab(a) -> int:
         bias, mult, shift = ck.requant_args(rng, C)
         OH, OW = cv._out_shape(H, W, KH, KW, s, p, d)
         ops = 2.0 * N * OH * OW * C * KH * KW
-        w4, R = cv.pack_depthwise_taps(w, bias, a_dtype == "int8", mult, shift, isa=isa)
+        w4, R = cv.pack_depthwise_taps(w, bias, a_dtype, mult, shift, isa=isa)
         geo = (N, H, W, C, KH, KW, s, p, d, a_dtype, "int8", -128, 127)
         peers = {t: (cv.depthwise_conv2d_taps(*geo, isa=isa, **TAPS[t]), [x, w4, R, mult, shift])
                  for t in a.variants.split(",") if t in TAPS}

@@ -148,22 +148,38 @@ class SoftmaxOp(IntOp):
         a = n.attrs
         ax = L.inverse(x.perm)[a["axis"]]
         i64 = lambda v: const(v, "int64")  # noqa: E731
-        xi = lw.cast(x.expr, "int64")
-        mx = lw.emit(relax.op.max(xi, axis=[ax], keepdims=True))
-        diff = lw.emit(relax.op.subtract(xi, mx))
-        d = lw.emit(relax.op.left_shift(diff, i64(a["u"])) if a["u"] >= 0 else
-                    relax.op.right_shift(diff, i64(-a["u"])))  # arithmetic: floor
+        # the row max in the input's own dtype (the same value; an int64 copy of x read by the max
+        # and the subtract would be a kernel and a tensor of its own)
+        mxe = lw.emit(relax.op.max(x.expr, axis=[ax], keepdims=True))
         q = int(a["q_ln2"]) if a["variant"] == "iexp" else 0
-        if a["variant"] == "iexp" and a["q_c"] >= 0 and a["q_b"] >= q and 40 * q < 2**31:
-            # the exp step in int32 (twice the vector lanes, no 64-bit division / multiplies): d is
-            # clamped at -32 q_ln2 first, which changes no e -- for d <= -31 q_ln2, z >= 31 and
-            # e = L2 >> 31 = 0 as 0 < L2 <= e_max < 2^30 (q_c >= 0, q_b >= q_ln2: p + q_b in (0, q_b])
-            i32 = lambda v: const(v, "int32")  # noqa: E731
-            d32 = lw.cast(lw.emit(relax.op.maximum(d, i64(-32 * q))), "int32")
+        u = int(a["u"])
+        i32 = lambda v: const(v, "int32")  # noqa: E731
+        # the exp step in int32 (twice the vector lanes of int64, no 64-bit division / multiplies) and
+        # e stored as int32 (e <= e_max < 2^30: half the bytes of the three passes over the scores):
+        # d = max(diff << u, -32 q_ln2) changes no e -- for d <= -31 q_ln2, z >= 31 and e = L2 >> 31
+        # = 0 as 0 < L2 <= e_max < 2^30 (q_c >= 0, q_b >= q_ln2: p + q_b in (0, q_b])
+        exp32 = a["variant"] == "iexp" and a["q_c"] >= 0 and a["q_b"] >= q and 40 * q < 2**31
+        if exp32 and x.dtype in ("int8", "uint8", "int16") and -31 < u and 32 * q + 2 ** max(u, 0) < 2**31:
+            # x - max in int32 too (|diff| < 2^17), clamped at -ceil(32 q_ln2 / 2^u) before the shift:
+            # the same d, and |diff << u| <= 32 q_ln2 + 2^u < 2^31
+            diff = lw.emit(relax.op.subtract(lw.cast(x.expr, "int32"), lw.cast(mxe, "int32")))
+            if u >= 0:
+                diff = lw.emit(relax.op.maximum(diff, i32(-(32 * q) // 2**u)))
+                d32 = lw.emit(relax.op.left_shift(diff, i32(u)))
+            else:
+                d32 = lw.emit(relax.op.right_shift(diff, i32(-u)))  # arithmetic: floor
+            d32 = lw.emit(relax.op.maximum(d32, i32(-32 * q)))
+        else:
+            diff = lw.emit(relax.op.subtract(lw.cast(x.expr, "int64"), lw.cast(mxe, "int64")))
+            d = lw.emit(relax.op.left_shift(diff, i64(u)) if u >= 0 else
+                        relax.op.right_shift(diff, i64(-u)))  # arithmetic: floor
+            d32 = lw.cast(lw.emit(relax.op.maximum(d, i64(-32 * q))), "int32") if exp32 else None
+        if exp32:
             z = lw.emit(relax.op.floor_divide(lw.emit(relax.op.negative(d32)), i32(q)))
-            pb = lw.emit(relax.op.add(lw.emit(relax.op.add(d32, lw.emit(relax.op.multiply(z, i32(q))))), i32(a["q_b"])))
+            pb = lw.emit(relax.op.add(lw.emit(relax.op.add(d32, lw.emit(relax.op.multiply(z, i32(q))))),
+                                      i32(a["q_b"])))
             L2 = lw.emit(relax.op.add(lw.emit(relax.op.multiply(pb, pb)), i32(a["q_c"])))
-            e = lw.cast(lw.emit(relax.op.right_shift(L2, lw.emit(relax.op.minimum(z, i32(31))))), "int64")
+            e = lw.emit(relax.op.right_shift(L2, lw.emit(relax.op.minimum(z, i32(31)))))
         elif a["variant"] == "iexp":
             neg = lw.emit(relax.op.negative(d))
             z = lw.emit(relax.op.floor_divide(neg, i64(a["q_ln2"])))
@@ -179,9 +195,11 @@ class SoftmaxOp(IntOp):
             base = lw.emit(relax.op.add(lw.emit(relax.op.right_shift(r, i64(1))), i64(a["q_1"])))
             e = lw.emit(relax.op.right_shift(lw.emit(relax.op.left_shift(base, i64(a["N"]))),
                                              lw.emit(relax.op.minimum(z, i64(62)))))
-        s = lw.emit(relax.op.sum(e, axis=[ax], keepdims=True))
+        # an int32 e: a cast of its own into the row sum and into the normalization (each fuses there)
+        e64 = (lambda: lw.cast(e, "int64")) if exp32 else (lambda: e)
+        s = lw.emit(relax.op.sum(e64(), axis=[ax], keepdims=True))
         k = lw.emit(relax.op.floor_divide(i64(1 << a["R"]), s))
-        y = lw.emit(relax.op.right_shift(lw.emit(relax.op.multiply(e, k)), i64(a["R"] - a["ob"])))
+        y = lw.emit(relax.op.right_shift(lw.emit(relax.op.multiply(e64(), k)), i64(a["R"] - a["ob"])))
         y = lw.emit(relax.op.clip(y, int(a["lo"]), int(a["hi"])))
         return Value(lw.cast(y, a["dtype"]), x.perm, x.shape, a["dtype"])
 

@@ -84,13 +84,31 @@ def mask_add(qz: Quantizer, n):
             "int32", qz.fg.shape(out), qy, out, node_name=n.name)
 
 
+_TABLES: dict = {}  # embedding table content hash -> (int8 table, scale): a compile traces the model
+# at several sizes (qcompiler/driver.py symbolic_graph), each quantizing the same tables again
+
+
+def _quantized_table(t) -> tuple[np.ndarray, float]:
+    """(int8 table, scale) of a float embedding table: symmetric per tensor, scale max|t| / 127."""
+    import hashlib
+
+    t = np.ascontiguousarray(t)
+    key = (t.shape, str(t.dtype), hashlib.blake2b(t.view(np.uint8), digest_size=16).hexdigest())
+    if key not in _TABLES:
+        t64 = t.astype(np.float64)
+        s = (float(np.abs(t64).max()) or 1.0) / 127.0
+        if len(_TABLES) >= 8:
+            _TABLES.clear()
+        tq = np.clip(np.round(t64 / s), -127, 127).astype(np.int8)
+        tq.setflags(write=False)  # shared by the traces
+        _TABLES[key] = (tq, s)
+    return _TABLES[key]
+
+
 @rule("Embedding")
 def embedding(qz: Quantizer, n):
     ids, out = n.inputs[0], n.outputs[0]
-    t = np.asarray(n.attrs["table"], np.float64)
-    amax = float(np.abs(t).max()) or 1.0
-    s = amax / 127.0
-    tq = np.clip(np.round(t / s), -127, 127).astype(np.int8)
+    tq, s = _quantized_table(n.attrs["table"])
     qz.emit("embedding", [qz.iname(ids)], out, {"table": tq}, "int8", qz.fg.shape(out), QParams(s, "int8"), out,
             node_name=n.name)
 

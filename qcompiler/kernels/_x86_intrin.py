@@ -44,6 +44,9 @@ Lane-wise (no broadcast), for the depthwise kernel (``cpu_vnni.depthwise_conv2d_
 * ``avx2_lanes``, L = 8, kp = 2: ``C[i] += sum_{k<2} half_k(A[i]) * B[i, k]`` with A uint32[8] (each
   word two int16, :func:`word_half`) and B int8[8, 2] sign-extended (``vpmovsxbw``): one ``vpmaddwd
   ymm`` + ``vpaddd``.  Exact: |a| <= 255, |b| <= 128, a pair sums to at most 2 * 255 * 128.
+* ``avx512vnni_lanes_i16`` / ``avx512vnni_lanes8_i16``, L = 16 / 8, kp = 2: the same sum over the
+  two int16 halves (int16 inputs, W8A16 layers) in one ``vpdpwssd`` zmm / ymm (AVX512-VNNI,
+  -VL).  Exact: a pair sums to at most 2 * 32768 * 128 = 2^23.
 
 They are registered under names of our own (:data:`INTRIN`), from this module, so nothing here
 imports ``tvm.s_tir.tensor_intrin`` (whose ``__init__`` takes 30-40 s).  :func:`register` is
@@ -60,7 +63,8 @@ INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_
           "avx512vnni_w4": "qc_dot_16x8_u8i4i32_vnni", "avx2_w4": "qc_dot_8x32_u8i4i32_avx2",
           "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2",
           "avx512vnni_lanes": "qc_dot_16x4_u8wi8i32_vnni", "avx512vnni_lanes8": "qc_dot_8x4_u8wi8i32_vnni",
-          "avx2_lanes": "qc_dot_8x2_i16wi8i32_avx2"}
+          "avx2_lanes": "qc_dot_8x2_i16wi8i32_avx2", "avx512vnni_lanes_i16": "qc_dot_16x2_i16wi8i32_vnni",
+          "avx512vnni_lanes8_i16": "qc_dot_8x2_i16wi8i32_vnni"}
 from .backends.avx2_w4a8 import AVX2_W4_GROUPS  # noqa: E402  (G of ``avx2_w4``)
 
 
@@ -336,6 +340,51 @@ def _dot_lanes_vnni_impl_of(L: int):
     return impl
 
 
+def _dot_halves_desc_of(L: int):
+    """C[i] += sum_{k<2} half_k(A[i]) * B[i, k] on ``L`` lanes (two int16 per word)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((L,), "uint32", offset_factor=1),
+        B: T.Buffer((L, 2), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:L], B[0:L, 0:2])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + word_half(A[vi], vk) * T.Cast("int32", B[vi, vk])
+
+    return desc
+
+
+def _dot_halves_vnni_impl_of(L: int):
+    """``vpdpwssd`` on ``L`` int32 lanes (16: zmm, 8: ymm): A's words as int16 pairs, B sign-extended."""
+    intrin = f"llvm.x86.avx512.vpdpwssd.{32 * L}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((L,), "uint32", offset_factor=1),
+        B: T.Buffer((L, 2), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:L], B[0:L, 0:2])
+            T.writes(C[0:L])
+            C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrin),
+                C.vload([0], dtype=f"int32x{L}"),
+                T.reinterpret(A.vload([0], dtype=f"uint32x{L}"), dtype=f"int16x{2 * L}"),
+                T.Cast(f"int16x{2 * L}", B.vload([0, 0], dtype=f"int8x{2 * L}")),
+                dtype=f"int32x{L}",
+            )
+
+    return impl
+
+
 @T.prim_func(s_tir=True)
 def _dot_lanes_avx2_desc(
     A: T.Buffer((8,), "uint32", offset_factor=1),
@@ -379,6 +428,8 @@ _DEFS = {
     "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl_of(16)),
     "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes_vnni_impl_of(8)),
     "avx2_lanes": (lambda: _dot_lanes_avx2_desc, _dot_lanes_avx2_impl),
+    "avx512vnni_lanes_i16": (lambda: _dot_halves_desc_of(16), _dot_halves_vnni_impl_of(16)),
+    "avx512vnni_lanes8_i16": (lambda: _dot_halves_desc_of(8), _dot_halves_vnni_impl_of(8)),
 }
 
 

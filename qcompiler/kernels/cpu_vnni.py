@@ -86,6 +86,7 @@ from tvm.s_tir import SBlock, Schedule
 from qcompiler.targets import host_has_vnni  # noqa: F401  (whether this CPU runs these kernels)
 
 from . import tile_model as _tm
+from .branch import join_schedules
 
 ACT_DTYPES = ("int8", "uint8")
 # the direct depthwise / grouped kernels widen X to int32 themselves: int16 inputs (W8A16) too
@@ -532,8 +533,8 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
 
     A symbolic ``M`` (qcompiler/symbolic.py: a TIR expression) gives a kernel over any row count,
     bound from A's shape at the call: ``config`` (default: at the representative size,
-    ``tune/workload.rows_bucket``) for large M, a serial variant for the row counts whose GEMM costs
-    under :data:`SERIAL_CYCLES`."""
+    ``tune/workload.rows_bucket``) for large M, the tiles of :data:`ROW_BUCKETS` for small ones, a
+    serial variant for the row counts whose GEMM costs under :data:`SERIAL_CYCLES`."""
     _check_io(a_dtype, out_dtype, lo, hi, isa)
     if isa.a_operand == "uint8":
         _check_k(K, "dense")
@@ -545,8 +546,11 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
         if post is None and key in _SYM_CACHE:  # the same kernel for every layer of this shape
             return _SYM_CACHE[key]
         Mv = tirx.Var("M", "int32")  # the kernel's own variable (int32 like the static loops)
-        f = _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, cfg, isa, post,
-                   _serial_rows(lambda m: gemm_cycles(m, N, K, isa=isa)) if cfg.parallel else 0)
+        serial = _serial_rows(lambda m: gemm_cycles(m, N, K, isa=isa))
+        f = _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, cfg, isa, post, serial if cfg.parallel else 0)
+        for upper, c in _row_buckets(cfg, rows_bucket(M), lambda r: default_config(r, N, K, isa=isa)):
+            f = join_schedules(Mv <= upper, _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, c, isa, post,
+                                                   serial if c.parallel else 0), f)
         if post is None:
             if len(_SYM_CACHE) >= 256:
                 _SYM_CACHE.clear()
@@ -604,6 +608,29 @@ def _dense(M, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int, cf
 
 _SYM_CACHE: dict = {}  # dense over a symbolic M without epilogue, by its parameters (PrimFuncs are immutable)
 
+# row-count buckets of a GEMM over a symbolic row count below its representative size: (largest row
+# count of the bucket, the row count its tile is chosen at).  A tile chosen at the representative
+# size (e.g. 5 rows at 256) pads a few rows up to whole tiles (8 rows: 10 computed); the buckets'
+# tiles (``default_config`` there) fit them, as a static kernel of that size would
+ROW_BUCKETS = ((2, 2), (12, 8), (48, 32))
+
+
+def _row_buckets(cfg: VnniConfig, rep: int, config_at) -> list[tuple[int, VnniConfig]]:
+    """[(upper, config)] of the :data:`ROW_BUCKETS` below ``rep`` whose tile (``config_at(rows)``)
+    differs from the next larger bucket's (the last: ``cfg``), largest first: the kernel runs
+    ``config`` for row counts up to ``upper`` (``kernels/branch.py``; each variant adds its loop nest
+    to the kernel, so equal tiles share one)."""
+    out, nxt = [], cfg
+    tile = lambda c: (c.mr, c.nr, c.kc, c.n_outer)  # noqa: E731
+    for upper, r in reversed(ROW_BUCKETS):
+        if upper >= rep:
+            continue
+        c = config_at(r)
+        if tile(c) != tile(nxt):
+            out.append((upper, c))
+            nxt = c
+    return out
+
 
 def _serial_rows(cycles, limit: int = 1 << 20) -> int:
     """The largest row count m whose GEMM costs under :data:`SERIAL_CYCLES` (``cycles(m)``, single
@@ -627,8 +654,6 @@ def _par_branch(schedule, cfg: VnniConfig, serial) -> tirx.PrimFunc:
     unscheduled function with a config; the kernel runs ``schedule(cfg serial)``'s loop nest when
     ``serial`` holds, else ``schedule(cfg)``'s: the same tiles, buffers and arithmetic, so the result
     does not depend on the branch (``kernels/branch.py``)."""
-    from .branch import join_schedules
-
     return join_schedules(serial, schedule(dataclasses.replace(cfg, parallel=False)), schedule(cfg))
 
 
@@ -1026,9 +1051,9 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sym = not all(isinstance(d, (int, np.integer)) for d in rep)
     if not isinstance(N, (int, np.integer)):  # a symbolic batch (qcompiler/symbolic.py): an outer loop,
         N = tirx.Var("N", "int64")            # the kernel's own variable, bound from X's shape
-    # a symbolic height / width: the kernel's own variables; whole column tiles of tw (default: up to 8),
-    # their count OWt an int32 argument before the output, which has OWt * tw columns, as do a fused
-    # post's extras (the caller keeps OW of them, or all where OW is a multiple of tw)
+    # a symbolic height / width: the kernel's own variables; column tiles of tw (default: up to 8),
+    # their count OWt = ceil(OW / tw) an int32 argument before the output (attribute ``qc.ow_tiles``);
+    # the output and a fused post's extras are exact, the last tile of a row stored in part
     sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
     if sym_hw:
         H, W = (d if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int64") for d, nm in ((H, "H"), (W, "W")))
@@ -1054,8 +1079,8 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
         Xp[n, oh * sh + kh * dh, ow * sw + kw * dw, c].astype("int32") * Wd[kh, kw, c].astype("int32"),
         axis=[kh, kw]), name="acc")
-    extras, consts = _post_args(post, (N, OH, OWp if sym_hw else OW, C))
-    out = te.compute((N, OH, OWp if sym_hw else OW, C), lambda n, oh, ow, c: _requant(
+    extras, consts = _post_args(post, (N, OH, OW, C))
+    out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant(
         (acc[n, oh, ow, c] + bias[c]).astype("int64"), mult[c], shift[c], lo, hi, out_dtype, post,
         (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
     sch = Schedule(te.create_prim_func([X, Wd, bias, mult, shift, *_post_list(extras, consts),
@@ -1072,18 +1097,23 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
             par = True
     _schedule_direct(sch, n_red=2, tw=tw, vec=vec, has_prep=not in_place, parallel=par)
     f = _finish(sch)
-    return f.with_attr("qc.col_tile", tw) if sym_hw else f
+    return f.with_attr("qc.ow_tiles", tw) if sym_hw else f
 
 
 DW_LANES = 16  # channels per vpdpbusd zmm of the tap-interleaved depthwise kernel (8: ymm, vpmaddwd on AVX2)
 
 
-def _taps_isa(isa: Isa, C: int) -> tuple[int, int, int, str]:
+def _taps_isa(isa: Isa, C: int, a_dtype: str = "int8") -> tuple[int, int, int, str]:
     """(kernel rows per 32-bit word P, channel lanes L, bits per row, intrinsic) of the depthwise
-    kernel on ``isa`` for C channels: VNNI 4 bytes (``vpdpbusd``, u8 x s8) on 16 lanes, or 8 (ymm)
-    when C is a multiple of 8 but not of 16; AVX2 2 int16 (``vpmaddwd``, s16 x s16) on 8 lanes.  C
-    must be a multiple of L (``depthwise_taps_ok``; other channel counts take depthwise_conv2d_nhwc)."""
-    if isa.name == VNNI.name:
+    kernel on ``isa`` for C channels of ``a_dtype``: VNNI 4 bytes (``vpdpbusd``, u8 x s8) on 16 lanes,
+    or 8 (ymm) when C is a multiple of 8 but not of 16; AVX2 2 int16 (``vpmaddwd``, s16 x s16) on 8
+    lanes; int16 inputs (W8A16 layers) 2 int16 rows per word on either ISA (VNNI: ``vpdpwssd``, 16
+    lanes or 8).  C must be a multiple of L (``depthwise_taps_ok``; other channel counts take
+    depthwise_conv2d_nhwc)."""
+    if isa.name == VNNI.name and a_dtype == "int16":
+        P, L, bits, intrin = (2, DW_LANES, 16, "avx512vnni_lanes_i16") if C % DW_LANES == 0 else \
+            (2, 8, 16, "avx512vnni_lanes8_i16")
+    elif isa.name == VNNI.name:
         P, L, bits, intrin = (4, DW_LANES, 8, "avx512vnni_lanes") if C % DW_LANES == 0 else \
             (4, 8, 8, "avx512vnni_lanes8")
     elif isa.name == AVX2.name:
@@ -1093,6 +1123,12 @@ def _taps_isa(isa: Isa, C: int) -> tuple[int, int, int, str]:
     if C % L:
         raise ValueError(f"depthwise_conv2d_taps: {C} channels are not a multiple of {L}")
     return P, L, bits, intrin
+
+
+def taps_acc_bound(KH: int, KW: int, a_dtype: str) -> int:
+    """max |acc| of :func:`depthwise_conv2d_taps` for ``a_dtype`` inputs: KH*KW*255*128 for 8-bit
+    ones (the +128 offset form: 0 <= x + 128 <= 255), KH*KW*32768*128 for int16."""
+    return KH * KW * (32768 if a_dtype == "int16" else 255) * 128
 
 
 def folded_round(bias: np.ndarray, mult: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -1121,12 +1157,13 @@ def _requant_folded(acc32, rc, mult, shift, lo: int, hi: int, out_dtype: str, po
     return post(t, [e[tuple(i)].astype("int64") for e in extras], lambda k: consts[k]).astype(post.out_dtype)
 
 
-def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_signed: bool, mult: np.ndarray,
+def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_dtype: str, mult: np.ndarray,
                         shift: np.ndarray, isa: Isa = VNNI) -> tuple[np.ndarray, np.ndarray]:
     """wd int8 [KH, KW, C] -> (W4 int8 [G, KW, C, P], R int64 [4, C]) for :func:`depthwise_conv2d_taps`.
 
     ``W4[g, kw, c, j] = wd[P*g + j, kw, c]`` (0 for P*g + j >= KH), G = ceil(KH / P) (VNNI: P = 4;
-    AVX2: P = 2, ``_taps_isa``): the P products a lane sums are P kernel rows of one channel.
+    AVX2 and int16 inputs: P = 2, ``_taps_isa``): the P products a lane sums are P kernel rows of
+    one channel.
     ``rc = folded_round(bias_eff, mult, shift)`` with ``bias_eff = bias - 128 * sum_{kh,kw} wd[kh, kw, c]``
     for int8 inputs on VNNI (the +128 offset, module docstring; AVX2 multiplies int16 as they are), in
     int64, is R's last row; R = :func:`dw_fast_params` (rc, mult, shift) adds the parameters of the
@@ -1134,16 +1171,16 @@ def pack_depthwise_taps(wd: np.ndarray, bias: np.ndarray | None, a_signed: bool,
     """
     _check_weight(wd, 3, "pack_depthwise_taps")
     KH, KW, C = wd.shape
-    P = _taps_isa(isa, C)[0]
+    P, L, _, _ = _taps_isa(isa, C, a_dtype)
     G = _ceil(KH, P)
     w4 = np.zeros((G * P, KW, C), np.int8)
     w4[:KH] = wd
     w4 = np.ascontiguousarray(w4.reshape(G, P, KW, C).transpose(0, 2, 3, 1))
     b = np.zeros(C, np.int64) if bias is None else np.asarray(bias, np.int64)
-    if a_signed and P == 4:
+    if a_dtype == "int8" and P == 4:
         b = b - 128 * wd.astype(np.int64).sum(axis=(0, 1))
     rc = folded_round(b, mult, shift)
-    return w4, dw_fast_params(rc, mult, shift, KH * KW * 255 * 128, _taps_isa(isa, C)[1])
+    return w4, dw_fast_params(rc, mult, shift, taps_acc_bound(KH, KW, a_dtype), L)
 
 
 def dw_fast_params(rc: np.ndarray, mult: np.ndarray, shift: np.ndarray, amax: int, group: int = DW_LANES) -> np.ndarray:
@@ -1189,13 +1226,13 @@ def dw_fast_params(rc: np.ndarray, mult: np.ndarray, shift: np.ndarray, amax: in
 
 def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool:
     """Whether :func:`depthwise_conv2d_taps` takes the layer: static C (N, H, W may be symbolic), int8 /
-    uint8 input, a VNNI or AVX2 target, C a multiple of 8 (a ragged channel tail would need masked or
-    gathered loads: the int32-lane kernel is faster there), at least 2 kernel rows (one row would
-    leave the other products of a lane idle) and KH * KW <= MAX_K / 16 (the offset accumulator
-    bound: |acc| <= KH*KW*255*128)."""
+    uint8 / int16 input, a VNNI or AVX2 target, C a multiple of 8 (a ragged channel tail would need
+    masked or gathered loads: the int32-lane kernel is faster there), at least 2 kernel rows (one
+    row would leave the other products of a lane idle) and an int32 accumulator
+    (:func:`taps_acc_bound` < 2^31)."""
     static = isinstance(C, (int, np.integer))
-    return (static and isa is not None and isa.name in (VNNI.name, AVX2.name) and a_dtype in ACT_DTYPES
-            and int(C) % 8 == 0 and KH >= 2 and KH * KW * 16 <= MAX_K)
+    return (static and isa is not None and isa.name in (VNNI.name, AVX2.name) and a_dtype in DIRECT_ACT_DTYPES
+            and int(C) % 8 == 0 and KH >= 2 and taps_acc_bound(KH, KW, a_dtype) < 2**31)
 
 
 def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
@@ -1237,29 +1274,30 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     form, ``share_rows=False`` one buffer per output row, for A/B timings).  C a multiple of 16
     (of 8: ``vpdpbusd ymm``, 8 channels per instruction), static C (``depthwise_taps_ok``); a
     symbolic batch N (qcompiler/symbolic.py) is the kernel's own variable, bound from X's shape; a
-    symbolic H / W too, the output then in whole column tiles (above).
+    symbolic H / W too (OWt column tiles per row, the last one stored in part: above).
 
     AVX2 (no VNNI): the same with P = 2 kernel rows per word as two int16 (the input sign- or
     zero-extended, no offset: ``vpmaddwd`` multiplies signed int16, padding is 0), 8 channels per
     ``vpmaddwd`` + ``vpaddd``, G = ceil(KH / 2) groups (a 3x3 kernel: 6 of each per 8 outputs,
     9 of 12 products useful), against 9 ``vpmulld`` + 9 ``vpaddd`` of the int32-lane kernel.
     """
-    _check_io(a_dtype, out_dtype, lo, hi)
+    _check_io(a_dtype, out_dtype, lo, hi, dts=DIRECT_ACT_DTYPES)
     if not isinstance(C, (int, np.integer)):
         raise ValueError("depthwise_conv2d_taps: a symbolic channel count")
-    if KH * KW * 16 > MAX_K:
-        raise ValueError(f"depthwise_conv2d_taps: a {KH}x{KW} kernel overflows the offset accumulator")
+    if taps_acc_bound(KH, KW, a_dtype) >= 2**31:
+        raise ValueError(f"depthwise_conv2d_taps: a {KH}x{KW} kernel overflows the int32 accumulator")
     sym_n = not isinstance(N, (int, np.integer))
     N = tirx.Var("N", "int64") if sym_n else int(N)
     # a symbolic height / width: the kernel's own int32 variables (as a static kernel's loops: int64
-    # ones defeat the intrinsic's blockize); whole column tiles of tw (default 8), their count OWt an
-    # int32 argument before the output, which has OWt * tw columns (attribute ``qc.col_tile``: the
-    # caller keeps OW of them, or none is dropped where OW is a multiple of tw), as do a post's extras
+    # ones defeat the intrinsic's blockize); column tiles of tw (default 8), their count OWt =
+    # ceil(OW / tw) an int32 argument before the output (attribute ``qc.ow_tiles`` = tw); the output
+    # and a post's extras are exact [N, OH, OW, C]: the last tile of a row computes its padded
+    # columns (clamped, masked loads) and stores only the valid ones
     sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
     H, W = (int(d) if isinstance(d, (int, np.integer)) else tirx.Var(nm, "int32") for d, nm in ((H, "H"), (W, "W")))
     C = int(C)
     sh, sw, dh, dw, pt, pl, OH, OW, _, _ = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
-    P, L, bits, intrin = _taps_isa(isa, C)
+    P, L, bits, intrin = _taps_isa(isa, C, a_dtype)
     G = _ceil(KH, P)
     OWt = None
     if sym_hw:
@@ -1331,21 +1369,25 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
         acc = te.compute((N, OH, OWp, C), lambda n, oh, ow, c: te.sum(
             part(X4[n, oh // R2, gk[0], ow * sw + gk[1] * dw, c], j)
             * W4s[oh % R2, gk[0], gk[1], c, j].astype("int32"), axis=[*red, j]), name="acc")
-    OWo = OWp if sym_hw else OW  # the output's columns
-    extras, consts = _post_args(post, (N, OH, OWo, C))
+    extras, consts = _post_args(post, (N, OH, OW, C))
     # the int32-lane epilogue, tensorized below (register_dw_requant), on whole column tiles (the
-    # predicate of a ragged last tile defeats the tensorize; that width keeps the int64 form); with a
+    # predicate of a ragged last tile defeats the tensorize; a static width keeps the int64 form
+    # there, a symbolic one requantizes the padded tile ("yq") and stores its valid columns); with a
     # fused post, the clipped int32 requantized tile ("yq") then post of it, vectorized
     fast_epi = (sym_hw or OW % tw == 0) and int32_epilogue
+    staged = post is not None or sym_hw  # a "yq" tile stage before "out"
     if fast_epi:
-        yq = te.compute((N, OH, OWo, C), lambda n, oh, ow, c: dw_requant(
+        yq = te.compute((N, OH, OWp if sym_hw else OW, C), lambda n, oh, ow, c: dw_requant(
             acc[n, oh, ow, c], rc[0, c], rc[1, c], rc[2, c], rc[3, c], mult[c], shift[c], lo, hi,
-            out_dtype if post is None else "int32"), name="out" if post is None else "yq")
-        out = yq if post is None else te.compute((N, OH, OWo, C), lambda n, oh, ow, c: post(
-            yq[n, oh, ow, c].astype("int64"), [e[n, oh, ow, c].astype("int64") for e in extras],
-            lambda k: consts[k]).astype(post.out_dtype), name="out")
+            out_dtype if post is None else "int32"), name="yq" if staged else "out")
+        if post is not None:
+            out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: post(
+                yq[n, oh, ow, c].astype("int64"), [e[n, oh, ow, c].astype("int64") for e in extras],
+                lambda k: consts[k]).astype(post.out_dtype), name="out")
+        else:
+            out = te.compute((N, OH, OW, C), lambda *i: yq(*i), name="out") if staged else yq
     else:
-        out = te.compute((N, OH, OWo, C), lambda n, oh, ow, c: _requant_folded(
+        out = te.compute((N, OH, OW, C), lambda n, oh, ow, c: _requant_folded(
             acc[n, oh, ow, c], rc[3, c], mult[c], shift[c], lo, hi, out_dtype, post,
             (extras, consts, (n, oh, ow, c)) if post is not None else None), name="out")
     sch = Schedule(te.create_prim_func([X, W4, rc, mult, shift, *_post_list(extras, consts),
@@ -1364,7 +1406,7 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     # tensorize's blockize), the rows of each image in parallel
     sym_rows = sym_n or not isinstance(OH, int)
     row = oh if sym_rows else sch.fuse(n, oh)
-    if fast_epi and post is not None:
+    if fast_epi and staged:
         yb = sch.get_sblock("yq")
         sch.reverse_compute_at(yb, c0)
     ob = sch.get_sblock("out")
@@ -1376,17 +1418,17 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     xc0, xc1 = sch.split(xl[-1], [None, L])
     sch.vectorize(xc1)
     sch.unroll(ow1)
-    if fast_epi and post is None:
+    if fast_epi and not staged:
         sch.tensorize(sch.get_loops(ob)[-1], register_dw_requant(lo, hi, out_dtype, L))
     else:
         if fast_epi:
-            sch.tensorize(sch.get_loops(yb)[-1], register_dw_requant(lo, hi, "int32", L))
+            sch.tensorize(sch.get_loops(yb)[-1], register_dw_requant(lo, hi, out_dtype if post is None else "int32", L))
         sch.vectorize(sch.get_loops(ob)[-1])
     init = sch.decompose_reduction(blk, rl[0] if rl else ow1)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(c1, register(intrin))
     f = _finish(sch)
-    return f.with_attr("qc.col_tile", tw) if sym_hw else f
+    return f.with_attr("qc.ow_tiles", tw) if sym_hw else f
 
 
 def grouped_conv2d_nhwc(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, strides, pads, dilations,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 
 from qcompiler import progress
 from qcompiler.graph import Node
@@ -167,27 +167,13 @@ class KernelGemm(GenericGemm):
     def _call(self, lw, func, name: str, args, shape, dtype) -> relax.Expr:
         """call_tir of a scheduled kernel; op_pattern opaque (8) so FuseOps never merges it.
 
-        A conv kernel over symbolic dims (attribute ``qc.ow_tiles`` = mr, ``cpu_vnni.conv2d_nhwc``)
-        gets the row tiles per output row ceil(OW / mr) as an int32 argument after the tensors and
-        writes the exact NHWC output.  (The dense and matmul kernels over symbolic dims store exactly
-        their valid rows.)"""
+        A conv kernel over symbolic dims (attribute ``qc.ow_tiles`` = the column tile t: the implicit
+        GEMM ``cpu_vnni.conv2d_nhwc``, the depthwise kernels) gets the column tiles per output row
+        ceil(OW / t) as an int32 argument after the tensors and writes the exact NHWC output.  (The
+        dense and matmul kernels over symbolic dims store exactly their valid rows.)"""
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)
         self.kernels[name] = self.kernels.get(name, 0) + 1
-        col = func.attrs.get("qc.col_tile") if func.attrs is not None else None
         ow_tiles = func.attrs.get("qc.ow_tiles") if func.attrs is not None else None
-        from tvm import te, tirx
-
-        if col is not None:  # whole column tiles of an NHWC output (cpu_vnni.depthwise_conv2d_nhwc): keep OW
-            tw = int(col)
-            owt = simplify(tirx.floordiv(shape[2] + (tw - 1), tw))
-            padded = simplify(owt * tw)
-            y = lw.emit(relax.call_tir(gv, [*args, relax.prim_value(tirx.Cast("int32", owt))],
-                                       relax.TensorType(shape=(shape[0], shape[1], padded, shape[3]), dtype=dtype)),
-                        name)
-            if _provably_equal(padded, shape[2]):  # a width in whole tiles (a step): nothing to drop
-                return y
-            return lw.bb.emit_te(lambda t: te.compute(tuple(shape), lambda *i: t(*i), name="cols"), y,
-                                 primfunc_name_hint="cols")
         if ow_tiles is not None:
             owt = simplify(tirx.floordiv(shape[2] + (int(ow_tiles) - 1), int(ow_tiles)))
             args = [*args, relax.prim_value(tirx.Cast("int32", owt))]

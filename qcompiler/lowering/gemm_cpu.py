@@ -20,11 +20,11 @@ Routing by layer:
 
   group == 1                       -> the backend's conv2d (implicit GEMM)
   group == C == OC (depthwise)     -> depthwise_conv2d_taps (vpdpbusd over 4 kernel rows on VNNI,
-                                      vpmaddwd over 2 on AVX2; int8/uint8 input, C a multiple of 8,
-                                      >= 2 kernel rows; over a symbolic width in column tiles of
-                                      ``_width_tile``), else depthwise_conv2d_nhwc (direct, int32
-                                      vectors; int16 input, other C); QC_DEPTHWISE=lanes forces
-                                      the latter (A/B measurements)
+                                      vpmaddwd over 2 on AVX2, int16 input vpdpwssd / vpmaddwd
+                                      over 2; C a multiple of 8, >= 2 kernel rows; exact over a
+                                      symbolic width, the last column tile stored in part), else
+                                      depthwise_conv2d_nhwc (direct, int32 vectors: other C, one
+                                      kernel row); QC_DEPTHWISE=lanes forces the latter (A/B)
   other groups                     -> grouped_conv2d_nhwc
   dense (M x K @ K x N)            -> the backend's dense
   matmul of two activations        -> batch_matmul of the INT8 ISA (B packed in the kernel; [batch, N, K]
@@ -75,23 +75,6 @@ def target_isa(target) -> V.Isa | None:
 
 
 _NO_ISA = "the target CPU has neither AVX-512 VNNI nor AVX2"
-
-
-def _width_tile(OW, widest: int) -> tuple[int, bool]:
-    """(tw, exact): the column tile of a depthwise kernel over a symbolic output width ``OW`` (an
-    expression of the graph's size variables): the widest of 8, 4, 2 up to ``widest`` that makes
-    the width provably a whole number of tiles (a width in steps, qcompiler/symbolic.py), ``exact``
-    True (the kernel's output is the layer's; a fused epilogue reads its extras as they are); else
-    ``widest``, ``exact`` False (the lowering drops the padded columns, ``KernelGemm._call``, and
-    the epilogue runs after)."""
-    from tvm import tirx
-
-    from .gemm import _provably_equal
-
-    for t in (8, 4, 2):
-        if t <= widest and _provably_equal(tirx.floormod(OW, t), 0):
-            return t, True
-    return widest, False
 
 
 def _pointwise(a) -> bool:
@@ -191,8 +174,10 @@ class CpuGemm(KernelGemm):
             be = self._backend(n, x_dtype, (N, H, W, C))[0]
             if epilogue is not None and be is None:
                 return None
-            if be is not None and be.pointwise_as_dense and KH == KW == 1 and _pointwise(a) and \
-                    all(isinstance(d, int) for d in (N, H, W)):
+            # a pointwise conv over symbolic dims: the dense kernel over the flat pixel rows (no row
+            # tiles per output row, so no ragged tile per row: 1-10% faster than the conv kernel)
+            static = all(isinstance(d, int) for d in (N, H, W))
+            if be is not None and KH == KW == 1 and _pointwise(a) and (be.pointwise_as_dense or not static):
                 return self._pointwise(lw, n, x, x_dtype, (N, H, W, C), OC, epilogue)
             y = self._gemm(lw, n, x, x_dtype, (N, H, W, C), out_shape,
                            lambda be, cfg, post: be.conv2d(N, H, W, C, OC, KH, KW, *geo, x_dtype, a["dtype"], lo, hi,
@@ -205,9 +190,8 @@ class CpuGemm(KernelGemm):
         sym_hw = not all(isinstance(d, int) for d in (H, W))
         taps = depthwise and V.depthwise_taps_ok(N, H, W, C, KH, KW, x_dtype, self.isa) and \
             os.environ.get("QC_DEPTHWISE") != "lanes"  # vpdpbusd over kernel rows
-        tw = _width_tile(OW, 8 if taps else V.direct_max_tw(C)) if sym_hw and depthwise else None
-        if sym_hw and (not depthwise or (epilogue is not None and not tw[1])):
-            if epilogue is not None:  # fused only where the output's columns are whole tiles
+        if sym_hw and not depthwise:
+            if epilogue is not None:
                 return None
             self._fallback(n, "a grouped conv with a symbolic height / width (no such kernel yet)")
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
@@ -224,14 +208,13 @@ class CpuGemm(KernelGemm):
                 post = epilogue[0] if epilogue is not None else None
                 if taps:
                     m64, s64 = (np.broadcast_to(np.asarray(a[k], np.int64), (C,)) for k in ("mult", "shift"))
-                    w4, rc = V.pack_depthwise_taps(wd, bias, x_dtype == "int8", m64, s64, isa=self.isa)
+                    w4, rc = V.pack_depthwise_taps(wd, bias, x_dtype, m64, s64, isa=self.isa)
                     f = V.depthwise_conv2d_taps(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post,
-                                                isa=self.isa, tw=tw[0] if tw else None)
+                                                isa=self.isa)
                     args = [x, const(w4, "int8"), const(rc, "int64"), const(np.ascontiguousarray(m64), "int64"),
                             const(np.ascontiguousarray(s64), "int64")]
-                else:  # int16 input (W8A16), C % 8 != 0, 1-row kernels: int32 lanes
-                    f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post,
-                                                tw=tw[0] if tw else None)
+                else:  # C % 8 != 0, 1-row kernels: int32 lanes
+                    f = V.depthwise_conv2d_nhwc(N, H, W, C, KH, KW, *geo, x_dtype, a["dtype"], lo, hi, post=post)
                     args = [x, const(wd, "int8"), const(bias, "int32"), mult, shift]
                 if post is None:
                     return self._call(lw, f, "dwconv_cpu", args, out_shape, a["dtype"])

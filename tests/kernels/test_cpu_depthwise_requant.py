@@ -134,7 +134,7 @@ def test_kernel_forms(isa_target, case, form):
     N, H, W, C, KH, KW, strides, pads, dil = case
     rng = np.random.default_rng(zlib.crc32(repr((case, form)).encode()))
     bias, mult, shift = _params(rng, C, form)
-    fast = cv.pack_depthwise_taps(np.zeros((KH, KW, C), np.int8), bias, True, mult, shift, isa=isa_target[0])[1][2] >= 0
+    fast = cv.pack_depthwise_taps(np.zeros((KH, KW, C), np.int8), bias, "int8", mult, shift, isa=isa_target[0])[1][2] >= 0
     assert fast.all() if form == "fast" else (not fast.any()) if form == "slow" else 0 < fast.sum() < C
     for a_dtype in ("int8", "uint8"):
         x = rand_act(rng, (N, H, W, C), a_dtype)
@@ -158,7 +158,7 @@ def test_kernel_worst_case_fast(isa_target, fill, wfill):
     shift[16:] = 31
     bias = np.zeros(C, np.int32)
     bias[:4] = [2**31 - 1 - 9 * 255 * 128, -(2**31) + 9 * 255 * 128, 0, -1]
-    w4, R = cv.pack_depthwise_taps(wd, bias, True, mult, shift, isa=isa_target[0])
+    w4, R = cv.pack_depthwise_taps(wd, bias, "int8", mult, shift, isa=isa_target[0])
     assert (R[2] >= 0).all()
     for out_dtype in ("int32", "int16", "int8"):
         lo, hi = RANGES[out_dtype][0]
@@ -270,7 +270,7 @@ def test_symbolic_batch_share_rows(target):
     rng = np.random.default_rng(11)
     wd = rng.integers(-128, 128, (KH, KW, C)).astype(np.int8)
     bias, mult, shift = _params(rng, C, "mixed")
-    w4, R = cv.pack_depthwise_taps(wd, bias, True, mult, shift)
+    w4, R = cv.pack_depthwise_taps(wd, bias, "int8", mult, shift)
     f = cv.depthwise_conv2d_taps(tirx.Var("n", "int64"), H, W, C, KH, KW, strides, pads, dil, "int8", "int8", -128, 127)
     assert _shares(f) and "T.Shuffle" in f.script()
     lib = build(f, target)

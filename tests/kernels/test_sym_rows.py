@@ -44,6 +44,10 @@ def test_dense_symbolic_rows_every_size(target, isa, N, K):
     sizes = {1, 2, 7, 13, 64, 97}
     if m_s:  # both sides of the serial / parallel branch
         sizes |= {int(m_s), int(m_s) + 1}
+    # both sides of each row bucket's tile (cpu_vnni.ROW_BUCKETS, below the representative 64 rows)
+    buckets = cv._row_buckets(cv.default_config(64, N, K, isa=isa), 64,
+                              lambda r: cv.default_config(r, N, K, isa=isa))
+    sizes |= {u for u, _ in buckets} | {u + 1 for u, _ in buckets}
     for M in sorted(sizes):
         a = rng.integers(-128, 128, (M, K)).astype(np.int8)
         out = tvm.runtime.tensor(np.zeros((M, N), np.int8))
@@ -144,8 +148,8 @@ def test_conv_symbolic_batch_and_width(target, isa, geo, fused):
 @pytest.mark.parametrize("fused", [False, True])
 def test_depthwise_lanes_symbolic_height_and_width(target, a_dtype, C, k, fused):
     """The int32-lane depthwise kernel (int16 inputs, channel counts the tap kernel does not take)
-    over a symbolic height and width: whole column tiles (``qc.col_tile``, their count an argument),
-    the first OW columns equal to the reference, with and without a fused epilogue."""
+    over a symbolic height and width: column tiles (``qc.ow_tiles``, their count an argument), the
+    exact output equal to the reference, with and without a fused epilogue."""
     from .test_cpu_vnni import conv_acc_ref
 
     rng = np.random.default_rng(C + k + fused)
@@ -156,7 +160,7 @@ def test_depthwise_lanes_symbolic_height_and_width(target, a_dtype, C, k, fused)
     with rows_at({"h": 12, "w": 80}):
         f = cv.depthwise_conv2d_nhwc(1, tirx.Var("h", "int64"), tirx.Var("w", "int64"), C, k, k, strides, pads, dil,
                                      a_dtype, "int8", -128, 127, post=post)
-    tw = int(f.attrs["qc.col_tile"])
+    tw = int(f.attrs["qc.ow_tiles"])
     assert tw == cv.direct_max_tw(C)
     lib = build(f, target)
     wd = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
@@ -167,12 +171,12 @@ def test_depthwise_lanes_symbolic_height_and_width(target, a_dtype, C, k, fused)
         owt = -(-W // tw)
         extra = []
         if fused:
-            r = rng.integers(-128, 128, (1, H, owt * tw, C)).astype(np.int8)
+            r = rng.integers(-128, 128, (1, H, W, C)).astype(np.int8)
             extra = [r, np.asarray([3], np.int64)]
-            want = np.clip(want.astype(np.int64) + r[:, :, :W].astype(np.int64) * 3, -128, 127).astype(np.int8)
-        out = tvm.runtime.tensor(np.zeros((1, H, owt * tw, C), np.int8))
+            want = np.clip(want.astype(np.int64) + r.astype(np.int64) * 3, -128, 127).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, H, W, C), np.int8))
         lib(*[tvm.runtime.tensor(a) for a in (x, wd, bias, mult, shift, *extra)], owt, out)
-        np.testing.assert_array_equal(out.numpy()[:, :, :W], want, err_msg=f"H={H} W={W} fused={fused}")
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"H={H} W={W} fused={fused}")
 
 
 def _fused_and_scheduled(mod, target, rows: dict):
