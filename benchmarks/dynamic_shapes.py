@@ -116,7 +116,7 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
         st_calib = (_feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else
                     {k: _tile_hw(v, shape) for k, v in calib.items()}
                     if len(shape) == 4 else calib)
-        st_s = _compile_batch(name, st_path, st_calib, shape)
+        st_s = _compile_batch(name, st_path, st_calib, shape, _layer_pins(dyn_path))
         st = Library(st_path)
         # the peers alternate over ROUNDS rounds and each keeps the median of its round medians: a
         # neighbour's burst on a shared host then moves one round of each, not all of one peer's
@@ -142,14 +142,27 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     return rows
 
 
-def _compile_batch(name, path, calib, shape):
-    """The static library for ``shape`` (its batch; a text line's width fixed by --shape)."""
+def _layer_pins(lib_path: str) -> tuple:
+    """--pin NODE=a16 / NODE=8 for every conv / dense layer of a compiled library (its model.json): the
+    static library then takes the dynamic one's per-layer precision.  Which layers get 16-bit inputs
+    depends on the calibration statistics (passes/auto_wide.py), and the static library's samples
+    are the dynamic one's tiled / cut to its size: with its own choice the two would differ in
+    precision, not only in their shapes."""
+    meta = json.loads(Path(lib_path).with_suffix(".json").read_text())
+    return tuple((r["name"], "a16" if r.get("act_bits") == 16 else "8") for r in meta["layers"]
+                 if r.get("weight_bits") == 8 and r.get("op") in ("conv", "dense"))
+
+
+def _compile_batch(name, path, calib, shape, pins=()):
+    """The static library for ``shape`` (its batch; a text line's width fixed by --shape), with the
+    per-layer precision ``pins`` (``_layer_pins``)."""
     from qcompiler.driver import CompileOptions, compile_model
+    from qcompiler.mixed.plan import MixedOptions
 
     t = time.perf_counter()
     fixed = (f"x={'x'.join(map(str, shape))}",) if len(shape) == 4 else ()
     compile_model(_model_path(name), path, calib, CompileOptions(target=parse_target("cpu"), batch=shape[0], dims="static",
-                                                                shapes=fixed))
+                                                                shapes=fixed, mixed=MixedOptions(pins=pins) if pins else None))
     return time.perf_counter() - t
 
 
@@ -189,7 +202,8 @@ def main(argv=None) -> int:
               f"{r['dynamic_vs_ort_int8']:>10.2f}x  {str(r['dynamic_equals_static']):>5}  "
               f"{r['compile_s_dynamic']} / {r['compile_s_static']}")
     out = record(rows, load, "median ms per call; static = a library compiled for that exact shape (the same calibration "
-                             "samples); dynamic = one library with --shape ranges; ORT int8: quantize_dynamic (minilm), "
+                             "samples, tiled / cut to that size for the image models, and the dynamic library's "
+                             "per-layer precision); dynamic = one library with its symbolic dims; ORT int8: quantize_dynamic (minilm), "
                              "quantize_static QDQ (the CNNs and OCR models, same calibration samples)")
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")

@@ -77,6 +77,7 @@ schedules leave it alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -379,9 +380,11 @@ def _check_tile(cfg: VnniConfig, isa: Isa, nb: int, what: str) -> None:
 
 
 def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: int | None,
-                   n_batch: int = 0, isa: Isa = VNNI) -> None:
+                   n_batch: int = 0, isa: Isa = VNNI, prep_w_tile: int | None = None) -> None:
     """Schedule blocks "prep" (unless ``prep_vec_dims`` is None), "gemm" (*batch, m, n, *reduction),
     "out" (*batch, m, n); ``n_batch`` leading batch loops join the parallel tile loop.
+    ``prep_w_tile``: a "prep" (n, h, w, c) whose symbolic width is a multiple of it, vectorized over
+    groups of that many columns x the channels.
 
     Order matters in TVM 0.27: parallel/vectorize/unroll before decompose_reduction, tensorize last.
     """
@@ -441,7 +444,13 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
         pl = sch.get_loops(sch.get_sblock("prep"))
         inner = pl[len(pl) - prep_vec_dims:]
         static = [isinstance(sch.get(lp).extent, tirx.IntImm) for lp in inner]
-        if not all(static) and static[-1] and int(sch.get(inner[-1]).extent) % min(isa.vbytes, 16) == 0:
+        if prep_w_tile and prep_vec_dims == 2 and not static[0] and static[1]:
+            par = sch.fuse(*pl[:-2])
+            if cfg.parallel:
+                sch.parallel(par)
+            w1 = sch.split(inner[0], [None, prep_w_tile])[1]
+            sch.vectorize(sch.fuse(w1, inner[1]))
+        elif not all(static) and static[-1] and int(sch.get(inner[-1]).extent) % min(isa.vbytes, 16) == 0:
             # a symbolic width over static channels (a conv over a symbolic width): channels vectorized
             # by TVM, (n, h) in parallel, the width a loop between
             par = sch.fuse(*pl[: len(pl) - prep_vec_dims])
@@ -712,8 +721,11 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
     bias = te.placeholder((OC,), "int32", name="bias")
     mult = te.placeholder((OC,), "int64", name="mult")
     shift = te.placeholder((OC,), "int64", name="shift")
-    in_place = (not sym and not offset and a_dtype == isa.a_operand and Cp == C and pt == 0 and pl == 0
-                and Hx <= H and Wx <= W)
+    # the GEMM reads X itself where it needs no padding nor offset (over symbolic dims: no padding on
+    # any side, the last row tile's padded rows clamped to the last column, see ``gemm_at``)
+    in_place = (not offset and a_dtype == isa.a_operand and Cp == C and
+                (not any(pads) if sym else pt == 0 and pl == 0 and Hx <= H and Wx <= W))
+    wt = None  # the padded input's column groups (below)
     if in_place:
         Xp = X
     else:
@@ -725,7 +737,21 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
             v = X[n, tirx.max(tirx.min(hh, H - 1), 0), tirx.max(tirx.min(ww, W - 1), 0), tirx.min(c, C - 1)]
             return tirx.if_then_else(inside, _as_operand(v, a_dtype, isa), pad_val)
 
-        Xp = te.compute((N, Hx, Wx, Cp), prep, name="prep")
+        Wxp = Wx
+        if sym:
+            # over a symbolic width the padded input covers the columns every row tile reads, its last
+            # (padded) rows too, so that no row's address is clamped (a min per row and reduction step:
+            # 2.7x the static time of a stem conv, whose reduction is 9 steps); with few channels
+            # (Cp = 4) the width is also rounded up to whole groups of wt columns, wt * Cp <= 16 bytes,
+            # so that a group's columns x channels are one static vector run (``_schedule_gemm``'s
+            # ``prep_w_tile``; a fused width x channel loop of symbolic extent stays scalar)
+            # Wxp = OWt mr sw + e: the reads (up to (OWt mr - 1) sw + (KW - 1) dw) provably covered
+            # whatever the sign the analyzer allows OWt (e >= (KW - 1) dw + 1 - sw, a constant), and a
+            # multiple of wt, which divides mr sw (a rounded-up floordiv would be neither)
+            wt = math.gcd(16 // Cp, cfg.mr * sw) if Cp < 16 and 16 % Cp == 0 else 1
+            Wxp = OWt * (cfg.mr * sw) + _ceil(max(0, (KW - 1) * dw + 1 - sw), wt) * wt
+            wt = wt if wt > 1 else None
+        Xp = te.compute((N, Hx, Wxp, Cp), prep, name="prep")
     kh = te.reduce_axis((0, KH), name="kh")
     kw = te.reduce_axis((0, KW), name="kw")
     if isa.w_bits == 4:
@@ -739,7 +765,7 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
 
     if sym:  # Out[N, OH, OW, OC]: only the valid columns of the last tile of a row stored
         Cacc = te.compute((N, OH, OWt * cfg.mr, nb * L), lambda n, oh, i, j: gemm_at(
-            n, oh, tirx.min(i, OW - 1), j), name="gemm")
+            n, oh, tirx.min(i, OW - 1) if in_place else i, j), name="gemm")
         extras, consts = _post_args(post, (N, OH, OW, OC))
         out = _epilogue((N, OH, OW, OC), Cacc, bias, mult, shift, lo, hi, out_dtype,
                         lambda n, oh, ow, j: (n, oh, ow, j), isa.acc_shift, post, (extras, consts))
@@ -747,7 +773,8 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
 
         def schedule(c):
             sch = Schedule(func)
-            _schedule_gemm(sch, c, n_red=len(red), prep_vec_dims=None if in_place else 2, n_batch=2, isa=isa)
+            _schedule_gemm(sch, c, n_red=len(red), prep_vec_dims=None if in_place else 2, n_batch=2, isa=isa,
+                           prep_w_tile=wt)
             return _finish(sch)
 
         serial = _serial_rows(lambda m: gemm_cycles(m, OC, Kp, isa=isa)) if cfg.parallel else 0

@@ -113,15 +113,17 @@ def test_batch_matmul_symbolic_dims(target, isa, b_trans):
 
 @pytest.mark.parametrize("geo", [((1, 1), (0, 0, 0, 0), 1), ((2, 2), (1, 1, 1, 1), 3)])
 @pytest.mark.parametrize("fused", [False, True])
-def test_conv_symbolic_batch_and_width(target, isa, geo, fused):
+@pytest.mark.parametrize("C", [8, 3])
+def test_conv_symbolic_batch_and_width(target, isa, geo, fused, C):
     """A conv over symbolic N and W: whole row tiles per output row, their count OWt an argument,
-    the exact NHWC output, with and without a fused epilogue, on both sides of the serial branch."""
+    the exact NHWC output, with and without a fused epilogue, on both sides of the serial branch;
+    few channels (a stem conv: its padded input in vectors of whole column groups)."""
     from .test_cpu_vnni import conv_acc_ref
 
     strides, pads, k = geo
     rng = np.random.default_rng(11)
     n, w_ = tirx.Var("n", "int64"), tirx.Var("w", "int64")
-    C, OC, H = 8, 32, 6
+    OC, H = 32, 6
     post = AddClip() if fused else None
     with rows_at({"n": 2, "w": 64}):
         f = cv.conv2d_nhwc(n, H, w_ * 2, C, OC, k, k, strides, pads, (1, 1), "int8", "int8", -128, 127, isa=isa,
@@ -294,3 +296,30 @@ def test_default_schedule_vectorizes_a_symbolic_innermost_axis(target):
         want = np.clip(((a.astype(np.int64) - b) * 1234567 + (1 << 20)) >> 21, -32768, 32767).astype(np.int16)
         got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
         np.testing.assert_array_equal(got, want, err_msg=f"s={n}")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_conv_symbolic_width_reads_its_input_in_place(target, isa, k):
+    """A uint8 conv without padding over a symbolic height and width reads X itself (no padded copy):
+    the last row tile's padded rows clamped to the last column, the exact output at every size."""
+    from .test_cpu_vnni import conv_acc_ref
+
+    rng = np.random.default_rng(k)
+    C, OC = 24, 16
+    h_, w_ = tirx.Var("h", "int64"), tirx.Var("w", "int64")
+    with rows_at({"h": 20, "w": 20}):
+        f = cv.conv2d_nhwc(1, h_ + 1, w_ + 1, C, OC, k, k, (1, 1), (0, 0, 0, 0), (1, 1), "uint8", "int16",
+                           -32768, 32767, isa=isa)
+    assert 'sblock("prep")' not in f.script()
+    mr = int(f.attrs["qc.ow_tiles"])
+    lib = build(f, target)
+    w = rng.integers(-128, 128, (OC, C, k, k)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, OC)
+    wp, be = cv.pack_conv(w, bias, a_signed=False, isa=isa)
+    for H, W in [(2, 2), (3, 17), (9, 33), (21, 21)]:
+        x = rng.integers(0, 256, (1, H, W, C)).astype(np.uint8)
+        want = requant_ref(conv_acc_ref(x, w, (1, 1), (0, 0, 0, 0), (1, 1)) + bias, mult, shift, -32768, 32767,
+                           "int16")
+        out = tvm.runtime.tensor(np.zeros(want.shape, np.int16))
+        lib(*[tvm.runtime.tensor(a) for a in (x, wp, be, mult, shift)], -(-want.shape[2] // mr), out)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"conv k={k} H={H} W={W}")
