@@ -116,7 +116,7 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
         st_calib = (_feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else
                     {k: _tile_hw(v, shape) for k, v in calib.items()}
                     if len(shape) == 4 else calib)
-        st_s = _compile_batch(name, st_path, st_calib, shape, _layer_pins(dyn_path))
+        st_s = _compile_batch(name, st_path, st_calib, shape, _layer_pins(dyn_path, _model_path(name)))
         st = Library(st_path)
         # the peers alternate over ROUNDS rounds and each keeps the median of its round medians: a
         # neighbour's burst on a shared host then moves one round of each, not all of one peer's
@@ -142,15 +142,20 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     return rows
 
 
-def _layer_pins(lib_path: str) -> tuple:
+def _layer_pins(lib_path: str, model_path: str) -> tuple:
     """--pin NODE=a16 / NODE=8 for every conv / dense layer of a compiled library (its model.json): the
     static library then takes the dynamic one's per-layer precision.  Which layers get 16-bit inputs
     depends on the calibration statistics (passes/auto_wide.py), and the static library's samples
     are the dynamic one's tiled / cut to its size: with its own choice the two would differ in
     precision, not only in their shapes."""
+    import onnx
+
     meta = json.loads(Path(lib_path).with_suffix(".json").read_text())
+    # the layers that are nodes of the ONNX file (a recurrence's gate GEMMs are named by the
+    # compiler, differently as a loop and unrolled: the static library's own choice there)
+    nodes = {n.name for n in onnx.load(model_path, load_external_data=False).graph.node}
     return tuple((r["name"], "a16" if r.get("act_bits") == 16 else "8") for r in meta["layers"]
-                 if r.get("weight_bits") == 8 and r.get("op") in ("conv", "dense"))
+                 if r.get("weight_bits") == 8 and r.get("op") in ("conv", "dense") and r["name"] in nodes)
 
 
 def _compile_batch(name, path, calib, shape, pins=()):

@@ -295,23 +295,25 @@ def word_byte(a, k):
     return T.Cast("int32", (a >> T.Cast("uint32", k * 8)) & T.uint32(255))
 
 
-def _dot_lanes_desc_of(L: int):
-    """C[i] += sum_{k<4} byte_k(A[i]) * B[i, k] on ``L`` lanes (the lane-wise VNNI intrinsics)."""
+def _dot_lanes_desc_of(L: int, P: int = 4):
+    """C[i] += sum_{k<P} part_k(A[i]) * B[i, k] on ``L`` lanes (the lane-wise intrinsics): the P = 4
+    unsigned bytes of each word (:func:`word_byte`) or its P = 2 int16 halves (:func:`word_half`)."""
+    part = word_byte if P == 4 else word_half
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((L,), "uint32", offset_factor=1),
-        B: T.Buffer((L, 4), "int8", offset_factor=1),
+        B: T.Buffer((L, P), "int8", offset_factor=1),
         C: T.Buffer((L,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:L], A[0:L], B[0:L, 0:4])
+            T.reads(C[0:L], A[0:L], B[0:L, 0:P])
             T.writes(C[0:L])
             for i in T.serial(0, L):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, P):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + word_byte(A[vi], vk) * T.Cast("int32", B[vi, vk])
+                        C[vi] = C[vi] + part(A[vi], vk) * T.Cast("int32", B[vi, vk])
 
     return desc
 
@@ -340,27 +342,6 @@ def _dot_lanes_vnni_impl_of(L: int):
     return impl
 
 
-def _dot_halves_desc_of(L: int):
-    """C[i] += sum_{k<2} half_k(A[i]) * B[i, k] on ``L`` lanes (two int16 per word)."""
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((L,), "uint32", offset_factor=1),
-        B: T.Buffer((L, 2), "int8", offset_factor=1),
-        C: T.Buffer((L,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:L], A[0:L], B[0:L, 0:2])
-            T.writes(C[0:L])
-            for i in T.serial(0, L):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + word_half(A[vi], vk) * T.Cast("int32", B[vi, vk])
-
-    return desc
-
-
 def _dot_halves_vnni_impl_of(L: int):
     """``vpdpwssd`` on ``L`` int32 lanes (16: zmm, 8: ymm): A's words as int16 pairs, B sign-extended."""
     intrin = f"llvm.x86.avx512.vpdpwssd.{32 * L}"
@@ -383,22 +364,6 @@ def _dot_halves_vnni_impl_of(L: int):
             )
 
     return impl
-
-
-@T.prim_func(s_tir=True)
-def _dot_lanes_avx2_desc(
-    A: T.Buffer((8,), "uint32", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + word_half(A[vi], vk) * T.Cast("int32", B[vi, vk])
 
 
 @T.prim_func(s_tir=True)
@@ -427,9 +392,9 @@ _DEFS = {
     "avx2_a16": (lambda: _dot_desc(8, 2, "int16"), _dot_8x2_a16_avx2_impl),
     "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl_of(16)),
     "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes_vnni_impl_of(8)),
-    "avx2_lanes": (lambda: _dot_lanes_avx2_desc, _dot_lanes_avx2_impl),
-    "avx512vnni_lanes_i16": (lambda: _dot_halves_desc_of(16), _dot_halves_vnni_impl_of(16)),
-    "avx512vnni_lanes8_i16": (lambda: _dot_halves_desc_of(8), _dot_halves_vnni_impl_of(8)),
+    "avx2_lanes": (lambda: _dot_lanes_desc_of(8, 2), _dot_lanes_avx2_impl),
+    "avx512vnni_lanes_i16": (lambda: _dot_lanes_desc_of(16, 2), _dot_halves_vnni_impl_of(16)),
+    "avx512vnni_lanes8_i16": (lambda: _dot_lanes_desc_of(8, 2), _dot_halves_vnni_impl_of(8)),
 }
 
 
