@@ -743,8 +743,8 @@ def _conv2d(N, H, W, C: int, OC: int, KH: int, KW: int, strides, pads, dilations
         Wxp = Wx
         if sym:
             # over a symbolic width the padded input covers the columns every row tile reads, its last
-            # (padded) rows too, so that no row's address is clamped (a min per row and reduction step:
-            # 2.7x the static time of a stem conv, whose reduction is 9 steps); with few channels
+            # (padded) rows too, so that no row's address is clamped (a min and a vector extract per
+            # row and reduction step in the GEMM's inner loop); with few channels
             # (Cp = 4) the width is also rounded up to whole groups of wt columns, wt * Cp <= 16 bytes,
             # so that a group's columns x channels are one static run (``_schedule_gemm``'s
             # ``prep_w_tile``; a fused width x channel loop of symbolic extent stays scalar)
