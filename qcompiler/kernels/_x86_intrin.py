@@ -318,48 +318,33 @@ def _dot_lanes_desc_of(L: int, P: int = 4):
     return desc
 
 
-def _dot_lanes_vnni_impl_of(L: int):
-    """``vpdpbusd`` on ``L`` int32 lanes (16: zmm, 8: ymm), A's words as the unsigned bytes."""
-    intrin = f"llvm.x86.avx512.vpdpbusd.{32 * L}"
+def _lanes_b(B, L: int, P: int):
+    """B's L x P weights as the operand of ``vpdpbusd`` (P = 4: the bytes) or ``vpdpwssd`` (P = 2:
+    sign-extended to int16)."""
+    v = B.vload([0, 0], dtype=f"int8x{P * L}")
+    return v if P == 4 else T.Cast(f"int16x{2 * L}", v)
+
+
+def _dot_lanes_vnni_impl_of(L: int, P: int = 4):
+    """``vpdpbusd`` (P = 4: A's words as the unsigned bytes) or ``vpdpwssd`` (P = 2: as int16 pairs)
+    on ``L`` int32 lanes (16: zmm, 8: ymm)."""
+    intrin = f"llvm.x86.avx512.{'vpdpbusd' if P == 4 else 'vpdpwssd'}.{32 * L}"
+    a_dt = f"int8x{4 * L}" if P == 4 else f"int16x{2 * L}"
 
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((L,), "uint32", offset_factor=1),
-        B: T.Buffer((L, 4), "int8", offset_factor=1),
+        B: T.Buffer((L, P), "int8", offset_factor=1),
         C: T.Buffer((L,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:L], A[0:L], B[0:L, 0:4])
+            T.reads(C[0:L], A[0:L], B[0:L, 0:P])
             T.writes(C[0:L])
             C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrin),
                 C.vload([0], dtype=f"int32x{L}"),
-                T.reinterpret(A.vload([0], dtype=f"uint32x{L}"), dtype=f"int8x{4 * L}"),
-                B.vload([0, 0], dtype=f"int8x{4 * L}"),
-                dtype=f"int32x{L}",
-            )
-
-    return impl
-
-
-def _dot_halves_vnni_impl_of(L: int):
-    """``vpdpwssd`` on ``L`` int32 lanes (16: zmm, 8: ymm): A's words as int16 pairs, B sign-extended."""
-    intrin = f"llvm.x86.avx512.vpdpwssd.{32 * L}"
-
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((L,), "uint32", offset_factor=1),
-        B: T.Buffer((L, 2), "int8", offset_factor=1),
-        C: T.Buffer((L,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:L], A[0:L], B[0:L, 0:2])
-            T.writes(C[0:L])
-            C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrin),
-                C.vload([0], dtype=f"int32x{L}"),
-                T.reinterpret(A.vload([0], dtype=f"uint32x{L}"), dtype=f"int16x{2 * L}"),
-                T.Cast(f"int16x{2 * L}", B.vload([0, 0], dtype=f"int8x{2 * L}")),
+                T.reinterpret(A.vload([0], dtype=f"uint32x{L}"), dtype=a_dt),
+                _lanes_b(B, L, P),
                 dtype=f"int32x{L}",
             )
 
@@ -393,8 +378,8 @@ _DEFS = {
     "avx512vnni_lanes": (lambda: _dot_lanes_desc_of(16), _dot_lanes_vnni_impl_of(16)),
     "avx512vnni_lanes8": (lambda: _dot_lanes_desc_of(8), _dot_lanes_vnni_impl_of(8)),
     "avx2_lanes": (lambda: _dot_lanes_desc_of(8, 2), _dot_lanes_avx2_impl),
-    "avx512vnni_lanes_i16": (lambda: _dot_lanes_desc_of(16, 2), _dot_halves_vnni_impl_of(16)),
-    "avx512vnni_lanes8_i16": (lambda: _dot_lanes_desc_of(8, 2), _dot_halves_vnni_impl_of(8)),
+    "avx512vnni_lanes_i16": (lambda: _dot_lanes_desc_of(16, 2), _dot_lanes_vnni_impl_of(16, 2)),
+    "avx512vnni_lanes8_i16": (lambda: _dot_lanes_desc_of(8, 2), _dot_lanes_vnni_impl_of(8, 2)),
 }
 
 
