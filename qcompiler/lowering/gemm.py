@@ -33,12 +33,6 @@ def conv_out_hw(H, W, a):
             simplify((W + pl + pr - dw * (kw - 1) - 1) // sw + 1))
 
 
-def _provably_equal(a, b) -> bool:
-    from tvm.sym import Analyzer
-
-    return Analyzer().can_prove_equal(a, b)
-
-
 def simplify(d):
     """A dim: an int as it is, a symbolic one (a TIR expression) in its simplest form -- 2*u for
     (4*u + 2 - 3) // 2 + 1 -- so that shapes computed by different ops compare and bind as one."""
