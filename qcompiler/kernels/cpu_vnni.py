@@ -1068,8 +1068,7 @@ def direct_max_tw(C: int) -> int:
 
 
 def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
-                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None,
-                          tw: int | None = None) -> tirx.PrimFunc:
+                          a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None) -> tirx.PrimFunc:
     """Depthwise conv (group == C, one output channel per input channel), direct, int32 vectorized.
 
     args (X[N,H,W,C], Wd int8[KH,KW,C], bias int32[C], mult int64[C], shift int64[C], Out[N,OH,OW,C]);
@@ -1081,7 +1080,7 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sym = not all(isinstance(d, (int, np.integer)) for d in rep)
     if not isinstance(N, (int, np.integer)):  # a symbolic batch (qcompiler/symbolic.py): an outer loop,
         N = tirx.Var("N", "int64")            # the kernel's own variable, bound from X's shape
-    # a symbolic height / width: the kernel's own variables; column tiles of tw (default: up to 8),
+    # a symbolic height / width: the kernel's own variables; column tiles of tw (``direct_max_tw``: up to 8),
     # their count OWt = ceil(OW / tw) an int32 argument before the output (attribute ``qc.ow_tiles``);
     # the output and a fused post's extras are exact, the last tile of a row stored in part
     sym_hw = not (isinstance(H, (int, np.integer)) and isinstance(W, (int, np.integer)))
@@ -1090,7 +1089,7 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sh, sw, dh, dw, pt, pl, OH, OW, Hx, Wx = _conv_geometry(H, W, KH, KW, strides, pads, dilations)
     if sym_hw:
         vec = _largest_divisor(C, (64, 32, 16, 8, 4, 2))
-        tw = tw or direct_max_tw(C)
+        tw = direct_max_tw(C)
         OWt = tirx.Var("OWt", "int32")  # int32, as the row-tile counts (a PrimValue argument FuseTIR accepts)
         OWp = OWt * tw
         Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
@@ -1267,8 +1266,7 @@ def depthwise_taps_ok(N, H, W, C, KH, KW, a_dtype: str, isa: Isa | None) -> bool
 
 def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, strides, pads, dilations,
                           a_dtype: str, out_dtype: str, lo: int, hi: int, post: Post | None = None,
-                          tw: int | None = None, isa: Isa = VNNI, int32_epilogue: bool = True,
-                          share_rows: bool = True) -> tirx.PrimFunc:
+                          isa: Isa = VNNI, int32_epilogue: bool = True, share_rows: bool = True) -> tirx.PrimFunc:
     """Depthwise conv on ``vpdpbusd`` with the 4-byte dot products over kernel rows (AVX-512 VNNI), or
     on ``vpmaddwd`` with its int16 pairs over kernel rows (``isa=AVX2``).
 
@@ -1319,7 +1317,7 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     sym_n = not isinstance(N, (int, np.integer))
     N = tirx.Var("N", "int64") if sym_n else int(N)
     # a symbolic height / width: the kernel's own int32 variables (as a static kernel's loops: int64
-    # ones defeat the intrinsic's blockize); column tiles of tw (default 8), their count OWt =
+    # ones defeat the intrinsic's blockize); column tiles of tw = 8, their count OWt =
     # ceil(OW / tw) an int32 argument before the output (attribute ``qc.ow_tiles`` = tw); the output
     # and a post's extras are exact [N, OH, OW, C]: the last tile of a row computes its padded
     # columns (clamped, masked loads) and stores only the valid ones
@@ -1331,13 +1329,12 @@ def depthwise_conv2d_taps(N: int, H: int, W: int, C: int, KH: int, KW: int, stri
     G = _ceil(KH, P)
     OWt = None
     if sym_hw:
-        tw = tw or 8
+        tw = 8
         OWt = tirx.Var("OWt", "int32")
         OWp = OWt * tw
     else:
-        if tw is None:
-            tw = max(1, min(8, OW))
-            tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
+        tw = max(1, min(8, OW))
+        tw = min(range(tw, 0, -1), key=lambda t: (_ceil(OW, t) * t - OW > OW // 8, -t))  # little waste
         OWp = _ceil(OW, tw) * tw
     Wx = (OWp - 1) * sw + (KW - 1) * dw + 1
     signed = a_dtype == "int8"
