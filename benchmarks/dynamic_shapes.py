@@ -106,6 +106,7 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
     dyn_path = os.path.join(d, f"{name}.dyn.so")
     dyn_s = _compile(name, dyn_path, calib, [spec])
     dyn = Library(dyn_path)
+    pins = _layer_pins(dyn_path, _model_path(name))  # the static libraries take its per-layer precision
     int8 = ort_int8_dynamic(name, d) if name == "minilm" else ort_int8_model(name, calib, d, _model_path(name))
     rows = []
     for shape in shapes:
@@ -116,7 +117,7 @@ def bench(name: str, repeats: int, d: str) -> list[dict]:
         st_calib = (_feeds(name, (len(calib["input_ids"]), shape[1]), calib) if name == "minilm" else
                     {k: _tile_hw(v, shape) for k, v in calib.items()}
                     if len(shape) == 4 else calib)
-        st_s = _compile_batch(name, st_path, st_calib, shape, _layer_pins(dyn_path, _model_path(name)))
+        st_s = _compile_batch(name, st_path, st_calib, shape, pins)
         st = Library(st_path)
         # the peers alternate over ROUNDS rounds and each keeps the median of its round medians: a
         # neighbour's burst on a shared host then moves one round of each, not all of one peer's
