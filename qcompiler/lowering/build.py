@@ -186,7 +186,10 @@ def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bo
 
         @tvm.transform.module_pass(opt_level=0)
         def finish(m2: tvm.IRModule, _ctx) -> tvm.IRModule:
-            return tvm.transform.Sequential(stages.dataflow_lower_passes(target) + stages.finalize_passes(target))(m2)
+            from .vm_shapes import DedupHeapReads  # after VMShapeLower: one shape-heap read per value
+
+            return tvm.transform.Sequential(stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
+                                            + [DedupHeapReads])(m2)
 
         ex = tvm.compile(m, target, relax_pipeline=finish)
     return BuildResult(ex, tir, mod, list(getattr(gemm, "fallbacks", [])), warnings,
