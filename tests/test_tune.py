@@ -416,3 +416,29 @@ def test_tuned_serial_kernel_runs_parallel_where_its_default_does(monkeypatch):
     assert parallel_as_default(big, dataclasses.replace(serial, parallel=True)).parallel is True
     monkeypatch.setenv("QC_TUNED_PARALLEL", "record")
     assert parallel_as_default(big, serial).parallel is False
+
+
+def test_dense_kernels_over_symbolic_rows_are_tasks_at_each_row_bucket(tmp_path):
+    """A model whose dims stay symbolic: each dense layer is a task at its calibrated row count and
+    at each row bucket below it (``cpu_vnni.ROW_BUCKETS``), whose records the symbolic kernel's
+    buckets take (``cpu_vnni.dense`` ``bucket_config``); a model of fixed shapes has no bucket tasks."""
+    from qcompiler.kernels.cpu_vnni import ROW_BUCKETS
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.tuner import extract_tasks
+    from qcompiler.tune.workload import Workload
+    from tests.test_symbolic_shapes import _encoder, _text_feeds
+
+    onnx.save(_encoder(), tmp_path / "enc.onnx")
+    calib = _text_feeds(1, 40, np.random.default_rng(0))
+    tasks = extract_tasks([str(tmp_path / "enc.onnx")], parse_target("cpu"), calib=calib)
+    rows = {t.workload.shape[0] for t in tasks if t.workload.kind == "dense"}
+    assert rows == {40, *(r for _u, r in ROW_BUCKETS if r < 40)}
+    assert all(Workload.from_fields(t.workload.fields()).key == t.workload.key for t in tasks)
+
+
+def test_a_model_of_fixed_shapes_has_no_row_bucket_tasks(model):
+    from qcompiler.targets import parse_target
+    from qcompiler.tune.tuner import extract_tasks
+
+    tasks = extract_tasks([str(model / "m.onnx")], parse_target("cpu"))
+    assert {t.workload.shape[0] for t in tasks if t.workload.kind == "dense"} == {1}

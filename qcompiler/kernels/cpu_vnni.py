@@ -539,14 +539,17 @@ def _gemm_sum(isa: Isa, a_at, Wp, j, red: list, kofs):
 
 
 def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int,
-          config: VnniConfig | None = None, isa: Isa = VNNI, post: Post | None = None) -> tirx.PrimFunc:
+          config: VnniConfig | None = None, isa: Isa = VNNI, post: Post | None = None,
+          bucket_config=None) -> tirx.PrimFunc:
     """Out[M, N] = requant(A[M, K] @ W + bias); args (A, Wp, bias_eff, mult, shift, Out); with a fused
     ``post`` (A, Wp, bias_eff, mult, shift, *extras [M, N], consts, Out).
 
     A symbolic ``M`` (qcompiler/symbolic.py: a TIR expression) gives a kernel over any row count,
     bound from A's shape at the call: ``config`` (default: at the representative size,
     ``tune/workload.rows_bucket``) for large M, the tiles of :data:`ROW_BUCKETS` for small ones, a
-    serial variant for the row counts whose GEMM costs under :data:`SERIAL_CYCLES`."""
+    serial variant for the row counts whose GEMM costs under :data:`SERIAL_CYCLES`.  A bucket's tile
+    is ``bucket_config(rows)`` (the tuning log's record of the workload at the bucket's rows, which
+    ``qc tune`` measures for every dense layer) where that gives one, else ``default_config`` there."""
     _check_io(a_dtype, out_dtype, lo, hi, isa)
     if isa.a_operand == "uint8":
         _check_k(K, "dense")
@@ -554,13 +557,19 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
         from qcompiler.tune.workload import rows_bucket
 
         cfg = config or default_config(rows_bucket(M), N, K, isa=isa)
-        key = (N, K, a_dtype, out_dtype, int(lo), int(hi), cfg, isa.name, isa.w_bits, isa.a_operand)
+
+        def config_at(r):
+            got = bucket_config(r) if bucket_config is not None else None
+            return got if got is not None else default_config(r, N, K, isa=isa)
+
+        buckets = _row_buckets(cfg, rows_bucket(M), config_at)
+        key = (N, K, a_dtype, out_dtype, int(lo), int(hi), cfg, tuple(buckets), isa.name, isa.w_bits, isa.a_operand)
         if post is None and key in _SYM_CACHE:  # the same kernel for every layer of this shape
             return _SYM_CACHE[key]
         Mv = tirx.Var("M", "int32")  # the kernel's own variable (int32 like the static loops)
         serial = _serial_rows(lambda m: gemm_cycles(m, N, K, isa=isa))
         f = _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, cfg, isa, post, serial if cfg.parallel else 0)
-        for upper, c in _row_buckets(cfg, rows_bucket(M), lambda r: default_config(r, N, K, isa=isa)):
+        for upper, c in buckets:
             f = join_schedules(Mv <= upper, _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, c, isa, post,
                                                    serial if c.parallel else 0), f)
         if post is None:

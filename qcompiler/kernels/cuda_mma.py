@@ -74,6 +74,7 @@ import tempfile
 from dataclasses import dataclass
 from math import gcd
 
+import numpy as np
 import tvm
 from tvm.script import tirx as T
 
@@ -379,6 +380,10 @@ def _check_dims(**dims) -> tuple[int, ...]:
 
 def _widest_vec(row_bytes: int, requested: int, *, cp_async_ok: bool = True, extra: int = 0) -> int:
     """The copy width: the widest of 16/8/4 dividing row_bytes (and ``extra``), else 1."""
+    if not isinstance(row_bytes, int):  # a symbolic depth: no alignment is known, byte copies
+        if requested not in (0, 1):
+            raise KernelUnsupported(f"copy width {requested} bytes: the rows have a symbolic length; use 1")
+        return 1
     align = gcd(row_bytes, extra) if extra else row_bytes
     widest = next((v for v in (16, 8, 4) if align % v == 0), 1)
     if requested == 0:
@@ -416,15 +421,20 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
     if (WK - 1) * BM * BN * 4 > smem:
         raise KernelUnsupported(f"warps_k={WK}: the split-K partial sums ({(WK - 1) * BM * BN * 4} bytes) "
                                 f"do not fit the {smem}-byte ring; use fewer warps_k or more stages")
-    KT = max(-(-p.a.row_bytes // TKA), -(-p.b.row_bytes // TKB))
-    GM, GN = -(-p.M // BM), -(-p.N // BN)
-    if GN > 65535:
+    if isinstance(p.a.row_bytes, int):
+        KT = max(-(-p.a.row_bytes // TKA), -(-p.b.row_bytes // TKB))
+    else:  # a symbolic depth (int8 operands: both rows are K bytes)
+        KT = tvm.tirx.floordiv(p.a.row_bytes + (TKA - 1), TKA)
+    # a symbolic M (an int32 variable bound from A's shape): ceil(M / BM) CTAs, every row guarded
+    GM = -(-p.M // BM) if isinstance(p.M, int) else tvm.tirx.floordiv(p.M + (BM - 1), BM)
+    GN = -(-p.N // BN) if isinstance(p.N, int) else tvm.tirx.floordiv(p.N + (BN - 1), BN)
+    if isinstance(GN, int) and GN > 65535:
         raise KernelUnsupported(f"N={p.N} needs {GN} > 65535 column tiles; raise bn")
     use_cp = sm >= ci.CP_ASYNC_MIN_ARCH
     mma = ci.make_mma_16x8(sm, p.a_type, "s4" if kind == "s4" else "s8")
     wait = ci.make_cp_async_wait(S - 2)
     w4a8 = kind == "w4a8"
-    batched = p.batch > 0
+    batched = not isinstance(p.batch, int) or p.batch > 0
 
     def make_loader(op: _Operand, tile_rows: int, TK: int, stride: int, g_dtype: str, ring_offset: int,
                     reg0: int):
@@ -433,8 +443,8 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         TOTAL = tile_rows * CPR
         ITERS = -(-TOTAL // NTH)
         EXACT = TOTAL % NTH == 0
-        guard_row = op.rows % tile_rows != 0
-        guard_k = op.row_bytes % TK != 0
+        guard_row = not isinstance(op.rows, int) or op.rows % tile_rows != 0
+        guard_k = not isinstance(op.row_bytes, int) or op.row_bytes % TK != 0
         conv = op.conv
         guarded = guard_row or guard_k or conv is not None
         mode = "byte" if V == 1 else ("cp" if use_cp else "ldst")
@@ -622,7 +632,8 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
                                                                    + (i * 32 + lane) * 4, "uint32"))
                     acc[i] = acc[i] + tmp[0]
 
-    guard_m, guard_n = p.M % BM != 0, p.N % BN != 0
+    guard_m = not isinstance(p.M, int) or p.M % BM != 0
+    guard_n = not isinstance(p.N, int) or p.N % BN != 0
     M, N, lo, hi, out_dtype = p.M, p.N, p.lo, p.hi, p.out_dtype
 
     def requant(v, col, bias, mult, shift):
@@ -650,7 +661,7 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
 
     # 8/16-bit outputs with an even N: the two adjacent columns of a lane go out as one store
     out_bits = tvm.DataType(out_dtype).bits
-    paired = out_bits in (8, 16) and N % 2 == 0
+    paired = out_bits in (8, 16) and isinstance(N, int) and N % 2 == 0
     pair_dtype = {8: "int16", 16: "int32"}.get(out_bits, "int16")
     lane_mask = (1 << out_bits) - 1
 
@@ -825,6 +836,18 @@ def _a_type(a_dtype: str, allowed: dict) -> str:
     return allowed[a_dtype]
 
 
+def _sym_rows(M, name: str = "M") -> tuple:
+    """(M of the kernel, M of its config): an int twice, or for a symbolic row count (a Relax
+    shape expression: batch x sequence ...) an int32 variable of the kernel's own, bound from A's
+    shape at run time, and the representative size ``tune/workload.rows_bucket`` gives it (the
+    config, tuning records and cost-model predictions are per bucket)."""
+    if isinstance(M, (int, np.integer)):
+        return _check_dims(**{name: M})[0], int(M)
+    from qcompiler.tune.workload import rows_bucket
+
+    return tvm.tirx.Var(name, "int32"), rows_bucket(M)
+
+
 def _finish_config(config, M, N, K, sm, kind):
     cfg = config if config is not None else default_config(M, N, K, sm, kind)
     if not isinstance(cfg, MmaConfig):
@@ -837,13 +860,15 @@ def dense(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, config
     """Fused INT8 tensor-core dense.
 
     Arguments of the PrimFunc: A a_dtype [M, K] (int8, or uint8 after a ReLU), W int8 [N, K],
-    bias int32 [N], mult int64 [N], shift int64 [N], Out out_dtype [M, N].
+    bias int32 [N], mult int64 [N], shift int64 [N], Out out_dtype [M, N].  M may be symbolic
+    (``_sym_rows``): ceil(M / bm) CTAs and every row load / store guarded.
     """
-    M, N, K = _check_dims(M=M, N=N, K=K)
+    M, m_rep = _sym_rows(M)
+    N, K = _check_dims(N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
     sm = _kernel_sm(arch, "dense")
     a_type = _a_type(a_dtype, _INT8_A)
-    cfg = _finish_config(config, M, N, K, sm, "dense")
+    cfg = _finish_config(config, m_rep, N, K, sm, "dense")
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
     b = _Operand(N, K, 1, _widest_vec(K, cfg.vec_b))
     p = _Problem("s8", M, N, K, a_type, out_dtype, lo, hi, a, b, (M, K), a_dtype, (N, K), "int8", (M, N))
@@ -864,20 +889,22 @@ def batch_matmul(batch: int, M: int, N: int, K: int, a_dtype: str = "int8", b_dt
     The GEMM of ``dense`` per batch entry (``blockIdx.z``), its tiles never crossing an entry.
     A right operand held as [K, N] must be transposed first: ``ldmatrix.trans`` moves 16-bit
     elements, so it cannot transpose int8 tiles (the lowering emits a transpose when the stored
-    layout is not [N, K]).
+    layout is not [N, K]).  batch, M and N may be symbolic (``_sym_rows``: int32 variables of the
+    kernel bound from the operands' shapes; every row and column guarded, no paired stores).
     """
-    batch, M, N, K = _check_dims(batch=batch, M=M, N=N, K=K)
+    (batch, b_rep), (M, m_rep), (N, n_rep) = _sym_rows(batch, "batch"), _sym_rows(M, "M"), _sym_rows(N, "N")
+    K, k_rep = _sym_rows(K, "K")   # a symbolic depth (P.V): byte copies, every k guarded
     lo, hi = _check_epilogue(out_dtype, lo, hi)
     sm = _kernel_sm(arch, "dense")
     a_type = _a_type(a_dtype, _INT8_A)
     if b_dtype != "int8":
         raise KernelUnsupported(f"batch_matmul: the right operand must be int8, got {b_dtype!r}")
-    if batch > 65535:
-        raise KernelUnsupported(f"batch_matmul: batch={batch} > 65535 (blockIdx.z)")
-    if batch * max(M, N) * max(K, N) >= 2**31:
+    if b_rep > 65535:
+        raise KernelUnsupported(f"batch_matmul: batch={b_rep} > 65535 (blockIdx.z)")
+    if b_rep * max(m_rep, n_rep) * max(k_rep, n_rep) >= 2**31:
         raise KernelUnsupported("batch_matmul: operands do not fit int32 indexing")
-    cfg = config if config is not None else default_config(M, N, K, sm, "dense", batch=batch)
-    cfg = _finish_config(cfg, M, N, K, sm, "dense")
+    cfg = config if config is not None else default_config(m_rep, n_rep, k_rep, sm, "dense", batch=b_rep)
+    cfg = _finish_config(cfg, m_rep, n_rep, k_rep, sm, "dense")
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
     b = _Operand(N, K, 1, _widest_vec(K, cfg.vec_b))
     p = _Problem("s8", M, N, K, a_type, out_dtype, lo, hi, a, b, (batch, M, K), a_dtype, (batch, N, K), "int8",
@@ -892,14 +919,16 @@ def dense_w4a8(M: int, N: int, K: int, out_dtype: str, lo: int, hi: int, arch, c
     Arguments: A a_dtype [M, K], W int32 [N, ceil(K/32)*4] = ``pack_int4(w, order="mma_k32")``,
     bias int32 [N], mult int64 [N], shift int64 [N], Out out_dtype [M, N].
     The kernel accumulates 16 * sum_k A*w in int32, so K <= MAX_K_W4A8 (65793 for int8 A).
+    M may be symbolic, as in ``dense``.
     """
-    M, N, K = _check_dims(M=M, N=N, K=K)
+    M, m_rep = _sym_rows(M)
+    N, K = _check_dims(N=N, K=K)
     lo, hi = _check_epilogue(out_dtype, lo, hi)
     sm = _kernel_sm(arch, "w4a8")
     a_type = _a_type(a_dtype, _INT8_A)
     if K > MAX_K_W4A8:
         raise KernelUnsupported(f"W4A8: K={K} > {MAX_K_W4A8} may overflow the int32 accumulator of 16*sum")
-    cfg = _finish_config(config, M, N, K, sm, "w4a8")
+    cfg = _finish_config(config, m_rep, N, K, sm, "w4a8")
     kw = packed_cols(K, "mma_k32")
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a))
     b = _Operand(N, 4 * kw, 4, _widest_vec(4 * kw, cfg.vec_b))
@@ -972,7 +1001,9 @@ def conv2d_nhwc_w4a8(N: int, H: int, W: int, C: int, OC: int, KH: int, KW: int, 
 
 def _conv(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi, arch, config, a_dtype,
           w_bits: int) -> tvm.tirx.PrimFunc:
-    N, H, W, C, OC, KH, KW = _check_dims(N=N, H=H, W=W, C=C, OC=OC, KH=KH, KW=KW)
+    # a symbolic batch N (the rows N*OH*OW of the implicit GEMM: ``_sym_rows``); H and W are static
+    N, n_rep = _sym_rows(N, "N")
+    H, W, C, OC, KH, KW = _check_dims(H=H, W=W, C=C, OC=OC, KH=KH, KW=KW)
     strides, pads, dilations = tuple(int(s) for s in strides), tuple(int(s) for s in pads), tuple(int(s) for s in dilations)
     if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
         raise KernelUnsupported(f"conv2d_nhwc: strides/dilations need 2 values and pads 4 (t, l, b, r); "
@@ -987,12 +1018,12 @@ def _conv(N, H, W, C, OC, KH, KW, strides, pads, dilations, out_dtype, lo, hi, a
     if OH <= 0 or OW <= 0:
         raise KernelUnsupported(f"conv2d_nhwc: empty output {OH}x{OW}")
     M, K = N * OH * OW, KH * KW * C
-    _check_dims(M=M, K=K)
-    if N * H * W * C >= 2**31:
+    _check_dims(M=n_rep * OH * OW, K=K)
+    if n_rep * H * W * C >= 2**31:
         raise KernelUnsupported("conv2d_nhwc: input does not fit int32 indexing")
     if w_bits == 4 and K > MAX_K_W4A8:
         raise KernelUnsupported(f"W4A8: K={K} > {MAX_K_W4A8} may overflow the int32 accumulator of 16*sum")
-    cfg = _finish_config(config, M, OC, K, sm, kind)
+    cfg = _finish_config(config, n_rep * OH * OW, OC, K, sm, kind)
     geom = _Conv(N, H, W, C, KH, KW, OH, OW, strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1])
     a = _Operand(M, K, 1, _widest_vec(K, cfg.vec_a, extra=C), conv=geom)
     if w_bits == 4:

@@ -259,9 +259,15 @@ class CpuGemm(KernelGemm):
         lo, hi = int(a["lo"]), int(a["hi"])
         bias = np.asarray(a["bias"], np.int32)
 
+        def buckets(be):  # a symbolic M: each row bucket's tuned tile (its workload at the bucket's rows)
+            if isinstance(M, (int, np.integer)):
+                return None
+            return lambda r: tuned.tuned_config(be.workload(self.target, n, x_dtype, (r, K)))
+
         def run(ep):
             return self._gemm(lw, n, x, x_dtype, (M, K), (M, N),
-                              lambda be, cfg, post: be.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg, post=post),
+                              lambda be, cfg, post: be.dense(M, N, K, x_dtype, a["dtype"], lo, hi, cfg, post=post,
+                                                             bucket_config=buckets(be)),
                               lambda be: be.pack_dense(w, bias, x_dtype), "dense", ep)
 
         if epilogue is not None:

@@ -89,11 +89,18 @@ class CudaGemm(KernelGemm):
     def conv(self, lw, n: Node, x, x_dtype: str, nhwc_shape) -> relax.Expr:
         a = n.attrs
         w = np.asarray(a["weight"])  # [OC, C/g, KH, KW]
-        N, H, W, C = (int(d) for d in nhwc_shape)
+        from qcompiler.symbolic import is_static
+
+        N, (H, W, C) = nhwc_shape[0], (d for d in nhwc_shape[1:])  # a symbolic batch: the kernel's rows
         OC, _, KH, KW = w.shape
-        if int(a["group"]) != 1:
-            self._fallback(n, f"grouped convolution (group={a['group']}) has no tensor-core kernel")
+        why = (f"grouped convolution (group={a['group']}) has no tensor-core kernel" if int(a["group"]) != 1 else
+               "a symbolic image height / width (the implicit GEMM kernel takes a symbolic batch only)"
+               if not (is_static(H) and is_static(W) and is_static(C)) else None)
+        if why is not None:
+            self._fallback(n, why)
             return super().conv(lw, n, x, x_dtype, nhwc_shape)
+        N = int(N) if is_static(N) else N
+        H, W, C = int(H), int(W), int(C)
         geo, lo, hi = (a["strides"], a["pads"], a["dilations"]), int(a["lo"]), int(a["hi"])
         OH, OW = conv_out_hw(H, W, a)
 

@@ -182,6 +182,14 @@ def tag(func, workload, config):
         return func
 
 
+def tuned_config(workload):
+    """The active log's best config of ``workload``, or None (no log, no record): the row-count
+    buckets of a kernel over a symbolic row count take their tile from here
+    (``cpu_vnni.dense`` ``bucket_config``), each bucket's workload keyed by its representative rows."""
+    tc = _active.get()
+    return tc.lookup(workload)[0] if tc is not None else None
+
+
 def generate(workload, layer: str, make):
     """``make(config_or_None)`` with the tuned config of ``workload`` if the active log has one,
     tagged with the workload and the config it was built with (:func:`tag`).

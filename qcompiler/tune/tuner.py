@@ -237,6 +237,8 @@ def extract_tasks(models: list[str], spec, calib=None, batch: int = 1, precision
 
     from qcompiler.driver import CompileOptions, prepare
 
+    from qcompiler.kernels.cpu_vnni import ROW_BUCKETS
+
     from .workload import tasks_from_graph
 
     if precision not in TUNE_PRECISIONS:
@@ -249,8 +251,10 @@ def extract_tasks(models: list[str], spec, calib=None, batch: int = 1, precision
             raise ModelError(f"{m}: no such file (give the path of an .onnx model)")
         data = calib if calib is not None else random_calibration(m, batch)
         prep = prepare(m, data, CompileOptions(target=spec, precision="int8", batch=batch))
+        # dims the compile keeps symbolic: the dense kernels over them are tuned at each row bucket too
+        buckets = [r for _upper, r in ROW_BUCKETS] if prep.sym_vars and spec.kind == "cpu" else []
         for ig in _choice_graphs(prep, precision):
-            for t in tasks_from_graph(ig, spec, model=Path(m).name):
+            for t in tasks_from_graph(ig, spec, model=Path(m).name, row_buckets=buckets):
                 if t.workload.key in merged:
                     merged[t.workload.key].layers += t.layers
                     merged[t.workload.key].uses += t.uses

@@ -339,9 +339,12 @@ class Task:
     uses: int = 0
 
 
-def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
+def tasks_from_graph(ig, spec, model: str = "", row_buckets=()) -> list[Task]:
     """The distinct tunable kernels of an integer graph, routed as the lowering adapters route them
-    (CPU: ``backends.select_cpu`` by the layer's weight bits and input dtype)."""
+    (CPU: ``backends.select_cpu`` by the layer's weight bits and input dtype).  ``row_buckets``: the
+    representative row counts of a CPU dense kernel over a symbolic row count
+    (``cpu_vnni.ROW_BUCKETS``); each dense layer is a task at each of them below its row count too,
+    the workload of that bucket (its tuned tile is what the symbolic kernel runs there)."""
     target = spec.arch  # cpu: the LLVM mcpu, as the adapter reads it from the target
     tvm_target = spec.tvm_target() if spec.kind == "cpu" else None
     found: dict[str, Task] = {}
@@ -372,14 +375,15 @@ def tasks_from_graph(ig, spec, model: str = "") -> list[Task]:
             if spec.kind == "cpu":
                 be = _backends.select_cpu(tvm_target, bits, x_dtype, ("dense", (M, K), np.asarray(a["weight"])))
                 if be is not None and od in _OUT_DTYPES:
-                    wl = be.workload(target, n, x_dtype, (M, K))
+                    wl = [be.workload(target, n, x_dtype, (m, K)) for m in (M, *(r for r in row_buckets if r < M))]
             else:
                 wl = _cuda_workload(spec.arch, n, bits, x_dtype, (M, K))
         if wl is None:
             continue
-        t = found.setdefault(wl.key, Task(wl, []))
-        t.layers.append((model, n.name))
-        t.uses += 1
+        for w in (wl if isinstance(wl, list) else [wl]):
+            t = found.setdefault(w.key, Task(w, []))
+            t.layers.append((model, n.name))
+            t.uses += 1
     out = []
     for t in found.values():
         try:

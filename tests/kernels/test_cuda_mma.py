@@ -528,3 +528,72 @@ def test_gpu_batch_matmul_bit_exact(batch, M, N, K, a_dtype):
     cm.ensure_cuda_jit()
     f, args, expected = bmm_case(batch, M, N, K, arch, None, a_dtype)
     _run_on_gpu(f, arch, args, expected)
+
+
+# ---- symbolic dims: one kernel for every row count / batch / sequence -----------------------------
+def _at(func, *arrays):
+    """``func`` with its symbolic dims bound by the shapes of its leading buffer params ``arrays``
+    (``PrimFunc.specialize``), simplified so the simulator sees integer extents."""
+    spec = func.specialize({p: tvm.tirx.decl_buffer(a.shape, str(a.dtype)) for p, a in zip(func.params, arrays)})
+    return tvm.tirx.transform.StmtSimplify()(tvm.IRModule({"main": spec}))["main"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "w4a8"])
+def test_simulated_dense_over_a_symbolic_row_count_bit_exact(kind):
+    """One kernel for M = batch x sequence: ceil(M / bm) CTAs, rows guarded; equal to the NumPy
+    reference at M = 1, a prime, the tile edge and past the representative size."""
+    from qcompiler.tune.workload import rows_at
+
+    rows = tvm.tirx.Var("rows", "int64")
+    with rows_at({"rows": 40}):
+        build = cm.dense if kind == "dense" else cm.dense_w4a8
+        f = build(rows, 40, 100, "int8", -100, 127, "sm_80")
+    assert not isinstance(f.params[0].shape[0], (int, tvm.tirx.IntImm))   # A [M, K]: M a variable
+    for m in (1, 5, 16, 17, 71):
+        _, args, expected = dense_case(kind, m, 40, 100, "sm_80", None, "int8", -100, 127)
+        run_kernel(_at(f, args[0]), *args)
+        np.testing.assert_array_equal(args[-1], expected, err_msg=f"M={m}")
+
+
+def test_simulated_conv_over_a_symbolic_batch_bit_exact():
+    from qcompiler.tune.workload import rows_at
+
+    n = tvm.tirx.Var("n", "int64")
+    geo = (6, 7, 16, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    with rows_at({"n": 2}):
+        f = cm.conv2d_nhwc(n, *geo, "int8", -128, 127, "sm_80")
+    for batch in (1, 2, 3):
+        _, args, expected = conv_case((batch, *geo), "sm_80", None)
+        run_kernel(_at(f, args[0]), *args)
+        np.testing.assert_array_equal(args[-1], expected, err_msg=f"N={batch}")
+
+
+@pytest.mark.parametrize("which", ["qk", "pv"])
+def test_simulated_attention_matmul_over_symbolic_batch_and_sequence_bit_exact(which):
+    """Q.K^T ([b, s, dh] x [b, s, dh]^T: batch, rows and columns symbolic) and P.V ([b, s, s] x
+    [b, dh, s]^T: the depth symbolic too, byte copies with every k guarded) at sequence 1, primes,
+    the tile edge and beyond the representative size."""
+    from qcompiler.tune.workload import rows_at
+
+    b, s = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("s", "int64")
+    dh = 32
+    a_dtype = "int8" if which == "qk" else "uint8"
+    with rows_at({"b": 2, "s": 24}):
+        f = (cm.batch_matmul(b, s, s, dh, a_dtype, "int8", "int8", -128, 127, "sm_80") if which == "qk" else
+             cm.batch_matmul(b, s, dh, s, a_dtype, "int8", "int8", -128, 127, "sm_80"))
+    for batch, seq in ((1, 1), (2, 5), (3, 17), (1, 32), (2, 70)):
+        n, k = (seq, dh) if which == "qk" else (dh, seq)
+        _, args, expected = bmm_case(batch, seq, n, k, "sm_80", None, a_dtype=a_dtype)
+        run_kernel(_at(f, args[0], args[1]), *args)
+        np.testing.assert_array_equal(args[-1], expected, err_msg=f"batch={batch} seq={seq}")
+
+
+@needs_sass
+def test_sass_of_symbolic_kernels_is_imma():
+    from qcompiler.tune.workload import rows_at
+
+    rows = tvm.tirx.Var("rows", "int64")
+    with rows_at({"rows": 64}):
+        f = cm.batch_matmul(rows, rows, 32, rows, "uint8", "int8", "int8", -128, 127, "sm_80")
+    text = cm.sass_of(cm.build(f, "sm_80", "bmm_sym"), "sm_80")
+    assert "IMMA.16832" in text and "LDL" not in text and "STL" not in text

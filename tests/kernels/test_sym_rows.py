@@ -323,3 +323,32 @@ def test_conv_symbolic_width_reads_its_input_in_place(target, isa, k):
         out = tvm.runtime.tensor(np.zeros(want.shape, np.int16))
         lib(*[tvm.runtime.tensor(a) for a in (x, wp, be, mult, shift)], -(-want.shape[2] // mr), out)
         np.testing.assert_array_equal(out.numpy(), want, err_msg=f"conv k={k} H={H} W={W}")
+
+
+def test_dense_row_buckets_take_their_tuned_tiles(target, isa):
+    """``bucket_config(rows)`` (the tuning log's record at a bucket's representative rows) gives
+    that bucket's tile: the kernel changes and stays exact on both sides of the bucket."""
+    N, K = 64, 48
+    default = _rows(None, N, K, "int8", "int8", -128, 127, isa)
+    seen = []
+
+    def tuned(r):
+        seen.append(r)
+        return cv.VnniConfig(mr=1, nr=1, kc=0, n_outer=False, parallel=False) if r == 8 else None
+
+    Ms = tirx.Var("s", "int64")
+    with rows_at({"s": 64}):
+        f = cv.dense(Ms * 1, N, K, "int8", "int8", -128, 127, isa=isa, bucket_config=tuned)
+    assert 8 in seen
+    assert f.script() != default.script()
+    lib = build(f, target)
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias, mult, shift = rand_requant(rng, N)
+    wp, be = cv.pack_dense(w, bias, a_signed=True, isa=isa)
+    for M in (1, 2, 3, 8, 12, 13, 40):
+        a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+        out = tvm.runtime.tensor(np.zeros((M, N), np.int8))
+        lib(*[tvm.runtime.tensor(x) for x in (a, wp, be, mult, shift)], out)
+        want = requant_ref(dense_acc_ref(a, w, bias), mult, shift, -128, 127, "int8")
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"M={M}")

@@ -175,12 +175,14 @@ class CpuGemmBackend(GemmBackend):
         return None
 
     # ---- TIR builders and packing ---------------------------------------------------------------
-    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None):
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None, bucket_config=None):
         """``post``: a fused elementwise epilogue (``cpu_vnni.Post``); not part of the workload, so a
-        tuned config of the plain kernel applies to the fused one."""
+        tuned config of the plain kernel applies to the fused one.  ``bucket_config(rows)``: the
+        tuned config of a symbolic-M kernel's row bucket, or None (``cpu_vnni.dense``)."""
         from .. import cpu_vnni as V
 
-        return V.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=self.isa, post=post)
+        return V.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, isa=self.isa, post=post,
+                       bucket_config=bucket_config)
 
     def conv2d(self, N, H, W, C, OC, KH, KW, strides, pads, dilations, a_dtype, out_dtype, lo, hi, config=None,
                post=None):
@@ -291,18 +293,18 @@ class CudaGemmBackend(GemmBackend):
     def workload(self, arch, node, x_dtype: str, shape):
         """The tuning workload of a conv (``shape`` = the input's N, H, W, C) or dense (M, K) node;
         backend = this backend's name, kind "conv2d" / "dense", target ``cuda:<arch>``."""
-        from qcompiler.tune.workload import Workload
+        from qcompiler.tune.workload import Workload, rows_bucket
 
         a = node.attrs
         lo, hi, od = int(a["lo"]), int(a["hi"]), a["dtype"]
         w = a["weight"]
         if node.op == "conv":
             OC, _, KH, KW = w.shape
-            N, H, W, C = (int(d) for d in shape)
+            N, H, W, C = (rows_bucket(d) for d in shape)   # a symbolic batch: its representative size
             return Workload(self.name, "conv2d", (N, H, W, C, int(OC), int(KH), int(KW)), x_dtype, od, lo, hi,
                             f"cuda:{arch}", tuple(map(int, a["strides"])), tuple(map(int, a["pads"])),
                             tuple(map(int, a["dilations"])))
-        M, K = (int(d) for d in shape)
+        M, K = (rows_bucket(d) for d in shape)   # a symbolic M: its representative size
         return Workload(self.name, "dense", (M, int(w.shape[1]), K), x_dtype, od, lo, hi, f"cuda:{arch}")
 
     # ---- TIR builders and packing ---------------------------------------------------------------

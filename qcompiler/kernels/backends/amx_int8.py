@@ -85,8 +85,8 @@ class AmxGemmBackend(CpuGemmBackend):
 
         yield from config_points(*workload._gemm_mnk())
 
-    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None):
-        from .. import cpu_amx
+    def dense(self, M, N, K, a_dtype, out_dtype, lo, hi, config=None, post=None, bucket_config=None):
+        from .. import cpu_amx  # (no row buckets: bucket_config unused)
 
         return cpu_amx.dense(M, N, K, a_dtype, out_dtype, lo, hi, config, post=post)
 
