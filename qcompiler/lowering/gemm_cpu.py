@@ -306,13 +306,18 @@ class CpuGemm(KernelGemm):
         a3, b3 = plan.operands(lw, a, b, b_trans)
         args = [a3, b3, const(rq[0], "int64"), const(rq[1], "int64")]
         tiles = f.attrs.get("qc.sym_tiles") if f.attrs is not None else None
+        out_shape = lw.ig.shapes[n.outputs[0]]
         if tiles:  # a symbolic N: whole column tiles, keep N (cpu_vnni.batch_matmul)
-            y = self._call_tiled(lw, f, f"matmul_{self.tag}", args, plan, tiles, at["dtype"])
-        else:
-            y = self._call(lw, f, f"matmul_{self.tag}", args, (plan.batch, plan.M, plan.N), at["dtype"])
-        return lw.emit(relax.op.reshape(y, lw.ig.shapes[n.outputs[0]]))
+            return self._call_tiled(lw, f, f"matmul_{self.tag}", args, plan, tiles, at["dtype"], out_shape)
+        y = self._call(lw, f, f"matmul_{self.tag}", args, (plan.batch, plan.M, plan.N), at["dtype"])
+        return lw.emit(relax.op.reshape(y, out_shape))
 
-    def _call_tiled(self, lw, f, name: str, args, plan, tiles, dtype) -> relax.Expr:
+    def _call_tiled(self, lw, f, name: str, args, plan, tiles, dtype, out_shape) -> relax.Expr:
+        """The kernel's output, [batch, M, whole tiles of N], read into the node's output shape
+        [..., M, N] by one injective ``keep``: the batch dims' flat index is a sum of products (no
+        division by a symbolic extent, and no reshape, whose symbolic form ``FuseOps`` treats as
+        opaque), so ``keep`` fuses into its consumer (the attention mask's add) instead of copying
+        the scores once more."""
         from tvm import te, tirx
 
         size = {str(d): int(t) for d, t in tiles}  # {"N": columns per tile}: the output's padded columns
@@ -320,5 +325,13 @@ class CpuGemm(KernelGemm):
         self.kernels[name] = self.kernels.get(name, 0) + 1
         oshape = (plan.batch, plan.M, tirx.floordiv(plan.N + (size["N"] - 1), size["N"]) * size["N"])
         y = lw.emit(relax.call_tir(gv, args, relax.TensorType(shape=oshape, dtype=dtype)), name)
-        shape = (plan.batch, plan.M, plan.N)
-        return lw.bb.emit_te(lambda t: te.compute(shape, lambda *i: t(*i), name="keep"), y, primfunc_name_hint="keep")
+        lead = tuple(out_shape[:-2])
+
+        def flat(idx):  # row-major index of the batch dims
+            b = tirx.const(0, "int64")
+            for d, i in zip(lead, idx):
+                b = b * d + i
+            return b
+
+        return lw.bb.emit_te(lambda t: te.compute(tuple(out_shape), lambda *i: t(flat(i[:-2]), i[-2], i[-1]),
+                                                  name="keep"), y, primfunc_name_hint="keep")
