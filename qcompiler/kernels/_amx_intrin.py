@@ -32,6 +32,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from ._tvmscript import TS
+
 from qcompiler.targets import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
 
 SHAPES = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
@@ -54,7 +56,7 @@ def register_zero(mt: int, nt: int, ng: int = 1) -> str:
     if TensorIntrin.get(nm, allow_missing=True) is not None:
         return nm
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(c: T.handle) -> None:
         sc = T.int32()
         C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
@@ -66,7 +68,7 @@ def register_zero(mt: int, nt: int, ng: int = 1) -> str:
                     vi, vj = T.axis.remap("SS", [i, j])
                     C[vi, vj] = T.int32(0)
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def impl(c: T.handle) -> None:
         sc = T.int32()
         C = T.match_buffer(c, (MR, NR), "int32", strides=(sc, 1), offset_factor=1, scope="local")
@@ -95,7 +97,7 @@ def register(mt: int, nt: int, q: int, zero: bool = False, ng: int = 1) -> str:
     NT = nt * ng
     _A0, _B0 = mt * nt, mt * nt + mt  # tile registers: C 0 .. mt*nt - 1, then the A tiles, then B
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa = T.int32()
         sc = T.int32()
@@ -111,7 +113,7 @@ def register(mt: int, nt: int, q: int, zero: bool = False, ng: int = 1) -> str:
                     C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(
                         B[vj // 16, vk // 4, vj % 16, vk % 4], "int32")
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa = T.int32()
         sc = T.int32()

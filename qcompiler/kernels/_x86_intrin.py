@@ -59,6 +59,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from ._tvmscript import TS
+
 INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2",
           "avx512vnni_w4": "qc_dot_16x8_u8i4i32_vnni", "avx2_w4": "qc_dot_8x32_u8i4i32_avx2",
           "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2",
@@ -93,7 +95,7 @@ def _dot_desc(L: int, kp: int, a_dtype: str = "uint8"):
     """The semantics the 8-bit-weight intrinsics implement: ``L`` int32 lanes of ``kp``-deep
     ``a_dtype`` x s8 dot products (u8 activations; int16 for the W8A16 ones)."""
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((kp,), a_dtype, offset_factor=1),
         B: T.Buffer((L, kp), "int8", offset_factor=1),
@@ -111,7 +113,7 @@ def _dot_desc(L: int, kp: int, a_dtype: str = "uint8"):
     return desc
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_16x4_vnni_impl(
     A: T.Buffer((4,), "uint8", offset_factor=1),
     B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -131,7 +133,7 @@ def _dot_16x4_vnni_impl(
         )
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_8x2_avx2_impl(
     A: T.Buffer((2,), "uint8", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -154,7 +156,7 @@ def _w4_desc(L: int, G: int, lo, hi):
     g loop: TVM drops a unit reduction axis from the kernels' compute, see ``cpu_vnni.w4_axes``)."""
     if G == 1:
 
-        @T.prim_func(s_tir=True)
+        @TS.prim_func(s_tir=True)
         def desc1(
             A: T.Buffer((8,), "uint8", offset_factor=1),
             B: T.Buffer((1, L, 4), "uint8", offset_factor=1),
@@ -172,7 +174,7 @@ def _w4_desc(L: int, G: int, lo, hi):
 
         return desc1
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((8 * G,), "uint8", offset_factor=1),
         B: T.Buffer((G, L, 4), "uint8", offset_factor=1),
@@ -207,7 +209,7 @@ def _vnni_w4_expr(A, B, C):
     return T.call_llvm_pure_intrin(dp, c, _bcast4(A, 4, 16, "int8x64"), hi, dtype="int32x16")
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_16x8_w4_vnni_impl(
     A: T.Buffer((8,), "uint8", offset_factor=1),
     B: T.Buffer((1, 16, 4), "uint8", offset_factor=1),
@@ -238,7 +240,7 @@ def _avx2_w4_expr(A, B, C, G: int):
 G_ = AVX2_W4_GROUPS
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_8x32_w4_avx2_impl(
     A: T.Buffer((8 * G_,), "uint8", offset_factor=1),
     B: T.Buffer((G_, 8, 4), "uint8", offset_factor=1),
@@ -250,7 +252,7 @@ def _dot_8x32_w4_avx2_impl(
         C[T.ramp(T.int32(0), 1, 8)] = _avx2_w4_expr(A, B, C, G_)
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_16x2_a16_vnni_impl(
     A: T.Buffer((2,), "int16", offset_factor=1),
     B: T.Buffer((16, 2), "int8", offset_factor=1),
@@ -268,7 +270,7 @@ def _dot_16x2_a16_vnni_impl(
         )
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_8x2_a16_avx2_impl(
     A: T.Buffer((2,), "int16", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -300,7 +302,7 @@ def _dot_lanes_desc_of(L: int, P: int = 4):
     unsigned bytes of each word (:func:`word_byte`) or its P = 2 int16 halves (:func:`word_half`)."""
     part = word_byte if P == 4 else word_half
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((L,), "uint32", offset_factor=1),
         B: T.Buffer((L, P), "int8", offset_factor=1),
@@ -331,7 +333,7 @@ def _dot_lanes_vnni_impl_of(L: int, P: int = 4):
     intrin = f"llvm.x86.avx512.{'vpdpbusd' if P == 4 else 'vpdpwssd'}.{32 * L}"
     a_dt = f"int8x{4 * L}" if P == 4 else f"int16x{2 * L}"
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((L,), "uint32", offset_factor=1),
         B: T.Buffer((L, P), "int8", offset_factor=1),
@@ -351,7 +353,7 @@ def _dot_lanes_vnni_impl_of(L: int, P: int = 4):
     return impl
 
 
-@T.prim_func(s_tir=True)
+@TS.prim_func(s_tir=True)
 def _dot_lanes_avx2_impl(
     A: T.Buffer((8,), "uint32", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -461,7 +463,7 @@ def register_dw_requant(lo: int, hi: int, out_dtype: str, L: int = 16) -> str:
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def desc(r: T.handle, a: T.handle, m: T.handle, s: T.handle, o: T.handle) -> None:
         rs = T.int32()
         R = T.match_buffer(r, (4, L), "int64", offset_factor=1, strides=[rs, 1])
@@ -477,7 +479,7 @@ def register_dw_requant(lo: int, hi: int, out_dtype: str, L: int = 16) -> str:
                     vi = T.axis.remap("S", [i])
                     O[vi] = dw_requant(A[vi], R[0, vi], R[1, vi], R[2, vi], R[3, vi], M[vi], S[vi], lo, hi, out_dtype)
 
-    @T.prim_func(s_tir=True)
+    @TS.prim_func(s_tir=True)
     def impl(r: T.handle, a: T.handle, m: T.handle, s: T.handle, o: T.handle) -> None:
         rs = T.int32()
         R = T.match_buffer(r, (4, L), "int64", offset_factor=1, strides=[rs, 1])

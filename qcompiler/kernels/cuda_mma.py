@@ -78,6 +78,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from ._tvmscript import TS
+
 from ..errors import TargetError
 from . import _cuda_intrin as ci
 from .int4_pack import packed_cols
@@ -778,7 +780,7 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
 
 
     if not batched:
-        @T.prim_func(s_tir=True)
+        @TS.prim_func(s_tir=True)
         def kernel(A_in: T.handle, W_in: T.handle, bias: T.Buffer((N,), "int32"), mult: T.Buffer((N,), "int64"),
                    shift: T.Buffer((N,), "int64"), Out_in: T.handle):
             T.func_attr({"tirx.noalias": True})
@@ -793,7 +795,7 @@ def _gemm(p: _Problem, cfg: MmaConfig, sm: int) -> tvm.tirx.PrimFunc:
         BATCH = p.batch
         a_rows, w_rows = (BATCH * M, a_shape[-1]), (BATCH * N, w_shape[-1])
 
-        @T.prim_func(s_tir=True)
+        @TS.prim_func(s_tir=True)
         def kernel(A_in: T.handle, W_in: T.handle, mult: T.Buffer((1,), "int64"), shift: T.Buffer((1,), "int64"),
                    Out_in: T.handle):
             T.func_attr({"tirx.noalias": True})
