@@ -218,8 +218,85 @@ def freeze(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.M
     return m
 
 
+def _inert_weights(model: onnx.ModelProto) -> set[str]:
+    """Large weights no basic graph optimization can read or change: initializers of a weight dtype
+    (at least ``SKELETON_MIN`` elements) whose every use is a Gather's table (input 0) or a MatMul's
+    right operand (input 1), the other operand depending on an input's values (so the node cannot
+    fold: a Gather of position rows by a constant range can, and must see its table).  A Conv's
+    weights are never inert: the basic level folds a following BatchNorm / Mul / Add into them."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    heavy = {n for n, i in inits.items() if i.data_type in _WEIGHT_TYPES and int(np.prod(i.dims)) >= SKELETON_MIN}
+    if not heavy:
+        return set()
+    # tensors whose values depend on a graph input's values (the input shapes are fixed here, so
+    # Shape / Size outputs do not); nodes are in topological order (the ONNX checker's rule)
+    live = {vi.name for vi in g.input if vi.name not in inits}
+    for n in g.node:
+        if n.op_type not in ("Shape", "Size") and any(x in live for x in n.input if x):
+            live.update(n.output)
+    bad: set[str] = {o.name for o in g.output}
+    for n in g.node:
+        for a in n.attribute:  # a subgraph (If / Loop / Scan) may read any outer tensor
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                return set()
+        for k, x in enumerate(n.input):
+            if x not in heavy:
+                continue
+            other = n.input[1 - k] if k < 2 and len(n.input) > 1 else ""
+            ok = (n.domain in ("", "ai.onnx") and ((n.op_type == "Gather" and k == 0) or
+                                                   (n.op_type == "MatMul" and k == 1)) and other in live)
+            if not ok:
+                bad.add(x)
+    return heavy - bad
+
+
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant-fold with onnxruntime's basic (standard-ONNX) graph optimizations."""
+    """Constant-fold with onnxruntime's basic (standard-ONNX) graph optimizations.
+
+    The inert weights (``_inert_weights``: embedding tables, MatMul weights) go to onnxruntime as
+    graph inputs of their type and shape and come back as the same initializers: onnxruntime
+    serializes, parses and writes back every byte it is given, which for a 70 MB text encoder was
+    ~0.3 s of each fold, and a compile with symbolic dims folds the model once per traced shape."""
+    inert = _inert_weights(model)
+    if not inert:
+        return _fold(model)
+    g = model.graph
+    kept = [i for i in g.initializer if i.name in inert]
+    lite = onnx.ModelProto()
+    _copy_message(model, lite, "graph")
+    lg = lite.graph
+    _copy_message(g, lg, "initializer")
+    lg.initializer.extend(i for i in g.initializer if i.name not in inert)
+    declared = {vi.name for vi in g.input}
+    for i in kept:
+        if i.name not in declared:
+            lg.input.append(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
+    out = _fold(lite)
+    og = out.graph
+    used = {x for n in og.node for x in n.input}
+    gone = {i.name for i in kept if i.name not in declared}
+    keep_inputs = [vi for vi in og.input if vi.name not in gone]
+    del og.input[:]
+    og.input.extend(keep_inputs)
+    # as onnxruntime writes them (raw bytes), each before the first initializer that followed it in
+    # the model (where onnxruntime keeps the model's order, the full fold's order)
+    back = {i.name: (i if i.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(i), i.name))
+            for i in kept if i.name in used or i.name in declared}
+    order = {i.name: k for k, i in enumerate(g.initializer)}
+    rest = list(og.initializer)
+    merged, pending = [], sorted(back, key=order.__getitem__)
+    for i in rest:
+        while pending and i.name in order and order[pending[0]] < order[i.name]:
+            merged.append(back[pending.pop(0)])
+        merged.append(i)
+    merged += [back[n] for n in pending]
+    del og.initializer[:]
+    og.initializer.extend(merged)
+    return out
+
+
+def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="qc-fold-") as d:

@@ -159,3 +159,25 @@ def test_weightless_run_failure_reports_the_whole_models_error(tmp_path, monkeyp
         errors.append(str(e.value))
     assert ran == [None]  # the skeleton failed once (then the whole model); not tried without weights left out
     assert errors[0] == errors[1]
+
+
+def test_inert_weights_are_only_those_no_fold_can_read(monkeypatch):
+    """``frontend._inert_weights``: a MatMul weight and an embedding table looked up by the input go
+    to onnxruntime's fold as inputs; a Conv weight (a BatchNorm may fold into it), a table read at
+    constant rows (the lookup folds) and a MatMul of two constants stay initializers."""
+    monkeypatch.setattr(frontend, "SKELETON_MIN", 4)
+    f = np.float32
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Gather", ["T", "ids"], ["e"], axis=0),
+             helper.make_node("Gather", ["P", "rows"], ["p"], axis=0),
+             helper.make_node("MatMul", ["C", "W2"], ["cw"]),
+             helper.make_node("Conv", ["img", "K"], ["c"], kernel_shape=[1, 1])]
+    m = make_model(nodes, [("x", [1, 4]), ("ids", [1, 2], TensorProto.INT64), ("img", [1, 2, 3, 3])],
+                   [("h", None), ("e", None), ("p", None), ("cw", None), ("c", None)],
+                   [tensor("W", np.ones((4, 4), f)), tensor("T", np.ones((8, 4), f)), tensor("P", np.ones((8, 4), f)),
+                    tensor("rows", np.array([0, 1], np.int64)), tensor("C", np.ones((2, 4), f)),
+                    tensor("W2", np.ones((4, 4), f)), tensor("K", np.ones((4, 2, 1, 1), f))])
+    assert frontend._inert_weights(m) == {"W", "T"}
+    out = frontend.fold(m)
+    assert {i.name for i in out.graph.initializer} >= {"W", "T"}
+    assert {vi.name for vi in out.graph.input} == {"x", "ids", "img"}
