@@ -30,7 +30,9 @@ torch, no TVM, nothing reachable), from the repository root:
     #    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py --run build/gpu_kernels")
 
 Cases.  LLM-like GEMMs (N x K = 4096x4096, 11008x4096, 4096x11008; M = batch*tokens from 1 to
-4096), W4A8 against INT8 at small M, ResNet-50-like convolutions (implicit GEMM, batch 1 and 32).
+4096), W4A8 against INT8 at small M, ResNet-50-like convolutions (implicit GEMM, batch 1 and 32),
+and one dense kernel over a symbolic row count (what ``--shape`` ranges build) run at M = 1, 17, 64
+and 1000.
 Every kernel has the full fused epilogue (bias, dyadic requantization, clip, int8 out); the
 cuBLASLt INT8 baseline is a bare int32 GEMM, FP16 a bare fp16 GEMM / cuDNN conv (channels-last), so
 the comparison favours the baselines.  TOPS = 2*M*N*K / time.  Weights rotate through enough
@@ -122,6 +124,9 @@ def plan(quick: bool, sweep: bool):
                 if sweep and M <= 64:
                     cases += [dict(kind="w4a8", M=M, N=N, K=K, group=group, config=c)
                               for c in sweep_configs("w4a8", M) if c.bk % (64 * c.warps_k) == 0]
+    # one kernel over a symbolic row count (``--shape`` ranges: batch x tokens), run at every M of "Ms"
+    cases.append(dict(kind="dense_sym", M=64, N=4096, K=4096, Ms=[1, 17, 64, 1000], group="gemm symbolic M 4096x4096",
+                      config=None))
     convs = CONVS[1:3] if quick else CONVS
     for name, geom in convs:
         for B in ([32] if quick else CONV_BATCHES):
@@ -156,6 +161,14 @@ def build(out_dir: Path, arch: str, quick: bool, sweep: bool) -> None:
         cfg = c["config"]
         if c["kind"] == "dense":
             f = cm.dense(c["M"], c["N"], c["K"], "int8", -128, 127, arch, cfg)
+        elif c["kind"] == "dense_sym":  # M a variable of the kernel, its config the one at c["M"]
+            from tvm import tirx
+
+            from qcompiler.tune.workload import rows_at
+
+            rows = tirx.Var("rows", "int64")
+            with rows_at({"rows": c["M"]}):
+                f = cm.dense(rows, c["N"], c["K"], "int8", -128, 127, arch, cfg)
         elif c["kind"] == "w4a8":
             f = cm.dense_w4a8(c["M"], c["N"], c["K"], "int8", -128, 127, arch, cfg)
         else:
@@ -359,6 +372,9 @@ def run(out_dir: Path, quick: bool, json_path: str | None, min_ms: float) -> Non
         try:
             if c["kind"] == "conv2d":
                 r.update(_run_conv(rt, out_dir, c, g, dev, min_ms, baselines))
+            elif c["kind"] == "dense_sym":  # bit-exact and timed at every M of the one kernel
+                per = [_run_gemm(rt, out_dir, dict(c, M=m), g, dev, min_ms, baselines) for m in c["Ms"]]
+                r.update(per[-1], ok=all(p["ok"] for p in per), per_M=per)
             else:
                 r.update(_run_gemm(rt, out_dir, c, g, dev, min_ms, baselines))
         except Exception as e:  # keep going: one failure must not lose the other numbers
@@ -515,7 +531,7 @@ def print_table(results, baselines):
         return min(c, key=lambda r: r["ms"]) if c else None
 
     for grp, rs in groups.items():
-        d = best(rs, "dense") or best(rs, "conv2d")
+        d = best(rs, "dense") or best(rs, "conv2d") or best(rs, "dense_sym")
         w = best(rs, "w4a8")
         b = baselines.get(rs[0].get("baseline", ""), {})
         lt = b.get("int_mm") or b.get("int_mm_same_gemm") or {}
