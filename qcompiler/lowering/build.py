@@ -95,20 +95,6 @@ def _schedule_pass(target, warnings: list[str]):
     return run
 
 
-def _symbolic_cleanup(mod: tvm.IRModule) -> list:
-    """TVM's reshape-chain and common-subexpression passes for a module over symbolic dims
-    (``tir_var_upper_bound`` on main): a reshape over a symbolic shape is no fusable kernel but a VM
-    view (``AnnotateTIROpPattern`` calls it opaque), each one a VM instruction and a later kill, so
-    reshape(reshape(x)) chains and the same reshape of one tensor for Q, K and V are worth folding
-    (MiniLM: 76 -> 57 reshapes per run).  Static modules fuse their reshapes into kernels."""
-    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
-    if main is None or main.attrs is None or "tir_var_upper_bound" not in main.attrs:
-        return []
-    from tvm.relax import transform as rt
-
-    return [rt.RemoveRedundantReshape(), rt.EliminateCommonSubexpr(), rt.CanonicalizeBindings()]
-
-
 def _backend_stages(target):
     """TVM's per-backend pipeline stages (the package __init__ of 0.27 omits dataflow_lower_passes)."""
     import importlib
@@ -184,7 +170,7 @@ def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bo
         with target:
             # our default schedules replace dlight's ApplyDefaultSchedule of the CUDA pipeline
             legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-            m = tvm.transform.Sequential(_symbolic_cleanup(mod) + stages.library_dispatch_passes(target) + legalize)(mod)
+            m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(mod)
             m = sched(m)
         tir = tvm.IRModule({gv: f for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
         report = check_integer_only(tir, allow_float)
