@@ -32,9 +32,9 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from ._tvmscript import TS
-
 from qcompiler.targets import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+
+from ._tvmscript import TS
 
 SHAPES = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
 

@@ -59,14 +59,13 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from ._tvmscript import TS
-
 INTRIN = {"avx512vnni": "qc_dot_16x4_u8i8i32_vnni", "avx2": "qc_dot_8x2_u8i8i32_avx2",
           "avx512vnni_w4": "qc_dot_16x8_u8i4i32_vnni", "avx2_w4": "qc_dot_8x32_u8i4i32_avx2",
           "avx512vnni_a16": "qc_dot_16x2_i16i8i32_vnni", "avx2_a16": "qc_dot_8x2_i16i8i32_avx2",
           "avx512vnni_lanes": "qc_dot_16x4_u8wi8i32_vnni", "avx512vnni_lanes8": "qc_dot_8x4_u8wi8i32_vnni",
           "avx2_lanes": "qc_dot_8x2_i16wi8i32_avx2", "avx512vnni_lanes_i16": "qc_dot_16x2_i16wi8i32_vnni",
           "avx512vnni_lanes8_i16": "qc_dot_8x2_i16wi8i32_vnni"}
+from ._tvmscript import TS  # noqa: E402
 from .backends.avx2_w4a8 import AVX2_W4_GROUPS  # noqa: E402  (G of ``avx2_w4``)
 
 

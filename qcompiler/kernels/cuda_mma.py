@@ -79,7 +79,6 @@ import tvm
 from tvm.script import tirx as T
 
 from ._tvmscript import TS
-
 from ..errors import TargetError
 from . import _cuda_intrin as ci
 from .int4_pack import packed_cols

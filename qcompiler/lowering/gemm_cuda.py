@@ -91,7 +91,7 @@ class CudaGemm(KernelGemm):
         w = np.asarray(a["weight"])  # [OC, C/g, KH, KW]
         from qcompiler.symbolic import is_static
 
-        N, (H, W, C) = nhwc_shape[0], (d for d in nhwc_shape[1:])  # a symbolic batch: the kernel's rows
+        N, H, W, C = nhwc_shape  # a symbolic batch: the kernel's rows
         OC, _, KH, KW = w.shape
         why = (f"grouped convolution (group={a['group']}) has no tensor-core kernel" if int(a["group"]) != 1 else
                "a symbolic image height / width (the implicit GEMM kernel takes a symbolic batch only)"
