@@ -95,7 +95,7 @@ def dedup_heap_reads(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
                 removed += m.removed
     if not out:
         return mod, 0
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod = mod.clone()
     for gv, f in out.items():
         mod[gv] = f
     return mod, removed

@@ -356,7 +356,7 @@ def tasks_from_graph(ig, spec, model: str = "", row_buckets=()) -> list[Task]:
         od = a["dtype"]
         bits = int(a.get("weight_bits", 8) or 8)
         bits = 8 if bits == 16 else bits   # 16-bit weights run the INT8 kernel twice (intops/gemm.py lower_w16)
-        wl = None
+        wls = []   # the layer's workloads (a dense one: also at each row bucket below its rows)
         if n.op == "conv":
             N, C, H, W = (int(d) for d in ig.shapes[n.inputs[0]])
             if int(a["group"]) != 1:
@@ -366,21 +366,19 @@ def tasks_from_graph(ig, spec, model: str = "", row_buckets=()) -> list[Task]:
                 if be is not None and be.reject_conv(C):  # the lowering runs it on the INT8 kernel
                     be = _backends.int8_twin(be)
                 if be is not None and od in _OUT_DTYPES:
-                    wl = be.workload(target, n, x_dtype, (N, H, W, C))
+                    wls = [be.workload(target, n, x_dtype, (N, H, W, C))]
             else:
-                wl = _cuda_workload(spec.arch, n, bits, x_dtype, (N, H, W, C))
+                wls = [_cuda_workload(spec.arch, n, bits, x_dtype, (N, H, W, C))]
         else:
             shp = ig.shapes[n.inputs[0]]
             M, K = int(np.prod(shp[:-1])), int(shp[-1])
             if spec.kind == "cpu":
                 be = _backends.select_cpu(tvm_target, bits, x_dtype, ("dense", (M, K), np.asarray(a["weight"])))
                 if be is not None and od in _OUT_DTYPES:
-                    wl = [be.workload(target, n, x_dtype, (m, K)) for m in (M, *(r for r in row_buckets if r < M))]
+                    wls = [be.workload(target, n, x_dtype, (m, K)) for m in (M, *(r for r in row_buckets if r < M))]
             else:
-                wl = _cuda_workload(spec.arch, n, bits, x_dtype, (M, K))
-        if wl is None:
-            continue
-        for w in (wl if isinstance(wl, list) else [wl]):
+                wls = [_cuda_workload(spec.arch, n, bits, x_dtype, (M, K))]
+        for w in (w for w in wls if w is not None):
             t = found.setdefault(w.key, Task(w, []))
             t.layers.append((model, n.name))
             t.uses += 1
