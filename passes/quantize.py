@@ -57,9 +57,11 @@ class QuantConfig:
     # bits) of the Conv/Dense layers that differ from (weight_bits, bits); activation bits 16 make
     # the layer's input tensor int16 (W8A16) where its producer can emit it (``wide_ok``)
     plan: tuple = ()
-    rounding: str = "gptq"          # sub-8-bit weights: gptq (with ``hessians``) | rtn (round to nearest)
+    # weight rounding (qcompiler/mixed/gptq.py): auto = GPTQ for sub-8-bit weights, round to nearest
+    # for 8-bit; gptq = GPTQ for 4- and 8-bit weights; rtn = round to nearest everywhere
+    rounding: str = "auto"
     # node name -> per-group Hessians of the layer's inputs (qcompiler/mixed/gptq.py HessianStore);
-    # without one a sub-8-bit layer is rounded to nearest
+    # a layer without one is rounded to nearest
     hessians: object = field(default=None, compare=False, repr=False)
     # W8A16 where the calibration statistics show that an 8-bit input adds more than this relative
     # noise to a Conv/Dense layer's output channels (passes/auto_wide.py REL_NOISE); 0 = off;
@@ -81,8 +83,8 @@ class QuantConfig:
             raise ValueError("bits must be in 2..8")
         if not self.auto_wide >= 0:
             raise ValueError(f"auto_wide must be a relative noise >= 0 (0: off), not {self.auto_wide}")
-        if self.rounding not in ("gptq", "rtn"):
-            raise ValueError(f"rounding must be 'gptq' or 'rtn', not {self.rounding}")
+        if self.rounding not in ("auto", "gptq", "rtn"):
+            raise ValueError(f"rounding must be 'auto', 'gptq' or 'rtn', not {self.rounding}")
         for entry in self.plan:
             name, wb, ab = entry
             if not (2 <= int(wb) <= 8 or int(wb) == 16) or int(ab) not in (self.bits, 16):
@@ -95,9 +97,12 @@ class QuantConfig:
                 return int(wb), int(ab)
         return self.weight_bits, self.bits
 
-    def hessian(self, name: str):
-        """Per-group Hessians of layer ``name`` for GPTQ rounding, or None (round to nearest)."""
-        if self.rounding != "gptq" or self.hessians is None:
+    def hessian(self, name: str, weight_bits: int):
+        """Per-group Hessians of layer ``name`` (``weight_bits`` wide) for GPTQ rounding, or None
+        (round to nearest)."""
+        if self.hessians is None or weight_bits > 8 or self.rounding == "rtn":
+            return None
+        if weight_bits == 8 and self.rounding != "gptq":
             return None
         return self.hessians.get(name)
 

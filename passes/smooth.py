@@ -57,7 +57,10 @@ def _gemm_users(g: Graph, x: str, users: list[Node], chan_axis: int):
     return [], None, 1
 
 
-def smooth(fg: Graph, stats: dict[str, TensorStats], alpha: float = 0.5) -> tuple[Graph, dict[str, TensorStats]]:
+def smooth(fg: Graph, stats: dict[str, TensorStats], alpha: float = 0.5,
+           hessians=None) -> tuple[Graph, dict[str, TensorStats]]:
+    """``hessians`` (``qcompiler/mixed/gptq.py`` HessianStore of the layers' float inputs): each
+    smoothed layer's Hessian follows its input (x / f: D H D with D = 1 / f per input column)."""
     if alpha <= 0:
         return fg, stats
     g = fg.copy()
@@ -135,6 +138,8 @@ def smooth(fg: Graph, stats: dict[str, TensorStats], alpha: float = 0.5) -> tupl
                 u.inputs = [xs] + list(u.inputs[1:])
         stats[xs] = st.scaled(f)
         for u in users:
+            if hessians is not None:
+                hessians.set_input_scale(u.name, np.repeat(1.0 / f, taps))  # columns (c, tap), c-major
             if u.op == "Dense":
                 u.attrs = {**u.attrs, "weight": (u.attrs["weight"].astype(np.float64) * f[:, None]).astype(np.float32)}
             else:  # Conv [OC, C, *k]: input channel c scaled by f_c

@@ -518,9 +518,10 @@ def _ort_failure(e: Exception, start: int | None, model: onnx.ModelProto | None 
 
 
 def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", tensors: list[str],
-            batch: int, seed: int = 0) -> dict[str, TensorStats]:
+            batch: int, seed: int = 0, tap=None) -> dict[str, TensorStats]:
     """Run ``model`` (frozen to the compiled shapes) over ``data`` (a ``CalibSet``, or a legacy dict whose
-    arrays hold the samples on axis 0, run ``batch`` at a time) and gather stats of ``tensors``."""
+    arrays hold the samples on axis 0, run ``batch`` at a time) and gather stats of ``tensors``.
+    ``tap`` (``calib_hessians.FloatHessians``) also gets every batch of the tensors it wants."""
     rep = progress.get()
     data = _as_set(data, batch)
     data = CalibSet(canonical_order(data.arrays, data.n), data.axes, data.shapes, data.batch, data.n)
@@ -551,6 +552,7 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
     tops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     count: dict[str, int] = {}
     chunks = range(0, n, batch)
+    wanted = tap.wants() if tap is not None else set()
     for start in rep.iterate(chunks, total=len(chunks), desc="calibrating"):
         feeds = data.feeds(start)  # the last chunk repeats samples (ranges unaffected)
         try:
@@ -573,6 +575,8 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
                 # +-Inf from an explicit fill (masked_fill(-inf)): the range is the finite values'
                 # (an infinite element saturates to the integer dtype's end)
                 v = np.clip(v, v[fin].min(), v[fin].max())
+            if tap is not None and t in wanted:
+                tap.tap(t, v)
             shapes_seen[t] = v.shape
             lo[t] = min(lo[t], float(v.min()))
             hi[t] = max(hi[t], float(v.max()))

@@ -181,8 +181,14 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with stage("calibration"):
         calibrate.check_memory(fr.graph, tensors, data, batch)
     rep.stage(f"calibrating on {n} samples ({len(tensors)} tensors, method {opts.method})")
+    rounding = opts.mixed.rounding if opts.mixed else "auto"
+    hess = None
+    if rounding == "gptq":  # GPTQ for every layer: Hessians from this same run (qcompiler/calib_hessians.py)
+        from .calib_hessians import FloatHessians
+
+        hess = FloatHessians(fg, len(range(0, n, batch)))
     with stage("calibration"):
-        stats = calibrate.collect(fr.model, data, tensors, batch)
+        stats = calibrate.collect(fr.model, data, tensors, batch, tap=hess)
         for g in groups[1:]:  # samples of other sizes of the symbolic dims, each run at its own shape
             rep.stage(f"calibrating on {g.n} samples of shape(s) " + ", ".join(f"{k} {tuple(v)}" for k, v in g.shapes.items()))
             fr_g = frontend.load(model_path, batch=batch, shapes=g.shapes, samples=g, reuse=True)
@@ -197,10 +203,10 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     from passes.smooth import smooth
 
     with stage("smooth"):
-        fg, stats = smooth(fg, stats, opts.smooth)
+        fg, stats = smooth(fg, stats, opts.smooth, hess.store if hess else None)
     t["calibrate"] = time.perf_counter() - t1
     cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu,
-                      allow_float=opts.allow_float)
+                      allow_float=opts.allow_float, rounding=rounding, hessians=hess.store if hess else None)
     with stage("sign analysis"):
         nonneg = nonnegative(fg)
     plan_report = None
@@ -301,7 +307,7 @@ def _retrace(model_path, prep: Prepared, opts: CompileOptions, shapes) -> Graph:
         raise SymbolicError("the model branches on its inputs (If specialized on the calibration data): its dims "
                             "cannot stay symbolic; fix them with --shape")
     fg = float_passes(fr.graph, opts.allow_float)
-    fg, stats = smooth(fg, prep.calib_stats, opts.smooth)
+    fg, stats = smooth(fg, prep.calib_stats, opts.smooth, prep.qcfg.hessians)
     ig = quantize(fg, stats, nonnegative(fg), prep.qcfg, fr.model)
     if opts.fuse_epilogue:  # as prepare(): the dense kernels over a symbolic row count take the fused
         from passes.fuse_epilogue import fuse_epilogue  # steps (cpu_vnni.dense; convs lower them apart)
@@ -767,6 +773,7 @@ def compile_model(model_path: str | os.PathLike, out_path: str | os.PathLike,
             "precision": opts.precision, "io": opts.io,
             "batch": prep.batch,
             "calibration": {"method": opts.method, "samples": prep.calib_samples},
+            "weight_rounding": getattr(prep.qcfg, "rounding", "auto"),
             "softmax": opts.softmax,
             "gelu": opts.gelu,
             "inputs": [{**e, "batch_axis": prep.batch_axes.get(e["name"])}

@@ -47,9 +47,9 @@ BIAS_LIMIT_W16 = 2**40   # 16-bit weights: b_q is added in int64 (``lower_w16``)
 def _weights_and_bias(W, b, s_in, axis, bits, name, hessian=None):
     """Per-channel weights, with S_w raised where needed so that |b / (S_x S_w)| <= 2^26: a channel
     of near-zero weights and a large (BN-folded) bias would otherwise overflow the int32 bias.
-    ``hessian`` (per-group Hessians of the layer's inputs, sub-8-bit layers of a mixed-precision
-    plan): the integers are chosen by GPTQ rounding at the same scales (``qcompiler/mixed/gptq.py``,
-    ``docs/mixed_precision.md``); the op's semantics do not change."""
+    ``hessian`` (per-group Hessians of the layer's inputs, ``qcompiler/calib_hessians.py``; 4- and
+    8-bit weights): the integers are chosen by GPTQ rounding at the same scales
+    (``qcompiler/mixed/gptq.py``, ``docs/mixed_precision.md``); the op's semantics do not change."""
     wq, sw = quantize_weights(W, axis=axis, bits=bits)
     raised = False
     limit = BIAS_LIMIT_W16 if bits == 16 else BIAS_LIMIT
@@ -140,7 +140,7 @@ def conv(qz: Quantizer, n):
     qx = qz.qp(x)
     wbits = qz.cfg.layer_bits(n.name)[0]  # per layer (mixed precision plan), 8 by default
     wq, sw, bq = _weights_and_bias(W, b, qx.scale, 0, wbits, n.name,
-                                   qz.cfg.hessian(n.name) if wbits < 8 else None)
+                                   qz.cfg.hessian(n.name, wbits))
     out = n.outputs[0]
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
@@ -175,7 +175,7 @@ def dense(qz: Quantizer, n):
     qx = qz.qp(x)
     wbits = qz.cfg.layer_bits(n.name)[0]  # per layer (mixed precision plan), 8 by default
     wq, sw, bq = _weights_and_bias(W, n.attrs.get("bias"), qx.scale, 1, wbits, n.name,
-                                   qz.cfg.hessian(n.name) if wbits < 8 else None)
+                                   qz.cfg.hessian(n.name, wbits))
     qy = qz.out_qparams(out)
     lo, hi = qz.clamp(qy, n.attrs.get("act"))
     dy = dyadic(qx.scale * sw / qy.scale, f"node '{n.name}'")

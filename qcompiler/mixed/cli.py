@@ -20,8 +20,9 @@ def add_compile_flags(c) -> None:
                    help="--precision mixed: conv/dense weight bytes <= this (12MB, 800KB, or a fraction of all-INT8)")
     c.add_argument("--bops-budget", type=float, default=None, metavar="FRACTION",
                    help="--precision mixed: bit operations <= FRACTION x all-INT8")
-    c.add_argument("--rounding", default="gptq", choices=["gptq", "rtn"],
-                   help="4-bit weight rounding: gptq (error feedback with the layer Hessian, default) or rtn")
+    c.add_argument("--rounding", default="auto", choices=["auto", "gptq", "rtn"],
+                   help="weight rounding: auto (default: GPTQ, error feedback with the layer Hessian, for 4-bit "
+                        "weights; round to nearest for 8-bit), gptq (GPTQ for 8-bit weights too), rtn (round to nearest)")
     c.add_argument("--mp-samples", type=int, default=16, metavar="N",
                    help="calibration samples for the Hessians and the sensitivity (default 16)")
 
@@ -75,7 +76,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--axis", default="latency", choices=["latency", "size"],
                    help="the budget swept: predicted latency (default) or weight bytes")
     p.add_argument("--random", type=int, default=5, help="random configurations per budget (baseline, default 5)")
-    p.add_argument("--rounding", default="gptq", choices=["gptq", "rtn"])
+    p.add_argument("--rounding", default="auto", choices=["auto", "gptq", "rtn"])
     p.add_argument("--mp-samples", type=int, default=16)
     p.add_argument("--measure", action="store_true", help="also compile and time every frontier point")
     p.add_argument("--plot", default=None, metavar="OUT.png")

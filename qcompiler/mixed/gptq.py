@@ -127,32 +127,55 @@ class GroupHessians(list):
 
 class HessianStore:
     """Per-layer Hessians (node name -> list of per-group [K, K] arrays), accumulated over batches of
-    the INT8 model's activations (``add``) and read by the GEMM rule (``get``)."""
+    the INT8 model's activations (``add``, mixed precision) or of the float model's in the calibration
+    run (``add_rows``, ``qcompiler/calib_hessians.py``), and read by the GEMM rule (``get``)."""
 
     def __init__(self, seed: int = 0):
         self._done: dict[str, GroupHessians] = {}
         self.sum: dict[str, list[np.ndarray]] = {}
         self.rows: dict[str, int] = {}
+        self.scale: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng(seed)
 
     def add(self, node, x: np.ndarray, max_rows: int = MAX_ROWS) -> None:
+        """One batch of the integer graph's input ``x`` of its conv / dense ``node``."""
         a = node.attrs
         if node.op == "conv":
             mats = conv_patches(x, a, a["weight"].shape, self.rng, max_rows)
         else:
             mats = [dense_rows(x, self.rng, max_rows)]
-        acc = self.sum.setdefault(node.name, [np.zeros((m.shape[1], m.shape[1])) for m in mats])
+        self.add_rows(node.name, mats)
+
+    def add_rows(self, name: str, mats: list[np.ndarray]) -> None:
+        """Input rows of layer ``name``, one [rows, K] matrix per group."""
+        acc = self.sum.setdefault(name, [np.zeros((m.shape[1], m.shape[1])) for m in mats])
+        if len(acc) != len(mats) or any(s.shape[0] != m.shape[1] for s, m in zip(acc, mats)):
+            return  # another geometry under the same name (a retraced shape): keep the first
         for s, m in zip(acc, mats):
             X = m.astype(np.float64)
             s += X.T @ X
-        self.rows[node.name] = self.rows.get(node.name, 0) + len(mats[0])
+        self.rows[name] = self.rows.get(name, 0) + len(mats[0])
+        self._done.pop(name, None)
+
+    def set_input_scale(self, name: str, d: np.ndarray) -> None:
+        """Layer ``name`` now reads x * d (per input column, d > 0: a per-channel smoothing of its
+        input, ``passes/smooth.py``), so its Hessian is D H D.  Replaces an earlier factor."""
+        d = np.asarray(d, np.float64)
+        if name in self.scale and np.array_equal(self.scale[name], d):
+            return  # the same smoothing again (a retrace): keep the memoised roundings
+        self.scale[name] = d
+        self._done.pop(name, None)
 
     def get(self, name: str) -> list[np.ndarray] | None:
         if name not in self.sum:
             return None
         if name not in self._done:
             r = max(self.rows[name], 1)
-            self._done[name] = GroupHessians((2.0 * s / r for s in self.sum[name]), self.rows[name])
+            d = self.scale.get(name)
+            hs = (2.0 * s / r for s in self.sum[name])
+            if d is not None:
+                hs = (h * d[:, None] * d[None, :] for h in hs)
+            self._done[name] = GroupHessians(hs, self.rows[name])
         return self._done[name]
 
     def __contains__(self, name: str) -> bool:

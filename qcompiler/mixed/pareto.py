@@ -50,7 +50,7 @@ def setup(model_path, calib, opts, eval_data=None, mo: MixedOptions | None = Non
     from .sensitivity import Evaluator
 
     mo = mo or opts.mixed or MixedOptions()
-    prep = prepare(model_path, calib, replace(opts, precision="int8", mixed=None))
+    prep = prepare(model_path, calib, replace(opts, precision="int8", mixed=MixedOptions(rounding=mo.rounding)))
     st = prep.state
     layers = gemm_layers(st.fg)
     names = [n.name for n in layers]
@@ -59,7 +59,7 @@ def setup(model_path, calib, opts, eval_data=None, mo: MixedOptions | None = Non
     feeds = [st.data.feeds(s) for s in range(0, n_s, st.data.batch)]
     cfg = replace(st.cfg, rounding=mo.rounding)
     ev = Evaluator(st.fg, st.stats, st.nonneg, cfg, st.fr.model, feeds,
-                   fp32_outputs(st.fr.model, feeds, list(st.fg.outputs)))
+                   fp32_outputs(st.fr.model, feeds, list(st.fg.outputs)), hessians=cfg.hessians)
     sens, _ = sensitivity_for(ev, names, ties, model_path, feeds, cfg, mo, use_cache)
     if eval_data is not None:
         specs = frontend.input_specs(frontend.upgrade(frontend.read_model(model_path), str(model_path)))

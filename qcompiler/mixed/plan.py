@@ -44,7 +44,7 @@ class MixedOptions:
     latency_budget_ms: float | None = None
     size_budget: str | None = None        # "12MB", "800KB" or a fraction of the all-INT8 weight bytes
     bops_budget: float | None = None      # fraction of the all-INT8 BOPS
-    rounding: str = "gptq"                # gptq | rtn
+    rounding: str = "auto"                # auto (GPTQ below 8 bits) | gptq (all layers) | rtn
     samples: int = 16                     # calibration samples for Hessians and sensitivity
     cost_model: str | None = None
 
@@ -191,12 +191,16 @@ def make_plan(fr, fg, stats, nonneg, cfg, data, opts, model_path):
     rep = progress.get()
     n_s = max(1, min(mo.samples, data.n))
     feeds = [data.feeds(s) for s in range(0, n_s, data.batch)]
-    need_h = opts.precision in ("w4a8", "mixed") or "w4a8" in pins.values()
+    # GPTQ's Hessians come with the calibration run (driver.prepare); the INT8 run makes them only
+    # for a caller that did not gather them
+    need_h = ((opts.precision in ("w4a8", "mixed") or "w4a8" in pins.values()) and cfg.hessians is None
+              and mo.rounding != "rtn")
     fp32 = fp32_outputs(fr.model, feeds, list(fg.outputs)) if opts.precision == "mixed" else None
     if need_h or fp32:
-        rep.stage(f"mixed precision: INT8 reference run on {n_s} calibration sample(s) for the layer Hessians")
+        rep.stage(f"mixed precision: INT8 reference run on {n_s} calibration sample(s)"
+                  + (" for the layer Hessians" if need_h else ""))
     ev = Evaluator(fg, stats, nonneg, replace(cfg, rounding=mo.rounding), fr.model, feeds, fp32,
-                   keep_envs=fp32 is not None) if need_h or fp32 else None
+                   hessians=cfg.hessians, keep_envs=fp32 is not None) if need_h or fp32 else None
     report = {"precision": opts.precision, "pins": pins, "rounding": mo.rounding, "samples": n_s,
               "ties": [[names[i] for i in g] for g in ties]}
     if opts.precision != "mixed":
@@ -212,7 +216,7 @@ def make_plan(fr, fg, stats, nonneg, cfg, data, opts, model_path):
         assign, rep_ilp = _solve(ev, names, ties, pins, fr, feeds, cfg, mo, opts, model_path)
         report.update(rep_ilp)
     report["layers"] = assign
-    out = replace(cfg, plan=plan_tuple(assign), hessians=ev.hessians if ev else None, rounding=mo.rounding)
+    out = replace(cfg, plan=plan_tuple(assign), hessians=ev.hessians if ev else cfg.hessians, rounding=mo.rounding)
     return out, report
 
 
