@@ -400,3 +400,31 @@ def test_a_bound_on_the_product_of_two_dims_narrows_the_largest(monkeypatch):
                             QCError("overflow"), overflow=True)
     assert isinstance(e, driver.DimBoundError) and e.var == "W" and e.bound == 144  # 128 x 144 <= 96 x 200 < 128 x 152
     assert "with 'H' at their largest sizes" in str(e)
+
+
+def test_a_bound_at_a_constant_size_is_found_in_few_tests(monkeypatch):
+    """A position table of 512 rows bounds the sequence at 512: the bisection tries the sizes of the
+    model's constants (and one past them) as pivots first, so it needs a handful of frontend loads
+    instead of log2(range); the bound is the same as plain bisection finds."""
+    import types
+
+    from qcompiler.errors import QCError
+    from qcompiler.symbolic import SymVar
+
+    calls = []
+
+    def fake_load(path, batch=None, shapes=None, **kw):
+        calls.append(shapes["ids"][1])
+        if shapes["ids"][1] > 512:
+            raise QCError("Gather index out of range")
+        return object()
+
+    monkeypatch.setattr(driver.frontend, "load", fake_load)
+    monkeypatch.setattr(driver.frontend, "read_upgraded", lambda p: None)
+    monkeypatch.setattr(driver, "_constant_sizes", lambda m: {2, 384, 512, 1536, 30522})
+    monkeypatch.setattr(driver, "retrace", lambda mp, prep, opts, shapes: fake_load(mp, shapes=shapes))
+    prep = types.SimpleNamespace(input_shapes={"ids": (1, 64)})
+    v = SymVar("S", 1, 2048, [("ids", 1)], calibrated=64, step=1, auto=True)
+    e = driver._model_bound("m.onnx", prep, None, [v], lambda p: driver._shapes_at(prep, [v], p), QCError("x"))
+    assert isinstance(e, driver.DimBoundError) and e.bound == 512
+    assert len(calls) <= 8, calls  # plain bisection over 64..2048 takes ~11 loads, and as many traces

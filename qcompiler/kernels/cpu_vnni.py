@@ -568,10 +568,20 @@ def dense(M: int, N: int, K: int, a_dtype: str, out_dtype: str, lo: int, hi: int
             return _SYM_CACHE[key]
         Mv = tirx.Var("M", "int32")  # the kernel's own variable (int32 like the static loops)
         serial = _serial_rows(lambda m: gemm_cycles(m, N, K, isa=isa))
-        f = _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, cfg, isa, post, serial if cfg.parallel else 0)
-        for upper, c in buckets:
-            f = join_schedules(Mv <= upper, _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, c, isa, post,
-                                                   serial if c.parallel else 0), f)
+
+        def variant(c, lower, upper):  # the kernel for row counts in (lower, upper] (upper None: any)
+            if c.parallel and serial >= (upper or 1 << 62):  # all of them serial
+                c = dataclasses.replace(c, parallel=False)
+            # a serial branch only where some of these row counts are under the threshold: each
+            # variant adds its loop nest to the kernel (LLVM time, library size)
+            return _dense(Mv, N, K, a_dtype, out_dtype, lo, hi, c, isa, post,
+                          serial if c.parallel and serial > lower else 0)
+
+        f = variant(cfg, buckets[0][0] if buckets else 0, None)
+        for k, (upper, c) in enumerate(buckets):
+            f = join_schedules(Mv <= upper, variant(c, buckets[k + 1][0] if k + 1 < len(buckets) else 0, upper), f)
+        if serial:
+            f = f.with_attr("qc.rows_serial_max", int(serial))
         if post is None:
             if len(_SYM_CACHE) >= 256:
                 _SYM_CACHE.clear()
