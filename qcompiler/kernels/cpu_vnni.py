@@ -424,13 +424,20 @@ def _schedule_gemm(sch: Schedule, cfg: VnniConfig, n_red: int, prep_vec_dims: in
     sch.reorder(*outer, *red_loops, m1, n1, n2, *inner)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[-1])
-    tile = sch.fuse(*outer)
-    if cfg.parallel:
-        sch.parallel(tile)
+    # one tile loop for the thread pool; a serial kernel over symbolic extents keeps its tile loops
+    # apart: fused, every index of the unrolled register tile is a div / mod by a symbolic extent,
+    # which costs LLVM seconds (a symbolic attention matmul: 0.56 s) and the loop integer divisions
+    if cfg.parallel or all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in outer):
+        tile = sch.fuse(*outer)
+        n_tile = 1
+        if cfg.parallel:
+            sch.parallel(tile)
+    else:
+        n_tile = len(outer)
     sch.unroll(m1)
     sch.unroll(n1)
     # epilogue: column blocks outside rows, so mult/shift/rounding vectors stay in registers
-    inner = sch.get_loops(out)[1:]  # under the tile loop: (row, col), (col,) when mr == 1, () for 1 x 1
+    inner = sch.get_loops(out)[n_tile:]  # under the tile loop(s): (row, col), (col,) when mr == 1, () for 1 x 1
     if len(inner) == 2 and int(sch.get(inner[-1]).extent) % L == 0:
         oc0, oc1 = sch.split(inner[-1], [None, L])
         # a symbolic row count (``_dense``) leaves the rows' predicate (row < M) in a form reorder
