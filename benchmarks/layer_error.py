@@ -53,6 +53,23 @@ def _execute_local(ig, feeds: dict, floats: dict) -> dict:
     return own
 
 
+def _smoothing(prep, t: str):
+    """The per-channel factor f (shaped to broadcast) by which ``passes/smooth.py`` divided tensor
+    ``t`` in place (a LayerNorm output whose gamma / beta took 1 / f), or None: the statistics before
+    smoothing (``calib_stats``) and after (``state.stats``) differ by exactly that factor."""
+    a, b = (prep.calib_stats or {}).get(t), prep.state.stats.get(t)
+    if a is None or b is None or a is b or a.chan_hi is None or b.chan_hi is None:
+        return None
+    ma = np.maximum(np.abs(a.chan_lo), np.abs(a.chan_hi)).astype(np.float64)
+    mb = np.maximum(np.abs(b.chan_lo), np.abs(b.chan_hi)).astype(np.float64)
+    if ma.shape != mb.shape or np.allclose(ma, mb):
+        return None
+    f = np.where(mb > 0, ma / np.where(mb > 0, mb, 1.0), 1.0)
+    shape = [1] * len(prep.int_graph.shapes[t])
+    shape[b.chan_axis] = -1
+    return f.reshape(shape)
+
+
 def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, method: str = "percentile",
                  local: bool = False) -> list[dict]:
     """One row per named integer tensor (module docstring); ``local``: each tensor's own error with
@@ -83,6 +100,10 @@ def layer_errors(model_path: str, calib: dict, test: dict, batch: int = 1, metho
     sess = session(m)
     wanted = [t for t in names if t in {o.name for o in sess.get_outputs()}]
     vals = dict(zip(wanted, sess.run(wanted, {k: v for k, v in feeds.items() if v is not None})))
+    for t in wanted:  # a tensor smoothed in place holds x / f: compare with that
+        f = _smoothing(prep, t)
+        if f is not None:
+            vals[t] = np.asarray(vals[t], np.float64) / f
     given = {k: v for k, v in feeds.items() if v is not None}
     env = _execute_local(ig, given, vals) if local else reference.execute(ig, given, keep=True)
     rows = []
