@@ -33,19 +33,11 @@ from .mixed.gptq import MAX_ROWS, HessianStore, conv_patches, dense_rows
 
 
 def _conv_geometry(fg: Graph, n: Node) -> dict:
-    from .intops.gemm import _conv_pads
+    """The integer conv's geometry (``intops/gemm.py`` ``conv2d_geometry``) and its 4-D kernel shape."""
+    from .intops.gemm import conv2d_geometry
 
     W = fg.consts[n.inputs[1]]
-    nd = W.ndim - 2
-    k = list(W.shape[2:])
-    s = list(n.attrs.get("strides", [1] * nd))
-    d = list(n.attrs.get("dilations", [1] * nd))
-    p = _conv_pads(fg, n, k, s, d)
-    if nd == 1:  # as a 2-D conv over [N, C, 1, L], the way the integer graph runs it
-        return {"strides": (1, s[0]), "dilations": (1, d[0]), "pads": (0, p[0], 0, p[1]),
-                "group": int(n.attrs.get("group", 1)), "kshape": W.shape[:2] + (1, k[0])}
-    return {"strides": tuple(s), "dilations": tuple(d), "pads": tuple(p[:4]),
-            "group": int(n.attrs.get("group", 1)), "kshape": W.shape}
+    return {**conv2d_geometry(fg, n), "kshape": W.shape if W.ndim == 4 else W.shape[:2] + (1, W.shape[2])}
 
 
 def gemm_inputs(fg: Graph) -> dict[str, list[Node]]:

@@ -125,6 +125,19 @@ def _conv_pads(g, n, k, s, d):
     return list(n.attrs.get("pads", [0] * (2 * nd)))
 
 
+def conv2d_geometry(g, n) -> dict:
+    """strides, dilations, pads (top, left, bottom, right) and group of the float Conv ``n`` as the
+    2-D integer ``conv`` runs it: a 1-D conv over [N, C, L] is one over [N, C, 1, L]."""
+    nd = g.consts[n.inputs[1]].ndim - 2
+    k = list(g.consts[n.inputs[1]].shape[2:])
+    s = list(n.attrs.get("strides", [1] * nd))
+    d = list(n.attrs.get("dilations", [1] * nd))
+    p = _conv_pads(g, n, k, s, d)
+    if nd == 1:
+        s, d, p = [1] + s, [1] + d, [0, p[0], 0, p[1]]
+    return {"strides": tuple(s), "dilations": tuple(d), "pads": tuple(p[:4]), "group": int(n.attrs.get("group", 1))}
+
+
 @rule("Conv", check=_conv_check)
 def conv(qz: Quantizer, n):
     g = qz.fg
@@ -132,11 +145,7 @@ def conv(qz: Quantizer, n):
     W = g.consts[n.inputs[1]].astype(np.float64)
     b = g.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
     nd = W.ndim - 2
-    k = list(W.shape[2:])
-    s = list(n.attrs.get("strides", [1] * nd))
-    d = list(n.attrs.get("dilations", [1] * nd))
-    pads = _conv_pads(g, n, k, s, d)
-    group = int(n.attrs.get("group", 1))
+    geo = conv2d_geometry(g, n)
     qx = qz.qp(x)
     wbits = qz.cfg.layer_bits(n.name)[0]  # per layer (mixed precision plan), 8 by default
     wq, sw, bq = _weights_and_bias(W, b, qx.scale, 0, wbits, n.name,
@@ -152,15 +161,12 @@ def conv(qz: Quantizer, n):
     if nd == 1:  # 1-D conv as a 2-D conv over [N, C, 1, L]
         N, C, L = g.shape(x)
         x4 = qz.emit("reshape", [xi], qz.fresh(out + "/in4d"), {"shape": (N, C, 1, L)}, qx.dtype, (N, C, 1, L), qx)
-        wq, k, s, d = wq[:, :, None, :], [1] + k, [1] + s, [1] + d
-        pads = [0, pads[0], 0, pads[1]]
+        wq = wq[:, :, None, :]
         shape4 = (out_shape[0], out_shape[1], 1, out_shape[2])
     else:
         x4, shape4 = xi, out_shape
-        pads = [pads[0], pads[1], pads[2], pads[3]]  # ONNX (top, left, bottom, right)
     attrs = {"weight": wq, "bias": bq, "mult": dy.mult, "shift": dy.shift,
-             "lo": lo, "hi": hi, "dtype": qy.dtype, "strides": tuple(s), "pads": tuple(pads),
-             "dilations": tuple(d), "group": group, "weight_bits": wbits}
+             "lo": lo, "hi": hi, "dtype": qy.dtype, **geo, "weight_bits": wbits}
     if nd == 1:
         y4 = qz.emit("conv", [x4], qz.fresh(out + "/out4d"), attrs, qy.dtype, shape4, qy, node_name=n.name)
         qz.emit("reshape", [y4], out, {"shape": out_shape}, qy.dtype, out_shape, qy, out)
