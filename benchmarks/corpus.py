@@ -15,9 +15,11 @@ itself for a decoder). Sample ``i`` of a split depends only on ``(model, split, 
 
 The sample axis: ``qc compile --calib`` takes arrays whose first axis is the sample axis. Inputs
 declared with ``batch=False`` have no such axis in the model (a scalar sample rate, a recurrent
-state of shape ``[25]``, a ``[time, features]`` stream): for them :func:`make_inputs` returns the
-model's own array for one sample (not stacked), so the compile reports what the pipeline makes of
-such a model.
+state of shape ``[25]``, a ``[time, features]`` stream). For those made of data (a stream, a graph's
+node features) :func:`make_inputs` stacks the samples on a new axis 0 (one rank more than the model
+declares: what ``qcompiler/calibrate.py`` reads as a stack of samples); for constants (a zero
+initial state, a sample rate) it returns the model's own array once, shared by every sample.
+:func:`layout` says which input is which, :func:`sample` cuts sample ``i`` out of such feeds.
 
 CLI: ``python benchmarks/corpus.py list`` (which models are installed, their files and sizes);
 ``python benchmarks/corpus.py prepare NAME DIR`` (writes ``calib.npz`` / ``eval.npz``).
@@ -26,6 +28,7 @@ CLI: ``python benchmarks/corpus.py list`` (which models are installed, their fil
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import json
@@ -687,17 +690,41 @@ def run_fp32(name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sess.run(None, feeds)
     except Exception:
         pass
-    # models with a fixed batch of 1: one sample at a time, outputs concatenated on axis 0
-    e = get(name)
-    batched = {i.name for i in e.inputs if i.batch} if e.inputs else set(feeds)
-    n = next(len(v) for k, v in feeds.items() if k in batched)
-    per = [sess.run(None, {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()}) for i in range(n)]
-    return [np.concatenate([p[j] for p in per], 0) for j in range(len(per[0]))]
+    # models with a fixed batch of 1 or no sample axis: one sample at a time, outputs concatenated on
+    # the batch axis (stacked on a new one without a batch axis)
+    lay = layout(get(name))
+    per = [sess.run(None, sample(lay, feeds, i)) for i in range(n_samples(lay, feeds))]
+    join = np.stack if "batch" not in set(lay.values()) else np.concatenate
+    return [join([p[j] for p in per], 0) for j in range(len(per[0]))]
+
+
+SHARED_GENS = frozenset({"zeros", "ones", "const"})
+"""Generators of constants: an input with no sample axis made by one of them is given once, shared by
+every sample (an initial state, a sample rate); other inputs with no sample axis are stacked."""
+
+
+def layout(e: Entry) -> dict[str, str]:
+    """Input name -> how :func:`make_inputs` holds its samples: "batch" (on the model's own batch
+    axis: sample i is ``v[i:i+1]``), "stack" (the model has no sample axis; the samples are stacked on a
+    new axis 0: sample i is ``v[i]``) or "shared" (one array for every sample)."""
+    if not e.inputs:  # zoo models: every input has the batch axis
+        return collections.defaultdict(lambda: "batch")
+    return {i.name: "batch" if i.batch else ("shared" if i.gen in SHARED_GENS else "stack") for i in e.inputs}
+
+
+def n_samples(lay: dict, feeds: dict) -> int:
+    """How many samples ``feeds`` (of :func:`make_inputs`) hold."""
+    return next((len(v) for k, v in feeds.items() if lay[k] != "shared"), 1)
+
+
+def sample(lay: dict, feeds: dict, i: int) -> dict:
+    """Sample ``i`` of ``feeds`` as the model takes one sample (``lay`` from :func:`layout`)."""
+    return {k: v[i:i + 1] if lay[k] == "batch" else v[i] if lay[k] == "stack" else v for k, v in feeds.items()}
 
 
 def make_inputs(name: str, split: str, n: int) -> dict[str, np.ndarray]:
-    """``n`` samples of ``split`` ("calib" / "eval") keyed by input name; the first axis is the
-    sample axis, except for inputs with ``batch=False`` (one sample's array, see module docstring)."""
+    """``n`` samples of ``split`` ("calib" / "eval") keyed by input name, laid out as :func:`layout`
+    says (sample axis first; constants with no sample axis given once, see module docstring)."""
     e = get(name)
     if e.source == "zoo":
         zoo = _zoo()
@@ -710,7 +737,7 @@ def make_inputs(name: str, split: str, n: int) -> dict[str, np.ndarray]:
         if inp.gen == "from_model":
             derived.setdefault(inp.args["model"], []).append(inp)
             continue
-        if not inp.batch:
+        if not inp.batch and inp.gen in SHARED_GENS:
             feeds[inp.name] = GENERATORS[inp.gen](e, inp, rng_for(e.name, split, 0, inp.name), split, 0)
             continue
         feeds[inp.name] = np.stack([GENERATORS[inp.gen](e, inp, rng_for(e.name, split, i, inp.name), split, i)

@@ -149,17 +149,17 @@ def worker(d: pathlib.Path, model_path: str, bit_exact_limit_s: float) -> None:
     try:
         from qcompiler.runtime import Library
         lib = Library(lib_path)
-        batched = json.loads((d / "batched.json").read_text())
-        n = len(feeds[batched[0]]) if batched else 1
+        lay = json.loads((d / "layout.json").read_text())
+        n = corpus.n_samples(lay, feeds)
         outs = {}
         for i in range(n):     # one sample at a time: outputs keep the model's own layout
-            q = lib(**{k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()})
+            q = lib(**corpus.sample(lay, feeds, i))
             for o in lib.output_names:
                 outs[f"{o}\t{i}"] = q[o]
         np.savez(d / "q.npz", **{f"q{k}": v for k, v in enumerate(outs.values())})
         (d / "q_keys.json").write_text(json.dumps(list(outs)))
         res["q_outputs"] = list(lib.output_names)
-        b = lib.bench({k: (v[:1] if k in batched else v) for k, v in feeds.items()}, repeats=10)
+        b = lib.bench(corpus.sample(lay, feeds, 0), repeats=10)
         res["qc_ms"] = round(float(b.get("median_ms", b.get("median", float("nan")))), 4)
         res["qc_threads"] = b.get("threads")
     except Exception as e:
@@ -175,11 +175,11 @@ def worker(d: pathlib.Path, model_path: str, bit_exact_limit_s: float) -> None:
         qz = np.load(d / "q.npz")
         keys = json.loads((d / "q_keys.json").read_text())
         q = {k: qz[f"q{j}"] for j, k in enumerate(keys)}
-        batched = json.loads((d / "batched.json").read_text())
+        lay = json.loads((d / "layout.json").read_text())
         exact = True
         symbolic = bool(json.loads(pathlib.Path(lib_path).with_suffix(".json").read_text()).get("symbolic_dims"))
-        for i in range(min(2, len(feeds[batched[0]]) if batched else 1)):
-            fi = {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()}
+        for i in range(min(2, corpus.n_samples(lay, feeds))):
+            fi = corpus.sample(lay, feeds, i)
             # a library with symbolic dims: the integer graph traced at this shape (a recurrence is
             # then one loop with one range per role, not the unrolled steps, qcompiler/intops/recurrent.py)
             g = retrace(model_path, prep, opts, {k: v.shape for k, v in fi.items()}) if symbolic else prep.int_graph
@@ -328,8 +328,7 @@ def ort_latency_ms(path: str, feeds: dict, entry: corpus.Entry, threads: int = 2
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        batched = {i.name for i in entry.inputs if i.batch} if entry.inputs else set(feeds)
-        f1 = {k: (v[:1] if k in batched else v) for k, v in feeds.items()}
+        f1 = corpus.sample(corpus.layout(entry), feeds, 0)
         sess.run(None, f1)
         ts = []
         for _ in range(repeats):
@@ -389,12 +388,10 @@ def run_model(entry: corpus.Entry, qc_root: pathlib.Path, timeout: int, workroot
         feeds = corpus.make_inputs(entry.name, "eval", entry.n_eval)
         np.savez(d / "calib.npz", **calib)
         np.savez(d / "eval.npz", **feeds)
-        batched = [i.name for i in entry.inputs if i.batch] if entry.inputs else list(feeds)
-        (d / "batched.json").write_text(json.dumps(batched))
-        n = len(feeds[batched[0]]) if batched else 1
+        lay = {k: corpus.layout(entry)[k] for k in feeds}
+        (d / "layout.json").write_text(json.dumps(lay))
         out_names = info["outputs"]
-        fp32 = [corpus.run_fp32(entry.name, {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()})
-                for i in range(n)]
+        fp32 = [corpus.run_fp32(entry.name, corpus.sample(lay, feeds, i)) for i in range(corpus.n_samples(lay, feeds))]
     except Exception as e:
         row.update(status="inputs/fp32 failed", error=f"{type(e).__name__}: {_first_line(e)}")
         return row

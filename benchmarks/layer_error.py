@@ -145,9 +145,7 @@ def main(argv=None) -> int:
         path = str(corpus.model_path(args.model))
         calib = corpus.make_inputs(args.model, "calib", args.n_calib)
         e = corpus.get(args.model)
-        batched = {i.name for i in e.inputs if i.batch} if e.inputs else None   # (zoo models: all)
-        test = {k: (v[args.sample:args.sample + 1] if batched is None or k in batched else v)
-                for k, v in corpus.make_inputs(args.model, "eval", args.sample + 1).items()}
+        test = corpus.sample(corpus.layout(e), corpus.make_inputs(args.model, "eval", args.sample + 1), args.sample)
     rows = layer_errors(path, calib, test, method=args.method, local=args.local)
     shown = sorted(rows, key=lambda r: r["cos"])[:args.worst] if args.worst else rows
     print(f"{'tensor':48s} {'op':10s} {'dtype':6s} {'scale':>10s} {'cos':>8s} {'rel_err':>8s} {'clipped':>8s}")

@@ -56,10 +56,9 @@ def round_weight(t: onnx.TensorProto, bits: int) -> None:
 
 
 def measure(e: corpus.Entry, sess_ref, sess, feeds: dict, n: int) -> str:
-    batched = {i.name for i in e.inputs if i.batch} if e.inputs else set(feeds)
     eq, coss = [], []
     for i in range(n):
-        f = {k: (v[i:i + 1] if k in batched else v) for k, v in feeds.items()}
+        f = corpus.sample(corpus.layout(e), feeds, i)
         a, b = sess_ref.run(None, f), sess.run(None, f)
         if e.ctc is not None:
             j, blank, ta = e.ctc
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
     e = corpus.get(a.model)
     base = onnx.load(str(corpus.model_path(a.model)))
     feeds = corpus.make_inputs(a.model, "eval", a.n)
-    n = a.n if not e.inputs or any(i.batch for i in e.inputs) else 1
+    n = corpus.n_samples(corpus.layout(e), feeds)
     ref = session(base)
     ops = set(a.ops.split(","))
     if not a.per_layer:
