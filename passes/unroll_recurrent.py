@@ -155,7 +155,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int, loop: 
                                                       b.const("e", np.array([1 if reverse else T], np.int64)),
                                                       b.const("a", np.array([0], np.int64))], "y_last"),
                                        b.const("ax", np.array([0], np.int64))], "h_last"))
-            Cs.append(None)
+            Cs.append(c or None)  # the Scan's final cell state (LSTM)
             continue
         # XW[t] for every t from one Split (one kernel): a Slice per step would fuse with the step's
         # first ops into a kernel of its own per step, where the steps are otherwise identical
@@ -191,7 +191,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, k: int, T: int, loop: 
         emit(outputs[0], Ys, 1, "Y")
     if outputs[1]:
         emit(outputs[1], Hs, 0, "Y_h")
-    if op == "LSTM" and outputs[2] and not loop:  # (loop: refused in unroll_recurrent where it is read)
+    if op == "LSTM" and outputs[2]:
         emit(outputs[2], Cs, 0, "Y_c")
     return b.nodes + final, b.inits
 
@@ -295,10 +295,6 @@ def _state(b: _Builder, model, name: str, d: int, layout: int, what: str) -> str
     return None if not np.any(v[d]) else b.const(what, np.ascontiguousarray(v[d]))
 
 
-def _used(model: onnx.ModelProto, name: str) -> bool:
-    return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
-
-
 def _input_dims(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int | None, int | None]:
     """(sequence length, batch) of the recurrence's input X from the model's shapes (None: unknown)."""
     layout = int(_attrs(node).get("layout", 0))
@@ -321,8 +317,6 @@ def unroll_recurrent(model: onnx.ModelProto, loop: bool = False) -> onnx.ModelPr
         T, batch = _input_dims(m, n)
         if T is None:
             raise UnsupportedOpError([(n.op_type, n.name, "sequence length unknown (freeze the input shapes)")])
-        if loop and n.op_type == "LSTM" and len(n.output) > 2 and n.output[2] and _used(m, n.output[2]):
-            raise UnsupportedOpError([(n.op_type, n.name, "the final cell state Y_c of a loop over a symbolic time axis")])
         return _unroll(m, n, k, T, loop, batch or 1)
 
     return replace_nodes(model, GATES, expand)

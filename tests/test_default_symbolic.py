@@ -107,7 +107,7 @@ def _lstm_model():
 
 def test_a_recurrence_over_time_stays_symbolic(tmp_path):
     """An LSTM's time axis: one Scan-derived loop, symbolic (tests/test_recurrent_loop.py checks it
-    bit for bit; a model reading the final cell state keeps it fixed, with the reason)."""
+    bit for bit, with the final cell state read too)."""
     out, meta = _compile(tmp_path, _lstm_model(), {"x": R.standard_normal((6, 1, 4)).astype(np.float32)}, "lstm")
     assert meta["symbolic_dims"]["T"]["calibrated"] == 6 and not meta.get("fixed_dims")
     assert qcompiler.load(str(out))(x=np.zeros((9, 1, 4), np.float32))["y"].shape[0] == 9

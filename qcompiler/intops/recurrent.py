@@ -15,7 +15,11 @@ is one step, named as an unrolled step but ``step*`` for ``step<t>``.  This modu
     input's is requantized to them inside the body (one dyadic step), so the state that goes round
     the loop has one representation;
   * the integer ``loop`` node runs the body once per step along axis 0 of its scan input (reversed
-    for ``reverse``) from the initial states, and stacks the step outputs along axis 0.
+    for ``reverse``) from the initial states, and stacks the step outputs along axis 0;
+  * a final state the model reads (an LSTM's Y_c) leaves the loop inside the step output: the body
+    writes y_t and that state's codes side by side (each widened to the wider dtype, exact), and the
+    final state is the slice of the last step run (t = T-1, or 0 when reversed), cast back to its
+    own dtype with its own QParams -- the integer graph keeps one output per node.
 
 Semantics (``LoopOp.reference``), with S the states and x the scan input of T steps:
     for t in (0..T-1, or T-1..0):  S, y_t = body(S, x[t])        Y = stack(y_t), in time order
@@ -186,8 +190,81 @@ def scan_rule(qz, n):
     qy = body.qparams[y]
     out = n.outputs[-1]
     reverse = bool(int(a.get("scan_input_directions", [0])[0]))
-    qz.emit("loop", ins, out, {"body": body, "n_states": ns, "reverse": reverse}, qy.dtype, qz.fg.shape(out), qy,
-            out, node_name=n.name)
+    read = [k for k in range(ns) if n.outputs[k] and (qz.consumers.get(n.outputs[k]) or n.outputs[k] in qz.fg.outputs)]
+    if not read:
+        qz.emit("loop", ins, out, {"body": body, "n_states": ns, "reverse": reverse}, qy.dtype, qz.fg.shape(out),
+                qy, out, node_name=n.name)
+        return
+    _loop_with_final_states(qz, n, body, ins, read, reverse)
+
+
+def _loop_with_final_states(qz, n, body, ins, read: list, reverse: bool) -> None:
+    """The loop of Scan ``n`` whose final states ``read`` are used (an LSTM's Y_c): the body's step
+    output carries those states' codes beside y_t (``_pack``), and the final states are the last
+    step's (t = T-1; t = 0 when ``reverse``) slices of the stacked output, each back in its own
+    QParams (module docstring)."""
+    from qcompiler.qtypes import QParams
+
+    ns = len(n.inputs) - 1
+    parts = [body.outputs[ns]] + [body.outputs[k] for k in read]
+    widths = [int(body.shapes[p][-1]) for p in parts]
+    qps = [body.qparams[p] for p in parts]
+    wide = max(qps, key=lambda q: q.bits).dtype
+    body.outputs[ns] = _pack(body, parts, wide)
+    out = n.outputs[-1]
+    T = qz.fg.shape(out)[0]
+    packed_shape = (*qz.fg.shape(out)[:-1], sum(widths))
+    carrier = QParams(qps[0].scale, wide)  # a carrier of codes: never read as real values
+    packed = qz.emit("loop", ins, qz.fresh(f"{out}/packed"), {"body": body, "n_states": ns, "reverse": reverse},
+                     wide, packed_shape, carrier, node_name=n.name)
+    off = 0
+    for j, (w, q) in enumerate(zip(widths, qps)):
+        name = out if j == 0 else n.outputs[read[j - 1]]
+        rank = len(packed_shape)
+        if j == 0:  # y: every step, its columns
+            attrs = {"starts": (off,), "ends": (off + w,), "axes": (rank - 1,), "steps": (1,)}
+            shape = (*packed_shape[:-1], w)
+        else:       # a final state: the last step run, its columns
+            last = 0 if reverse else T - 1
+            attrs = {"starts": (last, off), "ends": (last + 1, off + w), "axes": (0, rank - 1), "steps": (1, 1)}
+            shape = (1, *packed_shape[1:-1], w)
+        cut = qz.emit("slice", [packed], qz.fresh(f"{name}/cut"), attrs, wide, shape, carrier,
+                      node_name=f"{n.name}/unpack_{j}")
+        if j:
+            cut = qz.emit("reshape", [cut], qz.fresh(f"{name}/last"), {"shape": tuple(shape[1:])}, wide, shape[1:],
+                          carrier, node_name=f"{n.name}/unpack_{j}_last")
+            shape = shape[1:]
+        # the codes back in their own dtype and QParams (exact: they are that dtype's values)
+        qz.emit("int_cast", [cut], qz.fresh(f"{name}/q") if name in qz.ig.shapes else name,
+                {"lo": q.qmin, "hi": q.qmax, "dtype": q.dtype}, q.dtype, shape, q, name, node_name=f"{n.name}/unpack_{j}_cast")
+        off += w
+
+
+def _pack(body, parts: list, dtype: str) -> str:
+    """One body tensor holding ``parts``' codes side by side on the last axis, each widened to
+    ``dtype`` (exact), in a carrier QParams (the first part's scale)."""
+    from qcompiler.graph import Node
+    from qcompiler.qtypes import QParams
+
+    carrier = QParams(body.qparams[parts[0]].scale, dtype)
+    lo, hi = carrier.qmin, carrier.qmax
+    srcs = []
+    for p in parts:
+        if body.dtypes[p] == dtype:
+            srcs.append(p)
+            continue
+        w = f"{p}/pack_w"
+        body.nodes.append(Node("int_cast", w, [p], [w], {"lo": lo, "hi": hi, "dtype": dtype,
+                                                         "in_scales": (body.qparams[p].scale,), "out_scale": carrier.scale}))
+        body.shapes[w], body.dtypes[w], body.qparams[w] = body.shapes[p], dtype, carrier
+        srcs.append(w)
+    out = "step_packed"
+    axis = len(body.shapes[parts[0]]) - 1
+    body.nodes.append(Node("concat", out, srcs, [out], {"axis": axis, "in_scales": tuple(carrier.scale for _ in srcs),
+                                                        "out_scale": carrier.scale}))
+    body.shapes[out] = (*body.shapes[parts[0]][:-1], sum(int(body.shapes[p][-1]) for p in parts))
+    body.dtypes[out], body.qparams[out] = dtype, carrier
+    return out
 
 
 @register
