@@ -112,6 +112,8 @@ WIDE_CONSUMERS = {"Affine", "Add", "Sub", "Mul", "Where", "Log", "LayerNorm", "L
                   "ReduceSum", "ReduceMean"}
 
 PASSTHROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Pad"}
+SMALL_TABLE_INPUT = 4096
+"""Elements per sample up to which a unary table takes a 16-bit input (``Quantizer._small_table``)."""
 # elementwise ops whose integer form takes a 16-bit input as cheaply as an 8-bit one (int64 steps, the
 # hard-swish product |x*h| <= 2^29) and whose output is 16-bit exactly when its consumers take it: a
 # 16-bit output is only useful behind a 16-bit input, so their input is wide when their output is
@@ -262,6 +264,8 @@ class Quantizer:
                     return False
             elif u.name not in self.islands and u.inputs[0] == float_name and self._output_table(u):
                 continue  # a table making a graph output: 16-bit input, 65536 entries (intops/elementwise.py)
+            elif u.name not in self.islands and u.inputs[0] == float_name and self._small_table(u):
+                continue  # a table of a small tensor (a spectrum's power before its Sqrt): 65536 entries
             elif u.name in self.islands:  # dequantized to float: 16 bits cost nothing there
                 continue
             elif u.op in ("Conv", "Dense") and u.inputs[0] == float_name and self.cfg.layer_bits(u.name)[1] >= 16:
@@ -298,6 +302,19 @@ class Quantizer:
                 return False
             t, seen = users[0].outputs[0], seen + 1
         return len(self.consumers.get(t, [])) == 0
+
+    def _small_table(self, u: Node) -> bool:
+        """Whether ``u`` is a unary table of a small tensor: at most ``SMALL_TABLE_INPUT`` elements per
+        sample (a short audio frame's power spectrum, a per-channel variance).  Such inputs are
+        sums of squares spanning decades (silero-vad's STFT power re^2 + im^2 at 8 bits: every
+        bin but the loudest rounded to 0, the magnitude after the Sqrt lost); a 65536-entry table
+        costs little when it is read at so few positions."""
+        from qcompiler.intops.elementwise import unary_lut
+
+        if RULES.get(u.op) is not unary_lut or any(i in self.fg.consts for i in u.inputs[:1]):
+            return False
+        shape = self.fg.shapes.get(u.inputs[0])
+        return shape is not None and int(np.prod(shape[1:] if len(shape) > 1 else shape)) <= SMALL_TABLE_INPUT
 
     def clamp(self, qp: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
         """Integer clamp bounds of ``qp`` intersected with a fused activation's real bounds."""

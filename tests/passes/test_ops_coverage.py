@@ -346,11 +346,49 @@ def test_log_of_a_wide_ranged_input_takes_16_bits(monkeypatch):
     assert ig.dtypes[lut.inputs[0]] == "int16" and lut.attrs["table"].size == 65536
     monkeypatch.setattr(Q, "WIDE_CONSUMERS", Q.WIDE_CONSUMERS - {"Log"})   # the 8-bit table it replaces
     monkeypatch.setattr(Q.Quantizer, "_output_table", lambda self, u: False)  # (a graph output's table too)
+    monkeypatch.setattr(Q.Quantizer, "_small_table", lambda self, u: False)   # (and a small tensor's)
     with tempfile.TemporaryDirectory() as d:
         path = save(m, d)
         ig8 = prepare(path, {"x": x}, CompileOptions(target=parse_target("cpu"))).int_graph
         want = ort_run(path, {"x": x[:1]})[0]
     assert cosine(reference.execute(ig8, {"x": x[:1]})["y"], want) < 0.9 < 0.95 <= cosine(ref["y"], want)
+
+
+def test_sqrt_of_a_small_power_spectrum_takes_16_bits(monkeypatch):
+    """The magnitude of a short frame's spectrum, sqrt(re^2 + im^2), then a layer: the power spans
+    decades, and at 8 bits every bin below 1/127 of the loudest is one code (silero-vad's STFT: the
+    magnitude lost, output cosine 0.83).  A unary table of a small tensor (at most SMALL_TABLE_INPUT
+    elements per sample, passes/quantize.py ``_small_table``) takes a 16-bit input."""
+    import tempfile
+
+    import passes.quantize as Q
+    from qcompiler import reference
+    from qcompiler.driver import CompileOptions, prepare
+    from qcompiler.targets import parse_target
+    from tests.helpers import cosine, save
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "Wr"], ["re"]), helper.make_node("MatMul", ["x", "Wi"], ["im"]),
+             helper.make_node("Mul", ["re", "re"], ["r2"]), helper.make_node("Mul", ["im", "im"], ["i2"]),
+             helper.make_node("Add", ["r2", "i2"], ["p"]), helper.make_node("Sqrt", ["p"], ["mag"]),
+             helper.make_node("MatMul", ["mag", "Wo"], ["y"])]
+    inits = [tensor(k, (rng.standard_normal(s) * 0.5).astype(np.float32))
+             for k, s in (("Wr", (16, 12)), ("Wi", (16, 12)), ("Wo", (12, 4)))]
+    m = make_model(nodes, [("x", [1, 6, 16])], [("y", None)], inits)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((8, 6, 16)) * np.exp(rng.uniform(-4, 1, (8, 6, 1)))).astype(np.float32)
+    prep, tv, ref = check_pipeline(m, {"x": x}, min_cos=0.98)
+    ig = prep.int_graph
+    lut = next(n for n in ig.nodes if n.op == "lut")
+    assert ig.dtypes[lut.inputs[0]] == "int16" and lut.attrs["table"].size == 65536
+    monkeypatch.setattr(Q.Quantizer, "_small_table", lambda self, u: False)   # the 8-bit table it replaces
+    with tempfile.TemporaryDirectory() as d:
+        path = save(m, d)
+        ig8 = prepare(path, {"x": x}, CompileOptions(target=parse_target("cpu"))).int_graph
+        mags = [ort_run(path, {"x": x[i:i + 1]})[0] for i in range(8)]
+    cos8 = min(cosine(reference.execute(ig8, {"x": x[i:i + 1]})["y"], mags[i]) for i in range(8))
+    cos16 = min(cosine(reference.execute(ig, {"x": x[i:i + 1]})["y"], mags[i]) for i in range(8))
+    assert cos8 < 0.99 <= cos16, (cos8, cos16)   # (0.975 vs 0.9995 measured)
 
 
 def test_output_sigmoid_takes_a_16_bit_input():

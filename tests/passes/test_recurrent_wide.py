@@ -49,6 +49,7 @@ def _rel_err(m, calib, test, monkeypatch=None, off=False):
 
     if off:
         monkeypatch.setattr(Q, "role", lambda t: None)    # no tensor counts as a step: 8-bit gates and state
+        monkeypatch.setattr(Q.Quantizer, "_small_table", lambda self, u: False)   # (nor as a small table's input)
     with tempfile.TemporaryDirectory() as d:
         path = save(m, d)
         prep = prepare(path, calib, CompileOptions(target=parse_target("cpu")))
