@@ -65,6 +65,19 @@ def test_cli_profile_json(library):
     assert text.returncode == 0 and "VM call overhead" in text.stdout and "gemm/conv" in text.stdout
 
 
+def test_builtins_scaled_to_fit_the_measured_latency():
+    """Builtins timed in the model are mostly the hook's cost: where the calls would add up to more
+    than the measured latency (a loop's thousands of allocations), they share what the kernels leave."""
+    from qcompiler.bench_profile import _scale_builtins
+
+    rows = [{"category": "gemm/conv", "timing": "in-model", "ms": 1.0},
+            {"category": "vm-builtin", "timing": "in-model", "ms": 3.0},
+            {"category": "vm-builtin", "timing": "in-model", "ms": 1.0}]
+    assert _scale_builtins(rows, 3.0) == 0.5
+    assert [r["ms"] for r in rows] == [1.0, 1.5, 0.5] and rows[1]["timing"] == "in-model, scaled"
+    assert _scale_builtins(rows, 10.0) == 1.0 and rows[1]["ms"] == 1.5    # room left: unchanged
+
+
 def test_macs_of_a_dense_layer_count_its_reduction():
     """A dense layer's weights are [K, N]: M x N outputs of K MACs each (the FFN's 384 -> 1536)."""
     from qcompiler.bench_profile import _macs
