@@ -51,13 +51,18 @@ def slice_(qz, n):
 
 
 def _gather_check(g, n):
-    if "indices" not in n.attrs:
+    if "indices" not in n.attrs and (len(n.inputs) < 2 or n.inputs[0] in g.consts):
         return "non-constant indices into a non-embedding tensor"
     return None
 
 
 @rule("Gather", check=_gather_check)
 def gather(qz, n):
+    if "indices" not in n.attrs:  # indices computed at run time (intops/indexed.py)
+        from .indexed import take_rule
+
+        take_rule(qz, n)
+        return
     _passthrough(qz, n, "gather", {"indices": np.asarray(n.attrs["indices"], np.int64), "axis": int(n.attrs["axis"])})
 
 
