@@ -42,9 +42,9 @@ _INDEX_OPS = {"Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDe
 _KEEP = {"Conv", "Add", "Mul", "MatMul", "Concat", "Transpose", "PRelu", "Softmax", "BatchNormalization",
          "HardSigmoid", "HardSwish", "LayerNormalization", "Equal", "Less", "Greater", "LessOrEqual",
          "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where", "Mod", "Abs",
-         "Scan", "ScatterElements", "IsNaN"} | _ELEMENTWISE_FLOAT_UNARY
-# Scan: a recurrence over a symbolic time axis (intops/recurrent.py); ScatterElements, IsNaN and a
-# GatherND of computed indices: qcompiler/intops/indexed.py
+         "Scan", "ScatterElements", "ScatterND", "IsNaN"} | _ELEMENTWISE_FLOAT_UNARY
+# Scan: a recurrence over a symbolic time axis (intops/recurrent.py); ScatterElements, ScatterND,
+# IsNaN and a GatherND / GatherElements of computed indices: qcompiler/intops/indexed.py
 
 
 ISLAND_MARK = "qc.float_island"   # attribute of a node kept for a float island (qcompiler/intops/island.py)
@@ -516,7 +516,7 @@ class Canonicalizer:
         """Pure data movement with constant parameters -> Gather along a flat index map."""
         if n.op in ("Resize", "Upsample") and n.attrs.get("mode", "nearest") != "nearest":
             return self._resample(n)
-        if n.op == "GatherND" and n.inputs[1] not in self.g.consts:
+        if n.op in ("GatherND", "GatherElements") and n.inputs[1] not in self.g.consts:
             return [n]  # indices computed at run time (qcompiler/intops/indexed.py)
         for i in n.inputs[1:]:
             if i and i not in self.g.consts:

@@ -5,7 +5,7 @@ Families: ``boundary`` (quantize / dequantize), ``gemm`` (conv, dense, matmul), 
 (max/min of two activations, comparisons, logic, where), ``resample`` (linear / cubic Resize,
 ConvTranspose's zero insertion), ``pool`` (pooling and
 reductions), ``softmax``, ``nonlinear`` (LayerNorm, GELU), ``transformer`` (attention mask,
-embedding, integer division, integer casts), ``shape`` (data movement), ``indexed`` (gathers and scatters at run-time indices, IsNaN), ``tables`` (per-channel lookup tables of a folded Affine), ``interp_table`` (interpolated tables of
+embedding, integer division, integer casts), ``shape`` (data movement), ``indexed`` (gathers and scatters at run-time indices, ScatterND, IsNaN), ``tables`` (per-channel lookup tables of a folded Affine), ``interp_table`` (interpolated tables of
 16-bit inputs: recurrent gates), ``island`` (float islands of
 ``--allow-float``: one ONNX op kept in float).  Importing this package
 registers all of them.

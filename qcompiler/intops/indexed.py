@@ -4,8 +4,10 @@ post-processing), and IsNaN.
 Integer ops:
 
   take_rt       y = take(x, idx, axis)                                   (ONNX Gather)
+  gather_el     y[j] = x[j with axis coordinate idx[j]]                  (ONNX GatherElements)
   gather_nd     y[i, ...] = x[idx[i, 0], ..., idx[i, k-1], ...]          (ONNX GatherND, batch_dims 0)
-  scatter_el    y = d;  y[j with axis coordinate idx[j]] (op)= u[j]      (ONNX ScatterElements)
+  scatter       y = d;  y[j with axis coordinate idx[j]] (op)= u[j]      (ONNX ScatterElements; ``axis``)
+                y = d;  y[idx[p, 0], ..., idx[p, k-1], ...] (op)= u[p, ...]   (ONNX ScatterND; ``axis`` None)
                 op: update (the last write wins, as a serial loop), max, min on d and u requantized
                 to y's QParams; add: acc = sum of u's codes per position (int32), then
                 y = clip(rq(acc; S_u / S_y) + rq(d; S_d / S_y))
@@ -62,13 +64,18 @@ def _int_index(qz, idx: str) -> str:
     return qz.iname(idx)
 
 
-def take_rule(qz, n):
-    """Gather with computed indices (called by the Gather rule of ``shape.py``)."""
+def _axis_gather(qz, n, op: str) -> None:
+    """``op`` (take_rt / gather_el) of x at computed indices along the node's axis: x's QParams."""
     x, out = n.inputs[0], n.outputs[0]
     qx = qz.qp(x)
     axis = int(n.attrs.get("axis", 0)) % len(qz.fg.shape(x))
-    qz.emit("take_rt", [qz.iname(x), _int_index(qz, n.inputs[1])], out,
+    qz.emit(op, [qz.iname(x), _int_index(qz, n.inputs[1])], out,
             {"axis": axis, "dim": int(qz.fg.shape(x)[axis])}, qx.dtype, qz.fg.shape(out), qx, out, node_name=n.name)
+
+
+def take_rule(qz, n):
+    """Gather with computed indices (called by the Gather rule of ``shape.py``)."""
+    _axis_gather(qz, n, "take_rt")
 
 
 class _Gathered(IntOp):
@@ -105,6 +112,35 @@ class TakeOp(_Gathered):
     def examples(rng):
         return [Example([("int8", (5, 3)), ("int64", (4,))], {"axis": 0, "dim": 5}, "int8", ranges={1: (-5, 6)}),
                 Example([("uint8", (2, 6, 3)), ("int64", (2, 2))], {"axis": 1, "dim": 6}, "uint8", ranges={1: (-6, 5)})]
+
+
+@rule("GatherElements")
+def _gather_elements(qz, n):
+    _axis_gather(qz, n, "gather_el")
+
+
+@register
+class GatherElementsOp(_Gathered):
+    """y = take_along_axis(x, idx, axis) at run-time indices (``dim`` = x.shape[axis]).  Bound: the
+    codes move unchanged."""
+    name = "gather_el"
+    attrs = {"axis": "gathered axis (logical)", "dim": "x.shape[axis]"}
+
+    @staticmethod
+    def reference(x, idx, a):
+        return np.take_along_axis(x, _norm_idx(idx, a["dim"]), axis=a["axis"])
+
+    @staticmethod
+    def lower(lw, n, x, idx):
+        i = _norm_idx_expr(lw, idx, int(n.attrs["dim"]))
+        x = lw.logical(x)
+        return _out(lw, n, lw.emit(relax.op.gather_elements(x.expr, i, int(n.attrs["axis"]))), x.dtype)
+
+    @staticmethod
+    def examples(rng):
+        return [Example([("int8", (5, 3)), ("int64", (2, 3))], {"axis": 0, "dim": 5}, "int8", ranges={1: (-5, 6)}),
+                Example([("int16", (2, 6, 3)), ("int64", (2, 4, 3))], {"axis": 1, "dim": 6}, "int16",
+                        ranges={1: (-6, 5)})]
 
 
 def _gather_nd_check(g, n):
@@ -146,10 +182,13 @@ class GatherNDOp(_Gathered):
                 Example([("int16", (4, 7)), ("int64", (2, 3, 1))], {"dims": (4,)}, "int16", ranges={1: (-4, 5)})]
 
 
-def _scatter_check(g, n):
+def _reduction(n) -> str:
     red = n.attrs.get("reduction", "none")
-    red = red.decode() if isinstance(red, bytes) else str(red)
-    return None if red in REDUCTIONS else f"ScatterElements with reduction '{red}'"
+    return red.decode() if isinstance(red, bytes) else str(red)
+
+
+def _scatter_check(g, n):
+    return None if _reduction(n) in REDUCTIONS else f"{n.op} with reduction '{_reduction(n)}'"
 
 
 def _const_as(qz, name: str, qp) -> str:
@@ -161,15 +200,14 @@ def _const_as(qz, name: str, qp) -> str:
     return q
 
 
-@rule("ScatterElements", check=_scatter_check)
-def scatter_elements_rule(qz, n):
+@rule("ScatterElements", "ScatterND", check=_scatter_check)
+def scatter_rule(qz, n):
     from qcompiler.qtypes import activation_qparams
 
     d, idx, u = n.inputs[:3]
     out = n.outputs[0]
-    red = n.attrs.get("reduction", "none")
-    red = red.decode() if isinstance(red, bytes) else str(red)
-    axis = int(n.attrs.get("axis", 0)) % len(qz.fg.shape(d))
+    red = _reduction(n)
+    axis = int(n.attrs.get("axis", 0)) % len(qz.fg.shape(d)) if n.op == "ScatterElements" else None
     qy = qz.out_qparams(out)
     qd = qz.ig.qparams[qz.iname(d)] if d not in qz.fg.consts else None
     qu = qz.ig.qparams[qz.iname(u)] if u not in qz.fg.consts else None
@@ -182,33 +220,38 @@ def scatter_elements_rule(qz, n):
            _const_as(qz, u, qu) if u in qz.fg.consts else qz.iname(u)]
     dd, du = dyadic(np.asarray(qd.scale / qy.scale), f"node '{n.name}'"), dyadic(np.asarray(qu.scale / qy.scale),
                                                                                  f"node '{n.name}'")
-    qz.emit("scatter_el", ins, out, {"axis": axis, "reduction": red, "mult_d": dd.mult, "shift_d": dd.shift,
+    qz.emit("scatter", ins, out, {"axis": axis, "reduction": red, "mult_d": dd.mult, "shift_d": dd.shift,
                                      "mult_u": du.mult, "shift_u": du.shift, "lo": qy.qmin, "hi": qy.qmax,
                                      "dtype": qy.dtype}, qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)
 
 
-def _positions(idx: np.ndarray, axis: int, dim: int) -> tuple:
-    """Index arrays of the positions ScatterElements writes: idx along ``axis``, the update's own
-    coordinates on the other axes."""
-    i = _norm_idx(idx, dim)
+def _positions(idx: np.ndarray, axis: int | None, shape) -> tuple:
+    """Index arrays of the positions a scatter writes: ScatterElements (``axis``): idx along it, the
+    update's own coordinates on the other axes; ScatterND (``axis`` None): the rows of idx address
+    the leading dims (an update's trailing dims follow through numpy's indexing)."""
+    if axis is None:
+        i = _norm_idx(idx, shape[:idx.shape[-1]])
+        return tuple(i[..., t] for t in range(i.shape[-1]))
+    i = _norm_idx(idx, shape[axis])
     grid = list(np.indices(i.shape, sparse=False))
     grid[axis] = i
     return tuple(grid)
 
 
 @register
-class ScatterElementsOp(IntOp):
-    """ScatterElements with a reduction (module docstring).  Bound: ``add`` sums at most
-    u.shape[axis] codes into an int32 accumulator; each requantization product below 2^63."""
-    name = "scatter_el"
-    attrs = {"axis": "scattered axis (logical)", "reduction": "none | add | max | min",
+class ScatterOp(IntOp):
+    """ScatterElements / ScatterND with a reduction (module docstring).  Bound: ``add`` sums at most
+    (ScatterElements: u.shape[axis]; ScatterND: the rows of idx) codes into an int32 accumulator;
+    each requantization product below 2^63."""
+    name = "scatter"
+    attrs = {"axis": "ScatterElements' scattered axis (logical); None: ScatterND", "reduction": "none | add | max | min",
              "mult_d": "multiplier S_d / S_y", "shift_d": "its shift", "mult_u": "multiplier S_u / S_y",
              "shift_u": "its shift", "lo": "clamp minimum", "hi": "clamp maximum", "dtype": "output dtype"}
 
     @staticmethod
     def reference(d, idx, u, a):
-        ax, red = int(a["axis"]), a["reduction"]
-        pos = _positions(idx, ax, d.shape[ax])
+        red = a["reduction"]
+        pos = _positions(idx, a["axis"], d.shape)
         rd = requant_ref(d, a["mult_d"], a["shift_d"])
         if red == "add":
             acc = np.zeros(d.shape, np.int64)
@@ -218,8 +261,7 @@ class ScatterElementsOp(IntOp):
             y = np.clip(rd, a["lo"], a["hi"])
             ru = np.clip(requant_ref(u, a["mult_u"], a["shift_u"]), a["lo"], a["hi"])
             if red == "none":
-                flat = np.ravel_multi_index(pos, d.shape).ravel()
-                y.ravel()[flat] = ru.ravel()   # in order: the last write to a position wins
+                y[pos] = ru   # in order: the last write to a position wins
             else:
                 (np.maximum if red == "max" else np.minimum).at(y, pos, ru)
         return np.clip(y, a["lo"], a["hi"]).astype(a["dtype"])
@@ -227,9 +269,19 @@ class ScatterElementsOp(IntOp):
     @staticmethod
     def lower(lw, n, d, idx, u):
         a = n.attrs
-        ax, red = int(a["axis"]), a["reduction"]
+        ax, red = a["axis"], a["reduction"]
         d, u = lw.logical(d), lw.logical(u)
-        i = _norm_idx_expr(lw, idx, int(d.shape[ax]))
+        if ax is None:  # ScatterND (ONNX's index layout, as Relax takes it)
+            k = int(lw.ig.shapes[n.inputs[1]][-1])
+            i = _norm_idx_expr(lw, idx, np.asarray(d.shape[:k], np.int64))
+
+            def scatter(data, upd, how):
+                return relax.op.scatter_nd(data, i, upd, how)
+        else:
+            i = _norm_idx_expr(lw, idx, int(d.shape[ax]))
+
+            def scatter(data, upd, how):
+                return relax.op.scatter_elements(data, i, upd, int(ax), how)
 
         def rq(v, m, s, lo=None, hi=None):
             t = lw.cast(v.expr if isinstance(v, Value) else v, "int64")
@@ -238,19 +290,21 @@ class ScatterElementsOp(IntOp):
 
         if red == "add":
             zeros = lw.emit(relax.op.zeros(relax.ShapeExpr(list(d.shape)), "int32"))
-            acc = lw.emit(relax.op.scatter_elements(zeros, i, lw.cast(u.expr, "int32"), ax, "add"))
+            acc = lw.emit(scatter(zeros, lw.cast(u.expr, "int32"), "add"))
             e = lw.emit(relax.op.add(rq(acc, a["mult_u"], a["shift_u"]), rq(d, a["mult_d"], a["shift_d"])))
             e = lw.cast(lw.emit(relax.op.clip(e, int(a["lo"]), int(a["hi"]))), a["dtype"])
         else:
             dy = lw.cast(rq(d, a["mult_d"], a["shift_d"], a["lo"], a["hi"]), a["dtype"])
             uy = lw.cast(rq(u, a["mult_u"], a["shift_u"], a["lo"], a["hi"]), a["dtype"])
-            e = lw.emit(relax.op.scatter_elements(dy, i, uy, ax, "update" if red == "none" else red))
+            e = lw.emit(scatter(dy, uy, "update" if red == "none" else red))
         return _out(lw, n, e, a["dtype"])
 
     @staticmethod
     def bound(ctx, n, d, idx, u):
         a = n.attrs
-        count = int(ctx.shapes[n.inputs[2]][int(a["axis"])]) if a["reduction"] == "add" else 1
+        ishape = ctx.shapes[n.inputs[1]]
+        count = 1 if a["reduction"] != "add" else \
+            int(np.prod(ishape[:-1])) if a["axis"] is None else int(ctx.shapes[n.inputs[2]][int(a["axis"])])
         if count * mag(u) > I32:
             ctx.fail(n, "the int32 sum of the scattered codes", count * mag(u), I32)
         for v, m, what in ((count * mag(u), a["mult_u"], "updates"), (mag(d), a["mult_d"], "data")):
@@ -267,7 +321,11 @@ class ScatterElementsOp(IntOp):
         return [Example([("int8", (4, 5)), ("int64", (6, 5)), ("int8", (6, 5))], {**base, "axis": 0, "reduction": r},
                         "int8", ranges={1: (-4, 3)}) for r in REDUCTIONS] + \
                [Example([("int8", (3, 6)), ("int64", (3, 2)), ("int8", (3, 2))], {**base, "axis": 1, "reduction": "add"},
-                        "int8", ranges={1: (0, 5)})]
+                        "int8", ranges={1: (0, 5)})] + \
+               [Example([("int8", (5, 3, 4)), ("int64", (4, 2)), ("int8", (4, 4))], {**base, "axis": None, "reduction": r},
+                        "int8", ranges={1: (-3, 3)}) for r in ("none", "add")] + \
+               [Example([("int8", (6, 4)), ("int64", (3, 1)), ("int8", (3, 4))], {**base, "axis": None, "reduction": "max"},
+                        "int8", ranges={1: (-6, 5)})]
 
 
 # ---- float semantics (qcompiler/float_reference.py), indices normalised as the integer ops do ------
@@ -283,6 +341,12 @@ def _gather_f(x, n):
     return np.take(_f(x[0]), _norm_idx(np.asarray(x[1]), np.shape(x[0])[axis]), axis=axis)
 
 
+@float_ref("GatherElements")
+def _gather_elements_f(x, n):
+    axis = int(n.attrs.get("axis", 0)) % np.ndim(x[0])
+    return np.take_along_axis(_f(x[0]), _norm_idx(np.asarray(x[1]), np.shape(x[0])[axis]), axis=axis)
+
+
 @float_ref("GatherND")
 def _gather_nd_f(x, n):
     d, idx = _f(x[0]), np.asarray(x[1])
@@ -290,15 +354,14 @@ def _gather_nd_f(x, n):
     return d[tuple(i[..., j] for j in range(i.shape[-1]))]
 
 
-@float_ref("ScatterElements")
+@float_ref("ScatterElements", "ScatterND")
 def _scatter_f(x, n):
     d, idx, u = _f(x[0]).copy(), np.asarray(x[1]), _f(x[2])
-    axis = int(n.attrs.get("axis", 0)) % d.ndim
-    red = n.attrs.get("reduction", "none")
-    red = red.decode() if isinstance(red, bytes) else str(red)
-    pos = _positions(idx, axis, d.shape[axis])
+    axis = int(n.attrs.get("axis", 0)) % d.ndim if n.op == "ScatterElements" else None
+    red = _reduction(n)
+    pos = _positions(idx, axis, d.shape)
     if red == "none":
-        d.ravel()[np.ravel_multi_index(pos, d.shape).ravel()] = u.ravel()
+        d[pos] = u
     else:
         {"add": np.add, "max": np.maximum, "min": np.minimum}[red].at(d, pos, u)
     return d
