@@ -143,7 +143,10 @@ def tuning_sample(rec: dict, func_cache: dict | None = None) -> dict | None:
         w = Workload.from_fields(rec["workload"])
         cfg = w.config_from_dict(rec["config"])
         func = w.make_func(cfg)
-    except Exception:  # noqa: BLE001 - a config this generator version rejects
+    except Exception as e:  # noqa: BLE001 - a config this generator version rejects
+        from qcompiler.interrupt_guard import reraise_if_signalled
+
+        reraise_if_signalled(e)
         return None
     try:  # the config the compiler ships today without a record (the record's flag: at its time)
         is_default = config_key(normalize_config(w, cfg)) == config_key(normalize_config(w, w.default_config()))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import progress
 from .errors import InputError, QCError, internal
+from .interrupt_guard import SIGNALLED as _SIGNALLED  # the signals received while a command runs
 
 
 
@@ -397,9 +398,6 @@ def _error_line(cmd: str, e: QCError) -> str:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so the same cleanup runs (exit 143)."""
-
-
-_SIGNALLED: list[int] = []  # the signals received while a command ran
 
 
 def _on_signal(signum, frame):

@@ -24,6 +24,16 @@ import time
 GRACE_S = 8.0
 _paths: set[str] = set()
 _lock = threading.Lock()
+SIGNALLED: list[int] = []
+"""The signals received while a command runs (``qcompiler/cli.py`` appends and clears it)."""
+
+
+def reraise_if_signalled(e: BaseException) -> None:
+    """Raise the interruption behind ``e`` if a signal was received: a KeyboardInterrupt raised inside
+    a TVM call comes back as that call's RuntimeError, which a loop that skips a failing item (a
+    tuning record whose config no longer builds) would otherwise swallow and go on."""
+    if SIGNALLED:
+        raise KeyboardInterrupt() from e
 
 
 def register(path) -> None:
