@@ -217,6 +217,15 @@ class Quantizer:
                                     "operand where an activation is expected?)")
         return self.int_name[float_name]
 
+    def quantized_const(self, name: str, qp: QParams) -> str:
+        """Float constant ``name`` of the float graph as an integer constant at ``qp``
+        (clip(round(c / S))): a class token, a constant initial state, a scatter's zero tensor."""
+        c = np.clip(np.round(np.asarray(self.fg.consts[name], np.float64) / qp.scale), qp.qmin, qp.qmax)
+        q = self.fresh(f"{name}/q")
+        self.ig.add_const(q, c.astype(qp.dtype))
+        self.ig.qparams[q] = qp
+        return q
+
     def fresh(self, base: str) -> str:
         name, k = base, 0
         while name in self.ig.shapes:

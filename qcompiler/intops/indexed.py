@@ -191,15 +191,6 @@ def _scatter_check(g, n):
     return None if _reduction(n) in REDUCTIONS else f"{n.op} with reduction '{_reduction(n)}'"
 
 
-def _const_as(qz, name: str, qp) -> str:
-    """A float constant operand quantized at ``qp`` (a zero initial tensor, ones to count with)."""
-    c = np.clip(np.round(np.asarray(qz.fg.consts[name], np.float64) / qp.scale), qp.qmin, qp.qmax)
-    q = qz.fresh(f"{name}/q")
-    qz.ig.add_const(q, c.astype(qp.dtype))
-    qz.ig.qparams[q] = qp
-    return q
-
-
 @rule("ScatterElements", "ScatterND", check=_scatter_check)
 def scatter_rule(qz, n):
     from qcompiler.qtypes import activation_qparams
@@ -216,8 +207,8 @@ def scatter_rule(qz, n):
         amax = float(np.max(np.abs(v))) or 1.0
         qu = activation_qparams(-amax, amax, False, 8)
     qd = qd or qy
-    ins = [_const_as(qz, d, qd) if d in qz.fg.consts else qz.iname(d), _int_index(qz, idx),
-           _const_as(qz, u, qu) if u in qz.fg.consts else qz.iname(u)]
+    ins = [qz.quantized_const(d, qd) if d in qz.fg.consts else qz.iname(d), _int_index(qz, idx),
+           qz.quantized_const(u, qu) if u in qz.fg.consts else qz.iname(u)]
     dd, du = dyadic(np.asarray(qd.scale / qy.scale), f"node '{n.name}'"), dyadic(np.asarray(qu.scale / qy.scale),
                                                                                  f"node '{n.name}'")
     qz.emit("scatter", ins, out, {"axis": axis, "reduction": red, "mult_d": dd.mult, "shift_d": dd.shift,

@@ -174,11 +174,7 @@ def scan_rule(qz, n):
     for k, t in enumerate(n.inputs):
         want = body.qparams[body.inputs[k]]
         if t in qz.fg.consts:  # a constant initial state (zeros when the model gives none)
-            c = np.clip(np.round(qz.fg.consts[t].astype(np.float64) / want.scale), want.qmin, want.qmax)
-            name = qz.fresh(f"{t}/q")
-            qz.ig.add_const(name, c.astype(want.dtype))
-            qz.ig.qparams[name] = want
-            ins.append(name)
+            ins.append(qz.quantized_const(t, want))
             continue
         src = qz.iname(t)
         if qz.ig.qparams.get(src) != want:

@@ -84,11 +84,7 @@ def concat(qz, n):
     if consts:  # constant pieces (a class token): quantized at the output's calibrated scale
         qy = qz.out_qparams(out)
         for c in consts:
-            q = np.clip(np.round(qz.fg.consts[c].astype(np.float64) / qy.scale), qy.qmin, qy.qmax).astype(qy.dtype)
-            name = qz.fresh(c + "/q")
-            qz.ig.add_const(name, q)
-            qz.ig.qparams[name] = qy
-            qz.int_name[c] = name
+            qz.int_name[c] = qz.quantized_const(c, qy)
     qps = [qz.qp(i) for i in ins]
     if all(q == qps[0] for q in qps):
         qy = qps[0]
