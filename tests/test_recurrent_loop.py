@@ -88,6 +88,9 @@ def test_symbolic_time_bit_exact_at_every_length(tmp_path, case):
                  "--shape", spec]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["symbolic_dims"]["T"]["max"] == MAX_T and not meta.get("fixed_dims") and meta["integer_only"]
+    # every direction runs as one kernel (qcompiler/lowering/loop_kernel.py), not as VM recursion
+    loops = meta["kernels"]["loops"]
+    assert loops["kernel"] and not loops["recursion"], loops
     lib = qcompiler.load(str(out))
     feeds = [_feeds(m, T, rng) for T in (1, 2, 7, 23, MAX_T)]   # length 1, a prime, the range's end
     against_reference(tmp_path / "m.onnx", calib, lib, feeds, [spec])
@@ -109,6 +112,29 @@ def test_default_dims_keep_a_recurrences_time_symbolic(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["symbolic_dims"]["T"]["max"] == AUTO_MAX
     assert qcompiler.load(str(out))(x=np.zeros((AUTO_MAX, 1, 5), np.float32))["out"].shape == (AUTO_MAX, 1, 1, 4)
+
+
+def test_loop_kernel_equals_the_vm_recursion(tmp_path, monkeypatch):
+    """The steps folded into one kernel per direction (qcompiler/lowering/loop_kernel.py) compute
+    what the Relax recursion over the steps computes (qcompiler/lowering/relax_loop.py; the path a
+    step that does not fold keeps; QC_LOOP_KERNEL=0 forces it), bit for bit at every length."""
+    m = _model(**CASES["lstm-bi-init"])
+    onnx.save(m, tmp_path / "m.onnx")
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "c.npz", **_feeds(m, 8, rng, n=4))
+    libs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QC_LOOP_KERNEL", flag)
+        out = tmp_path / f"m{flag}.so"
+        assert main(["-q", "compile", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "c.npz"),
+                     "--shape", f"x=1..{MAX_T}x1x5"]) == 0
+        loops = json.loads(out.with_suffix(".json").read_text())["kernels"]["loops"]
+        assert bool(loops["kernel"]) == (flag == "1") and bool(loops["recursion"]) == (flag == "0"), loops
+        libs[flag] = qcompiler.load(str(out))
+    for T in (1, 2, 31, MAX_T):
+        f = _feeds(m, T, rng)
+        a, b = libs["1"](f), libs["0"](f)
+        assert all(np.array_equal(a[k], b[k]) for k in a), T
 
 
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])

@@ -28,6 +28,7 @@ function calls, so the metadata names the node, op and kernels of every island.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import tvm
@@ -38,6 +39,7 @@ from qcompiler.graph import Graph
 from qcompiler.tir_scan import ScanReport, describe_float_functions, scan_tir
 
 from .gemm import gemm_for
+from .loop_kernel import fuse_loop_kernels
 from .relax_lower import Lowering
 
 
@@ -53,6 +55,7 @@ class BuildResult:
     float_islands: list[str] = field(default_factory=list)  # float kernels between the boundaries
     scan: ScanReport | None = None    # the integer-only proof over ``tir``
     island_kernels: dict = field(default_factory=dict)  # float-island node -> the kernels it calls
+    loops: dict = field(default_factory=dict)  # recurrences: {"kernel": [...], "recursion": [...]} (loop_kernel.py)
 
 
 def _island_kernels(m: tvm.IRModule, funcs: dict[str, str]) -> dict[str, list[str]]:
@@ -172,7 +175,14 @@ def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bo
             legalize = [p for p in stages.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
             m = tvm.transform.Sequential(stages.library_dispatch_passes(target) + legalize)(mod)
             m = sched(m)
+            if target.kind.name == "llvm" and os.environ.get("QC_LOOP_KERNEL", "1") != "0":
+                # recurrences: one kernel per loop instead of the VM's recursion over the steps (a
+                # GPU kernel cannot launch the step's kernels from a loop: the recursion stays)
+                m = fuse_loop_kernels(m)
         tir = tvm.IRModule({gv: f for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
+        names = [gv.name_hint for gv in m.get_global_vars()]
+        loops = {"kernel": sorted(x for x in names if x.startswith("rec_loop_")),
+                 "recursion": sorted(x for x in names if x.startswith("rec_run_"))}
         report = check_integer_only(tir, allow_float)
         islands = list(report.float_islands)
         island_kernels = _island_kernels(m, island_funcs)
@@ -193,4 +203,5 @@ def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bo
 
         ex = tvm.compile(m, target, relax_pipeline=finish)
     return BuildResult(ex, tir, mod, list(getattr(gemm, "fallbacks", [])), warnings,
-                       gemm.name, dict(getattr(gemm, "kernels", {})), islands, report, island_kernels)
+                       gemm.name, dict(getattr(gemm, "kernels", {})), islands, report, island_kernels,
+                       loops if any(loops.values()) else {})

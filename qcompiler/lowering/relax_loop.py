@@ -200,7 +200,9 @@ def _build_loop(lw, n, k: int):
         other = relax.SeqExpr([bb._end_block()], inner)
         out = bb.emit(relax.If(leaf, one, other))
         full = bb.emit_func_output(out)
-    bb.update_func(run, bb.get()[full])
+    # what qcompiler/lowering/loop_kernel.py needs to fold the steps into one kernel
+    fn = bb.get()[full].with_attrs({"qc.loop": k, "qc.loop_step": step.name_hint, "qc.loop_reverse": int(reverse)})
+    bb.update_func(run, fn)
     return run, size, zeros
 
 
