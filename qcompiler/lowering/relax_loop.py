@@ -17,7 +17,9 @@ the steps are split in halves instead: depth about log2(T / LOOP_BLOCKS[0]) + 4.
 X and Y travel as [T, features] (reshapes are views); X[t] is read by a small copy kernel, y is
 written into row t of Y by ``call_tir_inplace``.  What a step costs beyond its kernels is the VM's
 work: ~280 packed calls per step of ar-romanizer-enc's GRU (allocations of the step's
-intermediates on every call, argument checks) around ~20 kernels (docs/design.md §6).
+intermediates on every call, argument checks) around ~20 kernels (docs/design.md §6).  So on CPUs,
+after scheduling, ``qcompiler/lowering/loop_kernel.py`` replaces the call of ``rec_run_k`` by one
+kernel running every step wherever the step folds; this recursion is what remains for the others.
 """
 
 from __future__ import annotations
