@@ -178,7 +178,11 @@ def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bo
             if target.kind.name == "llvm" and os.environ.get("QC_LOOP_KERNEL", "1") != "0":
                 # recurrences: one kernel per loop instead of the VM's recursion over the steps (a
                 # GPU kernel cannot launch the step's kernels from a loop: the recursion stays)
-                m = fuse_loop_kernels(m)
+                try:
+                    m = fuse_loop_kernels(m)
+                except Exception as e:  # noqa: BLE001 -- the recursion is correct, only slower
+                    warnings.append(f"recurrences left as VM recursion (one kernel per loop failed: "
+                                    f"{str(e).splitlines()[0][:160]})")
         tir = tvm.IRModule({gv: f for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
         names = [gv.name_hint for gv in m.get_global_vars()]
         loops = {"kernel": sorted(x for x in names if x.startswith("rec_loop_")),

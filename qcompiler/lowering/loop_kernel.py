@@ -19,9 +19,12 @@ case: the integer ops of an LSTM / GRU / RNN cell) is folded into one PrimFunc `
           so_j = the step's new state j;  ys[row] = the step's output
 
 and the call of ``rec_run_k(0, T, xs, s0..., ys0)`` in the caller becomes one ``call_tir`` of it
-with the same results (the final states and Y).  The kernels' bodies are taken as scheduled
-(``PrimFunc.specialize`` binds their buffer parameters), so the arithmetic, and hence every bit of
-the output, is the step's own; the recursion functions become dead and are dropped.  A step that
+with the same results (the final states and Y).  The kernels' bodies are taken as scheduled: each
+kernel's own parameter buffers are declared (``DeclBuffer``) as views of the loop's buffers and its
+symbolic dims bound (``Bind``) to theirs (``_bind_param``; ``PrimFunc.specialize`` of TVM 0.27
+leaves the body's buffers as they were), so the arithmetic, and hence every bit of the output, is
+the step's own; ``ConvertSSA`` renames what a kernel used twice defines twice; the recursion
+functions become dead and are dropped.  A step that
 is anything else (a Relax op left unlowered, a kernel with several outputs or symbolic
 arguments) keeps the recursion.
 """
@@ -33,6 +36,10 @@ from tvm import relax, tirx
 from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+class _Unsupported(Exception):
+    """The step does not fold into one kernel (the recursion stays)."""
 
 
 def _shape(ty) -> list | None:
@@ -79,10 +86,6 @@ def _bind_param(p: tirx.Buffer, b: tirx.Buffer, bound: dict) -> list:
     bind(p.elem_offset, tirx.const(0, "int64"))
     out.append(tirx.DeclBuffer(p, data=tirx.buffer_data(b)))
     return out
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _step_program(step: relax.Function):
