@@ -4,6 +4,7 @@ Pipeline (TVM's own Relax passes where they fit, docs/design.md §5):
   LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
   -> default schedules for every PrimFunc our kernels did not schedule (CPU: parallel +
      vectorized loops; CUDA: dlight rules)
+  -> on CPUs, each recurrence's steps folded into one kernel (``loop_kernel.py``)
   -> the integer-only proof (``tir_scan.scan_tir`` on the scheduled TIR)
   -> TVM's dataflow lowering and finalization passes -> tvm.compile.
 The scheduled TIR is kept (``BuildResult.tir``) so ``qc inspect`` can scan it for float ops and
