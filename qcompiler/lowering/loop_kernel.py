@@ -104,9 +104,7 @@ def _step_program(step: relax.Function):
                 if len(v.args) > 2 or len(v.ty_args) != 1 or not isinstance(v.ty_args[0], relax.TensorType):
                     raise _Unsupported("call_tir form")
                 calls.append((v.args[0], list(v.args[1].fields), b.var))
-            elif isinstance(v, relax.Tuple):
-                alias[b.var] = v
-            elif isinstance(v, relax.Var):
+            elif isinstance(v, (relax.Tuple, relax.Var)):
                 alias[b.var] = v
             else:
                 raise _Unsupported(type(v).__name__)
@@ -132,7 +130,7 @@ def build_loop_primfunc(mod: tvm.IRModule, step: relax.Function, reverse: bool):
         raise _Unsupported("outputs")
     x_p = params[ns]
     fx = _shape(x_p.ty)
-    fy = _shape(outs[ns].ty) if isinstance(outs[ns], relax.Expr) else None
+    fy = _shape(outs[ns].ty)
     if fx is None or fy is None or len(fx) != 1 or len(fy) != 1:
         raise _Unsupported("x / y shape")
     dx, dy = x_p.ty.dtype, outs[ns].ty.dtype
@@ -187,7 +185,7 @@ def build_loop_primfunc(mod: tvm.IRModule, step: relax.Function, reverse: bool):
     t = tirx.Var("t", "int64")
     row = (n - tirx.const(1, "int64") - t) if reverse else t
     stmts = [_copy(xt, [], xs, [row], fx, "ix")]
-    for i, (gv, args, v) in enumerate(calls):
+    for gv, args, v in calls:
         f = mod[gv]
         if not isinstance(f, tirx.PrimFunc) or len(f.params) != len(args) + 1:
             raise _Unsupported("kernel")
@@ -240,7 +238,7 @@ def fuse_loop_kernels(mod: tvm.IRModule) -> tvm.IRModule:
             if isinstance(call.op, tvm.ir.GlobalVar) and call.op in new_gvs:
                 lo = call.args[0]
                 if isinstance(lo, tvm.ir.expr.Constant) and int(lo.value.numpy()) == 0:
-                    func, consts, _k = loops[call.op]
+                    consts = loops[call.op][1]
                     ns = len(call.args) - 4
                     xs, states, ys = call.args[2], list(call.args[3:3 + ns]), call.args[3 + ns]
                     outs = [s.ty for s in states] + [ys.ty]
