@@ -25,6 +25,14 @@ take 16 bits where their output feeds such a layer), so the whole chain from the
 that reads it stays 16-bit.  Explicit plan entries (``--precision mixed``, ``--pin``) are kept as
 they are.
 
+A layer of at most ``SMALL_MACS`` multiply-adds and ``SMALL_SHARE`` of the model's (a classifier's
+head after its pooling: 256 x 128) takes W8A16 whatever its noise: it costs nothing that shows, and
+the head is where the output is made.  Its 16-bit input, and the 16-bit tensors past the last GEMM (the logits before their softmax),
+also get range headroom when they are small (``passes/quantize.py`` ``SMALL_HEADROOM``): a few
+calibration samples bound a head poorly, and a held-out sample past the calibrated maximum
+saturated (orinet: one page's head activations clipped, its logits off by 100%; logit cosine min
+0.75 -> 0.998 on 8 held-out pages, vcb-captcha 0.72 -> 0.91, madmom-key-cnn 0.96 -> 0.98).
+
 The thresholds trade speed for fidelity (output cosine vs FP32 on eval inputs): ppocrv3-rec 0.37 with
 no 16-bit layer, 0.985 with its 6 depthwise convs above 10%, 0.995 with the 13 above 1%; layout-cdla's
 8 outputs 0.19..0.91 -> 0.73..0.98 at 10% -> 0.976..0.997 at 1%.  A GEMM at 1% would take minilm-l3's
@@ -40,6 +48,9 @@ from qcompiler.calibrate import clip_range
 from qcompiler.graph import Graph
 
 REL_NOISE = 0.1
+SMALL_MACS = 1 << 18  # multiply-adds up to which a Conv / Dense layer takes 16-bit inputs whatever its noise,
+SMALL_SHARE = 0.01    # ... when it is at most this share of the model's Conv / Dense multiply-adds (a head)
+SMALL_INPUT = 4096    # elements of a "small" tensor (``small_tensor``: a 16-bit one gets range headroom)
 LOG_FACTOR = 0.1      # layers a log reads (feeds_log): threshold REL_NOISE * LOG_FACTOR on the worst channel
 DIRECT_FACTOR = 0.1   # depthwise / grouped convs: threshold REL_NOISE * DIRECT_FACTOR (int16 costs little there)
 
@@ -194,8 +205,52 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
             if logd:   # a log's input: 20 dB on its worst channel, as cheap layers get (LOG_FACTOR)
                 r = r / LOG_FACTOR
             cand.append((n, st, r))
-    if not any(r > cfg.auto_wide for _, _, r in cand):
-        return ()  # no layer loses its small channels: the moderate ones cost more than they repair
-    return tuple((n.name, cfg.layer_bits(n.name)[0], 16) for n, st, r in cand
+    heads = head_layers(fg, cfg) if cfg.head_a16 else set()
+    small = [(n, st) for n, st, _r in cand if n.name in heads and _acc_fits(fg, n, st, cfg.layer_bits(n.name)[0])]
+    noisy = []
+    if any(r > cfg.auto_wide for _, _, r in cand):  # else no layer loses its small channels: the
+        noisy = [(n, st) for n, st, r in cand      # moderate ones cost more than they repair
                  if r > cfg.auto_wide * (DIRECT_FACTOR if _direct(fg, n) else 1.0)
-                 and _acc_fits(fg, n, st, cfg.layer_bits(n.name)[0]))
+                 and _acc_fits(fg, n, st, cfg.layer_bits(n.name)[0])]
+    names = {n.name for n, _ in noisy + small}
+    return tuple((n.name, cfg.layer_bits(n.name)[0], 16) for n in fg.nodes if n.name in names)
+
+
+def calib_shape(fg: Graph, cfg, t: str):
+    """The shape of tensor ``t`` at the calibration shapes: ``cfg.calib_shapes`` where the driver
+    recorded them (a trace at another size of a symbolic dim must take the decisions the calibration
+    shape took: ``qcompiler/symbolic.py`` fits the traces' constants), else ``t``'s shape in ``fg``;
+    None when unknown."""
+    shapes = cfg.calib_shapes if cfg is not None and cfg.calib_shapes is not None else fg.shapes
+    got = shapes.get(t)
+    return None if got is None else tuple(int(d) for d in got)
+
+
+def head_layers(fg: Graph, cfg=None) -> set[str]:
+    """The Dense layers of at most ``SMALL_MACS`` multiply-adds and ``SMALL_SHARE`` of the model's Conv
+    / Dense ones at the calibration shapes (a network's head after its pooling), except those whose
+    output a log reads.  (Convs stay out: a W8A16 conv over a symbolic image dim, or on a GPU, is
+    another kernel.)"""
+    macs = {n.name: _macs(fg, n, cfg) for n in fg.nodes if n.op in ("Conv", "Dense")}   # (the share: of both)
+    total = sum(v for v in macs.values() if v != float("inf"))
+    cons = fg.consumers()
+    # (not a layer whose output a log reads, a mel filterbank: its small inputs need the resolution)
+    return {n.name for n in fg.nodes if n.op == "Dense" and macs[n.name] <= min(SMALL_MACS, SMALL_SHARE * total)
+            and not feeds_log(fg, n.outputs[0], cons=cons)}
+
+
+def _macs(fg: Graph, n, cfg=None) -> float:
+    """Multiply-adds of Conv / Dense ``n`` at the calibration shapes (inf when unknown)."""
+    lw = _layer_weights(fg, n)
+    out = calib_shape(fg, cfg, n.outputs[0])
+    if lw is None or out is None:
+        return float("inf")
+    w, _groups = lw
+    return float(np.prod(out)) * w.shape[1] * w.shape[2]
+
+
+def small_tensor(fg: Graph, t: str, cfg=None) -> bool:
+    """Whether tensor ``t`` has at most ``SMALL_INPUT`` elements at the calibration shapes (a
+    classifier's pooled features, its logits, a detector head's few boxes)."""
+    shape = calib_shape(fg, cfg, t)
+    return shape is not None and int(np.prod(shape)) <= SMALL_INPUT

@@ -36,6 +36,7 @@ from qcompiler.intops.intdata import int_data_rule, is_int_data
 from qcompiler.intops import island as _island
 from qcompiler.qtypes import QParams, activation_qparams, int_range
 
+from .auto_wide import calib_shape, head_layers, small_tensor
 from .shared_steps import role
 
 
@@ -69,6 +70,13 @@ class QuantConfig:
     auto_wide: float = 0.1
     # int16 gates, gate pre-activations and cell states inside unrolled recurrences (RECURRENT_WIDE)
     recurrent_wide: bool = True
+    # the target has W8A16 GEMM kernels (qcompiler/kernels/backends takes_a16): a network's head takes
+    # 16-bit inputs whatever its noise (passes/auto_wide.py head_layers) only then
+    head_a16: bool = True
+    # tensor -> shape at the calibration shapes (qcompiler/driver.py prepare): the size-dependent
+    # choices (a network's head, small tensors: passes/auto_wide.py calib_shape) are taken at these
+    # shapes in every trace of a symbolic dim; None: the graph's own shapes
+    calib_shapes: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "mse"):
@@ -107,6 +115,13 @@ class QuantConfig:
         return self.hessians.get(name)
 
 
+SMALL_HEADROOM = 4.0
+"""Range factor of a 16-bit tensor of at most ``passes.auto_wide.SMALL_INPUT`` elements per sample (a
+classifier's head, its logits): a few calibration samples bound such a tensor poorly (orinet: a
+held-out page's head activations past the calibrated maximum, saturated, its logits off by 100%),
+and 16 bits keep 14 of their bits for the calibrated range at 4x.  Not inside a recurrence's step
+(``passes/shared_steps.py`` ``role``): its gates and states are bounded and round the loop at the
+state's resolution (a headroom there cost madmom-beats-blstm fidelity)."""
 # ops whose integer forms take 16-bit inputs as cheaply as 8-bit ones (int64 arithmetic inside)
 WIDE_CONSUMERS = {"Affine", "Add", "Sub", "Mul", "Where", "Log", "LayerNorm", "LayerNormalization", "Gelu", "MaskAdd", "Softmax", "Div",
                   "ReduceSum", "ReduceMean"}
@@ -198,6 +213,8 @@ class Quantizer:
         self.ig = Graph(nodes=[], inputs=list(fg.inputs), outputs=[], shapes={}, dtypes={}, name=fg.name)
         self.int_name: dict[str, str] = {}   # float tensor -> integer tensor
         self.consumers = fg.consumers()
+        self._tail: set[str] | None = None   # tensors past the last GEMM (``_tail_tensors``)
+        self._heads: set[str] = set()         # the head layers (passes/auto_wide.py head_layers)
         # Affine output -> (its input, scale, offset, act) where the Affine is folded into the
         # per-channel tables of its consumers (qcompiler/intops/tables.py)
         self.folded_affine: dict[str, tuple] = {}
@@ -247,6 +264,8 @@ class Quantizer:
         b = bits or self.cfg.bits
         # 16 bits have the resolution to keep the whole range: clipping only cuts real outliers
         lo, hi = clip_range(st, nn, "minmax" if b >= 16 else self.cfg.method, self.cfg.percentile, b)
+        if b >= 16 and role(float_name) is None and self._head_tensor(float_name):
+            lo, hi = lo * SMALL_HEADROOM, hi * SMALL_HEADROOM  # (SMALL_HEADROOM)
         return activation_qparams(lo, hi, nn, bits or self.cfg.bits)
 
     def wide_ok(self, float_name: str) -> bool:
@@ -312,6 +331,31 @@ class Quantizer:
             t, seen = users[0].outputs[0], seen + 1
         return len(self.consumers.get(t, [])) == 0
 
+    def _head_tensor(self, t: str) -> bool:
+        """Whether ``t`` is a small tensor of a network's head (``SMALL_HEADROOM``): at most
+        ``SMALL_INPUT`` elements, and read by a head layer (``_feeds_head``) or past the
+        last GEMM on the way to an output (a classifier's pooled features and hidden layer, its logits before and
+        after a softmax / sigmoid), where a held-out sample's values most often leave the range a
+        few calibration samples saw."""
+        if not self.cfg.auto_wide or not small_tensor(self.fg, t, self.cfg):
+            return False   # (part of the automatic widening: off with it, and in a loop's body)
+        if self._tail is None:
+            self._tail = _tail_tensors(self.fg)
+            self._heads = head_layers(self.fg, self.cfg) if self.cfg.head_a16 else set()
+        return t in self._tail or self._feeds_head(t)
+
+    def _feeds_head(self, t: str, depth: int = 0) -> bool:
+        """Whether ``t`` is the input of a head layer (``passes/auto_wide.py`` ``head_layers``), or
+        reaches one through ops of one activation input (reshapes, an Affine, an activation; at most
+        4).  (Not the 16-bit input of a layer widened for its noise: that one needs the resolution.)"""
+        for u in self.consumers.get(t, []):
+            if u.op in ("Conv", "Dense") and u.inputs[0] == t and u.name in self._heads:
+                return True
+            acts = [i for i in u.inputs if i not in self.fg.consts]
+            if depth < 4 and u.op not in ("Conv", "Dense", "MatMul") and acts == [t] and self._feeds_head(u.outputs[0], depth + 1):
+                return True
+        return False
+
     def _small_table(self, u: Node) -> bool:
         """Whether ``u`` is a unary table of a small tensor: at most ``SMALL_TABLE_INPUT`` elements per
         sample (a short audio frame's power spectrum, a per-channel variance).  Such inputs are
@@ -322,7 +366,7 @@ class Quantizer:
 
         if RULES.get(u.op) is not unary_lut or any(i in self.fg.consts for i in u.inputs[:1]):
             return False
-        shape = self.fg.shapes.get(u.inputs[0])
+        shape = calib_shape(self.fg, self.cfg, u.inputs[0])
         return shape is not None and int(np.prod(shape[1:] if len(shape) > 1 else shape)) <= SMALL_TABLE_INPUT
 
     def clamp(self, qp: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
@@ -390,6 +434,31 @@ class Quantizer:
                 self.emit("dequantize", [src], o, {"scale": np.float32(qp.scale)}, "float32", ig.shapes[src])
             ig.outputs.append(o)
         return ig
+
+
+# ops a network's output passes through after its last GEMM whose inputs take range headroom
+# (``_tail_tensors``): bounded or order-keeping maps and data movement -- not a Log / Sqrt / Div,
+# whose small inputs need the resolution (a log-power spectrum)
+TAIL_OPS = {"Softmax", "LogSoftmax", "Sigmoid", "Relu", "Clip", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+            "Transpose", "Identity", "Concat", "Split", "Slice"}
+
+
+def _tail_tensors(fg: Graph) -> set[str]:
+    """The graph outputs made by a GEMM or ``TAIL_OPS`` and the tensors they are made from after the
+    last GEMM through ``TAIL_OPS`` only (a classifier's logits before its softmax, a reshape of them)."""
+    prod = {o: n for n in fg.nodes for o in n.outputs}
+    seen: set[str] = set()
+    # (an output a Log / Sqrt / table makes keeps its range: its table's steps are set by it)
+    stack = [o for o in fg.outputs if o not in prod or prod[o].op in TAIL_OPS | {"Conv", "Dense"}]
+    while stack:
+        t = stack.pop()
+        if t in seen or t in fg.consts:
+            continue
+        seen.add(t)
+        n = prod.get(t)
+        if n is not None and n.op in TAIL_OPS:
+            stack.extend(n.inputs)
+    return seen
 
 
 def verify_scales(ig: Graph, rtol: float = 1e-9) -> None:

@@ -206,17 +206,24 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     with stage("smooth"):
         fg, stats = smooth(fg, stats, opts.smooth, hess.store if hess else None)
     t["calibrate"] = time.perf_counter() - t1
+    from .kernels.backends import takes_a16
+
     cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu,
+                      head_a16=takes_a16(opts.target.kind),
                       allow_float=opts.allow_float, rounding=rounding, hessians=hess.store if hess else None)
     with stage("sign analysis"):
         nonneg = nonnegative(fg)
     plan_report = None
+    if opts.precision != "int8":  # the plan (the ILP's choice among W4A8 / W8A8 / W8A16) sets every
+        cfg = dataclasses.replace(cfg, head_a16=False)  # layer's bits: no head is widened past it
     state = QuantState(fr, fg, stats, nonneg, cfg, data)
     if opts.precision != "int8" or (opts.mixed and opts.mixed.pins):
         from .mixed.plan import make_plan
 
         with stage("mixed precision"):
             cfg, plan_report = make_plan(fr, fg, stats, nonneg, cfg, data, opts, model_path)
+    # the size-dependent choices of every trace are those of the calibration shapes (_retrace)
+    cfg = dataclasses.replace(cfg, calib_shapes=dict(fg.shapes))
     with stage("quantize"):
         ig = quantize(fg, stats, nonneg, cfg, fr.model)
     if plan_report:

@@ -118,3 +118,45 @@ def test_a_log_power_front_end_gets_16_bits_and_stays_bit_exact():
     c_off = cosine(reference.execute(off, test)["y"], want)
     c_on = cosine(reference.execute(ig, test)["y"], want)
     assert c_on > c_off, (c_off, c_on)
+
+
+def _head_model():
+    """A small CNN classifier: two convs, global pooling, a 2-layer Dense head (its 512 + 64
+    multiply-adds far under 1% of the model's)."""
+    rng = np.random.default_rng(11)
+    inits = [tensor("W1", (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)),
+             tensor("W2", (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)),
+             tensor("G1", (rng.standard_normal((32, 16)) * 0.5).astype(np.float32)),
+             tensor("G2", (rng.standard_normal((16, 4)) * 0.5).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "G1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "G2"], ["logits"])]
+    return make_model(nodes, [("x", [1, 3, 32, 32])], [("logits", None)], inits)
+
+
+def test_a_classifier_head_gets_16_bits_and_headroom():
+    """passes/auto_wide.py SMALL_MACS / SMALL_SHARE: the head's Dense layers take 16-bit inputs; their
+    16-bit inputs and the logits get SMALL_HEADROOM (passes/quantize.py), so a held-out sample whose
+    head activations pass the calibrated maximum (here: an input 3x brighter than any calibration
+    sample) is not saturated; the convs of the body stay 8-bit; bit-exact throughout."""
+    import passes.quantize as Q
+
+    m = _head_model()
+    rng = np.random.default_rng(2)
+    calib = {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}
+    bright = {"x": 3.0 * np.abs(rng.standard_normal((1, 3, 32, 32))).astype(np.float32)}
+    prep, _tv, _ref = check_pipeline(m, calib, test=bright, min_cos=0.999)
+    ig = prep.int_graph
+    dense = [n for n in ig.nodes if n.op == "dense"]
+    convs = [n for n in ig.nodes if n.op == "conv"]
+    assert dense and all(ig.dtypes[n.inputs[0]] == "int16" for n in dense)
+    assert convs and all(ig.dtypes[n.inputs[0]] in ("int8", "uint8") for n in convs)
+    calibrated = max(abs(prep.state.stats["logits"].lo), abs(prep.state.stats["logits"].hi))
+    qp = ig.qparams["logits"]
+    assert qp.dtype == "int16" and qp.scale * 32767 >= 0.99 * Q.SMALL_HEADROOM * calibrated

@@ -423,6 +423,17 @@ def select_cpu(target, weight_bits: int, a_dtype: str, layer=None,
     return None
 
 
+def takes_a16(kind: str) -> bool:
+    """Whether some backend of target ``kind`` (``cpu`` / ``cuda``) runs W8A16 layers (16-bit
+    activations): where none does, such a layer is generic code (``passes/auto_wide.py`` widens a
+    network's head only where one does)."""
+    if kind == "cpu":
+        return any("int16" in b.a_dtypes for b in cpu_backends())
+    if kind == "cuda":
+        return any(b.a_bits >= 16 for b in cuda_backends())
+    return False
+
+
 def int8_twin(backend: CpuGemmBackend) -> CpuGemmBackend | None:
     """The 8-bit backend of the same ISA and activations (the exact fallback of a 4-bit one)."""
     for b in cpu_backends():
