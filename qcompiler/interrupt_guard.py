@@ -10,6 +10,11 @@ blocked on that pipe wakes, gives the normal path ``GRACE_S`` seconds, and if th
 there removes the temporary files and folders registered here (``register`` / ``unregister``: the
 atomic outputs of ``qcompiler/artifact.py``, the tuning scratch folder of ``qcompiler/tune/measure.py``),
 stops the child processes, prints the command's one line and leaves with 130 / 143.
+
+The watchdog is a Python thread and needs the interpreter lock; a native call that holds it forever
+would silence it too.  For that case ``arm`` also registers ``faulthandler`` on SIGUSR1: ``kill -USR1
+<pid>`` prints every thread's Python stack to stderr from C, whatever holds the lock (what a hung
+command is doing; ``tests/test_reliability_interrupt.py`` asks for it before it kills one).
 """
 
 from __future__ import annotations
@@ -109,4 +114,10 @@ def arm(command: str) -> bool:
             os._exit(143 if term else 130)
 
     threading.Thread(target=watch, name="qc-interrupt-watchdog", daemon=True).start()
+    try:
+        import faulthandler
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    except (AttributeError, ValueError, RuntimeError, OSError):  # no SIGUSR1 (Windows): no stack dump
+        pass
     return True

@@ -61,8 +61,13 @@ def _stop(p, sig, want_rc):
         # time: on a loaded 2-core CI machine that has taken over 30 s of wall time
         rc = p.wait(timeout=90)
     except subprocess.TimeoutExpired:
+        # where it hangs: every thread's Python stack (qcompiler/interrupt_guard.py, SIGUSR1), then kill
+        p.send_signal(signal.SIGUSR1)
+        time.sleep(3.0)
         os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError("did not end within 90 s of the signal") from None
+        p.wait(timeout=30)
+        raise AssertionError("did not end within 90 s of the signal; its stacks:\n"
+                             + p.stderr.read().decode(errors="replace")[-12000:]) from None
     err = p.stderr.read().decode().strip()
     assert rc == want_rc, err
     assert err.count("\n") == 0 and "Traceback" not in err, err
