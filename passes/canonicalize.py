@@ -31,6 +31,7 @@ from qcompiler.errors import UnsupportedOpError
 from qcompiler.graph import Graph, Node
 
 from .index_map import index_map
+from .subpixel_deconv import SUBPIXEL
 
 _ELEMENTWISE_FLOAT_UNARY = {"Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Abs", "Softplus", "Softsign",
                             "Elu", "Selu", "Celu", "Gelu", "Mish", "Sin", "Cos", "Reciprocal", "ThresholdedRelu",
@@ -601,9 +602,10 @@ class Canonicalizer:
         Wc = np.flip(Wc, axis=tuple(range(2, 2 + nd))).copy()
         wname = self.g.add_const(self.g.fresh(n.name + "_conv_weight"), Wc.astype(W.dtype))
         ins = [cur, wname] + ([n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else [])
-        nodes.append(Node("Conv", n.name, ins, n.outputs,
-                          {"strides": [1] * nd, "dilations": d, "pads": [0] * (2 * nd), "group": group,
-                           "kernel_shape": k}))
+        attrs = {"strides": [1] * nd, "dilations": d, "pads": [0] * (2 * nd), "group": group, "kernel_shape": k}
+        if group == 1 and k == s and d == [1] * nd and not any(pads) and not any(op_) and k != [1] * nd:
+            attrs[SUBPIXEL] = (tuple(s), x)  # no overlap: a 1x1 conv + pixel shuffle (passes/subpixel_deconv.py)
+        nodes.append(Node("Conv", n.name, ins, n.outputs, attrs))
         return nodes
 
 

@@ -478,10 +478,37 @@ def verify_scales(ig: Graph, rtol: float = 1e-9) -> None:
                                     f"built for {n.attrs['out_scale']:.6g}")
 
 
+def permuted_stats(fg: Graph, stats: dict[str, TensorStats]) -> dict[str, TensorStats]:
+    """``stats`` plus the ranges of tensors the calibration never saw whose values are those of one it
+    did, rearranged: a node output read only through a Reshape / Transpose chain that ends at a
+    calibrated tensor (the 1x1 conv of ``passes/subpixel_deconv.py``, whose pixel shuffle makes the
+    ONNX tensor), or read only as the scores of a MaskAdd (``passes/fuse_attention.py``: scores plus
+    a position bias, the mask added after; its kept positions are the ONNX sum's).  Per-tensor
+    statistics only: the channels moved."""
+    missing = [o for n in fg.nodes for o in n.outputs if o and o not in stats]
+    if not missing:
+        return stats
+    cons = fg.consumers()
+    out = dict(stats)
+    for t in missing:
+        cur = t
+        for _ in range(8):
+            users = cons.get(cur, [])
+            if cur in stats or len(users) != 1 or users[0].op not in ("Reshape", "Transpose", "MaskAdd") \
+                    or users[0].inputs[0] != cur:
+                break
+            cur = users[0].outputs[0]
+        if cur != t and cur in stats:
+            out[t] = replace(stats[cur], chan_lo=None, chan_hi=None, sample_chan=None, chan_ms=None, top_chan=None,
+                             ms_axis1=None, chan_axis=-1)
+    return out
+
+
 def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig,
              onnx_model=None) -> Graph:
     """The integer graph of ``fg``; with ``cfg.allow_float`` the nodes without an integer form become
     float islands (``onnx_model``, the frontend's model, supplies their original ONNX attributes)."""
+    stats = permuted_stats(fg, stats)
     bad = unsupported(fg)
     islands: dict[str, str] = {}
     if cfg.allow_float:

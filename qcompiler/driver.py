@@ -116,13 +116,15 @@ def float_passes(g: Graph, allow_float: bool = False) -> Graph:
     from passes.fuse_attention import fuse_attention
     from passes.fuse_nonlinear import fuse_nonlinear
     from passes.fuse_patterns import fuse_patterns
+    from passes.subpixel_deconv import subpixel_deconv
 
     def canon(graph):
         return canonicalize(graph, keep_unsupported=allow_float)
 
     for name, p in (("canonicalize", canon), ("fold_batchnorm", fold_batchnorm),
                     ("fuse_nonlinear", fuse_nonlinear), ("fuse_patterns", fuse_patterns),
-                    ("fuse_attention", fuse_attention), ("fuse_activation", fuse_activation)):
+                    ("fuse_attention", fuse_attention), ("fuse_activation", fuse_activation),
+                    ("subpixel_deconv", subpixel_deconv)):
         with stage(name):
             g = p(g)
     return g

@@ -924,7 +924,26 @@ def _schedule_symbolic(sch, block_rv, loops, options=None) -> None:
     if not (options is not None and _tail_vector(sch, block_rv, loops[-1], options)):
         _mark(sch, loops[-1], "llvm_vectorize")
     if lead:
-        _parallel_or_serial(sch, lead)
+        _parallel_or_serial(sch, _parallel_prefix(sch, lead))
+
+
+PARALLEL_TASKS = 64
+"""Iterations (at the representative sizes) the fused parallel loop of a symbolic elementwise block
+needs; the loops inside it stay nested (``_parallel_prefix``)."""
+
+
+def _parallel_prefix(sch, lead) -> list:
+    """The outermost loops of ``lead`` whose iterations reach ``PARALLEL_TASKS`` at the dims'
+    representative sizes (all of them if they never do).  Fused, a loop's index is recovered by a
+    div / mod by the extents inside it -- symbolic ones, an integer division each rather than a
+    multiply-shift -- once per iteration of the loops left nested; fusing every loop but the
+    innermost paid that per innermost run: a pixel shuffle (1, 24, 2, 2, H, W) -> (1, 24, H, 2, W, 2),
+    innermost extent 2, at 640 x 640 ran 10.7 ms, 3.5x its static kernel."""
+    for i in range(1, len(lead) + 1):
+        w = _rep_work(sch, lead[:i])
+        if w is not None and w >= PARALLEL_TASKS:
+            return list(lead[:i])
+    return list(lead)
 
 
 TAIL_VECTOR = "qc.vector_tail"

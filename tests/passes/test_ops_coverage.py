@@ -123,6 +123,44 @@ def test_conv_transpose(kw):
     assert not any(n.op.lower() == "convtranspose" for n in prep.float_graph.nodes)
 
 
+@pytest.mark.parametrize("k,oc,bias,follow", [
+    ([2, 2], 6, True, "Relu"),          # a 2x upsampler: kernel = stride
+    ([2, 3], 5, False, None),           # anisotropic strides
+    ([2, 2], 1, False, "Sigmoid"),      # a DBNet head's last layer: one output channel
+    ([3, 3], 4, True, "BatchNormalization"),  # a BN after it, folded into the conv first
+])
+def test_conv_transpose_kernel_equals_stride_is_a_1x1_conv(k, oc, bias, follow):
+    """passes/subpixel_deconv.py: no GatherFill, a 1x1 conv of oc * k0 * k1 channels + pixel shuffle;
+    equal to ONNX Runtime within quantization and bit-exact to the reference (check_pipeline)."""
+    r = np.random.default_rng(7)  # its own generator: the module's R stays as the later tests expect
+    C = 4
+    W = (r.standard_normal((C, oc) + tuple(k)) * 0.3).astype(np.float32)
+    inits = [tensor("W", W)] + ([tensor("B", (r.standard_normal(oc) * 0.2).astype(np.float32))] if bias else [])
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"] + (["B"] if bias else []), ["c"], kernel_shape=k,
+                              strides=k)]
+    if follow == "BatchNormalization":
+        inits += [tensor(n_, np.asarray(v, np.float32)) for n_, v in (("g", r.uniform(0.5, 2, oc)), ("b", r.standard_normal(oc) * 0.1),
+                                               ("m", r.standard_normal(oc) * 0.1), ("v", r.uniform(0.5, 2, oc)))]
+        nodes.append(helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]))
+    elif follow:
+        nodes.append(helper.make_node(follow, ["c"], ["y"]))
+    out = "y" if follow else "c"
+    m = make_model(nodes, [("x", [1, C, 5, 7])], [(out, None)], inits)
+    prep, _, _ = check_pipeline(m, x_data((1, C, 5, 7)))
+    fg = prep.float_graph
+    assert not any(n.op == "GatherFill" for n in fg.nodes)
+    conv = next(n for n in fg.nodes if n.op == "Conv")
+    assert list(conv.attrs["kernel_shape"]) == [1, 1] and fg.shape(conv.outputs[0])[1] == oc * k[0] * k[1]
+
+
+def test_conv_transpose_1d_kernel_equals_stride():
+    W = (np.random.default_rng(8).standard_normal((3, 5, 2)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["y"], kernel_shape=[2], strides=[2])]
+    m = make_model(nodes, [("x", [1, 3, 9])], [("y", None)], [tensor("W", W)])
+    prep, _, _ = check_pipeline(m, x_data((1, 3, 9)))
+    assert not any(n.op == "GatherFill" for n in prep.float_graph.nodes)
+
+
 def test_conv_transpose_1d():
     W = (R.standard_normal((3, 5, 4)) * 0.3).astype(np.float32)
     nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["y"], kernel_shape=[4], strides=[2], pads=[1, 1])]
