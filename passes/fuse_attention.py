@@ -15,14 +15,19 @@
    where m = 1 and large negative (<= -1000) where m = 0 (HF exports: (1 - m) * finfo.min or
    (1 - m) * -10000).  Float semantics: y = x + a*m + b.  Calibrating y directly would stretch its
    range to -3.4e38 and destroy the scores' resolution; the quantizer instead keeps the scores'
-   own scale and adds a large negative integer (see qcompiler/intops/transformer.py).
+   own scale and adds a large negative integer (see qcompiler/intops/transformer.py).  The mask
+   may pass through data movement after its Cast (a Slice to the key length: replayed on the
+   integer mask, ``MASK_MOVES``), and may reach the scores added to a bias first, as T5 adds it to
+   its relative position bias: Add(x, Add(p, mask)) -> MaskAdd(Add(x, p), m).  The new sum takes
+   the calibrated range of the Add's output (``passes/quantize.py`` ``permuted_stats``), which the
+   calibration keeps clear of the mask's fill values (``qcompiler/calibrate.py`` FILL_MAGNITUDE).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.graph import Graph
+from qcompiler.graph import Graph, Node
 
 
 def _scalar(v) -> float | None:
@@ -37,6 +42,8 @@ def fuse_attention(g: Graph) -> Graph:
     prod = g.producers()
     cons = g.consumers()
     dead: set[int] = set()
+    before: dict[int, list] = {}  # nodes to insert before a node (a mask's Add / data movement)
+    moved: dict = {}              # (a mask's move, integer input) -> its integer output
     for n in g.nodes:
         if id(n) in dead:
             continue
@@ -74,25 +81,96 @@ def fuse_attention(g: Graph) -> Graph:
             if len(users) != 1 or users[0].op != "Softmax" or n.outputs[0] in g.outputs:
                 continue
             for xi, ti in ((0, 1), (1, 0)):
-                # a chain of scalar Affines back to a Cast of integer data: term = a*m + b
-                a, b, t = 1.0, 0.0, n.inputs[ti]
-                aff = prod.get(t)
-                while aff is not None and aff.op == "Affine" and aff.attrs.get("act") is None:
-                    k, o = _scalar(aff.attrs["scale"]), _scalar(aff.attrs["offset"])
-                    if k is None or o is None:
-                        break
-                    a, b = a * k, a * o + b  # a*(k*v + o) + b
-                    t = aff.inputs[0]
-                    aff = prod.get(t)
-                cast = prod.get(t)
-                if cast is None or cast.op != "Cast" or t == n.inputs[ti]:
-                    continue
-                if abs(a + b) > 1e-6 * max(1.0, abs(b)) or b > -1000.0:
-                    continue
+                x, term, bias = n.inputs[xi], _mask_term(g, prod, n.inputs[ti]), None
+                if term is None:  # (scores + (bias + mask)): the bias added first, then the mask
+                    inner = prod.get(n.inputs[ti])
+                    if inner is None or inner.op != "Add" or len(inner.inputs) != 2 or x in g.consts:
+                        continue
+                    for pi, mi in ((0, 1), (1, 0)):
+                        term, bias = _mask_term(g, prod, inner.inputs[mi]), inner.inputs[pi]
+                        if term is not None and term[2] is None and bias not in g.consts:
+                            break
+                    else:
+                        continue
+                a, b, offset, m, moves = term
+                if bias is not None or offset is not None:
+                    # x + bias (a position bias, an activation or the constant offset the mask's
+                    # Affine carries), then the mask: the sum must have the Add's shape
+                    shapes = [g.shape(x), g.shape(bias) if bias is not None else np.shape(offset)]
+                    if not _broadcasts_to(shapes, g.shape(n.outputs[0])):
+                        continue
+                    t = g.fresh(n.outputs[0] + "/unmasked")
+                    g.shapes[t], g.dtypes[t] = tuple(g.shape(n.outputs[0])), g.dtypes[n.outputs[0]]
+                    add = (Node("Add", n.name + "/unmasked", [x, bias], [t], {}) if bias is not None else
+                           Node("Affine", n.name + "/unmasked", [x], [t],
+                                {"scale": np.ones((1,) * np.ndim(offset), np.float32),
+                                 "offset": np.asarray(offset, np.float32)}))
+                    before.setdefault(id(n), []).append(add)
+                    x = t
+                for mv in moves:  # the mask's data movement, on the integer mask (once per move)
+                    if (id(mv), m) not in moved:
+                        mi_ = g.fresh(mv.outputs[0] + "/int")
+                        g.shapes[mi_], g.dtypes[mi_] = tuple(g.shape(mv.outputs[0])), g.dtypes[m]
+                        before.setdefault(id(n), []).append(Node(mv.op, mv.name + "/int",
+                                                                 [m] + list(mv.inputs[1:]), [mi_], dict(mv.attrs)))
+                        moved[(id(mv), m)] = mi_
+                    m = moved[(id(mv), m)]
                 n.op = "MaskAdd"
-                n.inputs = [n.inputs[xi], cast.inputs[0]]
+                n.inputs = [x, m]
                 n.attrs = {"a": a, "b": b}
                 break
-    g.nodes = [n for n in g.nodes if id(n) not in dead]
+    g.nodes = [k for n in g.nodes if id(n) not in dead for k in before.get(id(n), []) + [n]]
     g.prune()
     return g
+
+
+# data movement a mask may pass between its Cast and its Add (it commutes with the affines);
+# Gather: a constant index map (a broadcast, passes/canonicalize.py op_index)
+MASK_MOVES = {"Slice", "Reshape", "Transpose", "Gather"}
+
+
+def _uniform(v) -> float | None:
+    """The value of a constant whose elements are all equal (a broadcast scalar), else None."""
+    v = np.asarray(v, np.float64)
+    return float(v.reshape(-1)[0]) if v.size and np.all(v == v.reshape(-1)[0]) else None
+
+
+def _mask_term(g: Graph, prod: dict, t: str):
+    """(a, b, offset, m, moves) where tensor ``t`` = a * moves(Cast(m)) + b + offset: m integer data (a
+    0/1 mask), ``moves`` the data-movement nodes in order (``MASK_MOVES``, one data input), a + b = 0
+    and b <= -1000 (a kept position adds 0, a masked one a large negative), ``offset`` None or a
+    constant tensor an Affine on the way adds (T5's relative position bias, folded at fixed
+    shapes); else None."""
+    a, b, offset, moves, cur = 1.0, 0.0, None, [], t
+    while True:
+        p = prod.get(cur)
+        if p is None:
+            return None
+        if p.op == "Affine" and p.attrs.get("act") is None:
+            k, o = _uniform(p.attrs["scale"]), _scalar(p.attrs["offset"])
+            if k is None:
+                return None
+            if o is None:  # a constant added after the moves: kept apart from the mask's own b
+                if moves:
+                    return None  # (one added before a move would have to move with it)
+                add = a * np.asarray(p.attrs["offset"], np.float64)
+                offset = add if offset is None else offset + add
+                o = 0.0
+            a, b = a * k, a * o + b  # a*(k*v + o) + b
+        elif p.op in MASK_MOVES and all(i in g.consts for i in p.inputs[1:]):
+            moves.append(p)
+        elif p.op == "Cast" and cur != t:
+            if abs(a + b) > 1e-6 * max(1.0, abs(b)) or b > -1000.0:
+                return None
+            return a, b, offset, p.inputs[0], moves[::-1]
+        else:
+            return None
+        cur = p.inputs[0]
+
+
+def _broadcasts_to(shapes: list, out) -> bool:
+    """Whether ``shapes`` broadcast to ``out`` (their sum can stand for the Add's output)."""
+    try:
+        return tuple(np.broadcast_shapes(*(tuple(int(d) for d in sh) for sh in shapes))) == tuple(out)
+    except ValueError:
+        return False

@@ -566,14 +566,16 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
             v = np.asarray(v)
             if not np.issubdtype(v.dtype, np.floating):
                 continue
-            if not np.all(np.isfinite(v)):
-                fin = np.isfinite(v)
+            fill = np.abs(v) >= FILL_MAGNITUDE   # False for NaN
+            if fill.any() or not np.all(np.isfinite(v)):
+                fin = np.isfinite(v) & ~fill
                 if np.isnan(v).any() or not fin.any():
                     raise CalibrationError(f"tensor '{t}' becomes NaN/Inf on the calibration data (samples {start}..): "
                                            "the float model overflows on these inputs; check that they are scaled "
                                            "and normalized as the model expects")
-                # +-Inf from an explicit fill (masked_fill(-inf)): the range is the finite values'
-                # (an infinite element saturates to the integer dtype's end)
+                # +-Inf or a float's extreme from an explicit fill (masked_fill(-inf), (1 - mask) *
+                # finfo.min): the range is the other values' (such an element saturates to the
+                # integer dtype's end)
                 v = np.clip(v, v[fin].min(), v[fin].max())
             if tap is not None and t in wanted:
                 tap.tap(t, v)
@@ -623,6 +625,11 @@ def collect(model: onnx.ModelProto, data: "CalibSet | dict[str, np.ndarray]", te
                              count.get(t, 0), channel_axis(rank) if per else -1,
                              ms1[t] * len(ms1[t]) / max(count.get(t, 0), 1) if ms1.get(t) is not None else None)
     return out
+
+
+FILL_MAGNITUDE = 1e30
+"""|x| from which a calibrated value is a fill standing for -inf / +inf (a mask's finfo.min), not a
+magnitude: left out of the range (``collect``)."""
 
 
 class Reservoir:

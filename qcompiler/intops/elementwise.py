@@ -98,7 +98,12 @@ def affine(qz: Quantizer, n):
     o = _bshape(n.attrs["offset"], rank).astype(np.float64)
     k, o = np.broadcast_arrays(k, o)
     dy = dyadic(k * qx.scale / qy.scale, f"node '{n.name}'")
-    add_term = np.round(o / qy.scale * np.exp2(dy.shift.astype(np.float64))).astype(np.int64)
+    # an offset past the output range saturates the output whatever x is (a causal mask's finfo.min
+    # folded into a position bias): clipped to where it still does, so the int64 sum stays in range
+    xmax = float(max(abs(qx.qmin), abs(qx.qmax)))
+    bound = 2.0**17 + 2.0 * xmax * np.abs(k * qx.scale / qy.scale)
+    o_codes = np.clip(o / qy.scale, -bound, bound)
+    add_term = np.round(o_codes * np.exp2(dy.shift.astype(np.float64))).astype(np.int64)
     qz.emit("requant", [qz.iname(x)], out,
             {"mult": dy.mult, "shift": dy.shift, "add": add_term, "lo": lo, "hi": hi, "dtype": qy.dtype},
             qy.dtype, qz.fg.shape(out), qy, out, node_name=n.name)

@@ -220,7 +220,10 @@ def _split_group(lw, src: str, x):
     axis, members = max(by_axis.items(), key=lambda kv: len(kv[1]))
     if len(members) < SPLIT_MIN:
         return None
-    phys = [int(d) for d in L.physical_shape(x.shape, x.perm)]
+    phys = L.physical_shape(x.shape, x.perm)
+    if not all(isinstance(d, (int, np.integer)) for d in phys):
+        return None  # a symbolic extent: each slice is its own kernel
+    phys = [int(d) for d in phys]
     pax = L.inverse(x.perm)[axis]
     X = te.placeholder([tirx.IntImm("int64", d) for d in phys], x.dtype, "x")
     outs, types, index = [], [], {}
@@ -267,8 +270,8 @@ class SliceOp(_Move):
         piece = _split_piece(lw, n, x)
         if piece is not None:
             return Value(piece, x.perm, shape, x.dtype)
-        if not all(isinstance(v, (int, np.integer)) for v in a["starts"]):
-            return _symbolic_slice(lw, n, x, shape)
+        if not all(isinstance(v, (int, np.integer)) for v in list(a["starts"]) + [e for e in a["ends"] if e is not None]):
+            return _symbolic_slice(lw, n, x, shape)  # (an end at a symbolic size: x[:, :S] of a longer mask)
         axes, begins, ends, strides = [], [], [], []
         for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
             axes.append(inv[ax])

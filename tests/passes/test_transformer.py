@@ -202,3 +202,85 @@ def test_out_of_range_token_ids_are_refused(tmp_path):
     bad["ids"][1, 2] = -1
     with pytest.raises(QCError, match="outside the valid range"):
         lib(**bad)
+
+
+def _t5_attention(bias_kind: str):
+    """One T5-style self-attention: scores + (position bias + mask term), the mask term
+    (1 - mask) * finfo.min sliced to the key length (HF T5's export); ``bias_kind``: "const" (the
+    relative position bias folded at fixed shapes: an Affine's per-element offset) or "act" (a bias
+    computed from the input)."""
+    r = np.random.default_rng(21)
+    f, dh = np.float32, D // H
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q0"]), helper.make_node("MatMul", ["x", "Wk"], ["k0"]),
+             helper.make_node("MatMul", ["x", "Wv"], ["v0"])]
+    for t in ("q", "k", "v"):
+        nodes += [helper.make_node("Reshape", [t + "0", "hs"], [t + "1"]),
+                  helper.make_node("Transpose", [t + "1"], [t + "2"], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["k2"], ["kT"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q2", "kT"], ["scores"]),
+              helper.make_node("Unsqueeze", ["mask", "ax12"], ["m4"]),
+              helper.make_node("Cast", ["m4"], ["mf"], to=TensorProto.FLOAT),
+              helper.make_node("Sub", ["one", "mf"], ["inv"]),
+              helper.make_node("Mul", ["inv", "big"], ["mterm"]),
+              helper.make_node("Slice", ["mterm", "s0", "sS", "ax3"], ["mslice"])]
+    inits = [tensor(n_, (r.standard_normal((D, D)) * 0.4).astype(f)) for n_ in ("Wq", "Wk", "Wv")]
+    inits += [tensor("hs", np.array([B, S, H, dh], np.int64)), tensor("ax12", np.array([1, 2], np.int64)),
+              tensor("one", np.array(1.0, f)), tensor("big", np.array(np.finfo(np.float32).min, f)),
+              tensor("s0", np.array([0], np.int64)), tensor("sS", np.array([S], np.int64)),
+              tensor("ax3", np.array([3], np.int64))]
+    if bias_kind == "const":
+        inits.append(tensor("pb", (r.standard_normal((1, H, S, S)) * 0.5).astype(f)))
+    else:
+        nodes += [helper.make_node("MatMul", ["x", "Wb"], ["b0"]),
+                  helper.make_node("Reshape", ["b0", "bs"], ["b1"]),
+                  helper.make_node("Transpose", ["b1"], ["pb"], perm=[0, 2, 1, 3])]
+        inits += [tensor("Wb", (r.standard_normal((D, H * S)) * 0.2).astype(f)),
+                  tensor("bs", np.array([B, S, H, S], np.int64))]
+    nodes += [helper.make_node("Add", ["pb", "mslice"], ["bias"]),
+              helper.make_node("Add", ["scores", "bias"], ["logits"]),
+              helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v2"], ["y"])]
+    return make_model(nodes, [("x", [B, S, D]), ("mask", [B, S], TensorProto.INT64)], [("y", None)], inits)
+
+
+def test_t5_mask_added_to_a_position_bias_is_a_mask_add():
+    """passes/fuse_attention.py: scores + (bias + sliced mask term) -> MaskAdd(scores + bias, mask),
+    for a constant and a computed bias; the finfo.min fills stay out of every calibrated range
+    (qcompiler/calibrate.py FILL_MAGNITUDE), padded keys get exactly zero weight (the outputs at
+    kept queries equal those of the unpadded sequence), bit-exact (check_pipeline)."""
+    for kind in ("const", "act"):
+        m = _t5_attention(kind)
+        calib = {"x": R.standard_normal((8, S, D)).astype(np.float32),
+                 "mask": np.concatenate([_mask(4, [8, 6, 5, 3]), np.ones((4, S), np.int64)])}
+        test = {"x": calib["x"][:B], "mask": _mask(B, [5, 8])}
+        prep, tv, _ = check_pipeline(m, calib, test=test, min_cos=0.98)
+        fg = prep.float_graph
+        assert sum(n.op == "MaskAdd" for n in fg.nodes) == 1, kind
+        assert not any(n.op == "Affine" and np.abs(np.asarray(n.attrs["scale"])).max() > 1e30 for n in fg.nodes)
+        # a padded key changes nothing at the kept queries ([B, H, S, dh]): garbage past the mask
+        x2 = test["x"].copy()
+        x2[0, 5:] = 7.0
+        got = reference.execute(prep.int_graph, {"x": x2, "mask": test["mask"]})["y"]
+        ref = reference.execute(prep.int_graph, test)["y"]
+        if kind == "const":  # (a computed bias reads the garbage too, at the kept queries' rows)
+            assert np.array_equal(got[0, :, :5], ref[0, :, :5])
+
+
+def test_causal_fill_folded_into_a_bias_saturates():
+    """A decoder's causal mask folded with its position bias into one constant offset holding
+    finfo.min (no mask input): the Affine's offset saturates the output (intops/elementwise.py
+    affine), so a future position gets the lowest code and no int64 overflow; bit-exact."""
+    r = np.random.default_rng(3)
+    f = np.float32
+    causal = np.triu(np.full((S, S), np.finfo(f).min, f), 1)
+    pb = (r.standard_normal((1, H, S, S)) * 0.5).astype(f) + causal
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["s0"]), helper.make_node("Reshape", ["s0", "sh"], ["scores"]),
+             helper.make_node("Add", ["scores", "pb"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=-1)]
+    inits = [tensor("W", (r.standard_normal((D, H * S)) * 0.4).astype(f)), tensor("pb", pb),
+             tensor("sh", np.array([B, H, S, S], np.int64))]
+    m = make_model(nodes, [("x", [B, S, D])], [("p", None)], inits)
+    x = {"x": R.standard_normal((8, S, D)).astype(np.float32)}
+    prep, tv, ref = check_pipeline(m, x, test={"x": x["x"][:B]}, min_cos=0.98)
+    iu = np.triu_indices(S, 1)
+    assert np.all(ref["p"][..., iu[0], iu[1]] == 0)  # a future position: exactly zero weight
