@@ -268,6 +268,19 @@ class Quantizer:
             lo, hi = lo * SMALL_HEADROOM, hi * SMALL_HEADROOM  # (SMALL_HEADROOM)
         return activation_qparams(lo, hi, nn, bits or self.cfg.bits)
 
+    def _constant_output(self, o: str) -> None:
+        """A graph output that is a constant: integer data as it is, a float one on a 16-bit grid
+        (dequantized at the exit like any output)."""
+        c = np.asarray(self.fg.consts[o])
+        if c.dtype.kind in "iub":
+            q = self.fresh(f"{o}/const")
+            self.ig.add_const(q, c)
+            self.ig.dtypes[q] = str(c.dtype)
+            self.int_name[o] = q
+            return
+        lo, hi = (float(c.min()), float(c.max())) if c.size else (0.0, 0.0)
+        self.int_name[o] = self.quantized_const(o, activation_qparams(min(lo, 0.0), max(hi, 0.0), False, 16))
+
     def wide_ok(self, float_name: str) -> bool:
         """Whether ``float_name`` may be int16: every consumer is an elementwise / normalization /
         reduction op that takes 16-bit inputs (the 8-bit GEMM kernels and tables need int8, so a
@@ -425,6 +438,8 @@ class Quantizer:
             else:
                 RULES[n.op](self, n)
         for o in fg.outputs:
+            if o in fg.consts and o not in self.int_name:  # an output folded to a constant at the frozen
+                self._constant_output(o)                   # shapes (a feature length from ConstantOfShape)
             src = self.iname(o)
             qp = ig.qparams.get(src)
             if self.cfg.io == "int" or qp is None:

@@ -165,4 +165,4 @@ def execute(g: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for o, v in zip(n.outputs, y if isinstance(y, tuple) else (y,)):  # multi-output ops return a tuple
             if o:
                 env[o] = v
-    return {o: env[o] for o in g.outputs}
+    return {o: env[o] if o in env else np.asarray(g.consts[o]) for o in g.outputs}  # (an output folded to a constant)

@@ -443,3 +443,20 @@ def test_output_sigmoid_takes_a_16_bit_input():
     assert ig.dtypes[lut.inputs[0]] == "int16" and lut.attrs["table"].shape[-1] == 65536
     f = ort_run(m, {"x": data["x"][:1]})[0]
     assert np.median(np.abs(ref["y"] - f) / f) < 0.015
+
+
+def test_an_output_folded_to_a_constant():
+    """An output that is a constant at the frozen shapes (a feature length from
+    ConstantOfShape(Shape(lens)), an onnx-asr front end's): the library returns it as it is; before,
+    the quantizer stopped ("used before it is quantized")."""
+    r = np.random.default_rng(31)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"]),
+             helper.make_node("Shape", ["lens"], ["n"]),
+             helper.make_node("ConstantOfShape", ["n"], ["y_lens"],
+                              value=helper.make_tensor("v", TensorProto.INT64, [1], [300]))]
+    m = make_model(nodes, [("x", [1, 4, 6]), ("lens", [1], TensorProto.INT64)],
+                   [("y", None), ("y_lens", None, TensorProto.INT64)],
+                   [tensor("W", (r.standard_normal((6, 5)) * 0.5).astype(np.float32))])
+    calib = {"x": r.standard_normal((4, 4, 6)).astype(np.float32), "lens": np.full((4, 1), 4, np.int64)}
+    prep, tv, ref = check_pipeline(m, calib, test={"x": calib["x"][:1], "lens": np.array([4], np.int64)})
+    assert np.array_equal(ref["y_lens"], [300]) and np.array_equal(tv["y_lens"], [300])
