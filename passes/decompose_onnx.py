@@ -17,6 +17,10 @@ tensor of the decomposition is calibrated by name.  Every rewrite is exact in fl
       Im_k = -sum_n x[t*step + n] w[n] sin(2 pi k n / L), k < L/2 + 1 (onesided) or L; the output
       [B, bins, frames] pairs are transposed to ONNX's [B, frames, bins, 2].  Constant frame_step,
       window and frame_length; real signals only.
+  DFT(x [..., N, 1]; dft_length L, axis, onesided)  a MatMul by the constant [N, 2 * bins] basis
+      (cos, -sin; rows past L zero, a signal shorter than L zero-padded: the rows it has) along the
+      axis moved last, the [..., 2, bins] pairs transposed to ONNX's [..., bins, 2] and the axis put
+      back (PyTorch's torch.stft of framed audio exports as this).  Real signals, forward only.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .onnx_rewrite import NodeBuilder, initializer_value, replace_nodes
 
 REDUCE_OPS = ("ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceMin", "ReduceLogSumExp")
 NORM_OPS = ("InstanceNormalization", "GroupNormalization")
-SIGNAL_OPS = ("STFT",)
+SIGNAL_OPS = ("STFT", "DFT")
 
 
 class _B(NodeBuilder):
@@ -137,6 +141,58 @@ def _stft(b: _B, model, n, shapes) -> None:
     b.op("Transpose", [y], "stft", out=out, perm=[0, 3, 2, 1])
 
 
+def _dft(b: _B, model, n, shapes) -> None:
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    ins = list(n.input) + [""] * (3 - len(n.input))
+    x, out = ins[0], n.output[0]
+    shp = _shape(shapes, x)
+    rank = len(shp)
+    if b.opset >= 20:
+        ax = initializer_value(model, ins[2]) if ins[2] else -2
+        if ax is None:
+            raise UnsupportedOpError([("DFT", b.prefix, "the axis must be a constant")])
+        ax = int(np.asarray(ax).reshape(-1)[0])
+    else:
+        ax = int(a.get("axis", 1))
+    ax = ax + rank if ax < 0 else ax
+    if shp[-1] != 1:
+        raise UnsupportedOpError([("DFT", b.prefix, "complex input signals (last dim 2)")])
+    if int(a.get("inverse", 0)):
+        raise UnsupportedOpError([("DFT", b.prefix, "inverse transforms")])
+    if not 0 <= ax < rank - 1:
+        raise UnsupportedOpError([("DFT", b.prefix, f"axis {ax} of a rank-{rank} signal")])
+    N = shp[ax]
+    L = N
+    if ins[1]:
+        dl = initializer_value(model, ins[1])
+        if dl is None:
+            raise UnsupportedOpError([("DFT", b.prefix, "dft_length must be a constant")])
+        L = int(np.asarray(dl).reshape(-1)[0])
+    bins = L // 2 + 1 if int(a.get("onesided", 0)) else L
+    n_idx = np.arange(N)
+    ang = 2 * np.pi * np.outer(n_idx, np.arange(bins)) / L
+    keep = (n_idx < L)[:, None]
+    basis = np.concatenate([np.cos(ang) * keep, -np.sin(ang) * keep], axis=1)     # [N, 2 * bins]
+    lead = list(shp[:-1])
+    sig = b.op("Reshape", [x, b.const("shape", np.array(lead, np.int64))], "signal")   # [..., N, ...]
+    perm = [i for i in range(rank - 1) if i != ax] + [ax]
+    moved = [lead[i] for i in perm]
+    if perm != list(range(rank - 1)):
+        sig = b.op("Transpose", [sig], "last", perm=perm)
+    y = b.op("MatMul", [sig, b.const("dft", basis.astype(np.float32))], "dft")         # [..., 2 * bins]
+    y = b.op("Reshape", [y, b.const("shape", np.array(moved[:-1] + [2, bins], np.int64))], "pairs")
+    r = len(moved) - 1                                                                  # axes of [..., 2, bins]
+    back = list(np.argsort(perm))                                                       # the signal axis back
+    # [..., 2, bins] -> [moved[:-1]..., bins, 2], then the bins axis to where the signal axis was
+    order = list(range(r)) + [r + 1, r]
+    y = b.op("Transpose", [y], "bins_last", perm=order)
+    if back != list(range(rank - 1)):
+        y = b.op("Transpose", [y], "axis_back", perm=[int(i) for i in back] + [rank - 1])
+        b.op("Identity", [y], "dft_out", out=out)
+    else:
+        b.op("Identity", [y], "dft_out", out=out)
+
+
 def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with the ops of the module docstring rewritten (``model`` itself if none).
     ``strict=False`` leaves a node whose input shape is not known yet (the frontend runs it once
@@ -155,7 +211,8 @@ def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
                     shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
         b = _B(n, k, opset)
         try:
-            (_norm if n.op_type in NORM_OPS else _stft if n.op_type in SIGNAL_OPS else _reduce)(b, m, n, shapes)
+            rewrite = {"STFT": _stft, "DFT": _dft}.get(n.op_type, _norm if n.op_type in NORM_OPS else _reduce)
+            rewrite(b, m, n, shapes)
         except ValueError:
             if not strict:
                 return None

@@ -133,6 +133,28 @@ def test_stft_is_a_dft_conv(onesided, shape):
     check_pipeline(m, {"x": R.standard_normal((8, *shape[1:])).astype(np.float32)}, min_cos=0.97, float_rtol=1e-3)
 
 
+@pytest.mark.parametrize("shape,axis,length,onesided", [
+    ([1, 6, 32, 1], -2, None, 1),    # framed audio, as torch.stft exports it (wespeaker's front end)
+    ([1, 32, 6, 1], 1, 40, 0),       # the signal on an inner axis, zero-padded to 40 points
+    ([1, 5, 48, 1], 2, 32, 1),       # truncated to 32 points
+])
+def test_dft_is_a_matmul_by_its_basis(shape, axis, length, onesided):
+    """passes/decompose_onnx.py _dft: equal to ONNX Runtime's DFT in float, then the whole pipeline
+    (a power spectrum after it) within quantization, bit-exact."""
+    r = np.random.default_rng(12)
+    ins = ["x", "len" if length else ""]
+    nodes = [helper.make_node("DFT", ins, ["s"], axis=axis, onesided=onesided),
+             helper.make_node("ReduceSumSquare", ["s"], ["y"], axes=[-1], keepdims=0)]
+    inits = [tensor("len", np.array(length, np.int64))] if length else []
+    m = make_model(nodes, [("x", shape)], [("y", None)], inits)
+    d = decompose(onnx.shape_inference.infer_shapes(m))
+    assert "DFT" not in _ops(d) and "MatMul" in _ops(d)
+    x = r.standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(ort_run(d, {"x": x})[0], ort_run(m, {"x": x})[0], rtol=1e-4, atol=1e-3)
+    check_pipeline(m, {"x": r.standard_normal((8, *shape[1:])).astype(np.float32)}, min_cos=0.97, float_rtol=1e-3,
+                   test={"x": x[:1]})
+
+
 def _branch(name, k):
     n = helper.make_node("Mul", ["x", f"k{name}"], [f"out_{name}"])
     return helper.make_graph([n], name, [], [helper.make_tensor_value_info(f"out_{name}", TensorProto.FLOAT, None)],
