@@ -275,7 +275,6 @@ class Quantizer:
         if c.dtype.kind in "iub":
             q = self.fresh(f"{o}/const")
             self.ig.add_const(q, c)
-            self.ig.dtypes[q] = str(c.dtype)
             self.int_name[o] = q
             return
         lo, hi = (float(c.min()), float(c.max())) if c.size else (0.0, 0.0)
