@@ -158,13 +158,27 @@ def build(ig: Graph, target: tvm.target.Target, use_kernels: bool = True, schedu
     return result["value"]
 
 
+def _close_blocks(bb) -> None:
+    """End the blocks a failed lowering left open (a symbolic build that is retried with the dim
+    fixed): TVM would print "BlockBuilder destroyed with remaining blocks!" on the user's stderr."""
+    for _ in range(256):
+        try:
+            bb._end_block()
+        except Exception:  # noqa: BLE001 - none left
+            return
+
+
 def _build(ig: Graph, target: tvm.target.Target, use_kernels: bool, schedule: bool,
            allow_float: bool) -> BuildResult:
     rep = progress.get()
     gemm = gemm_for(target, use_kernels)
     with rep.timed("lowering to Relax"):
         lw = Lowering(ig, target, gemm)
-        mod = lw.build()
+        try:
+            mod = lw.build()
+        except BaseException:
+            _close_blocks(lw.bb)
+            raise
     island_funcs = {node: fname for node, (fname, _call) in getattr(lw, "float_islands", {}).items()}
     warnings: list[str] = []
     sched = _schedule_pass(target, warnings) if schedule else (lambda m: m)
