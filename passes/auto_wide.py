@@ -185,8 +185,9 @@ def _direct(fg: Graph, n) -> bool:
     return n.op == "Conv" and int(n.attrs.get("group", 1)) > 1
 
 
-def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
-    """The plan entries ``(name, weight bits, 16)`` this pass adds to ``cfg.plan``."""
+def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg, heads: set = frozenset()) -> tuple:
+    """The plan entries ``(name, weight bits, 16)`` this pass adds to ``cfg.plan``; ``heads``: the
+    network's head layers (``head_layers``), widened whatever their noise."""
     if cfg.bits >= 16 or not cfg.wide_bits or not cfg.auto_wide:
         return ()
     # explicit plan entries stay as they are, except 16-bit weights (w16a8), whose input may widen too
@@ -205,7 +206,6 @@ def auto_wide_plan(fg: Graph, stats: dict, nonneg: set, cfg) -> tuple:
             if logd:   # a log's input: 20 dB on its worst channel, as cheap layers get (LOG_FACTOR)
                 r = r / LOG_FACTOR
             cand.append((n, st, r))
-    heads = head_layers(fg, cfg) if cfg.head_a16 else set()
     small = [(n, st) for n, st, _r in cand if n.name in heads and _acc_fits(fg, n, st, cfg.layer_bits(n.name)[0])]
     noisy = []
     if any(r > cfg.auto_wide for _, _, r in cand):  # else no layer loses its small channels: the

@@ -181,16 +181,12 @@ def _dft(b: _B, model, n, shapes) -> None:
         sig = b.op("Transpose", [sig], "last", perm=perm)
     y = b.op("MatMul", [sig, b.const("dft", basis.astype(np.float32))], "dft")         # [..., 2 * bins]
     y = b.op("Reshape", [y, b.const("shape", np.array(moved[:-1] + [2, bins], np.int64))], "pairs")
-    r = len(moved) - 1                                                                  # axes of [..., 2, bins]
-    back = list(np.argsort(perm))                                                       # the signal axis back
-    # [..., 2, bins] -> [moved[:-1]..., bins, 2], then the bins axis to where the signal axis was
-    order = list(range(r)) + [r + 1, r]
-    y = b.op("Transpose", [y], "bins_last", perm=order)
-    if back != list(range(rank - 1)):
-        y = b.op("Transpose", [y], "axis_back", perm=[int(i) for i in back] + [rank - 1])
-        b.op("Identity", [y], "dft_out", out=out)
-    else:
-        b.op("Identity", [y], "dft_out", out=out)
+    # [moved[:-1]..., 2, bins] -> [..., bins at the signal axis' place, ..., 2]: one transpose (the
+    # pair axis last, then the moved axes back to their places)
+    r = rank - 2
+    order = list(range(r)) + [r + 1, r]                                                 # [moved..., bins, 2]
+    back = [int(i) for i in np.argsort(perm)] + [rank - 1]
+    b.op("Transpose", [y], "bins", out=out, perm=[order[i] for i in back])
 
 
 def decompose(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:

@@ -208,13 +208,13 @@ def plan_islands(fg: Graph, bad: list[tuple[str, str, str]], onnx_model=None
 
 class Quantizer:
     def __init__(self, fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: QuantConfig,
-                 onnx_model=None, islands: dict[str, str] | None = None):
+                 onnx_model=None, islands: dict[str, str] | None = None, heads: set[str] = frozenset()):
         self.fg, self.stats, self.nonneg, self.cfg = fg, stats, nonneg, cfg
         self.ig = Graph(nodes=[], inputs=list(fg.inputs), outputs=[], shapes={}, dtypes={}, name=fg.name)
         self.int_name: dict[str, str] = {}   # float tensor -> integer tensor
         self.consumers = fg.consumers()
         self._tail: set[str] | None = None   # tensors past the last GEMM (``_tail_tensors``)
-        self._heads: set[str] = set()         # the head layers (passes/auto_wide.py head_layers)
+        self._heads = set(heads)              # the head layers (passes/auto_wide.py head_layers)
         # Affine output -> (its input, scale, offset, act) where the Affine is folded into the
         # per-channel tables of its consumers (qcompiler/intops/tables.py)
         self.folded_affine: dict[str, tuple] = {}
@@ -353,7 +353,6 @@ class Quantizer:
             return False   # (part of the automatic widening: off with it, and in a loop's body)
         if self._tail is None:
             self._tail = _tail_tensors(self.fg)
-            self._heads = head_layers(self.fg, self.cfg) if self.cfg.head_a16 else set()
         return t in self._tail or self._feeds_head(t)
 
     def _feeds_head(self, t: str, depth: int = 0) -> bool:
@@ -529,13 +528,15 @@ def quantize(fg: Graph, stats: dict[str, TensorStats], nonneg: set[str], cfg: Qu
         islands, bad = plan_islands(fg, bad, onnx_model)
     if bad:
         raise unsupported_error(bad, hint=not cfg.allow_float)
+    # a network's head (passes/auto_wide.py), part of the automatic widening: W8A16 and headroom
+    heads = head_layers(fg, cfg) if cfg.auto_wide and cfg.head_a16 else set()
     if cfg.auto_wide:
         from passes.auto_wide import auto_wide_plan
 
-        extra = auto_wide_plan(fg, stats, nonneg, cfg)
+        extra = auto_wide_plan(fg, stats, nonneg, cfg, heads)
         if extra:
             wide = {e[0] for e in extra}   # a w16a8 entry the pass widens becomes w16a16
             cfg = replace(cfg, plan=tuple(e for e in cfg.plan if e[0] not in wide) + extra)
-    ig = Quantizer(fg, stats, nonneg, cfg, onnx_model, islands).run()
+    ig = Quantizer(fg, stats, nonneg, cfg, onnx_model, islands, heads).run()
     verify_scales(ig)
     return ig

@@ -210,14 +210,14 @@ def prepare(model_path: str | os.PathLike, calib: dict[str, np.ndarray] | str | 
     t["calibrate"] = time.perf_counter() - t1
     from .kernels.backends import takes_a16
 
+    # a head is widened where the target has W8A16 kernels, and not past a mixed-precision plan (the
+    # ILP's choice among W4A8 / W8A8 / W8A16 sets every layer's bits)
     cfg = QuantConfig(method=opts.method, io=opts.io, softmax=opts.softmax, gelu=opts.gelu,
-                      head_a16=takes_a16(opts.target.kind),
+                      head_a16=takes_a16(opts.target.kind) and opts.precision == "int8",
                       allow_float=opts.allow_float, rounding=rounding, hessians=hess.store if hess else None)
     with stage("sign analysis"):
         nonneg = nonnegative(fg)
     plan_report = None
-    if opts.precision != "int8":  # the plan (the ILP's choice among W4A8 / W8A8 / W8A16) sets every
-        cfg = dataclasses.replace(cfg, head_a16=False)  # layer's bits: no head is widened past it
     state = QuantState(fr, fg, stats, nonneg, cfg, data)
     if opts.precision != "int8" or (opts.mixed and opts.mixed.pins):
         from .mixed.plan import make_plan
